@@ -1,0 +1,1 @@
+"""vfio-user, server and client side, in pure Python; knows nothing of NVMe."""

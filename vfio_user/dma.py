@@ -1,0 +1,271 @@
+"""Guest memory as the server sees it: the DMA map table and bounds-checked views.
+
+The client (QEMU) describes guest RAM with DMA_MAP messages. Ranges that come with a file
+descriptor are mmapped here and reached directly; ranges without one can only be reached by
+asking the client (DMA_READ/DMA_WRITE messages), which the transport provides through a
+:class:`RemoteDma` object. A device never sees a raw address: it asks :class:`GuestMemory` for a
+view of ``[iova, iova + length)`` and gets a memoryview (or numpy array) that cannot reach
+outside the mapping that holds it, or a :class:`DmaError`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import mmap
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .constants import DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZE, DMA_FLAG_READ, DMA_FLAG_WRITE
+
+log = logging.getLogger(__name__)
+
+
+class DmaError(Exception):
+    """A guest-memory access that must not be performed; ``errno`` says why."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class RemoteDma(Protocol):
+    """What the transport offers for ranges without an fd (DMA_READ/DMA_WRITE messages)."""
+
+    async def dma_read(self, iova: int, length: int) -> bytes: ...
+
+    async def dma_write(self, iova: int, data: bytes) -> None: ...
+
+
+@dataclass(eq=False)
+class DmaMapping:
+    """One DMA_MAP: ``[iova, iova + size)``, mmapped when the client passed an fd."""
+
+    iova: int
+    size: int
+    prot: int
+    file_offset: int = 0
+    mm: mmap.mmap | None = None
+    view: memoryview | None = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.prot & DMA_FLAG_WRITE)
+
+    def close(self) -> bool:
+        """Unmap; False when a device still holds a view (the mapping is then kept alive)."""
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self.mm is None:
+            return True
+        try:
+            self.mm.close()
+        except BufferError:
+            return False
+        self.mm = None
+        return True
+
+
+UnmapListener = Callable[[int, int], None]
+
+
+class DmaTable:
+    """Interval map of DMA mappings, keyed by IOVA, with the limits the server declared."""
+
+    def __init__(self, max_maps: int = DEFAULT_MAX_DMA_MAPS, pgsize: int = DEFAULT_PGSIZE) -> None:
+        self.max_maps = max_maps
+        self.pgsize = pgsize
+        self._starts: list[int] = []
+        self._maps: list[DmaMapping] = []
+        self._last: DmaMapping | None = None
+        self._zombies: list[DmaMapping] = []
+        self.unmap_listeners: list[UnmapListener] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self):
+        return iter(list(self._maps))
+
+    def add(self, iova: int, size: int, prot: int, fd: int | None, file_offset: int = 0) -> DmaMapping:
+        """Map a range; the caller keeps ownership of ``fd`` (it may be closed right after)."""
+        self._check_new(iova, size, prot)
+        mapping = DmaMapping(iova, size, prot, file_offset)
+        if fd is not None:
+            mapping.mm = self._mmap(fd, size, prot, file_offset)
+            mapping.view = memoryview(mapping.mm)
+        i = bisect.bisect_left(self._starts, iova)
+        self._starts.insert(i, iova)
+        self._maps.insert(i, mapping)
+        return mapping
+
+    def _check_new(self, iova: int, size: int, prot: int) -> None:
+        if size <= 0 or iova < 0 or iova + size > 1 << 64:
+            raise DmaError(errno.EINVAL, f"bad DMA range iova={iova:#x} size={size:#x}")
+        if iova % self.pgsize or size % self.pgsize:
+            raise DmaError(errno.EINVAL, f"DMA range iova={iova:#x} size={size:#x} not page aligned")
+        if prot & ~(DMA_FLAG_READ | DMA_FLAG_WRITE) or not prot & DMA_FLAG_READ:
+            raise DmaError(errno.EINVAL, f"bad DMA protection flags {prot:#x}")
+        if len(self._maps) >= self.max_maps:
+            raise DmaError(errno.ENOSPC, f"too many DMA mappings (max {self.max_maps})")
+        i = bisect.bisect_right(self._starts, iova)
+        if i > 0 and self._maps[i - 1].end > iova:
+            raise DmaError(errno.EEXIST, f"DMA range at {iova:#x} overlaps an existing mapping")
+        if i < len(self._maps) and self._maps[i].iova < iova + size:
+            raise DmaError(errno.EEXIST, f"DMA range at {iova:#x} overlaps an existing mapping")
+
+    @staticmethod
+    def _mmap(fd: int, size: int, prot: int, file_offset: int) -> mmap.mmap:
+        if file_offset % mmap.ALLOCATIONGRANULARITY:
+            raise DmaError(errno.EINVAL, f"DMA file offset {file_offset:#x} not page aligned")
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise DmaError(errno.EBADF, f"bad DMA fd: {e}") from None
+        # A mapping past the end of a regular file or memfd would SIGBUS on first touch.
+        if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
+            raise DmaError(errno.EINVAL, f"DMA range {file_offset:#x}+{size:#x} lies outside its fd ({st.st_size:#x} bytes)")
+        mprot = mmap.PROT_READ | (mmap.PROT_WRITE if prot & DMA_FLAG_WRITE else 0)
+        try:
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mprot, offset=file_offset)
+        except (OSError, ValueError) as e:
+            raise DmaError(getattr(e, "errno", None) or errno.EINVAL, f"cannot mmap DMA fd: {e}") from None
+
+    def remove(self, iova: int, size: int) -> DmaMapping:
+        """Unmap exactly one previous map; listeners drop their views before the munmap."""
+        i = bisect.bisect_left(self._starts, iova)
+        if i >= len(self._maps) or self._maps[i].iova != iova or self._maps[i].size != size:
+            raise DmaError(errno.ENOENT, f"no DMA mapping at iova={iova:#x} size={size:#x}")
+        mapping = self._maps[i]
+        del self._starts[i]
+        del self._maps[i]
+        self._release(mapping)
+        return mapping
+
+    def remove_all(self) -> None:
+        maps, self._maps, self._starts = self._maps, [], []
+        for m in maps:
+            self._release(m)
+
+    def _release(self, mapping: DmaMapping) -> None:
+        if self._last is mapping:
+            self._last = None
+        for listener in list(self.unmap_listeners):
+            listener(mapping.iova, mapping.size)
+        if not mapping.close():
+            log.warning("DMA mapping %#x+%#x still has views; munmap deferred", mapping.iova, mapping.size)
+            self._zombies.append(mapping)
+        self._zombies = [z for z in self._zombies if not z.close()]
+
+    def lookup(self, iova: int, length: int = 1) -> DmaMapping:
+        """The mapping wholly containing ``[iova, iova + length)``."""
+        m = self._last
+        if m is not None and m.iova <= iova and iova + length <= m.end:
+            return m
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            m = self._maps[i]
+            if iova + length <= m.end and length >= 0:
+                self._last = m
+                return m
+        raise DmaError(errno.EFAULT, f"DMA range {iova:#x}+{length:#x} is not mapped")
+
+    def open_count(self) -> int:
+        """Mappings still holding an mmap, including deferred ones (for leak tests)."""
+        return sum(1 for m in self._maps if m.mm is not None) + len(self._zombies)
+
+
+class GuestMemory:
+    """The device's window on guest memory: bounds-checked, zero-copy where an fd allows."""
+
+    def __init__(self, table: DmaTable, remote: RemoteDma | None = None) -> None:
+        self.table = table
+        self.remote = remote
+
+    def view(self, iova: int, length: int, *, write: bool = False) -> memoryview:
+        """A memoryview of ``[iova, iova + length)`` inside one fd-backed mapping."""
+        m = self.table.lookup(iova, length)
+        if m.view is None:
+            raise DmaError(errno.EFAULT, f"DMA range {iova:#x}+{length:#x} has no fd (message DMA only)")
+        if write and not m.writable:
+            raise DmaError(errno.EPERM, f"DMA range {iova:#x}+{length:#x} is read-only")
+        start = iova - m.iova
+        return m.view[start : start + length]
+
+    def ndarray(self, iova: int, count: int, dtype: np.dtype | type | str, *, write: bool = False) -> np.ndarray:
+        """A numpy view of ``count`` items of ``dtype`` at ``iova`` (for rings on the hot path)."""
+        dt = np.dtype(dtype)
+        view = self.view(iova, count * dt.itemsize, write=write)
+        arr = np.frombuffer(view, dtype=dt, count=count)
+        return arr
+
+    def _pieces(self, iova: int, length: int):
+        """Split a range over contiguous mappings, yielding (mapping, iova, length)."""
+        end = iova + length
+        while iova < end:
+            m = self.table.lookup(iova, 1)
+            n = min(end, m.end) - iova
+            yield m, iova, n
+            iova += n
+
+    def read(self, iova: int, length: int) -> bytes:
+        """Copy out a range that may span several adjacent fd-backed mappings."""
+        if length == 0:
+            return b""
+        out = bytearray(length)
+        pos = 0
+        for _m, addr, n in self._pieces(iova, length):
+            out[pos : pos + n] = self.view(addr, n)
+            pos += n
+        return bytes(out)
+
+    def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy in a range that may span several adjacent writable fd-backed mappings."""
+        data = memoryview(data).cast("B")
+        # Check the whole range first so a failing write changes nothing.
+        pieces = list(self._pieces(iova, len(data)))
+        views = [self.view(addr, n, write=True) for _m, addr, n in pieces]
+        pos = 0
+        for v in views:
+            v[:] = data[pos : pos + len(v)]
+            pos += len(v)
+
+    async def aread(self, iova: int, length: int) -> bytes:
+        """Like :meth:`read`, falling back to DMA_READ messages for ranges without an fd."""
+        out = bytearray()
+        for m, addr, n in list(self._pieces(iova, length)):
+            if m.view is not None:
+                out += self.view(addr, n)
+            elif self.remote is not None:
+                out += await self.remote.dma_read(addr, n)
+            else:
+                raise DmaError(errno.EFAULT, f"DMA range {addr:#x}+{n:#x} has no fd and no remote path")
+        return bytes(out)
+
+    async def awrite(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        """Like :meth:`write`, falling back to DMA_WRITE messages for ranges without an fd."""
+        data = memoryview(data).cast("B")
+        pieces = list(self._pieces(iova, len(data)))
+        pos = 0
+        for m, addr, n in pieces:
+            if not m.writable:
+                raise DmaError(errno.EPERM, f"DMA range {addr:#x}+{n:#x} is read-only")
+        for m, addr, n in pieces:
+            chunk = data[pos : pos + n]
+            if m.view is not None:
+                self.view(addr, n, write=True)[:] = chunk
+            elif self.remote is not None:
+                await self.remote.dma_write(addr, bytes(chunk))
+            else:
+                raise DmaError(errno.EFAULT, f"DMA range {addr:#x}+{n:#x} has no fd and no remote path")
+            pos += n

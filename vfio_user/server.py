@@ -1,0 +1,345 @@
+"""The asyncio transport of the server: a Unix socket, one client at a time.
+
+Everything protocol-shaped happens in :mod:`vfio_user.session` and :mod:`vfio_user.protocol`;
+this module only moves bytes and fds. Requests are handled synchronously in arrival order, so
+a posted write is always applied before a later read. While the device waits for one of its
+own DMA_READ/DMA_WRITE requests, the reader keeps serving the client's requests (QEMU would
+otherwise deadlock, vfio-user-protocol.md §2.11).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from typing import Callable
+
+from . import messages as m
+from .constants import Command
+from .device import Device, DeviceContext
+from .dma import DmaError, GuestMemory
+from .protocol import Connection, FatalProtocolError, Message, Rejected, close_fds
+from .session import Reply, ServerLimits, ServerSession
+
+log = logging.getLogger(__name__)
+
+#: Kernel limit of fds per SCM_RIGHTS message: room for all, so none is silently dropped.
+SCM_MAX_FD = 253
+RECV_SIZE = 256 * 1024
+DEFAULT_DMA_TIMEOUT = 5.0
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (faster wake-ups and socket calls), else the stdlib loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> int:
+    """One sendmsg with the fds attached: QEMU collects fds only with a message's header."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    return sock.sendmsg([data], anc)
+
+
+def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One recvmsg: the bytes and the fds that came with them (empty bytes = EOF)."""
+    data, anc, flags, _addr = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(SCM_MAX_FD * 4))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        log.warning("ancillary data truncated: some fds were lost")
+    return data, fds
+
+
+class ClientConnection:
+    """The live connection to one client: transport for a :class:`ServerSession`."""
+
+    def __init__(self, server: "Server", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.session = ServerSession(server.device, server.limits)
+        self.conn = Connection(max_data_xfer=server.limits.max_data_xfer, max_msg_fds=server.limits.max_msg_fds)
+        self.memory = GuestMemory(self.session.dma, remote=self)
+        self.closed: asyncio.Future[str] = self.loop.create_future()
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._out: list[tuple[memoryview, list[int]]] = []
+        self.peer = _peer_credentials(sock)
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        ctx = DeviceContext(memory=self.memory, irqs=self.session.irqs, loop=self.loop)
+        self.server.device.attached(ctx)
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        for _ in range(64):  # bounded, so DMA replies and other fds get their turn
+            try:
+                data, fds = recv_chunk(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.close(f"receive failed: {e}")
+                return
+            if not data:
+                close_fds(fds)
+                self.close("client disconnected")
+                return
+            try:
+                events = self.conn.receive(data, fds)
+            except FatalProtocolError as e:
+                self.close(f"protocol error: {e}")
+                return
+            for event in events:
+                if self.closed.done():
+                    if isinstance(event, Message):
+                        event.close_fds()
+                    continue
+                self._dispatch(event)
+
+    def _dispatch(self, event: Message | Rejected) -> None:
+        if isinstance(event, Rejected):
+            log.warning("message id %d command %d rejected: %s", event.msg_id, event.command, event.reason)
+            if not event.is_reply and not event.no_reply:
+                self._send(Reply(Connection.error_reply(event, event.errno)))
+            return
+        if event.is_reply:
+            fut = self._pending.pop(event.msg_id, None)
+            event.close_fds()
+            if fut is not None and not fut.done():
+                fut.set_result(event)
+            return
+        reply = self.session.handle(event)
+        if reply is not None:
+            self._send(reply)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        if self.closed.done():
+            return
+        if self._out:
+            self._out.append((memoryview(reply.data), reply.fds))
+            return
+        try:
+            n = send_message(self.sock, reply.data, reply.fds)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self.close(f"send failed: {e}")
+            return
+        if n < len(reply.data):
+            # fds went with the first byte; only unsent bytes (and unsent fds) are queued
+            self._out.append((memoryview(reply.data)[n:], [] if n else reply.fds))
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        while self._out:
+            data, fds = self._out[0]
+            try:
+                n = send_message(self.sock, bytes(data), fds)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.close(f"send failed: {e}")
+                return
+            if n < len(data):
+                self._out[0] = (data[n:], [])
+                return
+            self._out.pop(0)
+        self.loop.remove_writer(self.sock.fileno())
+
+    # -- requests to the client (RemoteDma) ------------------------------------------
+
+    async def _request(self, command: Command, payload: bytes) -> Message:
+        msg_id, data = self.conn.request(command, payload)
+        fut: asyncio.Future[Message] = self.loop.create_future()
+        self._pending[msg_id] = fut
+        self._send(Reply(data))
+        try:
+            reply = await asyncio.wait_for(fut, self.server.dma_timeout)
+        except asyncio.TimeoutError:
+            self.conn.forget(msg_id)
+            raise DmaError(errno.ETIMEDOUT, f"client did not answer {command.name}") from None
+        finally:
+            self._pending.pop(msg_id, None)
+        if reply.is_error:
+            raise DmaError(reply.error_no or errno.EIO, f"client refused {command.name}: {os.strerror(reply.error_no or errno.EIO)}")
+        return reply
+
+    def _chunks(self, iova: int, length: int):
+        step = max(1, self.session.client_max_data_xfer)
+        for off in range(0, length, step):
+            yield iova + off, min(step, length - off), off
+
+    async def dma_read(self, iova: int, length: int) -> bytes:
+        out = bytearray()
+        for addr, n, _off in self._chunks(iova, length):
+            reply = await self._request(Command.DMA_READ, m.DMA_ACCESS.pack(addr, n))
+            addr_r, count = m.DMA_ACCESS.unpack_from(reply.payload)
+            data = reply.payload[m.DMA_ACCESS.size :]
+            if addr_r != addr or count != n or len(data) != n:
+                raise DmaError(errno.EIO, "malformed DMA_READ reply")
+            out += data
+        return bytes(out)
+
+    async def dma_write(self, iova: int, data: bytes) -> None:
+        for addr, n, off in self._chunks(iova, len(data)):
+            await self._request(Command.DMA_WRITE, m.DMA_ACCESS.pack(addr, n) + data[off : off + n])
+
+    # -- teardown --------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Drop the client: release its fds and mappings; the device keeps its state."""
+        if self.closed.done():
+            return
+        fileno = self.sock.fileno()
+        if fileno >= 0:
+            self.loop.remove_reader(fileno)
+            self.loop.remove_writer(fileno)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(DmaError(errno.ENOTCONN, "client disconnected"))
+        self._pending.clear()
+        self._out.clear()
+        self.conn.close()
+        try:
+            self.server.device.detached()
+        finally:
+            self.session.close()
+            self.sock.close()
+            self.closed.set_result(reason)
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return struct.unpack("3i", raw)
+
+
+class Server:
+    """Serves one device on a Unix socket path; one client at a time, then the next."""
+
+    def __init__(
+        self,
+        device: Device,
+        path: str,
+        *,
+        limits: ServerLimits | None = None,
+        mode: int = 0o600,
+        dma_timeout: float = DEFAULT_DMA_TIMEOUT,
+        on_connect: Callable[[ClientConnection], None] | None = None,
+        on_disconnect: Callable[[ClientConnection, str], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.path = path
+        self.limits = limits or ServerLimits()
+        self.mode = mode
+        self.dma_timeout = dma_timeout
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.client: ClientConnection | None = None
+        self.clients_served = 0
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bind and listen; the socket exists when this returns (QEMU never retries)."""
+        _refuse_live_socket(self.path)
+        _remove_stale_socket(self.path)
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old_umask = os.umask(0o777 & ~self.mode)
+            try:
+                lsock.bind(self.path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.path, self.mode)
+            lsock.listen(4)
+            lsock.setblocking(False)
+        except BaseException:
+            lsock.close()
+            raise
+        self._listener = lsock
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        log.info("listening on %s (mode %o)", self.path, self.mode)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            sock, _ = await loop.sock_accept(self._listener)
+            if self.client is not None and not self.client.closed.done():
+                log.warning("refused a second client (pid/uid/gid %s): one is attached", _peer_credentials(sock))
+                sock.close()
+                continue
+            self._start_client(sock)
+
+    def _start_client(self, sock: socket.socket) -> None:
+        client = ClientConnection(self, sock)
+        self.client = client
+        self.clients_served += 1
+        log.info("client connected (pid/uid/gid %s)", client.peer)
+        client.start()
+        if self.on_connect is not None:
+            self.on_connect(client)
+        client.closed.add_done_callback(lambda fut: self._client_gone(client, fut.result()))
+
+    def _client_gone(self, client: ClientConnection, reason: str) -> None:
+        log.info("client gone: %s", reason)
+        if self.on_disconnect is not None:
+            self.on_disconnect(client, reason)
+
+    async def serve_forever(self) -> None:
+        if self._listener is None:
+            await self.start()
+        assert self._accept_task is not None
+        await self._accept_task
+
+    def close(self) -> None:
+        """Stop listening, drop the client, remove the socket path."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            self._accept_task = None
+        if self.client is not None:
+            self.client.close("server shutting down")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            _remove_stale_socket(self.path)
+
+
+def _refuse_live_socket(path: str) -> None:
+    """A path some server still answers on is not stale: never steal it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

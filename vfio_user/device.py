@@ -233,6 +233,9 @@ class Device:
     def irq_unmasked(self, index: IrqIndex, vector: int) -> None:
         """The client unmasked an (INTx) interrupt: re-assert it if the condition holds."""
 
+    def ioeventfds_taken(self, index: int) -> None:
+        """The client fetched region ``index``'s ioeventfds (GET_REGION_IO_FDS with records)."""
+
     def config_written(self, offset: int, old: int, new: int) -> None:
         """A config dword changed (after masks): hook for FLR, COMMAND, MSI-X enable."""
 

@@ -163,7 +163,13 @@ class Connection:
             if self._hdr is None:
                 if len(self._buf) < HEADER_SIZE:
                     break
-                self._start_message()
+                try:
+                    self._start_message()
+                except FatalProtocolError:
+                    for event in events:  # completed but never handed out: release their fds
+                        if isinstance(event, Message):
+                            event.close_fds()
+                    raise
                 continue
             size = self._hdr[2]
             if len(self._buf) < size:

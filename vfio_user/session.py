@@ -351,6 +351,8 @@ class ServerSession:
                 }
             )
         body = m.RegionIoFdsReply.build({"argsz": needed, "flags": 0, "index": req.index, "count": len(efds), "records": records})
+        if efds:
+            self.device.ioeventfds_taken(req.index)
         return Reply(Connection.reply(msg, body), fds)
 
     # -- interrupts ----------------------------------------------------------------------

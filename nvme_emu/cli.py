@@ -1,0 +1,197 @@
+"""``nvme-emu``: serve the controller over vfio-user, or boot a guest against it.
+
+This is the composition root: the only place where the NVMe device meets a vfio-user
+backend and an event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+
+from . import __version__
+from .controller import ControllerConfig
+from .doorbell import DoorbellMode
+from .function import NvmeFunction
+from .namespace import open_namespace
+
+log = logging.getLogger("nvme_emu")
+
+DEFAULT_SOCKET = "/tmp/nvme-emu.sock"
+DEFAULT_NAMESPACE = "ram:size=1G"
+
+
+def qemu_arguments(socket_path: str, memory: str = "1G") -> str:
+    """The QEMU arguments that attach a guest to this server (shared memfd RAM + device)."""
+    device = json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}, "x-msg-timeout": 30000}, separators=(",", ":"))
+    return (
+        f"-object memory-backend-memfd,id=mem,size={memory},share=on "
+        f"-machine q35,memory-backend=mem -m {memory} "
+        f"-device '{device}'"
+    )
+
+
+def build_function(args: argparse.Namespace) -> NvmeFunction:
+    config = ControllerConfig(serial=args.serial, model=args.model, max_io_queues=args.queues)
+    specs = args.namespace or [DEFAULT_NAMESPACE]
+    namespaces = []
+    try:
+        for i, spec in enumerate(specs, start=1):
+            namespaces.append(open_namespace(spec, i, serial=config.serial))
+    except BaseException:
+        for ns in namespaces:
+            ns.close()
+        raise
+    return NvmeFunction(namespaces, config, doorbell=args.doorbell, spin_us=args.spin_us)
+
+
+def format_stats(function: NvmeFunction) -> str:
+    st = function.stats()
+    db = st["doorbells"]
+    lines = [
+        f"doorbell path {st['doorbell_mode']}: trapped={db['trapped']} signals={db['signals']} wakeups={db['wakeups']} "
+        f"doorbells={db['doorbells']} coalesced={db['coalesced']} spin_hits={db['spin_hits']}/{db['spins']} "
+        f"polls={db['polls']} poll_cpu={db['poll_cpu_seconds']:.3f}s"
+    ]
+    for name, q in st["queues"].items():
+        per_wake = q["commands"] / q["batches"] if q["batches"] else 0.0
+        lines.append(
+            f"  {name}: commands={q['commands']} batches={q['batches']} cmds/batch={per_wake:.2f} max_batch={q['max_batch']} "
+            f"completions={q['cq_completions']} interrupts={q['cq_interrupts']} cq_full_stalls={q['cq_full_stalls']}"
+        )
+    return "\n".join(lines)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from vfio_user.server import Server
+
+    function = build_function(args)
+    server = Server(function, args.socket, mode=int(args.socket_mode, 8))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: print(format_stats(function), flush=True))
+    try:
+        await server.start()
+        print(f"nvme-emu {__version__}: serving {len(function.controller.namespaces)} namespace(s) on {args.socket} (doorbells: {args.doorbell})", flush=True)
+        for ns in function.controller.namespaces.values():
+            print(f"  namespace {ns.nsid}: {ns!r}", flush=True)
+        print("attach QEMU (10.1+) with:", flush=True)
+        print(f"  qemu-system-x86_64 {qemu_arguments(args.socket)} ...", flush=True)
+        stats_task = loop.create_task(_print_stats(function, args.stats)) if args.stats else None
+        await stop.wait()
+        print("nvme-emu: shutting down", flush=True)
+        if stats_task is not None:
+            stats_task.cancel()
+    finally:
+        server.close()
+        for ns in function.controller.namespaces.values():
+            try:
+                ns.flush()
+            except Exception as e:  # report, but still close everything
+                log.error("flush of namespace %d failed: %s", ns.nsid, e)
+        function.close()
+    return 0
+
+
+async def _print_stats(function: NvmeFunction, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        print(f"[{time.strftime('%H:%M:%S')}] " + format_stats(function), flush=True)
+
+
+def guest(args: argparse.Namespace) -> int:
+    """Start a server, boot the guest against it, run the job, print fio's summary."""
+    import subprocess
+
+    from . import guest as guest_runner
+
+    sock = os.path.join(tempfile.mkdtemp(prefix="nvme-emu-", dir="/tmp"), "nvme.sock")
+    cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--doorbell", args.doorbell]
+    for spec in args.namespace or []:
+        cmd += ["--namespace", spec]
+    log_path = sock + ".log"
+    with open(log_path, "w") as server_log:
+        server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(sock):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    print(open(log_path).read(), file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+            fio_job = open(args.fio).read() if args.fio else None
+            result = guest_runner.run_guest(socket_path=sock, command=args.cmd, fio_job=fio_job, cpus=args.cpus, memory_mb=args.memory_mb, timeout=args.timeout)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    if result.output:
+        print(result.output)
+    if result.fio is not None:
+        print(guest_runner.format_fio_summary(result.fio))
+    print(f"server log: {log_path}", file=sys.stderr)
+    return result.returncode if result.returncode is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nvme-emu", description="An NVMe controller emulator served over vfio-user.")
+    parser.add_argument("--version", action="version", version=f"nvme-emu {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--namespace", action="append", metavar="SPEC", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X (repeatable; default ram:size=1G)")
+        p.add_argument("--doorbell", default=DoorbellMode.AUTO.value, choices=[m.value for m in DoorbellMode])
+
+    s = sub.add_parser("serve", help="serve the controller on a Unix socket (the default)")
+    common(s)
+    s.add_argument("--socket", default=DEFAULT_SOCKET)
+    s.add_argument("--socket-mode", default="0600", help="permissions of the socket (default owner only)")
+    s.add_argument("--serial", default="NVMEEMU00000001")
+    s.add_argument("--model", default="nvme-emu")
+    s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
+    s.add_argument("--spin-us", type=float, default=0.0, help="keep looking for doorbells this long after work before sleeping")
+    s.add_argument("--stats", type=float, default=0.0, metavar="SECONDS", help="print per-queue counters every SECONDS (also on SIGUSR1)")
+
+    g = sub.add_parser("guest", help="serve, boot a QEMU guest against it, run a command or fio job")
+    common(g)
+    g.add_argument("--fio", metavar="JOB", help="fio job file to run in the guest")
+    g.add_argument("--cmd", help="shell command to run in the guest")
+    g.add_argument("--cpus", type=int, default=2)
+    g.add_argument("--memory-mb", type=int, default=1024)
+    g.add_argument("--timeout", type=float, default=900)
+
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("serve", "guest", "-h", "--help", "--version") for a in raw):
+        raw.insert(0, "serve")  # plain `nvme-emu [--socket ...]` serves
+    args = parser.parse_args(raw)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "guest":
+        if not args.fio and not args.cmd:
+            args.cmd = "nvme list"
+        return guest(args)
+    from vfio_user.server import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(serve(args))
+    except (OSError, ValueError) as e:
+        print(f"nvme-emu: {e}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

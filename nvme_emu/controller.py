@@ -1,0 +1,543 @@
+"""The NVMe controller: registers, queues, command dispatch, completions and interrupts.
+
+It knows nothing of sockets or of vfio-user messages. It is given guest memory (a
+:class:`vfio_user.dma.GuestMemory`) and a function that raises an interrupt vector when a
+host attaches, and it is driven by register accesses and doorbell writes, whatever path
+those come by (see :mod:`nvme_emu.doorbell`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from vfio_user.dma import DmaError, GuestMemory
+
+from . import spec
+from .dbbuf import DoorbellBuffer, full_fence
+from .namespace import Namespace
+from .queue import CompletionQueue, RingUnavailable, SubmissionQueue
+from .spec import (
+    Aqa,
+    AsyncEventType,
+    Cap,
+    CapCss,
+    Cc,
+    CcCss,
+    Csts,
+    NvmeError,
+    Reg,
+    Shn,
+    Shst,
+    Status,
+)
+
+log = logging.getLogger(__name__)
+
+#: Marks a command that completes later (Asynchronous Event Request).
+DEFERRED = object()
+
+IrqRaiser = Callable[[int], bool]
+
+
+@dataclass
+class ControllerConfig:
+    """What a user may choose for a controller; the rest follows from the spec."""
+
+    serial: str = "NVMEEMU00000001"
+    model: str = "nvme-emu RAM controller"
+    firmware: str = "0.1.0"
+    max_queue_entries: int = 4096  # CAP.MQES + 1
+    max_io_queues: int = 64
+    msix_vectors: int = 65
+    mdts: int = 7  # 2^7 * 4 KiB = 512 KiB per command
+    timeout_500ms: int = 15  # CAP.TO
+    mpsmax: int = 4  # 64 KiB pages
+    max_namespaces: int = 32
+    aerl: int = 3  # 4 outstanding AERs (0-based)
+    acl: int = 3  # 4 outstanding Aborts (0-based)
+    error_log_entries: int = 64
+    volatile_write_cache: bool = True
+    shadow_doorbells: bool = True  # OACS.DBCS (Doorbell Buffer Config)
+    temperature_kelvin: int = 313
+    pci_vendor: int = 0x4E58
+    pci_device: int = 0x4E56
+
+    @property
+    def doorbell_bytes(self) -> int:
+        return 8 * (self.max_io_queues + 1)
+
+
+@dataclass
+class ErrorLog:
+    """The Error Information log: a ring of the newest entries plus a running count."""
+
+    capacity: int
+    count: int = 0
+    entries: deque = field(default_factory=deque)
+
+    def add(self, **fields: int) -> None:
+        self.count += 1
+        self.entries.appendleft(dict(fields, error_count=self.count))
+        while len(self.entries) > self.capacity:
+            self.entries.pop()
+
+
+@dataclass
+class HealthCounters:
+    """Real counters behind the SMART / Health log."""
+
+    started: float = field(default_factory=time.monotonic)
+    busy_seconds: float = 0.0
+    power_cycles: int = 0
+    unsafe_shutdowns: int = 0
+    media_errors: int = 0
+
+
+class Controller:
+    """One NVMe controller; see the module docstring."""
+
+    def __init__(self, namespaces: Iterable[Namespace], config: ControllerConfig | None = None) -> None:
+        from .admin import AdminCommands
+        from .nvm import NvmCommands
+
+        self.config = config or ControllerConfig()
+        self.namespaces: dict[int, Namespace] = {ns.nsid: ns for ns in namespaces}
+        self.memory: GuestMemory | None = None
+        self.raise_irq: IrqRaiser | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pci_vendor = self.config.pci_vendor
+        self.dbbuf: DoorbellBuffer | None = None
+        self.health = HealthCounters()
+        self.error_log = ErrorLog(self.config.error_log_entries)
+        self.admin = AdminCommands(self)
+        self.nvm = NvmCommands(self)
+        #: Hooks of the doorbell path (shadow doorbell buffers, ioeventfds) per queue event.
+        self.queue_listeners: list[Callable[[str, int], None]] = []
+        self.cap = self._capabilities()
+        self.vs = spec.NVME_VERSION
+        self._reset_state()
+
+    # -- state -------------------------------------------------------------------------
+
+    def _capabilities(self) -> int:
+        c = self.config
+        return (
+            (c.max_queue_entries - 1) << Cap.MQES_SHIFT
+            | Cap.CQR
+            | c.timeout_500ms << Cap.TO_SHIFT
+            | 0 << Cap.DSTRD_SHIFT
+            | Cap.NSSRS
+            | (CapCss.NVM | CapCss.IO_COMMAND_SETS) << Cap.CSS_SHIFT
+            | 0 << Cap.MPSMIN_SHIFT
+            | c.mpsmax << Cap.MPSMAX_SHIFT
+        )
+
+    def _reset_state(self) -> None:
+        """Controller Level Reset: queues, registers and features back to defaults."""
+        self.cc = 0
+        self.csts = 0
+        self.intms = 0
+        self.aqa = 0
+        self.asq = 0
+        self.acq = 0
+        self.sqs: dict[int, SubmissionQueue] = {}
+        self.cqs: dict[int, CompletionQueue] = {}
+        self.page_size = 4096
+        self.dbbuf = None
+        self.admin.reset()
+        self.nvm.reset()
+        for listener in self.queue_listeners:
+            listener("reset", 0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cc & Cc.EN)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.csts & Csts.RDY)
+
+    @property
+    def fatal(self) -> bool:
+        return bool(self.csts & Csts.CFS)
+
+    def attach_host(self, memory: GuestMemory, raise_irq: IrqRaiser, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.memory = memory
+        self.raise_irq = raise_irq
+        self.loop = loop
+        self.health.power_cycles += 1
+
+    def loop_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after the current batch (directly when there is no loop)."""
+        if self.loop is not None:
+            self.loop.call_soon(fn)
+        else:
+            fn()
+
+    def detach_host(self) -> None:
+        """The host is gone without warning: count it, and stop touching its memory."""
+        if self.enabled and (self.csts >> Csts.SHST_SHIFT) & Csts.SHST_MASK != Shst.COMPLETE:
+            self.health.unsafe_shutdowns += 1
+        self.controller_reset()
+        self.memory = None
+        self.raise_irq = None
+        self.loop = None
+
+    def controller_reset(self) -> None:
+        """CC.EN 1 -> 0, reset, FLR: queues go away, namespace data stays."""
+        for sq in self.sqs.values():
+            sq.ring.drop()
+        for cq in self.cqs.values():
+            cq.ring.drop()
+        self._reset_state()
+
+    def set_fatal(self, reason: str) -> None:
+        """CSTS.CFS: the host must reset us; nothing more is processed until then."""
+        if not self.fatal:
+            log.error("controller fatal status: %s", reason)
+        self.csts |= Csts.CFS
+
+    def dma_unmapping(self, iova: int, size: int) -> None:
+        for q in list(self.sqs.values()) + list(self.cqs.values()):
+            if q.ring.overlaps(iova, size):
+                q.ring.drop()
+        if self.dbbuf is not None and self.dbbuf.overlaps(iova, size):
+            self.dbbuf.drop()
+        self.admin.dma_unmapping(iova, size)
+
+    def configure_doorbell_buffer(self, shadow: int, eventidx: int) -> None:
+        """Doorbell Buffer Config: from now on I/O queue doorbells live in host memory."""
+        assert self.memory is not None
+        self.dbbuf = DoorbellBuffer(self.memory, shadow, eventidx, self.page_size)
+        for qid, sq in self.sqs.items():
+            if qid:
+                self.dbbuf.seed(qid, sq.tail, sq.cq.head if sq.cq.qid == qid else 0)
+        for listener in self.queue_listeners:
+            listener("dbbuf", 0)
+
+    # -- registers ---------------------------------------------------------------------
+
+    def _register_block(self) -> bytes:
+        """Registers 0x00-0x3F as the host reads them (CMBLOC/CMBSZ 0: no CMB)."""
+        out = bytearray(0x40)
+        out[Reg.CAP : Reg.CAP + 8] = self.cap.to_bytes(8, "little")
+        out[Reg.VS : Reg.VS + 4] = self.vs.to_bytes(4, "little")
+        out[Reg.INTMS : Reg.INTMS + 4] = self.intms.to_bytes(4, "little")
+        out[Reg.INTMC : Reg.INTMC + 4] = self.intms.to_bytes(4, "little")
+        out[Reg.CC : Reg.CC + 4] = self.cc.to_bytes(4, "little")
+        out[Reg.CSTS : Reg.CSTS + 4] = self.csts.to_bytes(4, "little")
+        out[Reg.AQA : Reg.AQA + 4] = self.aqa.to_bytes(4, "little")
+        out[Reg.ASQ : Reg.ASQ + 8] = self.asq.to_bytes(8, "little")
+        out[Reg.ACQ : Reg.ACQ + 8] = self.acq.to_bytes(8, "little")
+        return bytes(out)
+
+    def read_register(self, offset: int, size: int) -> bytes:
+        """Register reads of any width inside 0x000-0xFFF; unknown registers read 0."""
+        if offset + size <= 0x40:
+            return self._register_block()[offset : offset + size]
+        return bytes(size)
+
+    def write_register(self, offset: int, data: bytes) -> None:
+        """Register writes of 4 or 8 bytes (8-byte ASQ/ACQ may also come as two halves)."""
+        value = int.from_bytes(data, "little")
+        size = len(data)
+        if size == 8 and offset in (Reg.ASQ, Reg.ACQ):
+            self._write_dword(offset, value & 0xFFFFFFFF)
+            self._write_dword(offset + 4, value >> 32)
+        elif size == 4:
+            self._write_dword(offset, value)
+        else:
+            log.debug("ignored %d-byte register write at %#x", size, offset)
+
+    def _write_dword(self, offset: int, value: int) -> None:
+        if offset == Reg.INTMS:
+            self.intms |= value
+        elif offset == Reg.INTMC:
+            self.intms &= ~value
+            self._signal_all()
+        elif offset == Reg.CC:
+            self._write_cc(value)
+        elif offset == Reg.NSSR:
+            if value == spec.NSSR_RESET_VALUE:
+                log.info("NVM subsystem reset")
+                self.controller_reset()
+                self.csts |= Csts.NSSRO
+        elif offset == Reg.AQA and not self.enabled:
+            self.aqa = value & (Aqa.ASQS_MASK | Aqa.ACQS_MASK << Aqa.ACQS_SHIFT)
+        elif offset in (Reg.ASQ, Reg.ASQ + 4, Reg.ACQ, Reg.ACQ + 4) and not self.enabled:
+            self._write_queue_base(offset, value)
+        elif offset == Reg.CSTS and value & Csts.NSSRO:
+            self.csts &= ~Csts.NSSRO  # write 1 to clear
+
+    def _write_queue_base(self, offset: int, value: int) -> None:
+        base = Reg.ASQ if offset < Reg.ACQ else Reg.ACQ
+        current = self.asq if base == Reg.ASQ else self.acq
+        if offset == base:
+            current = (current & ~0xFFFFFFFF) | (value & ~0xFFF)
+        else:
+            current = (current & 0xFFFFFFFF) | value << 32
+        if base == Reg.ASQ:
+            self.asq = current
+        else:
+            self.acq = current
+
+    def _write_cc(self, value: int) -> None:
+        was_enabled = self.enabled
+        now_enabled = bool(value & Cc.EN)
+        if was_enabled and not now_enabled:
+            log.info("controller disabled (CC.EN 1 -> 0)")
+            self.controller_reset()
+            return
+        shn_before = (self.cc >> Cc.SHN_SHIFT) & Cc.SHN_MASK
+        self.cc = value
+        if not was_enabled and now_enabled:
+            self._enable()
+        shn = (value >> Cc.SHN_SHIFT) & Cc.SHN_MASK
+        if shn != Shn.NONE and shn_before == Shn.NONE:
+            self._shutdown(Shn(shn))
+        elif shn == Shn.NONE and shn_before != Shn.NONE:
+            self.csts &= ~(Csts.SHST_MASK << Csts.SHST_SHIFT)
+
+    def _enable(self) -> None:
+        mps = (self.cc >> Cc.MPS_SHIFT) & Cc.MPS_MASK
+        css = (self.cc >> Cc.CSS_SHIFT) & Cc.CSS_MASK
+        asqs = ((self.aqa >> Aqa.ASQS_SHIFT) & Aqa.ASQS_MASK) + 1
+        acqs = ((self.aqa >> Aqa.ACQS_SHIFT) & Aqa.ACQS_MASK) + 1
+        problem = None
+        if mps > self.config.mpsmax:
+            problem = f"CC.MPS {mps} above MPSMAX"
+        elif css not in (CcCss.NVM, CcCss.ALL_IO_COMMAND_SETS):
+            problem = f"CC.CSS {css:#b} not supported"
+        elif asqs < 2 or acqs < 2:
+            problem = f"admin queue sizes {asqs}/{acqs} too small"
+        elif self.memory is None:
+            problem = "no host attached"
+        if problem is not None:
+            log.warning("cannot enable controller: %s", problem)
+            self.set_fatal(problem)
+            return
+        self.page_size = 1 << (12 + mps)
+        if self.asq % self.page_size or self.acq % self.page_size:
+            self.set_fatal("admin queue base not page aligned")
+            return
+        cq = CompletionQueue(0, self.acq, acqs, vector=0, irq_enabled=True)
+        self.cqs[0] = cq
+        self.sqs[0] = SubmissionQueue(0, self.asq, asqs, cq)
+        cq.sqs.add(0)
+        self.csts = (self.csts & Csts.NSSRO) | Csts.RDY
+        log.info("controller enabled: page size %d, admin queues %d/%d", self.page_size, asqs, acqs)
+        for listener in self.queue_listeners:
+            listener("create-sq", 0)
+
+    def _shutdown(self, kind: Shn) -> None:
+        """Flush every namespace, then report shutdown complete."""
+        self.csts = (self.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.OCCURRING << Csts.SHST_SHIFT
+        for ns in self.namespaces.values():
+            try:
+                ns.flush()
+            except NvmeError as e:
+                log.error("flush of namespace %d at shutdown failed: %s", ns.nsid, e)
+        self.csts = (self.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.COMPLETE << Csts.SHST_SHIFT
+        log.info("controller shutdown (%s) complete", kind.name.lower())
+
+    # -- doorbells ---------------------------------------------------------------------
+
+    def doorbell(self, qid: int, is_cq: bool, value: int) -> None:
+        """A doorbell value arrived, by whatever path; validate it, then do the work."""
+        if not self.ready or self.fatal:
+            return
+        dbbuf = self.dbbuf if qid else None
+        if is_cq:
+            cq = self.cqs.get(qid)
+            if cq is not None and dbbuf is not None:
+                value = dbbuf.cq_head(qid)
+            if cq is None:
+                self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_REGISTER, spec.LogPageId.ERROR_INFORMATION)
+                return
+            if value >= cq.size:
+                self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+                return
+            was_full = cq.full
+            cq.set_head(value)
+            if was_full:
+                self._resume_stalled(cq)
+            return
+        sq = self.sqs.get(qid)
+        if sq is None:
+            self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_REGISTER, spec.LogPageId.ERROR_INFORMATION)
+            return
+        if value >= sq.size:
+            self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+            return
+        if dbbuf is not None:
+            value = dbbuf.sq_tail(qid)
+            if value >= sq.size:
+                self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+                return
+        sq.tail = value
+        sq.stats.doorbells += 1
+        self.run_sq(sq)
+
+    def run_sq(self, sq: SubmissionQueue) -> int:
+        """Process until idle; with shadow doorbells, publish EventIdx and re-check."""
+        total = self.process_sq(sq)
+        dbbuf = self.dbbuf
+        if dbbuf is None or sq.qid == 0:
+            return total
+        try:
+            for _ in range(64):  # bounded: a host that keeps submitting gets a fresh wake-up
+                if sq.head != sq.tail:
+                    break  # stalled on a full CQ: the CQ head doorbell resumes us
+                dbbuf.set_sq_eventidx(sq.qid, sq.tail)
+                full_fence()
+                tail = dbbuf.sq_tail(sq.qid)
+                if tail == sq.tail:
+                    break
+                if tail >= sq.size:
+                    self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+                    break
+                sq.tail = tail
+                sq.stats.coalesced += 1
+                total += self.process_sq(sq)
+        except RingUnavailable as e:
+            self.set_fatal(f"doorbell buffer memory is gone: {e}")
+        return total
+
+    def doorbell_offset(self, offset: int) -> tuple[int, bool] | None:
+        """(qid, is_cq) for a BAR0 doorbell offset (DSTRD 0), None if outside the array."""
+        index = (offset - Reg.DOORBELLS) >> 2
+        if offset < Reg.DOORBELLS or offset & 3 or index >= 2 * (self.config.max_io_queues + 1):
+            return None
+        return index >> 1, bool(index & 1)
+
+    def _resume_stalled(self, cq: CompletionQueue) -> None:
+        for sqid in sorted(cq.sqs):
+            sq = self.sqs.get(sqid)
+            if sq is not None and not sq.empty:
+                self.run_sq(sq)
+
+    # -- command processing ------------------------------------------------------------
+
+    def process_sq(self, sq: SubmissionQueue) -> int:
+        """Run every command in [head, tail), post completions, then one interrupt per CQ."""
+        memory = self.memory
+        if memory is None or not self.ready or self.fatal:
+            return 0
+        cq = sq.cq
+        n = 0
+        started = time.perf_counter()
+        execute = self.admin.execute if sq.qid == 0 else self.nvm.execute
+        try:
+            while sq.head != sq.tail:
+                if cq.full and not self._refresh_cq_head(cq):
+                    sq.stats.cq_full_stalls += 1
+                    break
+                entry = sq.fetch(memory)
+                result = execute(sq, entry)
+                n += 1
+                if result is DEFERRED:
+                    continue
+                status, dw0 = result
+                cq.post(memory, dw0, 0, sq.head, sq.qid, entry[2], status)
+        except RingUnavailable as e:
+            self.set_fatal(f"queue {sq.qid} memory is gone: {e}")
+        self.health.busy_seconds += time.perf_counter() - started
+        if n:
+            st = sq.stats
+            st.commands += n
+            st.batches += 1
+            if n > st.max_batch:
+                st.max_batch = n
+            self.signal(cq)
+        return n
+
+    def _refresh_cq_head(self, cq: CompletionQueue) -> bool:
+        """A full CQ under shadow doorbells: the host may have consumed without ringing."""
+        if self.dbbuf is None or cq.qid == 0:
+            return False
+        head = self.dbbuf.cq_head(cq.qid)
+        if head < cq.size:
+            cq.set_head(head)
+        if cq.full:
+            self.dbbuf.set_cq_eventidx(cq.qid, cq.head)  # ring us when you consume
+            full_fence()
+            head = self.dbbuf.cq_head(cq.qid)
+            if head < cq.size:
+                cq.set_head(head)
+        return not cq.full
+
+    def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> bool:
+        """Complete a deferred command (AER); False when its queues are gone or full."""
+        sq = self.sqs.get(sqid)
+        if sq is None or self.memory is None or sq.cq.full:
+            return False
+        try:
+            sq.cq.post(self.memory, dw0, 0, sq.head, sqid, cid, status)
+        except RingUnavailable as e:
+            self.set_fatal(f"queue {sqid} memory is gone: {e}")
+            return False
+        self.signal(sq.cq)
+        return True
+
+    def record_error(self, sq: SubmissionQueue, cid: int, err: NvmeError, *, nsid: int = 0, lba: int = 0) -> None:
+        self.error_log.add(sqid=sq.qid, cid=cid, status_field=err.status_field, nsid=nsid, lba=lba)
+        if err.status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
+            self.health.media_errors += 1
+
+    # -- interrupts --------------------------------------------------------------------
+
+    def signal(self, cq: CompletionQueue) -> None:
+        """One interrupt for everything posted since the last one (subject to coalescing)."""
+        if not cq.unsignalled or not cq.irq_enabled:
+            cq.unsignalled = 0
+            return
+        if cq.qid != 0 and not self.admin.features.coalescing_allows(cq):
+            return
+        self._fire(cq)
+
+    def flush_coalesced(self, cq: CompletionQueue) -> None:
+        """Coalescing time ran out: deliver what is pending."""
+        if cq.unsignalled and cq.irq_enabled:
+            self._fire(cq)
+
+    def _fire(self, cq: CompletionQueue) -> None:
+        """Raise the CQ's vector; the raiser applies INTMS where the vector is pin-based."""
+        cq.unsignalled = 0
+        if self.raise_irq is not None and self.raise_irq(cq.vector):
+            cq.stats.interrupts += 1
+
+    def _signal_all(self) -> None:
+        """INTMC unmasked vectors: re-raise those whose CQs still hold entries."""
+        for cq in self.cqs.values():
+            if cq.pending and cq.irq_enabled:
+                self._fire(cq)
+
+    def intx_unmasked(self) -> None:
+        """INTx is level-triggered: while any CQ has unconsumed entries the line stays up."""
+        for cq in self.cqs.values():
+            if cq.pending and cq.irq_enabled:
+                self._fire(cq)
+                return
+
+    # -- stats ---------------------------------------------------------------------------
+
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for qid, sq in sorted(self.sqs.items()):
+            d = sq.stats.as_dict()
+            d.update({f"cq_{k}": v for k, v in sq.cq.stats.as_dict().items() if k in ("completions", "interrupts")})
+            out[f"sq{qid}"] = d
+        return out
+
+    def dma_check(self, iova: int, length: int) -> None:
+        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
+        assert self.memory is not None
+        try:
+            self.memory.view(iova, length)
+        except DmaError:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, f"{iova:#x}+{length} not in guest memory") from None

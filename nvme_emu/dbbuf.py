@@ -1,0 +1,78 @@
+"""Shadow doorbells and EventIdx (Doorbell Buffer Config, OACS bit 8).
+
+The host keeps its SQ tails and CQ heads in a shadow buffer in its own memory and rings the
+real doorbell only when the new value passes the EventIdx the controller published. We
+publish EventIdx = the tail we have consumed, so the host rings again exactly when new work
+arrives after we went idle; then we re-read the shadow (the lost-race check): a host that
+wrote its shadow just before our EventIdx store did not ring, so we must look once more.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from vfio_user.dma import DmaError, GuestMemory
+
+from .queue import RingUnavailable
+
+#: A lock round trip is a locked instruction on x86, i.e. a full memory barrier: the
+#: EventIdx store must be visible before we re-load the shadow tail (store->load order).
+_FENCE = threading.Lock()
+
+
+def full_fence() -> None:
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class DoorbellBuffer:
+    """Views of the host's shadow-doorbell and EventIdx pages (DSTRD 0: 4-byte slots)."""
+
+    def __init__(self, memory: GuestMemory, shadow: int, eventidx: int, page_size: int) -> None:
+        self.memory = memory
+        self.shadow_base = shadow
+        self.eventidx_base = eventidx
+        self.page_size = page_size
+        self._shadow: np.ndarray | None = None
+        self._eventidx: np.ndarray | None = None
+
+    def _views(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._shadow is None or self._eventidx is None:
+            n = self.page_size // 4
+            try:
+                self._shadow = self.memory.ndarray(self.shadow_base, n, np.uint32)
+                self._eventidx = self.memory.ndarray(self.eventidx_base, n, np.uint32, write=True)
+            except DmaError as e:
+                raise RingUnavailable(f"doorbell buffer unmapped: {e}") from None
+        return self._shadow, self._eventidx
+
+    def sq_tail(self, qid: int) -> int:
+        return int(self._views()[0][2 * qid])
+
+    def cq_head(self, qid: int) -> int:
+        return int(self._views()[0][2 * qid + 1])
+
+    def set_sq_eventidx(self, qid: int, value: int) -> None:
+        self._views()[1][2 * qid] = value
+
+    def set_cq_eventidx(self, qid: int, value: int) -> None:
+        self._views()[1][2 * qid + 1] = value
+
+    def seed(self, qid: int, sq_tail: int, cq_head: int) -> None:
+        """Copy the doorbell values we know into the shadow when the buffer is configured."""
+        shadow, eventidx = self._views()
+        shadow_w = self.memory.ndarray(self.shadow_base, self.page_size // 4, np.uint32, write=True)
+        shadow_w[2 * qid] = sq_tail
+        shadow_w[2 * qid + 1] = cq_head
+        eventidx[2 * qid] = sq_tail
+        eventidx[2 * qid + 1] = cq_head
+        del shadow
+
+    def overlaps(self, iova: int, size: int) -> bool:
+        return any(base < iova + size and iova < base + self.page_size for base in (self.shadow_base, self.eventidx_base))
+
+    def drop(self) -> None:
+        self._shadow = None
+        self._eventidx = None

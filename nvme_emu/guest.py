@@ -1,0 +1,549 @@
+"""Boot a throw-away Linux guest in QEMU and run a command / fio job in it.
+
+The guest sees either our NVMe controller (``socket_path``: QEMU's
+``vfio-user-pci`` attached to a running vfio-user server) or QEMU's own
+in-process NVMe (``builtin_image``: a raw file), and runs a shell command
+and/or a fio job.  Everything is pure stdlib.
+
+Pieces (all under ``qemu-configs/``):
+
+* ``provide-qemu.sh`` prints a QEMU >= 10.1 with vfio-user-pci (host QEMU or a
+  cached trixie chroot wrapper);
+* ``build-guest.sh`` prints a cached kernel + initramfs (busybox, fio,
+  nvme-cli, nvme modules, ``guest-init.sh`` as /init);
+* ``vfio-user-nvme.args`` / ``builtin-nvme.args`` are the QEMU command lines
+  with ``@PLACEHOLDER@`` words.
+
+Per run, the job (``/job/run.sh``, ``/job/cmd.sh``, ``/job/job.fio``) is put
+in a small newc cpio appended to the cached initramfs (Linux unpacks
+concatenated archives), so the cached image is never rebuilt.  /init prints
+the job output between ``=====NVME-EMU-BEGIN=====`` and
+``=====NVME-EMU-END rc=N=====`` on the serial console and powers off.
+
+Command line::
+
+    python -m nvme_emu.guest --builtin-image disk.raw --cmd 'nvme list'
+    python -m nvme_emu.guest --socket /tmp/nvme.sock --fio job.fio
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "qemu-configs"
+
+BEGIN_MARKER = "=====NVME-EMU-BEGIN====="
+END_RE = re.compile(r"=====NVME-EMU-END rc=(\d+)=====")
+FIO_BEGIN = "=====NVME-EMU-FIO-JSON-BEGIN====="
+FIO_END = "=====NVME-EMU-FIO-JSON-END====="
+
+# Directories the chroot wrapper of provide-qemu.sh always shares with the host.
+_SHARED_PREFIXES = ("/tmp/", "/run/", "/dev/")
+
+
+class GuestError(RuntimeError):
+    """Infrastructure failure (QEMU/guest image could not be provided or run)."""
+
+
+@dataclass
+class GuestResult:
+    returncode: int | None   # exit status of the guest job; None if it never finished
+    output: str              # text between the BEGIN/END markers
+    console: str             # whole serial console log
+    qemu_stderr: str
+    fio: dict | None         # parsed fio JSON (fio_job runs) or None
+    accel: str               # "kvm" or "tcg"
+    qemu_returncode: int | None = None
+    timed_out: bool = False
+    elapsed: float = 0.0
+    cmdline: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def describe_failure(self, tail: int = 60) -> str:
+        lines = self.console.splitlines()[-tail:]
+        return (
+            f"guest rc={self.returncode} qemu rc={self.qemu_returncode} "
+            f"timed_out={self.timed_out} elapsed={self.elapsed:.1f}s\n"
+            f"--- qemu stderr ---\n{self.qemu_stderr.strip()}\n"
+            f"--- console (last {tail} lines) ---\n" + "\n".join(lines)
+        )
+
+    def check(self) -> "GuestResult":
+        """Raise GuestError unless the guest job finished with status 0."""
+        if not self.ok:
+            raise GuestError(self.describe_failure())
+        return self
+
+
+# --------------------------------------------------------------------------
+# provisioning
+
+
+def _run_script(name: str, *args: str) -> list[str]:
+    script = CONFIG_DIR / name
+    proc = subprocess.run(
+        [str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise GuestError(
+            f"{script} failed (exit {proc.returncode}):\n{proc.stderr.strip()}"
+        )
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    if not lines:
+        raise GuestError(f"{script} printed nothing")
+    return lines
+
+
+_qemu_path: str | None = None
+_guest_paths: tuple[str, str] | None = None
+
+
+def ensure_qemu() -> str:
+    """Path of a qemu-system-x86_64 with vfio-user-pci (built/cached on demand)."""
+    global _qemu_path
+    if _qemu_path is None:
+        _qemu_path = _run_script("provide-qemu.sh")[-1]
+    return _qemu_path
+
+
+def ensure_guest() -> tuple[str, str]:
+    """(kernel, initramfs) paths of the cached test guest (built on demand)."""
+    global _guest_paths
+    if _guest_paths is None:
+        lines = _run_script("build-guest.sh")
+        if len(lines) < 2:
+            raise GuestError(f"build-guest.sh printed {lines!r}")
+        _guest_paths = (lines[-2], lines[-1])
+    return _guest_paths
+
+
+def detect_accel() -> str:
+    """'kvm' only with real VMX/SVM and a usable /dev/kvm, else 'tcg'.
+
+    NVME_EMU_ACCEL=kvm|tcg overrides.  (/dev/kvm on PVM hosts has neither flag
+    and cannot run a stock Linux guest, so it is correctly left alone.)
+    """
+    forced = os.environ.get("NVME_EMU_ACCEL")
+    if forced in ("kvm", "tcg"):
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags: set[str] = set()
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "tcg"
+    if ({"vmx", "svm"} & flags) and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "kvm"
+    return "tcg"
+
+
+ACCEL_ARGS = {
+    "kvm": ["-accel", "kvm", "-cpu", "host"],
+    "tcg": ["-accel", "tcg,thread=multi", "-cpu", "max"],
+}
+
+
+def load_args(name: str, subs: dict[str, str], accel: str) -> list[str]:
+    """Read a qemu-configs/*.args file and substitute its @PLACEHOLDER@s."""
+    text = (CONFIG_DIR / name).read_text()
+    words = shlex.split(text, comments=True)
+    out: list[str] = []
+    for w in words:
+        if w == "@ACCEL@":
+            out.extend(ACCEL_ARGS[accel])
+            continue
+        for k, v in subs.items():
+            w = w.replace(f"@{k}@", v)
+        if re.search(r"@[A-Z_]+@", w):
+            raise GuestError(f"{name}: unfilled placeholder in {w!r}")
+        out.append(w)
+    return out
+
+
+# --------------------------------------------------------------------------
+# per-run cpio (newc)
+
+
+def _newc_entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
+    namez = name.encode() + b"\0"
+    fields = (
+        ino, mode, 0, 0,                 # ino, mode, uid, gid
+        2 if mode & 0o040000 else 1,     # nlink
+        int(time.time()), len(data),     # mtime, filesize
+        0, 0, 0, 0,                      # devmajor/minor, rdevmajor/minor
+        len(namez), 0,                   # namesize, check
+    )
+    hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
+    buf = hdr + namez
+    buf += b"\0" * (-len(buf) % 4)
+    buf += data
+    buf += b"\0" * (-len(buf) % 4)
+    return buf
+
+
+def make_cpio(files: dict[str, bytes], dirs: Iterable[str] = ()) -> bytes:
+    """A newc archive with the given directories and regular files (root-owned)."""
+    out = bytearray()
+    ino = 0x4E56_0000  # arbitrary, distinct from the base archive's
+    for d in dirs:
+        ino += 1
+        out += _newc_entry(d.strip("/"), 0o040755, ino=ino)
+    for path, data in files.items():
+        ino += 1
+        out += _newc_entry(path.strip("/"), 0o100755, data, ino=ino)
+    out += _newc_entry("TRAILER!!!", 0, ino=0)
+    out += b"\0" * (-len(out) % 512)
+    return bytes(out)
+
+
+def _job_files(command: str | None, fio_job: str | None) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    run = ["#!/bin/sh", "cd /job"]
+    if command is not None:
+        files["job/cmd.sh"] = (command.rstrip("\n") + "\n").encode()
+        run.append("sh /job/cmd.sh || exit $?" if fio_job is not None else "sh /job/cmd.sh")
+    if fio_job is not None:
+        files["job/job.fio"] = fio_job.encode()
+        run += [
+            "fio --eta=never --output-format=json --output=/tmp/fio.json /job/job.fio",
+            "rc=$?",
+            f"echo {FIO_BEGIN}",
+            "cat /tmp/fio.json",
+            "echo",
+            f"echo {FIO_END}",
+            "exit $rc",
+        ]
+    files["job/run.sh"] = ("\n".join(run) + "\n").encode()
+    return files
+
+
+# --------------------------------------------------------------------------
+# console parsing
+
+
+def parse_console(console: str) -> tuple[int | None, str, dict | None]:
+    """(returncode, output, fio_json) from a serial console log."""
+    text = console.replace("\r", "")
+    start = text.find(BEGIN_MARKER + "\n")
+    if start < 0:
+        return None, "", None
+    body = text[start + len(BEGIN_MARKER) + 1:]
+    m = END_RE.search(body)
+    if m is None:
+        return None, body, _parse_fio(body)
+    return int(m.group(1)), body[: m.start()], _parse_fio(body[: m.start()])
+
+
+def _parse_fio(text: str) -> dict | None:
+    a = text.find(FIO_BEGIN)
+    if a < 0:
+        return None
+    b = text.find(FIO_END, a)
+    raw = text[a + len(FIO_BEGIN): b if b >= 0 else len(text)]
+    # fio may print warnings (e.g. "fio: ...") before the JSON object.
+    i = raw.find("{")
+    if i < 0:
+        return None
+    try:
+        return json.JSONDecoder().raw_decode(raw[i:])[0]
+    except json.JSONDecodeError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# running
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGTERM if the runner dies without cleaning up.
+
+    Survives the wrapper's exec chain (unshare/chroot all exec)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _bind_dirs(paths: Iterable[str]) -> str:
+    """Directories the chroot wrapper must bind for these host paths."""
+    dirs = []
+    for p in paths:
+        d = os.path.dirname(os.path.abspath(p))
+        if not d.startswith(_SHARED_PREFIXES) and d not in ("/tmp", "/run") and d not in dirs:
+            dirs.append(d)
+    return ":".join(dirs)
+
+
+def build_cmdline(
+    *,
+    socket_path: str | None,
+    builtin_image: str | None,
+    kernel: str,
+    initrd: str,
+    cpus: int,
+    memory_mb: int,
+    accel: str,
+    kernel_args: str = "",
+) -> list[str]:
+    subs = {
+        "MEM": f"{memory_mb}M",
+        "CPUS": str(cpus),
+        "KERNEL": kernel,
+        "INITRD": initrd,
+        "KERNEL_ARGS": kernel_args,
+    }
+    if socket_path is not None:
+        subs["SOCKET"] = os.path.abspath(socket_path)
+        return load_args("vfio-user-nvme.args", subs, accel)
+    assert builtin_image is not None
+    subs["IMAGE"] = os.path.abspath(builtin_image)
+    return load_args("builtin-nvme.args", subs, accel)
+
+
+def run_guest(
+    *,
+    socket_path: str | None = None,
+    builtin_image: str | None = None,
+    command: str | None = None,
+    fio_job: str | None = None,
+    cpus: int = 2,
+    memory_mb: int = 1024,
+    timeout: float = 600,
+    extra_qemu_args: Iterable[str] = (),
+    kernel_args: str = "",
+    echo_console: bool = False,
+) -> GuestResult:
+    """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
+
+    Exactly one of ``socket_path`` (vfio-user server socket) or
+    ``builtin_image`` (raw file for QEMU's own nvme) must be given.
+    QEMU is killed on timeout and on every exit path.
+    """
+    if (socket_path is None) == (builtin_image is None):
+        raise ValueError("give exactly one of socket_path or builtin_image")
+    if command is None and fio_job is None:
+        raise ValueError("give command and/or fio_job")
+    if builtin_image is not None and not os.path.exists(builtin_image):
+        raise FileNotFoundError(builtin_image)
+
+    qemu = ensure_qemu()
+    kernel, base_initrd = ensure_guest()
+    accel = detect_accel()
+
+    # Under /tmp so the chroot-wrapped QEMU sees the same path.
+    tmpdir = tempfile.mkdtemp(prefix="nvme-emu-guest-", dir="/tmp")
+    proc: subprocess.Popen | None = None
+    try:
+        initrd = os.path.join(tmpdir, "initrd.img")
+        with open(initrd, "wb") as out, open(base_initrd, "rb") as base:
+            shutil.copyfileobj(base, out, 1 << 20)
+            # build-guest.sh pads to 512; re-align defensively.
+            out.write(b"\0" * (-out.tell() % 512))
+            out.write(make_cpio(_job_files(command, fio_job), dirs=["job"]))
+
+        args = build_cmdline(
+            socket_path=socket_path, builtin_image=builtin_image,
+            kernel=kernel, initrd=initrd, cpus=cpus, memory_mb=memory_mb,
+            accel=accel, kernel_args=kernel_args,
+        )
+        cmd = [qemu, *args, *extra_qemu_args]
+        env = dict(os.environ)
+        binds = _bind_dirs([p for p in (socket_path, builtin_image) if p])
+        if binds:
+            env["NVME_EMU_BIND"] = ":".join(filter(None, [env.get("NVME_EMU_BIND", ""), binds]))
+
+        console_chunks: list[str] = []
+        stderr_chunks: list[str] = []
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+        def pump(stream, sink: list[str], echo) -> None:
+            for raw in iter(lambda: stream.readline(), b""):
+                s = raw.decode("utf-8", "replace")
+                sink.append(s)
+                if echo is not None:
+                    echo.write(s.replace("\r", ""))
+                    echo.flush()
+
+        threads = [
+            threading.Thread(target=pump, args=(proc.stdout, console_chunks,
+                                                sys.stderr if echo_console else None), daemon=True),
+            threading.Thread(target=pump, args=(proc.stderr, stderr_chunks, None), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        for t in threads:
+            t.join(timeout=5)
+        elapsed = time.monotonic() - t0
+
+        console = "".join(console_chunks)
+        rc, output, fio = parse_console(console)
+        return GuestResult(
+            returncode=rc,
+            output=output,
+            console=console.replace("\r", ""),
+            qemu_stderr="".join(stderr_chunks),
+            fio=fio,
+            accel=accel,
+            qemu_returncode=None if timed_out else proc.returncode,
+            timed_out=timed_out,
+            elapsed=elapsed,
+            cmdline=cmd,
+        )
+    finally:
+        if proc is not None:
+            _kill_group(proc)
+            for s in (proc.stdout, proc.stderr):
+                if s is not None:
+                    s.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# fio summary
+
+
+def fio_summary(fio: dict) -> list[dict]:
+    """One row per job and direction with I/O: iops, bw, clat mean/p50/p99 (us), errors."""
+    rows = []
+    for job in fio.get("jobs", []):
+        for d in ("read", "write", "trim"):
+            st = job.get(d) or {}
+            if not st.get("total_ios"):
+                continue
+            clat = st.get("clat_ns") or {}
+            pct = clat.get("percentile") or {}
+            rows.append({
+                "job": job.get("jobname"),
+                "dir": d,
+                "iops": st.get("iops", 0.0),
+                "bw_kib": st.get("bw", 0),
+                "ios": st.get("total_ios", 0),
+                "clat_mean_us": clat.get("mean", 0.0) / 1000,
+                "clat_p50_us": pct.get("50.000000", 0) / 1000,
+                "clat_p99_us": pct.get("99.000000", 0) / 1000,
+                "errors": job.get("error", 0),
+            })
+    return rows
+
+
+def format_fio_summary(fio: dict) -> str:
+    lines = [f"{'job':<20} {'dir':<5} {'IOPS':>10} {'KiB/s':>10} "
+             f"{'mean us':>9} {'p50 us':>9} {'p99 us':>9} {'err':>4}"]
+    for r in fio_summary(fio):
+        lines.append(
+            f"{r['job']:<20} {r['dir']:<5} {r['iops']:>10.0f} {r['bw_kib']:>10} "
+            f"{r['clat_mean_us']:>9.1f} {r['clat_p50_us']:>9.1f} {r['clat_p99_us']:>9.1f} "
+            f"{r['errors']:>4}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nvme_emu.guest", description=__doc__.split("\n\n")[0])
+    tgt = ap.add_mutually_exclusive_group(required=True)
+    tgt.add_argument("--socket", help="vfio-user server socket (our controller)")
+    tgt.add_argument("--builtin-image", help="raw image for QEMU's own -device nvme")
+    ap.add_argument("--cmd", help="shell command to run in the guest")
+    ap.add_argument("--fio", metavar="JOBFILE", help="fio job file to run in the guest")
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--mem", type=int, default=1024, metavar="MB")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--kernel-args", default="")
+    ap.add_argument("--qemu-arg", action="append", default=[], help="extra QEMU argument (repeatable)")
+    ap.add_argument("--fio-json", metavar="FILE", help="write the full fio JSON here")
+    ap.add_argument("-v", "--verbose", action="store_true", help="echo the serial console to stderr")
+    a = ap.parse_args(argv)
+    if a.cmd is None and a.fio is None:
+        ap.error("need --cmd and/or --fio")
+
+    fio_job = Path(a.fio).read_text() if a.fio else None
+    try:
+        res = run_guest(
+            socket_path=a.socket, builtin_image=a.builtin_image, command=a.cmd,
+            fio_job=fio_job, cpus=a.cpus, memory_mb=a.mem, timeout=a.timeout,
+            extra_qemu_args=a.qemu_arg, kernel_args=a.kernel_args,
+            echo_console=a.verbose,
+        )
+    except GuestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 125
+
+    if res.fio is not None:
+        out = res.output
+        i = out.find(FIO_BEGIN)
+        if i >= 0:
+            out = out[:i]
+        if out.strip():
+            print(out.rstrip())
+        print(format_fio_summary(res.fio))
+        if a.fio_json:
+            Path(a.fio_json).write_text(json.dumps(res.fio, indent=1))
+    else:
+        sys.stdout.write(res.output)
+    sys.stdout.flush()
+    print(f"[guest rc={res.returncode} accel={res.accel} {res.elapsed:.1f}s]", file=sys.stderr)
+    if res.returncode is None:
+        print(res.describe_failure(), file=sys.stderr)
+        return 124
+    return res.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

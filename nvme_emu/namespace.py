@@ -1,0 +1,835 @@
+"""Namespaces and the storage behind them; no socket, PCI or queue knowledge.
+
+A :class:`Namespace` speaks logical blocks and NVMe statuses; a backend speaks bytes and
+errnos. Data moves between a backend and guest memory through lists of memoryviews (as
+produced by :mod:`nvme_emu.prp`) without intermediate copies: the RAM backend copies slice to
+slice, the file and block backends hand the views to ``preadv``/``pwritev``.
+
+Backend failures become :class:`BackendError` subclasses, which are :class:`spec.NvmeError`
+with the status the I/O layer should report, so a command handler only needs one ``except``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import re
+import stat
+import struct
+import uuid as _uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from . import spec, structures
+from .spec import NvmeError, Status
+
+log = logging.getLogger(__name__)
+
+Buffers = Sequence[memoryview]
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class BackendError(NvmeError):
+    """A backend operation failed; ``errno`` is the OS reason, ``status`` what to report."""
+
+    def __init__(self, status: int, err: int, message: str, *, dnr: bool = True) -> None:
+        super().__init__(status, message, dnr=dnr)
+        self.errno = err
+
+
+class NoSpaceError(BackendError):
+    """ENOSPC/EDQUOT while writing: the (sparse) backing store could not grow."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(Status.CAPACITY_EXCEEDED, err, message)
+
+
+class ReadOnlyError(BackendError):
+    """The backing store refuses writes: EROFS -> Attempted Write to Read Only Range,
+    EACCES/EPERM -> Access Denied."""
+
+    def __init__(self, err: int, message: str) -> None:
+        status = Status.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE if err == errno.EROFS else Status.ACCESS_DENIED
+        super().__init__(status, err, message)
+
+
+class MediumError(BackendError):
+    """Any other I/O error: Write Fault on writes, Unrecovered Read Error on reads."""
+
+    def __init__(self, err: int, message: str, *, writing: bool) -> None:
+        status = Status.WRITE_FAULT if writing else Status.UNRECOVERED_READ_ERROR
+        super().__init__(status, err, message)
+
+
+def _translate(e: OSError, what: str, *, writing: bool) -> BackendError:
+    err = e.errno or errno.EIO
+    msg = f"{what}: {e.strerror or e}"
+    if writing and err in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(err, msg)
+    if writing and err in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ReadOnlyError(err, msg)
+    return MediumError(err, msg, writing=writing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-level helpers
+# ---------------------------------------------------------------------------------------------
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_ZERO_CHUNK = 1 << 20
+_ZEROS = bytes(_ZERO_CHUNK)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# <linux/fs.h> block device ioctls.
+BLKSSZGET = 0x1268  # _IO(0x12, 104)
+BLKDISCARD = 0x1277  # _IO(0x12, 119)
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
+
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) through libc (Python only wraps posix_fallocate); raises OSError."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc.fallocate.restype = ctypes.c_int
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _consume(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first ``n`` bytes from a list of views (after a short preadv/pwritev)."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def _byte_views(views: Buffers) -> list[memoryview]:
+    return [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in (memoryview(x) for x in views) if v.nbytes]
+
+
+def _preadv_all(fd: int, views: Buffers, offset: int) -> None:
+    """Fill ``views`` from ``fd`` at ``offset``; bytes past end of file read as zeros."""
+    pending = _byte_views(views)
+    while pending:
+        n = os.preadv(fd, pending[:IOV_MAX], offset)
+        if n == 0:  # the file is shorter than the namespace (truncated behind our back)
+            for v in pending:
+                v[:] = bytes(len(v))
+            return
+        offset += n
+        pending = _consume(pending, n)
+
+
+def _pwritev_all(fd: int, views: Buffers, offset: int) -> None:
+    pending = _byte_views(views)
+    while pending:
+        n = os.pwritev(fd, pending[:IOV_MAX], offset)
+        offset += n
+        pending = _consume(pending, n)
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    """The slow, always-works way to zero a range."""
+    while length:
+        n = min(length, _ZERO_CHUNK)
+        _pwritev_all(fd, [memoryview(_ZEROS)[:n]], offset)
+        offset += n
+        length -= n
+
+
+def _total(views: Buffers) -> int:
+    return sum(memoryview(v).nbytes for v in views)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """Byte-addressed storage. Offsets and lengths are already range-checked by Namespace."""
+
+    #: a deallocated range reads back as zeros (lets the namespace report DLFEAT = 001b)
+    deallocate_zeroes: bool = True
+    size: int
+
+    @abstractmethod
+    def read_into(self, offset: int, views: Buffers) -> None: ...
+
+    @abstractmethod
+    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None: ...
+
+    @abstractmethod
+    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None: ...
+
+    @abstractmethod
+    def deallocate(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def allocated_bytes(self) -> int:
+        """Bytes actually backed by storage (for NUSE); the whole size if unknown."""
+        return self.size
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RamBackend(Backend):
+    """Memory that disappears with the process: a memfd mapping, sparse until written.
+
+    memfd gives us hole punching (MADV_REMOVE), so deallocate returns memory to the host; if
+    memfd is unavailable an anonymous private mapping is used and deallocate zeroes slices.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError("RAM namespace size must be positive")
+        self.size = size
+        self._fd = -1
+        try:
+            self._fd = os.memfd_create("nvme-emu-ns", os.MFD_CLOEXEC)
+            os.ftruncate(self._fd, size)
+            self._mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (AttributeError, OSError):
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._mv = memoryview(self._mm)
+
+    def read_into(self, offset: int, views: Buffers) -> None:
+        pos = offset
+        for v in _byte_views(views):
+            n = len(v)
+            v[:] = self._mv[pos : pos + n]
+            pos += n
+
+    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
+        pos = offset
+        for v in _byte_views(views):
+            n = len(v)
+            self._mv[pos : pos + n] = v
+            pos += n
+
+    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
+        self.deallocate(offset, length)
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Zero the range, giving whole pages back to the kernel where possible."""
+        end = offset + length
+        page = mmap.PAGESIZE
+        lo = -(-offset // page) * page
+        hi = end // page * page
+        if self._fd >= 0 and hi > lo:
+            self._zero_slice(offset, lo)
+            self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+            self._zero_slice(hi, end)
+        else:
+            self._zero_slice(offset, end)
+
+    def _zero_slice(self, start: int, end: int) -> None:
+        while start < end:
+            n = min(end - start, _ZERO_CHUNK)
+            self._mv[start : start + n] = _ZEROS[:n]
+            start += n
+
+    def flush(self) -> None:
+        """Nothing is volatile beyond process memory itself."""
+
+    def allocated_bytes(self) -> int:
+        if self._fd >= 0:
+            return min(self.size, os.fstat(self._fd).st_blocks * 512)
+        return self.size
+
+    def close(self) -> None:
+        if self._mv is not None:
+            self._mv.release()
+            self._mv = None  # type: ignore[assignment]
+            self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class FileBackend(Backend):
+    """A regular file, read and written with preadv/pwritev straight into guest memory.
+
+    A new file is created sparse (ftruncate) when ``size`` is given; an existing file keeps
+    its size. Write Zeroes/deallocate punch holes, falling back to writing zeros.
+    """
+
+    def __init__(self, path: str, size: int | None = None, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        exists = os.path.exists(path)
+        if not exists and size is None:
+            raise ValueError(f"{path}: file does not exist and no size= was given to create it")
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (0 if exists or readonly else os.O_CREAT)
+        self._fd = os.open(path, flags, 0o644)
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{path}: not a regular file (use blk: for block devices)")
+            if st.st_size == 0 and size:
+                if readonly:
+                    raise ValueError(f"{path}: empty file opened read-only")
+                os.ftruncate(self._fd, size)
+            elif exists and size is not None and size != st.st_size:
+                log.warning("%s: keeping existing size %d (size=%d ignored)", path, st.st_size, size)
+            self.size = os.fstat(self._fd).st_size
+            if self.size <= 0:
+                raise ValueError(f"{path}: file is empty")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._punch_ok = True
+
+    def read_into(self, offset: int, views: Buffers) -> None:
+        try:
+            _preadv_all(self._fd, views, offset)
+        except OSError as e:
+            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
+
+    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
+        try:
+            _pwritev_all(self._fd, views, offset)
+            if fua:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            raise _translate(e, f"write {self.path}@{offset}", writing=True) from None
+
+    def _punch(self, offset: int, length: int) -> bool:
+        if not self._punch_ok:
+            return False
+        try:
+            _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            return True
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._punch_ok = False  # this filesystem cannot; stop asking
+                return False
+            raise
+
+    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
+        try:
+            if not self._punch(offset, length):
+                _write_zeros(self._fd, offset, length)
+        except OSError as e:
+            raise _translate(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
+
+    def deallocate(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, deallocate=True)
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise _translate(e, f"fsync {self.path}", writing=True) from None
+
+    def allocated_bytes(self) -> int:
+        return min(self.size, os.fstat(self._fd).st_blocks * 512)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class BlockBackend(Backend):
+    """A block device: size from BLKGETSIZE64, BLKDISCARD/BLKZEROOUT for deallocate/zeroes.
+
+    BLKDISCARD does not promise zeros afterwards, so deallocate uses BLKZEROOUT when the
+    namespace must read zeros; plain discard is used only as a hint otherwise.
+    """
+
+    deallocate_zeroes = True
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISBLK(st.st_mode):
+                raise ValueError(f"{path}: not a block device")
+            buf = fcntl.ioctl(self._fd, BLKGETSIZE64, b"\0" * 8)
+            self.size = struct.unpack("=Q", buf)[0]
+            self.sector_size = struct.unpack("=i", fcntl.ioctl(self._fd, BLKSSZGET, b"\0" * 4))[0]
+            if self.size <= 0:
+                raise ValueError(f"{path}: block device has no capacity")
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def read_into(self, offset: int, views: Buffers) -> None:
+        try:
+            _preadv_all(self._fd, views, offset)
+        except OSError as e:
+            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
+
+    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
+        try:
+            _pwritev_all(self._fd, views, offset)
+            if fua:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            raise _translate(e, f"write {self.path}@{offset}", writing=True) from None
+
+    def _range_ioctl(self, request: int, offset: int, length: int) -> bool:
+        try:
+            fcntl.ioctl(self._fd, request, struct.pack("=QQ", offset, length))
+            return True
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+                return False
+            raise
+
+    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
+        try:
+            if not self._range_ioctl(BLKZEROOUT, offset, length):
+                _write_zeros(self._fd, offset, length)
+        except OSError as e:
+            raise _translate(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
+
+    def deallocate(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, deallocate=True)
+
+    def discard(self, offset: int, length: int) -> bool:
+        """Best-effort BLKDISCARD (contents undefined afterwards); False if unsupported."""
+        try:
+            return self._range_ioctl(BLKDISCARD, offset, length)
+        except OSError:
+            return False
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise _translate(e, f"fsync {self.path}", writing=True) from None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Namespace
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LbaFormat:
+    """One supported LBA format; we offer no metadata and no protection information."""
+
+    lbads: int  # log2 of the data size
+    ms: int = 0
+    rp: int = 0
+
+    @property
+    def size(self) -> int:
+        return 1 << self.lbads
+
+
+#: The formats every namespace advertises: index 0 = 512-byte, index 1 = 4096-byte blocks.
+LBA_FORMATS: tuple[LbaFormat, ...] = (LbaFormat(9), LbaFormat(12, rp=0))
+SUPPORTED_LBA_SIZES = tuple(f.size for f in LBA_FORMATS)
+
+
+def lba_format_index(lba_size: int) -> int:
+    for i, f in enumerate(LBA_FORMATS):
+        if f.size == lba_size:
+            return i
+    raise ValueError(f"unsupported LBA size {lba_size} (choose from {', '.join(map(str, SUPPORTED_LBA_SIZES))})")
+
+
+@dataclass
+class NamespaceStats:
+    """Per-namespace counters the SMART log sums (bytes, not data units)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    read_commands: int = 0
+    write_commands: int = 0
+
+
+def derive_ids(serial: str, nsid: int) -> tuple[bytes, bytes, _uuid.UUID]:
+    """Stable (NGUID, EUI64, UUID) for a namespace: same inputs, same IDs across restarts."""
+    h = hashlib.sha256(f"nvme-emu:{serial}:{nsid}".encode()).digest()
+    nguid = h[:16]
+    # EUI-64: first 3 bytes are an OUI; set the locally-administered bit, clear multicast.
+    eui = bytes([(h[16] & 0xFC) | 0x02]) + h[17:24]
+    uid = _uuid.uuid5(_uuid.NAMESPACE_OID, f"nvme-emu:{serial}:{nsid}")
+    return nguid, eui, uid
+
+
+class Namespace:
+    """One NVM namespace: LBA arithmetic and range checks over a backend.
+
+    ``nlb`` arguments are block counts (1-based); converting the 0-based NLB of a command is
+    the I/O layer's job. Each public I/O method corresponds to one command, so counters are
+    updated here once per command.
+    """
+
+    def __init__(
+        self,
+        nsid: int,
+        backend: Backend,
+        *,
+        lba_size: int = 512,
+        serial: str = "",
+        nguid: bytes | None = None,
+        eui64: bytes | None = None,
+        uuid: _uuid.UUID | None = None,
+    ) -> None:
+        if not 0 < nsid < spec.NSID_ALL:
+            raise ValueError(f"invalid NSID {nsid}")
+        self.nsid = nsid
+        self.backend = backend
+        self.lbaf_index = lba_format_index(lba_size)
+        if backend.size < lba_size:
+            raise ValueError(f"backend of {backend.size} bytes is smaller than one {lba_size}-byte block")
+        d_nguid, d_eui, d_uuid = derive_ids(serial, nsid)
+        self.nguid = nguid if nguid is not None else d_nguid
+        self.eui64 = eui64 if eui64 is not None else d_eui
+        self.uuid = uuid if uuid is not None else d_uuid
+        self.stats = NamespaceStats()
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    @property
+    def lba_format(self) -> LbaFormat:
+        return LBA_FORMATS[self.lbaf_index]
+
+    @property
+    def lba_shift(self) -> int:
+        return self.lba_format.lbads
+
+    @property
+    def lba_size(self) -> int:
+        return 1 << self.lba_shift
+
+    @property
+    def nsze(self) -> int:
+        """Namespace size in LBAs (a tail smaller than one block is not exposed)."""
+        return self.backend.size >> self.lba_shift
+
+    @property
+    def ncap(self) -> int:
+        return self.nsze  # no thin provisioning: capacity equals size
+
+    @property
+    def nuse(self) -> int:
+        return min(self.nsze, -(-self.backend.allocated_bytes() >> self.lba_shift))
+
+    @property
+    def size_bytes(self) -> int:
+        return self.nsze << self.lba_shift
+
+    def check_range(self, slba: int, nlb: int) -> None:
+        """LBA Out of Range unless [slba, slba + nlb) lies inside the namespace."""
+        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self.nsze:
+            raise NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} outside namespace {self.nsid} ({self.nsze} LBAs)")
+
+    def _byte_range(self, slba: int, nlb: int) -> tuple[int, int]:
+        self.check_range(slba, nlb)
+        return slba << self.lba_shift, nlb << self.lba_shift
+
+    def _check_views(self, views: Buffers, length: int) -> None:
+        total = _total(views)
+        if total != length:
+            raise ValueError(f"data buffers hold {total} bytes, the command moves {length}")
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def read_lbas(self, slba: int, nlb: int, views: Buffers) -> None:
+        """Read: backend -> ``views`` (writable guest memory)."""
+        off, length = self._byte_range(slba, nlb)
+        self._check_views(views, length)
+        self.backend.read_into(off, views)
+        self.stats.read_commands += 1
+        self.stats.bytes_read += length
+
+    def write_lbas(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> None:
+        """Write: ``views`` -> backend; ``fua`` makes it durable before returning."""
+        off, length = self._byte_range(slba, nlb)
+        self._check_views(views, length)
+        self.backend.write_from(off, views, fua=fua)
+        self.stats.write_commands += 1
+        self.stats.bytes_written += length
+
+    def write_zeroes(self, slba: int, nlb: int, *, deallocate: bool = False, fua: bool = False) -> None:
+        off, length = self._byte_range(slba, nlb)
+        self.backend.write_zeroes(off, length, deallocate=deallocate)
+        if fua:
+            self.backend.flush()
+
+    def deallocate(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Dataset Management AD: (slba, nlb) ranges; all are checked before any is touched."""
+        rs = [(s, n) for s, n in ranges if n]
+        for s, n in rs:
+            self.check_range(s, n)
+        for s, n in rs:
+            self.backend.deallocate(s << self.lba_shift, n << self.lba_shift)
+
+    def compare(self, slba: int, nlb: int, views: Buffers) -> bool:
+        """True when the blocks equal ``views``; the caller reports Compare Failure."""
+        off, length = self._byte_range(slba, nlb)
+        self._check_views(views, length)
+        buf = bytearray(length)
+        self.backend.read_into(off, [memoryview(buf)])
+        self.stats.read_commands += 1
+        self.stats.bytes_read += length
+        pos = 0
+        for v in _byte_views(views):
+            if buf[pos : pos + len(v)] != v:
+                return False
+            pos += len(v)
+        return True
+
+    def verify(self, slba: int, nlb: int) -> None:
+        """Read the blocks and discard them: a failure surfaces as Unrecovered Read Error."""
+        off, length = self._byte_range(slba, nlb)
+        chunk = bytearray(min(length, _ZERO_CHUNK))
+        pos = 0
+        while pos < length:
+            n = min(len(chunk), length - pos)
+            self.backend.read_into(off + pos, [memoryview(chunk)[:n]])
+            pos += n
+        self.stats.bytes_read += length
+
+    def copy(self, ranges: Sequence[tuple[int, int]], sdlba: int, *, fua: bool = False) -> None:
+        """Copy source (slba, nlb) ranges, concatenated, to ``sdlba``; all ranges checked first.
+
+        Sources are read in full before writing, so overlapping source and destination behave
+        as if the copy were atomic.
+        """
+        total = 0
+        for s, n in ranges:
+            self.check_range(s, n)
+            total += n
+        self.check_range(sdlba, total)
+        buf = bytearray(total << self.lba_shift)
+        mv = memoryview(buf)
+        pos = 0
+        for s, n in ranges:
+            length = n << self.lba_shift
+            self.backend.read_into(s << self.lba_shift, [mv[pos : pos + length]])
+            pos += length
+        self.backend.write_from(sdlba << self.lba_shift, [mv], fua=fua)
+        self.stats.write_commands += 1
+        self.stats.bytes_written += len(buf)
+
+    def flush(self) -> None:
+        self.backend.flush()
+
+    def format(self, lbaf_index: int, secure_erase: int = 0) -> None:
+        """Format NVM: switch LBA format (byte capacity kept) and zero all user data.
+
+        Every Secure Erase Setting (0 none, 1 user data, 2 cryptographic) zeroes the media:
+        with no encryption that is the strongest erase we have and the cheapest to reason about.
+        """
+        if not 0 <= lbaf_index < len(LBA_FORMATS):
+            raise NvmeError(Status.INVALID_FORMAT, f"LBA format {lbaf_index} not supported")
+        if secure_erase not in (0, 1, 2):
+            raise NvmeError(Status.INVALID_FIELD, f"secure erase setting {secure_erase}")
+        if self.backend.size < LBA_FORMATS[lbaf_index].size:
+            raise NvmeError(Status.INVALID_FORMAT, "namespace smaller than one block of that format")
+        self.backend.write_zeroes(0, self.backend.size, deallocate=True)
+        self.backend.flush()
+        self.lbaf_index = lbaf_index
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Namespace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- Identify ------------------------------------------------------------------------------
+
+    def identify_fields(self) -> dict:
+        """Identify Namespace (NVM) fields, for callers that need to tweak some before build."""
+        return dict(
+            nsze=self.nsze,
+            ncap=self.ncap,
+            nuse=self.nuse,
+            nsfeat=0,
+            flbas=spec.flbas_encode(self.lbaf_index),
+            dlfeat=(spec.DLFEAT_READ_ZEROES if self.backend.deallocate_zeroes else 0) | spec.DLFEAT_WRITE_ZEROES_DEAC,
+            nvmcap=self.size_bytes,
+            nguid=self.nguid,
+            eui64=self.eui64,
+            lbaf=[(f.ms, f.lbads, f.rp) for f in LBA_FORMATS],
+        )
+
+    def identify_namespace(self, **overrides) -> bytes:
+        """CNS 00h for this namespace."""
+        return structures.build_identify_namespace(**{**self.identify_fields(), **overrides})
+
+    def identify_ns_descriptors(self) -> bytes:
+        """CNS 03h for this namespace (EUI64, NGUID, UUID, CSI=NVM)."""
+        return structures.build_ns_id_descriptors(eui64=self.eui64, nguid=self.nguid, uuid=self.uuid, csi=spec.Csi.NVM)
+
+    def identify_namespace_independent(self) -> bytes:
+        """CNS 08h for this namespace."""
+        return structures.build_identify_namespace_independent()
+
+    def identify_namespace_nvm(self) -> bytes:
+        """CNS 05h / CSI 00h for this namespace (no protection information: zeros)."""
+        return structures.build_identify_namespace_nvm()
+
+    def __repr__(self) -> str:
+        return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line spec strings
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_RAM_SIZE = 1 << 30
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+NAMESPACE_KINDS = ("ram", "file", "blk")
+
+
+def parse_size(text: str) -> int:
+    """'4096', '512K', '1G', '8GiB' -> bytes (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"bad size {text!r}: expected a number with an optional K/M/G/T suffix")
+    return int(m.group(1)) << _SIZE_UNITS[m.group(2).upper()]
+
+
+@dataclass
+class NamespaceSpec:
+    """A parsed ``kind:[path,]key=value,...`` namespace description."""
+
+    kind: str
+    path: str | None = None
+    size: int | None = None
+    lba_size: int = 512
+    nsid: int | None = None
+    readonly: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def parse_namespace_spec(text: str) -> NamespaceSpec:
+    """Parse ``ram:size=1G,lba=512``, ``file:/path,size=8G,lba=4096``, ``blk:/dev/loop0,nsid=2``.
+
+    Keys: ``size`` (K/M/G/T suffixes), ``lba`` (512 or 4096), ``nsid``, ``ro`` (file/blk).
+    """
+    kind, sep, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in NAMESPACE_KINDS:
+        raise ValueError(f"namespace spec {text!r}: kind must be one of {', '.join(NAMESPACE_KINDS)}")
+    parts = [p.strip() for p in rest.split(",")] if sep and rest.strip() else []
+    ns = NamespaceSpec(kind)
+    if kind in ("file", "blk"):
+        if not parts or not parts[0] or "=" in parts[0]:
+            raise ValueError(f"namespace spec {text!r}: {kind}: needs a path first, e.g. {kind}:/path")
+        ns.path = parts.pop(0)
+    for p in parts:
+        key, eq, value = p.partition("=")
+        key = key.strip().lower()
+        if key == "ro" and not eq:
+            value, eq = "1", "="
+        if not eq or not value.strip():
+            raise ValueError(f"namespace spec {text!r}: {p!r} is not key=value")
+        value = value.strip()
+        if key == "size":
+            ns.size = parse_size(value)
+            if ns.size <= 0:
+                raise ValueError(f"namespace spec {text!r}: size must be positive")
+        elif key == "lba":
+            try:
+                ns.lba_size = parse_size(value)
+                lba_format_index(ns.lba_size)
+            except ValueError as e:
+                raise ValueError(f"namespace spec {text!r}: {e}") from None
+        elif key == "nsid":
+            if not value.isdigit() or not 0 < int(value) < spec.NSID_ALL:
+                raise ValueError(f"namespace spec {text!r}: nsid must be 1..{spec.NSID_ALL - 1}")
+            ns.nsid = int(value)
+        elif key == "ro":
+            if value.lower() not in ("0", "1", "on", "off", "true", "false", "yes", "no"):
+                raise ValueError(f"namespace spec {text!r}: ro must be a boolean")
+            ns.readonly = value.lower() in ("1", "on", "true", "yes")
+        else:
+            raise ValueError(f"namespace spec {text!r}: unknown key {key!r} (size, lba, nsid, ro)")
+    if kind == "ram":
+        if ns.readonly:
+            raise ValueError(f"namespace spec {text!r}: a RAM namespace cannot be read-only")
+        if ns.size is None:
+            ns.size = DEFAULT_RAM_SIZE
+    if kind == "blk" and ns.size is not None:
+        raise ValueError(f"namespace spec {text!r}: a block device's size comes from the device")
+    if ns.size is not None and ns.size % ns.lba_size:
+        raise ValueError(f"namespace spec {text!r}: size {ns.size} is not a multiple of lba={ns.lba_size}")
+    return ns
+
+
+def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, serial: str = "") -> Namespace:
+    """Create the backend a spec describes and wrap it in a Namespace.
+
+    An ``nsid=`` inside the spec wins; ``nsid`` here is the default the CLI assigns by position.
+    """
+    ns_spec = parse_namespace_spec(spec_) if isinstance(spec_, str) else spec_
+    chosen = ns_spec.nsid if ns_spec.nsid is not None else nsid
+    if chosen is None:
+        raise ValueError("no NSID given (add nsid=N to the spec)")
+    backend: Backend
+    if ns_spec.kind == "ram":
+        backend = RamBackend(ns_spec.size or DEFAULT_RAM_SIZE)
+    elif ns_spec.kind == "file":
+        assert ns_spec.path is not None
+        backend = FileBackend(ns_spec.path, ns_spec.size, readonly=ns_spec.readonly)
+    else:
+        assert ns_spec.path is not None
+        backend = BlockBackend(ns_spec.path, readonly=ns_spec.readonly)
+    try:
+        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, serial=serial)
+    except BaseException:
+        backend.close()
+        raise

@@ -1,0 +1,421 @@
+"""Namespaces over RAM, file and block-device backends; spec-string parsing."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import shutil
+import subprocess
+import struct
+
+import pytest
+
+from nvme_emu import namespace as nsmod, spec, structures
+from nvme_emu.namespace import (
+    BlockBackend,
+    FileBackend,
+    MediumError,
+    Namespace,
+    NoSpaceError,
+    RamBackend,
+    ReadOnlyError,
+    open_namespace,
+    parse_namespace_spec,
+    parse_size,
+)
+from nvme_emu.prp import prp_views, release_views
+from nvme_emu.spec import NvmeError, Status
+from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
+from vfio_user.dma import DmaTable, GuestMemory
+
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 13 + seed) & 0xFF for i in range(n))
+
+
+def bufs(data: bytes, *sizes: int) -> list[memoryview]:
+    """Split ``data`` into separate writable buffers (a scattered guest buffer)."""
+    out, pos = [], 0
+    for n in sizes:
+        out.append(memoryview(bytearray(data[pos : pos + n])))
+        pos += n
+    assert pos == len(data)
+    return out
+
+
+@pytest.fixture
+def ram_ns():
+    ns = Namespace(1, RamBackend(4 * MiB), serial="S1")
+    yield ns
+    ns.close()
+
+
+@pytest.fixture(params=["ram", "file"])
+def any_ns(request, tmp_path):
+    if request.param == "ram":
+        backend = RamBackend(4 * MiB)
+    else:
+        backend = FileBackend(str(tmp_path / "disk.img"), 4 * MiB)
+    ns = Namespace(1, backend, serial="S1")
+    yield ns
+    ns.close()
+
+
+# --------------------------------------------------------------------------- data path ----
+
+
+def test_write_read_round_trip(any_ns):
+    data = pattern(8 * 512, 1)
+    any_ns.write_lbas(10, 8, bufs(data, 100, 3000, 996))
+    out = bufs(bytes(len(data)), 512, 3584)
+    any_ns.read_lbas(10, 8, out)
+    assert b"".join(out) == data
+    # untouched blocks read as zeros
+    z = [memoryview(bytearray(512))]
+    any_ns.read_lbas(9, 1, z)
+    assert bytes(z[0]) == bytes(512)
+    assert any_ns.stats.read_commands == 2 and any_ns.stats.bytes_read == 9 * 512
+    assert any_ns.stats.write_commands == 1 and any_ns.stats.bytes_written == 8 * 512
+
+
+def test_read_write_through_guest_memory(any_ns):
+    """Real guest memory: PRP views over a memfd, data checked through our own mmap."""
+    fd = os.memfd_create("guest")
+    table = DmaTable()
+    mm = None
+    try:
+        os.ftruncate(fd, MiB)
+        table.add(0x100000, MiB, DMA_FLAG_READ | DMA_FLAG_WRITE, fd, 0)
+        mem = GuestMemory(table)
+        mm = mmap.mmap(fd, MiB)
+        mm[0x2000:0x3000] = pattern(4096, 2)
+        views = prp_views(mem, 0x102000, 0, 4096, 4096, write=False)
+        any_ns.write_lbas(0, 8, views)
+        release_views(views)
+        views = prp_views(mem, 0x105000, 0x108000, 4096 + 512, 4096, write=True)
+        any_ns.read_lbas(0, 9, views)
+        release_views(views)
+        assert mm[0x5000:0x6000] == pattern(4096, 2)
+        assert mm[0x8000:0x8200] == bytes(512)
+    finally:
+        table.remove_all()
+        if mm is not None:
+            mm.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("slba,nlb", [(8191, 2), (8192, 1), (1 << 64, 1), ((1 << 64) - 1, 2), (-1, 1)])
+def test_lba_out_of_range(ram_ns, slba, nlb):
+    assert ram_ns.nsze == 8192
+    with pytest.raises(NvmeError) as ei:
+        ram_ns.read_lbas(slba, nlb, [memoryview(bytearray(nlb * 512))] if nlb * 512 < MiB else [])
+    assert ei.value.status == Status.LBA_OUT_OF_RANGE and ei.value.dnr
+    with pytest.raises(NvmeError):
+        ram_ns.write_zeroes(slba, nlb)
+    with pytest.raises(NvmeError):
+        ram_ns.verify(slba, nlb)
+
+
+def test_last_block_is_in_range(ram_ns):
+    ram_ns.write_lbas(8191, 1, [memoryview(b"\x01" * 512)])
+
+
+def test_buffer_length_mismatch_is_a_bug(ram_ns):
+    with pytest.raises(ValueError):
+        ram_ns.read_lbas(0, 2, [memoryview(bytearray(512))])
+
+
+def test_write_zeroes_and_deallocate(any_ns):
+    data = pattern(64 * 512, 3)
+    any_ns.write_lbas(0, 64, [memoryview(data)])
+    any_ns.write_zeroes(3, 5)
+    any_ns.deallocate([(20, 10), (40, 0), (50, 1)])
+    out = memoryview(bytearray(len(data)))
+    any_ns.read_lbas(0, 64, [out])
+    expect = bytearray(data)
+    for s, n in [(3, 5), (20, 10), (50, 1)]:
+        expect[s * 512 : (s + n) * 512] = bytes(n * 512)
+    assert out == expect
+    with pytest.raises(NvmeError) as ei:
+        any_ns.deallocate([(0, 1), (8192, 1)])
+    assert ei.value.status == Status.LBA_OUT_OF_RANGE
+    out2 = memoryview(bytearray(512))
+    any_ns.read_lbas(0, 1, [out2])
+    assert out2 == data[:512]  # the valid first range was not touched either
+
+
+def test_deallocate_returns_memory(any_ns):
+    any_ns.write_lbas(0, 2048, [memoryview(b"\xaa" * MiB)])
+    before = any_ns.backend.allocated_bytes()
+    assert before >= MiB
+    assert any_ns.nuse >= 2048
+    any_ns.deallocate([(0, 2048)])
+    assert any_ns.backend.allocated_bytes() <= before - MiB // 2
+
+
+def test_compare_and_verify(ram_ns):
+    data = pattern(4 * 512, 4)
+    ram_ns.write_lbas(100, 4, [memoryview(data)])
+    assert ram_ns.compare(100, 4, bufs(data, 700, 1348))
+    bad = bytearray(data)
+    bad[-1] ^= 1
+    assert not ram_ns.compare(100, 4, [memoryview(bad)])
+    ram_ns.verify(0, 8192)
+    assert ram_ns.stats.read_commands == 2
+
+
+def test_copy(ram_ns):
+    a, b = pattern(2 * 512, 5), pattern(3 * 512, 6)
+    ram_ns.write_lbas(0, 2, [memoryview(a)])
+    ram_ns.write_lbas(10, 3, [memoryview(b)])
+    ram_ns.copy([(10, 3), (0, 2)], 1)  # overlaps source range (0, 2)
+    out = memoryview(bytearray(5 * 512))
+    ram_ns.read_lbas(1, 5, [out])
+    assert out == b + a
+    with pytest.raises(NvmeError) as ei:
+        ram_ns.copy([(0, 2)], 8191)
+    assert ei.value.status == Status.LBA_OUT_OF_RANGE
+
+
+def test_fua_and_flush(any_ns):
+    any_ns.write_lbas(0, 1, [memoryview(b"x" * 512)], fua=True)
+    any_ns.write_zeroes(0, 1, fua=True)
+    any_ns.flush()
+
+
+def test_format_changes_lba_size_and_zeroes(any_ns):
+    any_ns.write_lbas(0, 8, [memoryview(b"\x55" * 4096)])
+    any_ns.format(1)
+    assert (any_ns.lba_size, any_ns.nsze, any_ns.lbaf_index) == (4096, 1024, 1)
+    out = memoryview(bytearray(4096))
+    any_ns.read_lbas(0, 1, [out])
+    assert out == bytes(4096)
+    with pytest.raises(NvmeError) as ei:
+        any_ns.read_lbas(1024, 1, [out])
+    assert ei.value.status == Status.LBA_OUT_OF_RANGE
+    with pytest.raises(NvmeError) as ei:
+        any_ns.format(5)
+    assert ei.value.status == Status.INVALID_FORMAT
+    any_ns.format(0, secure_erase=1)
+    assert any_ns.nsze == 8192
+
+
+def test_identify_pages(ram_ns):
+    b = ram_ns.identify_namespace()
+    assert struct.unpack_from("<QQ", b, 0) == (8192, 8192)
+    assert b[25] == 1 and b[26] == 0  # two formats, using index 0
+    assert b[128:136] == bytes([0, 0, 9, 0, 0, 0, 12, 0])
+    assert b[33] & 0x7 == spec.DLFEAT_READ_ZEROES
+    assert b[104:120] == ram_ns.nguid and b[120:128] == ram_ns.eui64
+    descs = dict(structures.parse_ns_id_descriptors(ram_ns.identify_ns_descriptors()))
+    assert descs[spec.NsIdType.NGUID] == ram_ns.nguid
+    assert descs[spec.NsIdType.UUID] == ram_ns.uuid.bytes
+    assert descs[spec.NsIdType.CSI] == b"\0"
+    assert ram_ns.identify_namespace_independent()[14] == 1
+    assert len(ram_ns.identify_namespace_nvm()) == 4096
+
+
+def test_ids_stable_and_unique():
+    a = nsmod.derive_ids("SER", 1)
+    assert a == nsmod.derive_ids("SER", 1)
+    assert a[0] != nsmod.derive_ids("SER", 2)[0] and a[0] != nsmod.derive_ids("SER2", 1)[0]
+    assert a[1][0] & 0x03 == 0x02  # locally administered, unicast EUI-64
+
+
+# ----------------------------------------------------------------------------- file backend ----
+
+
+def test_file_created_sparse_and_existing_keeps_size(tmp_path):
+    path = str(tmp_path / "d.img")
+    with FileBackend(path, 64 * MiB) as b:
+        assert b.size == 64 * MiB
+        assert os.stat(path).st_blocks * 512 < MiB  # sparse
+    with FileBackend(path) as b:
+        assert b.size == 64 * MiB
+    with FileBackend(path, 8 * MiB) as b:  # existing file: size= ignored
+        assert b.size == 64 * MiB
+    with pytest.raises(ValueError, match="does not exist"):
+        FileBackend(str(tmp_path / "missing.img"))
+
+
+def test_file_punch_fallback_writes_zeros(tmp_path, monkeypatch):
+    def no_punch(fd, mode, off, length):
+        raise OSError(errno.EOPNOTSUPP, "nope")
+
+    monkeypatch.setattr(nsmod, "_fallocate", no_punch)
+    with Namespace(1, FileBackend(str(tmp_path / "d.img"), MiB)) as ns:
+        ns.write_lbas(0, 4, [memoryview(b"\xff" * 2048)])
+        ns.write_zeroes(1, 2)
+        out = memoryview(bytearray(2048))
+        ns.read_lbas(0, 4, [out])
+        assert out == b"\xff" * 512 + bytes(1024) + b"\xff" * 512
+
+
+def test_file_errors_map_to_statuses(tmp_path, monkeypatch):
+    path = str(tmp_path / "d.img")
+    with Namespace(1, FileBackend(path, MiB)) as ns:
+        def fail(err):
+            def pwritev(fd, bufs, off):
+                raise OSError(err, os.strerror(err))
+            return pwritev
+
+        for err, cls, status in [
+            (errno.ENOSPC, NoSpaceError, Status.CAPACITY_EXCEEDED),
+            (errno.EROFS, ReadOnlyError, Status.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE),
+            (errno.EACCES, ReadOnlyError, Status.ACCESS_DENIED),
+            (errno.EIO, MediumError, Status.WRITE_FAULT),
+        ]:
+            monkeypatch.setattr(os, "pwritev", fail(err))
+            with pytest.raises(cls) as ei:
+                ns.write_lbas(0, 1, [memoryview(bytes(512))])
+            assert ei.value.status == status and ei.value.errno == err
+            assert isinstance(ei.value, NvmeError)
+        monkeypatch.undo()
+
+        def bad_read(fd, bufs, off):
+            raise OSError(errno.EIO, "io")
+
+        monkeypatch.setattr(os, "preadv", bad_read)
+        with pytest.raises(MediumError) as ei:
+            ns.read_lbas(0, 1, [memoryview(bytearray(512))])
+        assert ei.value.status == Status.UNRECOVERED_READ_ERROR
+
+
+def test_file_read_only(tmp_path):
+    path = str(tmp_path / "d.img")
+    with open(path, "wb") as f:
+        f.write(b"\x07" * 4096)
+    with Namespace(1, FileBackend(path, readonly=True)) as ns:
+        out = memoryview(bytearray(512))
+        ns.read_lbas(7, 1, [out])
+        assert out == b"\x07" * 512
+        with pytest.raises(ReadOnlyError) as ei:
+            ns.write_lbas(0, 1, [memoryview(bytes(512))])
+        assert ei.value.status == Status.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE
+
+
+def test_file_many_small_buffers_exceed_iov_max(tmp_path):
+    n = nsmod.IOV_MAX + 10
+    with Namespace(1, FileBackend(str(tmp_path / "d.img"), 4 * MiB)) as ns:
+        data = pattern(n * 512, 7)
+        ns.write_lbas(0, n, bufs(data, *([512] * n)))
+        out = bufs(bytes(len(data)), *([512] * n))
+        ns.read_lbas(0, n, out)
+        assert b"".join(out) == data
+
+
+def test_fd_closed_on_every_path(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            FileBackend("/dev/null")  # opened, refused (not a regular file), closed
+        with pytest.raises(ValueError):
+            BlockBackend("/dev/null")
+        ns = open_namespace(f"file:{tmp_path / 'x.img'},size=1M", 1)
+        ns.close()
+        ns.close()  # idempotent
+        with pytest.raises(ValueError):
+            open_namespace(f"file:{tmp_path / 'tiny.img'},size=512,lba=4096", 1)
+        RamBackend(MiB).close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---------------------------------------------------------------------------- block device ----
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("loop device test needs root and losetup")
+    img = tmp_path / "loop.img"
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    r = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"losetup failed here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device(loop_device):
+    with open_namespace(f"blk:{loop_device},lba=4096", 3) as ns:
+        assert isinstance(ns.backend, BlockBackend)
+        assert ns.backend.size == 8 * MiB and ns.nsze == 2048
+        data = pattern(8192, 8)
+        ns.write_lbas(5, 2, [memoryview(data)], fua=True)
+        out = memoryview(bytearray(8192))
+        ns.read_lbas(5, 2, [out])
+        assert out == data
+        ns.write_zeroes(6, 1)
+        ns.deallocate([(5, 1)])
+        ns.read_lbas(5, 2, [out])
+        assert out == bytes(8192)
+        ns.flush()
+
+
+def test_block_backend_refuses_regular_file(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a block device"):
+        BlockBackend(str(p))
+
+
+# ------------------------------------------------------------------------------- spec strings ----
+
+
+def test_parse_size():
+    assert parse_size("4096") == 4096
+    assert parse_size("512K") == 512 << 10
+    assert parse_size("1G") == 1 << 30 and parse_size("1GiB") == 1 << 30 and parse_size("2t") == 2 << 40
+    for bad in ("", "G", "1.5G", "-1", "1X"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_parse_namespace_spec():
+    s = parse_namespace_spec("ram:size=1G,lba=512")
+    assert (s.kind, s.size, s.lba_size, s.nsid, s.path) == ("ram", 1 << 30, 512, None, None)
+    s = parse_namespace_spec("file:/path/disk.img,size=8G,lba=4096,nsid=3")
+    assert (s.kind, s.path, s.size, s.lba_size, s.nsid) == ("file", "/path/disk.img", 8 << 30, 4096, 3)
+    s = parse_namespace_spec("file:/existing.img")
+    assert s.size is None
+    s = parse_namespace_spec("blk:/dev/loop0,ro")
+    assert (s.kind, s.path, s.readonly) == ("blk", "/dev/loop0", True)
+    assert parse_namespace_spec("ram").size == nsmod.DEFAULT_RAM_SIZE
+
+
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("nvme:size=1G", "kind"),
+        ("file:size=1G", "path"),
+        ("file:", "path"),
+        ("ram:size=1Q", "size"),
+        ("ram:lba=1024", "LBA size"),
+        ("ram:size=1000", "multiple"),
+        ("ram:nsid=0", "nsid"),
+        ("ram:nsid=x", "nsid"),
+        ("ram:color=blue", "unknown key"),
+        ("ram:size", "key=value"),
+        ("blk:/dev/loop0,size=1G", "block device"),
+        ("ram:ro", "read-only"),
+    ],
+)
+def test_parse_namespace_spec_errors(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_namespace_spec(text)
+
+
+def test_open_namespace(tmp_path):
+    with open_namespace("ram:size=2M,lba=4096", 2, serial="X") as ns:
+        assert (ns.nsid, ns.lba_size, ns.nsze) == (2, 4096, 512)
+    with open_namespace(f"file:{tmp_path / 'a.img'},size=1M,nsid=7", 2) as ns:
+        assert ns.nsid == 7 and ns.nsze == 2048
+    with pytest.raises(ValueError):
+        open_namespace("ram:size=1M")  # no NSID anywhere

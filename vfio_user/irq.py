@@ -41,6 +41,7 @@ class IrqError(Exception):
 
 
 UnmaskCallback = Callable[[int, int], None]  # (index, vector)
+ResampleWatch = Callable[[int | None, int | None], None]  # (old fd, new fd)
 
 
 class IrqState:
@@ -52,6 +53,9 @@ class IrqState:
         self.masked: dict[IrqIndex, list[bool]] = {i: [False] * n for i, n in self.counts.items()}
         self.enabled: dict[IrqIndex, bool] = {i: False for i in IrqIndex}
         self.resample_fd: int | None = None
+        #: Set by the transport: told when the resample eventfd changes, so it can watch the
+        #: new one and call :meth:`resampled` when it fires (and stop watching before a close).
+        self.resample_watch: ResampleWatch | None = None
         self.on_unmask = on_unmask
         self.fired: dict[IrqIndex, int] = {i: 0 for i in IrqIndex}
 
@@ -120,13 +124,25 @@ class IrqState:
             if index != IrqIndex.INTX or count != 1:
                 close_fds(fds)
                 raise IrqError(errno.EINVAL, "unmask eventfds are for INTx only")
-            if self.resample_fd is not None:
-                close_fds([self.resample_fd])
-            self.resample_fd = fds[0] if fds else None
+            self._set_resample(fds[0] if fds else None)
             return
         for i in range(count):
             if dtype == IRQ_DATA_NONE or data[i]:
                 self.unmask(index, start + i)
+
+    def _set_resample(self, fd: int | None) -> None:
+        old = self.resample_fd
+        if old == fd:
+            return
+        if self.resample_watch is not None:
+            self.resample_watch(old, fd)
+        if old is not None:
+            close_fds([old])
+        self.resample_fd = fd
+
+    def resampled(self) -> None:
+        """The resample eventfd fired (KVM saw the guest's EOI): unmask INTx, as UNMASK would."""
+        self.unmask(IrqIndex.INTX, 0)
 
     def _replace(self, index: IrqIndex, vector: int, fd: int | None) -> None:
         old = self.efds[index][vector]
@@ -185,6 +201,4 @@ class IrqState:
     def close(self) -> None:
         for index in IrqIndex:
             self.disable(index)
-        if self.resample_fd is not None:
-            close_fds([self.resample_fd])
-            self.resample_fd = None
+        self._set_resample(None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 #: Kernel limit of fds per SCM_RIGHTS message: room for all, so none is silently dropped.
 SCM_MAX_FD = 253
 RECV_SIZE = 256 * 1024
+#: Replies queued for a client that does not read them: above this, stop reading its requests
+#: until it catches up (otherwise a client that never reads grows the server without bound).
+OUT_HIGH_WATER = 8 << 20
 DEFAULT_DMA_TIMEOUT = 5.0
 
 
@@ -76,18 +80,40 @@ class ClientConnection:
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._out: list[tuple[memoryview, list[int]]] = []
+        self._out_bytes = 0
+        self._backlog: collections.deque[Message | Rejected] = collections.deque()
+        self._paused = False
         self.peer = _peer_credentials(sock)
 
     def start(self) -> None:
         self.sock.setblocking(False)
         self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.session.irqs.resample_watch = self._watch_resample
         ctx = DeviceContext(memory=self.memory, irqs=self.session.irqs, loop=self.loop)
         self.server.device.attached(ctx)
+
+    def _watch_resample(self, old: int | None, new: int | None) -> None:
+        """INTx resample eventfd (KVM irqfd bypass): the guest's EOI arrives there, not as UNMASK."""
+        if old is not None:
+            self.loop.remove_reader(old)
+        if new is not None:
+            self.loop.add_reader(new, self._resampled, new)
+
+    def _resampled(self, fd: int) -> None:
+        try:
+            os.read(fd, 8)
+        except OSError:
+            pass
+        self.session.irqs.resampled()
 
     # -- receiving -------------------------------------------------------------------
 
     def _readable(self) -> None:
+        if self._drain_backlog():
+            return
         for _ in range(64):  # bounded, so DMA replies and other fds get their turn
+            if self._paused or self.closed.done():
+                return
             try:
                 data, fds = recv_chunk(self.sock)
             except (BlockingIOError, InterruptedError):
@@ -104,12 +130,26 @@ class ClientConnection:
             except FatalProtocolError as e:
                 self.close(f"protocol error: {e}")
                 return
-            for event in events:
-                if self.closed.done():
+            self._backlog.extend(events)
+            if self._drain_backlog():
+                return
+
+    def _drain_backlog(self) -> bool:
+        """Dispatch received events in order until too many replies wait; True when paused."""
+        while self._backlog:
+            if self.closed.done():
+                for event in self._backlog:
                     if isinstance(event, Message):
                         event.close_fds()
-                    continue
-                self._dispatch(event)
+                self._backlog.clear()
+                return True
+            if self._out_bytes > OUT_HIGH_WATER:
+                if not self._paused:
+                    self._paused = True
+                    self.loop.remove_reader(self.sock.fileno())
+                return True
+            self._dispatch(self._backlog.popleft())
+        return False
 
     def _dispatch(self, event: Message | Rejected) -> None:
         if isinstance(event, Rejected):
@@ -134,6 +174,7 @@ class ClientConnection:
             return
         if self._out:
             self._out.append((memoryview(reply.data), reply.fds))
+            self._out_bytes += len(reply.data)
             return
         try:
             n = send_message(self.sock, reply.data, reply.fds)
@@ -145,6 +186,7 @@ class ClientConnection:
         if n < len(reply.data):
             # fds went with the first byte; only unsent bytes (and unsent fds) are queued
             self._out.append((memoryview(reply.data)[n:], [] if n else reply.fds))
+            self._out_bytes += len(reply.data) - n
             self.loop.add_writer(self.sock.fileno(), self._writable)
 
     def _writable(self) -> None:
@@ -157,11 +199,16 @@ class ClientConnection:
             except OSError as e:
                 self.close(f"send failed: {e}")
                 return
+            self._out_bytes -= n
             if n < len(data):
                 self._out[0] = (data[n:], [])
                 return
             self._out.pop(0)
         self.loop.remove_writer(self.sock.fileno())
+        if self._paused and not self.closed.done():  # caught up: read (and serve) again
+            self._paused = False
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+            self.loop.call_soon(self._readable)
 
     # -- requests to the client (RemoteDma) ------------------------------------------
 
@@ -190,6 +237,8 @@ class ClientConnection:
         out = bytearray()
         for addr, n, _off in self._chunks(iova, length):
             reply = await self._request(Command.DMA_READ, m.DMA_ACCESS.pack(addr, n))
+            if len(reply.payload) < m.DMA_ACCESS.size:
+                raise DmaError(errno.EIO, "short DMA_READ reply")
             addr_r, count = m.DMA_ACCESS.unpack_from(reply.payload)
             data = reply.payload[m.DMA_ACCESS.size :]
             if addr_r != addr or count != n or len(data) != n:
@@ -216,6 +265,11 @@ class ClientConnection:
                 fut.set_exception(DmaError(errno.ENOTCONN, "client disconnected"))
         self._pending.clear()
         self._out.clear()
+        self._out_bytes = 0
+        for event in self._backlog:
+            if isinstance(event, Message):
+                event.close_fds()
+        self._backlog.clear()
         self.conn.close()
         try:
             self.server.device.detached()

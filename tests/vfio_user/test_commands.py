@@ -77,8 +77,8 @@ def _dma_unmap_raw(client, iova, size, flags=0):
 # -- VERSION ------------------------------------------------------------------------------
 
 
-def test_version_reply(server):
-    c = server.connect(negotiate=False)
+def test_version_reply(fresh_server):
+    c = fresh_server.connect(negotiate=False)
     try:
         caps = c.negotiate()
         assert c.version_reply_size <= 214  # QEMU's receive buffer is its own 214-byte request
@@ -169,6 +169,18 @@ def test_map_outside_its_memfd_is_einval(server, client, ram, offset, size):
 def test_bad_map_is_einval(client, ram, iova, size, offset, flags):
     assert_error(_dma_map_raw(client, iova, size, flags=flags, offset=offset, fds=[ram.fd]), errno.EINVAL)
     client.dma_map(0x100000, PAGE, ram)  # nothing was left behind
+
+
+def test_dma_map_with_unmappable_fd_fails_cleanly(server, client):
+    base = server.fd_count()
+    efd = new_eventfd()
+    try:
+        reply = _dma_map_raw(client, 0x100000, PAGE, fds=[efd])
+    finally:
+        os.close(efd)
+    assert reply.is_error and reply.error_no in (errno.ENODEV, errno.EINVAL, errno.EACCES)
+    assert server.fd_count() == base
+    assert read32(client, 0, REG_ID) == TICKER_ID
 
 
 def test_dma_map_with_two_fds_is_einval(server, client, ram):
@@ -380,6 +392,32 @@ def test_intx_auto_mask_and_unmask(client):
     assert read32(client, 0, REG_RINGS) == 5  # the device saw every doorbell
 
 
+def test_intx_resample_eventfd_unmasks(server, client):
+    """KVM irqfd bypass, as QEMU sets it up: MASK, UNMASK+resamplefd, UNMASK. The guest's EOI
+    then reaches the server only through the resample eventfd, never as an UNMASK message."""
+    efd = client.enable_irqs(IrqIndex.INTX, 1)[0]
+    resample = new_eventfd()
+    try:
+        client.set_irqs(IrqIndex.INTX, IRQ_DATA_NONE | IRQ_ACTION_MASK, 0, 1)
+        client.set_irqs(IrqIndex.INTX, IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK, 0, 1, [resample])
+        client.unmask_intx()
+        ticker_ring(client, 0)
+        ticker_ring(client, 0)
+        assert wait_eventfd(efd, 5) == 1  # auto-masked after the first
+        for _ in range(3):
+            os.eventfd_write(resample, 1)  # what KVM does on the guest's EOI
+            deadline = time.monotonic() + DEADLINE
+            while select.select([resample], [], [], 0)[0]:  # until the server has consumed it
+                assert time.monotonic() < deadline, "the server never read the resample eventfd"
+                time.sleep(0.001)
+            ticker_ring(client, 0)
+            assert wait_eventfd(efd, 5) == 1
+            ticker_ring(client, 0)
+            assert eventfd_count(efd) == 0
+    finally:
+        os.close(resample)
+
+
 def test_intx_deassign_with_eventfd_flag_and_no_fds(client):
     efd = client.enable_irqs(IrqIndex.INTX, 1)[0]
     client.set_irqs(IrqIndex.INTX, IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, 0, 1)  # no fd: de-assign
@@ -461,6 +499,7 @@ def test_bar1_mmap_shared_with_server(client):
     client.region_write(1, 2000, b"fromsrv!")
     assert mm[2000:2008] == b"fromsrv!"
     client.region_write(1, 4088, b"12345678", posted=True)
+    assert client.region_read(1, 4088, 8) == b"12345678"  # a read after a posted write sees it
     assert mm[4088:4096] == b"12345678"
 
 
@@ -647,3 +686,26 @@ def test_flr_through_pcie_capability(client):
 def test_unsupported_commands(client, command, err):
     assert_error(exchange(client, command, bytes(16)), err)
     assert read32(client, 0, REG_ID) == TICKER_ID
+
+
+def test_pipelined_requests_with_a_slow_reader(client):
+    """Thousands of requests sent before reading any reply: the server's socket buffer fills,
+    it queues the rest, and every reply still arrives complete and in order."""
+    n = 3000
+    ids = []
+    out = bytearray()
+    for i in range(n):
+        msg_id, data = client.conn.request(Command.REGION_READ, m.REGION_ACCESS.pack(0, CONFIG, 4096))
+        ids.append(msg_id)
+        out += data
+        if i % 7 == 0:  # a posted write in between: never answered, always applied in order
+            out += client.conn.request(Command.REGION_WRITE, m.REGION_ACCESS.pack(REG_SCRATCH, 0, 4) + i.to_bytes(4, "little"), no_reply=True)[1]
+    client.sock.sendall(out)  # ~100 KiB of requests, ~12 MiB of replies
+    cfg = None
+    for msg_id in ids:
+        reply = client.wait_reply(msg_id)
+        assert not reply.is_error and len(reply.payload) == 16 + 4096
+        cfg = cfg or reply.payload
+        assert reply.payload == cfg
+    assert client._events == []
+    assert read32(client, 0, REG_SCRATCH) == (n - 1) // 7 * 7

@@ -40,18 +40,24 @@ class ServerProcess:
         deadline = time.monotonic() + DEADLINE
         assert self.proc.stdout is not None
         line = b""
-        while not line.endswith(b"\n"):
+        while b"\n" not in line:
             remaining = deadline - time.monotonic()
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, remaining))
             if not ready:
                 self.kill()
                 raise RuntimeError(f"server did not start:\n{self.stderr()}")
-            ch = self.proc.stdout.read(1)
+            ch = os.read(self.proc.stdout.fileno(), 4096)
             if not ch:
                 self.kill()
                 raise RuntimeError(f"server exited at start-up:\n{self.stderr()}")
             line += ch
         assert b"serving on" in line and os.path.exists(path), line
+        # One probe client first: the event loop allocates some fds lazily on its first
+        # accept; the baseline is taken once the probe's session is gone (logged by the server).
+        probe = VfioUserClient(path, timeout=DEADLINE)
+        probe.negotiate()
+        probe.close()
+        self.wait_log("client gone", 1)
         self.baseline_fds = self.fd_count()
 
     @property
@@ -90,8 +96,17 @@ class ServerProcess:
             client.negotiate()
         return client
 
+    def wait_log(self, text: str, count: int) -> None:
+        """Wait (bounded) until ``text`` appeared ``count`` times in the server's log."""
+        deadline = time.monotonic() + DEADLINE
+        while self.stderr().count(text) < count:
+            if time.monotonic() > deadline or not self.alive():
+                raise AssertionError(f"server never logged {text!r} x{count}:\n{self.stderr()}")
+            time.sleep(0.005)
+
     def stderr(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
@@ -155,14 +170,23 @@ def exchange(client: VfioUserClient, command: int, payload: bytes = b"", fds=(),
     """
     msg_id = client.conn.request(command)[0]  # allocate an id the client will expect a reply to
     hdr = HEADER.pack(msg_id, command, HEADER_SIZE + len(payload) if size is None else size, flags, 0)
-    client.send_raw(hdr + payload, fds)
+    send_bytes(client, hdr + payload, fds)
     return client.wait_reply(msg_id)
 
 
-def send_posted(client: VfioUserClient, command: int, payload: bytes = b"", fds=()) -> int:
+def send_bytes(client: VfioUserClient, data: bytes, fds=()) -> None:
+    """Raw bytes on the client's socket; fds (if any) ride on the first byte."""
+    fds = list(fds)
+    if fds:
+        client.send_raw(data, fds)
+    else:
+        client.sock.sendall(data)
+
+
+def send_posted(client: VfioUserClient, command: int, payload: bytes = b"", fds=(), *, size: int | None = None) -> int:
     """Send a NO_REPLY request by hand; returns its id (no reply is expected for it)."""
     msg_id = client.conn.request(command, no_reply=True)[0]
-    client.send_raw(HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), FLAG_NO_REPLY, 0) + payload, fds)
+    send_bytes(client, HEADER.pack(msg_id, command, HEADER_SIZE + len(payload) if size is None else size, FLAG_NO_REPLY, 0) + payload, fds)
     return msg_id
 
 

@@ -70,15 +70,20 @@ def format_stats(function: NvmeFunction) -> str:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from vfio_user.server import Server
+    from vfio_user.libvfio import make_server
 
     function = build_function(args)
-    server = Server(function, args.socket, mode=int(args.socket_mode, 8))
+    try:
+        server = make_server(args.backend, function, args.socket, mode=int(args.socket_mode, 8))
+    except BaseException:
+        function.close()
+        raise
+    print(f"nvme-emu: vfio-user backend {getattr(server, 'backend', 'python')}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: print(format_stats(function), flush=True))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _report_stats(function, args.stats_json))
     try:
         await server.start()
         print(f"nvme-emu {__version__}: serving {len(function.controller.namespaces)} namespace(s) on {args.socket} (doorbells: {args.doorbell})", flush=True)
@@ -102,6 +107,16 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_stats(function: NvmeFunction, json_path: str | None) -> None:
+    """SIGUSR1: print the counters; with --stats-json also dump them there (atomically)."""
+    print(format_stats(function), flush=True)
+    if json_path:
+        tmp = f"{json_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(function.stats(), f)
+        os.replace(tmp, json_path)
+
+
 async def _print_stats(function: NvmeFunction, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
@@ -115,7 +130,7 @@ def guest(args: argparse.Namespace) -> int:
     from . import guest as guest_runner
 
     sock = os.path.join(tempfile.mkdtemp(prefix="nvme-emu-", dir="/tmp"), "nvme.sock")
-    cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--doorbell", args.doorbell]
+    cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--doorbell", args.doorbell, "--backend", args.backend]
     for spec in args.namespace or []:
         cmd += ["--namespace", spec]
     log_path = sock + ".log"
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--namespace", action="append", metavar="SPEC", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X (repeatable; default ram:size=1G)")
         p.add_argument("--doorbell", default=DoorbellMode.AUTO.value, choices=[m.value for m in DoorbellMode])
+        p.add_argument("--backend", default="python", choices=["python", "libvfio-user", "auto"], help="vfio-user server: our Python one, libvfio-user (docs/libvfio-user.md), or auto (libvfio-user when installed)")
 
     s = sub.add_parser("serve", help="serve the controller on a Unix socket (the default)")
     common(s)
@@ -163,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
     s.add_argument("--spin-us", type=float, default=0.0, help="keep looking for doorbells this long after work before sleeping")
     s.add_argument("--stats", type=float, default=0.0, metavar="SECONDS", help="print per-queue counters every SECONDS (also on SIGUSR1)")
+    s.add_argument("--stats-json", metavar="PATH", help="on SIGUSR1 also write the counters as JSON to PATH (benchmarks read it)")
 
     g = sub.add_parser("guest", help="serve, boot a QEMU guest against it, run a command or fio job")
     common(g)

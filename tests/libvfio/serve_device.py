@@ -1,0 +1,70 @@
+"""Serve the Ticker sample or the NVMe function on a chosen backend (a test/benchmark helper).
+
+    python tests/libvfio/serve_device.py --backend libvfio-user --device nvme --socket S
+
+Prints ``serving on S (backend B)`` once the socket exists, then serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from vfio_user.libvfio import make_server  # noqa: E402
+from vfio_user.server import new_event_loop  # noqa: E402
+
+
+def build_device(kind: str, doorbell: str, ns_size: str):
+    if kind == "ticker":
+        from vfio_user.sample import Ticker
+
+        return Ticker()
+    from nvme_emu.controller import ControllerConfig
+    from nvme_emu.function import NvmeFunction
+    from nvme_emu.namespace import open_namespace
+
+    config = ControllerConfig(serial="LIBVFIO0001", model="nvme-emu-test", max_io_queues=8)
+    return NvmeFunction([open_namespace(f"ram:size={ns_size}", 1, serial=config.serial)], config, doorbell=doorbell)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    device = build_device(args.device, args.doorbell, args.ns_size)
+    server = make_server(args.backend, device, args.socket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        print(f"serving on {args.socket} (backend {getattr(server, 'backend', 'python')})", flush=True)
+        await stop.wait()
+    finally:
+        server.close()
+        device.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", required=True)
+    p.add_argument("--device", choices=["ticker", "nvme"], default="ticker")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--doorbell", default="auto")
+    p.add_argument("--ns-size", default="64M")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(serve(args))
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()

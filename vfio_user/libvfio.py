@@ -1,0 +1,864 @@
+"""A second server backend: nutanix/libvfio-user, loaded at run time through cffi (ABI mode).
+
+:class:`LibvfioUserServer` serves the same :class:`~vfio_user.device.Device` as
+:class:`vfio_user.server.Server` and offers the same surface (``start``, ``serve_forever``,
+``close``, ``client``, ``on_connect``/``on_disconnect``), so a device runs unchanged on
+either backend. The library does the wire protocol; this module translates the device API
+into libvfio-user calls and runs the context from the asyncio loop through its poll fd:
+
+* config space: region 7 is registered with ``VFU_REGION_FLAG_ALWAYS_CB``, so every access
+  reaches our :class:`~vfio_user.pci.PciConfigSpace` (masks, hooks, FLR) and libvfio-user's
+  own copy is never used;
+* BARs/ROM: ``vfu_setup_region`` with a callback per region (``Region.do_read/do_write``)
+  and the region's sparse mmap areas backed by its memfd;
+* DMA: register/unregister callbacks keep a :class:`~vfio_user.dma.DmaTable`, so the device
+  gets the usual :class:`~vfio_user.dma.GuestMemory`. Each fd-backed region is re-mapped
+  (``mremap(old, 0, ...)`` makes a second mapping of the same shared pages) and that mapping
+  is unmapped only when the last view of it is gone, so a device that keeps a view past
+  ``dma_unmapping`` reads stale memory instead of crashing the process. Regions without an
+  fd go through ``vfu_addr_to_sgl`` + ``vfu_sgl_read/write`` (DMA_READ/DMA_WRITE messages);
+* interrupts: a small adapter with the :class:`~vfio_user.irq.IrqState` methods devices use,
+  firing through ``vfu_irq_trigger``;
+* ioeventfds: ``vfu_create_ioeventfd`` per ``Region.ioeventfds`` entry, shadow ones included
+  when the library was built with ``-Dshadow-ioeventfd=true``;
+* reset: ``vfu_setup_device_reset_cb`` -> ``config.reset_registers()`` + ``device.reset``.
+
+libvfio-user has no callback for SET_IRQS (which index the client enabled) nor for
+GET_REGION_IO_FDS; the server peeks at each request header (``recv(MSG_PEEK)``, no fds
+taken) before ``vfu_run_ctx`` processes it, to keep ``active_index()`` and
+``Device.ioeventfds_taken`` working. Where the library's wire behaviour differs from the
+Python backend, see docs/libvfio-user.md and tests/libvfio/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .constants import (
+    DEFAULT_MAX_DMA_MAPS,
+    DMA_FLAG_WRITE,
+    IO_FDS_HEADER_SIZE,
+    IO_FD_RECORD_SIZE,
+    IOEVENTFD_FLAG_DATAMATCH,
+    IOEVENTFD_FLAG_PIO,
+    IRQ_ACTION_TRIGGER,
+    IRQ_ACTION_TYPE_MASK,
+    IRQ_DATA_EVENTFD,
+    IRQ_DATA_NONE,
+    IRQ_DATA_TYPE_MASK,
+    IRQ_INFO_EVENTFD,
+    Command,
+    IrqIndex,
+)
+from .device import Device, DeviceContext, Region, ResetKind
+from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
+from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
+from .server import _refuse_live_socket, _remove_stale_socket
+
+log = logging.getLogger(__name__)
+
+#: Environment variable: path of libvfio-user.so.0 (or of the directory holding it).
+ENV_LIBRARY = "NVME_EMU_LIBVFIO_USER"
+SONAME = "libvfio-user.so.0"
+#: Where a ``meson install`` usually puts the library (prefix /usr/local or /opt/libvfio-user).
+COMMON_DIRS = (
+    "/usr/local/lib/x86_64-linux-gnu",
+    "/usr/local/lib64",
+    "/usr/local/lib",
+    "/opt/libvfio-user/lib/x86_64-linux-gnu",
+    "/opt/libvfio-user/lib64",
+    "/opt/libvfio-user/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+)
+
+INSTALL_HINT = (
+    "libvfio-user is not installed: build nutanix/libvfio-user (https://github.com/nutanix/libvfio-user, "
+    "commit f3742ed of 2026-03 or newer) with meson (Debian packages: meson ninja-build libjson-c-dev "
+    "libcmocka-dev pkg-config; `meson setup build -Dshadow-ioeventfd=true && ninja -C build install`), "
+    f"then make {SONAME} findable: install it to /usr/local, run ldconfig, or set {ENV_LIBRARY}=/path/to/{SONAME}"
+)
+
+CDEF = r"""
+typedef struct vfu_ctx vfu_ctx_t;
+typedef struct dma_sg dma_sg_t;
+struct iovec { void *iov_base; size_t iov_len; };
+
+typedef struct vfu_dma_info {
+    struct iovec iova;
+    void *vaddr;
+    struct iovec mapping;
+    size_t page_size;
+    uint32_t prot;
+} vfu_dma_info_t;
+
+typedef void (*vfu_log_fn_t)(vfu_ctx_t *vfu_ctx, int level, const char *msg);
+typedef ssize_t (*vfu_region_access_cb_t)(vfu_ctx_t *vfu_ctx, char *buf, size_t count, int64_t offset, _Bool is_write);
+typedef int (*vfu_reset_cb_t)(vfu_ctx_t *vfu_ctx, int type);
+typedef void (*vfu_dma_register_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
+typedef void (*vfu_dma_unregister_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
+typedef void (*vfu_dev_irq_state_cb_t)(vfu_ctx_t *vfu_ctx, uint32_t start, uint32_t count, _Bool mask);
+
+size_t dma_sg_size(void);
+vfu_ctx_t *vfu_create_ctx(int trans, const char *path, int flags, void *pvt, int dev_type);
+int vfu_realize_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_attach_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_get_poll_fd(vfu_ctx_t *vfu_ctx);
+int vfu_run_ctx(vfu_ctx_t *vfu_ctx);
+void vfu_destroy_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_setup_log(vfu_ctx_t *vfu_ctx, vfu_log_fn_t log, int level);
+int vfu_setup_region(vfu_ctx_t *vfu_ctx, int region_idx, size_t size, vfu_region_access_cb_t region_access,
+                     int flags, struct iovec *mmap_areas, uint32_t nr_mmap_areas, int fd, uint64_t offset);
+int vfu_setup_device_reset_cb(vfu_ctx_t *vfu_ctx, vfu_reset_cb_t reset);
+int vfu_setup_device_dma(vfu_ctx_t *vfu_ctx, size_t max_regions, vfu_dma_register_cb_t dma_register,
+                         vfu_dma_unregister_cb_t dma_unregister);
+int vfu_setup_device_nr_irqs(vfu_ctx_t *vfu_ctx, int type, uint32_t count);
+int vfu_setup_irq_state_callback(vfu_ctx_t *vfu_ctx, int type, vfu_dev_irq_state_cb_t cb);
+int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
+int vfu_addr_to_sgl(vfu_ctx_t *vfu_ctx, void *dma_addr, size_t len, dma_sg_t *sgl, size_t max_nr_sgs, int prot);
+int vfu_sgl_get(vfu_ctx_t *vfu_ctx, dma_sg_t *sgl, struct iovec *iov, size_t cnt, int flags);
+void vfu_sgl_put(vfu_ctx_t *vfu_ctx, dma_sg_t *sgl, struct iovec *iov, size_t cnt);
+int vfu_sgl_read(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t sg_cnt, void *data, int flags);
+int vfu_sgl_write(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t sg_cnt, void *data, int flags);
+int vfu_pci_init(vfu_ctx_t *vfu_ctx, int pci_type, int hdr_type, int revision);
+int vfu_create_ioeventfd(vfu_ctx_t *vfu_ctx, uint32_t region_idx, int fd, size_t gpa_offset, uint32_t size,
+                         uint32_t flags, uint64_t datamatch, int shadow_fd, size_t shadow_offset);
+"""
+
+LIBC_CDEF = r"""
+void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
+int munmap(void *addr, size_t length);
+ssize_t recv(int sockfd, void *buf, size_t len, int flags);
+"""
+
+# libvfio-user.h constants
+VFU_TRANS_SOCK = 0
+VFU_DEV_TYPE_PCI = 0
+LIBVFIO_USER_FLAG_ATTACH_NB = 1
+VFU_REGION_FLAG_READ = 1 << 0
+VFU_REGION_FLAG_WRITE = 1 << 1
+VFU_REGION_FLAG_RW = VFU_REGION_FLAG_READ | VFU_REGION_FLAG_WRITE
+VFU_REGION_FLAG_MEM = 1 << 2
+VFU_REGION_FLAG_ALWAYS_CB = 1 << 3
+VFU_REGION_FLAG_64_BITS = 1 << 4
+VFU_REGION_FLAG_PREFETCH = 1 << 5
+VFU_RESET_DEVICE, VFU_RESET_LOST_CONN, VFU_RESET_PCI_FLR = 0, 1, 2
+VFU_PCI_TYPE_CONVENTIONAL, VFU_PCI_TYPE_EXPRESS = 0, 3
+PCI_HEADER_TYPE_NORMAL = 0
+VFU_PCI_DEV_CFG_REGION_IDX = 7
+# syslog levels (vfu_setup_log)
+LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7
+_SYSLOG_TO_LOGGING = {LOG_ERR: logging.ERROR, LOG_WARNING: logging.WARNING, LOG_NOTICE: logging.INFO, LOG_INFO: logging.INFO, LOG_DEBUG: logging.DEBUG}
+
+MREMAP_MAYMOVE = 1
+MSG_PEEK = 0x2
+MSG_DONTWAIT = 0x40
+PROT_READ, PROT_WRITE = 1, 2
+#: Bytes peeked per request: the 16-byte header and the first 20 payload bytes (SET_IRQS).
+PEEK_SIZE = 36
+#: Requests served per readable event before other fds get their turn.
+RUN_BUDGET = 64
+_DISCONNECT_ERRNOS = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN}
+_NOTHING = object()
+
+
+class LibvfioUserUnavailable(OSError):
+    """libvfio-user.so.0 could not be found or loaded; the message says what to install."""
+
+
+@dataclass
+class _Library:
+    ffi: Any
+    lib: Any
+    libc: Any
+    path: str
+
+
+_loaded: _Library | None = None
+
+
+def _candidates() -> list[str]:
+    env = os.environ.get(ENV_LIBRARY)
+    if env:
+        return [os.path.join(env, SONAME) if os.path.isdir(env) else env]
+    out = []
+    found = ctypes.util.find_library("vfio-user")
+    if found:
+        out.append(found)
+    out.extend(os.path.join(d, SONAME) for d in COMMON_DIRS)
+    return out
+
+
+def load_library() -> _Library:
+    """Find and dlopen libvfio-user (cached); :class:`LibvfioUserUnavailable` if absent."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    try:
+        import cffi
+    except ImportError as e:  # a dependency of the package, but say so plainly
+        raise LibvfioUserUnavailable(f"the cffi module is missing ({e}); pip install cffi") from None
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.cdef(LIBC_CDEF)
+    errors = []
+    for cand in _candidates():
+        if os.path.isabs(cand) and not os.path.exists(cand):
+            continue
+        try:
+            lib = ffi.dlopen(cand)
+            lib.vfu_create_ioeventfd  # noqa: B018 - the newest symbol we need: fail now, not later
+        except (OSError, AttributeError) as e:
+            errors.append(f"{cand}: {e}")
+            continue
+        _loaded = _Library(ffi, lib, ffi.dlopen(None), cand)
+        log.debug("loaded %s", cand)
+        return _loaded
+    detail = ("; tried " + "; ".join(errors)) if errors else ""
+    if os.environ.get(ENV_LIBRARY):
+        raise LibvfioUserUnavailable(f"{ENV_LIBRARY}={os.environ[ENV_LIBRARY]} does not name a loadable {SONAME}{detail}. {INSTALL_HINT}")
+    raise LibvfioUserUnavailable(INSTALL_HINT + detail)
+
+
+def available() -> bool:
+    try:
+        load_library()
+    except LibvfioUserUnavailable:
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    try:
+        load_library()
+    except LibvfioUserUnavailable as e:
+        return str(e)
+    return None
+
+
+# -- guest memory ---------------------------------------------------------------------------
+
+
+class ForeignDmaTable(DmaTable):
+    """A DMA table whose mappings libvfio-user made: entries come in, never from an fd here."""
+
+    def insert(self, mapping: DmaMapping) -> None:
+        """Add a mapping libvfio-user accepted (it did the alignment checks); overlaps raise."""
+        import bisect
+
+        i = bisect.bisect_right(self._starts, mapping.iova)
+        if i > 0 and self._maps[i - 1].iova == mapping.iova and self._maps[i - 1].size == mapping.size:
+            return  # libvfio-user treats an identical DMA_MAP as a no-op
+        if (i > 0 and self._maps[i - 1].end > mapping.iova) or (i < len(self._maps) and self._maps[i].iova < mapping.end):
+            raise DmaError(errno.EEXIST, f"DMA range at {mapping.iova:#x} overlaps an existing mapping")
+        self._starts.insert(i, mapping.iova)
+        self._maps.insert(i, mapping)
+
+
+class _SglRemote:
+    """RemoteDma for fd-less regions: DMA_READ/DMA_WRITE messages sent by libvfio-user.
+
+    libvfio-user's exchange is synchronous on the one socket (no twin socket with QEMU):
+    the loop blocks until the client answers, as the library's own samples do.
+    """
+
+    def __init__(self, server: "LibvfioUserServer") -> None:
+        self.server = server
+
+    def _transfer(self, iova: int, length: int, data: Any, write: bool) -> None:
+        srv = self.server
+        ffi, lib = srv._ffi, srv._lib
+        if srv._vfu is None or not srv.attached:
+            raise DmaError(errno.ENOTCONN, "client disconnected")
+        prot = PROT_READ | (PROT_WRITE if write else 0)
+        nsg = 16
+        sgl = ffi.new("char[]", lib.dma_sg_size() * nsg)
+        n = lib.vfu_addr_to_sgl(srv._vfu, ffi.cast("void *", iova), length, ffi.cast("dma_sg_t *", sgl), nsg, prot)
+        if n < 0:
+            err = ffi.errno or errno.EFAULT
+            raise DmaError(err, f"DMA range {iova:#x}+{length:#x}: vfu_addr_to_sgl failed ({os.strerror(err)})")
+        # The sgl splits at region boundaries; vfu_sgl_read/write take one entry at a time.
+        buf = ffi.from_buffer(data, require_writable=not write)
+        sizes = self._split(iova, length)
+        pos = 0
+        for i in range(n):
+            sg = ffi.cast("dma_sg_t *", sgl + i * lib.dma_sg_size())
+            fn = lib.vfu_sgl_write if write else lib.vfu_sgl_read
+            if fn(srv._vfu, sg, 1, buf + pos, 0) < 0:
+                err = ffi.errno or errno.EIO
+                raise DmaError(err, f"{'DMA_WRITE' if write else 'DMA_READ'} at {iova:#x} failed: {os.strerror(err)}")
+            pos += sizes[i] if i < len(sizes) else 0
+
+    def _split(self, iova: int, length: int) -> list[int]:
+        out = []
+        end = iova + length
+        while iova < end:
+            m = self.server._table.lookup(iova, 1) if self.server._table is not None else None
+            n = (min(end, m.end) - iova) if m is not None else end - iova
+            out.append(n)
+            iova += n
+        return out
+
+    async def dma_read(self, iova: int, length: int) -> bytes:
+        out = bytearray(length)
+        self._transfer(iova, length, out, write=False)
+        return bytes(out)
+
+    async def dma_write(self, iova: int, data: bytes) -> None:
+        self._transfer(iova, len(data), bytes(data), write=True)
+
+
+# -- interrupts -----------------------------------------------------------------------------
+
+
+class LibvfioIrqs:
+    """What devices use of :class:`~vfio_user.irq.IrqState`, on top of ``vfu_irq_trigger``.
+
+    libvfio-user keeps one eventfd array shared by INTx/MSI/MSI-X and picks no index itself;
+    which index the client enabled is learnt from the SET_IRQS headers the server peeks at.
+    INTx is auto-masked here after firing (as in the Python backend), unmasked by the
+    client's UNMASK action (reported by libvfio-user's irq state callback).
+    """
+
+    def __init__(self, server: "LibvfioUserServer", counts: dict[IrqIndex, int], on_unmask: Callable[[int, int], None] | None) -> None:
+        self.server = server
+        self.counts = {IrqIndex(i): counts.get(IrqIndex(i), 0) for i in IrqIndex}
+        self.masked: dict[IrqIndex, list[bool]] = {i: [False] * n for i, n in self.counts.items()}
+        self.enabled: dict[IrqIndex, bool] = {i: False for i in IrqIndex}
+        self.fired: dict[IrqIndex, int] = {i: 0 for i in IrqIndex}
+        self.on_unmask = on_unmask
+
+    def info_flags(self, index: IrqIndex) -> int:
+        return IRQ_INFO_EVENTFD  # what libvfio-user answers for every index
+
+    def saw_set_irqs(self, flags: int, index: int, start: int, count: int) -> None:
+        if index not in self.counts.keys():
+            return
+        index = IrqIndex(index)
+        action, dtype = flags & IRQ_ACTION_TYPE_MASK, flags & IRQ_DATA_TYPE_MASK
+        if action != IRQ_ACTION_TRIGGER:
+            return
+        if dtype == IRQ_DATA_EVENTFD and count:
+            if index in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
+                for other in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
+                    self.enabled[other] = False  # one eventfd array: the last one set wins
+            self.enabled[index] = True
+            for v in range(start, min(start + count, self.counts[index])):
+                self.masked[index][v] = False
+        elif dtype == IRQ_DATA_NONE and count == 0:
+            self.enabled[index] = False
+
+    def state_changed(self, index: IrqIndex, start: int, count: int, mask: bool) -> None:
+        for v in range(start, min(start + count, self.counts[index])):
+            was = self.masked[index][v]
+            self.masked[index][v] = mask
+            if was and not mask and self.on_unmask is not None:
+                self.on_unmask(index, v)
+
+    def trigger(self, index: IrqIndex, vector: int = 0) -> bool:
+        if vector >= self.counts[index] or self.masked[index][vector]:
+            return False
+        if index not in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX) or not self.enabled[index]:
+            return False  # ERR/REQ cannot be raised through libvfio-user's API
+        srv = self.server
+        if srv._vfu is None or not srv.attached:
+            return False
+        if srv._lib.vfu_irq_trigger(srv._vfu, vector) != 0:
+            return False  # no eventfd for that vector (libvfio-user logs it)
+        if index == IrqIndex.INTX:
+            self.masked[index][vector] = True
+        self.fired[index] += 1
+        return True
+
+    def unmask(self, index: IrqIndex, vector: int = 0) -> None:
+        self.state_changed(index, vector, 1, False)
+
+    def active_index(self) -> IrqIndex | None:
+        for index in (IrqIndex.MSIX, IrqIndex.MSI, IrqIndex.INTX):
+            if self.enabled[index]:
+                return index
+        return None
+
+    def trigger_vector(self, vector: int) -> bool:
+        index = self.active_index()
+        if index is None:
+            return False
+        return self.trigger(index, 0 if index == IrqIndex.INTX else vector)
+
+    def close(self) -> None:
+        for index in IrqIndex:
+            self.enabled[index] = False
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class LibvfioClient:
+    """The attached client, as far as the server knows it."""
+
+    fd: int
+    peer: tuple[int, int, int] | None
+    closed: asyncio.Future = field(repr=False)
+    memory: GuestMemory = field(repr=False)
+    irqs: LibvfioIrqs = field(repr=False)
+
+
+class LibvfioUserServer:
+    """Serves one device on a Unix socket path through libvfio-user; one client at a time."""
+
+    backend = "libvfio-user"
+
+    def __init__(
+        self,
+        device: Device,
+        path: str,
+        *,
+        mode: int = 0o600,
+        max_dma_maps: int = DEFAULT_MAX_DMA_MAPS,
+        library_log_level: int = LOG_WARNING,
+        on_connect: Callable[[LibvfioClient], None] | None = None,
+        on_disconnect: Callable[[LibvfioClient, str], None] | None = None,
+        **_ignored: Any,
+    ) -> None:
+        lib = load_library()  # fail early, with the install hint
+        self._ffi, self._lib, self._libc = lib.ffi, lib.lib, lib.libc
+        self.library_path = lib.path
+        self.device = device
+        self.path = path
+        self.mode = mode
+        self.max_dma_maps = max_dma_maps
+        self.library_log_level = library_log_level
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.client: LibvfioClient | None = None
+        self.clients_served = 0
+        #: Whether shadow ioeventfds were accepted (library built with -Dshadow-ioeventfd=true).
+        self.shadow_ioeventfds: bool | None = None
+        self.skipped_ioeventfds = 0
+        self._offered_ioeventfds: dict[int, int] = {}
+        self._vfu = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listen_fd = -1
+        self._conn_fd = -1
+        self._table: ForeignDmaTable | None = None
+        self._callbacks: list[Any] = []  # keep every cffi callback alive as long as the ctx
+        self._peek = self._ffi.new("char[]", PEEK_SIZE)
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self.client is not None and not self.client.closed.done()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _check(self, ret: int, what: str) -> int:
+        if ret is None:
+            return 0
+        if (isinstance(ret, int) and ret < 0) or ret == self._ffi.NULL:
+            err = self._ffi.errno or errno.EIO
+            raise OSError(err, f"libvfio-user {what} failed: {os.strerror(err)}")
+        return ret
+
+    async def start(self) -> None:
+        """Create, set up and realize the context; the socket exists when this returns."""
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        _refuse_live_socket(self.path)
+        _remove_stale_socket(self.path)
+        ffi, lib = self._ffi, self._lib
+        old_umask = os.umask(0o777 & ~self.mode)
+        try:
+            vfu = lib.vfu_create_ctx(VFU_TRANS_SOCK, self.path.encode(), LIBVFIO_USER_FLAG_ATTACH_NB, ffi.NULL, VFU_DEV_TYPE_PCI)
+        finally:
+            os.umask(old_umask)
+        if vfu == ffi.NULL:
+            err = ffi.errno or errno.EIO
+            raise OSError(err, f"vfu_create_ctx({self.path}) failed: {os.strerror(err)}")
+        self._vfu = vfu
+        try:
+            os.chmod(self.path, self.mode)
+            self._setup()
+            self._check(lib.vfu_realize_ctx(vfu), "vfu_realize_ctx")
+        except BaseException:
+            self._destroy()
+            raise
+        self.device.config.write_hooks.append(self._config_hook)
+        self._listen_fd = lib.vfu_get_poll_fd(vfu)
+        self._loop.add_reader(self._listen_fd, self._try_attach)
+        log.info("libvfio-user (%s) listening on %s (mode %o)", self.library_path, self.path, self.mode)
+
+    def _cb(self, ctype: str, fn: Callable) -> Any:
+        cb = self._ffi.callback(ctype, fn)
+        self._callbacks.append(cb)
+        return cb
+
+    def _setup(self) -> None:
+        ffi, lib, vfu, dev = self._ffi, self._lib, self._vfu, self.device
+        self._check(lib.vfu_setup_log(vfu, self._cb("vfu_log_fn_t", self._log), self.library_log_level), "vfu_setup_log")
+        pci_type = VFU_PCI_TYPE_EXPRESS if dev.config.size > 256 else VFU_PCI_TYPE_CONVENTIONAL
+        self._check(lib.vfu_pci_init(vfu, pci_type, PCI_HEADER_TYPE_NORMAL, dev.config.get(REVISION_ID, 1)), "vfu_pci_init")
+        # Config space: always through our callback, so PciConfigSpace stays authoritative.
+        cfg_cb = self._cb("vfu_region_access_cb_t", self._config_access)
+        self._check(
+            lib.vfu_setup_region(vfu, VFU_PCI_DEV_CFG_REGION_IDX, dev.config.size, cfg_cb, VFU_REGION_FLAG_RW | VFU_REGION_FLAG_ALWAYS_CB, ffi.NULL, 0, -1, 0),
+            "vfu_setup_region(config)",
+        )
+        for index, region in sorted(dev.regions.items()):
+            self._setup_region(int(index), region)
+        for index in IrqIndex:
+            count = dev.irq_counts.get(index, 0)
+            self._check(lib.vfu_setup_device_nr_irqs(vfu, int(index), count), f"vfu_setup_device_nr_irqs({index.name})")
+            if count:
+                cb = self._cb("vfu_dev_irq_state_cb_t", lambda _ctx, start, n, mask, index=index: self._irq_state(index, start, n, mask))
+                self._check(lib.vfu_setup_irq_state_callback(vfu, int(index), cb), "vfu_setup_irq_state_callback")
+        self._check(
+            lib.vfu_setup_device_dma(vfu, self.max_dma_maps, self._cb("vfu_dma_register_cb_t", self._dma_register), self._cb("vfu_dma_unregister_cb_t", self._dma_unregister)),
+            "vfu_setup_device_dma",
+        )
+        self._check(lib.vfu_setup_device_reset_cb(vfu, self._cb("vfu_reset_cb_t", self._reset)), "vfu_setup_device_reset_cb")
+        for index, region in sorted(dev.regions.items()):
+            for efd in region.ioeventfds:
+                self._create_ioeventfd(int(index), efd)
+
+    def _setup_region(self, index: int, region: Region) -> None:
+        ffi, lib = self._ffi, self._lib
+        flags = (VFU_REGION_FLAG_READ if region.readable else 0) | (VFU_REGION_FLAG_WRITE if region.writable else 0)
+        if not flags:
+            log.warning("region %d is neither readable nor writable: not offered", index)
+            return
+        if not region.io:
+            flags |= VFU_REGION_FLAG_MEM
+        if region.bits64:
+            flags |= VFU_REGION_FLAG_64_BITS
+        if region.prefetchable:
+            flags |= VFU_REGION_FLAG_PREFETCH
+        cb = self._cb("vfu_region_access_cb_t", lambda _ctx, buf, count, offset, is_write: self._region_access(region, buf, count, offset, is_write))
+        areas, nr, fd = ffi.NULL, 0, -1
+        if region.mmap_areas and region.memory is not None:
+            nr = len(region.mmap_areas)
+            areas = ffi.new("struct iovec[]", nr)
+            for i, (off, size) in enumerate(region.mmap_areas):
+                areas[i].iov_base = ffi.cast("void *", off)
+                areas[i].iov_len = size
+            fd = region.memory.fd
+        self._check(lib.vfu_setup_region(self._vfu, index, region.size, cb, flags, areas, nr, fd, 0), f"vfu_setup_region({index})")
+
+    def _create_ioeventfd(self, index: int, efd: Any) -> None:
+        flags = (IOEVENTFD_FLAG_DATAMATCH if efd.datamatch is not None else 0) | (IOEVENTFD_FLAG_PIO if efd.pio else 0)
+        shadow_fd = efd.shadow.fd if efd.shadow is not None else -1
+        ret = self._lib.vfu_create_ioeventfd(self._vfu, index, efd.fd, efd.offset, efd.size, flags, efd.datamatch or 0, shadow_fd, efd.shadow_offset)
+        if ret < 0:
+            err = self._ffi.errno
+            if shadow_fd != -1 and err == errno.EINVAL:
+                # Built without -Dshadow-ioeventfd=true: a plain record would signal without the
+                # value, so the device would act on a stale shadow slot. Offer nothing instead:
+                # those writes keep arriving as REGION_WRITEs.
+                if self.shadow_ioeventfds is None:
+                    log.warning("libvfio-user was built without shadow ioeventfd support (-Dshadow-ioeventfd=true): shadow ioeventfds not offered")
+                self.shadow_ioeventfds = False
+                self.skipped_ioeventfds += 1
+                return
+            raise OSError(err, f"vfu_create_ioeventfd(region {index}, offset {efd.offset:#x}) failed: {os.strerror(err)}")
+        if shadow_fd != -1:
+            self.shadow_ioeventfds = True
+        self._offered_ioeventfds[index] = self._offered_ioeventfds.get(index, 0) + 1
+
+    # -- callbacks from libvfio-user (all on the loop thread, inside vfu_run_ctx) ------------
+
+    def _log(self, _ctx: Any, level: int, msg: Any) -> None:
+        log.log(_SYSLOG_TO_LOGGING.get(level, logging.ERROR), "libvfio-user: %s", self._ffi.string(msg).decode(errors="replace"))
+
+    def _fail(self, err: int) -> int:
+        self._ffi.errno = err
+        return -1
+
+    def _region_access(self, region: Region, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        ffi = self._ffi
+        try:
+            if is_write:
+                region.do_write(offset, ffi.unpack(buf, count))
+            else:
+                data = region.do_read(offset, count)
+                if len(data) != count:
+                    log.warning("device returned %d of %d bytes", len(data), count)
+                    return self._fail(errno.EIO)
+                ffi.memmove(buf, data, count)
+            return count
+        except PermissionError:
+            return self._fail(errno.EPERM)
+        except Exception:  # a device bug must not take the server down
+            log.exception("region access failed in the device")
+            return self._fail(errno.EIO)
+
+    def _config_access(self, _ctx: Any, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        ffi = self._ffi
+        try:
+            if is_write:
+                self.device.config.write(offset, ffi.unpack(buf, count))
+            else:
+                ffi.memmove(buf, self.device.config.read(offset, count), count)
+            return count
+        except IndexError:
+            return self._fail(errno.EINVAL)
+        except Exception:
+            log.exception("config access failed in the device")
+            return self._fail(errno.EIO)
+
+    def _config_hook(self, offset: int, old: int, new: int) -> None:
+        exp = self.device.config.exp_offset
+        if exp is not None and offset == exp + EXP_DEVCTL and new & EXP_DEVCTL_BCR_FLR:
+            log.info("function-level reset requested")
+            self._device_reset(ResetKind.FLR)
+            return
+        self.device.config_written(offset, old, new)
+
+    def _device_reset(self, kind: ResetKind) -> None:
+        self.device.config.reset_registers()
+        self.device.reset(kind)
+
+    def _reset(self, _ctx: Any, kind: int) -> int:
+        try:
+            if kind == VFU_RESET_LOST_CONN:
+                self._lost_connection("client disconnected")
+            else:
+                self._device_reset(ResetKind.FLR if kind == VFU_RESET_PCI_FLR else ResetKind.DEVICE)
+            return 0
+        except Exception:
+            log.exception("reset failed in the device")
+            return self._fail(errno.EIO)
+
+    def _irq_state(self, index: IrqIndex, start: int, count: int, mask: bool) -> None:
+        try:
+            if self.client is not None:
+                self.client.irqs.state_changed(index, start, count, bool(mask))
+        except Exception:
+            log.exception("interrupt state change failed in the device")
+
+    def _dma_register(self, _ctx: Any, info: Any) -> None:
+        ffi = self._ffi
+        try:
+            iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+            size = int(info.iova.iov_len)
+            prot = int(info.prot)
+            mapping = DmaMapping(iova, size, prot)
+            if info.vaddr != ffi.NULL:
+                mapping.view = self._own_view(info, size, prot)
+            assert self._table is not None
+            self._table.insert(mapping)
+        except Exception:
+            # libvfio-user has already accepted the map; the device just cannot reach it.
+            log.exception("DMA register callback failed")
+
+    def _own_view(self, info: Any, size: int, prot: int) -> memoryview:
+        """A view on a second mapping of the region's pages, unmapped when its last view dies."""
+        ffi, libc = self._ffi, self._libc
+        base = info.mapping.iov_base
+        length = int(info.mapping.iov_len)
+        delta = int(ffi.cast("uintptr_t", info.vaddr)) - int(ffi.cast("uintptr_t", base))
+        new = libc.mremap(base, ffi.cast("size_t", 0), ffi.cast("size_t", length), ffi.cast("int", MREMAP_MAYMOVE))
+        if int(ffi.cast("intptr_t", new)) == -1:
+            log.warning("mremap failed (%s): using libvfio-user's mapping directly", os.strerror(ffi.errno))
+            view = memoryview(ffi.buffer(ffi.cast("char *", info.vaddr), size))
+        else:
+            owner = ffi.gc(ffi.cast("char *", new), lambda p, n=length: libc.munmap(p, n))
+            # the buffer must reference ``owner`` itself (``owner + n`` would not keep it alive)
+            view = memoryview(ffi.buffer(owner, length))[delta : delta + size]
+        return view if prot & DMA_FLAG_WRITE else view.toreadonly()
+
+    def _dma_unregister(self, _ctx: Any, info: Any) -> None:
+        ffi = self._ffi
+        try:
+            iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+            size = int(info.iova.iov_len)
+            if self._table is not None:
+                self._table.remove(iova, size)  # listeners (device.dma_unmapping) first
+        except DmaError as e:
+            log.warning("DMA unregister of an unknown range: %s", e)
+        except Exception:
+            log.exception("DMA unregister callback failed")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _try_attach(self) -> None:
+        ffi, lib = self._ffi, self._lib
+        if self._vfu is None:
+            return
+        ret = lib.vfu_attach_ctx(self._vfu)  # accept + VERSION negotiation (synchronous)
+        if ret < 0:
+            err = ffi.errno
+            if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                log.warning("client refused at attach: %s", os.strerror(err))
+            return
+        assert self._loop is not None
+        self._loop.remove_reader(self._listen_fd)
+        self._conn_fd = lib.vfu_get_poll_fd(self._vfu)
+        self._table = ForeignDmaTable(self.max_dma_maps)
+        self._table.unmap_listeners.append(self.device.dma_unmapping)
+        irqs = LibvfioIrqs(self, self.device.irq_counts, self.device.irq_unmasked)
+        memory = GuestMemory(self._table, remote=_SglRemote(self))
+        self.client = LibvfioClient(self._conn_fd, _peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
+        self.clients_served += 1
+        log.info("client connected (pid/uid/gid %s)", self.client.peer)
+        self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))  # type: ignore[arg-type]
+        self._loop.add_reader(self._conn_fd, self._readable)
+        # libuv (uvloop) makes a polled fd non-blocking; libvfio-user reads message bodies
+        # and DMA replies with blocking recv() calls, so give it back its blocking socket.
+        os.set_blocking(self._conn_fd, True)
+        if self.on_connect is not None:
+            self.on_connect(self.client)
+
+    def _readable(self) -> None:
+        ffi, lib = self._ffi, self._lib
+        for _ in range(RUN_BUDGET):
+            if not self.attached or self._vfu is None:
+                break
+            peeked = self._peek_request()
+            if peeked is _NOTHING:
+                return  # no request waiting: spare vfu_run_ctx its own EAGAIN recv
+            ret = lib.vfu_run_ctx(self._vfu)
+            if ret < 0:
+                err = ffi.errno
+                if err in _DISCONNECT_ERRNOS or not self.attached:
+                    self._lost_connection("client disconnected")
+                    self._finish_disconnect()
+                    return
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
+                    return
+                log.warning("vfu_run_ctx: %s", os.strerror(err))
+                return
+            if isinstance(peeked, tuple):
+                self._after_request(*peeked)
+            if ret == 0:
+                return
+        if not self.attached:
+            self._finish_disconnect()
+
+    def _peek_request(self) -> tuple[int, bytes] | object | None:
+        """(command, first payload bytes) of the next request; _NOTHING when none is waiting."""
+        n = self._libc.recv(self._conn_fd, self._peek, PEEK_SIZE, MSG_PEEK | MSG_DONTWAIT)
+        if n < 0 and self._ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return _NOTHING
+        if n < 16:
+            return None  # EOF, an error or a partial header: vfu_run_ctx finds out
+        raw = self._ffi.unpack(self._peek, n)
+        _msg_id, command, _size, flags = struct.unpack_from("<HHII", raw)
+        if flags & 0xF:  # not a request
+            return None
+        return command, raw[16:]
+
+    def _after_request(self, command: int, payload: bytes) -> None:
+        client = self.client
+        if client is None:
+            return
+        if command == Command.DEVICE_SET_IRQS and len(payload) >= 20:
+            _argsz, flags, index, start, count = struct.unpack_from("<IIIII", payload)
+            client.irqs.saw_set_irqs(flags, index, start, count)
+        elif command == Command.DEVICE_GET_REGION_IO_FDS and len(payload) >= 16:
+            argsz, flags, index, count = struct.unpack_from("<IIII", payload)
+            offered = self._offered_ioeventfds.get(index, 0)
+            if offered and not flags and not count and argsz >= IO_FDS_HEADER_SIZE + offered * IO_FD_RECORD_SIZE:
+                self.device.ioeventfds_taken(index)
+
+    def _lost_connection(self, reason: str) -> None:
+        """The client is gone (reset callback LOST_CONN, or vfu_run_ctx said so)."""
+        client = self.client
+        if client is None or client.closed.done():
+            return
+        assert self._loop is not None
+        if self._conn_fd >= 0:
+            try:
+                self._loop.remove_reader(self._conn_fd)
+            except (OSError, ValueError):
+                pass
+        client.irqs.close()
+        try:
+            self.device.detached()
+        finally:
+            client.closed.set_result(reason)
+
+    def _finish_disconnect(self) -> None:
+        client = self.client
+        self._conn_fd = -1
+        if self._table is not None:
+            self._table.remove_all()  # libvfio-user unregistered them already; belt and braces
+        if client is not None:
+            reason = client.closed.result() if client.closed.done() else "client disconnected"
+            log.info("client gone: %s", reason)
+            if self.on_disconnect is not None:
+                self.on_disconnect(client, reason)
+        if self._vfu is not None and self._loop is not None:
+            self._listen_fd = self._lib.vfu_get_poll_fd(self._vfu)
+            self._loop.add_reader(self._listen_fd, self._try_attach)
+
+    async def serve_forever(self) -> None:
+        if self._vfu is None:
+            await self.start()
+        assert self._done is not None
+        await self._done
+
+    def close(self) -> None:
+        """Drop the client, destroy the context (removes the socket path)."""
+        if self._loop is not None:
+            for fd in (self._listen_fd, self._conn_fd):
+                if fd >= 0:
+                    try:
+                        self._loop.remove_reader(fd)
+                    except (OSError, ValueError):
+                        pass
+        self._destroy()
+        if self.client is not None and not self.client.closed.done():
+            self._lost_connection("server shutting down")
+        if self._config_hook in self.device.config.write_hooks:
+            self.device.config.write_hooks.remove(self._config_hook)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _destroy(self) -> None:
+        if self._vfu is not None:
+            vfu, self._vfu = self._vfu, None
+            # vfu_destroy_ctx resets a live connection: our unregister and LOST_CONN
+            # callbacks run from inside it, so _vfu must look valid to them... but they only
+            # touch the table and the device.
+            self._lib.vfu_destroy_ctx(vfu)
+            self._listen_fd = self._conn_fd = -1
+        if self._table is not None:
+            self._table.remove_all()
+
+
+def _peer_credentials(fd: int) -> tuple[int, int, int] | None:
+    import socket
+
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def make_server(backend: str, device: Device, path: str, **kwargs: Any) -> Any:
+    """A server for ``backend`` ("python", "libvfio-user" or "auto": the library when loadable)."""
+    if backend == "auto":
+        backend = "libvfio-user" if available() else "python"
+    if backend == "libvfio-user":
+        return LibvfioUserServer(device, path, **kwargs)
+    if backend == "python":
+        from .server import Server
+
+        kwargs.pop("library_log_level", None)
+        return Server(device, path, **kwargs)
+    raise ValueError(f"unknown backend {backend!r} (python, libvfio-user, auto)")

@@ -105,6 +105,9 @@ class AdminCommands:
             self.ctrl.record_error(sq, e[CID], err, nsid=e[NSID])
             log.debug("admin %#x failed: %r", e[OPC], err)
             return err.status_field, 0
+        except Exception:  # a bug must cost one command (Internal Error), not the admin queue
+            log.exception("admin opcode %#x (cid %d) failed unexpectedly", e[OPC], e[CID])
+            return Status.INTERNAL_ERROR, 0
         if dw0 is DEFERRED:
             return DEFERRED
         return Status.SUCCESS, dw0
@@ -116,10 +119,13 @@ class AdminCommands:
         n = len(data) if length is None else length
         if n == 0:
             return
-        buf = data[:n].ljust(n, b"\0")
+        # A host-chosen length (Get Log Page NUMD: up to 16 GiB) is bounded by MDTS before
+        # anything is allocated; scatter() zero-fills past the data.
+        if n > (1 << self.ctrl.config.mdts) * 4096:
+            raise NvmeError(Status.INVALID_FIELD, f"transfer of {n} bytes exceeds MDTS")
         views = prp.prp_views(self.ctrl.memory, e[PRP1], e[PRP2], n, self.ctrl.page_size, write=True)
         try:
-            prp.scatter(views, buf)
+            prp.scatter(views, data[:n])
         finally:
             prp.release_views(views)
 
@@ -336,7 +342,7 @@ class AdminCommands:
         if lid == LogPageId.SUPPORTED_LOG_PAGES:
             return st.build_supported_log_pages(self.supported_log_pages())
         if lid == LogPageId.ERROR_INFORMATION:
-            entries = [st.build_error_log_entry(error_count=x["error_count"], sqid=x["sqid"], cid=x["cid"], status=x["status_field"], nsid=x["nsid"], lba=x["lba"]) for x in self.ctrl.error_log.entries]
+            entries = [st.build_error_log_entry(error_count=x["error_count"], sqid=x["sqid"], cid=x["cid"], status=x["status_field"] << 1, nsid=x["nsid"], lba=x["lba"]) for x in self.ctrl.error_log.entries]
             return b"".join(entries).ljust(64 * self.ctrl.config.error_log_entries, b"\0")
         if lid == LogPageId.SMART_HEALTH:
             if nsid not in (0, NSID_ALL):
@@ -367,6 +373,7 @@ class AdminCommands:
         admin[AdminOpcode.FORMAT_NVM] = CommandEffects.CSUPP | CommandEffects.LBCC | CommandEffects.NCC | CommandEffects.NIC | 1 << CSE_SHIFT
         io = {}
         if csi == Csi.NVM:
+            io[NvmOpcode.FLUSH] = CommandEffects.CSUPP  # dispatched outside nvm.handlers
             for op in self.ctrl.nvm.handlers:
                 io[op] = CommandEffects.CSUPP
             for op in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY):

@@ -80,6 +80,9 @@ class NvmCommands:
         except NvmeError as err:
             self.ctrl.record_error(sq, e[CID], err, nsid=e[NSID], lba=e[CDW11] << 32 | e[CDW10])
             return err.status_field, 0
+        except Exception:  # a bug must cost one command (Internal Error), not the whole batch
+            log.exception("I/O opcode %#x (cid %d) failed unexpectedly", opc, e[CID])
+            return Status.INTERNAL_ERROR, 0
 
     # -- data pointers ---------------------------------------------------------------------------
 

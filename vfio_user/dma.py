@@ -138,7 +138,7 @@ class DmaTable:
         mprot = mmap.PROT_READ | (mmap.PROT_WRITE if prot & DMA_FLAG_WRITE else 0)
         try:
             return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mprot, offset=file_offset)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError) as e:  # Overflow: offset/size beyond off_t
             raise DmaError(getattr(e, "errno", None) or errno.EINVAL, f"cannot mmap DMA fd: {e}") from None
 
     def remove(self, iova: int, size: int) -> DmaMapping:

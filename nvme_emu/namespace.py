@@ -127,7 +127,14 @@ def _consume(views: list[memoryview], n: int) -> list[memoryview]:
 
 
 def _byte_views(views: Buffers) -> list[memoryview]:
-    return [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in (memoryview(x) for x in views) if v.nbytes]
+    out = []
+    for x in views:
+        v = x if type(x) is memoryview else memoryview(x)  # the hot path hands memoryviews
+        if v.format != "B" or v.ndim != 1:
+            v = v.cast("B")
+        if v.nbytes:
+            out.append(v)
+    return out
 
 
 def _preadv_all(fd: int, views: Buffers, offset: int) -> None:
@@ -161,7 +168,7 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
 
 
 def _total(views: Buffers) -> int:
-    return sum(memoryview(v).nbytes for v in views)
+    return sum(v.nbytes if type(v) is memoryview else memoryview(v).nbytes for v in views)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,12 +544,22 @@ class Namespace:
     # -- geometry ------------------------------------------------------------------------------
 
     @property
+    def lbaf_index(self) -> int:
+        return self._lbaf_index
+
+    @lbaf_index.setter
+    def lbaf_index(self, index: int) -> None:
+        # lba_shift is read several times per I/O command: a plain attribute, kept in step here
+        self._lbaf_index = index
+        self._lba_shift = LBA_FORMATS[index].lbads
+
+    @property
     def lba_format(self) -> LbaFormat:
-        return LBA_FORMATS[self.lbaf_index]
+        return LBA_FORMATS[self._lbaf_index]
 
     @property
     def lba_shift(self) -> int:
-        return self.lba_format.lbads
+        return self._lba_shift
 
     @property
     def lba_size(self) -> int:
@@ -567,12 +584,13 @@ class Namespace:
 
     def check_range(self, slba: int, nlb: int) -> None:
         """LBA Out of Range unless [slba, slba + nlb) lies inside the namespace."""
-        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self.nsze:
+        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self.backend.size >> self._lba_shift:
             raise NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} outside namespace {self.nsid} ({self.nsze} LBAs)")
 
     def _byte_range(self, slba: int, nlb: int) -> tuple[int, int]:
         self.check_range(slba, nlb)
-        return slba << self.lba_shift, nlb << self.lba_shift
+        shift = self._lba_shift
+        return slba << shift, nlb << shift
 
     def _check_views(self, views: Buffers, length: int) -> None:
         total = _total(views)

@@ -163,6 +163,14 @@ def prp_views(
     max_list_entries: int = DEFAULT_MAX_PRP_ENTRIES,
 ) -> list[memoryview]:
     """Memoryviews for a PRP-described transfer of ``length`` bytes (see module docstring)."""
+    # Fast path, the common case of small I/O: the data lies in PRP1's page, so it is one
+    # view. Anything unusual (unmapped, read-only, a page across two mappings, bad
+    # alignment) takes the general path below, which reports it exactly as before.
+    if 0 < length <= page_size - (prp1 & (page_size - 1)) and not prp1 & 0x3 and page_size > 0 and not page_size & (page_size - 1):
+        try:
+            return [mem.view(prp1, length, write=write)]
+        except DmaError:
+            pass
     ranges = prp_ranges(mem, prp1, prp2, length, page_size, max_list_entries=max_list_entries)
     views: list[memoryview] = []
     _map_ranges(mem, ranges, write, views)

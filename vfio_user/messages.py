@@ -2,8 +2,9 @@
 
 The server, the client and the tests build and parse messages with these definitions. Two
 layouts are also compiled to ``struct.Struct`` (the header and the region-access prefix):
-they sit on the doorbell hot path of the trap mode, where ``construct`` costs about ten
-times more per message (measured in tests/vfio_user/test_messages.py); a test checks the two
+they sit on the doorbell hot path of the trap mode, where parsing a REGION_WRITE header and
+prefix costs 19 us with ``construct`` against 0.17 us with ``struct`` (about 110x, measured on
+the project machine, see bench/README.md); tests/vfio_user/test_messages.py checks the two
 forms agree byte for byte.
 """
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from vfio_user.device import IoEventFd, Region, SharedMemory
 
+from .queue import RingUnavailable
 from .spec import Reg
 
 if TYPE_CHECKING:
@@ -142,7 +143,19 @@ class DoorbellPath:
             return
         self.stats.trapped += 1
         self.page.values[slot] = int.from_bytes(data, "little")
+        self._kick(slot)
         self._run()
+
+    def _kick(self, slot: int) -> None:
+        """A write that repeats the slot's last value still counts under shadow doorbell buffers.
+
+        There the write is only a kick (the tail is in host memory): after an EventIdx
+        re-check consumed a suppressed tail, or after a wrap, the next kick may carry the
+        very value we acted on last, and a scan would see no change and lose the wake-up.
+        """
+        if slot >= 2 and self.ctrl.dbbuf is not None and self.page.values[slot] == self.page.last[slot]:
+            self.stats.doorbells += 1
+            self.ctrl.doorbell(slot >> 1, bool(slot & 1), int(self.page.values[slot]))
 
     def _run(self) -> int:
         n = self.page.scan()
@@ -204,6 +217,7 @@ class ShadowPath(DoorbellPath):
             return
         self.stats.wakeups += 1
         self.stats.signals += writes
+        self._kick((efd.offset - Reg.DOORBELLS) >> 2)
         changed = self._run()
         # Writes beyond one per changed slot were absorbed: coalesced into the last value.
         self.stats.coalesced += max(0, writes - max(changed, 1))
@@ -312,7 +326,7 @@ class PollPath(DoorbellPath):
         while True:
             t0 = time.thread_time()
             self.stats.polls += 1
-            n = self._run()
+            n = self._run() + self._poll_dbbuf()
             self.stats.poll_cpu_seconds += time.thread_time() - t0
             if n:
                 self.stats.wakeups += 1
@@ -321,6 +335,29 @@ class PollPath(DoorbellPath):
             else:
                 idle = min(idle + 1, 20)
                 await asyncio.sleep(min(self.idle_max_s, 1e-6 * (1 << idle)))
+
+    def _poll_dbbuf(self) -> int:
+        """Under shadow doorbell buffers the SQ tails live in host memory: poll them too.
+
+        The host's kicks land in the mapped page, where a kick repeating the slot's last
+        value is invisible (see :meth:`DoorbellPath._kick`); the shadow tail is not.
+        """
+        ctrl = self.ctrl
+        dbbuf = ctrl.dbbuf
+        if dbbuf is None:
+            return 0
+        n = 0
+        try:
+            for qid, sq in list(ctrl.sqs.items()):
+                if qid and ctrl.dbbuf is dbbuf:
+                    tail = dbbuf.sq_tail(qid)
+                    if tail != sq.tail and tail < sq.size:  # invalid values: the page scan reports them
+                        ctrl.doorbell(qid, False, 0)
+                        n += 1
+        except RingUnavailable:
+            pass  # the buffer was unmapped; the controller notices on its next access
+        self.stats.doorbells += n
+        return n
 
     def close(self) -> None:
         del self.page

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from .dbbuf import full_fence
 from .queue import CQE, SQE
 from .spec import CQE_SIZE, SQE_SIZE, AdminOpcode, Cc, CcCss, Cns, Csts, NvmOpcode, Reg, Status
 
@@ -107,6 +108,9 @@ class ShadowBufferDoorbells(HostDoorbells):
             return
         old = self.ram.u32(self.shadow + 4 * slot)
         self.ram.set_u32(self.shadow + 4 * slot, value)
+        # Full barrier (Linux: mb()): the shadow store must be visible before EventIdx is
+        # loaded, or we and the controller's EventIdx store + re-check can both miss.
+        full_fence()
         event = self.ram.u32(self.eventidx + 4 * slot)
         # nvme_dbbuf_need_event: ring if event_idx lies in (old, new]
         if (value - event - 1) & 0xFFFF < (value - old) & 0xFFFF:

@@ -58,7 +58,7 @@ def format_stats(function: NvmeFunction) -> str:
     lines = [
         f"doorbell path {st['doorbell_mode']}: trapped={db['trapped']} signals={db['signals']} wakeups={db['wakeups']} "
         f"doorbells={db['doorbells']} coalesced={db['coalesced']} spin_hits={db['spin_hits']}/{db['spins']} "
-        f"polls={db['polls']} poll_cpu={db['poll_cpu_seconds']:.3f}s"
+        f"polls={db['polls']} poll_cpu={db['poll_cpu_seconds']:.3f}s lost_values={db['lost_values']}"
     ]
     for name, q in st["queues"].items():
         per_wake = q["commands"] / q["batches"] if q["batches"] else 0.0
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--serial", default="NVMEEMU00000001")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
-    s.add_argument("--spin-us", type=float, default=0.0, help="keep looking for doorbells this long after work before sleeping")
+    s.add_argument("--spin-us", type=float, default=None, help="keep looking for doorbells this long after work before sleeping (default: 0; 50 in poll mode)")
     s.add_argument("--stats", type=float, default=0.0, metavar="SECONDS", help="print per-queue counters every SECONDS (also on SIGUSR1)")
     s.add_argument("--stats-json", metavar="PATH", help="on SIGUSR1 also write the counters as JSON to PATH (benchmarks read it)")
 

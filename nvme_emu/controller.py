@@ -444,10 +444,15 @@ class Controller:
         cq = sq.cq
         n = 0
         started = time.perf_counter()
-        if sq.qid:
-            n = self._process_io_sq(sq, cq, memory)
-        else:
-            n = self._process_admin_sq(sq, cq, memory)
+        try:
+            if sq.qid:
+                n = self._process_io_sq(sq, cq, memory)
+            else:
+                n = self._process_admin_sq(sq, cq, memory)
+        except Exception:  # a bug in the queue loop itself: tell the host to reset us
+            log.exception("queue %d processing failed", sq.qid)
+            self.set_fatal(f"internal error while processing queue {sq.qid}")
+            n = 0
         self.health.busy_seconds += time.perf_counter() - started
         if n:
             st = sq.stats

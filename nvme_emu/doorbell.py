@@ -80,7 +80,9 @@ class DoorbellPage:
     def scan(self) -> int:
         """Act on every changed slot; returns how many changed."""
         changed = np.flatnonzero(self.values != self.last)
-        for slot in changed.tolist():
+        # CQ heads (odd slots) first: an SQ processed after its CQ's new head sees the room the
+        # host freed instead of stalling on a full CQ that is not full any more.
+        for slot in sorted(changed.tolist(), key=lambda s: not s & 1):
             value = int(self.values[slot])
             self.last[slot] = value
             self.ctrl.doorbell(slot >> 1, bool(slot & 1), value)

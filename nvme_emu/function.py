@@ -43,7 +43,7 @@ class NvmeFunction(Device):
         config: ControllerConfig | None = None,
         *,
         doorbell: DoorbellMode | str = DoorbellMode.AUTO,
-        spin_us: float = 0.0,
+        spin_us: float | None = None,
     ) -> None:
         super().__init__(express=True)
         self.controller = Controller(namespaces, config)
@@ -58,7 +58,8 @@ class NvmeFunction(Device):
         )
         self.add_region(MSIX_BAR, Region(BAR4_SIZE, read=self._msix_read, write=self._msix_write))
         self.irq_counts[IrqIndex.MSIX] = cfg.msix_vectors
-        self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, spin_us=spin_us)
+        spin = {} if spin_us is None else {"spin_us": spin_us}  # None: the path's own default
+        self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, **spin)
 
     def _declare_config(self, cfg: ControllerConfig) -> None:
         c = self.config

@@ -166,10 +166,13 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
     Struct arguments are passed as ``ffi.buffer(cdata)``: a writable buffer, so
     ``fcntl`` copies the kernel's output back into the cffi struct (mutate_flag).
     """
-    try:
-        return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload]
-    except OSError as e:
-        raise KvmError(e.errno, f"{what or hex(request)}: {os.strerror(e.errno)}") from None
+    while True:
+        try:
+            return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload]
+        except InterruptedError:
+            continue  # a signal arrived (PEP 475 does not retry ioctl); KVM calls are restartable
+        except OSError as e:
+            raise KvmError(e.errno, f"{what or hex(request)}: {os.strerror(e.errno)}") from None
 
 
 def _close_fd(fd: int) -> None:

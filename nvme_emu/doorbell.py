@@ -99,6 +99,8 @@ class DoorbellPath:
     """Base: owns the doorbell page; subclasses add the wake-up mechanism."""
 
     mode = DoorbellMode.TRAP
+    #: Whether slot values can change behind our back (shared memory): then act on a scan.
+    page_shared = False
 
     def __init__(self, ctrl: "Controller", bar0: Region, *, spin_us: float = 0.0) -> None:
         self.ctrl = ctrl
@@ -146,7 +148,19 @@ class DoorbellPath:
         self.stats.trapped += 1
         self.page.values[slot] = int.from_bytes(data, "little")
         self._kick(slot)
-        self._run()
+        if self.page_shared:
+            self._run()
+        else:
+            self._run_slot(slot)
+
+    def _run_slot(self, slot: int) -> None:
+        """A private page changes only by trapped writes: check the one slot, no scan."""
+        page = self.page
+        value = int(page.values[slot])
+        if value != page.last[slot]:
+            page.last[slot] = value
+            self.stats.doorbells += 1
+            self.ctrl.doorbell(slot >> 1, bool(slot & 1), value)
 
     def _kick(self, slot: int) -> None:
         """A write that repeats the slot's last value still counts under shadow doorbell buffers.
@@ -193,6 +207,7 @@ class ShadowPath(DoorbellPath):
     """Shadow ioeventfds: the value arrives in shared memory, the signal by eventfd."""
 
     mode = DoorbellMode.SHADOW
+    page_shared = True
 
     def _slot_memory(self) -> np.ndarray:
         self.shadow = SharedMemory(DOORBELL_PAGE, "nvme-doorbell-shadow")
@@ -300,6 +315,7 @@ class PollPath(DoorbellPath):
     """The doorbell page is mapped into the client; an adaptive poller watches it."""
 
     mode = DoorbellMode.POLL
+    page_shared = True
 
     def __init__(self, *args, idle_max_us: float = 1000.0, busy_spin_us: float = 50.0, **kwargs) -> None:
         kwargs.setdefault("spin_us", busy_spin_us)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, skip_unless_available
+from libvfio_helpers import REPO, skip_unless_available
 
 pytestmark = pytest.mark.e2e
 

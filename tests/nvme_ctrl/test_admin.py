@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import Nvme
+from ctrl_helpers import Nvme
 from nvme_emu import structures as st
 from nvme_emu.host import HostDoorbells, ShadowBufferDoorbells
 from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0

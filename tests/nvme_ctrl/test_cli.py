@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import Nvme, ServerProcess, server_env
+from ctrl_helpers import Nvme, ServerProcess, server_env
 from nvme_emu.cli import DEFAULT_SOCKET
 from nvme_emu.spec import Cns, Status
 from nvme_emu import structures as st

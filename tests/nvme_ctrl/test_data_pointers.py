@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from conftest import PAGE, Nvme
+from ctrl_helpers import PAGE, Nvme
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import Status
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import Nvme
+from ctrl_helpers import Nvme
 from nvme_emu.spec import FeatureId as F
 from nvme_emu.spec import Status
 

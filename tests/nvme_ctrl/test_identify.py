@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import NS1_SIZE, NS2_SIZE, NS3_SIZE, Nvme
+from ctrl_helpers import NS1_SIZE, NS2_SIZE, NS3_SIZE, Nvme
 from nvme_emu import structures as st
 from nvme_emu.spec import Cns, NsIdType, Oacs, Oncs, Status
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import Nvme, efd_count, efd_wait
+from ctrl_helpers import Nvme, efd_count, efd_wait
 from nvme_emu.spec import AdminOpcode, Cns, NvmOpcode as Op, Reg, Status
 
 

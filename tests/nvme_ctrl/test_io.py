@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import IOVA, NS1_SIZE, Nvme
+from ctrl_helpers import IOVA, NS1_SIZE, Nvme
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import RwCdw12, Status
 from vfio_user.client import GuestRam

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import Nvme
+from ctrl_helpers import Nvme
 from nvme_emu import structures as st
 from nvme_emu.spec import AdminOpcode, CommandEffects, LogPageId as L, NvmOpcode, Status
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import Nvme
+from ctrl_helpers import Nvme
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import Reg, Status
 

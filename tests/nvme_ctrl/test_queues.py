@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import Nvme
+from ctrl_helpers import Nvme
 from nvme_emu.spec import AdminOpcode, FeatureId, Status
 
 CQ, SQ = AdminOpcode.CREATE_IO_CQ, AdminOpcode.CREATE_IO_SQ

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import Nvme
+from ctrl_helpers import Nvme
 from nvme_emu.spec import AdminOpcode, Cap, Cc, Csts, NSSR_RESET_VALUE, Reg, Shst, Status
 
 

@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import DEADLINE, Host
+from rel_helpers import DEADLINE, Host
 from vfio_user.client import VfioUserClient
 
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEADLINE, IOVA, PAGE, Host, status_name
+from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
 from nvme_emu.spec import NvmOpcode, Status
 from test_protocol_fuzz import messages
 from vfio_user import messages as m
@@ -30,7 +30,7 @@ from vfio_user.server import send_message as _send_message
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from conftest import ServerProcess
+    from rel_helpers import ServerProcess
 
     d = tmp_path_factory.mktemp("hostile-client")
     srv = ServerProcess(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], ["--queues", "8"])

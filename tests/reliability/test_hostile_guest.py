@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEADLINE, IOVA, PAGE, Host, ServerProcess, status_name
+from rel_helpers import DEADLINE, IOVA, PAGE, Host, ServerProcess, status_name
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
 
 NS_SIZE = 4 << 20

@@ -289,7 +289,32 @@ class RamBackend(Backend):
             self._fd = -1
 
 
-class FileBackend(Backend):
+class _FdBackend(Backend):
+    """Shared by file and block device backends: vectored I/O on ``_fd`` straight into or out
+    of guest memory, FUA as fdatasync, OS errors translated to NVMe statuses."""
+
+    path: str
+    readonly: bool
+    _fd: int
+
+    def read_into(self, offset: int, views: Buffers) -> None:
+        try:
+            _preadv_all(self._fd, views, offset)
+        except OSError as e:
+            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
+
+    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
+        try:
+            _pwritev_all(self._fd, views, offset)
+            if fua:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            raise _translate(e, f"write {self.path}@{offset}", writing=True) from None
+
+
+class FileBackend(_FdBackend):
     """A regular file, read and written with preadv/pwritev straight into guest memory.
 
     A new file is created sparse (ftruncate) when ``size`` is given; an existing file keeps
@@ -321,22 +346,6 @@ class FileBackend(Backend):
             os.close(self._fd)
             raise
         self._punch_ok = True
-
-    def read_into(self, offset: int, views: Buffers) -> None:
-        try:
-            _preadv_all(self._fd, views, offset)
-        except OSError as e:
-            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
-
-    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            _pwritev_all(self._fd, views, offset)
-            if fua:
-                os.fdatasync(self._fd)
-        except OSError as e:
-            raise _translate(e, f"write {self.path}@{offset}", writing=True) from None
 
     def _punch(self, offset: int, length: int) -> bool:
         if not self._punch_ok:
@@ -377,7 +386,7 @@ class FileBackend(Backend):
             self._fd = -1
 
 
-class BlockBackend(Backend):
+class BlockBackend(_FdBackend):
     """A block device: size from BLKGETSIZE64, BLKDISCARD/BLKZEROOUT for deallocate/zeroes.
 
     BLKDISCARD does not promise zeros afterwards, so deallocate uses BLKZEROOUT when the
@@ -402,22 +411,6 @@ class BlockBackend(Backend):
         except BaseException:
             os.close(self._fd)
             raise
-
-    def read_into(self, offset: int, views: Buffers) -> None:
-        try:
-            _preadv_all(self._fd, views, offset)
-        except OSError as e:
-            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
-
-    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            _pwritev_all(self._fd, views, offset)
-            if fua:
-                os.fdatasync(self._fd)
-        except OSError as e:
-            raise _translate(e, f"write {self.path}@{offset}", writing=True) from None
 
     def _range_ioctl(self, request: int, offset: int, length: int) -> bool:
         try:

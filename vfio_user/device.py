@@ -18,7 +18,7 @@ from typing import Callable
 
 from .constants import IrqIndex, RegionIndex
 from .dma import GuestMemory
-from .irq import IrqState
+from .irq import IrqRouting
 from .pci import PciConfigSpace
 
 ReadHandler = Callable[[int, int], bytes]  # (offset, count) -> data
@@ -185,7 +185,7 @@ class DeviceContext:
     """What a backend gives a device while a client is attached."""
 
     memory: GuestMemory
-    irqs: IrqState
+    irqs: IrqRouting
     loop: asyncio.AbstractEventLoop
 
 

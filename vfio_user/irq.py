@@ -44,20 +44,45 @@ UnmaskCallback = Callable[[int, int], None]  # (index, vector)
 ResampleWatch = Callable[[int | None, int | None], None]  # (old fd, new fd)
 
 
-class IrqState:
-    """Per-client interrupt wiring; dropped with the client, re-made for the next one."""
+class IrqRouting:
+    """What a device sees of interrupts, whichever backend fires them: per-index vector counts,
+    masks and enables, and routing of a vector to MSI-X, MSI or the INTx line."""
 
     def __init__(self, counts: dict[IrqIndex, int], on_unmask: UnmaskCallback | None = None) -> None:
         self.counts = {IrqIndex(i): counts.get(IrqIndex(i), 0) for i in IrqIndex}
-        self.efds: dict[IrqIndex, list[int | None]] = {i: [None] * n for i, n in self.counts.items()}
         self.masked: dict[IrqIndex, list[bool]] = {i: [False] * n for i, n in self.counts.items()}
         self.enabled: dict[IrqIndex, bool] = {i: False for i in IrqIndex}
+        self.fired: dict[IrqIndex, int] = {i: 0 for i in IrqIndex}
+        self.on_unmask = on_unmask
+
+    def trigger(self, index: IrqIndex, vector: int = 0) -> bool:
+        raise NotImplementedError
+
+    def active_index(self) -> IrqIndex | None:
+        """Which of MSI-X, MSI, INTx the client has enabled, in that order of preference."""
+        for index in (IrqIndex.MSIX, IrqIndex.MSI, IrqIndex.INTX):
+            if self.enabled[index]:
+                return index
+        return None
+
+    def trigger_vector(self, vector: int) -> bool:
+        """Raise ``vector`` the way the client set up: MSI-X/MSI vector, else the INTx line."""
+        index = self.active_index()
+        if index is None:
+            return False
+        return self.trigger(index, 0 if index == IrqIndex.INTX else vector)
+
+
+class IrqState(IrqRouting):
+    """Per-client interrupt wiring; dropped with the client, re-made for the next one."""
+
+    def __init__(self, counts: dict[IrqIndex, int], on_unmask: UnmaskCallback | None = None) -> None:
+        super().__init__(counts, on_unmask)
+        self.efds: dict[IrqIndex, list[int | None]] = {i: [None] * n for i, n in self.counts.items()}
         self.resample_fd: int | None = None
         #: Set by the transport: told when the resample eventfd changes, so it can watch the
         #: new one and call :meth:`resampled` when it fires (and stop watching before a close).
         self.resample_watch: ResampleWatch | None = None
-        self.on_unmask = on_unmask
-        self.fired: dict[IrqIndex, int] = {i: 0 for i in IrqIndex}
 
     def info_flags(self, index: IrqIndex) -> int:
         if index == IrqIndex.INTX:
@@ -183,20 +208,6 @@ class IrqState:
             self.masked[index][vector] = False
             if self.on_unmask is not None:
                 self.on_unmask(index, vector)
-
-    def active_index(self) -> IrqIndex | None:
-        """Which of MSI-X, MSI, INTx the client has enabled, in that order of preference."""
-        for index in (IrqIndex.MSIX, IrqIndex.MSI, IrqIndex.INTX):
-            if self.enabled[index]:
-                return index
-        return None
-
-    def trigger_vector(self, vector: int) -> bool:
-        """Raise ``vector`` the way the client set up: MSI-X/MSI vector, else the INTx line."""
-        index = self.active_index()
-        if index is None:
-            return False
-        return self.trigger(index, 0 if index == IrqIndex.INTX else vector)
 
     def close(self) -> None:
         for index in IrqIndex:

@@ -59,6 +59,7 @@ from .constants import (
 )
 from .device import Device, DeviceContext, Region, ResetKind
 from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
+from .irq import IrqRouting
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
 from .server import _refuse_live_socket, _remove_stale_socket
 
@@ -319,8 +320,8 @@ class _SglRemote:
 # -- interrupts -----------------------------------------------------------------------------
 
 
-class LibvfioIrqs:
-    """What devices use of :class:`~vfio_user.irq.IrqState`, on top of ``vfu_irq_trigger``.
+class LibvfioIrqs(IrqRouting):
+    """:class:`~vfio_user.irq.IrqRouting` on top of ``vfu_irq_trigger``.
 
     libvfio-user keeps one eventfd array shared by INTx/MSI/MSI-X and picks no index itself;
     which index the client enabled is learnt from the SET_IRQS headers the server peeks at.
@@ -329,12 +330,8 @@ class LibvfioIrqs:
     """
 
     def __init__(self, server: "LibvfioUserServer", counts: dict[IrqIndex, int], on_unmask: Callable[[int, int], None] | None) -> None:
+        super().__init__(counts, on_unmask)
         self.server = server
-        self.counts = {IrqIndex(i): counts.get(IrqIndex(i), 0) for i in IrqIndex}
-        self.masked: dict[IrqIndex, list[bool]] = {i: [False] * n for i, n in self.counts.items()}
-        self.enabled: dict[IrqIndex, bool] = {i: False for i in IrqIndex}
-        self.fired: dict[IrqIndex, int] = {i: 0 for i in IrqIndex}
-        self.on_unmask = on_unmask
 
     def info_flags(self, index: IrqIndex) -> int:
         return IRQ_INFO_EVENTFD  # what libvfio-user answers for every index
@@ -380,18 +377,6 @@ class LibvfioIrqs:
 
     def unmask(self, index: IrqIndex, vector: int = 0) -> None:
         self.state_changed(index, vector, 1, False)
-
-    def active_index(self) -> IrqIndex | None:
-        for index in (IrqIndex.MSIX, IrqIndex.MSI, IrqIndex.INTX):
-            if self.enabled[index]:
-                return index
-        return None
-
-    def trigger_vector(self, vector: int) -> bool:
-        index = self.active_index()
-        if index is None:
-            return False
-        return self.trigger(index, 0 if index == IrqIndex.INTX else vector)
 
     def close(self) -> None:
         for index in IrqIndex:

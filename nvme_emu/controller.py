@@ -366,10 +366,10 @@ class Controller:
             if cq is not None and dbbuf is not None:
                 value = dbbuf.cq_head(qid)
             if cq is None:
-                self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_REGISTER, spec.LogPageId.ERROR_INFORMATION)
+                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
                 return
             if value >= cq.size:
-                self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
                 return
             was_full = cq.full
             cq.set_head(value)
@@ -378,19 +378,23 @@ class Controller:
             return
         sq = self.sqs.get(qid)
         if sq is None:
-            self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_REGISTER, spec.LogPageId.ERROR_INFORMATION)
+            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
             return
         if value >= sq.size:
-            self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
             return
         if dbbuf is not None:
             value = dbbuf.sq_tail(qid)
             if value >= sq.size:
-                self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
                 return
         sq.tail = value
         sq.stats.doorbells += 1
         self.run_sq(sq)
+
+    def _bad_doorbell(self, info: spec.AsyncEventError) -> None:
+        """A doorbell for a missing queue or beyond its size: an error event, nothing done."""
+        self.admin.async_event(AsyncEventType.ERROR, info, spec.LogPageId.ERROR_INFORMATION)
 
     def run_sq(self, sq: SubmissionQueue) -> int:
         """Process until idle; with shadow doorbells, publish EventIdx and re-check."""
@@ -408,7 +412,7 @@ class Controller:
                 if tail == sq.tail:
                     break
                 if tail >= sq.size:
-                    self.admin.async_event(AsyncEventType.ERROR, spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, spec.LogPageId.ERROR_INFORMATION)
+                    self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
                     break
                 sq.tail = tail
                 sq.stats.coalesced += 1
@@ -420,13 +424,6 @@ class Controller:
         except RingUnavailable as e:
             self.set_fatal(f"doorbell buffer memory is gone: {e}")
         return total
-
-    def doorbell_offset(self, offset: int) -> tuple[int, bool] | None:
-        """(qid, is_cq) for a BAR0 doorbell offset (DSTRD 0), None if outside the array."""
-        index = (offset - Reg.DOORBELLS) >> 2
-        if offset < Reg.DOORBELLS or offset & 3 or index >= 2 * (self.config.max_io_queues + 1):
-            return None
-        return index >> 1, bool(index & 1)
 
     def _resume_stalled(self, cq: CompletionQueue) -> None:
         for sqid in sorted(cq.sqs):

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 #: Environment variable: path of libvfio-user.so.0 (or of the directory holding it).
 ENV_LIBRARY = "NVME_EMU_LIBVFIO_USER"
 SONAME = "libvfio-user.so.0"
-#: Where a ``meson install`` usually puts the library (prefix /usr/local or /opt/libvfio-user).
+#: Where an install of the library usually lands (prefix /usr/local or /opt/libvfio-user).
 COMMON_DIRS = (
     "/usr/local/lib/x86_64-linux-gnu",
     "/usr/local/lib64",
@@ -82,10 +82,10 @@ COMMON_DIRS = (
 )
 
 INSTALL_HINT = (
-    "libvfio-user is not installed: build nutanix/libvfio-user (https://github.com/nutanix/libvfio-user, "
-    "commit f3742ed of 2026-03 or newer) with meson (Debian packages: meson ninja-build libjson-c-dev "
-    "libcmocka-dev pkg-config; `meson setup build -Dshadow-ioeventfd=true && ninja -C build install`), "
-    f"then make {SONAME} findable: install it to /usr/local, run ldconfig, or set {ENV_LIBRARY}=/path/to/{SONAME}"
+    "libvfio-user is not installed: install nutanix/libvfio-user (commit f3742ed of 2026-03 or newer; "
+    "its build needs the Debian packages meson ninja-build libjson-c-dev libcmocka-dev pkg-config; "
+    "enable its shadow-ioeventfd option for shadow ioeventfds), "
+    f"then make {SONAME} findable: install it where ldconfig finds it, or set {ENV_LIBRARY}=/path/to/{SONAME}"
 )
 
 CDEF = r"""

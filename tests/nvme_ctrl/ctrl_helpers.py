@@ -43,6 +43,10 @@ NS2_SIZE = 32 << 20  # ram, 4096-byte LBAs
 NS3_SIZE = 64 << 20  # file, 512-byte LBAs
 
 
+#: The suite runs on both vfio-user server backends (libvfio-user where it is installed).
+BACKENDS = ("python", "libvfio-user")
+
+
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -101,16 +105,25 @@ class ServerProcess:
         return self.returncode
 
 
-@pytest.fixture
-def spawn(tmp_path):
-    """Factory: ``spawn(*namespace_specs, sock=..., extra=[...])`` starts a server process."""
+@pytest.fixture(params=BACKENDS)
+def spawn(request, tmp_path):
+    """Factory: ``spawn(*namespace_specs, sock=..., extra=[...])`` starts a server process,
+    on each vfio-user backend in turn."""
+    backend = request.param
+    if backend != "python":
+        from vfio_user.libvfio import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            print(f"libvfio-user not installed: {reason}")
+            pytest.skip(f"libvfio-user not installed: {reason}")
     started: list[ServerProcess] = []
     counter = [0]
 
     def _spawn(*namespaces: str, sock: str | None = None, extra: list[str] | None = None) -> ServerProcess:
         counter[0] += 1
         path = sock or str(tmp_path / f"nvme{counter[0]}.sock")
-        args = ["serve", "--socket", path, "--doorbell", "trap"]
+        args = ["serve", "--socket", path, "--doorbell", "trap", "--backend", backend]
         for ns in namespaces:
             args += ["--namespace", ns]
         args += extra or []

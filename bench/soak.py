@@ -36,7 +36,7 @@ RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from nvme_emu.host import HostMemory, HostQueue, NvmeHost  # noqa: E402
+from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.spec import AdminOpcode, FeatureId, NvmOpcode, Status  # noqa: E402
 from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.constants import IrqIndex  # noqa: E402

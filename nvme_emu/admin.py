@@ -121,7 +121,7 @@ class AdminCommands:
             return
         # A host-chosen length (Get Log Page NUMD: up to 16 GiB) is bounded by MDTS before
         # anything is allocated; scatter() zero-fills past the data.
-        if n > (1 << self.ctrl.config.mdts) * 4096:
+        if n > self.ctrl.config.max_transfer:
             raise NvmeError(Status.INVALID_FIELD, f"transfer of {n} bytes exceeds MDTS")
         views = prp.prp_views(self.ctrl.memory, e[PRP1], e[PRP2], n, self.ctrl.page_size, write=True)
         try:
@@ -135,9 +135,6 @@ class AdminCommands:
             return prp.gather(views)
         finally:
             prp.release_views(views)
-
-    def dma_unmapping(self, iova: int, size: int) -> None:
-        """No cached views beyond the queue rings live here."""
 
     # -- queues --------------------------------------------------------------------------
 

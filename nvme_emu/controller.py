@@ -71,6 +71,11 @@ class ControllerConfig:
     pci_device: int = 0x4E56
 
     @property
+    def max_transfer(self) -> int:
+        """MDTS in bytes (its unit is CAP.MPSMIN, 4 KiB)."""
+        return (1 << self.mdts) * 4096
+
+    @property
     def doorbell_bytes(self) -> int:
         return 8 * (self.max_io_queues + 1)
 
@@ -153,7 +158,6 @@ class Controller:
         self.page_size = 4096
         self.dbbuf = None
         self.admin.reset()
-        self.nvm.reset()
         for listener in self.queue_listeners:
             listener("reset", 0)
 
@@ -211,7 +215,6 @@ class Controller:
                 q.ring.drop()
         if self.dbbuf is not None and self.dbbuf.overlaps(iova, size):
             self.dbbuf.drop()
-        self.admin.dma_unmapping(iova, size)
 
     def configure_doorbell_buffer(self, shadow: int, eventidx: int) -> None:
         """Doorbell Buffer Config: from now on I/O queue doorbells live in host memory."""

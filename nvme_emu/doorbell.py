@@ -25,7 +25,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -398,5 +398,3 @@ def bar0_mmap_areas(mode: DoorbellMode | str) -> list[tuple[int, int]]:
     """Only the poll path maps the doorbell page (any mmap turns QEMU's posted writes off)."""
     return [(Reg.DOORBELLS, DOORBELL_PAGE)] if DoorbellMode(mode) == DoorbellMode.POLL else []
 
-
-SpinPolicy = Callable[[], float]

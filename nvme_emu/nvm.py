@@ -52,15 +52,6 @@ class NvmCommands:
             NvmOpcode.VERIFY: self.verify,
             NvmOpcode.COPY: self.copy,
         }
-        self.reset()
-
-    def reset(self) -> None:
-        pass
-
-    @property
-    def max_transfer(self) -> int:
-        return (1 << self.ctrl.config.mdts) * 4096
-
     # -- dispatch ----------------------------------------------------------------------------
 
     def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int]:
@@ -88,7 +79,7 @@ class NvmCommands:
 
     def views(self, e: tuple, length: int, *, to_host: bool) -> list[memoryview]:
         """The command's data buffer as views; ``to_host``: the controller writes into it."""
-        if length > self.max_transfer:
+        if length > self.ctrl.config.max_transfer:
             raise NvmeError(Status.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
         memory = self.ctrl.memory
         psdt = e[FLAGS] >> 6

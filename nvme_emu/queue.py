@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vfio_user.dma import DmaError, GuestMemory
 
@@ -143,10 +142,3 @@ class SubmissionQueue:
             self.head = 0
         return entry
 
-    def raw_entry(self, memory: GuestMemory, index: int) -> bytes:
-        """The 64 bytes of one entry (for SGL descriptors in DPTR and for error logs)."""
-        view = self.ring.view(memory, write=False)
-        return bytes(view[index * SQE_SIZE : (index + 1) * SQE_SIZE])
-
-
-DoorbellHook = Callable[[SubmissionQueue], None]

@@ -17,7 +17,6 @@ from construct import ConstructError
 
 from . import messages as m
 from .constants import (
-    CAP_SPARSE_MMAP,
     DEFAULT_MAX_DATA_XFER,
     DEFAULT_MAX_DMA_MAPS,
     DEFAULT_MAX_MSG_FDS,
@@ -32,7 +31,6 @@ from .constants import (
     IOEVENTFD_FLAG_DATAMATCH,
     IOEVENTFD_FLAG_PIO,
     MAX_MAX_DATA_XFER,
-    MAX_MAX_MSG_FDS,
     PCI_NUM_IRQS,
     PCI_NUM_REGIONS,
     REGION_ACCESS_PREFIX,

@@ -6,28 +6,15 @@ nvme_emu.guest) before our own vfio-user server exists.
 
 import os
 
+from pathlib import Path
+
 import pytest
 
 from nvme_emu import guest
 
 pytestmark = pytest.mark.e2e
 
-FIO_VERIFY_JOB = """\
-[global]
-filename=/dev/nvme0n1
-ioengine=io_uring
-direct=1
-bs=4k
-iodepth=8
-
-[randwrite-verify]
-rw=randwrite
-size=16m
-verify=crc32c
-do_verify=1
-verify_fatal=1
-runtime=60
-"""
+FIO_VERIFY_JOB = (Path(__file__).resolve().parents[2] / "qemu-configs" / "verify-4k.fio").read_text() + "runtime=60\n"
 
 
 @pytest.fixture

@@ -13,28 +13,15 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 
 from libvfio_helpers import REPO, skip_unless_available
 
 pytestmark = pytest.mark.e2e
 
-FIO_VERIFY_JOB = """\
-[global]
-filename=/dev/nvme0n1
-ioengine=io_uring
-direct=1
-bs=4k
-iodepth=8
-
-[randwrite-verify]
-rw=randwrite
-size=16m
-verify=crc32c
-do_verify=1
-verify_fatal=1
-runtime=120
-"""
+FIO_VERIFY_JOB = (Path(__file__).resolve().parents[2] / "qemu-configs" / "verify-4k.fio").read_text() + "runtime=120\n"
 
 
 @pytest.fixture(scope="module")

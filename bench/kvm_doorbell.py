@@ -99,7 +99,11 @@ SQ_SLOT, CQ_SLOT = 2 * QID, 2 * QID + 1
 SQ_DB_OFF = Reg.DOORBELLS + 4 * SQ_SLOT
 CQ_DB_OFF = Reg.DOORBELLS + 4 * CQ_SLOT
 
-PATHS = ("trap", "shadow", "ioeventfd", "poll")
+PATHS = ("trap", "shadow", "shadow_emu", "ioeventfd", "poll")
+#: The server's --doorbell mode of each path (shadow_emu: the shadow server, POST_WRITE emulated
+#: by this VMM even where the kernel has it, so one run compares both on the same kernel).
+SERVER_MODE = {"shadow_emu": "shadow"}
+PATH_COLORS = {"trap": "#c0392b", "shadow": "#e67e22", "shadow_emu": "#f5b041", "ioeventfd": "#27ae60", "poll": "#2980b9"}
 TARGET_WRITE_RATIO = 5.0  # shadow doorbell write at most 1/5 of trap's
 TARGET_QD1_FLOOR = 1.5  # shadow QD1 within 1.5x of the floor
 
@@ -360,9 +364,9 @@ def summary(values: list[float]) -> dict:
 class ServerProcess:
     """``python -m nvme_emu serve`` with stdout in a log file; stats by SIGUSR1."""
 
-    def __init__(self, workdir: str, mode: str, spin_us: Optional[float] = None) -> None:
-        self.sock = os.path.join(workdir, f"{mode}.sock")
-        self.log_path = os.path.join(workdir, f"{mode}.log")
+    def __init__(self, workdir: str, mode: str, spin_us: Optional[float] = None, name: Optional[str] = None) -> None:
+        self.sock = os.path.join(workdir, f"{name or mode}.sock")
+        self.log_path = os.path.join(workdir, f"{name or mode}.log")
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", self.sock, "--doorbell", mode,
                "--namespace", NAMESPACE, "--queues", str(SERVER_QUEUES)]
@@ -487,8 +491,8 @@ class PathBench:
         self.mode = mode
         self.args = args
         self.tsc_hz = tsc_hz
-        self.post_write = post_write
-        self.server = ServerProcess(workdir, mode, spin_us=None)
+        self.post_write = post_write and mode == "shadow"
+        self.server = ServerProcess(workdir, SERVER_MODE.get(mode, mode), spin_us=None, name=mode)
         try:
             self.ram = K.MemfdRegion(RAM_SIZE, "guest-ram")
             self.client = VfioUserClient(self.server.sock, timeout=20)
@@ -521,7 +525,7 @@ class PathBench:
         self.host = NvmeHost(c, self.mem, irq_fd=self.irq_fds[0])
         self.host.enable()
 
-        if self.mode in ("shadow", "ioeventfd"):
+        if self.mode in ("shadow", "shadow_emu", "ioeventfd"):
             iofds = c.region_io_fds(0)
             self._wire_ioeventfds(iofds)
         if self.mode == "ioeventfd":
@@ -580,7 +584,7 @@ class PathBench:
     def label(self) -> str:
         if self.mode == "trap":
             return "trap (MMIO exit -> REGION_WRITE)"
-        if self.mode == "shadow":
+        if self.mode in ("shadow", "shadow_emu"):
             return "shadow POST_WRITE (in-kernel)" if self.post_write else "shadow, POST_WRITE emulated (exit)"
         if self.mode == "ioeventfd":
             return "dbbuf + KVM ioeventfd"
@@ -594,6 +598,8 @@ class PathBench:
                        if self.post_write else
                        "kernel lacks POST_WRITE: the write exits to this VMM, which stores it in the shadow page and "
                        "signals the eventfd (post_write_emulated); a userspace exit still happens"),
+            "shadow_emu": "POST_WRITE emulated although the kernel has it: the write exits to this VMM, which stores it "
+                          "in the shadow page and signals the eventfd (post_write_emulated)",
             "ioeventfd": "guest stores the tail in the NVMe shadow doorbell (dbbuf, guest RAM), then writes the MMIO "
                          "doorbell, which a plain KVM ioeventfd completes in-kernel (no userspace exit)",
             "poll": "BAR0 doorbell page mmapped from the server and mapped into the guest as a KVM memory slot; "
@@ -692,7 +698,7 @@ class PathBench:
         """One round of every measurement on this path (rounds of all paths interleave)."""
         a = self.args
         out: dict = {}
-        trapping = self.mode == "trap" or (self.mode == "shadow" and not self.post_write)
+        trapping = self.mode == "trap" or (self.mode in ("shadow", "shadow_emu") and not self.post_write)
         n_writes = a.writes_trap if trapping else a.writes_fast
         gross, ram, exits = self.write_cost(n_writes)
         out["write"] = {"gross_us": gross, "ram_us": ram, "net_us": gross - ram, "exits_per_write": exits}
@@ -995,9 +1001,10 @@ def plot(results: list[PathResult], floor: dict, caps: dict, path: Path) -> None
     import matplotlib.pyplot as plt
 
     short = {"trap": "trap\n(exit+REGION_WRITE)", "shadow": "shadow\n(POST_WRITE\nemulated)" if not caps["post_write_supported"]
-             else "shadow\n(POST_WRITE)", "ioeventfd": "dbbuf +\nKVM ioeventfd", "poll": "poll\n(mapped page)"}
+             else "shadow\n(POST_WRITE)", "shadow_emu": "shadow\n(POST_WRITE\nemulated)",
+             "ioeventfd": "dbbuf +\nKVM ioeventfd", "poll": "poll\n(mapped page)"}
     labels = [short[r.path] for r in results]
-    colors = ["#c0392b", "#e67e22", "#27ae60", "#2980b9"][: len(results)]
+    colors = [PATH_COLORS[r.path] for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.6))
     ax = axes[0]
     vals = [max(r.write_cost_us, 0.01) for r in results]
@@ -1095,9 +1102,127 @@ def write_markdown(path: Path, doc: dict, table: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# --nested: the same benchmark inside the nested rig, on Debian's KVM and on ours
+# ----------------------------------------------------------------------------------------
+NESTED_CAVEAT = ("Nested numbers: this benchmark ran in an L1 guest under QEMU TCG (-cpu max, emulated SVM with nested "
+                 "paging), so every VM exit, and every instruction of L1 and the L2 program, is emulated by TCG. Absolute "
+                 "times say nothing about hardware; only ratios between paths within one boot carry over.")
+
+
+def nested_rows(doc: dict, kvm: str) -> list[dict]:
+    """One row per path of an inner run, with its ratios to the trap path of the same boot."""
+    paths = {r["path"]: r for r in doc["paths"]}
+    trap = paths.get("trap")
+    rows = []
+    for r in doc["paths"]:
+        row = {
+            "modules": kvm, "path": r["path"], "label": r["label"],
+            "write_us": max(r["write_cost_us"], 0.0), "exits_per_doorbell": r["write_exits_per_write"],
+            "qd1_exits_per_cmd": r["qd1_exits_per_cmd"], "qd1_mean_us": r["qd1"]["mean"], "qd1_p50_us": r["qd1"]["p50"],
+            "qd1_p99_us": r["qd1"]["p99"], "qd32_cmds_per_s": r["throughput"]["32"]["cmds_per_s"],
+        }
+        if trap:
+            row["write_vs_trap"] = row["write_us"] / max(trap["write_cost_us"], 1e-9)
+            row["qd1_mean_vs_trap"] = row["qd1_mean_us"] / trap["qd1"]["mean"]
+            row["qd32_vs_trap"] = row["qd32_cmds_per_s"] / trap["throughput"]["32"]["cmds_per_s"]
+        rows.append(row)
+    return rows
+
+
+def nested_table(rows: list[dict], docs: dict[str, dict]) -> str:
+    lines = [NESTED_CAVEAT, ""]
+    for kvm, doc in docs.items():
+        lines.append(f"{kvm} modules: POST_WRITE {'supported' if doc['kernel']['post_write_supported'] else 'NOT supported'} "
+                     f"({doc['kernel']['post_write_probe']})")
+    hdr = (f"{'modules':8s} {'path':34s} {'db write':>9s} {'x trap':>7s} {'exits/':>7s} {'QD1 exits':>9s} "
+           f"{'QD1 mean':>9s} {'x trap':>7s} {'QD32':>8s} {'x trap':>7s}")
+    lines += ["", hdr, f"{'':8s} {'':34s} {'us':>9s} {'':>7s} {'doorbell':>7s} {'per cmd':>9s} {'us':>9s} {'':>7s} {'cmd/s':>8s}",
+              "-" * len(hdr)]
+    for r in rows:
+        lines.append(f"{r['modules']:8s} {r['label']:34s} {r['write_us']:9.2f} {r.get('write_vs_trap', 0):7.3f} "
+                     f"{r['exits_per_doorbell']:7.2f} {r['qd1_exits_per_cmd']:9.2f} {r['qd1_mean_us']:9.1f} "
+                     f"{r.get('qd1_mean_vs_trap', 0):7.2f} {r['qd32_cmds_per_s']:8.0f} {r.get('qd32_vs_trap', 0):7.2f}")
+    lines += ["-" * len(hdr),
+              "'db write' = vCPU stall of one SQ-tail doorbell write (loop of writes minus the same loop to RAM); "
+              "'exits/doorbell' = userspace exits per doorbell write in that loop; 'QD1 exits per cmd' = userspace exits "
+              "per command at QD1 (SQ tail + CQ head writes); 'x trap' = ratio to the trap path of the same boot."]
+    return "\n".join(lines)
+
+
+def nested_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['modules']}\n{r['path']}" for r in rows]
+    colors = [PATH_COLORS[r["path"]] for r in rows]
+    hatches = ["" if r["modules"] == "patched" else "//" for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.8))
+    for ax, key, title, log in ((axes[0], "write_us", "vCPU stall per doorbell write (us)", True),
+                                (axes[1], "exits_per_doorbell", "userspace exits per doorbell write", False),
+                                (axes[2], "qd1_mean_us", "QD1 mean latency (us)", True),
+                                (axes[3], "qd32_cmds_per_s", "QD32 throughput (cmd/s)", False)):
+        vals = [max(r[key], 1e-3) if log else r[key] for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=colors)
+        for b, h in zip(bars, hatches):
+            b.set_hatch(h)
+        ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=60)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        for i, r in enumerate(rows):
+            ax.text(i, vals[i], f"{r[key]:.2f}" if r[key] < 100 else f"{r[key]:.0f}", ha="center", va="bottom", fontsize=6)
+    fig.suptitle("nvme-emu doorbell paths on real KVM in the nested rig: our POST_WRITE modules (solid) vs Debian's "
+                 "(hatched)\n" + NESTED_CAVEAT, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def nested_main(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """Boot the rig twice (patched, then stock modules), run this benchmark inside each,
+    and combine both runs into one table, JSON and plot."""
+    from nvme_emu import nested
+
+    out = Path(args.out)
+    inner_dir = out / "tmp" / "kvm_doorbell_nested"
+    inner_dir.mkdir(parents=True, exist_ok=True)
+    docs: dict[str, dict] = {}
+    t0 = time.monotonic()
+    for kvm in ("patched", "stock"):
+        d = inner_dir / kvm
+        d.mkdir(exist_ok=True)
+        print(f"== nested rig, {kvm} KVM modules ==", flush=True)
+        res = nested.run_nested([sys.executable, str(Path(__file__).resolve()), "--out", str(d), *passthrough],
+                                kvm=kvm, cwd=str(REPO), out_dirs=[str(d)], timeout=args.nested_timeout)
+        print(res.output, flush=True)
+        if res.returncode != 0:
+            print(f"inner benchmark failed on {kvm} modules:\n{res.describe_failure()}", file=sys.stderr)
+            return 1
+        docs[kvm] = json.loads((d / "kvm_doorbell.json").read_text())
+    rows = nested_rows(docs["patched"], "patched") + nested_rows(docs["stock"], "stock")
+    table = nested_table(rows, docs)
+    print(table)
+    doc = {"benchmark": "kvm_doorbell --nested", "caveat": NESTED_CAVEAT, "host": machine(), "rows": rows,
+           "inner": docs, "elapsed_s": time.monotonic() - t0}
+    (out / "kvm_doorbell_nested.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    (out / "kvm_doorbell_nested.md").write_text("## Doorbell paths on real KVM, nested rig (`bench/kvm_doorbell.py --nested`)\n\n"
+                                                "```\n" + table + "\n```\n")
+    try:
+        nested_plot(rows, out / "kvm_doorbell_nested.png")
+    except ImportError:
+        print("matplotlib missing: no plot (pip install matplotlib)", file=sys.stderr)
+    print(f"\nwrote {out / 'kvm_doorbell_nested.json'}, .png, .md in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    ap.add_argument("--paths", default=None,
+                    help="comma-separated subset of " + ",".join(PATHS) + " (default: all; shadow_emu only where the "
+                         "kernel has POST_WRITE, elsewhere shadow is already emulated)")
     ap.add_argument("--writes-trap", type=int, default=2000, help="doorbell writes per timed loop on exiting paths")
     ap.add_argument("--writes-fast", type=int, default=20000, help="doorbell writes per timed loop on exit-free paths")
     ap.add_argument("--qd1", type=int, default=1500, help="QD1 commands per path and round")
@@ -1109,7 +1234,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="first wait up to SECONDS for the machine to be idle (other jobs distort the numbers)")
     ap.add_argument("--out", default=str(RESULTS), help="directory for the json/png/md")
-    args = ap.parse_args(argv)
+    ap.add_argument("--nested", action="store_true",
+                    help="run inside the nested rig (nvme_emu.nested), once on our POST_WRITE KVM modules and once on "
+                         "Debian's, and combine both into kvm_doorbell_nested.{json,png,md}; other options pass through")
+    ap.add_argument("--nested-timeout", type=float, default=2400, help="seconds per nested boot")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(raw)
+    if args.nested:
+        skip = {"--nested", "--out", "--nested-timeout"}
+        passthrough, i = [], 0
+        while i < len(raw):
+            a = raw[i]
+            key = a.split("=", 1)[0]
+            if key in skip:
+                i += 1 if "=" in a or a == "--nested" else 2
+                continue
+            passthrough.append(a)
+            i += 1
+        return nested_main(args, passthrough)
 
     ok, why = K.Kvm.available()
     if not ok:
@@ -1131,7 +1273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"PVM: {caps['pvm']} ({caps['pvm_evidence']})", flush=True)
 
     workdir = tempfile.mkdtemp(prefix="kvm-doorbell-")
-    modes = [p.strip() for p in args.paths.split(",") if p.strip()]
+    default_paths = [p for p in PATHS if p != "shadow_emu" or post_write]
+    modes = [p.strip() for p in args.paths.split(",") if p.strip()] if args.paths else default_paths
     for mode in modes:
         if mode not in PATHS:
             ap.error(f"unknown path {mode}")

@@ -189,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--memory-mb", type=int, default=1024)
     g.add_argument("--timeout", type=float, default=900)
 
+    sub.add_parser("nested", add_help=False, help="run a command inside a TCG guest with real KVM (stock or POST_WRITE modules); see nvme-emu nested --help")
+
     raw = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("serve", "guest", "-h", "--help", "--version") for a in raw):
+    if raw[:1] == ["nested"]:
+        from . import nested
+
+        return nested.main(raw[1:])
+    if not any(a in ("serve", "guest", "nested", "-h", "--help", "--version") for a in raw):
         raw.insert(0, "serve")  # plain `nvme-emu [--socket ...]` serves
     args = parser.parse_args(raw)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -373,27 +373,38 @@ def run_guest(
     accel = detect_accel()
 
     # Under /tmp so the chroot-wrapped QEMU sees the same path.
-    tmpdir = tempfile.mkdtemp(prefix="nvme-emu-guest-", dir="/tmp")
-    proc: subprocess.Popen | None = None
-    try:
-        initrd = os.path.join(tmpdir, "initrd.img")
-        with open(initrd, "wb") as out, open(base_initrd, "rb") as base:
-            shutil.copyfileobj(base, out, 1 << 20)
-            # build-guest.sh pads to 512; re-align defensively.
-            out.write(b"\0" * (-out.tell() % 512))
-            out.write(make_cpio(_job_files(command, fio_job), dirs=["job"]))
-
+    with tempfile.TemporaryDirectory(prefix="nvme-emu-guest-", dir="/tmp", ignore_cleanup_errors=True) as tmpdir:
+        initrd = append_initrd(base_initrd, os.path.join(tmpdir, "initrd.img"),
+                               make_cpio(_job_files(command, fio_job), dirs=["job"]))
         args = build_cmdline(
             socket_path=socket_path, builtin_image=builtin_image,
             kernel=kernel, initrd=initrd, cpus=cpus, memory_mb=memory_mb,
             accel=accel, kernel_args=kernel_args,
         )
-        cmd = [qemu, *args, *extra_qemu_args]
         env = dict(os.environ)
         binds = _bind_dirs([p for p in (socket_path, builtin_image) if p])
         if binds:
             env["NVME_EMU_BIND"] = ":".join(filter(None, [env.get("NVME_EMU_BIND", ""), binds]))
+        return boot([qemu, *args, *extra_qemu_args], env=env, accel=accel,
+                    timeout=timeout, echo_console=echo_console)
 
+
+def append_initrd(base: str, dest: str, extra: bytes) -> str:
+    """Write ``base`` followed by the cpio ``extra`` to ``dest`` (Linux unpacks both)."""
+    with open(dest, "wb") as out, open(base, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+        # the build scripts pad to 512; re-align defensively.
+        out.write(b"\0" * (-out.tell() % 512))
+        out.write(extra)
+    return dest
+
+
+def boot(cmd: list[str], *, env: dict[str, str], accel: str, timeout: float,
+         echo_console: bool = False) -> GuestResult:
+    """Run a QEMU whose guest prints the BEGIN/END markers; kill it on timeout and on
+    every exit path, and return what the console said."""
+    proc: subprocess.Popen | None = None
+    try:
         console_chunks: list[str] = []
         stderr_chunks: list[str] = []
         t0 = time.monotonic()
@@ -452,7 +463,6 @@ def run_guest(
             for s in (proc.stdout, proc.stderr):
                 if s is not None:
                     s.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

@@ -60,12 +60,7 @@ inch() {   # run in the chroot, log output, fail loudly
 }
 
 # --- kernel -------------------------------------------------------------------
-KPKG="$("$RUN" apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1)"
-if [ -z "$KPKG" ]; then
-    inch apt-get update
-    KPKG="$("$RUN" apt-cache depends linux-image-amd64 | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n1)"
-fi
-[ -n "$KPKG" ] || die "cannot resolve linux-image-amd64 in the chroot"
+KPKG="linux-image-$("$HERE/kernel-version.sh")" || die "kernel-version.sh failed"
 log "building guest: kernel package $KPKG (log: $LOGF)"
 mkdir -p "$W/dl"
 if ! "$RUN" sh -c "cd '$W/dl' && apt-get download '$KPKG'" >>"$LOGF" 2>&1; then

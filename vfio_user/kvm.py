@@ -15,9 +15,11 @@ Scope and constraints
   cannot run there, but small guest programs run in KVM's instruction emulator (about
   0.4-0.5 us per instruction). Both 16-bit real mode and 32-bit flat protected mode
   (paging off) work; see :meth:`Vcpu.enter_real_mode` / :meth:`Vcpu.enter_protected_mode`.
-* POST_WRITE is in no released kernel. Support is detected by trying the ioctl
-  (:meth:`VirtualMachine.post_write_supported`); where it is missing, a VMM traps the MMIO
-  write and does the same thing in userspace (:func:`post_write_emulated`).
+* POST_WRITE is in no released kernel. Support is detected by trying the ioctl and asking
+  for :data:`KVM_CAP_IOEVENTFD_POST_WRITE` (:meth:`VirtualMachine.post_write_supported`);
+  where it is missing, a VMM traps the MMIO/PIO write and does the same thing in userspace
+  (:class:`PostWriteEmulator`, :func:`post_write_emulated`). Test runs can require one
+  world or the other with ``NVME_EMU_EXPECT_POST_WRITE`` (:func:`post_write_expectation`).
 
 Every object owning a file descriptor or a mapping has ``close()`` and is a context manager;
 ``VirtualMachine.close()`` closes its vCPUs, its memory it allocated and its eventfd probes.
@@ -50,13 +52,18 @@ __all__ = [
     "IoEventFd",
     "PostWriteEmulator",
     "post_write_emulated",
+    "post_write_expectation",
+    "post_write_contract_violation",
     "GuestProgram",
     "prog_write_loop",
+    "prog_write_seq",
     "prog_out_loop",
     "prog_ring_and_poll",
     "prog_nvme_qd1",
     "measure_doorbell_exits",
     "IOEVENTFD_FLAG_POST_WRITE",
+    "KVM_CAP_IOEVENTFD_POST_WRITE",
+    "EXPECT_POST_WRITE_ENV",
 ]
 
 _mismatch = {k: v for k, v in measured_layout().items() if v != EXPECTED_LAYOUT[k]}
@@ -115,6 +122,9 @@ KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_IOEVENTFD_NO_LENGTH = 100
 KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+#: Proposed together with IOEVENTFD_FLAG_POST_WRITE: KVM_CHECK_EXTENSION answers > 0 (on
+#: /dev/kvm and on a VM fd) on kernels that have the flag; 0 (unknown cap) elsewhere.
+KVM_CAP_IOEVENTFD_POST_WRITE = 248
 
 IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 IOEVENTFD_FLAG_PIO = 1 << 1
@@ -379,6 +389,8 @@ class VirtualMachine:
         self._post_write_probe: Optional[tuple[bool, str]] = None
         #: errno of the POST_WRITE probe (0 when supported, None before probing).
         self.post_write_errno: Optional[int] = None
+        #: KVM_CHECK_EXTENSION(KVM_CAP_IOEVENTFD_POST_WRITE) as seen by the probe.
+        self.post_write_cap: Optional[int] = None
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers can be VM-specific)."""
@@ -425,25 +437,34 @@ class VirtualMachine:
         raise KeyError(f"no memory slot covers gpa {gpa:#x}")
 
     # -- ioeventfds -----------------------------------------------------------------
+    def ioeventfd_ioctl(self, gpa: int, size: int, eventfd: int, flags: int, *, datamatch: int = 0,
+                        post_addr: int = 0) -> None:
+        """KVM_IOEVENTFD with exactly these fields (no bookkeeping, no flag derivation).
+
+        For ABI tests that need combinations the typed methods refuse to build, e.g. a
+        non-zero ``post_addr`` without IOEVENTFD_FLAG_POST_WRITE. Use :meth:`add_ioeventfd`
+        / :meth:`remove_ioeventfd` otherwise.
+        """
+        a = ffi.new("struct kvm_ioeventfd *")
+        a.addr, a.len, a.fd, a.flags = gpa, size, eventfd, flags
+        a.datamatch, a.post_addr = datamatch, post_addr
+        _ioctl(self.fd, KVM_IOEVENTFD, ffi.buffer(a),
+               f"KVM_IOEVENTFD({'deassign ' if flags & IOEVENTFD_FLAG_DEASSIGN else ''}"
+               f"{'pio' if flags & IOEVENTFD_FLAG_PIO else 'mmio'} {gpa:#x}/{size} flags={flags:#x}"
+               f"{f' post_addr={post_addr:#x}' if post_addr else ''})")
+
     def _ioeventfd(self, gpa: int, size: int, eventfd: int, datamatch: Optional[int],
                    post_addr: Optional[int], pio: bool, deassign: bool) -> None:
-        a = ffi.new("struct kvm_ioeventfd *")
-        a.addr, a.len, a.fd = gpa, size, eventfd
         flags = 0
         if datamatch is not None:
             flags |= IOEVENTFD_FLAG_DATAMATCH
-            a.datamatch = datamatch
         if post_addr is not None:
             flags |= IOEVENTFD_FLAG_POST_WRITE
-            a.post_addr = post_addr
         if pio:
             flags |= IOEVENTFD_FLAG_PIO
         if deassign:
             flags |= IOEVENTFD_FLAG_DEASSIGN
-        a.flags = flags
-        _ioctl(self.fd, KVM_IOEVENTFD, ffi.buffer(a),
-               f"KVM_IOEVENTFD({'deassign ' if deassign else ''}{'pio' if pio else 'mmio'} "
-               f"{gpa:#x}/{size} flags={flags:#x})")
+        self.ioeventfd_ioctl(gpa, size, eventfd, flags, datamatch=datamatch or 0, post_addr=post_addr or 0)
 
     def add_ioeventfd(self, gpa: int, size: int, eventfd: int, *, datamatch: Optional[int] = None,
                       post_addr: Optional[int] = None, pio: bool = False) -> IoEventFd:
@@ -483,13 +504,45 @@ class VirtualMachine:
     def post_write_supported(self) -> tuple[bool, str]:
         """Does this kernel implement KVM_IOEVENTFD_FLAG_POST_WRITE? (cached)
 
-        The capability number is unassigned, so we probe: register a 4-byte POST_WRITE
-        ioeventfd on a scratch GPA with a valid post_addr, and deassign it on success.
-        Kernels without the flag reject the unknown bit with EINVAL. Returns
-        ``(supported, reason)``; the errno is kept in :attr:`post_write_errno`.
+        Two independent answers, both required:
+
+        * the probe: register a 4-byte POST_WRITE ioeventfd on a scratch GPA with a valid
+          post_addr (deassigned at once on success). Kernels without the flag reject the
+          unknown bit with EINVAL; a control registration without the flag tells that
+          apart from ioeventfds failing altogether;
+        * ``KVM_CHECK_EXTENSION(KVM_CAP_IOEVENTFD_POST_WRITE)`` on this VM fd.
+
+        Supported only when the probe succeeds and the capability is > 0. When they
+        disagree the kernel is inconsistent (e.g. a half-applied patch, or 248 assigned to
+        something else): reported unsupported, and the reason says so. The reason always
+        states both answers. The errno is kept in :attr:`post_write_errno` (0 when the
+        probe was accepted), the capability value in :attr:`post_write_cap` (None if the
+        query itself failed).
         """
         if self._post_write_probe is not None:
             return self._post_write_probe
+        probe_ok, probe_text = self._probe_post_write_flag()
+        try:
+            cap: Optional[int] = self.check_extension(KVM_CAP_IOEVENTFD_POST_WRITE)
+            cap_text = f"KVM_CHECK_EXTENSION(KVM_CAP_IOEVENTFD_POST_WRITE={KVM_CAP_IOEVENTFD_POST_WRITE}) = {cap}"
+        except KvmError as e:
+            cap = None
+            cap_text = (f"KVM_CHECK_EXTENSION(KVM_CAP_IOEVENTFD_POST_WRITE={KVM_CAP_IOEVENTFD_POST_WRITE}) "
+                        f"failed: {e}")
+        self.post_write_cap = cap
+        cap_ok = bool(cap)
+        if probe_ok and cap_ok:
+            result = (True, f"{probe_text}; {cap_text}")
+        elif probe_ok != cap_ok and cap is not None:
+            result = (False, f"inconsistent kernel: probe says {probe_text}, but {cap_text}; "
+                             f"treated as unsupported")
+        else:
+            result = (False, f"{probe_text}; {cap_text}")
+        self._post_write_probe = result
+        return result
+
+    def _probe_post_write_flag(self) -> tuple[bool, str]:
+        """The ioctl half of :meth:`post_write_supported`; sets :attr:`post_write_errno`."""
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         scratch = ffi.new("uint64_t[1]")  # valid, aligned userspace memory
         post_addr = int(ffi.cast("uintptr_t", scratch))
@@ -504,22 +557,17 @@ class VirtualMachine:
                 try:
                     self._ioeventfd(_PROBE_GPA, 4, efd, None, None, False, deassign=False)
                 except KvmError as e2:
-                    result = (False, f"{name} (errno {e.errno}) from POST_WRITE probe, but a plain "
-                                     f"ioeventfd fails too ({e2}): inconclusive")
-                else:
-                    self._ioeventfd(_PROBE_GPA, 4, efd, None, None, False, deassign=True)
-                    if e.errno == _errno.EINVAL:
-                        result = (False, f"EINVAL (errno {e.errno}): kernel lacks KVM_IOEVENTFD_FLAG_POST_WRITE")
-                    else:
-                        result = (False, f"{name} (errno {e.errno}) from POST_WRITE probe: {e.strerror}")
-            else:
-                self._ioeventfd(_PROBE_GPA, 4, efd, None, post_addr, False, deassign=True)
-                self.post_write_errno = 0
-                result = (True, "KVM_IOEVENTFD_FLAG_POST_WRITE accepted")
+                    return False, (f"{name} (errno {e.errno}) from POST_WRITE probe, but a plain "
+                                   f"ioeventfd fails too ({e2}): inconclusive")
+                self._ioeventfd(_PROBE_GPA, 4, efd, None, None, False, deassign=True)
+                if e.errno == _errno.EINVAL:
+                    return False, f"EINVAL (errno {e.errno}): kernel lacks KVM_IOEVENTFD_FLAG_POST_WRITE"
+                return False, f"{name} (errno {e.errno}) from POST_WRITE probe: {e.strerror}"
+            self._ioeventfd(_PROBE_GPA, 4, efd, None, post_addr, False, deassign=True)
+            self.post_write_errno = 0
+            return True, "KVM_IOEVENTFD_FLAG_POST_WRITE accepted"
         finally:
             os.close(efd)
-        self._post_write_probe = result
-        return result
 
     # -- vCPUs ----------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
@@ -651,7 +699,11 @@ class Vcpu:
             seg.base, seg.selector = 0, 0
             seg.limit = 0xFFFFFFFF if unreal else 0xFFFF
             seg.g = 1 if unreal else 0
+            seg.db = 0
         s.cs.base, s.cs.selector, s.cs.limit = cs << 4, cs, 0xFFFF
+        # 16-bit code segment even after enter_protected_mode on this vCPU (D=1 left in the
+        # descriptor cache would make the CPU decode the real-mode code as 32-bit).
+        s.cs.db, s.cs.g, s.cs.l = 0, 0, 0
         s.cr0 &= ~1
         self.set_sregs(s)
         self._set_ip(ip, **gprs)
@@ -800,29 +852,90 @@ def post_write_emulated(shadow: Union[memoryview, MemfdRegion], offset: int, val
 class PostWriteEmulator:
     """Table of trapped doorbells for a VMM without POST_WRITE.
 
-    ``add(gpa, size, shadow_region, shadow_offset, eventfd)``; then feed every MMIO exit to
-    :meth:`handle`, which returns True when the exit was a registered doorbell write and
-    has been posted with :func:`post_write_emulated`.
+    ``add(gpa, size, shadow_region, shadow_offset, eventfd, datamatch=None, pio=False)``;
+    then feed every exit to :meth:`handle`, which returns True when the exit was a write
+    that a kernel POST_WRITE registration with the same fields would have caught (same
+    MMIO address or port, same width, and the datamatch value if one was given), after
+    posting it with :func:`post_write_emulated` (value first, then signal). Anything else
+    (reads, other widths, a datamatch mismatch, string I/O with count > 1) returns False:
+    the exit is the VMM's to handle, as it would be with the kernel flag.
+    :attr:`posted` counts the writes posted so far.
     """
 
     def __init__(self) -> None:
-        self._slots: dict[int, tuple[int, MemfdRegion, int, int]] = {}
+        self._slots: dict[tuple[bool, int], tuple[int, Union[memoryview, MemfdRegion], int, int,
+                                                  Optional[int]]] = {}
+        self.posted = 0
 
-    def add(self, gpa: int, size: int, shadow: MemfdRegion, shadow_offset: int, eventfd: int) -> None:
-        self._slots[gpa] = (size, shadow, shadow_offset, eventfd)
+    def add(self, gpa: int, size: int, shadow: Union[memoryview, MemfdRegion], shadow_offset: int,
+            eventfd: int, *, datamatch: Optional[int] = None, pio: bool = False) -> None:
+        """Register ``gpa`` (a port when ``pio``); replaces an earlier entry for it.
 
-    def remove(self, gpa: int) -> None:
-        del self._slots[gpa]
+        Checks what KVM checks at assign time for POST_WRITE: a width of 1/2/4/8 (no
+        "any length"), and a shadow slot inside the region, aligned to the width.
+        """
+        if size not in _CTYPE_FOR_SIZE:
+            raise ValueError(f"size must be 1, 2, 4 or 8, got {size}")
+        length = shadow.size if isinstance(shadow, MemfdRegion) else shadow.nbytes
+        if shadow_offset % size or not 0 <= shadow_offset <= length - size:
+            raise ValueError(f"shadow offset {shadow_offset:#x} misaligned or out of range for size {size}")
+        self._slots[(pio, gpa)] = (size, shadow, shadow_offset, eventfd, datamatch)
+
+    def remove(self, gpa: int, *, pio: bool = False) -> None:
+        del self._slots[(pio, gpa)]
 
     def handle(self, ex: VcpuExit) -> bool:
-        if ex.kind != "MMIO" or not ex.is_write:
+        if not ex.is_write:
             return False
-        slot = self._slots.get(ex.phys_addr)
+        if ex.kind == "MMIO":
+            slot = self._slots.get((False, ex.phys_addr))
+        elif ex.kind == "IO" and ex.count == 1:
+            slot = self._slots.get((True, ex.port))
+        else:
+            return False
         if slot is None or slot[0] != ex.length:
             return False
-        size, shadow, off, efd = slot
-        post_write_emulated(shadow, off, ex.value, size, efd)
+        size, shadow, off, efd, datamatch = slot
+        value = ex.value
+        if datamatch is not None and value != datamatch & ((1 << (8 * size)) - 1):
+            return False
+        post_write_emulated(shadow, off, value, size, efd)
+        self.posted += 1
         return True
+
+
+#: Environment variable of the test contract (see :func:`post_write_expectation`).
+EXPECT_POST_WRITE_ENV = "NVME_EMU_EXPECT_POST_WRITE"
+
+
+def post_write_expectation() -> Optional[bool]:
+    """What the test run demands of the kernel, from ``NVME_EMU_EXPECT_POST_WRITE``.
+
+    ``"1"`` → True: the kernel must implement KVM_IOEVENTFD_FLAG_POST_WRITE; tests that
+    would otherwise fall back to :class:`PostWriteEmulator` must fail instead.
+    ``"0"`` → False: the kernel must lack it (a stock-module run must not silently pick
+    up a patched kernel). Unset or empty → None: adapt to whatever the kernel does.
+    Any other value raises ValueError (a typo must not turn into "adapt").
+    """
+    raw = os.environ.get(EXPECT_POST_WRITE_ENV, "").strip()
+    if raw == "":
+        return None
+    if raw in ("0", "1"):
+        return raw == "1"
+    raise ValueError(f"{EXPECT_POST_WRITE_ENV}={raw!r}: expected '1', '0' or unset")
+
+
+def post_write_contract_violation(supported: bool, reason: str) -> Optional[str]:
+    """The failure message when ``supported`` (from :meth:`VirtualMachine.post_write_supported`)
+    contradicts :func:`post_write_expectation`, else None."""
+    expected = post_write_expectation()
+    if expected is None or expected == supported:
+        return None
+    if expected:
+        return (f"{EXPECT_POST_WRITE_ENV}=1 requires a kernel with KVM_IOEVENTFD_FLAG_POST_WRITE, "
+                f"but this kernel does not have it ({reason}); refusing to fall back to the emulation")
+    return (f"{EXPECT_POST_WRITE_ENV}=0 requires a kernel without KVM_IOEVENTFD_FLAG_POST_WRITE, "
+            f"but this kernel has it ({reason})")
 
 
 # --------------------------------------------------------------------------------------
@@ -896,8 +1009,40 @@ class _Asm:
                 raise ValueError("8-bit store needs al/cl/dl/bl")
             op = 0x88
         else:
-            raise ValueError("width must be 1, 2 or 4 (8-byte stores need long mode)")
+            raise ValueError("width must be 1, 2 or 4 (8-byte stores: movq_store from an MMX register)")
         self.code += bytes([op]) + self._modrm_mem(src, base, disp)
+
+    def movq_load(self, mm: int, base: int, disp: int = 0) -> None:
+        """movq mm, [base+disp] : 0F 6F /r (MMX; no operand-size prefix in either mode)
+
+        MMX needs CR0.EM=0 and CR0.TS=0, which is how a fresh vCPU starts; KVM's
+        instruction emulator implements 0F 6F / 0F 7F (SSE ``movq xmm`` F3 0F 7E is not)."""
+        self._a32()
+        self.code += bytes([0x0F, 0x6F]) + self._modrm_mem(mm, base, disp)
+
+    def movq_store(self, base: int, mm: int, disp: int = 0) -> None:
+        """movq [base+disp], mm : 0F 7F /r — one 8-byte store (an 8-byte MMIO exit)."""
+        self._a32()
+        self.code += bytes([0x0F, 0x7F]) + self._modrm_mem(mm, base, disp)
+
+    def mov_mm_imm64(self, mm: int, value: int, scratch: int) -> None:
+        """Load a 64-bit immediate into an MMX register through 8 bytes of guest RAM at
+        ``scratch`` (there is no move of a 64-bit immediate in 32-bit code), using ESI
+        and EAX::
+
+            BE <scratch:4>   mov esi, scratch
+            B8 <lo:4>        mov eax, lo
+            89 06            mov [esi], eax
+            B8 <hi:4>        mov eax, hi
+            89 46 04         mov [esi+4], eax
+            0F 6F 06         movq mm, [esi]
+        """
+        self.mov_r_imm(ESI, scratch)
+        self.mov_r_imm(EAX, value & 0xFFFFFFFF)
+        self.store(ESI, EAX)
+        self.mov_r_imm(EAX, (value >> 32) & 0xFFFFFFFF)
+        self.store(ESI, EAX, disp=4)
+        self.movq_load(mm, ESI)
 
     def store_abs(self, addr: int, src: int) -> None:
         """mov [disp32], src32 : 89 /r with ModRM mod 00 rm 101 (= absolute disp32)"""
@@ -1028,7 +1173,12 @@ class GuestProgram:
             vcpu.enter_real_mode(gpa >> 4, gpa & 0xF, unreal=True, **gprs)
 
 
-def prog_write_loop(addr: int, value: int, n: int, *, width: int = 4, bits: int = 32) -> GuestProgram:
+#: Default guest-RAM scratch (8 bytes) through which 8-byte programs load their value.
+SCRATCH_GPA = 0x500
+
+
+def prog_write_loop(addr: int, value: int, n: int, *, width: int = 4, bits: int = 32,
+                    scratch: int = SCRATCH_GPA) -> GuestProgram:
     """(a) Write ``value`` to ``addr`` ``n`` times (loop counted in ECX), then HLT.
 
     32-bit encoding (16-bit mode adds 66/67 prefixes)::
@@ -1043,19 +1193,78 @@ def prog_write_loop(addr: int, value: int, n: int, *, width: int = 4, bits: int 
         F4               hlt
 
     Per iteration the guest executes 3 instructions (store, dec, jnz).
+
+    ``width=8`` stores from MMX register mm0 (``0F 7F 03  movq [ebx], mm0``), loaded
+    first from 8 bytes of guest RAM at ``scratch`` (see :meth:`_Asm.mov_mm_imm64`, which
+    precedes ``mov ebx``); each store is one 8-byte MMIO write.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
     a = _Asm(bits)
+    if width == 8:
+        a.mov_mm_imm64(0, value, scratch)
     a.mov_r_imm(EBX, addr)
-    a.mov_r_imm(EAX, value)
+    if width != 8:
+        a.mov_r_imm(EAX, value)
     a.mov_r_imm(ECX, n)
     a.label("loop")
-    a.store(EBX, EAX, width)
+    if width == 8:
+        a.movq_store(EBX, 0)
+    else:
+        a.store(EBX, EAX, width)
     a.dec(ECX)
     a.jnz("loop")
     a.hlt()
     return GuestProgram(a.assemble(), bits, f"write {value:#x} to {addr:#x} x{n} (width {width})")
+
+
+def prog_write_seq(target: int, values: "list[int] | tuple[int, ...]", *, width: int = 4, pio: bool = False,
+                   sync: Union[None, str, int] = None, bits: int = 32,
+                   scratch: int = SCRATCH_GPA) -> GuestProgram:
+    """Straight-line code: write each of ``values`` in turn to ``target``, then HLT.
+
+    ``target`` is a guest-physical address (``mov [ebx], eax``; width 8: MMX ``movq``), or a
+    port when ``pio`` (``out dx, al/ax/eax``; widths 1/2/4). ``sync`` puts an exit to
+    userspace after every write: ``"hlt"`` (a HLT; run again to continue, so the program
+    stops ``len(values) + 1`` times) or an int: a 4-byte MMIO write of the write's index
+    (1, 2, ...) to that unbacked guest-physical address. 32-bit encoding per write::
+
+        BB <target:4>    mov ebx, target        (pio: 66 BA <port:2>  mov dx, port)
+        B8 <value:4>     mov eax, value          (width 8: mov_mm_imm64, see _Asm)
+        89 03            mov [ebx], eax          (pio: EF  out dx, eax)
+      [ F4               hlt                     sync="hlt"
+      | B8 <i:4>         mov eax, i              sync=<gpa>
+        89 05 <gpa:4>    mov [gpa], eax ]
+    """
+    if not values:
+        raise ValueError("values must not be empty")
+    if pio and width not in (1, 2, 4):
+        raise ValueError("port writes are 1, 2 or 4 bytes")
+    a = _Asm(bits)
+    for i, value in enumerate(values, 1):
+        if pio:
+            a.mov_dx_imm16(target)
+            a.mov_r_imm(EAX, value)
+            a.out_dx(width)
+        elif width == 8:
+            a.mov_mm_imm64(0, value, scratch)
+            a.mov_r_imm(EBX, target)
+            a.movq_store(EBX, 0)
+        else:
+            a.mov_r_imm(EBX, target)
+            a.mov_r_imm(EAX, value)
+            a.store(EBX, EAX, width)
+        if sync == "hlt":
+            a.hlt()
+        elif isinstance(sync, int):
+            a.mov_r_imm(EAX, i)
+            a.store_abs(sync, EAX)
+        elif sync is not None:
+            raise ValueError(f"sync must be None, 'hlt' or a guest-physical address, got {sync!r}")
+    a.hlt()
+    where = f"port {target:#x}" if pio else f"{target:#x}"
+    return GuestProgram(a.assemble(), bits, f"write {[hex(v) for v in values]} to {where} "
+                                            f"(width {width}, sync {sync!r})")
 
 
 def prog_out_loop(port: int, value: int, n: int, *, width: int = 4, bits: int = 32) -> GuestProgram:

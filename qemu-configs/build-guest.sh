@@ -11,10 +11,9 @@
 # Cache: ${NVME_EMU_CACHE:-$HOME/.cache/nvme-emu}/guest ; concurrency: flock.
 set -euo pipefail
 
-die() { echo "build-guest.sh: error: $*" >&2; exit 1; }
-log() { echo "build-guest.sh: $*" >&2; }
-
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+NAME=build-guest.sh
+. "$HERE/build-common.sh"
 CACHE="${NVME_EMU_CACHE:-$HOME/.cache/nvme-emu}"
 OUT="$CACHE/guest"
 STAMP="$CACHE/guest.stamp"
@@ -26,7 +25,7 @@ CHROOT="$("$HERE/provide-qemu.sh" --chroot | tail -n1)" || die "provide-qemu.sh 
 RUN="$CACHE/bin/chroot-run"
 [ -x "$RUN" ] || die "missing $RUN (provide-qemu.sh did not finish?)"
 
-KEY="$(cat "$0" "$INIT_SRC" "$CACHE/trixie-root.stamp" | sha256sum | cut -c1-16)"
+KEY="$(cat "$0" "$HERE/build-common.sh" "$INIT_SRC" "$CACHE/trixie-root.stamp" | sha256sum | cut -c1-16)"
 
 cached_ok() {
     [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.img" ]
@@ -52,21 +51,11 @@ W="$(mktemp -d /tmp/nvme-emu-guest-build.XXXXXX)"
 trap 'rm -rf "$W"' EXIT
 LOGF="$CACHE/build-guest.log"
 : >"$LOGF"
-inch() {   # run in the chroot, log output, fail loudly
-    if ! "$RUN" "$@" >>"$LOGF" 2>&1; then
-        tail -n 30 "$LOGF" >&2
-        die "command failed (log: $LOGF): $*"
-    fi
-}
 
 # --- kernel -------------------------------------------------------------------
 KPKG="linux-image-$("$HERE/kernel-version.sh")" || die "kernel-version.sh failed"
 log "building guest: kernel package $KPKG (log: $LOGF)"
-mkdir -p "$W/dl"
-if ! "$RUN" sh -c "cd '$W/dl' && apt-get download '$KPKG'" >>"$LOGF" 2>&1; then
-    inch apt-get update
-    inch sh -c "cd '$W/dl' && apt-get download '$KPKG'"
-fi
+download_package "$W/dl" "$KPKG"
 inch sh -c "dpkg -x '$W'/dl/*.deb '$W/kpkg'"
 MODBASE="$W/kpkg/usr/lib/modules"
 [ -d "$MODBASE" ] || MODBASE="$W/kpkg/lib/modules"
@@ -94,24 +83,12 @@ mkdir -p "$R/usr/lib/modules"
 while read -r verb path _; do
     [ "$verb" = insmod ] || continue
     name="$(basename "$path")"
-    case "$name" in
-        *.ko.xz)  xz -dc "$path" >"$R/usr/lib/modules/${name%.xz}"; name="${name%.xz}" ;;
-        *.ko.zst) zstd -qdc "$path" >"$R/usr/lib/modules/${name%.zst}"; name="${name%.zst}" ;;
-        *.ko.gz)  gzip -dc "$path" >"$R/usr/lib/modules/${name%.gz}"; name="${name%.gz}" ;;
-        *.ko)     cp "$path" "$R/usr/lib/modules/$name" ;;
-        *) die "unexpected module file $path" ;;
-    esac
+    name="${name%.ko*}.ko"
+    unpack_module "$path" "$R/usr/lib/modules/$name"
     echo "$name" >>"$R/etc/nvme-emu/modules"
 done <"$W/deps"
 
-# busybox (static) + applet links
-cp "$CHROOT/usr/bin/busybox" "$R/usr/bin/busybox"
-"$RUN" /usr/bin/busybox --list-full | while read -r app; do
-    app="${app#/}"
-    case "$app" in bin/*|sbin/*) app="usr/$app" ;; esac
-    mkdir -p "$(dirname "$R/$app")"
-    [ -e "$R/$app" ] || [ -L "$R/$app" ] || ln -s /usr/bin/busybox "$R/$app"
-done
+install_busybox "$CHROOT" "$R"
 
 # fio, nvme-cli and their libraries (resolved inside the chroot)
 copy_from_chroot() {   # $1 = absolute path as seen inside the chroot
@@ -133,16 +110,9 @@ done
 grep -q 'not found' "$W/ldd" && die "unresolved libraries: $(grep 'not found' "$W/ldd")"
 
 install -m 0755 "$INIT_SRC" "$R/init"
-printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
-printf 'root:x:0:\n' >"$R/etc/group"
 
 # --- pack -----------------------------------------------------------------------
-# newc cpio, owned by root, gzip.  Padded to 512 bytes with zeros so that
-# nvme_emu.guest can append a second (uncompressed) cpio at an aligned offset.
-inch sh -c "cd '$R' && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -6 >'$W/initramfs.img'"
-sz=$(stat -c %s "$W/initramfs.img")
-pad=$(( (512 - sz % 512) % 512 ))
-[ "$pad" -eq 0 ] || head -c "$pad" /dev/zero >>"$W/initramfs.img"
+pack_initramfs "$R" "$W/initramfs.img"
 
 rm -rf "$OUT.tmp"
 mkdir -p "$OUT.tmp"

@@ -26,10 +26,9 @@
 # NVME_EMU_KEEP_WORK=1 keeps the work dir (unstripped modules) for debugging.
 set -euo pipefail
 
-die() { echo "build-kvm.sh: error: $*" >&2; exit 1; }
-log() { echo "build-kvm.sh: $*" >&2; }
-
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+NAME=build-kvm.sh
+. "$HERE/../build-common.sh"
 CACHE="${NVME_EMU_CACHE:-$HOME/.cache/nvme-emu}"
 PATCH="$HERE/post-write.patch"
 [ -f "$PATCH" ] || die "missing $PATCH"
@@ -72,12 +71,6 @@ W="$(mktemp -d /tmp/nvme-emu-kvm-build.XXXXXX)"
 trap '[ -n "${NVME_EMU_KEEP_WORK:-}" ] && log "work dir kept: $W" || rm -rf "$W"' EXIT
 LOGF="$CACHE/build-kvm.log"
 : >"$LOGF"
-inch() {   # run in the chroot, log output, fail loudly
-    if ! "$RUN" "$@" >>"$LOGF" 2>&1; then
-        tail -n 30 "$LOGF" >&2
-        die "command failed (log: $LOGF): $*"
-    fi
-}
 log "building patched KVM modules for $KVER (log: $LOGF)"
 
 # --- packages: versions pinned to the guest's kernel package ------------------
@@ -117,12 +110,7 @@ if ! "$RUN" sh -c "command -v make && command -v x86_64-linux-gnu-$GCC && comman
 fi
 
 log "downloading $SRCPKG, $HPKG, $HCOMMON, $KBUILD, $KPKG (version $VER)"
-mkdir -p "$W/dl"
-DLCMD="cd '$W/dl' && apt-get download '$SRCPKG=$VER' '$HPKG=$VER' '$HCOMMON=$VER' '$KBUILD=$VER' '$KPKG=$VER'"
-if ! "$RUN" sh -c "$DLCMD" >>"$LOGF" 2>&1; then
-    inch apt-get update
-    inch sh -c "$DLCMD"
-fi
+download_package "$W/dl" "$SRCPKG=$VER" "$HPKG=$VER" "$HCOMMON=$VER" "$KBUILD=$VER" "$KPKG=$VER"
 
 # --- private headers tree -----------------------------------------------------
 H="$W/h"

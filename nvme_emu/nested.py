@@ -38,6 +38,8 @@ DEFAULT_MEMORY_MB = 3072
 _HOST_ROOT = "host-root"
 #: What the job inherits from the caller's environment (nothing else leaks in).
 _PASS_ENV = ("PYTHONHASHSEED", "LANG", "LC_ALL")
+#: Directories L1 mounts fresh tmpfs on, over the host's (nested-init.sh).
+_L1_TMPFS = ("/tmp", "/run", "/dev/shm")
 
 
 def ensure_nested() -> tuple[str, str]:
@@ -76,6 +78,16 @@ def _job_script(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def _hidden_by_tmpfs(paths: Iterable[str]) -> list[str]:
+    """The host directories among ``paths`` that L1's tmpfs mounts would hide (a checkout
+    or an output directory under /tmp): nested-init.sh binds them back in."""
+    out: list[str] = []
+    for p in paths:
+        if any(p == t or p.startswith(t + "/") for t in _L1_TMPFS) and p not in out:
+            out.append(p)
+    return out
+
+
 def _host_root_binds(paths: Iterable[str]) -> list[str]:
     """Host directories to bind under the 9p export because they sit on another
     filesystem than ``/`` (a non-recursive bind of ``/`` does not show them)."""
@@ -89,7 +101,7 @@ def _host_root_binds(paths: Iterable[str]) -> list[str]:
 
 
 def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: int, cpus: int,
-                  out_dirs: list[str], share_dirs: list[str]) -> tuple[list[str], str]:
+                  keep_dirs: list[str], share_dirs: list[str]) -> tuple[list[str], str]:
     """The L1 QEMU command and the (wrapper-side) path it exports as the host's root."""
     wrapped = os.path.exists(os.path.join(os.path.dirname(qemu), "chroot-run"))  # provide-qemu.sh's wrapper
     chroot = g._run_script("provide-qemu.sh", "--chroot")[-1] if wrapped else None
@@ -97,8 +109,8 @@ def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: i
         "console=ttyS0,115200", "panic=-1", "quiet", "loglevel=3",
         f"nvme_emu_kvm={kvm}",
     ]
-    if out_dirs:
-        kargs.append("nvme_emu_out=" + ":".join(out_dirs))
+    if keep_dirs:
+        kargs.append("nvme_emu_share=" + ":".join(keep_dirs))
     export = "/" if chroot is None else "/" + _HOST_ROOT
     cmd = [
         qemu, "-nodefaults", "-no-user-config", "-nographic", "-serial", "mon:stdio", "-no-reboot",
@@ -145,8 +157,9 @@ def run_nested(argv: list[str], *, kvm: str = "stock", env: Mapping[str, str] | 
     with tempfile.TemporaryDirectory(prefix="nvme-emu-nested-", dir="/tmp", ignore_cleanup_errors=True) as tmp:
         extra = g.make_cpio({"job/run.sh": _job_script(argv, cwd, job_env)}, dirs=["job"]) + _module_cpio(kvm)
         initrd = g.append_initrd(base_initrd, os.path.join(tmp, "initrd.img"), extra)
+        host_dirs = [cwd, *map(os.path.realpath, (sys.prefix, sys.base_prefix)), *outs]
         cmd, _export = _qemu_command(qemu, kernel, initrd, kvm=kvm, memory_mb=memory_mb, cpus=cpus,
-                                     out_dirs=outs, share_dirs=_host_root_binds([cwd, sys.prefix, sys.base_prefix, *outs]))
+                                     keep_dirs=_hidden_by_tmpfs(host_dirs), share_dirs=_host_root_binds(host_dirs))
         return g.boot(cmd, env=dict(os.environ), accel="tcg", timeout=timeout, echo_console=echo_console)
 
 

@@ -7,7 +7,8 @@
 #     nvme_emu.nested); kvm-amd where the CPU offers svm, else kvm-intel
 #  3. mounts the host's root (9p tag "host") on /h, with this guest's /proc, /sys,
 #     /dev (so /dev/kvm is the L1 KVM) and fresh tmpfs on /h/tmp, /h/run, /h/dev/shm;
-#     nvme_emu_out=/a:/b re-exposes those host directories (hidden under the tmpfs)
+#     nvme_emu_share=/a:/b re-exposes those host directories where the tmpfs hides them
+#     (the working directory, a checkout under /tmp, output directories)
 #  4. runs /job/run.sh with `chroot /h`, printing its output between
 #         =====NVME-EMU-BEGIN=====
 #         =====NVME-EMU-END rc=N=====
@@ -56,9 +57,9 @@ for d in proc sys dev; do mount --rbind "/$d" "/h/$d" || rig_fail "cannot bind /
 for d in tmp run dev/shm; do mount -t tmpfs tmpfs "/h/$d" || rig_fail "cannot mount tmpfs on /h/$d"; done
 chmod 1777 /h/tmp /h/dev/shm
 old_ifs="$IFS"; IFS=:
-for d in ${nvme_emu_out:-}; do
+for d in ${nvme_emu_share:-}; do
     [ -n "$d" ] || continue
-    mkdir -p "/h$d" && mount --bind "/hraw$d" "/h$d" || rig_fail "cannot expose output directory $d"
+    mkdir -p "/h$d" && mount --bind "/hraw$d" "/h$d" || rig_fail "cannot expose host directory $d"
 done
 IFS="$old_ifs"
 

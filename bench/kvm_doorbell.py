@@ -634,7 +634,7 @@ class PathBench:
                 dt = time.perf_counter() - t0
         except GuestTimeout:
             alive = "running" if self.server.proc.poll() is None else f"exited {self.server.proc.returncode}"
-            raise RuntimeError(f"{self.mode}: guest program '{prog.description}' did not finish within "
+            raise GuestDidNotFinish(f"{self.mode}: guest program '{prog.description}' did not finish within "
                                f"{self.args.guest_timeout} s (server {alive}); server log tail:\n{self.server.log()[-3000:]}") from None
         assert ex.kind == "HLT", ex
         return dt
@@ -762,20 +762,26 @@ class PathBench:
                     print(f"warning: {self.mode} server exited with {rc}:\n{self.server.log()[-2000:]}", file=sys.stderr)
 
 
+class GuestDidNotFinish(RuntimeError):
+    """A guest program still running after --guest-timeout (a completion that never came,
+    or a vCPU gone astray)."""
+
+
 def measure_round_retrying(b: PathBench, rnd: int) -> dict:
     """One round of ``b``; a round whose guest program strays outside BAR0 is retried once.
 
     Seen only in the nested rig (L1 KVM on TCG's emulated SVM): once in a few thousand guest
     programs the L2 vCPU takes an event it should not (it pushes FLAGS/CS below address 0 as
-    for a 16-bit interrupt gate) and the program never reaches its HLT. Every program reloads
+    for a 16-bit interrupt gate) or stops making progress, and the program never reaches
+    its HLT. Every program reloads
     all registers, so the next round starts clean; the retry is recorded in the path's notes.
     """
     try:
         return b.measure_round()
-    except K.KvmError as e:
-        if e.errno != 5:
+    except (K.KvmError, GuestDidNotFinish) as e:
+        if isinstance(e, K.KvmError) and e.errno != 5:
             raise
-        note = f"round {rnd + 1} retried after an unexpected guest exit: {e.strerror}"
+        note = f"round {rnd + 1} retried after a stray guest program: {str(e).splitlines()[0]}"
         print(f"  {b.label}: {note}", flush=True)
         b.notes.append(note)
         return b.measure_round()
@@ -1123,6 +1129,9 @@ def write_markdown(path: Path, doc: dict, table: str) -> None:
 # ----------------------------------------------------------------------------------------
 # --nested: the same benchmark inside the nested rig, on Debian's KVM and on ours
 # ----------------------------------------------------------------------------------------
+#: Inner-run sizes for --nested (each TCG-emulated exit costs ~0.5 ms); explicit options win.
+NESTED_DEFAULTS = {"--rounds": "1", "--writes-trap": "200", "--writes-fast": "2000", "--qd1": "200",
+                   "--tput-cmds": "512", "--floor-n": "200"}
 NESTED_CAVEAT = ("Nested numbers: this benchmark ran in an L1 guest under QEMU TCG (-cpu max, emulated SVM with nested "
                  "paging), so every VM exit, and every instruction of L1 and the L2 program, is emulated by TCG. Absolute "
                  "times say nothing about hardware; only ratios between paths within one boot carry over.")
@@ -1270,6 +1279,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             passthrough.append(a)
             i += 1
+        # What one boot completes reliably: in the rig a second round on the same vCPU has
+        # repeatedly sent a guest program astray (open problem, see bench/README.md).
+        for opt, val in NESTED_DEFAULTS.items():
+            if not any(a.split("=", 1)[0] == opt for a in passthrough):
+                passthrough += [opt, val]
         return nested_main(args, passthrough)
 
     ok, why = K.Kvm.available()

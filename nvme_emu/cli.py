@@ -52,11 +52,28 @@ def build_function(args: argparse.Namespace) -> NvmeFunction:
     return NvmeFunction(namespaces, config, doorbell=args.doorbell, spin_us=args.spin_us)
 
 
+def agent_socket(args: argparse.Namespace) -> str | None:
+    """Where the doorbell agent inside QEMU listens: next to the vfio-user socket by default."""
+    if args.agent_socket == "off":
+        return None
+    return args.agent_socket or f"{args.socket}.agent"
+
+
+def agent_library_hint() -> str:
+    """The agent's shared object if it is built (or can be, here), else how to build it."""
+    from .guest import GuestError, ensure_agent
+
+    try:
+        return ensure_agent()
+    except GuestError:
+        return "$(nvme_emu/agent/build.sh | tail -n1)"
+
+
 def format_stats(function: NvmeFunction) -> str:
     st = function.stats()
     db = st["doorbells"]
     lines = [
-        f"doorbell path {st['doorbell_mode']}: trapped={db['trapped']} signals={db['signals']} wakeups={db['wakeups']} "
+        f"doorbell path {st['doorbell_mode']}: trapped={db['trapped']} trapped_io_sq={db['trapped_io_sq']} signals={db['signals']} wakeups={db['wakeups']} "
         f"doorbells={db['doorbells']} coalesced={db['coalesced']} spin_hits={db['spin_hits']}/{db['spins']} "
         f"polls={db['polls']} poll_cpu={db['poll_cpu_seconds']:.3f}s lost_values={db['lost_values']}"
     ]
@@ -66,11 +83,19 @@ def format_stats(function: NvmeFunction) -> str:
             f"  {name}: commands={q['commands']} batches={q['batches']} cmds/batch={per_wake:.2f} max_batch={q['max_batch']} "
             f"completions={q['cq_completions']} interrupts={q['cq_interrupts']} cq_full_stalls={q['cq_full_stalls']}"
         )
+    agent = st.get("ioeventfd_agent")
+    if agent is not None:
+        lines.append(f"  ioeventfd agent {agent['agent']}: connected={agent['connected']} post_write={agent['post_write']} "
+                     f"registered={agent['registered']} refused={agent['refused']} sets={agent['sets']} "
+                     f"clears={agent['clears']} failures={agent['failures']}")
     return "\n".join(lines)
 
 
 async def serve(args: argparse.Namespace) -> int:
     from vfio_user.libvfio import make_server
+
+    from vfio_user.constants import RegionIndex
+    from vfio_user.ioeventfd_export import IoeventfdExport
 
     function = build_function(args)
     try:
@@ -78,6 +103,8 @@ async def serve(args: argparse.Namespace) -> int:
     except BaseException:
         function.close()
         raise
+    agent_path = agent_socket(args)
+    export = IoeventfdExport(function, RegionIndex.BAR0, agent_path) if agent_path else None
     print(f"nvme-emu: vfio-user backend {getattr(server, 'backend', 'python')}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -91,12 +118,19 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"  namespace {ns.nsid}: {ns!r}", flush=True)
         print("attach QEMU (10.1+) with:", flush=True)
         print(f"  qemu-system-x86_64 {qemu_arguments(args.socket)} ...", flush=True)
+        if agent_path:
+            print("under KVM, let the doorbell agent register the doorbells as ioeventfds (POST_WRITE where the "
+                  "kernel has it) by starting that QEMU as:", flush=True)
+            print(f"  LD_PRELOAD={agent_library_hint()} NVME_EMU_AGENT_SOCKET={agent_path} qemu-system-x86_64 -accel kvm ...",
+                  flush=True)
         stats_task = loop.create_task(_print_stats(function, args.stats)) if args.stats else None
         await stop.wait()
         print("nvme-emu: shutting down", flush=True)
         if stats_task is not None:
             stats_task.cancel()
     finally:
+        if export is not None:
+            export.close()
         server.close()
         for ns in function.controller.namespaces.values():
             try:
@@ -174,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     common(s)
     s.add_argument("--socket", default=DEFAULT_SOCKET)
     s.add_argument("--socket-mode", default="0600", help="permissions of the socket (default owner only)")
+    s.add_argument("--agent-socket", default=None, metavar="PATH|off",
+                   help="socket of the doorbell agent inside QEMU (LD_PRELOAD, see README); default SOCKET.agent, "
+                        "used when it exists; 'off' never uses an agent")
     s.add_argument("--serial", default="NVMEEMU00000001")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")

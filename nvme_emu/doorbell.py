@@ -55,6 +55,7 @@ class DoorbellStats:
     """Per-path counters (the CLI prints them; benchmarks divide them by I/Os)."""
 
     trapped: int = 0  # doorbell REGION_WRITEs
+    trapped_io_sq: int = 0  # of which I/O queue SQ tails (zero once an agent serves them)
     signals: int = 0  # eventfd counts: writes that reached us by ioeventfd
     wakeups: int = 0  # eventfd read-ready callbacks / poll rounds that found work
     doorbells: int = 0  # slot changes acted on
@@ -146,6 +147,8 @@ class DoorbellPath:
             log.debug("ignored doorbell write of %d bytes at %#x", len(data), offset)
             return
         self.stats.trapped += 1
+        if slot >= 2 and not slot & 1:
+            self.stats.trapped_io_sq += 1
         self.page.values[slot] = int.from_bytes(data, "little")
         self._kick(slot)
         if self.page_shared:

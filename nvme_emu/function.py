@@ -60,6 +60,21 @@ class NvmeFunction(Device):
         self.irq_counts[IrqIndex.MSIX] = cfg.msix_vectors
         spin = {} if spin_us is None else {"spin_us": spin_us}  # None: the path's own default
         self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, **spin)
+        self.controller.queue_listeners.append(self._queue_event)
+
+    def _queue_event(self, event: str, qid: int) -> None:
+        if event in ("dbbuf", "reset"):  # where a doorbell's value lives has changed
+            self.ioeventfds_changed(RegionIndex.BAR0)
+
+    def exported_ioeventfds(self, index: int, post_write: bool) -> list:
+        """With POST_WRITE every doorbell ioeventfd carries its value. Without it a signal
+        says only "written": an I/O queue's doorbell may then go to KVM only while Doorbell
+        Buffer Config keeps its value in guest memory (admin doorbells stay trapped)."""
+        if index != RegionIndex.BAR0 or post_write:
+            return super().exported_ioeventfds(index, post_write)
+        if self.controller.dbbuf is None:
+            return []
+        return [e for e in self.bar0.ioeventfds if (e.offset - Reg.DOORBELLS) >> 2 >= 2]
 
     def _declare_config(self, cfg: ControllerConfig) -> None:
         c = self.config
@@ -147,4 +162,5 @@ class NvmeFunction(Device):
             "doorbell_mode": self.doorbells.active_mode.value,
             "doorbells": self.doorbells.stats.as_dict(),
             "queues": self.controller.queue_stats(),
+            **{k: v for o in self.observers for k, v in (o.describe() or {}).items()},
         }

@@ -137,6 +137,22 @@ def ensure_guest() -> tuple[str, str]:
     return _guest_paths
 
 
+_agent_path: str | None = None
+
+
+def ensure_agent() -> str:
+    """Path of the doorbell agent's shared object (nvme_emu/agent/build.sh, cached)."""
+    global _agent_path
+    if _agent_path is None:
+        script = Path(__file__).resolve().parent / "agent" / "build.sh"
+        proc = subprocess.run([str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = proc.stdout.split()
+        if proc.returncode != 0 or not lines:
+            raise GuestError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+        _agent_path = lines[-1]
+    return _agent_path
+
+
 def detect_accel() -> str:
     """'kvm' only with real VMX/SVM and a usable /dev/kvm, else 'tcg'.
 
@@ -354,12 +370,15 @@ def run_guest(
     extra_qemu_args: Iterable[str] = (),
     kernel_args: str = "",
     echo_console: bool = False,
+    agent: bool | None = None,
 ) -> GuestResult:
     """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
 
     Exactly one of ``socket_path`` (vfio-user server socket) or
     ``builtin_image`` (raw file for QEMU's own nvme) must be given.
-    QEMU is killed on timeout and on every exit path.
+    QEMU is killed on timeout and on every exit path. ``agent`` (default: whenever the
+    accelerator is KVM and the device is ours) preloads the doorbell agent into QEMU,
+    listening on ``socket_path + ".agent"``, where ``nvme-emu serve`` looks for it.
     """
     if (socket_path is None) == (builtin_image is None):
         raise ValueError("give exactly one of socket_path or builtin_image")
@@ -382,6 +401,9 @@ def run_guest(
             accel=accel, kernel_args=kernel_args,
         )
         env = dict(os.environ)
+        if agent if agent is not None else (accel == "kvm" and socket_path is not None):
+            env["LD_PRELOAD"] = ensure_agent()
+            env["NVME_EMU_AGENT_SOCKET"] = os.path.abspath(socket_path) + ".agent"  # type: ignore[arg-type]
         binds = _bind_dirs([p for p in (socket_path, builtin_image) if p])
         if binds:
             env["NVME_EMU_BIND"] = ":".join(filter(None, [env.get("NVME_EMU_BIND", ""), binds]))

@@ -189,6 +189,24 @@ class DeviceContext:
     loop: asyncio.AbstractEventLoop
 
 
+class DeviceObserver:
+    """Something outside the device that follows its attachment and its ioeventfds
+    (e.g. :class:`vfio_user.ioeventfd_export.IoeventfdExport`). Methods are no-ops here."""
+
+    def device_attached(self) -> None:
+        """A client attached."""
+
+    def device_detached(self) -> None:
+        """The client went away."""
+
+    def ioeventfds_changed(self, index: int) -> None:
+        """The set :meth:`Device.exported_ioeventfds` returns for region ``index`` changed."""
+
+    def describe(self) -> dict | None:
+        """Counters for the device's stats (None: nothing to report)."""
+        return None
+
+
 class Device:
     """Base class: declare ``config``, ``regions`` and ``irq_counts``; override callbacks.
 
@@ -203,6 +221,7 @@ class Device:
         self.regions: dict[int, Region] = {}
         self.irq_counts: dict[IrqIndex, int] = {IrqIndex.INTX: 1, IrqIndex.ERR: 1, IrqIndex.REQ: 1}
         self.ctx: DeviceContext | None = None
+        self.observers: list[DeviceObserver] = []
 
     def add_region(self, index: RegionIndex | int, region: Region) -> Region:
         """Declare a BAR (0-5) or the ROM (6); BAR type bits go into config space."""
@@ -219,10 +238,31 @@ class Device:
     def attached(self, ctx: DeviceContext) -> None:
         """A client connected: guest memory and interrupts are now reachable through ``ctx``."""
         self.ctx = ctx
+        for o in self.observers:
+            o.device_attached()
 
     def detached(self) -> None:
         """The client is gone; its mappings and eventfds are already released. Keep state."""
+        for o in self.observers:
+            o.device_detached()
         self.ctx = None
+
+    def exported_ioeventfds(self, index: int, post_write: bool) -> list[IoEventFd]:
+        """The ioeventfds of region ``index`` an agent inside the VMM may register with KVM.
+
+        With ``post_write`` (the kernel copies the value to the shadow slot) every one
+        qualifies. Without it a shadow ioeventfd would deliver a signal with no value, so
+        only plain ones do, unless the device knows the value lives elsewhere (override).
+        """
+        region = self.regions.get(index)
+        if region is None:
+            return []
+        return [e for e in region.ioeventfds if post_write or e.shadow is None]
+
+    def ioeventfds_changed(self, index: int) -> None:
+        """Devices call this when :meth:`exported_ioeventfds` would answer differently."""
+        for o in self.observers:
+            o.ioeventfds_changed(index)
 
     def reset(self, kind: ResetKind) -> None:
         """DEVICE_RESET, FLR or lost connection; config registers are reset by the caller."""

@@ -6,7 +6,10 @@ checkout against the L1 /dev/kvm:
 * ``tests/test_kvm.py`` (its POST_WRITE semantics test included),
 * ``tests/test_kvm_post_write.py`` (the ABI suite),
 * ``tests/doorbell/test_kvm_doorbell.py`` (SQ tail doorbells from a KVM guest, through the
-  server's GET_REGION_IO_FDS records).
+  server's GET_REGION_IO_FDS records),
+* ``tests/agent/test_ioeventfd_agent.py`` (the doorbell agent LD_PRELOADed into a VMM),
+* ``tests/e2e/test_agent_guest.py`` (stock QEMU ``-accel kvm`` with the agent, an L2 Linux
+  guest running fio with verify against ``nvme-emu serve --doorbell shadow``).
 
 With our patched modules ``NVME_EMU_EXPECT_POST_WRITE=1`` turns any fallback into a
 failure, so a pass proves the kernel path; with Debian's modules ``=0`` requires the
@@ -28,10 +31,12 @@ import pytest
 from nvme_emu import guest as g
 from nvme_emu import nested
 
-INNER_SUITES = ["tests/test_kvm.py", "tests/test_kvm_post_write.py", "tests/doorbell/test_kvm_doorbell.py"]
+INNER_SUITES = ["tests/test_kvm.py", "tests/test_kvm_post_write.py", "tests/doorbell/test_kvm_doorbell.py",
+                "tests/agent/test_ioeventfd_agent.py", "tests/e2e/test_agent_guest.py"]
 #: Tests whose subject is the kernel path itself: on the patched modules they must pass
 #: (never skip), and on the stock modules they must run on the emulation (never skip).
-POST_WRITE_TESTS = ("test_post_write_semantics", "test_guest_doorbell_shadow_ioeventfd")
+POST_WRITE_TESTS = ("test_post_write_semantics", "test_guest_doorbell_shadow_ioeventfd", "test_post_write",
+                    "test_fio_with_agent_doorbells")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

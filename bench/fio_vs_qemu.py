@@ -19,6 +19,7 @@ round is reported, with the ratio nvme-emu / hw/nvme.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -125,21 +126,22 @@ def summarise(fio: dict) -> dict[str, dict]:
     return out
 
 
-def run_builtin(image: str, job: str, timeout: float) -> dict:
+def run_builtin(image: str, job: str, timeout: float, **guest_kw) -> dict:
     t0 = time.monotonic()
-    r = guest.run_guest(builtin_image=image, fio_job=job, timeout=timeout)
+    r = guest.run_guest(builtin_image=image, fio_job=job, timeout=timeout, **guest_kw)
     if not r.ok or r.fio is None:
         raise RuntimeError("built-in nvme run failed:\n" + r.describe_failure())
     return {"jobs": summarise(r.fio), "elapsed_s": time.monotonic() - t0, "accel": r.accel}
 
 
-def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, doorbell: str) -> dict:
+def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, doorbell: str,
+                 server_args: tuple[str, ...] = (), **guest_kw) -> dict:
     sock = os.path.join(workdir, f"emu-{tag}.sock")
-    srv = common.ServeProcess(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell], Path(workdir) / f"emu-{tag}.log")
+    srv = common.ServeProcess(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell, *server_args], Path(workdir) / f"emu-{tag}.log")
     t0 = time.monotonic()
     try:
         cpu0 = srv.cpu_seconds()
-        r = guest.run_guest(socket_path=sock, fio_job=job, timeout=timeout)
+        r = guest.run_guest(socket_path=sock, fio_job=job, timeout=timeout, **guest_kw)
         cpu1 = srv.cpu_seconds()
         stats = srv.stats()
     finally:
@@ -194,6 +196,144 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------
+# --nested: under KVM in the nested rig, where QEMU can take the doorbell agent
+# ----------------------------------------------------------------------------------------
+#: name -> (how, server arguments, run_guest keywords). All emu configs use the shadow server;
+#: they differ in how the guest's doorbell writes reach it.
+NESTED_CONFIGS = {
+    "trap": ("emu", ("--agent-socket", "off"), {"agent": False}),
+    "shadow": ("emu", (), {"agent": True}),
+    "ioeventfd_dbbuf": ("emu", ("--agent-post-write", "off"), {"agent": True}),
+    "hw_nvme": ("builtin", (), {}),
+}
+NESTED_LABELS = {"trap": "trap (REGION_WRITE + dbbuf/EventIdx)", "shadow": "shadow, agent, real POST_WRITE",
+                 "ioeventfd_dbbuf": "ioeventfd + dbbuf, agent", "hw_nvme": "QEMU -device nvme"}
+NESTED_JOBS = [("randread-4k-qd1", "rw=randread\nbs=4k\niodepth=1"), ("randread-4k-qd32", "rw=randread\nbs=4k\niodepth=32")]
+NESTED_FILE = 256 << 20
+NESTED_GUEST = {"cpus": 1, "memory_mb": 512}
+
+
+def nested_inner(args: argparse.Namespace) -> int:
+    """Inside the rig (KVM): every config in turn, ``args.rounds`` times, on one file."""
+    assert guest.detect_accel() == "kvm", "--nested-inner needs KVM (the nested rig)"
+    workdir = tempfile.mkdtemp(prefix="nvme-bench-fio-", dir="/tmp")
+    image = os.path.join(workdir, "disk.raw")
+    head = ["[global]", "filename=/dev/nvme0n1", "ioengine=io_uring", "direct=1", "time_based=1",
+            f"runtime={args.runtime:g}", f"ramp_time={args.ramp:g}", "size=256m", "randrepeat=0"]
+    job = "\n".join(head + [line for i, (n, o) in enumerate(NESTED_JOBS) for line in
+                            ([f"[{n}]"] + (["stonewall"] if i else []) + [o])]) + "\n"
+    out: dict = {"rounds": [], "fio_job": job}
+    try:
+        fill(image, NESTED_FILE)
+        for rnd in range(args.rounds):
+            r = {}
+            for name, (how, server_args, kw) in NESTED_CONFIGS.items():
+                if how == "builtin":
+                    res = run_builtin(image, job, 900, **kw, **NESTED_GUEST)
+                else:
+                    res = run_nvme_emu(image, job, 900, workdir, f"{name}{rnd}", "shadow", server_args, **kw, **NESTED_GUEST)
+                r[name] = res
+                print(f"[{rnd}] {name}: " + ", ".join(f"{n} {j['iops']:,.0f} IOPS mean {j['clat_mean_us']:.0f} us"
+                                                        for n, j in res["jobs"].items()), flush=True)
+            out["rounds"].append(r)
+            # after every round: if L1 dies later (it has, under TCG's nested SVM), the
+            # completed rounds still count
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            common.write_json(Path(args.out) / "fio_vs_qemu_nested_inner.json", out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def nested_rows(rounds: list[dict]) -> list[dict]:
+    """Per config: QD1 mean latency and QD32 IOPS, each the median over rounds."""
+    rows = []
+    for name in NESTED_CONFIGS:
+        qd1 = sorted(r[name]["jobs"]["randread-4k-qd1"]["clat_mean_us"] for r in rounds)
+        qd32 = sorted(r[name]["jobs"]["randread-4k-qd32"]["iops"] for r in rounds)
+        row = {"config": name, "label": NESTED_LABELS[name], "qd1_mean_us": qd1[len(qd1) // 2],
+               "qd32_iops": qd32[len(qd32) // 2], "qd1_all": qd1, "qd32_all": qd32}
+        st = rounds[-1][name].get("server_stats") or {}
+        if st:
+            db = st.get("doorbells", {})
+            row["doorbells"] = {k: db.get(k) for k in ("trapped", "trapped_io_sq", "signals", "lost_values")}
+            row["agent"] = st.get("ioeventfd_agent")
+        rows.append(row)
+    return rows
+
+
+def nested_main(args: argparse.Namespace) -> int:
+    """Boot the rig with our POST_WRITE KVM modules and run every config inside, then
+    print the table, the targets, and write JSON + PNG."""
+    from nvme_emu import nested
+
+    out = Path(args.out)
+    inner_dir = out / "tmp" / "fio_vs_qemu_nested"
+    inner_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    res = nested.run_nested([sys.executable, str(Path(__file__).resolve()), "--nested-inner", "--out", str(inner_dir),
+                             "--rounds", str(args.rounds), "--runtime", str(args.runtime), "--ramp", str(args.ramp)],
+                            kvm="patched", cwd=str(common.REPO), out_dirs=[str(inner_dir)],
+                            timeout=600 + args.rounds * len(NESTED_CONFIGS) * 300)  # L1 has hung under TCG
+    print(res.output, flush=True)
+    inner_json = inner_dir / "fio_vs_qemu_nested_inner.json"
+    if res.returncode != 0:
+        print(f"inner run failed:\n{res.describe_failure()}", file=sys.stderr)
+        if res.returncode is not None or not inner_json.exists():
+            return 1
+    inner = json.loads(inner_json.read_text())
+    incomplete = len(inner["rounds"]) < args.rounds
+    if incomplete:
+        print(f"WARNING: the L1 guest died after {len(inner['rounds'])} of {args.rounds} rounds; using those", file=sys.stderr)
+    rows = nested_rows(inner["rounds"])
+    by = {r["config"]: r for r in rows}
+    for r in rows:
+        r["qd1_vs_trap"] = r["qd1_mean_us"] / by["trap"]["qd1_mean_us"]
+        r["qd1_vs_hw_nvme"] = r["qd1_mean_us"] / by["hw_nvme"]["qd1_mean_us"]
+        r["qd32_vs_hw_nvme"] = r["qd32_iops"] / by["hw_nvme"]["qd32_iops"]
+    sh = by["shadow"]
+    targets = {
+        "shadow_qd1_vs_trap": {"value": sh["qd1_vs_trap"], "target": 1 / 1.3, "met": sh["qd1_vs_trap"] <= 1 / 1.3},
+        "shadow_qd1_vs_hw_nvme": {"value": sh["qd1_vs_hw_nvme"], "target": 1.2, "met": sh["qd1_vs_hw_nvme"] <= 1.2},
+    }
+    lines = ["Nested: L1 is a TCG guest with real KVM (our POST_WRITE modules); QEMU 11.1.3 -accel kvm runs an L2 "
+             "guest with fio. Every exit is TCG-emulated: only ratios within this run carry over.",
+             f"{len(inner['rounds'])} round(s) of all four configs, 1 vCPU / 512 MiB L2, fio {args.runtime:g} s per job; "
+             "median round per figure" + (f" (L1 died during round {len(inner['rounds']) + 1})" if incomplete else ""), "",
+             f"{'config':40s} {'QD1 mean us':>12s} {'x trap':>7s} {'x hw/nvme':>9s} {'QD32 IOPS':>10s} {'x hw/nvme':>9s}  doorbells"]
+    for r in rows:
+        db = r.get("doorbells") or {}
+        lines.append(f"{r['label']:40s} {r['qd1_mean_us']:12.0f} {r['qd1_vs_trap']:7.2f} {r['qd1_vs_hw_nvme']:9.2f} "
+                     f"{r['qd32_iops']:10,.0f} {r['qd32_vs_hw_nvme']:9.2f}  "
+                     + (f"trapped {db.get('trapped')} (I/O SQ {db.get('trapped_io_sq')}), signals {db.get('signals')}" if db else "-"))
+    lines.append("")
+    lines.append(f"target shadow QD1 mean <= trap / 1.3: {sh['qd1_vs_trap']:.2f}x trap -> {'MET' if targets['shadow_qd1_vs_trap']['met'] else 'MISSED'}")
+    lines.append(f"target shadow QD1 mean <= 1.2x hw/nvme: {sh['qd1_vs_hw_nvme']:.2f}x -> {'MET' if targets['shadow_qd1_vs_hw_nvme']['met'] else 'MISSED'}")
+    table = "\n".join(lines)
+    print(table)
+    common.write_json(out / "fio_vs_qemu_nested.json", {"benchmark": "fio_vs_qemu --nested", "machine": common.machine(),
+                                                       "rows": rows, "targets": targets, "inner": inner, "table": table,
+                                                       "elapsed_s": time.monotonic() - t0})
+    (out / "fio_vs_qemu_nested.md").write_text("```\n" + table + "\n```\n")
+    plt = common.pyplot()
+    if plt is not None:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+        x = range(len(rows))
+        a1.bar(x, [r["qd1_mean_us"] for r in rows], color=["#c0392b", "#e67e22", "#27ae60", "#7f8c8d"])
+        a1.set_xticks(list(x), [r["label"] for r in rows], rotation=12, fontsize=7)
+        a1.set_ylabel("fio 4k randread QD1 mean latency (us)")
+        a2.bar(x, [r["qd32_iops"] for r in rows], color=["#c0392b", "#e67e22", "#27ae60", "#7f8c8d"])
+        a2.set_xticks(list(x), [r["label"] for r in rows], rotation=12, fontsize=7)
+        a2.set_ylabel("fio 4k randread QD32 IOPS")
+        fig.suptitle("fio in an L2 guest (QEMU 11.1.3 -accel kvm in the nested rig): only in-run ratios carry over", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "fio_vs_qemu_nested.png", dpi=110)
+        plt.close(fig)
+    print(f"wrote {out / 'fio_vs_qemu_nested.json'}, .md, .png in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -204,7 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--nested", action="store_true",
+                    help="run in the nested rig under KVM with our POST_WRITE modules: trap, shadow (agent, POST_WRITE), "
+                         "ioeventfd+dbbuf (agent) and QEMU's -device nvme, fio randread QD1 and QD32")
+    ap.add_argument("--nested-inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.nested_inner:
+        return nested_inner(args)
+    if args.nested:
+        return nested_main(args)
 
     mach = common.machine()
     mach["busy_before"] = common.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else common.machine_busy()

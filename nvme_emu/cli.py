@@ -104,7 +104,8 @@ async def serve(args: argparse.Namespace) -> int:
         function.close()
         raise
     agent_path = agent_socket(args)
-    export = IoeventfdExport(function, RegionIndex.BAR0, agent_path) if agent_path else None
+    export = (IoeventfdExport(function, RegionIndex.BAR0, agent_path, use_post_write=args.agent_post_write == "auto")
+              if agent_path else None)
     print(f"nvme-emu: vfio-user backend {getattr(server, 'backend', 'python')}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--agent-socket", default=None, metavar="PATH|off",
                    help="socket of the doorbell agent inside QEMU (LD_PRELOAD, see README); default SOCKET.agent, "
                         "used when it exists; 'off' never uses an agent")
+    s.add_argument("--agent-post-write", choices=["auto", "off"], default="auto",
+                   help="auto: POST_WRITE ioeventfds where QEMU's kernel has the flag; off: plain ioeventfds for "
+                        "queues with Doorbell Buffer Config only (to compare the two)")
     s.add_argument("--serial", default="NVMEEMU00000001")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")

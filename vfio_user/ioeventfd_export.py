@@ -54,6 +54,8 @@ class IoeventfdExport(DeviceObserver):
     index: int
     agent_path: str
     timeout: float = 2.0
+    #: False: plain ioeventfds even where the kernel has POST_WRITE (to compare the two)
+    use_post_write: bool = True
     counters: ExportStats = field(default_factory=ExportStats)
 
     def __post_init__(self) -> None:
@@ -141,7 +143,7 @@ class IoeventfdExport(DeviceObserver):
             self._agent = IoeventfdAgent(self.agent_path, timeout=self.timeout)
             self._caps = self._agent.hello()
             self.counters.connected = True
-            self.counters.post_write = self._caps.post_write
+            self.counters.post_write = self._caps.post_write and self.use_post_write
             log.info("ioeventfd agent %s: %s", self.agent_path, self._caps)
         return self._agent
 
@@ -160,7 +162,7 @@ class IoeventfdExport(DeviceObserver):
         assert self._caps is not None
         if not self._caps.vm_known:
             raise AgentError(0, "the agent has not seen the VM yet")
-        post = self._caps.post_write
+        post = self._caps.post_write and self.use_post_write
         efds = self.device.exported_ioeventfds(self.index, post)
         records = [AgentRecord(offset=e.offset, size=e.size, eventfd=e.fd, datamatch=e.datamatch,
                                shadow_fd=e.shadow.fd if post and e.shadow is not None else None,

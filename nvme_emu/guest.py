@@ -96,7 +96,8 @@ class GuestResult:
 # provisioning
 
 
-def _run_script(name: str, *args: str) -> list[str]:
+def _run_script(name: str | Path, *args: str) -> list[str]:
+    """Run a provisioning script (a qemu-configs/ name, or a path); its non-empty stdout lines."""
     script = CONFIG_DIR / name
     proc = subprocess.run(
         [str(script), *args],
@@ -144,12 +145,7 @@ def ensure_agent() -> str:
     """Path of the doorbell agent's shared object (nvme_emu/agent/build.sh, cached)."""
     global _agent_path
     if _agent_path is None:
-        script = Path(__file__).resolve().parent / "agent" / "build.sh"
-        proc = subprocess.run([str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines = proc.stdout.split()
-        if proc.returncode != 0 or not lines:
-            raise GuestError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
-        _agent_path = lines[-1]
+        _agent_path = _run_script(Path(__file__).resolve().parent / "agent" / "build.sh")[-1]
     return _agent_path
 
 

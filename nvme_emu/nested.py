@@ -101,8 +101,9 @@ def _host_root_binds(paths: Iterable[str]) -> list[str]:
 
 
 def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: int, cpus: int,
-                  keep_dirs: list[str], share_dirs: list[str]) -> tuple[list[str], str]:
-    """The L1 QEMU command and the (wrapper-side) path it exports as the host's root."""
+                  keep_dirs: list[str], share_dirs: list[str]) -> list[str]:
+    """The L1 QEMU command (wrapped in a mount namespace that exposes the host's root when
+    QEMU runs in the provide-qemu.sh chroot)."""
     wrapped = os.path.exists(os.path.join(os.path.dirname(qemu), "chroot-run"))  # provide-qemu.sh's wrapper
     chroot = g._run_script("provide-qemu.sh", "--chroot")[-1] if wrapped else None
     kargs = [
@@ -120,7 +121,7 @@ def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: i
         "-virtfs", f"local,path={export},mount_tag=host,security_model=none,multidevs=remap",
     ]
     if chroot is None:
-        return cmd, export
+        return cmd
     # QEMU runs in the provide-qemu.sh chroot: expose the host's / there through a private
     # mount namespace (inherited by the wrapper's own), never touching the host's mounts.
     root_dir = os.path.join(chroot, _HOST_ROOT)
@@ -129,7 +130,7 @@ def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: i
     for d in share_dirs:
         script.append(f'mount --bind {shlex.quote(d)} {shlex.quote(root_dir + d)}')
     script.append('exec "$@"')
-    return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", "\n".join(script), "nested", *cmd], export
+    return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", "\n".join(script), "nested", *cmd]
 
 
 def run_nested(argv: list[str], *, kvm: str = "stock", env: Mapping[str, str] | None = None,
@@ -158,7 +159,7 @@ def run_nested(argv: list[str], *, kvm: str = "stock", env: Mapping[str, str] | 
         extra = g.make_cpio({"job/run.sh": _job_script(argv, cwd, job_env)}, dirs=["job"]) + _module_cpio(kvm)
         initrd = g.append_initrd(base_initrd, os.path.join(tmp, "initrd.img"), extra)
         host_dirs = [cwd, *map(os.path.realpath, (sys.prefix, sys.base_prefix)), *outs]
-        cmd, _export = _qemu_command(qemu, kernel, initrd, kvm=kvm, memory_mb=memory_mb, cpus=cpus,
+        cmd = _qemu_command(qemu, kernel, initrd, kvm=kvm, memory_mb=memory_mb, cpus=cpus,
                                      keep_dirs=_hidden_by_tmpfs(host_dirs), share_dirs=_host_root_binds(host_dirs))
         return g.boot(cmd, env=dict(os.environ), accel="tcg", timeout=timeout, echo_console=echo_console)
 

@@ -181,10 +181,17 @@ class Backend(ABC):
 
     #: a deallocated range reads back as zeros (lets the namespace report DLFEAT = 001b)
     deallocate_zeroes: bool = True
+    #: calls may wait for a device or a disk (the controller runs them off the event loop);
+    #: False: they only touch process memory, and run inline (the synchronous fast path)
+    blocking: bool = False
     size: int
 
     @abstractmethod
     def read_into(self, offset: int, views: Buffers) -> None: ...
+
+    def read_into_nowait(self, offset: int, views: Buffers) -> bool:
+        """Read only if that cannot block; False: nothing promised, use :meth:`read_into`."""
+        return False
 
     @abstractmethod
     def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None: ...
@@ -296,12 +303,36 @@ class _FdBackend(Backend):
     path: str
     readonly: bool
     _fd: int
+    blocking = True
+    #: cleared the first time the kernel refuses RWF_NOWAIT for this file
+    _nowait_ok = True
 
     def read_into(self, offset: int, views: Buffers) -> None:
         try:
             _preadv_all(self._fd, views, offset)
         except OSError as e:
             raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
+
+    def read_into_nowait(self, offset: int, views: Buffers) -> bool:
+        """``preadv(RWF_NOWAIT)``: the kernel copies from the page cache or refuses (EAGAIN);
+        it never waits for the disk, so a warm read needs no hand-off to a worker thread
+        (bench/README.md, "async_io"). A short read (a partial hit, or past end of file) is
+        redone in full by :meth:`read_into`, which also zero-fills past the end."""
+        if not self._nowait_ok:
+            return False
+        pending = _byte_views(views)
+        if len(pending) > IOV_MAX:
+            return False
+        try:
+            n = os.preadv(self._fd, pending, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait_ok = False
+                return False
+            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
+        return n == sum(len(v) for v in pending)
 
     def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
         if self.readonly:
@@ -592,21 +623,37 @@ class Namespace:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def read_lbas(self, slba: int, nlb: int, views: Buffers) -> None:
-        """Read: backend -> ``views`` (writable guest memory)."""
+    @property
+    def blocking(self) -> bool:
+        """Its I/O may wait on a device: the controller runs it off the event loop."""
+        return self.backend.blocking
+
+    def prepare_rw(self, slba: int, nlb: int, views: Buffers) -> tuple[int, int]:
+        """Range and buffer checks of a Read or Write: its (byte offset, byte length)."""
         off, length = self._byte_range(slba, nlb)
         self._check_views(views, length)
-        self.backend.read_into(off, views)
+        return off, length
+
+    def count_read(self, length: int) -> None:
+        """One Read done (on the loop thread: counters are not shared with workers)."""
         self.stats.read_commands += 1
         self.stats.bytes_read += length
 
-    def write_lbas(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> None:
-        """Write: ``views`` -> backend; ``fua`` makes it durable before returning."""
-        off, length = self._byte_range(slba, nlb)
-        self._check_views(views, length)
-        self.backend.write_from(off, views, fua=fua)
+    def count_write(self, length: int) -> None:
         self.stats.write_commands += 1
         self.stats.bytes_written += length
+
+    def read_lbas(self, slba: int, nlb: int, views: Buffers) -> None:
+        """Read: backend -> ``views`` (writable guest memory)."""
+        off, length = self.prepare_rw(slba, nlb, views)
+        self.backend.read_into(off, views)
+        self.count_read(length)
+
+    def write_lbas(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> None:
+        """Write: ``views`` -> backend; ``fua`` makes it durable before returning."""
+        off, length = self.prepare_rw(slba, nlb, views)
+        self.backend.write_from(off, views, fua=fua)
+        self.count_write(length)
 
     def write_zeroes(self, slba: int, nlb: int, *, deallocate: bool = False, fua: bool = False) -> None:
         off, length = self._byte_range(slba, nlb)
@@ -679,15 +726,23 @@ class Namespace:
         Every Secure Erase Setting (0 none, 1 user data, 2 cryptographic) zeroes the media:
         with no encryption that is the strongest erase we have and the cheapest to reason about.
         """
+        self.check_format(lbaf_index, secure_erase)
+        self.erase()
+        self.lbaf_index = lbaf_index
+
+    def check_format(self, lbaf_index: int, secure_erase: int = 0) -> None:
+        """The checks of :meth:`format`, alone (they run on the loop, :meth:`erase` may not)."""
         if not 0 <= lbaf_index < len(LBA_FORMATS):
             raise NvmeError(Status.INVALID_FORMAT, f"LBA format {lbaf_index} not supported")
         if secure_erase not in (0, 1, 2):
             raise NvmeError(Status.INVALID_FIELD, f"secure erase setting {secure_erase}")
         if self.backend.size < LBA_FORMATS[lbaf_index].size:
             raise NvmeError(Status.INVALID_FORMAT, "namespace smaller than one block of that format")
+
+    def erase(self) -> None:
+        """Zero (deallocate) all user data and make that durable: the slow part of Format."""
         self.backend.write_zeroes(0, self.backend.size, deallocate=True)
         self.backend.flush()
-        self.lbaf_index = lbaf_index
 
     def close(self) -> None:
         self.backend.close()

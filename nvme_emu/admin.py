@@ -195,11 +195,30 @@ class AdminCommands:
         qid = e[CDW10] & 0xFFFF
         if qid == 0 or qid not in self.ctrl.sqs:
             raise NvmeError(Status.INVALID_QUEUE_IDENTIFIER, f"SQ {qid} does not exist")
-        victim = self.ctrl.sqs.pop(qid)
-        victim.cq.sqs.discard(qid)
+        victim = self.ctrl.sqs.pop(qid)  # no more doorbells or fetches for it
         victim.ring.drop()
-        self._notify("delete-sq", qid)
-        return 0
+        if not victim.outstanding:
+            self._finish_delete_sq(victim)
+            return 0
+        # Commands in flight cannot be recalled from a worker thread: they complete (and
+        # post) first, then the deletion completes, so no buffer the host frees after it
+        # is ever written again.
+        from .controller import DEFERRED
+
+        ctrl, cid = self.ctrl, e[CID]
+        ctrl.begin_request(sq)
+
+        def idle() -> None:
+            if sq.live:  # else a reset took every queue away already
+                self._finish_delete_sq(victim)
+                ctrl.finish_request(sq, cid, Status.SUCCESS)
+
+        victim.on_idle = idle
+        return DEFERRED
+
+    def _finish_delete_sq(self, victim: SubmissionQueue) -> None:
+        victim.cq.sqs.discard(victim.qid)
+        self._notify("delete-sq", victim.qid)
 
     def delete_io_cq(self, sq: SubmissionQueue, e: tuple) -> int:
         qid = e[CDW10] & 0xFFFF
@@ -497,9 +516,43 @@ class AdminCommands:
         nsid = e[NSID]
         targets = list(self.ctrl.namespaces.values()) if nsid == NSID_ALL else [self._active_ns(nsid)]
         for ns in targets:
-            ns.format(lbaf, secure_erase=bool(ses))
+            ns.check_format(lbaf, secure_erase=bool(ses))
+        pool = self.ctrl.io_pool() if any(ns.blocking for ns in targets) else None
+        if pool is None:  # RAM only (or no loop): quick enough to do here
+            for ns in targets:
+                ns.erase()
+            self._formatted(targets, lbaf)
+            return 0
+        # Zeroing a file or device takes as long as it takes: off the loop, so every other
+        # queue keeps being served meanwhile; the new format applies when it is done.
+        from .controller import DEFERRED
+
+        ctrl, cid = self.ctrl, e[CID]
+        ctrl.begin_request(sq)
+
+        def erase_all() -> None:
+            for ns in targets:
+                ns.erase()
+
+        def finished(_result: object, error: BaseException | None) -> None:
+            status = Status.SUCCESS
+            if error is None:
+                self._formatted(targets, lbaf)
+            elif isinstance(error, NvmeError):
+                ctrl.record_error(sq, cid, error, nsid=nsid)
+                status = error.status_field
+            else:
+                log.error("Format NVM of namespace %#x failed unexpectedly", nsid, exc_info=error)
+                status = Status.INTERNAL_ERROR
+            ctrl.finish_request(sq, cid, status)
+
+        pool.submit(erase_all, finished)
+        return DEFERRED
+
+    def _formatted(self, targets: list, lbaf: int) -> None:
+        for ns in targets:
+            ns.lbaf_index = lbaf
             self.namespace_changed(ns.nsid)
-        return 0
 
 
 __all__ = ["AdminCommands", "AsyncEventError", "FeatureId"]

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 from vfio_user.dma import DmaError, GuestMemory
 
 from . import spec
+from .aio import IoPool
 from .dbbuf import DoorbellBuffer, full_fence
 from .namespace import Namespace
 from .queue import CQE, SQE, CompletionQueue, RingUnavailable, SubmissionQueue
@@ -109,6 +110,9 @@ class HealthCounters:
 class Controller:
     """One NVMe controller; see the module docstring."""
 
+    #: the I/O worker pool, made by io_pool() on first use
+    _pool: IoPool | None = None
+
     def __init__(self, namespaces: Iterable[Namespace], config: ControllerConfig | None = None) -> None:
         from .admin import AdminCommands
         from .nvm import NvmCommands
@@ -157,6 +161,9 @@ class Controller:
         self.cqs: dict[int, CompletionQueue] = {}
         self.page_size = 4096
         self.dbbuf = None
+        #: CQs with finished requests to post at the next drain (insertion ordered).
+        self._ready_cqs: dict[CompletionQueue, None] = {}
+        self._drain_scheduled = False
         self.admin.reset()
         for listener in self.queue_listeners:
             listener("reset", 0)
@@ -198,6 +205,7 @@ class Controller:
     def controller_reset(self) -> None:
         """CC.EN 1 -> 0, reset, FLR: queues go away, namespace data stays."""
         for sq in self.sqs.values():
+            sq.live = False  # requests still in flight finish into nothing
             sq.ring.drop()
         for cq in self.cqs.values():
             cq.ring.drop()
@@ -468,6 +476,7 @@ class Controller:
         :meth:`SubmissionQueue.fetch` and :meth:`CompletionQueue.post` inlined; ring views
         are resolved once per batch (NVM commands never touch queues or mappings)."""
         n = 0
+        deferred = 0
         execute = self.nvm.execute
         try:
             sq_view = sq.ring.view(memory, write=False)
@@ -475,14 +484,18 @@ class Controller:
             unpack, pack = SQE.unpack_from, CQE.pack
             qid, sq_size, cq_size = sq.qid, sq.size, cq.size
             while sq.head != sq.tail:
-                if (cq.tail + 1) % cq_size == cq.head and not self._refresh_cq_head(cq):
+                if (cq.head - cq.tail - 1) % cq_size <= cq.reserved and not self._cq_has_room(cq):
                     sq.stats.cq_full_stalls += 1
                     break
                 head = sq.head
                 entry = unpack(sq_view, head * SQE_SIZE)
                 head += 1
                 sq.head = head = 0 if head == sq_size else head
-                status, dw0 = execute(sq, entry)
+                result = execute(sq, entry)
+                if result is DEFERRED:  # in flight: it holds a CQ slot (cq.reserved)
+                    deferred += 1
+                    continue
+                status, dw0 = result
                 # CQE: bytes 0-11 first, then CID + status|phase in one 4-byte store (see post)
                 cqe = pack(dw0, 0, head, qid, entry[2], (status << 1) | cq.phase)
                 off = cq.tail * CQE_SIZE
@@ -499,14 +512,14 @@ class Controller:
         finally:
             cq.unsignalled += n
             cq.stats.completions += n
-        return n
+        return n + deferred
 
     def _process_admin_sq(self, sq: SubmissionQueue, cq: CompletionQueue, memory: GuestMemory) -> int:
         n = 0
         execute = self.admin.execute
         try:
             while sq.head != sq.tail:
-                if cq.full and not self._refresh_cq_head(cq):
+                if cq.room <= 0 and not self._cq_has_room(cq):
                     sq.stats.cq_full_stalls += 1
                     break
                 entry = sq.fetch(memory)
@@ -538,7 +551,7 @@ class Controller:
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> bool:
         """Complete a deferred command (AER); False when its queues are gone or full."""
         sq = self.sqs.get(sqid)
-        if sq is None or self.memory is None or sq.cq.full:
+        if sq is None or self.memory is None or (sq.cq.room <= 0 and not self._cq_has_room(sq.cq)):
             return False
         try:
             sq.cq.post(self.memory, dw0, 0, sq.head, sqid, cid, status)
@@ -547,6 +560,80 @@ class Controller:
             return False
         self.signal(sq.cq)
         return True
+
+    # -- requests ----------------------------------------------------------------------
+    #
+    # A command is a request from fetch to CQE. Most complete at once, inside the queue
+    # loop (RAM namespaces, admin commands): the loop posts their CQEs itself. The others
+    # (blocking backends, Format, a Delete I/O SQ waiting for its commands) return
+    # DEFERRED after begin_request(), which promises them a CQ slot; they end with
+    # finish_request() on the loop thread, and drain_completions() posts everything
+    # finished, once per loop turn, with the SQ head as of posting.
+
+    def _cq_has_room(self, cq: CompletionQueue) -> bool:
+        """No slot beyond the promised ones: look for a newer host head (shadow buffers)."""
+        return self._refresh_cq_head(cq) and cq.room > 0
+
+    def io_pool(self) -> IoPool | None:
+        """The worker threads for blocking backends, made on first use; None without a loop."""
+        loop = self.loop
+        if loop is None:
+            return None
+        if self._pool is None:
+            self._pool = IoPool(loop)
+        return self._pool
+
+    def begin_request(self, sq: SubmissionQueue) -> None:
+        """A command of ``sq`` goes in flight, holding one slot of its CQ until posted."""
+        sq.outstanding += 1
+        sq.cq.reserved += 1
+
+    def finish_request(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:
+        """A request begun with :meth:`begin_request` is done (loop thread only); its CQE goes
+        out with the next drain. Dropped when a reset or detach took its queues away."""
+        if not sq.live:
+            return
+        cq = sq.cq
+        cq.ready.append((sq, cid, status, dw0))
+        self._ready_cqs[cq] = None
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self.loop_soon(self.drain_completions)
+
+    def drain_completions(self) -> None:
+        """Post every finished request, CQ by CQ, then one interrupt per CQ; SQs that stalled
+        on a CQ without room run again (their slots are now used or free)."""
+        self._drain_scheduled = False
+        cqs, self._ready_cqs = self._ready_cqs, {}
+        memory = self.memory
+        for cq in cqs:
+            if memory is None or self.cqs.get(cq.qid) is not cq:
+                cq.ready.clear()
+                continue
+            try:
+                self._post_ready(cq, memory)
+            except RingUnavailable as e:
+                self.set_fatal(f"queue {cq.qid} memory is gone: {e}")
+                return
+            self.signal(cq)
+            self._resume_stalled(cq)
+
+    def _post_ready(self, cq: CompletionQueue, memory: GuestMemory) -> None:
+        ready = cq.ready
+        while ready:
+            sq, cid, status, dw0 = ready.popleft()
+            cq.reserved -= 1  # the promised slot becomes this entry: room can only grow
+            cq.post(memory, dw0, 0, sq.head, sq.qid, cid, status)
+            sq.outstanding -= 1
+            if not sq.outstanding and sq.on_idle is not None:
+                on_idle, sq.on_idle = sq.on_idle, None
+                on_idle()
+
+    def close(self) -> None:
+        """Stop the I/O workers (a call in progress finishes) before namespaces close."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def record_error(self, sq: SubmissionQueue, cid: int, err: NvmeError, *, nsid: int = 0, lba: int = 0) -> None:
         self.error_log.add(sqid=sq.qid, cid=cid, status_field=err.status_field, nsid=nsid, lba=lba)

@@ -152,6 +152,7 @@ class NvmeFunction(Device):
     def close(self) -> None:
         self.doorbells.close()
         super().close()
+        self.controller.close()  # the I/O workers first: none may use a closed fd
         for ns in self.controller.namespaces.values():
             ns.close()
 

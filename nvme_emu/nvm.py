@@ -3,15 +3,26 @@ Verify and Copy, with the statuses the spec names for every failure.
 
 Data moves zero-copy: the data pointer (PRP or SGL) becomes a list of memoryviews into
 guest memory, and the namespace backend reads into or writes from those views directly.
+
+Each command is a request: :meth:`NvmCommands.execute` returns (status, dw0) when it is
+done, or :data:`~nvme_emu.controller.DEFERRED` when it is in flight. On a RAM namespace
+every command is done at once (the synchronous fast path, no per-command objects). On a
+blocking namespace (file, block device) a handler returns a :class:`Work`, the blocking
+part, which runs on the controller's :class:`~nvme_emu.aio.IoPool`; the request completes
+later on the loop thread (:meth:`Controller.finish_request`). Reads try the page cache
+without blocking first (``RWF_NOWAIT``) and are done at once on a hit.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import prp
+from .controller import DEFERRED
 from .namespace import Namespace
 from .queue import SubmissionQueue
 from .spec import (
@@ -37,7 +48,19 @@ COPY_MAX_RANGES = 128
 COPY_DESCRIPTOR = struct.Struct("<8xQH14x")  # format 0: SLBA at 8, NLB (0-based) at 16
 DSM_RANGE = struct.Struct("<IIQ")
 
-Handler = Callable[[Namespace, tuple], int]
+
+@dataclass(slots=True)
+class Work:
+    """The blocking part of a command: ``run()`` on a worker thread, then on the loop thread
+    the views are released and ``done(result)`` runs (counters; it may raise NvmeError)."""
+
+    run: Callable[[], Any]
+    views: Sequence[memoryview] = ()
+    done: Callable[[Any], None] | None = None
+
+
+#: A handler returns dw0 (done) or the Work that finishes it.
+Handler = Callable[[Namespace, tuple], "int | Work"]
 
 
 class NvmCommands:
@@ -60,20 +83,58 @@ class NvmCommands:
             if e[FLAGS] & 0x03:
                 raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
             if opc == NvmOpcode.FLUSH:
-                return Status.SUCCESS, self.flush(e)
-            handler = self.handlers.get(opc)
-            if handler is None:
-                raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {opc:#x}")
-            ns = self.ctrl.namespaces.get(e[NSID])
-            if ns is None:
-                raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
-            return Status.SUCCESS, handler(ns, e)
-        except NvmeError as err:
+                dw0 = self.flush(e)
+            else:
+                handler = self.handlers.get(opc)
+                if handler is None:
+                    raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {opc:#x}")
+                ns = self.ctrl.namespaces.get(e[NSID])
+                if ns is None:
+                    raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
+                dw0 = handler(ns, e)
+            if dw0.__class__ is int:
+                return Status.SUCCESS, dw0
+            return self._start(sq, e, dw0)
+        except Exception as err:
+            return self._failed(sq, e, err), 0
+
+    def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
+        """The status of a failed command, with its Error Information entry."""
+        if isinstance(err, NvmeError):
             self.ctrl.record_error(sq, e[CID], err, nsid=e[NSID], lba=e[CDW11] << 32 | e[CDW10])
-            return err.status_field, 0
-        except Exception:  # a bug must cost one command (Internal Error), not the whole batch
-            log.exception("I/O opcode %#x (cid %d) failed unexpectedly", opc, e[CID])
-            return Status.INTERNAL_ERROR, 0
+            return err.status_field
+        # a bug must cost one command (Internal Error), not the whole batch
+        log.error("I/O opcode %#x (cid %d) failed unexpectedly", e[OPC], e[CID], exc_info=err)
+        return Status.INTERNAL_ERROR
+
+    def _start(self, sq: SubmissionQueue, e: tuple, work: Work):
+        """Put a command in flight: ``work`` runs on the I/O pool, the request completes on
+        the loop thread. Without an event loop (in-process use) it runs here and now."""
+        ctrl = self.ctrl
+        pool = ctrl.io_pool()
+        if pool is None:
+            try:
+                result = work.run()
+            finally:
+                prp.release_views(work.views)
+            if work.done is not None:
+                work.done(result)
+            return Status.SUCCESS, 0
+        ctrl.begin_request(sq)
+        cid = e[CID]
+
+        def finished(result: Any, error: BaseException | None) -> None:
+            prp.release_views(work.views)
+            if error is None and work.done is not None:
+                try:
+                    work.done(result)
+                except Exception as err:
+                    error = err
+            status = Status.SUCCESS if error is None else self._failed(sq, e, error)
+            ctrl.finish_request(sq, cid, status)
+
+        pool.submit(work.run, finished)
+        return DEFERRED
 
     # -- data pointers ---------------------------------------------------------------------------
 
@@ -103,21 +164,46 @@ class NvmCommands:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def read(self, ns: Namespace, e: tuple) -> int:
+    def read(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
         views = self.views(e, nlb << ns.lba_shift, to_host=True)
+        if ns.blocking:
+            return self._blocking_read(ns, slba, nlb, views)
         try:
             ns.read_lbas(slba, nlb, views)
         finally:
             prp.release_views(views)
         return 0
 
-    def write(self, ns: Namespace, e: tuple) -> int:
+    @staticmethod
+    def _blocking_read(ns: Namespace, slba: int, nlb: int, views: list[memoryview]) -> int | Work:
+        """Done at once when the page cache holds the blocks, else Work for the pool."""
+        try:
+            off, length = ns.prepare_rw(slba, nlb, views)
+            if ns.backend.read_into_nowait(off, views):
+                ns.count_read(length)
+                prp.release_views(views)
+                return 0
+        except BaseException:
+            prp.release_views(views)
+            raise
+        return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length))
+
+    def write(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.ctrl.admin.features.state.write_cache
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
+        if ns.blocking:
+            try:
+                off, length = ns.prepare_rw(slba, nlb, views)
+            except BaseException:
+                prp.release_views(views)
+                raise
+            # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
+            # only after run() returned) means durable, as when it ran on the loop.
+            return Work(partial(ns.backend.write_from, off, views, fua=fua), views, lambda _r: ns.count_write(length))
         try:
             ns.write_lbas(slba, nlb, views, fua=fua)
         finally:
@@ -142,25 +228,37 @@ class NvmCommands:
         ns.verify(slba, nlb)
         return 0
 
-    def write_zeroes(self, ns: Namespace, e: tuple) -> int:
+    def write_zeroes(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
-        ns.write_zeroes(slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
+        zero = partial(ns.write_zeroes, slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
+        if ns.blocking:
+            return Work(zero)
+        zero()
         return 0
 
-    def flush(self, e: tuple) -> int:
+    def flush(self, e: tuple) -> int | Work:
+        """Flush one namespace or all. Off the loop, it still covers every write completed
+        before it: such a write's pwritev returned before this command was even fetched."""
         nsid = e[NSID]
         if nsid == NSID_ALL:
-            for ns in self.ctrl.namespaces.values():
+            targets = list(self.ctrl.namespaces.values())
+        else:
+            ns = self.ctrl.namespaces.get(nsid)
+            if ns is None:
+                raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
+            targets = [ns]
+
+        def flush_all() -> None:
+            for ns in targets:
                 ns.flush()
-            return 0
-        ns = self.ctrl.namespaces.get(nsid)
-        if ns is None:
-            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
-        ns.flush()
+
+        if any(ns.blocking for ns in targets):
+            return Work(flush_all)
+        flush_all()
         return 0
 
-    def dataset_management(self, ns: Namespace, e: tuple) -> int:
+    def dataset_management(self, ns: Namespace, e: tuple) -> int | Work:
         nr = (e[CDW10] & 0xFF) + 1
         attrs = e[CDW11]
         raw = self.read_buffer(e, nr * DSM_RANGE_SIZE)
@@ -172,6 +270,8 @@ class NvmCommands:
             ns.check_range(slba, nlb)
             ranges.append((slba, nlb))
         if attrs & DsmAttr.AD:
+            if ns.blocking:
+                return Work(partial(ns.deallocate, ranges))
             ns.deallocate(ranges)
         return 0
 

@@ -9,7 +9,9 @@ unmaps the memory under them.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from vfio_user.dma import DmaError, GuestMemory
 
@@ -84,6 +86,16 @@ class CompletionQueue:
         self.stats = QueueStats()
         #: Completions posted since the last interrupt (for coalescing / one IRQ per batch).
         self.unsignalled = 0
+        #: Slots promised to requests in flight and to completions waiting in ``ready``: a
+        #: command is fetched only while the CQ has room beyond these, so none is ever lost.
+        self.reserved = 0
+        #: Finished requests waiting to be posted: (sq, cid, status, dw0), one drain per turn.
+        self.ready: deque[tuple["SubmissionQueue", int, int, int]] = deque()
+
+    @property
+    def room(self) -> int:
+        """Free slots not promised to anything (the host's newest head not looked up)."""
+        return (self.head - self.tail - 1) % self.size - self.reserved
 
     @property
     def full(self) -> bool:
@@ -128,6 +140,12 @@ class SubmissionQueue:
         self.head = 0
         self.tail = 0
         self.stats = QueueStats()
+        #: Requests fetched whose CQE is not posted yet (in flight, or ready to post).
+        self.outstanding = 0
+        #: False once a reset or a detach took the queues away: late completions are dropped.
+        self.live = True
+        #: Run when ``outstanding`` drops to 0 (a Delete I/O SQ waiting for its commands).
+        self.on_idle: Callable[[], None] | None = None
 
     @property
     def empty(self) -> bool:

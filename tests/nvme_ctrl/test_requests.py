@@ -1,0 +1,312 @@
+"""The request lifecycle: commands on a blocking backend run on the I/O pool and complete later.
+
+The server runs in process (:class:`InProcessServer`) on two namespaces: 1 is a file whose
+backend calls can be held at a gate by the test (and which never serves reads inline, so
+every command goes through the pool), 2 is RAM. The host side is the real client over a
+socket, memfd guest memory and eventfds. "Nothing was posted" is checked while a gate is
+closed, so it can only fail if a completion went out before its backend call returned.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import pytest
+
+from ctrl_helpers import PAGE, InProcessServer, Nvme, status_name
+from nvme_emu.controller import ControllerConfig
+from nvme_emu.function import NvmeFunction
+from nvme_emu.namespace import FileBackend, Namespace, RamBackend
+from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+
+FILE_NSID, RAM_NSID = 1, 2
+NS_SIZE = 16 << 20
+GATE_TIMEOUT = 30.0
+
+
+class GatedFile(FileBackend):
+    """A file backend whose calls can be held: :meth:`hold` closes a gate for a kind of call
+    (optionally at one byte offset); a call that reaches a closed gate announces itself
+    (:meth:`wait_arrived`) and waits until the test opens it. Reads never go inline."""
+
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__(path, size)
+        self._gates: dict[tuple[str, int | None], threading.Event] = {}
+        self._arrived: dict[str, threading.Semaphore] = {k: threading.Semaphore(0) for k in ("read", "write", "zeroes", "flush")}
+        self.calls: list[tuple[str, int, bool]] = []
+
+    def hold(self, kind: str, offset: int | None = None) -> threading.Event:
+        gate = self._gates[(kind, offset)] = threading.Event()
+        return gate
+
+    def open_all(self) -> None:
+        for gate in self._gates.values():
+            gate.set()
+
+    def wait_arrived(self, kind: str, count: int = 1) -> None:
+        for _ in range(count):
+            assert self._arrived[kind].acquire(timeout=GATE_TIMEOUT), f"no {kind} call reached its gate"
+
+    def _gate(self, kind: str, offset: int) -> None:
+        gate = self._gates.get((kind, offset)) or self._gates.get((kind, None))
+        if gate is not None and not gate.is_set():
+            self._arrived[kind].release()
+            assert gate.wait(GATE_TIMEOUT), f"{kind} gate never opened"
+
+    def read_into_nowait(self, offset, views) -> bool:
+        return False
+
+    def read_into(self, offset, views) -> None:
+        self._gate("read", offset)
+        super().read_into(offset, views)
+
+    def write_from(self, offset, views, *, fua=False) -> None:
+        super().write_from(offset, views, fua=fua)  # pwritev, and fdatasync when FUA
+        self.calls.append(("write", offset, fua))
+        self._gate("write", offset)  # the completion must wait for all of the call
+
+    def write_zeroes(self, offset, length, *, deallocate=False) -> None:
+        self._gate("zeroes", offset)
+        super().write_zeroes(offset, length, deallocate=deallocate)
+
+    def flush(self) -> None:
+        super().flush()
+        self.calls.append(("flush", 0, False))
+        self._gate("flush", 0)
+
+
+class Rig:
+    def __init__(self, srv: InProcessServer, backend: GatedFile, nvme: Nvme) -> None:
+        self.srv, self.backend, self.nvme = srv, backend, nvme
+
+    @property
+    def ctrl(self):
+        return self.srv.function.controller
+
+    def posted(self, qid: int) -> bool:
+        """Is a new CQE at the host's CQ head (without consuming it)?"""
+        q = self.nvme.host.queues[qid]
+        mem = self.nvme.mem
+        return mem.view[q.cq + q.head * 16 + 14 - mem.iova] & 1 == q.phase
+
+    def read_cmd(self, qid: int, slba: int, nlb: int = 8, nsid: int = FILE_NSID) -> tuple[int, int]:
+        """Submit a Read; (cid, buffer iova)."""
+        buf = self.nvme.alloc(nlb * 512)
+        cid = self.nvme.submit(qid, NvmOpcode.READ, nsid=nsid, prp1=buf, cdw10=slba, cdw12=nlb - 1)
+        return cid, buf
+
+    def wait_idle(self) -> None:
+        """Until the I/O pool has delivered every call (a real condition, polled)."""
+        deadline = time.monotonic() + GATE_TIMEOUT
+        while self.srv.call(lambda: self.ctrl._pool.pending if self.ctrl._pool else 0):
+            assert time.monotonic() < deadline, "I/O pool never went idle"
+            time.sleep(0.001)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    backend = GatedFile(str(tmp_path / "gated.img"), NS_SIZE)
+    config = ControllerConfig(serial="NVMEEMU00000001", model="nvme-emu")
+    namespaces = [Namespace(FILE_NSID, backend, serial=config.serial), Namespace(RAM_NSID, RamBackend(NS_SIZE), serial=config.serial)]
+    srv = InProcessServer(NvmeFunction(namespaces, config, doorbell="trap"), str(tmp_path / "requests.sock"))
+    nvme = Nvme(srv.path)
+    try:
+        nvme.set_queues(4)
+        nvme.create_pair(1, 64)
+        nvme.create_pair(2, 64)
+        yield Rig(srv, backend, nvme)
+    finally:
+        backend.open_all()  # no worker may stay parked: stop() joins them
+        nvme.close()
+        srv.stop()
+
+
+def _submit_blocking(rig: Rig, kind: str) -> int:
+    """Submit one command of ``kind`` to the file namespace on queue 1; its cid."""
+    n = rig.nvme
+    if kind == "read":
+        return rig.read_cmd(1, 0)[0]
+    if kind == "write_zeroes":
+        return n.submit(1, NvmOpcode.WRITE_ZEROES, nsid=FILE_NSID, cdw10=0, cdw12=2047)
+    if kind == "dsm":
+        ranges = n.alloc(PAGE)
+        n.write_mem(ranges, struct.pack("<IIQ", 0, 2048, 0))
+        return n.submit(1, NvmOpcode.DATASET_MANAGEMENT, nsid=FILE_NSID, prp1=ranges, cdw10=0, cdw11=1 << 2)
+    assert kind == "flush"
+    return n.submit(1, NvmOpcode.FLUSH, nsid=FILE_NSID)
+
+
+@pytest.mark.parametrize("kind,gate", [("read", "read"), ("write_zeroes", "zeroes"), ("dsm", "zeroes"), ("flush", "flush")])
+def test_other_queue_is_served_while_a_backend_call_blocks(rig: Rig, kind: str, gate: str):
+    n = rig.nvme
+    data = bytes(range(256)) * 16
+    n.write_ok(2, RAM_NSID, 0, data)
+    rig.backend.hold(gate)
+    cid = _submit_blocking(rig, kind)
+    rig.backend.wait_arrived(gate)
+    for _ in range(20):  # the loop keeps serving queue 2 and the admin queue meanwhile
+        assert n.read_ok(2, RAM_NSID, 0, 8) == data
+    assert n.identify(1)[0].status == Status.SUCCESS
+    assert not rig.posted(1), "completed before its backend call returned"
+    rig.backend.open_all()
+    c = n.wait_cid(1, cid)
+    assert c.status == Status.SUCCESS, status_name(c.status)
+
+
+def test_read_data_arrives_through_the_pool(rig: Rig):
+    n = rig.nvme
+    data = (bytes(range(251)) * 17)[:4096]
+    n.write_ok(1, FILE_NSID, 16, data)
+    assert n.read_ok(1, FILE_NSID, 16, 8) == data
+    assert rig.ctrl.namespaces[FILE_NSID].stats.read_commands == 1
+
+
+def test_completions_post_in_the_order_requests_finish(rig: Rig):
+    n = rig.nvme
+    a_gate, b_gate = rig.backend.hold("read", 0), rig.backend.hold("read", 4096)
+    a, _ = rig.read_cmd(1, 0)
+    b, _ = rig.read_cmd(1, 8)
+    rig.backend.wait_arrived("read", 2)
+    b_gate.set()
+    n.peek_cqe(1)
+    first = n.host.reap(1)
+    assert [c.cid for c in first] == [b]
+    assert first[0].sqhd == 2  # both were fetched: the head as of posting
+    assert not rig.posted(1)
+    a_gate.set()
+    n.peek_cqe(1)
+    second = n.host.reap(1)
+    assert [c.cid for c in second] == [a] and second[0].sqhd == 2
+    assert all(c.status == Status.SUCCESS for c in first + second)
+
+
+def _pair_with_small_cq(n: Nvme, qid: int, sq_depth: int, cq_depth: int):
+    """An SQ deeper than its CQ, so the CQ (not the SQ) limits what may be in flight."""
+    from nvme_emu.host import HostQueue
+
+    q = HostQueue(qid, sq_depth, n.mem)  # the host submits with sq_depth; reaping is below
+    n.ok(0, AdminOpcode.CREATE_IO_CQ, prp1=q.cq, cdw10=(cq_depth - 1) << 16 | qid, cdw11=qid << 16 | 2 | 1)
+    n.ok(0, AdminOpcode.CREATE_IO_SQ, prp1=q.sq, cdw10=(sq_depth - 1) << 16 | qid, cdw11=qid << 16 | 1)
+    n.host.queues[qid] = q
+    return q
+
+
+def _reap_small_cq(n: Nvme, q, cq_depth: int, state: dict) -> list[tuple[int, int]]:
+    """(cid, status) of every CQE posted so far on a CQ of ``cq_depth``; rings its head."""
+    out = []
+    while True:
+        entry = q.cq + state["head"] * 16
+        if n.mem.load_acquire_u32(entry + 12) >> 16 & 1 != state["phase"]:
+            break
+        cid, sf = struct.unpack_from("<HH", n.mem.view, entry + 12 - n.mem.iova)
+        out.append((cid, (sf >> 1) & 0x7FF))
+        state["head"] += 1
+        if state["head"] == cq_depth:
+            state["head"], state["phase"] = 0, state["phase"] ^ 1
+    if out:
+        n.host.doorbells.ring(2 * q.qid + 1, state["head"])
+    return out
+
+
+def test_a_full_cq_counts_requests_in_flight(rig: Rig):
+    n = rig.nvme
+    q = _pair_with_small_cq(n, 3, sq_depth=16, cq_depth=4)  # the CQ holds 3 completions
+    rig.backend.hold("read")
+    cids = [rig.read_cmd(3, 8 * i)[0] for i in range(8)]
+    rig.backend.wait_arrived("read", 3)
+    n.sync()
+    sq_head, reserved = rig.srv.call(lambda: (rig.ctrl.sqs[3].head, rig.ctrl.cqs[3].reserved))
+    assert (sq_head, reserved) == (3, 3), "fetched more commands than the CQ can complete"
+    rig.backend.open_all()
+    state = {"head": 0, "phase": 1}
+    done: dict[int, int] = {}
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while len(done) < len(cids):  # each reap rings the CQ head, which lets more in
+        for cid, status in _reap_small_cq(n, q, 4, state):
+            assert cid not in done, f"cid {cid} completed twice"
+            done[cid] = status
+        assert time.monotonic() < deadline, f"completed {sorted(done)} of {cids}"
+    assert sorted(done) == sorted(cids) and set(done.values()) == {Status.SUCCESS}
+    assert rig.srv.call(lambda: rig.ctrl.sqs[3].stats.cq_full_stalls) >= 1
+    assert rig.srv.call(lambda: rig.ctrl.cqs[3].reserved) == 0
+
+
+def test_delete_sq_completes_after_its_commands_in_flight(rig: Rig):
+    n = rig.nvme
+    rig.backend.hold("read")
+    read_cid, _ = rig.read_cmd(1, 0)
+    rig.backend.wait_arrived("read")
+    del_cid = n.submit(0, AdminOpcode.DELETE_IO_SQ, cdw10=1)
+    n.sync()
+    assert not rig.posted(0), "Delete I/O SQ completed while its command was in flight"
+    assert rig.srv.call(lambda: 1 not in rig.ctrl.sqs)  # no more fetches from it
+    rig.backend.open_all()
+    n.peek_cqe(1)
+    assert n.wait_cid(1, read_cid).status == Status.SUCCESS
+    assert n.wait_cid(0, del_cid).status == Status.SUCCESS
+    n.ok(0, AdminOpcode.DELETE_IO_CQ, cdw10=1)  # the SQ is detached from its CQ now
+
+
+def test_reset_drops_completions_of_requests_in_flight(rig: Rig):
+    n = rig.nvme
+    rig.backend.hold("read")
+    rig.read_cmd(1, 0)
+    rig.backend.wait_arrived("read")
+    n.enable()  # CC.EN 1 -> 0 -> 1: every queue is gone
+    n.set_queues(4)
+    n.create_pair(1, 64)
+    rig.backend.open_all()
+    rig.wait_idle()
+    n.sync()
+    assert not rig.posted(1), "a request from before the reset posted into the new queue"
+    data = b"\x77" * 4096
+    n.write_ok(1, FILE_NSID, 64, data)
+    assert n.read_ok(1, FILE_NSID, 64, 8) == data
+
+
+def test_fua_write_completes_only_after_the_durable_write_returned(rig: Rig):
+    n = rig.nvme
+    rig.backend.hold("write")
+    buf = n.alloc(4096)
+    n.write_mem(buf, b"\x42" * 4096)
+    cid = n.submit(1, NvmOpcode.WRITE, nsid=FILE_NSID, prp1=buf, cdw10=0, cdw12=7 | 1 << 30)
+    rig.backend.wait_arrived("write")
+    assert rig.backend.calls[-1] == ("write", 0, True)  # pwritev + fdatasync already ran
+    n.sync()
+    assert not rig.posted(1)
+    rig.backend.open_all()
+    assert n.wait_cid(1, cid).status == Status.SUCCESS
+    with open(rig.backend.path, "rb") as f:
+        assert f.read(4096) == b"\x42" * 4096
+
+
+def test_flush_completes_after_the_fsync_and_covers_earlier_writes(rig: Rig):
+    n = rig.nvme
+    n.write_ok(1, FILE_NSID, 0, b"\x13" * 4096)
+    assert rig.backend.calls[-1] == ("write", 0, False)  # a cached write: not durable yet
+    rig.backend.hold("flush")
+    cid = n.submit(1, NvmOpcode.FLUSH, nsid=FILE_NSID)
+    rig.backend.wait_arrived("flush")
+    assert rig.backend.calls[-1] == ("flush", 0, False)
+    n.sync()
+    assert not rig.posted(1)
+    rig.backend.open_all()
+    assert n.wait_cid(1, cid).status == Status.SUCCESS
+
+
+def test_format_runs_off_the_loop_and_applies_when_done(rig: Rig):
+    n = rig.nvme
+    rig.backend.hold("zeroes")
+    cid = n.submit(0, AdminOpcode.FORMAT_NVM, nsid=FILE_NSID, cdw10=1)  # LBA format 1: 4 KiB
+    rig.backend.wait_arrived("zeroes")
+    data = b"\x99" * 4096
+    n.write_ok(2, RAM_NSID, 0, data)  # I/O and admin commands go on meanwhile
+    assert n.read_ok(2, RAM_NSID, 0, 8) == data
+    c, ident = n.identify(0, nsid=FILE_NSID)
+    assert c.status == Status.SUCCESS and ident[26] & 0xF == 0  # FLBAS: not switched yet
+    rig.backend.open_all()
+    assert n.wait_cid(0, cid).status == Status.SUCCESS
+    c, ident = n.identify(0, nsid=FILE_NSID)
+    assert ident[26] & 0xF == 1

@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from nvme_emu.dbbuf import full_fence  # noqa: E402
+from nvme_emu.atomics import fence  # noqa: E402
 from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
 from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
@@ -194,7 +194,7 @@ class Rig:
         def update(slot, value):
             old = shadow[slot]
             shadow[slot] = value
-            full_fence()  # the shadow store must be visible before we load EventIdx
+            fence()  # the shadow store must be visible before we load EventIdx
             if (value - eventidx[slot] - 1) & 0xFFFF < (value - old) & 0xFFFF:
                 stats[0] += 1
                 kick(slot, value)
@@ -258,6 +258,7 @@ class Rig:
                 spins += 1
                 if spins & 0xFFFFF == 0 and clock() - t_w > STALL_NS:
                     raise Stall(self.stall_report(head, tail, qd, phase))
+            fence()  # the phase load before the status loads (acquire; x86 keeps it anyway)
             t1 = clock()
             waited += t1 - t_w
             if qd == 1:

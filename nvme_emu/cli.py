@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from . import __version__
+from . import __version__, atomics
 from .controller import ControllerConfig
 from .doorbell import DoorbellMode
 from .function import NvmeFunction
@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         raw.insert(0, "serve")  # plain `nvme-emu [--socket ...]` serves
     args = parser.parse_args(raw)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        atomics.ensure_ready()
+    except (atomics.UnsupportedArchitecture, atomics.AtomicsUnavailable) as e:
+        print(f"nvme-emu: {e}", file=sys.stderr)
+        return 1
     if args.command == "guest":
         if not args.fio and not args.cmd:
             args.cmd = "nvme list"

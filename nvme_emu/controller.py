@@ -19,7 +19,8 @@ from vfio_user.dma import DmaError, GuestMemory
 
 from . import spec
 from .aio import IoPool
-from .dbbuf import DoorbellBuffer, full_fence
+from .atomics import fence
+from .dbbuf import DoorbellBuffer
 from .namespace import Namespace
 from .queue import CQE, SQE, CompletionQueue, RingUnavailable, SubmissionQueue
 from .spec import (
@@ -418,7 +419,7 @@ class Controller:
                 if sq.head != sq.tail:
                     break  # stalled on a full CQ: the CQ head doorbell resumes us
                 dbbuf.set_sq_eventidx(sq.qid, sq.tail)
-                full_fence()
+                fence()
                 tail = dbbuf.sq_tail(sq.qid)
                 if tail == sq.tail:
                     break
@@ -480,8 +481,8 @@ class Controller:
         execute = self.nvm.execute
         try:
             sq_view = sq.ring.view(memory, write=False)
-            cq_view = cq.ring.view(memory, write=True)
-            unpack, pack = SQE.unpack_from, CQE.pack
+            store_cqe = cq.ring.atomic(memory).store_cqe
+            unpack = SQE.unpack_from
             qid, sq_size, cq_size = sq.qid, sq.size, cq.size
             while sq.head != sq.tail:
                 if (cq.head - cq.tail - 1) % cq_size <= cq.reserved and not self._cq_has_room(cq):
@@ -496,11 +497,8 @@ class Controller:
                     deferred += 1
                     continue
                 status, dw0 = result
-                # CQE: bytes 0-11 first, then CID + status|phase in one 4-byte store (see post)
-                cqe = pack(dw0, 0, head, qid, entry[2], (status << 1) | cq.phase)
-                off = cq.tail * CQE_SIZE
-                cq_view[off : off + 12] = cqe[:12]
-                cq_view[off + 12 : off + 16] = cqe[12:]
+                # CQE: bytes 0-11, then CID + status|phase as a release store (see post)
+                store_cqe(cq.tail * CQE_SIZE, dw0, 0, head, qid, entry[2], (status << 1) | cq.phase)
                 tail = cq.tail + 1
                 if tail == cq_size:
                     tail = 0
@@ -542,7 +540,7 @@ class Controller:
             cq.set_head(head)
         if cq.full:
             self.dbbuf.set_cq_eventidx(cq.qid, cq.head)  # ring us when you consume
-            full_fence()
+            fence()
             head = self.dbbuf.cq_head(cq.qid)
             if head < cq.size:
                 cq.set_head(head)

@@ -5,26 +5,19 @@ real doorbell only when the new value passes the EventIdx the controller publish
 publish EventIdx = the tail we have consumed, so the host rings again exactly when new work
 arrives after we went idle; then we re-read the shadow (the lost-race check): a host that
 wrote its shadow just before our EventIdx store did not ring, so we must look once more.
+That store->load order needs a full fence (:func:`nvme_emu.atomics.fence`), and the shadow
+values are loaded with acquire semantics: the SQEs (or consumed CQ slots) they announce are
+read (or overwritten) only after the value itself.
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
 from vfio_user.dma import DmaError, GuestMemory
 
+from .atomics import AtomicBuffer
 from .queue import RingUnavailable
-
-#: A lock round trip is a locked instruction on x86, i.e. a full memory barrier: the
-#: EventIdx store must be visible before we re-load the shadow tail (store->load order).
-_FENCE = threading.Lock()
-
-
-def full_fence() -> None:
-    _FENCE.acquire()
-    _FENCE.release()
 
 
 class DoorbellBuffer:
@@ -37,6 +30,7 @@ class DoorbellBuffer:
         self.page_size = page_size
         self._shadow: np.ndarray | None = None
         self._eventidx: np.ndarray | None = None
+        self._shadow_loads: AtomicBuffer | None = None
 
     def _views(self) -> tuple[np.ndarray, np.ndarray]:
         if self._shadow is None or self._eventidx is None:
@@ -48,11 +42,17 @@ class DoorbellBuffer:
                 raise RingUnavailable(f"doorbell buffer unmapped: {e}") from None
         return self._shadow, self._eventidx
 
+    def _loads(self) -> AtomicBuffer:
+        a = self._shadow_loads
+        if a is None:
+            a = self._shadow_loads = AtomicBuffer(self._views()[0], writable=False)
+        return a
+
     def sq_tail(self, qid: int) -> int:
-        return int(self._views()[0][2 * qid])
+        return self._loads().load_acquire_u32(8 * qid)
 
     def cq_head(self, qid: int) -> int:
-        return int(self._views()[0][2 * qid + 1])
+        return self._loads().load_acquire_u32(8 * qid + 4)
 
     def set_sq_eventidx(self, qid: int, value: int) -> None:
         self._views()[1][2 * qid] = value
@@ -74,5 +74,8 @@ class DoorbellBuffer:
         return any(base < iova + size and iova < base + self.page_size for base in (self.shadow_base, self.eventidx_base))
 
     def drop(self) -> None:
+        if self._shadow_loads is not None:
+            self._shadow_loads.release()
+            self._shadow_loads = None
         self._shadow = None
         self._eventidx = None

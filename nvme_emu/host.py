@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from .dbbuf import full_fence
+from .atomics import fence, load_acquire_u32, store_release_u32
 from .queue import CQE, SQE
 from .spec import CQE_SIZE, SQE_SIZE, AdminOpcode, Cc, CcCss, Cns, Csts, NvmOpcode, Reg, Status
 
@@ -81,8 +81,8 @@ class MappedDoorbells(HostDoorbells):
         self.page = page
 
     def ring(self, slot: int, value: int) -> None:
-        # one 4-byte store (pack_into would zero the slot first: a poller could see 0)
-        self.page[4 * slot : 4 * slot + 4] = struct.pack("<I", value)
+        # one 4-byte release store: the SQEs (or CQ reads) it announces come first
+        store_release_u32(self.page, 4 * slot, value)
 
 
 class ShadowBufferDoorbells(HostDoorbells):
@@ -107,10 +107,10 @@ class ShadowBufferDoorbells(HostDoorbells):
             self.inner.ring(slot, value)
             return
         old = self.ram.u32(self.shadow + 4 * slot)
-        self.ram.set_u32(self.shadow + 4 * slot, value)
+        self.ram.store_release_u32(self.shadow + 4 * slot, value)  # the SQEs before the tail
         # Full barrier (Linux: mb()): the shadow store must be visible before EventIdx is
         # loaded, or we and the controller's EventIdx store + re-check can both miss.
-        full_fence()
+        fence()
         event = self.ram.u32(self.eventidx + 4 * slot)
         # nvme_dbbuf_need_event: ring if event_idx lies in (old, new]
         if (value - event - 1) & 0xFFFF < (value - old) & 0xFFFF:
@@ -151,6 +151,15 @@ class HostMemory:
     def set_u32(self, iova: int, value: int) -> None:
         off = iova - self.iova
         self.view[off : off + 4] = struct.pack("<I", value)  # one store, never a transient 0
+
+    def load_acquire_u32(self, iova: int) -> int:
+        """The word at ``iova``, read before anything this thread reads after it (no pointer
+        is kept: the harness owning ``view`` may close its mmap at any time)."""
+        return load_acquire_u32(self.view, iova - self.iova)
+
+    def store_release_u32(self, iova: int, value: int) -> None:
+        """Store ``value`` at ``iova`` after everything this thread stored before it."""
+        store_release_u32(self.view, iova - self.iova, value)
 
 
 class HostQueue:
@@ -246,11 +255,11 @@ class NvmeHost:
         q = self.queues[qid]
         out = []
         while len(out) < limit:
-            off = q.cq + q.head * CQE_SIZE - self.mem.iova
-            # Phase first, the rest after (as Linux does): x86 does not reorder loads.
-            if self.mem.view[off + 14] & 1 != q.phase:
+            entry = q.cq + q.head * CQE_SIZE
+            # Phase first with an acquire load, the rest after (as Linux does with dma_rmb()).
+            if self.mem.load_acquire_u32(entry + 12) >> 16 & 1 != q.phase:
                 break
-            dw0, _dw1, sqhd, sqid, cid, sf = CQE.unpack_from(self.mem.view, off)
+            dw0, _dw1, sqhd, sqid, cid, sf = CQE.unpack_from(self.mem.view, entry - self.mem.iova)
             out.append(Completion(dw0, sqhd, sqid, cid, (sf >> 1) & 0x7FF, bool(sf & (1 << 15))))
             q.head += 1
             if q.head == q.depth:

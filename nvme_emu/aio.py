@@ -44,7 +44,7 @@ class IoPool:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = DEFAULT_WORKERS, *, name: str = "nvme-io") -> None:
-        self._loop = loop
+        self.loop = loop
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: deque = deque()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -107,7 +107,8 @@ class IoPool:
             self._jobs.put(None)
         for t in self._threads:
             t.join()
-        self._loop.remove_reader(self._efd)
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._efd)
         os.close(self._efd)
         self._done.clear()
         self.pending = 0

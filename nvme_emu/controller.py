@@ -577,6 +577,9 @@ class Controller:
         loop = self.loop
         if loop is None:
             return None
+        if self._pool is not None and self._pool.loop is not loop:  # re-attached elsewhere
+            self._pool.close()
+            self._pool = None
         if self._pool is None:
             self._pool = IoPool(loop)
         return self._pool

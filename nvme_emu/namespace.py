@@ -564,6 +564,9 @@ class Namespace:
         self.eui64 = eui64 if eui64 is not None else d_eui
         self.uuid = uuid if uuid is not None else d_uuid
         self.stats = NamespaceStats()
+        #: Its I/O may wait on a device: the controller runs it off the event loop (a plain
+        #: attribute: every Read and Write looks at it).
+        self.blocking = backend.blocking
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -623,11 +626,6 @@ class Namespace:
 
     # -- commands ------------------------------------------------------------------------------
 
-    @property
-    def blocking(self) -> bool:
-        """Its I/O may wait on a device: the controller runs it off the event loop."""
-        return self.backend.blocking
-
     def prepare_rw(self, slba: int, nlb: int, views: Buffers) -> tuple[int, int]:
         """Range and buffer checks of a Read or Write: its (byte offset, byte length)."""
         off, length = self._byte_range(slba, nlb)
@@ -643,17 +641,24 @@ class Namespace:
         self.stats.write_commands += 1
         self.stats.bytes_written += length
 
+    # read_lbas and write_lbas are the RAM fast path: the steps of prepare_rw and count_* are
+    # written out here (three method calls fewer per command, measurable at QD32).
+
     def read_lbas(self, slba: int, nlb: int, views: Buffers) -> None:
         """Read: backend -> ``views`` (writable guest memory)."""
-        off, length = self.prepare_rw(slba, nlb, views)
+        off, length = self._byte_range(slba, nlb)
+        self._check_views(views, length)
         self.backend.read_into(off, views)
-        self.count_read(length)
+        self.stats.read_commands += 1
+        self.stats.bytes_read += length
 
     def write_lbas(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> None:
         """Write: ``views`` -> backend; ``fua`` makes it durable before returning."""
-        off, length = self.prepare_rw(slba, nlb, views)
+        off, length = self._byte_range(slba, nlb)
+        self._check_views(views, length)
         self.backend.write_from(off, views, fua=fua)
-        self.count_write(length)
+        self.stats.write_commands += 1
+        self.stats.bytes_written += length
 
     def write_zeroes(self, slba: int, nlb: int, *, deallocate: bool = False, fua: bool = False) -> None:
         off, length = self._byte_range(slba, nlb)

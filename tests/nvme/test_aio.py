@@ -1,0 +1,64 @@
+"""aio.IoPool: blocking calls on worker threads, results back on the loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from nvme_emu.aio import IoPool
+from vfio_user.server import new_event_loop
+
+
+@pytest.fixture
+def loop():
+    lp = new_event_loop()
+    yield lp
+    lp.close()
+
+
+def test_results_and_errors_come_back_on_the_loop_thread(loop):
+    pool = IoPool(loop, workers=3)
+    seen: list[tuple] = []
+    loop_thread = threading.get_ident()
+    done = loop.create_future()
+
+    def callback(tag):
+        def cb(result, error):
+            seen.append((tag, result, type(error).__name__ if error else None, threading.get_ident() == loop_thread))
+            if len(seen) == 3:
+                done.set_result(None)
+
+        return cb
+
+    def boom():
+        raise OSError(5, "EIO")
+
+    pool.submit(lambda: threading.get_ident(), callback("a"))
+    pool.submit(boom, callback("b"))
+    pool.submit(lambda: 42, callback("c"))
+    assert pool.pending == 3
+    loop.run_until_complete(asyncio.wait_for(done, 10))
+    by_tag = {t: (r, e, on_loop) for t, r, e, on_loop in seen}
+    assert by_tag["a"][0] != loop_thread  # ran on a worker
+    assert by_tag["b"][1:] == ("OSError", True)
+    assert by_tag["c"] == (42, None, True)
+    assert pool.pending == 0
+    pool.close()
+
+
+def test_a_slow_call_does_not_hold_back_the_others(loop):
+    pool = IoPool(loop, workers=2)
+    gate = threading.Event()
+    order: list[str] = []
+    fast_done = loop.create_future()
+    pool.submit(lambda: gate.wait(10), lambda r, e: order.append("slow"))
+    pool.submit(lambda: None, lambda r, e: (order.append("fast"), fast_done.set_result(None)))
+    loop.run_until_complete(asyncio.wait_for(fast_done, 10))
+    assert order == ["fast"]
+    gate.set()
+    pool.close()  # joins the workers: the slow call finished, its result is dropped
+    assert not any(t.is_alive() for t in pool._threads)
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None, lambda r, e: None)

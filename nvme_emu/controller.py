@@ -245,11 +245,21 @@ class Controller:
         out[Reg.INTMS : Reg.INTMS + 4] = self.intms.to_bytes(4, "little")
         out[Reg.INTMC : Reg.INTMC + 4] = self.intms.to_bytes(4, "little")
         out[Reg.CC : Reg.CC + 4] = self.cc.to_bytes(4, "little")
-        out[Reg.CSTS : Reg.CSTS + 4] = self.csts.to_bytes(4, "little")
+        out[Reg.CSTS : Reg.CSTS + 4] = self._host_csts().to_bytes(4, "little")
         out[Reg.AQA : Reg.AQA + 4] = self.aqa.to_bytes(4, "little")
         out[Reg.ASQ : Reg.ASQ + 8] = self.asq.to_bytes(8, "little")
         out[Reg.ACQ : Reg.ACQ + 8] = self.acq.to_bytes(8, "little")
         return bytes(out)
+
+    def _host_csts(self) -> int:
+        """CSTS as the host reads it. After a reset, RDY reads 1 until the I/O pool has no
+        call left: a worker may still be moving data of a request from before the reset into
+        guest memory, and the host must not reuse those buffers until it is done (the reset
+        is complete for the host only when RDY reads 0)."""
+        csts = self.csts
+        if not csts & Csts.RDY and self._pool is not None and self._pool.pending:
+            return csts | Csts.RDY
+        return csts
 
     def read_register(self, offset: int, size: int) -> bytes:
         """Register reads of any width inside 0x000-0xFFF; unknown registers read 0."""

@@ -97,13 +97,6 @@ class Rig:
         cid = self.nvme.submit(qid, NvmOpcode.READ, nsid=nsid, prp1=buf, cdw10=slba, cdw12=nlb - 1)
         return cid, buf
 
-    def wait_idle(self) -> None:
-        """Until the I/O pool has delivered every call (a real condition, polled)."""
-        deadline = time.monotonic() + GATE_TIMEOUT
-        while self.srv.call(lambda: self.ctrl._pool.pending if self.ctrl._pool else 0):
-            assert time.monotonic() < deadline, "I/O pool never went idle"
-            time.sleep(0.001)
-
 
 @pytest.fixture
 def rig(tmp_path):
@@ -249,16 +242,22 @@ def test_delete_sq_completes_after_its_commands_in_flight(rig: Rig):
     n.ok(0, AdminOpcode.DELETE_IO_CQ, cdw10=1)  # the SQ is detached from its CQ now
 
 
-def test_reset_drops_completions_of_requests_in_flight(rig: Rig):
+def test_reset_waits_for_calls_in_flight_and_drops_their_completions(rig: Rig):
+    from nvme_emu.spec import Csts, Reg
+
     n = rig.nvme
     rig.backend.hold("read")
     rig.read_cmd(1, 0)
     rig.backend.wait_arrived("read")
-    n.enable()  # CC.EN 1 -> 0 -> 1: every queue is gone
+    n.set_reg32(Reg.CC, 0)  # reset: every queue is gone
+    # ... but a worker may still write into the read's buffer: the reset is not over yet
+    assert n.reg32(Reg.CSTS) & Csts.RDY, "RDY went 0 while a request could still move data"
+    rig.backend.open_all()
+    n.host.wait_ready(False)
+    assert rig.srv.call(lambda: rig.ctrl._pool.pending) == 0
+    n.enable()
     n.set_queues(4)
     n.create_pair(1, 64)
-    rig.backend.open_all()
-    rig.wait_idle()
     n.sync()
     assert not rig.posted(1), "a request from before the reset posted into the new queue"
     data = b"\x77" * 4096

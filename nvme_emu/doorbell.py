@@ -31,6 +31,7 @@ import numpy as np
 
 from vfio_user.device import IoEventFd, Region, SharedMemory
 
+from .atomics import fence
 from .queue import RingUnavailable
 from .spec import Reg
 
@@ -81,6 +82,8 @@ class DoorbellPage:
     def scan(self) -> int:
         """Act on every changed slot; returns how many changed."""
         changed = np.flatnonzero(self.values != self.last)
+        if len(changed):
+            fence()  # acquire: the SQEs a new tail announces are read after the tail (aarch64)
         # CQ heads (odd slots) first: an SQ processed after its CQ's new head sees the room the
         # host freed instead of stalling on a full CQ that is not full any more.
         for slot in sorted(changed.tolist(), key=lambda s: not s & 1):

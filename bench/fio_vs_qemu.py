@@ -215,8 +215,9 @@ NESTED_GUEST = {"cpus": 1, "memory_mb": 512}
 
 
 def nested_inner(args: argparse.Namespace) -> int:
-    """Inside the rig (KVM): every config in turn, ``args.rounds`` times, on one file."""
+    """Inside the rig (KVM): the chosen configs in turn, ``args.rounds`` times, on one file."""
     assert guest.detect_accel() == "kvm", "--nested-inner needs KVM (the nested rig)"
+    configs = {n: NESTED_CONFIGS[n] for n in args.configs.split(",")} if args.configs else NESTED_CONFIGS
     workdir = tempfile.mkdtemp(prefix="nvme-bench-fio-", dir="/tmp")
     image = os.path.join(workdir, "disk.raw")
     head = ["[global]", "filename=/dev/nvme0n1", "ioengine=io_uring", "direct=1", "time_based=1",
@@ -228,7 +229,7 @@ def nested_inner(args: argparse.Namespace) -> int:
         fill(image, NESTED_FILE)
         for rnd in range(args.rounds):
             r = {}
-            for name, (how, server_args, kw) in NESTED_CONFIGS.items():
+            for name, (how, server_args, kw) in configs.items():
                 if how == "builtin":
                     res = run_builtin(image, job, 900, **kw, **NESTED_GUEST)
                 else:
@@ -240,21 +241,22 @@ def nested_inner(args: argparse.Namespace) -> int:
             # after every round: if L1 dies later (it has, under TCG's nested SVM), the
             # completed rounds still count
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            common.write_json(Path(args.out) / "fio_vs_qemu_nested_inner.json", out)
+            common.write_json(Path(args.out) / args.inner_json, out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
 def nested_rows(rounds: list[dict]) -> list[dict]:
-    """Per config: QD1 mean latency and QD32 IOPS, each the median over rounds."""
+    """Per config: QD1 mean latency and QD32 IOPS, each the median over the rounds that have it."""
     rows = []
     for name in NESTED_CONFIGS:
-        qd1 = sorted(r[name]["jobs"]["randread-4k-qd1"]["clat_mean_us"] for r in rounds)
-        qd32 = sorted(r[name]["jobs"]["randread-4k-qd32"]["iops"] for r in rounds)
+        have = [r for r in rounds if name in r]
+        qd1 = sorted(r[name]["jobs"]["randread-4k-qd1"]["clat_mean_us"] for r in have)
+        qd32 = sorted(r[name]["jobs"]["randread-4k-qd32"]["iops"] for r in have)
         row = {"config": name, "label": NESTED_LABELS[name], "qd1_mean_us": qd1[len(qd1) // 2],
                "qd32_iops": qd32[len(qd32) // 2], "qd1_all": qd1, "qd32_all": qd32}
-        st = rounds[-1][name].get("server_stats") or {}
+        st = have[-1][name].get("server_stats") or {}
         if st:
             db = st.get("doorbells", {})
             row["doorbells"] = {k: db.get(k) for k in ("trapped", "trapped_io_sq", "signals", "lost_values")}
@@ -264,28 +266,49 @@ def nested_rows(rounds: list[dict]) -> list[dict]:
 
 
 def nested_main(args: argparse.Namespace) -> int:
-    """Boot the rig with our POST_WRITE KVM modules and run every config inside, then
-    print the table, the targets, and write JSON + PNG."""
+    """Boot the rig with our POST_WRITE KVM modules, one L1 boot per (round, config), and
+    print the table, the targets, and write JSON + PNG.
+
+    One boot per measurement because L1 (TCG's emulated SVM running real KVM) has died in
+    long runs, with a corrupted kernel stack in a vCPU thread of the L2 QEMU: a fresh L1
+    for each config keeps one such death from taking the others along, and a config whose
+    L1 died is run once more. The order of configs rotates from round to round.
+    """
     from nvme_emu import nested
 
     out = Path(args.out)
     inner_dir = out / "tmp" / "fio_vs_qemu_nested"
     inner_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    res = nested.run_nested([sys.executable, str(Path(__file__).resolve()), "--nested-inner", "--out", str(inner_dir),
-                             "--rounds", str(args.rounds), "--runtime", str(args.runtime), "--ramp", str(args.ramp)],
-                            kvm="patched", cwd=str(common.REPO), out_dirs=[str(inner_dir)],
-                            timeout=600 + args.rounds * len(NESTED_CONFIGS) * 300)  # L1 has hung under TCG
-    print(res.output, flush=True)
-    inner_json = inner_dir / "fio_vs_qemu_nested_inner.json"
-    if res.returncode != 0:
-        print(f"inner run failed:\n{res.describe_failure()}", file=sys.stderr)
-        if res.returncode is not None or not inner_json.exists():
-            return 1
-    inner = json.loads(inner_json.read_text())
-    incomplete = len(inner["rounds"]) < args.rounds
-    if incomplete:
-        print(f"WARNING: the L1 guest died after {len(inner['rounds'])} of {args.rounds} rounds; using those", file=sys.stderr)
+    names = list(NESTED_CONFIGS)
+    inner: dict = {"rounds": [], "l1_deaths": [], "fio_job": None}
+    for rnd in range(args.rounds):
+        got: dict = {}
+        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        for name in order:
+            for attempt in range(2):
+                inner_json = inner_dir / f"inner-{rnd}-{name}.json"
+                inner_json.unlink(missing_ok=True)
+                res = nested.run_nested([sys.executable, str(Path(__file__).resolve()), "--nested-inner", "--out", str(inner_dir),
+                                         "--inner-json", inner_json.name, "--configs", name, "--rounds", "1",
+                                         "--runtime", str(args.runtime), "--ramp", str(args.ramp)],
+                                        kvm="patched", cwd=str(common.REPO), out_dirs=[str(inner_dir)], timeout=900)
+                done = res.returncode == 0 and inner_json.exists()
+                print(f"[round {rnd} {name} attempt {attempt}] " + (res.output.strip().splitlines() or ["(no output)"])[-1], flush=True)
+                if done:
+                    one = json.loads(inner_json.read_text())
+                    got[name] = one["rounds"][0][name]
+                    inner["fio_job"] = one["fio_job"]
+                    break
+                inner["l1_deaths"].append({"round": rnd, "config": name, "attempt": attempt, "returncode": res.returncode,
+                                           "tail": res.describe_failure()[-3000:]})
+                print(f"  L1 run failed (rc {res.returncode}); " + ("retrying" if attempt == 0 else "giving up on it this round"), file=sys.stderr)
+        inner["rounds"].append(got)
+    missing = [n for n in names if not any(n in r for r in inner["rounds"])]
+    if missing:
+        print(f"no measurement at all for {missing}", file=sys.stderr)
+        return 1
+    incomplete = sum(len(r) < len(names) for r in inner["rounds"])
     rows = nested_rows(inner["rounds"])
     by = {r["config"]: r for r in rows}
     for r in rows:
@@ -299,14 +322,19 @@ def nested_main(args: argparse.Namespace) -> int:
     }
     lines = ["Nested: L1 is a TCG guest with real KVM (our POST_WRITE modules); QEMU 11.1.3 -accel kvm runs an L2 "
              "guest with fio. Every exit is TCG-emulated: only ratios within this run carry over.",
-             f"{len(inner['rounds'])} round(s) of all four configs, 1 vCPU / 512 MiB L2, fio {args.runtime:g} s per job; "
-             "median round per figure" + (f" (L1 died during round {len(inner['rounds']) + 1})" if incomplete else ""), "",
+             f"{len(inner['rounds'])} round(s) of all four configs, one L1 boot each, 1 vCPU / 512 MiB L2, fio {args.runtime:g} s "
+             f"per job; median over rounds per figure; L1 deaths (retried once): {len(inner['l1_deaths'])}"
+             + (f"; {incomplete} round(s) missing a config" if incomplete else ""), "",
              f"{'config':40s} {'QD1 mean us':>12s} {'x trap':>7s} {'x hw/nvme':>9s} {'QD32 IOPS':>10s} {'x hw/nvme':>9s}  doorbells"]
     for r in rows:
         db = r.get("doorbells") or {}
         lines.append(f"{r['label']:40s} {r['qd1_mean_us']:12.0f} {r['qd1_vs_trap']:7.2f} {r['qd1_vs_hw_nvme']:9.2f} "
                      f"{r['qd32_iops']:10,.0f} {r['qd32_vs_hw_nvme']:9.2f}  "
                      + (f"trapped {db.get('trapped')} (I/O SQ {db.get('trapped_io_sq')}), signals {db.get('signals')}" if db else "-"))
+    lines.append("")
+    lines += [f"QD1 mean us per round, {r['config']}: {[round(v) for v in r['qd1_all']]}" for r in rows]
+    if inner["l1_deaths"]:
+        lines.append("L1 deaths: " + ", ".join(f"round {d['round']} {d['config']}" for d in inner["l1_deaths"]))
     lines.append("")
     lines.append(f"target shadow QD1 mean <= trap / 1.3: {sh['qd1_vs_trap']:.2f}x trap -> {'MET' if targets['shadow_qd1_vs_trap']['met'] else 'MISSED'}")
     lines.append(f"target shadow QD1 mean <= 1.2x hw/nvme: {sh['qd1_vs_hw_nvme']:.2f}x -> {'MET' if targets['shadow_qd1_vs_hw_nvme']['met'] else 'MISSED'}")
@@ -348,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run in the nested rig under KVM with our POST_WRITE modules: trap, shadow (agent, POST_WRITE), "
                          "ioeventfd+dbbuf (agent) and QEMU's -device nvme, fio randread QD1 and QD32")
     ap.add_argument("--nested-inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--configs", default="", help=argparse.SUPPRESS)  # --nested-inner: a subset of NESTED_CONFIGS
+    ap.add_argument("--inner-json", default="fio_vs_qemu_nested_inner.json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.nested_inner:
         return nested_inner(args)

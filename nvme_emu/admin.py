@@ -440,16 +440,17 @@ class AdminCommands:
         if len(self.aer_cids) > self.ctrl.config.aerl:
             raise NvmeError(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED, "too many AERs outstanding", dnr=True)
         self.aer_cids.append(e[CID])
-        self.ctrl.loop_soon(self._deliver_events)
+        self.ctrl.loop_soon(self.deliver_events)
         return DEFERRED
 
     def async_event(self, event_type: int, info: int, log_page: int) -> None:
         """Queue an event; it completes an outstanding AER unless its type is masked."""
         self.events.append((event_type, info, log_page))
         log.info("asynchronous event type %d info %#x (log %#x)", event_type, info, log_page)
-        self._deliver_events()
+        self.deliver_events()
 
-    def _deliver_events(self) -> None:
+    def deliver_events(self) -> None:
+        """Complete outstanding AERs with queued events (again after the admin CQ had no room)."""
         kept: deque[tuple[int, int, int]] = deque()
         while self.events:
             ev = self.events.popleft()
@@ -476,7 +477,7 @@ class AdminCommands:
         etype = by_log.get(LogPageId(lid)) if lid in LogPageId._value2member_map_ else None
         if etype is not None and etype in self.masked_types:
             self.masked_types.discard(etype)
-            self._deliver_events()
+            self.deliver_events()
 
     def namespace_changed(self, nsid: int) -> None:
         self.changed_nsids.add(nsid)

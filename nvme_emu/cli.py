@@ -49,7 +49,7 @@ def build_function(args: argparse.Namespace) -> NvmeFunction:
         for ns in namespaces:
             ns.close()
         raise
-    return NvmeFunction(namespaces, config, doorbell=args.doorbell, spin_us=args.spin_us)
+    return NvmeFunction(namespaces, config, doorbell=args.doorbell, spin_us=args.spin_us, poll_idle_max_us=args.poll_idle_max_us)
 
 
 def agent_socket(args: argparse.Namespace) -> str | None:
@@ -75,7 +75,8 @@ def format_stats(function: NvmeFunction) -> str:
     lines = [
         f"doorbell path {st['doorbell_mode']}: trapped={db['trapped']} trapped_io_sq={db['trapped_io_sq']} signals={db['signals']} wakeups={db['wakeups']} "
         f"doorbells={db['doorbells']} coalesced={db['coalesced']} spin_hits={db['spin_hits']}/{db['spins']} "
-        f"polls={db['polls']} poll_cpu={db['poll_cpu_seconds']:.3f}s lost_values={db['lost_values']}"
+        f"polls={db['polls']} poll_cpu={db['poll_cpu_seconds']:.3f}s lost_values={db['lost_values']} "
+        f"lazy_cq_heads={db['lazy_cq_heads']} cq_head_arms={db['cq_head_arms']}"
     ]
     for name, q in st["queues"].items():
         per_wake = q["commands"] / q["batches"] if q["batches"] else 0.0
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--serial", default="NVMEEMU00000001")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
+    s.add_argument("--poll-idle-max-us", type=float, default=None,
+                   help="poll path: the idle poller backs off 2, 4, 8 ... us up to this (default 1000); lower = less latency after idle, more CPU")
     s.add_argument("--spin-us", type=float, default=None, help="keep looking for doorbells this long after work before sleeping (default: 0; 50 in poll mode)")
     s.add_argument("--stats", type=float, default=0.0, metavar="SECONDS", help="print per-queue counters every SECONDS (also on SIGUSR1)")
     s.add_argument("--stats-json", metavar="PATH", help="on SIGUSR1 also write the counters as JSON to PATH (benchmarks read it)")

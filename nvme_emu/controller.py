@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 from vfio_user.dma import DmaError, GuestMemory
 
@@ -40,6 +40,7 @@ from .spec import (
     Shst,
     Status,
 )
+from .timer import FineTimers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,19 @@ log = logging.getLogger(__name__)
 DEFERRED = object()
 
 IrqRaiser = Callable[[int], bool]
+
+
+class CqHeadSource(Protocol):
+    """A doorbell path whose CQ head values sit in memory we can read at any time.
+
+    CQ head doorbells need no wake-up of their own: the head matters only when a CQ looks
+    full (or for INTx's level). Such a path lets the controller *peek* at the newest value
+    then, and *arm* a wake-up for the rare CQ that is really full.
+    """
+
+    def peek_cq_head(self, qid: int) -> int | None: ...
+
+    def arm_cq_head(self, qid: int) -> None: ...
 
 
 @dataclass
@@ -123,14 +137,18 @@ class Controller:
         self.memory: GuestMemory | None = None
         self.raise_irq: IrqRaiser | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: Microsecond timers (interrupt coalescing) while a host is attached with a loop.
+        self.timers: FineTimers | None = None
         self.pci_vendor = self.config.pci_vendor
         self.dbbuf: DoorbellBuffer | None = None
         self.health = HealthCounters()
         self.error_log = ErrorLog(self.config.error_log_entries)
+        #: Hooks per queue event (doorbell paths, coalescing timers); before the command sets.
+        self.queue_listeners: list[Callable[[str, int], None]] = []
         self.admin = AdminCommands(self)
         self.nvm = NvmCommands(self)
-        #: Hooks of the doorbell path (shadow doorbell buffers, ioeventfds) per queue event.
-        self.queue_listeners: list[Callable[[str, int], None]] = []
+        #: Set by a doorbell path that shares its doorbell page (shadow, poll).
+        self.cq_head_source: CqHeadSource | None = None
         self.cap = self._capabilities()
         self.vs = spec.NVME_VERSION
         self._reset_state()
@@ -185,6 +203,9 @@ class Controller:
         self.memory = memory
         self.raise_irq = raise_irq
         self.loop = loop
+        if self.timers is not None:
+            self.timers.close()
+        self.timers = FineTimers(loop) if loop is not None else None
         self.health.power_cycles += 1
 
     def loop_soon(self, fn: Callable[[], None]) -> None:
@@ -202,6 +223,9 @@ class Controller:
         self.memory = None
         self.raise_irq = None
         self.loop = None
+        if self.timers is not None:
+            self.timers.close()
+            self.timers = None
 
     def controller_reset(self) -> None:
         """CC.EN 1 -> 0, reset, FLR: queues go away, namespace data stays."""
@@ -385,17 +409,13 @@ class Controller:
         dbbuf = self.dbbuf if qid else None
         if is_cq:
             cq = self.cqs.get(qid)
-            if cq is not None and dbbuf is not None:
-                value = dbbuf.cq_head(qid)
             if cq is None:
                 self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
                 return
-            if value >= cq.size:
-                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
-                return
-            was_full = cq.full
-            cq.set_head(value)
-            if was_full:
+            if dbbuf is not None:
+                value = dbbuf.cq_head(qid)
+            had_no_room = cq.room <= 0  # SQs may be stalled on it (fetching stops at no room)
+            if self._accept_cq_head(cq, value) and had_no_room:
                 self._resume_stalled(cq)
             return
         sq = self.sqs.get(qid)
@@ -413,6 +433,22 @@ class Controller:
         sq.tail = value
         sq.stats.doorbells += 1
         self.run_sq(sq)
+
+    def _accept_cq_head(self, cq: CompletionQueue, value: int) -> bool:
+        """Validate and take a CQ head value; an invalid one raises the error event instead."""
+        if value >= cq.size:
+            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
+            return False
+        cq.set_head(value)
+        return True
+
+    def _peek_cq_head(self, cq: CompletionQueue) -> None:
+        """Take the newest CQ head the doorbell path holds without having woken us for it."""
+        source = self.cq_head_source
+        if source is not None:
+            value = source.peek_cq_head(cq.qid)
+            if value is not None:
+                self._accept_cq_head(cq, value)
 
     def _bad_doorbell(self, info: spec.AsyncEventError) -> None:
         """A doorbell for a missing queue or beyond its size: an error event, nothing done."""
@@ -452,6 +488,8 @@ class Controller:
             sq = self.sqs.get(sqid)
             if sq is not None and not sq.empty:
                 self.run_sq(sq)
+        if cq.qid == 0:
+            self.admin.deliver_events()  # an event held back by the full admin CQ
 
     # -- command processing ------------------------------------------------------------
 
@@ -461,6 +499,8 @@ class Controller:
         if memory is None or not self.ready or self.fatal:
             return 0
         cq = sq.cq
+        if self.cq_head_source is not None:
+            self._peek_cq_head(cq)  # lazy CQ head doorbells: an invalid value shows here at the latest
         n = 0
         started = time.perf_counter()
         try:
@@ -542,19 +582,27 @@ class Controller:
         return n
 
     def _refresh_cq_head(self, cq: CompletionQueue) -> bool:
-        """A full CQ under shadow doorbells: the host may have consumed without ringing."""
-        if self.dbbuf is None or cq.qid == 0:
-            return False
-        head = self.dbbuf.cq_head(cq.qid)
-        if head < cq.size:
-            cq.set_head(head)
-        if cq.full:
-            self.dbbuf.set_cq_eventidx(cq.qid, cq.head)  # ring us when you consume
-            fence()
+        """A CQ has no room: the host may have consumed entries without waking us.
+
+        Two places can hold a newer head: the doorbell path's page (lazy CQ head doorbells)
+        and the shadow doorbell buffer. If there is still no room, ask both to wake us when
+        the host consumes: the path arms the CQ's eventfd, the buffer gets the CQ's EventIdx.
+        Room counts the slots promised to commands in flight (:attr:`CompletionQueue.room`).
+        """
+        self._peek_cq_head(cq)
+        if cq.room <= 0 and self.dbbuf is not None and cq.qid:
             head = self.dbbuf.cq_head(cq.qid)
             if head < cq.size:
                 cq.set_head(head)
-        return not cq.full
+            if cq.room <= 0:
+                self.dbbuf.set_cq_eventidx(cq.qid, cq.head)  # ring us when you consume
+                fence()
+                head = self.dbbuf.cq_head(cq.qid)
+                if head < cq.size:
+                    cq.set_head(head)
+        if cq.room <= 0 and self.cq_head_source is not None:
+            self.cq_head_source.arm_cq_head(cq.qid)
+        return cq.room > 0
 
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> bool:
         """Complete a deferred command (AER); False when its queues are gone or full."""
@@ -676,12 +724,14 @@ class Controller:
     def _signal_all(self) -> None:
         """INTMC unmasked vectors: re-raise those whose CQs still hold entries."""
         for cq in self.cqs.values():
+            self._peek_cq_head(cq)
             if cq.pending and cq.irq_enabled:
                 self._fire(cq)
 
     def intx_unmasked(self) -> None:
         """INTx is level-triggered: while any CQ has unconsumed entries the line stays up."""
         for cq in self.cqs.values():
+            self._peek_cq_head(cq)
             if cq.pending and cq.irq_enabled:
                 self._fire(cq)
                 return

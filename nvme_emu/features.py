@@ -6,12 +6,12 @@ return the default and Set Features with SV fails with "Feature Identifier Not S
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .spec import FeatureId, FeatureSelect, NvmeError, Status
+from .timer import FineTimer
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -50,11 +50,19 @@ class Features:
         self.ctrl = ctrl
         self.state = FeatureState()
         self.reset()
+        ctrl.queue_listeners.append(self._queue_event)
+
+    def _queue_event(self, event: str, qid: int) -> None:
+        """A deleted CQ takes its coalescing timer along (a new CQ may reuse the QID)."""
+        if event == "delete-cq":
+            timer = self._timers.pop(qid, None)
+            if timer is not None:
+                timer.cancel()
 
     def reset(self) -> None:
         for timer in getattr(self, "_timers", {}).values():
             timer.cancel()
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._timers: dict[int, FineTimer] = {}
         kept_ts = (self.state.timestamp_base_ms, self.state.timestamp_set_at, self.state.timestamp_synced)
         self.state = FeatureState(write_cache=self.ctrl.config.volatile_write_cache)
         self.state.temp_thresholds = {(0, TEMP_OVER): 343, (0, TEMP_UNDER): 0}
@@ -81,8 +89,8 @@ class Features:
         """
         thr = self.state.coalescing & 0xFF
         tim = (self.state.coalescing >> 8) & 0xFF
-        loop = self.ctrl.loop
-        if tim == 0 or loop is None or self.state.vector_config.get(cq.vector, False) or cq.unsignalled >= thr + 1:
+        timers = self.ctrl.timers
+        if tim == 0 or timers is None or self.state.vector_config.get(cq.vector, False) or cq.unsignalled >= thr + 1:
             timer = self._timers.pop(cq.qid, None)
             if timer is not None:
                 timer.cancel()
@@ -90,9 +98,10 @@ class Features:
         if cq.qid not in self._timers:
             def deliver() -> None:
                 self._timers.pop(cq.qid, None)
-                self.ctrl.flush_coalesced(cq)
+                if self.ctrl.cqs.get(cq.qid) is cq:
+                    self.ctrl.flush_coalesced(cq)
 
-            self._timers[cq.qid] = loop.call_later(tim * 100e-6, deliver)
+            self._timers[cq.qid] = timers.call_later(tim * 100e-6, deliver)
         return False
 
     # -- timestamp -----------------------------------------------------------------------

@@ -44,6 +44,7 @@ class NvmeFunction(Device):
         *,
         doorbell: DoorbellMode | str = DoorbellMode.AUTO,
         spin_us: float | None = None,
+        poll_idle_max_us: float | None = None,
     ) -> None:
         super().__init__(express=True)
         self.controller = Controller(namespaces, config)
@@ -58,8 +59,12 @@ class NvmeFunction(Device):
         )
         self.add_region(MSIX_BAR, Region(BAR4_SIZE, read=self._msix_read, write=self._msix_write))
         self.irq_counts[IrqIndex.MSIX] = cfg.msix_vectors
-        spin = {} if spin_us is None else {"spin_us": spin_us}  # None: the path's own default
-        self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, **spin)
+        options: dict[str, float] = {} if spin_us is None else {"spin_us": spin_us}  # None: the path's own default
+        if poll_idle_max_us is not None:
+            if DoorbellMode(doorbell) != DoorbellMode.POLL:
+                raise ValueError("the poller's idle cap applies to the poll doorbell path only")
+            options["idle_max_us"] = poll_idle_max_us
+        self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, **options)
         self.controller.queue_listeners.append(self._queue_event)
 
     def _queue_event(self, event: str, qid: int) -> None:

@@ -201,10 +201,10 @@ class ServeProcess:
 class InProcServer:
     """Server(NvmeFunction(...), path) on ``new_event_loop()`` in a daemon thread."""
 
-    def __init__(self, path: str, mode: str, *, spin_us: float = 0.0, namespace: str = f"ram:size={NS_SIZE}") -> None:
+    def __init__(self, path: str, mode: str, *, spin_us: float = 0.0, namespace: str = f"ram:size={NS_SIZE}", **options: float) -> None:
         self.path = path
         ns = open_namespace(namespace, 1)
-        self.function = NvmeFunction([ns], ControllerConfig(max_io_queues=MAX_IO_QUEUES), doorbell=mode, spin_us=spin_us)
+        self.function = NvmeFunction([ns], ControllerConfig(max_io_queues=MAX_IO_QUEUES), doorbell=mode, spin_us=spin_us, **options)
         self.ctrl = self.function.controller
         self.server = Server(self.function, path)
         self.loop = new_event_loop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from db_helpers import LBA, NS_SIZE, PAGE, PATHS, pattern
+from db_helpers import LBA, NS_SIZE, PAGE, PATHS, pattern, wait_for
 from nvme_emu.spec import AdminOpcode, AsyncEventError, AsyncEventType, LogPageId, NvmOpcode, Status
 
 PATH_IDS = list(PATHS)
@@ -99,7 +99,16 @@ def test_invalid_cq_head_raises_event(serve, session, path):
     s.bring_up(kind, depth=16)
     aer = _submit_aer(s)
     s.host.doorbells.ring(3, 16)  # CQ head == queue size
-    _check_invalid_value_event(s, aer)
+    if path == "shadow":
+        # Lazy CQ heads: nothing wakes the server for a CQ head; it reads the slot when it
+        # next uses the CQ, here for the next command on its SQ (which still completes).
+        cid = s.submit_io(1, NvmOpcode.READ, 0, s.mem.alloc(PAGE), ring=True)
+        _check_invalid_value_event(s, aer)
+        (c,) = s.host.wait(1, 1)
+        assert c.cid == cid and c.status == Status.SUCCESS
+        assert srv.stats()["doorbells"]["lazy_cq_heads"] >= 1
+    else:
+        _check_invalid_value_event(s, aer)
     s.write_read_check(1, 0, 3, qd=3)
 
 
@@ -198,3 +207,37 @@ def test_poll_server_reports_cpu(serve, session):
     print(f"poll: {db}")
     assert db["polls"] > 0 and db["wakeups"] > 0 and db["trapped"] == 0
     assert "poll_cpu_seconds" in db and db["poll_cpu_seconds"] >= 0.0
+
+
+@pytest.mark.parametrize("path", PATH_IDS)
+def test_full_cq_stalls_then_resumes_on_cq_head(serve, session, path):
+    """A CQ with no room stalls its SQ; the host's CQ head doorbell must wake the server.
+
+    On shadow, CQ head slots are lazy (no wake-up of their own): the stall arms the CQ's
+    eventfd, which is what brings the rest of the commands home here.
+    """
+    mode, kind = PATHS[path]
+    srv = serve(mode)
+    s = session(srv.path)
+    depth = 16
+    s.bring_up(kind, depth=depth)
+    buf = s.mem.alloc(PAGE)
+    for _ in range(depth - 1):
+        s.submit_io(1, NvmOpcode.READ, 0, buf, ring=False)
+    s.host.ring_sq(1)
+    wait_for(lambda: srv.stats()["queues"]["sq1"]["commands"] == depth - 1, "a full CQ")
+    extra = 5
+    for _ in range(extra):
+        s.submit_io(1, NvmOpcode.READ, 0, buf, ring=False)
+    s.host.ring_sq(1)
+    wait_for(lambda: srv.stats()["queues"]["sq1"]["cq_full_stalls"] >= 1, "the SQ to stall on its full CQ")
+    assert srv.stats()["queues"]["sq1"]["commands"] == depth - 1
+    first = s.host.reap(1)  # consumes all 15 and rings the CQ head once
+    assert len(first) == depth - 1 and all(c.status == Status.SUCCESS for c in first)
+    rest = s.host.wait(1, extra)
+    assert all(c.status == Status.SUCCESS for c in rest)
+    st = srv.stats()
+    assert st["queues"]["sq1"]["commands"] == depth - 1 + extra
+    if path == "shadow":
+        assert st["doorbells"]["cq_head_arms"] >= 1
+    s.expect_no_completion(1)

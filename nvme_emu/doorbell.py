@@ -1,13 +1,17 @@
 """Doorbell paths: how SQ tail and CQ head values get from the host to the controller.
 
 Every path ends in the same place, a :class:`DoorbellPage`: one 32-bit slot per doorbell
-(DSTRD 0) and the values last acted on. A *scan* compares the two and hands every changed
-slot to the controller, so several writes between two looks coalesce into the last value.
-The paths differ only in where the slot values live and what wakes us up:
+(DSTRD 0) and the values last acted on. Where something names the slot (a trapped write's
+offset, the eventfd that fired) we act on that one slot, in O(1); only the poller, which
+nothing names a slot for, *scans* the page for changed slots. Either way several writes
+between two looks coalesce into the last value. The paths differ in where the slot values
+live and what wakes us up:
 
 ``trap``      REGION_WRITE messages (posted by QEMU when nothing is mmapped); the baseline.
 ``shadow``    a shadow ioeventfd per doorbell: KVM (POST_WRITE) or the client stores the value
-              in a shared memfd page and signals an eventfd; we wake, scan, re-check.
+              in a shared memfd page and signals an eventfd; we wake and act on that slot.
+              CQ head slots are *lazy*: nothing wakes for them; the controller peeks at
+              the page when a CQ looks full, and arms the CQ's eventfd only if it still is.
 ``ioeventfd`` plain eventfds, no value: only useful with shadow doorbell buffers
               (Doorbell Buffer Config), where the value is in guest memory.
 ``poll``      the doorbell page is mmapped into the client (sparse area of BAR0); we poll
@@ -34,6 +38,7 @@ from vfio_user.device import IoEventFd, Region, SharedMemory
 from .atomics import fence
 from .queue import RingUnavailable
 from .spec import Reg
+from .timer import FineTimers
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -66,6 +71,8 @@ class DoorbellStats:
     polls: int = 0  # poll rounds
     poll_cpu_seconds: float = 0.0  # CPU the poller burned
     lost_values: int = 0  # ioeventfd signals with no way to know the value
+    lazy_cq_heads: int = 0  # CQ head values taken from the page without a wake-up
+    cq_head_arms: int = 0  # full CQs whose head eventfd we armed
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -103,8 +110,6 @@ class DoorbellPath:
     """Base: owns the doorbell page; subclasses add the wake-up mechanism."""
 
     mode = DoorbellMode.TRAP
-    #: Whether slot values can change behind our back (shared memory): then act on a scan.
-    page_shared = False
 
     def __init__(self, ctrl: "Controller", bar0: Region, *, spin_us: float = 0.0) -> None:
         self.ctrl = ctrl
@@ -153,31 +158,24 @@ class DoorbellPath:
         if slot >= 2 and not slot & 1:
             self.stats.trapped_io_sq += 1
         self.page.values[slot] = int.from_bytes(data, "little")
-        self._kick(slot)
-        if self.page_shared:
-            self._run()
-        else:
-            self._run_slot(slot)
+        self._act(slot)
 
-    def _run_slot(self, slot: int) -> None:
-        """A private page changes only by trapped writes: check the one slot, no scan."""
+    def _act(self, slot: int) -> bool:
+        """Hand one slot's value to the controller if it is news; True if it was.
+
+        Under shadow doorbell buffers an I/O queue write is news even when it repeats the
+        slot's last value: there it is only a kick (the value is in host memory), and after
+        an EventIdx re-check consumed a suppressed tail, or after a wrap, the next kick may
+        carry the very value we acted on last.
+        """
         page = self.page
         value = int(page.values[slot])
-        if value != page.last[slot]:
-            page.last[slot] = value
-            self.stats.doorbells += 1
-            self.ctrl.doorbell(slot >> 1, bool(slot & 1), value)
-
-    def _kick(self, slot: int) -> None:
-        """A write that repeats the slot's last value still counts under shadow doorbell buffers.
-
-        There the write is only a kick (the tail is in host memory): after an EventIdx
-        re-check consumed a suppressed tail, or after a wrap, the next kick may carry the
-        very value we acted on last, and a scan would see no change and lose the wake-up.
-        """
-        if slot >= 2 and self.ctrl.dbbuf is not None and self.page.values[slot] == self.page.last[slot]:
-            self.stats.doorbells += 1
-            self.ctrl.doorbell(slot >> 1, bool(slot & 1), int(self.page.values[slot]))
+        if value == page.last[slot] and (slot < 2 or self.ctrl.dbbuf is None):
+            return False
+        page.last[slot] = value
+        self.stats.doorbells += 1
+        self.ctrl.doorbell(slot >> 1, bool(slot & 1), value)
+        return True
 
     def _run(self) -> int:
         n = self.page.scan()
@@ -209,15 +207,48 @@ class TrapPath(DoorbellPath):
     mode = DoorbellMode.TRAP
 
 
-class ShadowPath(DoorbellPath):
-    """Shadow ioeventfds: the value arrives in shared memory, the signal by eventfd."""
+class SharedPagePath(DoorbellPath):
+    """A page the host writes behind our back: the controller may peek at CQ heads in it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ctrl.cq_head_source = self
+
+    def peek_cq_head(self, qid: int) -> int | None:
+        slot = 2 * qid + 1
+        if slot >= self.nslots:
+            return None
+        page = self.page
+        value = int(page.values[slot])
+        if value == page.last[slot]:
+            return None
+        page.last[slot] = value
+        self.stats.lazy_cq_heads += 1
+        return value
+
+    def arm_cq_head(self, qid: int) -> None:
+        """Something else watches every slot (the poller); nothing to arm."""
+
+    def close(self) -> None:
+        if self.ctrl.cq_head_source is self:
+            self.ctrl.cq_head_source = None
+        del self.page
+
+
+class ShadowPath(SharedPagePath):
+    """Shadow ioeventfds: the value arrives in shared memory, the signal by eventfd.
+
+    SQ tail eventfds are always watched. CQ head eventfds are watched only while their CQ
+    is full (armed by the controller): a host consuming completions does not wake us, and
+    a signal that arrived before arming leaves the eventfd readable, so none is lost.
+    """
 
     mode = DoorbellMode.SHADOW
-    page_shared = True
 
     def _slot_memory(self) -> np.ndarray:
         self.shadow = SharedMemory(DOORBELL_PAGE, "nvme-doorbell-shadow")
         self.ioeventfds: list[IoEventFd] = []
+        self.armed: set[int] = set()
         for slot in range(self.nslots):
             efd = IoEventFd(Reg.DOORBELLS + 4 * slot, 4, shadow=self.shadow, shadow_offset=4 * slot)
             self.ioeventfds.append(self.bar0.add_ioeventfd(efd))
@@ -225,32 +256,57 @@ class ShadowPath(DoorbellPath):
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         super().attach(loop)
-        for efd in self.ioeventfds:
-            loop.add_reader(efd.fd, self._signalled, efd)
+        for slot in range(0, self.nslots, 2):
+            loop.add_reader(self.ioeventfds[slot].fd, self._signalled, slot)
 
     def detach(self) -> None:
         if self.loop is not None:
-            for efd in self.ioeventfds:
-                self.loop.remove_reader(efd.fd)
+            for slot in range(0, self.nslots, 2):
+                self.loop.remove_reader(self.ioeventfds[slot].fd)
+            for slot in self.armed:
+                self.loop.remove_reader(self.ioeventfds[slot].fd)
+        self.armed.clear()
         super().detach()
 
-    def _signalled(self, efd: IoEventFd) -> None:
-        writes = efd.drain()
-        if not writes:
+    def arm_cq_head(self, qid: int) -> None:
+        slot = 2 * qid + 1
+        if self.loop is None or slot >= self.nslots or slot in self.armed:
             return
-        self.stats.wakeups += 1
-        self.stats.signals += writes
-        self._kick((efd.offset - Reg.DOORBELLS) >> 2)
-        changed = self._run()
-        # Writes beyond one per changed slot were absorbed: coalesced into the last value.
-        self.stats.coalesced += max(0, writes - max(changed, 1))
+        self.armed.add(slot)
+        self.stats.cq_head_arms += 1
+        self.loop.add_reader(self.ioeventfds[slot].fd, self._signalled, slot)
+
+    def _disarm(self, slot: int) -> None:
+        self.armed.discard(slot)
+        if self.loop is not None:
+            self.loop.remove_reader(self.ioeventfds[slot].fd)
+
+    def _signalled(self, slot: int) -> None:
+        writes = self.ioeventfds[slot].drain()
+        if writes:
+            self.stats.wakeups += 1
+            self.stats.signals += writes
+            self.stats.coalesced += writes - 1  # one wake-up served them all: the last value counts
+            if self._act(slot) and self.spin_s:
+                self._spin()
+        if slot & 1:
+            cq = self.ctrl.cqs.get(slot >> 1)
+            if cq is None or cq.room > 0:
+                self._disarm(slot)
+
+    def _queue_event(self, event: str, qid: int) -> None:
+        super()._queue_event(event, qid)
+        if event in ("reset", "delete-cq", "create-cq"):
+            for slot in list(self.armed):
+                if event == "reset" or slot == 2 * qid + 1:
+                    self._disarm(slot)
 
     def close(self) -> None:
         for efd in self.ioeventfds:
             if efd in self.bar0.ioeventfds:
                 self.bar0.remove_ioeventfd(efd)
         self.ioeventfds.clear()
-        del self.page
+        super().close()
         self.shadow.close()
 
 
@@ -317,17 +373,17 @@ class IoEventFdPath(DoorbellPath):
         self.ioeventfds.clear()
 
 
-class PollPath(DoorbellPath):
+class PollPath(SharedPagePath):
     """The doorbell page is mapped into the client; an adaptive poller watches it."""
 
     mode = DoorbellMode.POLL
-    page_shared = True
 
     def __init__(self, *args, idle_max_us: float = 1000.0, busy_spin_us: float = 50.0, **kwargs) -> None:
         kwargs.setdefault("spin_us", busy_spin_us)
         super().__init__(*args, **kwargs)
         self.idle_max_s = idle_max_us * 1e-6
         self._task: asyncio.Task[None] | None = None
+        self._timers: FineTimers | None = None
 
     def _slot_memory(self) -> np.ndarray:
         memory = self.bar0.memory
@@ -336,35 +392,54 @@ class PollPath(DoorbellPath):
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         super().attach(loop)
-        self._task = loop.create_task(self._poll())
+        self._timers = FineTimers(loop)
+        self._task = loop.create_task(self._poll(self._timers))
 
     def detach(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._timers is not None:
+            self._timers.close()
+            self._timers = None
         super().detach()
 
-    async def _poll(self) -> None:
-        """Spin while work arrives; when idle, sleep exponentially longer up to idle_max."""
+    def backoff_s(self, idle_rounds: int) -> float:
+        """How long to sleep after ``idle_rounds`` empty rounds: 2, 4, 8 ... us, capped at idle_max."""
+        return min(self.idle_max_s, 1e-6 * (1 << min(idle_rounds, 30)))
+
+    async def _poll(self, timers: FineTimers) -> None:
+        """Spin while work arrives; when idle, sleep exponentially longer up to idle_max.
+
+        The sleeps are timerfd sleeps (:mod:`nvme_emu.timer`): the loop's own timers would
+        round every step below a millisecond up to one. A round that raises is a bug: it
+        is logged and makes the controller fatal (the host resets it), and polling goes on,
+        since a poller that died silently would leave every later doorbell unserved.
+        """
         idle = 0
         while True:
             t0 = time.thread_time()
             self.stats.polls += 1
-            n = self._run() + self._poll_dbbuf()
+            try:
+                n = self._run() + self._poll_dbbuf()
+            except Exception:
+                log.exception("doorbell poll round failed")
+                self.ctrl.set_fatal("internal error in the doorbell poller")
+                n = 0
             self.stats.poll_cpu_seconds += time.thread_time() - t0
             if n:
                 self.stats.wakeups += 1
                 idle = 0
                 await asyncio.sleep(0)
             else:
-                idle = min(idle + 1, 20)
-                await asyncio.sleep(min(self.idle_max_s, 1e-6 * (1 << idle)))
+                idle += 1
+                await timers.sleep(self.backoff_s(idle))
 
     def _poll_dbbuf(self) -> int:
         """Under shadow doorbell buffers the SQ tails live in host memory: poll them too.
 
         The host's kicks land in the mapped page, where a kick repeating the slot's last
-        value is invisible (see :meth:`DoorbellPath._kick`); the shadow tail is not.
+        value is invisible (see :meth:`DoorbellPath._act`); the shadow tail is not.
         """
         ctrl = self.ctrl
         dbbuf = ctrl.dbbuf
@@ -382,9 +457,6 @@ class PollPath(DoorbellPath):
             pass  # the buffer was unmapped; the controller notices on its next access
         self.stats.doorbells += n
         return n
-
-    def close(self) -> None:
-        del self.page
 
 
 PATHS: dict[DoorbellMode, type[DoorbellPath]] = {

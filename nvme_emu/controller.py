@@ -4,6 +4,11 @@ It knows nothing of sockets or of vfio-user messages. It is given guest memory (
 :class:`vfio_user.dma.GuestMemory`) and a function that raises an interrupt vector when a
 host attaches, and it is driven by register accesses and doorbell writes, whatever path
 those come by (see :mod:`nvme_emu.doorbell`).
+
+It is the composition of the spec areas: it owns the :class:`~nvme_emu.state.ControllerState`,
+binds the :class:`~nvme_emu.state.ControllerHooks` the command handlers may call to its own
+methods, and drives registers, doorbells, queues, requests and interrupts itself. No handler
+holds a pointer back to it.
 """
 
 from __future__ import annotations
@@ -11,17 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-from vfio_user.dma import DmaError, GuestMemory
+from vfio_user.dma import GuestMemory
 
-from . import spec
+from . import async_event, features, spec
+from .admin import AdminCommands
 from .aio import IoPool
 from .atomics import fence
-from .dbbuf import DoorbellBuffer
+from .coalescing import Coalescing
 from .namespace import Namespace
+from .nvm import NvmCommands
 from .queue import CQE, SQE, CompletionQueue, RingUnavailable, SubmissionQueue
 from .spec import (
     CQE_PHASE,
@@ -38,16 +43,16 @@ from .spec import (
     Reg,
     Shn,
     Shst,
-    Status,
 )
+from .state import DEFERRED, ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
 from .timer import FineTimers
 
 log = logging.getLogger(__name__)
 
-#: Marks a command that completes later (Asynchronous Event Request).
-DEFERRED = object()
-
 IrqRaiser = Callable[[int], bool]
+
+#: Re-exported: their home is nvme_emu.state.
+__all__ = ["DEFERRED", "Controller", "ControllerConfig", "CqHeadSource", "ErrorLog", "HealthCounters"]
 
 
 class CqHeadSource(Protocol):
@@ -63,63 +68,9 @@ class CqHeadSource(Protocol):
     def arm_cq_head(self, qid: int) -> None: ...
 
 
-@dataclass
-class ControllerConfig:
-    """What a user may choose for a controller; the rest follows from the spec."""
-
-    serial: str = "NVMEEMU00000001"
-    model: str = "nvme-emu RAM controller"
-    firmware: str = "0.1.0"
-    max_queue_entries: int = 4096  # CAP.MQES + 1
-    max_io_queues: int = 64
-    msix_vectors: int = 65
-    mdts: int = 7  # 2^7 * 4 KiB = 512 KiB per command
-    timeout_500ms: int = 15  # CAP.TO
-    mpsmax: int = 4  # 64 KiB pages
-    max_namespaces: int = 32
-    aerl: int = 3  # 4 outstanding AERs (0-based)
-    acl: int = 3  # 4 outstanding Aborts (0-based)
-    error_log_entries: int = 64
-    volatile_write_cache: bool = True
-    shadow_doorbells: bool = True  # OACS.DBCS (Doorbell Buffer Config)
-    temperature_kelvin: int = 313
-    pci_vendor: int = 0x4E58
-    pci_device: int = 0x4E56
-
-    @property
-    def max_transfer(self) -> int:
-        """MDTS in bytes (its unit is CAP.MPSMIN, 4 KiB)."""
-        return (1 << self.mdts) * 4096
-
-    @property
-    def doorbell_bytes(self) -> int:
-        return 8 * (self.max_io_queues + 1)
-
-
-@dataclass
-class ErrorLog:
-    """The Error Information log: a ring of the newest entries plus a running count."""
-
-    capacity: int
-    count: int = 0
-    entries: deque = field(default_factory=deque)
-
-    def add(self, **fields: int) -> None:
-        self.count += 1
-        self.entries.appendleft(dict(fields, error_count=self.count))
-        while len(self.entries) > self.capacity:
-            self.entries.pop()
-
-
-@dataclass
-class HealthCounters:
-    """Real counters behind the SMART / Health log."""
-
-    started: float = field(default_factory=time.monotonic)
-    busy_seconds: float = 0.0
-    power_cycles: int = 0
-    unsafe_shutdowns: int = 0
-    media_errors: int = 0
+def _state_view(name: str, doc: str) -> property:
+    """A read-only view of a state field, for the doorbell paths, the PCI function and tests."""
+    return property(lambda self: getattr(self.state, name), doc=doc)
 
 
 class Controller:
@@ -128,35 +79,53 @@ class Controller:
     #: the I/O worker pool, made by io_pool() on first use
     _pool: IoPool | None = None
 
-    def __init__(self, namespaces: Iterable[Namespace], config: ControllerConfig | None = None) -> None:
-        from .admin import AdminCommands
-        from .nvm import NvmCommands
+    config = _state_view("config", "The controller's configuration.")
+    namespaces = _state_view("namespaces", "Namespaces by NSID.")
+    memory = _state_view("memory", "Guest memory while a host is attached.")
+    sqs = _state_view("sqs", "Submission queues by QID.")
+    cqs = _state_view("cqs", "Completion queues by QID.")
+    dbbuf = _state_view("dbbuf", "The shadow doorbell buffer, once the host configured one.")
+    intms = _state_view("intms", "The interrupt mask (INTMS/INTMC).")
+    page_size = _state_view("page_size", "CC.MPS in bytes.")
+    health = _state_view("health", "Counters behind the SMART log.")
+    error_log = _state_view("error_log", "The Error Information log.")
+    enabled = _state_view("enabled", "CC.EN.")
+    ready = _state_view("ready", "CSTS.RDY.")
+    fatal = _state_view("fatal", "CSTS.CFS.")
 
-        self.config = config or ControllerConfig()
-        self.namespaces: dict[int, Namespace] = {ns.nsid: ns for ns in namespaces}
-        self.memory: GuestMemory | None = None
+    def __init__(self, namespaces: Iterable[Namespace], config: ControllerConfig | None = None) -> None:
+        self.state = ControllerState.of(namespaces, config)
+        self.state.cap = self._capabilities()
         self.raise_irq: IrqRaiser | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Microsecond timers (interrupt coalescing) while a host is attached with a loop.
         self.timers: FineTimers | None = None
-        self.pci_vendor = self.config.pci_vendor
-        self.dbbuf: DoorbellBuffer | None = None
-        self.health = HealthCounters()
-        self.error_log = ErrorLog(self.config.error_log_entries)
+        self.pci_vendor = self.state.config.pci_vendor
         #: Hooks per queue event (doorbell paths, coalescing timers); before the command sets.
         self.queue_listeners: list[Callable[[str, int], None]] = []
-        self.admin = AdminCommands(self)
-        self.nvm = NvmCommands(self)
+        self.coalescing = Coalescing(self.state, self.flush_coalesced)
+        self.queue_listeners.append(self._queue_event)
+        self.hooks = ControllerHooks(
+            complete=self.complete,
+            begin_request=self.begin_request,
+            finish_request=self.finish_request,
+            io_pool=self.io_pool,
+            queue_event=self._notify,
+            call_soon=self.loop_soon,
+            async_event=self.async_event,
+        )
+        self.admin = AdminCommands(self.state, self.hooks)
+        self.nvm = NvmCommands(self.state, self.hooks)
+        self.state.admin_opcodes = frozenset(self.admin.handlers)
+        self.state.io_opcodes = self.nvm.opcodes
         #: Set by a doorbell path that shares its doorbell page (shadow, poll).
         self.cq_head_source: CqHeadSource | None = None
-        self.cap = self._capabilities()
-        self.vs = spec.NVME_VERSION
         self._reset_state()
 
     # -- state -------------------------------------------------------------------------
 
     def _capabilities(self) -> int:
-        c = self.config
+        c = self.state.config
         return (
             (c.max_queue_entries - 1) << Cap.MQES_SHIFT
             | Cap.CQR
@@ -170,43 +139,43 @@ class Controller:
 
     def _reset_state(self) -> None:
         """Controller Level Reset: queues, registers and features back to defaults."""
-        self.cc = 0
-        self.csts = 0
-        self.intms = 0
-        self.aqa = 0
-        self.asq = 0
-        self.acq = 0
-        self.sqs: dict[int, SubmissionQueue] = {}
-        self.cqs: dict[int, CompletionQueue] = {}
-        self.page_size = 4096
-        self.dbbuf = None
+        state = self.state
+        state.cc = state.csts = state.intms = 0
+        state.aqa = state.asq = state.acq = 0
+        state.sqs = {}
+        state.cqs = {}
+        state.page_size = 4096
+        state.dbbuf = None
         #: CQs with finished requests to post at the next drain (insertion ordered).
         self._ready_cqs: dict[CompletionQueue, None] = {}
         self._drain_scheduled = False
-        self.admin.reset()
+        self.coalescing.cancel_all()
+        features.reset(state)
+        state.events.reset()
+        self._notify("reset", 0)
+
+    def _notify(self, event: str, qid: int) -> None:
+        """Tell every queue listener (the ``queue_event`` hook)."""
         for listener in self.queue_listeners:
-            listener("reset", 0)
+            listener(event, qid)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.cc & Cc.EN)
+    def _queue_event(self, event: str, qid: int) -> None:
+        """A deleted CQ takes its coalescing timer along (a new CQ may reuse the QID)."""
+        if event == "delete-cq":
+            self.coalescing.cancel(qid)
 
-    @property
-    def ready(self) -> bool:
-        return bool(self.csts & Csts.RDY)
-
-    @property
-    def fatal(self) -> bool:
-        return bool(self.csts & Csts.CFS)
+    def async_event(self, event_type: int, info: int, log_page: int) -> None:
+        """Post an asynchronous event (the ``async_event`` hook)."""
+        async_event.post_event(self.state, self.hooks, event_type, info, log_page)
 
     def attach_host(self, memory: GuestMemory, raise_irq: IrqRaiser, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.memory = memory
+        self.state.memory = memory
         self.raise_irq = raise_irq
         self.loop = loop
         if self.timers is not None:
             self.timers.close()
         self.timers = FineTimers(loop) if loop is not None else None
-        self.health.power_cycles += 1
+        self.state.health.power_cycles += 1
 
     def loop_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` after the current batch (directly when there is no loop)."""
@@ -217,10 +186,10 @@ class Controller:
 
     def detach_host(self) -> None:
         """The host is gone without warning: count it, and stop touching its memory."""
-        if self.enabled and (self.csts >> Csts.SHST_SHIFT) & Csts.SHST_MASK != Shst.COMPLETE:
-            self.health.unsafe_shutdowns += 1
+        if self.state.enabled and (self.state.csts >> Csts.SHST_SHIFT) & Csts.SHST_MASK != Shst.COMPLETE:
+            self.state.health.unsafe_shutdowns += 1
         self.controller_reset()
-        self.memory = None
+        self.state.memory = None
         self.raise_irq = None
         self.loop = None
         if self.timers is not None:
@@ -229,50 +198,40 @@ class Controller:
 
     def controller_reset(self) -> None:
         """CC.EN 1 -> 0, reset, FLR: queues go away, namespace data stays."""
-        for sq in self.sqs.values():
+        for sq in self.state.sqs.values():
             sq.live = False  # requests still in flight finish into nothing
             sq.ring.drop()
-        for cq in self.cqs.values():
+        for cq in self.state.cqs.values():
             cq.ring.drop()
         self._reset_state()
 
     def set_fatal(self, reason: str) -> None:
         """CSTS.CFS: the host must reset us; nothing more is processed until then."""
-        if not self.fatal:
+        if not self.state.fatal:
             log.error("controller fatal status: %s", reason)
-        self.csts |= Csts.CFS
+        self.state.csts |= Csts.CFS
 
     def dma_unmapping(self, iova: int, size: int) -> None:
-        for q in list(self.sqs.values()) + list(self.cqs.values()):
+        for q in list(self.state.sqs.values()) + list(self.state.cqs.values()):
             if q.ring.overlaps(iova, size):
                 q.ring.drop()
-        if self.dbbuf is not None and self.dbbuf.overlaps(iova, size):
-            self.dbbuf.drop()
-
-    def configure_doorbell_buffer(self, shadow: int, eventidx: int) -> None:
-        """Doorbell Buffer Config: from now on I/O queue doorbells live in host memory."""
-        assert self.memory is not None
-        self.dbbuf = DoorbellBuffer(self.memory, shadow, eventidx, self.page_size)
-        for qid, sq in self.sqs.items():
-            if qid:
-                self.dbbuf.seed(qid, sq.tail, sq.cq.head if sq.cq.qid == qid else 0)
-        for listener in self.queue_listeners:
-            listener("dbbuf", 0)
+        if self.state.dbbuf is not None and self.state.dbbuf.overlaps(iova, size):
+            self.state.dbbuf.drop()
 
     # -- registers ---------------------------------------------------------------------
 
     def _register_block(self) -> bytes:
         """Registers 0x00-0x3F as the host reads them (CMBLOC/CMBSZ 0: no CMB)."""
         out = bytearray(0x40)
-        out[Reg.CAP : Reg.CAP + 8] = self.cap.to_bytes(8, "little")
-        out[Reg.VS : Reg.VS + 4] = self.vs.to_bytes(4, "little")
-        out[Reg.INTMS : Reg.INTMS + 4] = self.intms.to_bytes(4, "little")
-        out[Reg.INTMC : Reg.INTMC + 4] = self.intms.to_bytes(4, "little")
-        out[Reg.CC : Reg.CC + 4] = self.cc.to_bytes(4, "little")
+        out[Reg.CAP : Reg.CAP + 8] = self.state.cap.to_bytes(8, "little")
+        out[Reg.VS : Reg.VS + 4] = self.state.vs.to_bytes(4, "little")
+        out[Reg.INTMS : Reg.INTMS + 4] = self.state.intms.to_bytes(4, "little")
+        out[Reg.INTMC : Reg.INTMC + 4] = self.state.intms.to_bytes(4, "little")
+        out[Reg.CC : Reg.CC + 4] = self.state.cc.to_bytes(4, "little")
         out[Reg.CSTS : Reg.CSTS + 4] = self._host_csts().to_bytes(4, "little")
-        out[Reg.AQA : Reg.AQA + 4] = self.aqa.to_bytes(4, "little")
-        out[Reg.ASQ : Reg.ASQ + 8] = self.asq.to_bytes(8, "little")
-        out[Reg.ACQ : Reg.ACQ + 8] = self.acq.to_bytes(8, "little")
+        out[Reg.AQA : Reg.AQA + 4] = self.state.aqa.to_bytes(4, "little")
+        out[Reg.ASQ : Reg.ASQ + 8] = self.state.asq.to_bytes(8, "little")
+        out[Reg.ACQ : Reg.ACQ + 8] = self.state.acq.to_bytes(8, "little")
         return bytes(out)
 
     def _host_csts(self) -> int:
@@ -280,7 +239,7 @@ class Controller:
         call left: a worker may still be moving data of a request from before the reset into
         guest memory, and the host must not reuse those buffers until it is done (the reset
         is complete for the host only when RDY reads 0)."""
-        csts = self.csts
+        csts = self.state.csts
         if not csts & Csts.RDY and self._pool is not None and self._pool.pending:
             return csts | Csts.RDY
         return csts
@@ -305,9 +264,9 @@ class Controller:
 
     def _write_dword(self, offset: int, value: int) -> None:
         if offset == Reg.INTMS:
-            self.intms |= value
+            self.state.intms |= value
         elif offset == Reg.INTMC:
-            self.intms &= ~value
+            self.state.intms &= ~value
             self._signal_all()
         elif offset == Reg.CC:
             self._write_cc(value)
@@ -315,83 +274,82 @@ class Controller:
             if value == spec.NSSR_RESET_VALUE:
                 log.info("NVM subsystem reset")
                 self.controller_reset()
-                self.csts |= Csts.NSSRO
-        elif offset == Reg.AQA and not self.enabled:
-            self.aqa = value & (Aqa.ASQS_MASK | Aqa.ACQS_MASK << Aqa.ACQS_SHIFT)
-        elif offset in (Reg.ASQ, Reg.ASQ + 4, Reg.ACQ, Reg.ACQ + 4) and not self.enabled:
+                self.state.csts |= Csts.NSSRO
+        elif offset == Reg.AQA and not self.state.enabled:
+            self.state.aqa = value & (Aqa.ASQS_MASK | Aqa.ACQS_MASK << Aqa.ACQS_SHIFT)
+        elif offset in (Reg.ASQ, Reg.ASQ + 4, Reg.ACQ, Reg.ACQ + 4) and not self.state.enabled:
             self._write_queue_base(offset, value)
         elif offset == Reg.CSTS and value & Csts.NSSRO:
-            self.csts &= ~Csts.NSSRO  # write 1 to clear
+            self.state.csts &= ~Csts.NSSRO  # write 1 to clear
 
     def _write_queue_base(self, offset: int, value: int) -> None:
         base = Reg.ASQ if offset < Reg.ACQ else Reg.ACQ
-        current = self.asq if base == Reg.ASQ else self.acq
+        current = self.state.asq if base == Reg.ASQ else self.state.acq
         if offset == base:
             current = (current & ~0xFFFFFFFF) | (value & ~0xFFF)
         else:
             current = (current & 0xFFFFFFFF) | value << 32
         if base == Reg.ASQ:
-            self.asq = current
+            self.state.asq = current
         else:
-            self.acq = current
+            self.state.acq = current
 
     def _write_cc(self, value: int) -> None:
-        was_enabled = self.enabled
+        was_enabled = self.state.enabled
         now_enabled = bool(value & Cc.EN)
         if was_enabled and not now_enabled:
             log.info("controller disabled (CC.EN 1 -> 0)")
             self.controller_reset()
             return
-        shn_before = (self.cc >> Cc.SHN_SHIFT) & Cc.SHN_MASK
-        self.cc = value
+        shn_before = (self.state.cc >> Cc.SHN_SHIFT) & Cc.SHN_MASK
+        self.state.cc = value
         if not was_enabled and now_enabled:
             self._enable()
         shn = (value >> Cc.SHN_SHIFT) & Cc.SHN_MASK
         if shn != Shn.NONE and shn_before == Shn.NONE:
             self._shutdown(Shn(shn))
         elif shn == Shn.NONE and shn_before != Shn.NONE:
-            self.csts &= ~(Csts.SHST_MASK << Csts.SHST_SHIFT)
+            self.state.csts &= ~(Csts.SHST_MASK << Csts.SHST_SHIFT)
 
     def _enable(self) -> None:
-        mps = (self.cc >> Cc.MPS_SHIFT) & Cc.MPS_MASK
-        css = (self.cc >> Cc.CSS_SHIFT) & Cc.CSS_MASK
-        asqs = ((self.aqa >> Aqa.ASQS_SHIFT) & Aqa.ASQS_MASK) + 1
-        acqs = ((self.aqa >> Aqa.ACQS_SHIFT) & Aqa.ACQS_MASK) + 1
+        mps = (self.state.cc >> Cc.MPS_SHIFT) & Cc.MPS_MASK
+        css = (self.state.cc >> Cc.CSS_SHIFT) & Cc.CSS_MASK
+        asqs = ((self.state.aqa >> Aqa.ASQS_SHIFT) & Aqa.ASQS_MASK) + 1
+        acqs = ((self.state.aqa >> Aqa.ACQS_SHIFT) & Aqa.ACQS_MASK) + 1
         problem = None
-        if mps > self.config.mpsmax:
+        if mps > self.state.config.mpsmax:
             problem = f"CC.MPS {mps} above MPSMAX"
         elif css not in (CcCss.NVM, CcCss.ALL_IO_COMMAND_SETS):
             problem = f"CC.CSS {css:#b} not supported"
         elif asqs < 2 or acqs < 2:
             problem = f"admin queue sizes {asqs}/{acqs} too small"
-        elif self.memory is None:
+        elif self.state.memory is None:
             problem = "no host attached"
         if problem is not None:
             log.warning("cannot enable controller: %s", problem)
             self.set_fatal(problem)
             return
-        self.page_size = 1 << (12 + mps)
-        if self.asq % self.page_size or self.acq % self.page_size:
+        self.state.page_size = 1 << (12 + mps)
+        if self.state.asq % self.state.page_size or self.state.acq % self.state.page_size:
             self.set_fatal("admin queue base not page aligned")
             return
-        cq = CompletionQueue(0, self.acq, acqs, vector=0, irq_enabled=True)
-        self.cqs[0] = cq
-        self.sqs[0] = SubmissionQueue(0, self.asq, asqs, cq)
+        cq = CompletionQueue(0, self.state.acq, acqs, vector=0, irq_enabled=True)
+        self.state.cqs[0] = cq
+        self.state.sqs[0] = SubmissionQueue(0, self.state.asq, asqs, cq)
         cq.sqs.add(0)
-        self.csts = (self.csts & Csts.NSSRO) | Csts.RDY
-        log.info("controller enabled: page size %d, admin queues %d/%d", self.page_size, asqs, acqs)
-        for listener in self.queue_listeners:
-            listener("create-sq", 0)
+        self.state.csts = (self.state.csts & Csts.NSSRO) | Csts.RDY
+        log.info("controller enabled: page size %d, admin queues %d/%d", self.state.page_size, asqs, acqs)
+        self._notify("create-sq", 0)
 
     def _shutdown(self, kind: Shn) -> None:
         """Flush every namespace, then report shutdown complete."""
-        self.csts = (self.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.OCCURRING << Csts.SHST_SHIFT
-        for ns in self.namespaces.values():
+        self.state.csts = (self.state.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.OCCURRING << Csts.SHST_SHIFT
+        for ns in self.state.namespaces.values():
             try:
                 ns.flush()
             except NvmeError as e:
                 log.error("flush of namespace %d at shutdown failed: %s", ns.nsid, e)
-        self.csts = (self.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.COMPLETE << Csts.SHST_SHIFT
+        self.state.csts = (self.state.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.COMPLETE << Csts.SHST_SHIFT
         log.info("controller shutdown (%s) complete", kind.name.lower())
 
     # -- doorbells ---------------------------------------------------------------------
@@ -404,11 +362,12 @@ class Controller:
             self.set_fatal(f"doorbell buffer memory is gone: {e}")
 
     def _doorbell(self, qid: int, is_cq: bool, value: int) -> None:
-        if not self.ready or self.fatal:
+        state = self.state
+        if not state.ready or state.fatal:
             return
-        dbbuf = self.dbbuf if qid else None
+        dbbuf = state.dbbuf if qid else None
         if is_cq:
-            cq = self.cqs.get(qid)
+            cq = state.cqs.get(qid)
             if cq is None:
                 self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
                 return
@@ -418,7 +377,7 @@ class Controller:
             if self._accept_cq_head(cq, value) and had_no_room:
                 self._resume_stalled(cq)
             return
-        sq = self.sqs.get(qid)
+        sq = state.sqs.get(qid)
         if sq is None:
             self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
             return
@@ -452,12 +411,12 @@ class Controller:
 
     def _bad_doorbell(self, info: spec.AsyncEventError) -> None:
         """A doorbell for a missing queue or beyond its size: an error event, nothing done."""
-        self.admin.async_event(AsyncEventType.ERROR, info, spec.LogPageId.ERROR_INFORMATION)
+        self.async_event(AsyncEventType.ERROR, info, spec.LogPageId.ERROR_INFORMATION)
 
     def run_sq(self, sq: SubmissionQueue) -> int:
         """Process until idle; with shadow doorbells, publish EventIdx and re-check."""
         total = self.process_sq(sq)
-        dbbuf = self.dbbuf
+        dbbuf = self.state.dbbuf
         if dbbuf is None or sq.qid == 0:
             return total
         try:
@@ -478,25 +437,26 @@ class Controller:
             else:
                 # Still moving after 64 rounds: EventIdx now lags the tail, so the host will
                 # not ring again. Look once more after the other ready callbacks ran.
-                self.loop_soon(lambda: self.sqs.get(sq.qid) is sq and self.run_sq(sq))
+                self.loop_soon(lambda: self.state.sqs.get(sq.qid) is sq and self.run_sq(sq))
         except RingUnavailable as e:
             self.set_fatal(f"doorbell buffer memory is gone: {e}")
         return total
 
     def _resume_stalled(self, cq: CompletionQueue) -> None:
         for sqid in sorted(cq.sqs):
-            sq = self.sqs.get(sqid)
+            sq = self.state.sqs.get(sqid)
             if sq is not None and not sq.empty:
                 self.run_sq(sq)
         if cq.qid == 0:
-            self.admin.deliver_events()  # an event held back by the full admin CQ
+            async_event.deliver_events(self.state, self.hooks)  # an event held back by the full admin CQ
 
     # -- command processing ------------------------------------------------------------
 
     def process_sq(self, sq: SubmissionQueue) -> int:
         """Run every command in [head, tail), post completions, then one interrupt per CQ."""
-        memory = self.memory
-        if memory is None or not self.ready or self.fatal:
+        state = self.state
+        memory = state.memory
+        if memory is None or not state.ready or state.fatal:
             return 0
         cq = sq.cq
         if self.cq_head_source is not None:
@@ -512,7 +472,7 @@ class Controller:
             log.exception("queue %d processing failed", sq.qid)
             self.set_fatal(f"internal error while processing queue {sq.qid}")
             n = 0
-        self.health.busy_seconds += time.perf_counter() - started
+        state.health.busy_seconds += time.perf_counter() - started
         if n:
             st = sq.stats
             st.commands += n
@@ -590,14 +550,14 @@ class Controller:
         Room counts the slots promised to commands in flight (:attr:`CompletionQueue.room`).
         """
         self._peek_cq_head(cq)
-        if cq.room <= 0 and self.dbbuf is not None and cq.qid:
-            head = self.dbbuf.cq_head(cq.qid)
+        if cq.room <= 0 and self.state.dbbuf is not None and cq.qid:
+            head = self.state.dbbuf.cq_head(cq.qid)
             if head < cq.size:
                 cq.set_head(head)
             if cq.room <= 0:
-                self.dbbuf.set_cq_eventidx(cq.qid, cq.head)  # ring us when you consume
+                self.state.dbbuf.set_cq_eventidx(cq.qid, cq.head)  # ring us when you consume
                 fence()
-                head = self.dbbuf.cq_head(cq.qid)
+                head = self.state.dbbuf.cq_head(cq.qid)
                 if head < cq.size:
                     cq.set_head(head)
         if cq.room <= 0 and self.cq_head_source is not None:
@@ -606,11 +566,11 @@ class Controller:
 
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> bool:
         """Complete a deferred command (AER); False when its queues are gone or full."""
-        sq = self.sqs.get(sqid)
-        if sq is None or self.memory is None or (sq.cq.room <= 0 and not self._cq_has_room(sq.cq)):
+        sq = self.state.sqs.get(sqid)
+        if sq is None or self.state.memory is None or (sq.cq.room <= 0 and not self._cq_has_room(sq.cq)):
             return False
         try:
-            sq.cq.post(self.memory, dw0, 0, sq.head, sqid, cid, status)
+            sq.cq.post(self.state.memory, dw0, 0, sq.head, sqid, cid, status)
         except RingUnavailable as e:
             self.set_fatal(f"queue {sqid} memory is gone: {e}")
             return False
@@ -664,9 +624,9 @@ class Controller:
         on a CQ without room run again (their slots are now used or free)."""
         self._drain_scheduled = False
         cqs, self._ready_cqs = self._ready_cqs, {}
-        memory = self.memory
+        memory = self.state.memory
         for cq in cqs:
-            if memory is None or self.cqs.get(cq.qid) is not cq:
+            if memory is None or self.state.cqs.get(cq.qid) is not cq:
                 cq.ready.clear()
                 continue
             try:
@@ -694,11 +654,6 @@ class Controller:
             self._pool.close()
             self._pool = None
 
-    def record_error(self, sq: SubmissionQueue, cid: int, err: NvmeError, *, nsid: int = 0, lba: int = 0) -> None:
-        self.error_log.add(sqid=sq.qid, cid=cid, status_field=err.status_field, nsid=nsid, lba=lba)
-        if err.status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
-            self.health.media_errors += 1
-
     # -- interrupts --------------------------------------------------------------------
 
     def signal(self, cq: CompletionQueue) -> None:
@@ -706,7 +661,7 @@ class Controller:
         if not cq.unsignalled or not cq.irq_enabled:
             cq.unsignalled = 0
             return
-        if cq.qid != 0 and not self.admin.features.coalescing_allows(cq):
+        if cq.qid != 0 and not self.coalescing.allows(cq, self.timers):
             return
         self._fire(cq)
 
@@ -723,14 +678,14 @@ class Controller:
 
     def _signal_all(self) -> None:
         """INTMC unmasked vectors: re-raise those whose CQs still hold entries."""
-        for cq in self.cqs.values():
+        for cq in self.state.cqs.values():
             self._peek_cq_head(cq)
             if cq.pending and cq.irq_enabled:
                 self._fire(cq)
 
     def intx_unmasked(self) -> None:
         """INTx is level-triggered: while any CQ has unconsumed entries the line stays up."""
-        for cq in self.cqs.values():
+        for cq in self.state.cqs.values():
             self._peek_cq_head(cq)
             if cq.pending and cq.irq_enabled:
                 self._fire(cq)
@@ -740,16 +695,8 @@ class Controller:
 
     def queue_stats(self) -> dict[str, dict[str, int]]:
         out = {}
-        for qid, sq in sorted(self.sqs.items()):
+        for qid, sq in sorted(self.state.sqs.items()):
             d = sq.stats.as_dict()
             d.update({f"cq_{k}": v for k, v in sq.cq.stats.as_dict().items() if k in ("completions", "interrupts")})
             out[f"sq{qid}"] = d
         return out
-
-    def dma_check(self, iova: int, length: int) -> None:
-        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
-        assert self.memory is not None
-        try:
-            self.memory.view(iova, length)
-        except DmaError:
-            raise NvmeError(Status.DATA_TRANSFER_ERROR, f"{iova:#x}+{length} not in guest memory") from None

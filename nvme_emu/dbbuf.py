@@ -1,4 +1,4 @@
-"""Shadow doorbells and EventIdx (Doorbell Buffer Config, OACS bit 8).
+"""Shadow doorbells and EventIdx: Doorbell Buffer Config (admin opcode 7Ch, OACS bit 8).
 
 The host keeps its SQ tails and CQ heads in a shadow buffer in its own memory and rings the
 real doorbell only when the new value passes the EventIdx the controller published. We
@@ -17,7 +17,10 @@ import numpy as np
 from vfio_user.dma import DmaError, GuestMemory
 
 from .atomics import AtomicBuffer
-from .queue import RingUnavailable
+from .queue import RingUnavailable, SubmissionQueue
+from .spec import NvmeError, Status
+from .sqe import PRP1, PRP2
+from .state import ControllerHooks, ControllerState
 
 
 class DoorbellBuffer:
@@ -79,3 +82,25 @@ class DoorbellBuffer:
             self._shadow_loads = None
         self._shadow = None
         self._eventidx = None
+
+
+def doorbell_buffer_config(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
+    """PRP1: the shadow doorbell page, PRP2: the EventIdx page; both page aligned and mapped."""
+    shadow, eventidx = e[PRP1], e[PRP2]
+    page = state.page_size
+    if shadow & (page - 1) or eventidx & (page - 1) or not shadow or not eventidx:
+        raise NvmeError(Status.INVALID_FIELD, "doorbell buffers must be page aligned")
+    state.dma_check(shadow, page)
+    state.dma_check(eventidx, page)
+    configure(state, hooks, shadow, eventidx)
+    return 0
+
+
+def configure(state: ControllerState, hooks: ControllerHooks, shadow: int, eventidx: int) -> None:
+    """From now on I/O queue doorbells live in host memory: seed them with what we know."""
+    assert state.memory is not None
+    dbbuf = state.dbbuf = DoorbellBuffer(state.memory, shadow, eventidx, state.page_size)
+    for qid, sq in state.sqs.items():
+        if qid:
+            dbbuf.seed(qid, sq.tail, sq.cq.head if sq.cq.qid == qid else 0)
+    hooks.queue_event("dbbuf", 0)

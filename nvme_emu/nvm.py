@@ -5,11 +5,11 @@ Data moves zero-copy: the data pointer (PRP or SGL) becomes a list of memoryview
 guest memory, and the namespace backend reads into or writes from those views directly.
 
 Each command is a request: :meth:`NvmCommands.execute` returns (status, dw0) when it is
-done, or :data:`~nvme_emu.controller.DEFERRED` when it is in flight. On a RAM namespace
+done, or :data:`~nvme_emu.state.DEFERRED` when it is in flight. On a RAM namespace
 every command is done at once (the synchronous fast path, no per-command objects). On a
 blocking namespace (file, block device) a handler returns a :class:`Work`, the blocking
 part, which runs on the controller's :class:`~nvme_emu.aio.IoPool`; the request completes
-later on the loop thread (:meth:`Controller.finish_request`). Reads try the page cache
+later on the loop thread (``hooks.finish_request``). Reads try the page cache
 without blocking first (``RWF_NOWAIT``) and are done at once on a hit.
 """
 
@@ -19,12 +19,12 @@ import logging
 import struct
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import prp
-from .controller import DEFERRED
 from .namespace import Namespace
 from .queue import SubmissionQueue
+from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2
 from .spec import (
     COPY_DESCRIPTOR_FORMAT0_SIZE,
     DSM_RANGE_SIZE,
@@ -35,13 +35,10 @@ from .spec import (
     RwCdw12,
     Status,
 )
-
-if TYPE_CHECKING:
-    from .controller import Controller
+from .state import DEFERRED, ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 
-OPC, FLAGS, CID, NSID, CDW2, CDW3, MPTR, PRP1, PRP2, CDW10, CDW11, CDW12, CDW13, CDW14, CDW15 = range(15)
 #: Copy limits we report in Identify Namespace (MSSRL, MCL, MSRC is 0-based).
 COPY_MAX_RANGE_LBAS = 1 << 16
 COPY_MAX_RANGES = 128
@@ -64,8 +61,11 @@ Handler = Callable[[Namespace, tuple], "int | Work"]
 
 
 class NvmCommands:
-    def __init__(self, ctrl: "Controller") -> None:
-        self.ctrl = ctrl
+    """I/O command dispatch for one controller's state; requests in flight go through hooks."""
+
+    def __init__(self, state: ControllerState, hooks: ControllerHooks) -> None:
+        self.state = state
+        self.hooks = hooks
         self.handlers: dict[int, Handler] = {
             NvmOpcode.READ: self.read,
             NvmOpcode.WRITE: self.write,
@@ -75,6 +75,11 @@ class NvmCommands:
             NvmOpcode.VERIFY: self.verify,
             NvmOpcode.COPY: self.copy,
         }
+
+    @property
+    def opcodes(self) -> frozenset[int]:
+        """Every I/O opcode dispatched (Flush is handled before the table)."""
+        return frozenset(self.handlers) | {NvmOpcode.FLUSH}
     # -- dispatch ----------------------------------------------------------------------------
 
     def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int]:
@@ -88,7 +93,7 @@ class NvmCommands:
                 handler = self.handlers.get(opc)
                 if handler is None:
                     raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {opc:#x}")
-                ns = self.ctrl.namespaces.get(e[NSID])
+                ns = self.state.namespaces.get(e[NSID])
                 if ns is None:
                     raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
                 dw0 = handler(ns, e)
@@ -101,7 +106,7 @@ class NvmCommands:
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
         if isinstance(err, NvmeError):
-            self.ctrl.record_error(sq, e[CID], err, nsid=e[NSID], lba=e[CDW11] << 32 | e[CDW10])
+            self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=e[CDW11] << 32 | e[CDW10])
             return err.status_field
         # a bug must cost one command (Internal Error), not the whole batch
         log.error("I/O opcode %#x (cid %d) failed unexpectedly", e[OPC], e[CID], exc_info=err)
@@ -110,8 +115,8 @@ class NvmCommands:
     def _start(self, sq: SubmissionQueue, e: tuple, work: Work):
         """Put a command in flight: ``work`` runs on the I/O pool, the request completes on
         the loop thread. Without an event loop (in-process use) it runs here and now."""
-        ctrl = self.ctrl
-        pool = ctrl.io_pool()
+        hooks = self.hooks
+        pool = hooks.io_pool()
         if pool is None:
             try:
                 result = work.run()
@@ -120,7 +125,7 @@ class NvmCommands:
             if work.done is not None:
                 work.done(result)
             return Status.SUCCESS, 0
-        ctrl.begin_request(sq)
+        hooks.begin_request(sq)
         cid = e[CID]
 
         def finished(result: Any, error: BaseException | None) -> None:
@@ -131,7 +136,7 @@ class NvmCommands:
                 except Exception as err:
                     error = err
             status = Status.SUCCESS if error is None else self._failed(sq, e, error)
-            ctrl.finish_request(sq, cid, status)
+            hooks.finish_request(sq, cid, status)
 
         pool.submit(work.run, finished)
         return DEFERRED
@@ -140,12 +145,12 @@ class NvmCommands:
 
     def views(self, e: tuple, length: int, *, to_host: bool) -> list[memoryview]:
         """The command's data buffer as views; ``to_host``: the controller writes into it."""
-        if length > self.ctrl.config.max_transfer:
+        if length > self.state.config.max_transfer:
             raise NvmeError(Status.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
-        memory = self.ctrl.memory
+        memory = self.state.memory
         psdt = e[FLAGS] >> 6
         if psdt == 0:
-            return prp.prp_views(memory, e[PRP1], e[PRP2], length, self.ctrl.page_size, write=to_host)
+            return prp.prp_views(memory, e[PRP1], e[PRP2], length, self.state.page_size, write=to_host)
         if psdt == 3:
             raise NvmeError(Status.INVALID_FIELD, "reserved PSDT")
         return prp.sgl_views(memory, struct.pack("<QQ", e[PRP1], e[PRP2]), length, write=to_host)
@@ -193,7 +198,7 @@ class NvmCommands:
     def write(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
-        fua = bool(e[CDW12] & RwCdw12.FUA) or not self.ctrl.admin.features.state.write_cache
+        fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
         if ns.blocking:
             try:
@@ -242,9 +247,9 @@ class NvmCommands:
         before it: such a write's pwritev returned before this command was even fetched."""
         nsid = e[NSID]
         if nsid == NSID_ALL:
-            targets = list(self.ctrl.namespaces.values())
+            targets = list(self.state.namespaces.values())
         else:
-            ns = self.ctrl.namespaces.get(nsid)
+            ns = self.state.namespaces.get(nsid)
             if ns is None:
                 raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
             targets = [ns]
@@ -297,12 +302,3 @@ class NvmCommands:
         ns.check_range(sdlba, total)
         ns.copy(ranges, sdlba, fua=bool(e[CDW12] & RwCdw12.FUA))
         return 0
-
-    # -- SMART -------------------------------------------------------------------------------------
-
-    def totals(self) -> dict[str, int]:
-        out = {"bytes_read": 0, "bytes_written": 0, "read_commands": 0, "write_commands": 0}
-        for ns in self.ctrl.namespaces.values():
-            for key in out:
-                out[key] += getattr(ns.stats, key)
-        return out

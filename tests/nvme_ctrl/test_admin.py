@@ -269,9 +269,9 @@ def test_invalid_doorbell_value_leaves_the_queue_state_alone(inproc):
         n.host.doorbells.ring(2, 16)
         n.sync()
         assert srv.call(lambda: (ctrl.sqs[1].tail, ctrl.sqs[1].head)) == (tail_before, tail_before)
-        assert srv.call(lambda: list(ctrl.admin.events)) == [(0, 1, LogPageId.ERROR_INFORMATION)]
+        assert srv.call(lambda: list(ctrl.state.events.queued)) == [(0, 1, LogPageId.ERROR_INFORMATION)]
         ev = n.admin(AER)
         assert ev.dw0 == async_event_dw0(0, 1, LogPageId.ERROR_INFORMATION)
-        assert srv.call(lambda: list(ctrl.admin.events)) == []
+        assert srv.call(lambda: list(ctrl.state.events.queued)) == []
     finally:
         n.close()

@@ -1,0 +1,80 @@
+"""Asynchronous events: Asynchronous Event Request (admin opcode 0Ch), the events that
+complete them, and the masking until the host reads the event's log page.
+
+An AER completes only when an event arrives; an event whose type was reported and not yet
+acknowledged (its log page read with RAE clear) waits, as do events with no AER outstanding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from .queue import SubmissionQueue
+from .spec import AsyncEventConfig, AsyncEventNotice, AsyncEventType, LogPageId, NvmeError, Status
+from .sqe import CID
+from .state import DEFERRED, ControllerHooks, ControllerState
+
+log = logging.getLogger(__name__)
+
+#: The event type a log page acknowledges when read with RAE clear.
+ACKNOWLEDGED_BY_LOG = {
+    LogPageId.ERROR_INFORMATION: AsyncEventType.ERROR,
+    LogPageId.SMART_HEALTH: AsyncEventType.SMART_HEALTH,
+    LogPageId.CHANGED_NAMESPACE_LIST: AsyncEventType.NOTICE,
+}
+
+
+def async_event_request(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple):
+    """Hold the command until an event completes it (up to AERL + 1 outstanding)."""
+    if len(state.events.aer_cids) > state.config.aerl:
+        raise NvmeError(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED, "too many AERs outstanding", dnr=True)
+    state.events.aer_cids.append(e[CID])
+    hooks.call_soon(lambda: deliver_events(state, hooks))
+    return DEFERRED
+
+
+def post_event(state: ControllerState, hooks: ControllerHooks, event_type: int, info: int, log_page: int) -> None:
+    """Queue an event; it completes an outstanding AER unless its type is masked."""
+    state.events.queued.append((event_type, info, log_page))
+    log.info("asynchronous event type %d info %#x (log %#x)", event_type, info, log_page)
+    deliver_events(state, hooks)
+
+
+def completion_dw0(event_type: int, info: int, log_page: int) -> int:
+    """DW0 of an AER completion: type 2:0, information 15:8, log page 23:16."""
+    return (event_type & 7) | (info & 0xFF) << 8 | (log_page & 0xFF) << 16
+
+
+def deliver_events(state: ControllerState, hooks: ControllerHooks) -> None:
+    """Complete outstanding AERs with queued events (again after the admin CQ had no room)."""
+    ev_state = state.events
+    kept: deque[tuple[int, int, int]] = deque()
+    while ev_state.queued:
+        ev = ev_state.queued.popleft()
+        if ev[0] in ev_state.masked_types or not ev_state.aer_cids:
+            kept.append(ev)
+            continue
+        cid = ev_state.aer_cids.popleft()
+        if not hooks.complete(0, cid, Status.SUCCESS, completion_dw0(*ev)):
+            ev_state.aer_cids.appendleft(cid)
+            kept.append(ev)
+            break
+        ev_state.masked_types.add(ev[0])
+    kept.extend(ev_state.queued)
+    ev_state.queued = kept
+
+
+def acknowledge(state: ControllerState, hooks: ControllerHooks, lid: int) -> None:
+    """Reading a log page with RAE clear re-enables its event type."""
+    etype = ACKNOWLEDGED_BY_LOG.get(lid)
+    if etype is not None and etype in state.events.masked_types:
+        state.events.masked_types.discard(etype)
+        deliver_events(state, hooks)
+
+
+def namespace_changed(state: ControllerState, hooks: ControllerHooks, nsid: int) -> None:
+    """Add ``nsid`` to the Changed Namespace List; a notice if the host enabled it."""
+    state.events.changed_nsids.add(nsid)
+    if state.features.async_event_config & AsyncEventConfig.NAMESPACE_ATTRIBUTE:
+        hooks.async_event(AsyncEventType.NOTICE, AsyncEventNotice.NAMESPACE_ATTRIBUTE_CHANGED, LogPageId.CHANGED_NAMESPACE_LIST)

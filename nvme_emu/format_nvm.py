@@ -1,0 +1,67 @@
+"""Format NVM (admin opcode 80h): a new LBA format, with or without a secure erase.
+
+Zeroing a RAM namespace is quick and done in place; a file or block device takes as long as
+it takes, so its erase runs on the I/O pool and the command completes later, while every
+other queue keeps being served. The new format applies only once the erase is done.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .async_event import namespace_changed
+from .namespace import Namespace
+from .queue import SubmissionQueue
+from .spec import NSID_ALL, NvmeError, Status
+from .sqe import CDW10, CID, NSID
+from .state import DEFERRED, ControllerHooks, ControllerState
+
+log = logging.getLogger(__name__)
+
+
+def format_nvm(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple):
+    """Check every target first, then erase them all (in place, or on the I/O pool)."""
+    lbaf = (e[CDW10] & 0xF) | ((e[CDW10] >> 12) & 0x3) << 4
+    mset, pi, pil, ses = (e[CDW10] >> 4) & 1, (e[CDW10] >> 5) & 7, (e[CDW10] >> 8) & 1, (e[CDW10] >> 9) & 7
+    if pi or mset or pil:
+        raise NvmeError(Status.INVALID_FORMAT, "no metadata or protection information formats")
+    if ses > 1:
+        raise NvmeError(Status.INVALID_FIELD, f"secure erase setting {ses}")
+    nsid = e[NSID]
+    targets = list(state.namespaces.values()) if nsid == NSID_ALL else [state.active_namespace(nsid)]
+    for ns in targets:
+        ns.check_format(lbaf, secure_erase=bool(ses))
+    pool = hooks.io_pool() if any(ns.blocking for ns in targets) else None
+    if pool is None:  # RAM only (or no loop): quick enough to do here
+        _erase(targets)
+        _formatted(state, hooks, targets, lbaf)
+        return 0
+    cid = e[CID]
+    hooks.begin_request(sq)
+
+    def finished(_result: object, error: BaseException | None) -> None:
+        status = Status.SUCCESS
+        if error is None:
+            _formatted(state, hooks, targets, lbaf)
+        elif isinstance(error, NvmeError):
+            state.record_error(sq.qid, cid, error, nsid=nsid)
+            status = error.status_field
+        else:
+            log.error("Format NVM of namespace %#x failed unexpectedly", nsid, exc_info=error)
+            status = Status.INTERNAL_ERROR
+        hooks.finish_request(sq, cid, status)
+
+    pool.submit(lambda: _erase(targets), finished)
+    return DEFERRED
+
+
+def _erase(targets: list[Namespace]) -> None:
+    for ns in targets:
+        ns.erase()
+
+
+def _formatted(state: ControllerState, hooks: ControllerHooks, targets: list[Namespace], lbaf: int) -> None:
+    """The new format applies; each namespace's change is reported (Changed Namespace List)."""
+    for ns in targets:
+        ns.lbaf_index = lbaf
+        namespace_changed(state, hooks, ns.nsid)

@@ -1,0 +1,104 @@
+"""Identify (admin opcode 06h): the controller, namespace and list data structures by CNS.
+
+Every CNS returns one 4 KiB data structure through the command's PRPs.
+"""
+
+from __future__ import annotations
+
+from . import structures as st
+from .queue import SubmissionQueue
+from .spec import CQES_LOG2, NSID_ALL, SQES_LOG2, Cns, Csi, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
+from .sqe import CDW10, CDW11, NSID
+from .state import ControllerHooks, ControllerState
+from .transfer import to_host
+
+IDENTIFY_SIZE = 4096
+#: The controller ID of our only controller in the subsystem.
+CNTLID = 1
+
+
+def identify(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
+    """Build the structure CNS (and CSI) name and copy it to the host."""
+    to_host(state, e, identify_data(state, e[CDW10] & 0xFF, e[NSID], e[CDW11] >> 24), IDENTIFY_SIZE)
+    return 0
+
+
+def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> bytes:
+    """The Identify data structure for ``cns``, or the status the spec names for it."""
+    if cns == Cns.CONTROLLER:
+        return identify_controller(state)
+    if cns == Cns.NAMESPACE:
+        return _identify_namespace(state, nsid)
+    if cns in (Cns.ACTIVE_NSID_LIST, Cns.IOCS_ACTIVE_NSID_LIST):
+        if cns == Cns.IOCS_ACTIVE_NSID_LIST and csi != Csi.NVM:
+            return st.build_nsid_list([])
+        if nsid in (NSID_ALL, NSID_ALL - 1):
+            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {nsid:#x} for a list")
+        return st.build_nsid_list(state.namespaces, greater_than=nsid)
+    if cns == Cns.NS_ID_DESCRIPTOR_LIST:
+        return state.active_namespace(nsid).identify_ns_descriptors()
+    if cns == Cns.IOCS_NAMESPACE:
+        ns = state.active_namespace(nsid)
+        _check_nvm_csi(csi)
+        return ns.identify_namespace_nvm()
+    if cns == Cns.IOCS_CONTROLLER:
+        _check_nvm_csi(csi)
+        return _identify_controller_nvm()
+    if cns == Cns.IOCS_INDEPENDENT_NAMESPACE:
+        return state.active_namespace(nsid).identify_namespace_independent()
+    if cns == Cns.IO_COMMAND_SET:
+        return st.build_identify_io_command_set()
+    raise NvmeError(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
+
+
+def _check_nvm_csi(csi: int) -> None:
+    if csi != Csi.NVM:
+        raise NvmeError(Status.INVALID_FIELD, f"command set {csi}")
+
+
+def _identify_namespace(state: ControllerState, nsid: int) -> bytes:
+    if nsid == NSID_ALL:
+        # The format common to all namespaces: what a new namespace would get.
+        return st.build_identify_namespace(lbaf=[(0, 9, 0), (0, 12, 0)], flbas=0)
+    ns = state.namespaces.get(nsid)
+    if ns is None:
+        if 0 < nsid <= state.config.max_namespaces:
+            return bytes(IDENTIFY_SIZE)  # allocated-but-inactive IDs read as zeroes
+        raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
+    return ns.identify_namespace()
+
+
+def identify_controller(state: ControllerState) -> bytes:
+    """Identify Controller: what this controller supports, from its configuration."""
+    c = state.config
+    oacs = Oacs.FORMAT_NVM | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
+    oncs = Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.TIMESTAMP | Oncs.VERIFY | Oncs.COPY
+    return st.build_identify_controller(
+        vid=c.pci_vendor,
+        ssvid=c.pci_vendor,
+        sn=c.serial,
+        mn=c.model,
+        fr=c.firmware,
+        mdts=c.mdts,
+        cntlid=CNTLID,
+        ver=state.vs,
+        oaes=Oaes.NAMESPACE_ATTRIBUTE,
+        oacs=oacs,
+        acl=c.acl,
+        aerl=c.aerl,
+        lpa=Lpa.COMMANDS_EFFECTS | Lpa.EXTENDED_DATA | Lpa.MISC_LOG_PAGES,
+        elpe=c.error_log_entries - 1,
+        sqes=(SQES_LOG2 << 4) | SQES_LOG2,
+        cqes=(CQES_LOG2 << 4) | CQES_LOG2,
+        maxcmd=c.max_queue_entries,
+        nn=c.max_namespaces,
+        oncs=oncs,
+        vwc=(Vwc.PRESENT | Vwc.FLUSH_BROADCAST_SUPPORTED) if c.volatile_write_cache else 0,
+        sgls=Sgls.SUPPORTED_NO_ALIGNMENT | Sgls.BIT_BUCKET,
+        subnqn=st.subsystem_nqn(c.serial),
+    )
+
+
+def _identify_controller_nvm() -> bytes:
+    # Limits in units of the minimum page size, 2^n; 0 = no limit beyond MDTS.
+    return st.build_identify_controller_nvm(vsl=0, wzsl=0, wusl=0, dmrl=255, dmrsl=0xFFFFFFFF, dmsl=0)

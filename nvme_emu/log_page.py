@@ -1,0 +1,153 @@
+"""Get Log Page (admin opcode 02h): Supported Log Pages, Error Information, SMART / Health,
+Firmware Slot, Changed Namespace List and Commands Supported and Effects.
+
+Reading a page with RAE (Retain Asynchronous Event) clear acknowledges its event type.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import structures as st
+from .async_event import acknowledge
+from .queue import SubmissionQueue
+from .spec import (
+    CSE_SHIFT,
+    NSID_ALL,
+    AdminOpcode,
+    AsyncEventSmart,
+    AsyncEventType,
+    CommandEffects,
+    CriticalWarning,
+    Csi,
+    LogPageId,
+    NvmeError,
+    NvmOpcode,
+    Status,
+)
+from .sqe import CDW10, CDW11, CDW12, CDW13, CDW14, NSID
+from .state import TEMP_OVER, TEMP_UNDER, ControllerHooks, ControllerState
+from .transfer import to_host
+
+SUPPORTED_LOG_PAGES = (
+    LogPageId.SUPPORTED_LOG_PAGES,
+    LogPageId.ERROR_INFORMATION,
+    LogPageId.SMART_HEALTH,
+    LogPageId.FIRMWARE_SLOT,
+    LogPageId.CHANGED_NAMESPACE_LIST,
+    LogPageId.COMMANDS_SUPPORTED_EFFECTS,
+)
+#: I/O commands that change the namespace's logical blocks (LBCC in the effects log).
+LBA_CHANGING_IO = (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY)
+#: Format NVM changes blocks, capabilities and inventory, and is serialised namespace-wide.
+FORMAT_EFFECTS = CommandEffects.CSUPP | CommandEffects.LBCC | CommandEffects.NCC | CommandEffects.NIC | 1 << CSE_SHIFT
+
+
+def get_log_page(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
+    """Copy [offset, offset + NUMD dwords) of the page to the host, zero-padded."""
+    lid, lsp, rae = e[CDW10] & 0xFF, (e[CDW10] >> 8) & 0x7F, bool(e[CDW10] & (1 << 15))
+    numd = ((e[CDW11] & 0xFFFF) << 16 | (e[CDW10] >> 16)) + 1
+    offset = e[CDW13] << 32 | e[CDW12]
+    csi = e[CDW14] >> 24
+    if offset & 3:
+        raise NvmeError(Status.INVALID_FIELD, "log page offset not dword aligned")
+    page = log_page(state, lid, e[NSID], lsp, csi)
+    if offset > len(page):
+        raise NvmeError(Status.INVALID_FIELD, f"offset {offset} beyond log page {lid:#x}")
+    to_host(state, e, page[offset:], numd * 4)
+    if not rae:
+        acknowledge(state, hooks, lid)
+    return 0
+
+
+def log_page(state: ControllerState, lid: int, nsid: int, lsp: int, csi: int) -> bytes:
+    """The whole log page ``lid`` (reading the Changed Namespace List empties it)."""
+    if lid == LogPageId.SUPPORTED_LOG_PAGES:
+        return st.build_supported_log_pages(list(SUPPORTED_LOG_PAGES))
+    if lid == LogPageId.ERROR_INFORMATION:
+        return error_information(state)
+    if lid == LogPageId.SMART_HEALTH:
+        if nsid not in (0, NSID_ALL):
+            raise NvmeError(Status.INVALID_FIELD, "SMART is per controller (LPA bit 0 clear)")
+        return smart_log(state)
+    if lid == LogPageId.FIRMWARE_SLOT:
+        return st.build_firmware_slot_log(afi=1, frs=[state.config.firmware])
+    if lid == LogPageId.CHANGED_NAMESPACE_LIST:
+        data = st.build_changed_ns_list(state.events.changed_nsids)
+        state.events.changed_nsids.clear()
+        return data
+    if lid == LogPageId.COMMANDS_SUPPORTED_EFFECTS:
+        return commands_effects(state, csi)
+    raise NvmeError(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
+
+
+def error_information(state: ControllerState) -> bytes:
+    """Newest entry first, then zeroed entries up to ELPE + 1."""
+    entries = [
+        st.build_error_log_entry(error_count=x["error_count"], sqid=x["sqid"], cid=x["cid"], status=x["status_field"] << 1, nsid=x["nsid"], lba=x["lba"])
+        for x in state.error_log.entries
+    ]
+    return b"".join(entries).ljust(64 * state.config.error_log_entries, b"\0")
+
+
+def commands_effects(state: ControllerState, csi: int) -> bytes:
+    """CSUPP for every opcode the controller dispatches; I/O opcodes only for the NVM set."""
+    admin = {op: CommandEffects.CSUPP for op in state.admin_opcodes}
+    if AdminOpcode.FORMAT_NVM in admin:
+        admin[AdminOpcode.FORMAT_NVM] = FORMAT_EFFECTS
+    io = {}
+    if csi == Csi.NVM:
+        io = {op: CommandEffects.CSUPP for op in state.io_opcodes}
+        for op in LBA_CHANGING_IO:
+            io[op] = CommandEffects.CSUPP | CommandEffects.LBCC
+    return st.build_commands_effects_log(admin, io)
+
+
+def io_totals(state: ControllerState) -> dict[str, int]:
+    """Bytes and commands read and written, over every namespace."""
+    out = {"bytes_read": 0, "bytes_written": 0, "read_commands": 0, "write_commands": 0}
+    for ns in state.namespaces.values():
+        for key in out:
+            out[key] += getattr(ns.stats, key)
+    return out
+
+
+def smart_log(state: ControllerState) -> bytes:
+    """SMART / Health Information from the live counters."""
+    h = state.health
+    totals = io_totals(state)
+    temp = state.config.temperature_kelvin
+    return st.build_smart_log(
+        critical_warning=critical_warning(state),
+        composite_temperature=temp,
+        data_units_read=st.smart_data_units(totals["bytes_read"]),
+        data_units_written=st.smart_data_units(totals["bytes_written"]),
+        host_read_commands=totals["read_commands"],
+        host_write_commands=totals["write_commands"],
+        controller_busy_time=int(h.busy_seconds // 60),
+        power_cycles=h.power_cycles,
+        power_on_hours=int((time.monotonic() - h.started) // 3600),
+        unsafe_shutdowns=h.unsafe_shutdowns,
+        media_errors=h.media_errors,
+        num_error_log_entries=state.error_log.count,
+        temperature_sensors=[temp],
+    )
+
+
+def critical_warning(state: ControllerState) -> int:
+    """SMART Critical Warning: temperature outside the thresholds, read-only media."""
+    temp = state.config.temperature_kelvin
+    over = state.features.temp_thresholds.get((0, TEMP_OVER), 0xFFFF)
+    under = state.features.temp_thresholds.get((0, TEMP_UNDER), 0)
+    warning = 0
+    if temp >= over or temp < under:
+        warning |= CriticalWarning.TEMPERATURE
+    if any(getattr(ns.backend, "readonly", False) for ns in state.namespaces.values()):
+        warning |= CriticalWarning.READ_ONLY
+    return warning
+
+
+def check_temperature(state: ControllerState, hooks: ControllerHooks) -> None:
+    """A threshold change may put the temperature out of range: a SMART event."""
+    if critical_warning(state) & CriticalWarning.TEMPERATURE and state.features.async_event_config & CriticalWarning.TEMPERATURE:
+        hooks.async_event(AsyncEventType.SMART_HEALTH, AsyncEventSmart.TEMPERATURE_THRESHOLD, LogPageId.SMART_HEALTH)

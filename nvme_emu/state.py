@@ -1,0 +1,237 @@
+"""The controller's state as one explicit object, and the few callbacks handlers may use.
+
+Command handlers (identify, log_page, features, async_event, queue_management, format_nvm,
+dbbuf, nvm) receive a :class:`ControllerState` and a :class:`ControllerHooks` instead of a
+back-pointer to the controller: what they may read and change is in the state, what they may
+*cause* (a completion posted later, an event, work on the I/O pool) goes through a hook. So
+each spec area can be exercised in-process with a state and hooks that record their calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from vfio_user.dma import DmaError, GuestMemory
+
+from .spec import NVME_VERSION, Cc, Csts, NvmeError, Status
+
+if TYPE_CHECKING:
+    from .aio import IoPool
+    from .dbbuf import DoorbellBuffer
+    from .namespace import Namespace
+    from .queue import CompletionQueue, SubmissionQueue
+
+#: Marks a command that completes later (AER, work on the I/O pool, a Delete I/O SQ waiting).
+DEFERRED = object()
+
+#: Get Features TMPSEL/THSEL of the temperature thresholds: over and under.
+TEMP_OVER, TEMP_UNDER = 0, 1
+#: The over-temperature threshold a controller starts with (70 degrees C, in kelvin).
+DEFAULT_TEMP_OVER_KELVIN = 343
+HOST_BEHAVIOR_SIZE = 512
+
+
+@dataclass
+class ControllerConfig:
+    """What a user may choose for a controller; the rest follows from the spec."""
+
+    serial: str = "NVMEEMU00000001"
+    model: str = "nvme-emu RAM controller"
+    firmware: str = "0.1.0"
+    max_queue_entries: int = 4096  # CAP.MQES + 1
+    max_io_queues: int = 64
+    msix_vectors: int = 65
+    mdts: int = 7  # 2^7 * 4 KiB = 512 KiB per command
+    timeout_500ms: int = 15  # CAP.TO
+    mpsmax: int = 4  # 64 KiB pages
+    max_namespaces: int = 32
+    aerl: int = 3  # 4 outstanding AERs (0-based)
+    acl: int = 3  # 4 outstanding Aborts (0-based)
+    error_log_entries: int = 64
+    volatile_write_cache: bool = True
+    shadow_doorbells: bool = True  # OACS.DBCS (Doorbell Buffer Config)
+    temperature_kelvin: int = 313
+    pci_vendor: int = 0x4E58
+    pci_device: int = 0x4E56
+
+    @property
+    def max_transfer(self) -> int:
+        """MDTS in bytes (its unit is CAP.MPSMIN, 4 KiB)."""
+        return (1 << self.mdts) * 4096
+
+    @property
+    def doorbell_bytes(self) -> int:
+        return 8 * (self.max_io_queues + 1)
+
+
+@dataclass
+class ErrorLog:
+    """The Error Information log: a ring of the newest entries plus a running count."""
+
+    capacity: int
+    count: int = 0
+    entries: deque = field(default_factory=deque)
+
+    def add(self, **fields: int) -> None:
+        self.count += 1
+        self.entries.appendleft(dict(fields, error_count=self.count))
+        while len(self.entries) > self.capacity:
+            self.entries.pop()
+
+
+@dataclass
+class HealthCounters:
+    """Real counters behind the SMART / Health log."""
+
+    started: float = field(default_factory=time.monotonic)
+    busy_seconds: float = 0.0
+    power_cycles: int = 0
+    unsafe_shutdowns: int = 0
+    media_errors: int = 0
+
+
+@dataclass
+class FeatureState:
+    """Current values of the features Set Features changes (reset by a Controller Reset,
+    except the timestamp, which the spec says is retained)."""
+
+    arbitration: int = 0
+    power_state: int = 0
+    temp_thresholds: dict[tuple[int, int], int] = field(default_factory=lambda: {(0, TEMP_OVER): DEFAULT_TEMP_OVER_KELVIN, (0, TEMP_UNDER): 0})
+    error_recovery: int = 0
+    write_cache: bool = True
+    queues_requested: tuple[int, int] | None = None
+    coalescing: int = 0  # THR 7:0, TIME 15:8 (100 us units)
+    vector_config: dict[int, bool] = field(default_factory=dict)  # vector -> coalescing disabled
+    write_atomicity: int = 0
+    async_event_config: int = 0
+    keep_alive: int = 0
+    host_behavior: bytes = bytes(HOST_BEHAVIOR_SIZE)
+    timestamp_base_ms: int = 0
+    timestamp_set_at: float = 0.0
+    timestamp_synced: bool = False
+
+
+@dataclass
+class AsyncEventState:
+    """Outstanding Asynchronous Event Requests and the events waiting for one."""
+
+    #: CIDs of AERs the host has outstanding, oldest first.
+    aer_cids: deque[int] = field(default_factory=deque)
+    #: (type, info, log page) not reported yet.
+    queued: deque[tuple[int, int, int]] = field(default_factory=deque)
+    #: Event types reported and not yet acknowledged by reading their log page.
+    masked_types: set[int] = field(default_factory=set)
+    #: NSIDs for the Changed Namespace List log (kept across a controller reset).
+    changed_nsids: set[int] = field(default_factory=set)
+
+    def reset(self) -> None:
+        """A Controller Reset aborts the AERs and drops what they would have reported."""
+        self.aer_cids.clear()
+        self.queued.clear()
+        self.masked_types.clear()
+
+
+@dataclass(eq=False)
+class ControllerState:
+    """Everything a controller knows: configuration, namespaces, registers, queues, the
+    shadow doorbell buffer, health counters, the error log, features and pending events."""
+
+    config: ControllerConfig
+    namespaces: dict[int, "Namespace"]
+    cap: int = 0
+    vs: int = NVME_VERSION
+    #: Guest memory while a host is attached.
+    memory: GuestMemory | None = None
+    cc: int = 0
+    csts: int = 0
+    intms: int = 0
+    aqa: int = 0
+    asq: int = 0
+    acq: int = 0
+    sqs: dict[int, "SubmissionQueue"] = field(default_factory=dict)
+    cqs: dict[int, "CompletionQueue"] = field(default_factory=dict)
+    page_size: int = 4096
+    dbbuf: "DoorbellBuffer | None" = None
+    health: HealthCounters = field(default_factory=HealthCounters)
+    error_log: ErrorLog = field(init=False)
+    features: FeatureState = field(init=False)
+    events: AsyncEventState = field(default_factory=AsyncEventState)
+    #: Opcodes the composed controller dispatches (Commands Supported and Effects log).
+    admin_opcodes: frozenset[int] = frozenset()
+    io_opcodes: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.error_log = ErrorLog(self.config.error_log_entries)
+        self.features = self.default_features()
+
+    @classmethod
+    def of(cls, namespaces: Iterable["Namespace"], config: ControllerConfig | None = None) -> "ControllerState":
+        """A state for these namespaces, keyed by NSID."""
+        return cls(config or ControllerConfig(), {ns.nsid: ns for ns in namespaces})
+
+    def default_features(self) -> FeatureState:
+        """Feature values after a reset (also what Get Features SEL=default reports)."""
+        return FeatureState(write_cache=self.config.volatile_write_cache)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cc & Cc.EN)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.csts & Csts.RDY)
+
+    @property
+    def fatal(self) -> bool:
+        return bool(self.csts & Csts.CFS)
+
+    def record_error(self, sqid: int, cid: int, err: NvmeError, *, nsid: int = 0, lba: int = 0) -> None:
+        """An Error Information entry for a failed command; media errors count in SMART."""
+        self.error_log.add(sqid=sqid, cid=cid, status_field=err.status_field, nsid=nsid, lba=lba)
+        if err.status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
+            self.health.media_errors += 1
+
+    def dma_check(self, iova: int, length: int) -> None:
+        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
+        if self.memory is None:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, "no host memory")
+        try:
+            self.memory.view(iova, length)
+        except DmaError:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, f"{iova:#x}+{length} not in guest memory") from None
+
+    def active_namespace(self, nsid: int) -> "Namespace":
+        """The namespace ``nsid`` names, or Invalid Namespace or Format."""
+        ns = self.namespaces.get(nsid)
+        if ns is None:
+            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid} is not active")
+        return ns
+
+
+@dataclass(frozen=True)
+class ControllerHooks:
+    """What a handler may cause outside the state; the controller binds its own methods.
+
+    - ``complete(sqid, cid, status, dw0)``: post a CQE for a deferred command now and raise
+      its CQ's interrupt; False when the queue is gone or full (the AER path).
+    - ``begin_request(sq)`` / ``finish_request(sq, cid, status, dw0)``: a command goes in
+      flight holding a CQ slot, and later completes with the next drain.
+    - ``io_pool()``: the worker pool for blocking calls, None when there is no event loop
+      (then the work runs in place).
+    - ``queue_event(event, qid)``: a queue was created or deleted, or doorbells moved
+      ("create-sq", "delete-cq", "dbbuf", ...), for the doorbell paths and timers.
+    - ``call_soon(fn)``: run after the current batch of commands.
+    - ``async_event(type, info, log_page)``: post an asynchronous event.
+    """
+
+    complete: Callable[[int, int, int, int], bool]
+    begin_request: Callable[["SubmissionQueue"], None]
+    finish_request: Callable[..., None]
+    io_pool: Callable[[], "IoPool | None"]
+    queue_event: Callable[[str, int], None]
+    call_soon: Callable[[Callable[[], None]], None]
+    async_event: Callable[[int, int, int], None]

@@ -1,0 +1,104 @@
+"""Get/Set Features (0Ah/09h) in-process: values, defaults, selectors, failures, events."""
+
+from __future__ import annotations
+
+from area_helpers import BUF, Area, status_of
+
+from nvme_emu.features import get_features, io_queue_limit, reset, set_features
+from nvme_emu.queue import CompletionQueue
+from nvme_emu.spec import AdminOpcode, AsyncEventSmart, AsyncEventType, CriticalWarning, FeatureId, FeatureSelect, LogPageId, Status
+from nvme_emu.state import ControllerConfig
+
+
+def get(area: Area, fid: int, sel: int = FeatureSelect.CURRENT, cdw11: int = 0) -> int:
+    return area.run(get_features, opc=AdminOpcode.GET_FEATURES, prp1=BUF, cdw10=fid | sel << 8, cdw11=cdw11)
+
+
+def put(area: Area, fid: int, cdw11: int = 0, *, save: bool = False) -> int:
+    return area.run(set_features, opc=AdminOpcode.SET_FEATURES, prp1=BUF, cdw10=fid | int(save) << 31, cdw11=cdw11)
+
+
+def test_set_then_get_current_and_default(area: Area):
+    put(area, FeatureId.ARBITRATION, 0x0302_0103)
+    assert get(area, FeatureId.ARBITRATION) == 0x0302_0103
+    assert get(area, FeatureId.ARBITRATION, FeatureSelect.DEFAULT) == 0
+    assert get(area, FeatureId.ARBITRATION, FeatureSelect.SAVED) == 0
+    assert get(area, FeatureId.ARBITRATION, FeatureSelect.SUPPORTED_CAPABILITIES) == 1 << 2  # changeable
+
+
+def test_nothing_is_saveable(area: Area):
+    assert status_of(lambda: put(area, FeatureId.ARBITRATION, 1, save=True)) == Status.FEATURE_ID_NOT_SAVEABLE
+
+
+def test_unsupported_feature_and_bad_select(area: Area):
+    assert status_of(lambda: get(area, FeatureId.LBA_RANGE_TYPE)) == Status.INVALID_FIELD
+    assert status_of(lambda: put(area, FeatureId.HOST_MEMORY_BUFFER)) == Status.INVALID_FIELD
+    assert status_of(lambda: get(area, FeatureId.ARBITRATION, 4)) == Status.INVALID_FIELD
+
+
+def test_number_of_queues_capped_and_only_before_io_queues(area: Area):
+    cap = area.state.config.max_io_queues
+    dw0 = put(area, FeatureId.NUMBER_OF_QUEUES, (1000 - 1) << 16 | (2 - 1))
+    assert dw0 == (cap - 1) << 16 | (2 - 1)
+    assert io_queue_limit(area.state) == (2, cap)
+    assert status_of(lambda: put(area, FeatureId.NUMBER_OF_QUEUES, 0xFFFF)) == Status.INVALID_FIELD
+    area.state.cqs[1] = CompletionQueue(1, BUF, 2, vector=0, irq_enabled=False)
+    assert status_of(lambda: put(area, FeatureId.NUMBER_OF_QUEUES, 0)) == Status.COMMAND_SEQUENCE_ERROR
+
+
+def test_volatile_write_cache(area: Area):
+    assert get(area, FeatureId.VOLATILE_WRITE_CACHE) == 1
+    put(area, FeatureId.VOLATILE_WRITE_CACHE, 0)
+    assert area.state.features.write_cache is False
+    area.state.config = ControllerConfig(volatile_write_cache=False)
+    assert status_of(lambda: put(area, FeatureId.VOLATILE_WRITE_CACHE, 1)) == Status.INVALID_FIELD
+
+
+def test_temperature_threshold_selectors_and_event(area: Area):
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD) & 0xFFFF == 343
+    assert status_of(lambda: get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=1 << 16)) == Status.INVALID_FIELD
+    put(area, FeatureId.TEMPERATURE_THRESHOLD, 300)  # below the current temperature: no event yet
+    assert area.record.named("async_event") == []
+    area.state.features.async_event_config = CriticalWarning.TEMPERATURE
+    put(area, FeatureId.TEMPERATURE_THRESHOLD, 301)
+    assert area.record.named("async_event") == [(AsyncEventType.SMART_HEALTH, AsyncEventSmart.TEMPERATURE_THRESHOLD, LogPageId.SMART_HEALTH)]
+
+
+def test_interrupt_vector_configuration(area: Area):
+    assert get(area, FeatureId.INTERRUPT_VECTOR_CONFIGURATION, cdw11=0) >> 16 == 1  # admin: CD set
+    put(area, FeatureId.INTERRUPT_VECTOR_CONFIGURATION, 1 << 16 | 3)
+    assert get(area, FeatureId.INTERRUPT_VECTOR_CONFIGURATION, cdw11=3) == 1 << 16 | 3
+    assert status_of(lambda: put(area, FeatureId.INTERRUPT_VECTOR_CONFIGURATION, 0)) == Status.INVALID_FIELD
+    vectors = area.state.config.msix_vectors
+    assert status_of(lambda: get(area, FeatureId.INTERRUPT_VECTOR_CONFIGURATION, cdw11=vectors)) == Status.INVALID_FIELD
+
+
+def test_power_management_only_state_zero(area: Area):
+    assert status_of(lambda: put(area, FeatureId.POWER_MANAGEMENT, 1)) == Status.INVALID_FIELD
+    assert put(area, FeatureId.POWER_MANAGEMENT, 0) == 0
+
+
+def test_host_behavior_round_trips_through_host_buffer(area: Area):
+    area.guest.write(BUF, b"\x01" + bytes(511))
+    put(area, FeatureId.HOST_BEHAVIOR_SUPPORT)
+    area.guest.write(BUF, bytes(512))
+    get(area, FeatureId.HOST_BEHAVIOR_SUPPORT)
+    assert area.guest.read(BUF, 2) == b"\x01\x00"
+
+
+def test_timestamp_set_by_host_and_kept_across_reset(area: Area):
+    area.guest.write(BUF, (1_000_000).to_bytes(6, "little") + bytes(2))
+    put(area, FeatureId.TIMESTAMP)
+    reset(area.state)
+    get(area, FeatureId.TIMESTAMP)
+    data = area.guest.read(BUF, 8)
+    assert 1_000_000 <= int.from_bytes(data[:6], "little") < 1_000_000 + 5_000
+    assert data[6] & 0b10  # origin: set by the host
+
+
+def test_reset_restores_defaults(area: Area):
+    put(area, FeatureId.INTERRUPT_COALESCING, 0x0A05)
+    put(area, FeatureId.NUMBER_OF_QUEUES, 0)
+    reset(area.state)
+    assert get(area, FeatureId.INTERRUPT_COALESCING) == 0
+    assert io_queue_limit(area.state) == (area.state.config.max_io_queues,) * 2

@@ -1,0 +1,65 @@
+"""Format NVM (80h) in-process: field checks, the erase, the new format and its notice."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from area_helpers import Area, KeptPool, make_area, status_of
+
+from nvme_emu.format_nvm import format_nvm
+from nvme_emu.spec import NSID_ALL, AdminOpcode, Status
+from nvme_emu.state import DEFERRED
+
+LBAF_4K = 1  # LBA formats: 0 = 512 bytes, 1 = 4096 bytes
+
+
+def fmt(area: Area, nsid: int = 1, *, cdw10: int = 0):
+    return area.run(format_nvm, opc=AdminOpcode.FORMAT_NVM, nsid=nsid, cdw10=cdw10)
+
+
+def test_format_erases_and_applies_the_new_format(area: Area):
+    ns = area.state.namespaces[1]
+    ns.backend.write_from(0, [memoryview(b"\xaa" * 4096)])
+    assert fmt(area, cdw10=LBAF_4K) == 0
+    assert ns.lba_size == 4096
+    out = bytearray(4096)
+    ns.backend.read_into(0, [memoryview(out)])
+    assert out == bytes(4096)
+    assert area.state.events.changed_nsids == {1}
+
+
+def test_metadata_and_protection_information_refused(area: Area):
+    for cdw10 in (1 << 4, 1 << 5, 1 << 8):  # MSET, PI, PIL
+        assert status_of(lambda: fmt(area, cdw10=cdw10)) == Status.INVALID_FORMAT
+
+
+def test_secure_erase_settings(area: Area):
+    assert fmt(area, cdw10=1 << 9) == 0  # user data erase
+    assert status_of(lambda: fmt(area, cdw10=2 << 9)) == Status.INVALID_FIELD  # cryptographic
+
+
+def test_unknown_lba_format_and_namespace(area: Area):
+    assert status_of(lambda: fmt(area, cdw10=9)) == Status.INVALID_FORMAT
+    assert status_of(lambda: fmt(area, nsid=7)) == Status.INVALID_NAMESPACE_OR_FORMAT
+
+
+def test_all_namespaces(guest):
+    area = make_area(guest, namespaces=2)
+    state = area.state
+    assert fmt(area, nsid=NSID_ALL, cdw10=LBAF_4K) == 0
+    assert [ns.lba_size for ns in state.namespaces.values()] == [4096, 4096]
+    assert state.events.changed_nsids == {1, 2}
+
+
+
+def test_blocking_namespace_formats_off_the_loop(area: Area):
+    ns = area.state.namespaces[1]
+    ns.blocking = True  # as a file or block device namespace
+    pool = KeptPool()
+    area.hooks = dataclasses.replace(area.hooks, io_pool=lambda: pool)
+    assert fmt(area, cdw10=LBAF_4K, nsid=1) is DEFERRED
+    assert area.record.named("begin_request") == [(area.admin_sq,)]
+    assert ns.lba_size == 512  # not before the erase is done
+    pool.finish_one()
+    assert ns.lba_size == 4096
+    assert area.record.named("finish_request") == [(area.admin_sq, 1, Status.SUCCESS)]

@@ -51,7 +51,6 @@ def test_all_namespaces(guest):
     assert state.events.changed_nsids == {1, 2}
 
 
-
 def test_blocking_namespace_formats_off_the_loop(area: Area):
     ns = area.state.namespaces[1]
     ns.blocking = True  # as a file or block device namespace

@@ -56,7 +56,6 @@ def test_opcodes_name_every_dispatched_command(area: Area):
     assert {NvmOpcode.READ, NvmOpcode.WRITE, NvmOpcode.FLUSH, NvmOpcode.COPY} <= ops
 
 
-
 def test_file_namespace_write_is_a_request_in_flight(area: Area, tmp_path):
     ns = Namespace(2, FileBackend(str(tmp_path / "disk"), 1 << 20))
     area.state.namespaces[2] = ns

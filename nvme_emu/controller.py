@@ -100,7 +100,6 @@ class Controller:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Microsecond timers (interrupt coalescing) while a host is attached with a loop.
         self.timers: FineTimers | None = None
-        self.pci_vendor = self.state.config.pci_vendor
         #: Hooks per queue event (doorbell paths, coalescing timers); before the command sets.
         self.queue_listeners: list[Callable[[str, int], None]] = []
         self.coalescing = Coalescing(self.state, self.flush_coalesced)

@@ -227,8 +227,10 @@ def nested_inner(args: argparse.Namespace) -> int:
     out: dict = {"rounds": [], "fio_job": job}
     try:
         fill(image, NESTED_FILE)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         for rnd in range(args.rounds):
-            r = {}
+            r: dict = {}
+            out["rounds"].append(r)
             for name, (how, server_args, kw) in configs.items():
                 if how == "builtin":
                     res = run_builtin(image, job, 900, **kw, **NESTED_GUEST)
@@ -237,11 +239,9 @@ def nested_inner(args: argparse.Namespace) -> int:
                 r[name] = res
                 print(f"[{rnd}] {name}: " + ", ".join(f"{n} {j['iops']:,.0f} IOPS mean {j['clat_mean_us']:.0f} us"
                                                         for n, j in res["jobs"].items()), flush=True)
-            out["rounds"].append(r)
-            # after every round: if L1 dies later (it has, under TCG's nested SVM), the
-            # completed rounds still count
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            common.write_json(Path(args.out) / args.inner_json, out)
+                # after every config: if L1 dies later (it has, under TCG's nested SVM), what
+                # completed still counts
+                common.write_json(Path(args.out) / args.inner_json, out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -266,13 +266,12 @@ def nested_rows(rounds: list[dict]) -> list[dict]:
 
 
 def nested_main(args: argparse.Namespace) -> int:
-    """Boot the rig with our POST_WRITE KVM modules, one L1 boot per (round, config), and
-    print the table, the targets, and write JSON + PNG.
+    """Boot the rig with our POST_WRITE KVM modules, one L1 boot per round, and print the
+    table, the targets, and write JSON + PNG.
 
-    One boot per measurement because L1 (TCG's emulated SVM running real KVM) has died in
-    long runs, with a corrupted kernel stack in a vCPU thread of the L2 QEMU: a fresh L1
-    for each config keeps one such death from taking the others along, and a config whose
-    L1 died is run once more. The order of configs rotates from round to round.
+    L1 (TCG's emulated SVM running real KVM) has died in long runs, with a corrupted kernel
+    stack in a vCPU thread of the L2 QEMU. So each round gets a fresh L1, what completed
+    before a death counts, and the configs a death took are run once more in a new L1.
     """
     from nvme_emu import nested
 
@@ -284,25 +283,33 @@ def nested_main(args: argparse.Namespace) -> int:
     inner: dict = {"rounds": [], "l1_deaths": [], "fio_job": None}
     for rnd in range(args.rounds):
         got: dict = {}
+        # All configs of a round in one L1 boot, back to back (this machine is shared: the
+        # closer in time, the fairer the comparison); the order rotates from round to round.
         order = names[rnd % len(names):] + names[: rnd % len(names)]
-        for name in order:
-            for attempt in range(2):
-                inner_json = inner_dir / f"inner-{rnd}-{name}.json"
-                inner_json.unlink(missing_ok=True)
-                res = nested.run_nested([sys.executable, str(Path(__file__).resolve()), "--nested-inner", "--out", str(inner_dir),
-                                         "--inner-json", inner_json.name, "--configs", name, "--rounds", "1",
-                                         "--runtime", str(args.runtime), "--ramp", str(args.ramp)],
-                                        kvm="patched", cwd=str(common.REPO), out_dirs=[str(inner_dir)], timeout=900)
-                done = res.returncode == 0 and inner_json.exists()
-                print(f"[round {rnd} {name} attempt {attempt}] " + (res.output.strip().splitlines() or ["(no output)"])[-1], flush=True)
-                if done:
-                    one = json.loads(inner_json.read_text())
-                    got[name] = one["rounds"][0][name]
-                    inner["fio_job"] = one["fio_job"]
-                    break
-                inner["l1_deaths"].append({"round": rnd, "config": name, "attempt": attempt, "returncode": res.returncode,
+        for attempt in range(2):
+            todo = [n for n in order if n not in got]
+            if not todo:
+                break
+            inner_json = inner_dir / f"inner-{rnd}-{attempt}.json"
+            inner_json.unlink(missing_ok=True)
+            res = nested.run_nested([sys.executable, str(Path(__file__).resolve()), "--nested-inner", "--out", str(inner_dir),
+                                     "--inner-json", inner_json.name, "--configs", ",".join(todo), "--rounds", "1",
+                                     "--runtime", str(args.runtime), "--ramp", str(args.ramp)],
+                                    kvm="patched", cwd=str(common.REPO), out_dirs=[str(inner_dir)],
+                                    timeout=300 + 300 * len(todo))
+            if inner_json.exists():
+                one = json.loads(inner_json.read_text())
+                got.update(one["rounds"][0] if one["rounds"] else {})
+                inner["fio_job"] = one["fio_job"]
+            for line in res.output.splitlines():
+                if line.startswith("[0] "):
+                    print(f"[round {rnd}, boot {attempt}] {line[4:]}", flush=True)
+            if res.returncode != 0:
+                lost = [n for n in todo if n not in got]
+                inner["l1_deaths"].append({"round": rnd, "attempt": attempt, "configs_lost": lost, "returncode": res.returncode,
                                            "tail": res.describe_failure()[-3000:]})
-                print(f"  L1 run failed (rc {res.returncode}); " + ("retrying" if attempt == 0 else "giving up on it this round"), file=sys.stderr)
+                print(f"  L1 run failed (rc {res.returncode}), lost {lost}; " + ("retrying those" if attempt == 0 else "giving up on them this round"),
+                      file=sys.stderr, flush=True)
         inner["rounds"].append(got)
     missing = [n for n in names if not any(n in r for r in inner["rounds"])]
     if missing:
@@ -322,7 +329,7 @@ def nested_main(args: argparse.Namespace) -> int:
     }
     lines = ["Nested: L1 is a TCG guest with real KVM (our POST_WRITE modules); QEMU 11.1.3 -accel kvm runs an L2 "
              "guest with fio. Every exit is TCG-emulated: only ratios within this run carry over.",
-             f"{len(inner['rounds'])} round(s) of all four configs, one L1 boot each, 1 vCPU / 512 MiB L2, fio {args.runtime:g} s "
+             f"{len(inner['rounds'])} round(s) of all four configs, one L1 boot per round, 1 vCPU / 512 MiB L2, fio {args.runtime:g} s "
              f"per job; median over rounds per figure; L1 deaths (retried once): {len(inner['l1_deaths'])}"
              + (f"; {incomplete} round(s) missing a config" if incomplete else ""), "",
              f"{'config':40s} {'QD1 mean us':>12s} {'x trap':>7s} {'x hw/nvme':>9s} {'QD32 IOPS':>10s} {'x hw/nvme':>9s}  doorbells"]
@@ -334,7 +341,7 @@ def nested_main(args: argparse.Namespace) -> int:
     lines.append("")
     lines += [f"QD1 mean us per round, {r['config']}: {[round(v) for v in r['qd1_all']]}" for r in rows]
     if inner["l1_deaths"]:
-        lines.append("L1 deaths: " + ", ".join(f"round {d['round']} {d['config']}" for d in inner["l1_deaths"]))
+        lines.append("L1 deaths: " + ", ".join(f"round {d['round']} (lost {', '.join(d['configs_lost']) or 'nothing'})" for d in inner["l1_deaths"]))
     lines.append("")
     lines.append(f"target shadow QD1 mean <= trap / 1.3: {sh['qd1_vs_trap']:.2f}x trap -> {'MET' if targets['shadow_qd1_vs_trap']['met'] else 'MISSED'}")
     lines.append(f"target shadow QD1 mean <= 1.2x hw/nvme: {sh['qd1_vs_hw_nvme']:.2f}x -> {'MET' if targets['shadow_qd1_vs_hw_nvme']['met'] else 'MISSED'}")

@@ -486,7 +486,7 @@ class Controller:
         :meth:`SubmissionQueue.fetch` and :meth:`CompletionQueue.post` inlined; ring views
         are resolved once per batch (NVM commands never touch queues or mappings)."""
         n = 0
-        deferred = 0
+        deferred, in_flight = 0, DEFERRED
         execute = self.nvm.execute
         try:
             sq_view = sq.ring.view(memory, write=False)
@@ -502,7 +502,7 @@ class Controller:
                 head += 1
                 sq.head = head = 0 if head == sq_size else head
                 result = execute(sq, entry)
-                if result is DEFERRED:  # in flight: it holds a CQ slot (cq.reserved)
+                if result is in_flight:  # it holds a CQ slot (cq.reserved) until posted
                     deferred += 1
                     continue
                 status, dw0 = result

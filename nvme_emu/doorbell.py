@@ -222,6 +222,9 @@ class SharedPagePath(DoorbellPath):
         value = int(page.values[slot])
         if value == page.last[slot]:
             return None
+        # acquire: the host's reads of the entries it consumed are done before we reuse them
+        # (no syscall orders this load, unlike an eventfd wake-up; matters on aarch64)
+        fence()
         page.last[slot] = value
         self.stats.lazy_cq_heads += 1
         return value

@@ -88,20 +88,23 @@ class NvmCommands:
             if e[FLAGS] & 0x03:
                 raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
             if opc == NvmOpcode.FLUSH:
-                dw0 = self.flush(e)
-            else:
-                handler = self.handlers.get(opc)
-                if handler is None:
-                    raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {opc:#x}")
-                ns = self.state.namespaces.get(e[NSID])
-                if ns is None:
-                    raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
-                dw0 = handler(ns, e)
-            if dw0.__class__ is int:
-                return Status.SUCCESS, dw0
-            return self._start(sq, e, dw0)
+                return self._done_or_start(sq, e, self.flush(e))
+            handler = self.handlers.get(opc)
+            if handler is None:
+                raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {opc:#x}")
+            ns = self.state.namespaces.get(e[NSID])
+            if ns is None:
+                raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
+            if ns.blocking:
+                return self._done_or_start(sq, e, handler(ns, e))
+            return Status.SUCCESS, handler(ns, e)  # RAM: always done here (the fast path)
         except Exception as err:
             return self._failed(sq, e, err), 0
+
+    def _done_or_start(self, sq: SubmissionQueue, e: tuple, dw0: int | Work):
+        if dw0.__class__ is int:
+            return Status.SUCCESS, dw0
+        return self._start(sq, e, dw0)
 
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""

@@ -154,6 +154,8 @@ class IoeventfdExport(DeviceObserver):
         self._caps = None
         self._current = None
         self.counters.connected = False
+        self.counters.registered = 0  # whatever the agent held went with the connection
+        self.counters.bar_gpa = None
 
     def _set(self, gpa: int) -> None:
         if not os.path.exists(self.agent_path) and self._agent is None:

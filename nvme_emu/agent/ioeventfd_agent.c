@@ -479,13 +479,23 @@ static void handle_clear(int conn, const struct agent_header *h, size_t len)
     reply_status(conn, OP_REPLY | OP_CLEAR, failures ? EIO : 0);
 }
 
+/* Close the fds a message brought; registrations hold their own dups. Done before the
+ * reply, so a peer that got its answer sees this process's fd table settled. */
+static void release_fds(int *fds, int *nfds)
+{
+    for (int i = 0; i < *nfds; i++)
+        close(fds[i]);
+    *nfds = 0;
+}
+
 static void handle_set(int conn, const struct agent_header *h, const unsigned char *msg,
-                       size_t len, const int *fds, int nfds)
+                       size_t len, int *fds, int *nfds)
 {
     int32_t out[1 + MAX_RECORDS];
     if (h->count > MAX_RECORDS
         || len != sizeof *h + sizeof(struct agent_set_body) + (size_t)h->count * sizeof(struct agent_record)) {
         agent_log("SET refused: bad size (count %u, %zu bytes)", h->count, len);
+        release_fds(fds, nfds);
         reply_status(conn, OP_REPLY | OP_SET, EINVAL);
         return;
     }
@@ -496,6 +506,7 @@ static void handle_set(int conn, const struct agent_header *h, const unsigned ch
     if (vfd < 0) {
         pthread_mutex_unlock(&state_lock);
         agent_log("SET refused: VM fd not known yet");
+        release_fds(fds, nfds);
         reply_status(conn, OP_REPLY | OP_SET, ENODEV);
         return;
     }
@@ -503,6 +514,7 @@ static void handle_set(int conn, const struct agent_header *h, const unsigned ch
         pthread_mutex_unlock(&state_lock);
         agent_log("SET refused: bad BAR %#llx+%#llx", (unsigned long long)b.bar_gpa,
                   (unsigned long long)b.bar_size);
+        release_fds(fds, nfds);
         reply_status(conn, OP_REPLY | OP_SET, EINVAL);
         return;
     }
@@ -514,7 +526,7 @@ static void handle_set(int conn, const struct agent_header *h, const unsigned ch
     for (uint32_t i = 0; i < h->count; i++) {
         struct agent_record r;
         memcpy(&r, msg + sizeof *h + sizeof b + i * sizeof r, sizeof r);
-        int err = register_one_locked(vfd, b.bar_gpa, b.bar_size, &r, fds, nfds,
+        int err = register_one_locked(vfd, b.bar_gpa, b.bar_size, &r, fds, *nfds,
                                       (caps & CAP_POST_WRITE) != 0, &used_pw);
         out[1 + i] = err;
         if (err) {
@@ -530,13 +542,19 @@ static void handle_set(int conn, const struct agent_header *h, const unsigned ch
     agent_log("SET bar %#llx+%#llx: %d registered, %d refused, POST_WRITE %s (replaced %d%s)",
               (unsigned long long)b.bar_gpa, (unsigned long long)b.bar_size, ok, refused,
               used_pw ? "used" : "not used", cleared, clear_failures ? ", some deassigns failed" : "");
+    release_fds(fds, nfds);
     send_reply(conn, OP_REPLY | OP_SET, h->count, out, sizeof(int32_t) * (1 + h->count));
 }
 
-static void handle_message(int conn, const unsigned char *msg, size_t len, const int *fds, int nfds,
+static void handle_message(int conn, const unsigned char *msg, size_t len, int *fds, int *nfds,
                            int truncated)
 {
     struct agent_header h;
+    memset(&h, 0, sizeof h);
+    if (len >= sizeof h)
+        memcpy(&h, msg, sizeof h);
+    if (len < sizeof h || truncated || h.op != OP_SET)
+        release_fds(fds, nfds); /* only a SET uses fds */
     if (len < sizeof h) {
         agent_log("short message (%zu bytes)", len);
         reply_status(conn, OP_REPLY, EINVAL);
@@ -623,9 +641,8 @@ static void serve_peer(int conn)
             }
         }
         int truncated = (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
-        handle_message(conn, msg, (size_t)n, fds, nfds, truncated);
-        for (int i = 0; i < nfds; i++)
-            close(fds[i]); /* registrations keep their own dups */
+        handle_message(conn, msg, (size_t)n, fds, &nfds, truncated);
+        release_fds(fds, &nfds); /* whatever a handler did not release already */
     }
 }
 

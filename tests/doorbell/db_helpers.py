@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
@@ -104,14 +104,17 @@ def parse_stats(block: str) -> dict:
 class ServeProcess:
     """``python -m nvme_emu serve --socket PATH --doorbell MODE [--spin-us N]``."""
 
-    def __init__(self, tmp_path: Path, mode: str, *, namespace: str = f"ram:size={NS_SIZE}", spin_us: float | None = None, name: str = "nvme") -> None:
+    def __init__(self, tmp_path: Path, mode: str, *, namespace: str = f"ram:size={NS_SIZE}", spin_us: float | None = None, name: str = "nvme",
+                 extra: Sequence[str] = ()) -> None:
         self.path = str(tmp_path / f"{name}.sock")
         self.mode = mode
+        self.queues = MAX_IO_QUEUES
         self.log_path = tmp_path / f"{name}.log"
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", self.path, "--doorbell", mode, "--namespace", namespace, "--queues", str(MAX_IO_QUEUES)]
         if spin_us is not None:
             cmd += ["--spin-us", str(spin_us)]
+        cmd += extra
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
         self._out = ""

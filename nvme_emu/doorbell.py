@@ -170,7 +170,7 @@ class DoorbellPath:
         """
         page = self.page
         value = int(page.values[slot])
-        if value == page.last[slot] and (slot < 2 or self.ctrl.dbbuf is None):
+        if value == page.last[slot] and (slot < 2 or self.ctrl.state.dbbuf is None):
             return False
         page.last[slot] = value
         self.stats.doorbells += 1
@@ -293,7 +293,7 @@ class ShadowPath(SharedPagePath):
             if self._act(slot) and self.spin_s:
                 self._spin()
         if slot & 1:
-            cq = self.ctrl.cqs.get(slot >> 1)
+            cq = self.ctrl.state.cqs.get(slot >> 1)
             if cq is None or cq.room > 0:
                 self._disarm(slot)
 
@@ -361,7 +361,7 @@ class IoEventFdPath(DoorbellPath):
         self.stats.wakeups += 1
         self.stats.signals += writes
         self.stats.coalesced += writes - 1
-        if self.ctrl.dbbuf is None:
+        if self.ctrl.state.dbbuf is None:
             # Without Doorbell Buffer Config nothing tells us what was written.
             self.stats.lost_values += writes
             log.warning("ioeventfd doorbell %d fired but no shadow doorbell buffer holds its value", slot)

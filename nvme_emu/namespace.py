@@ -674,14 +674,17 @@ class Namespace:
         for s, n in rs:
             self.backend.deallocate(s << self.lba_shift, n << self.lba_shift)
 
-    def compare(self, slba: int, nlb: int, views: Buffers) -> bool:
+    # compare, verify and copy take count=False when they run on a worker thread: the
+    # caller then counts on the loop thread (counters are not shared between threads).
+
+    def compare(self, slba: int, nlb: int, views: Buffers, *, count: bool = True) -> bool:
         """True when the blocks equal ``views``; the caller reports Compare Failure."""
         off, length = self._byte_range(slba, nlb)
         self._check_views(views, length)
         buf = bytearray(length)
         self.backend.read_into(off, [memoryview(buf)])
-        self.stats.read_commands += 1
-        self.stats.bytes_read += length
+        if count:
+            self.count_read(length)
         pos = 0
         for v in _byte_views(views):
             if buf[pos : pos + len(v)] != v:
@@ -689,7 +692,7 @@ class Namespace:
             pos += len(v)
         return True
 
-    def verify(self, slba: int, nlb: int) -> None:
+    def verify(self, slba: int, nlb: int, *, count: bool = True) -> None:
         """Read the blocks and discard them: a failure surfaces as Unrecovered Read Error."""
         off, length = self._byte_range(slba, nlb)
         chunk = bytearray(min(length, _ZERO_CHUNK))
@@ -698,9 +701,14 @@ class Namespace:
             n = min(len(chunk), length - pos)
             self.backend.read_into(off + pos, [memoryview(chunk)[:n]])
             pos += n
+        if count:
+            self.count_verified(length)
+
+    def count_verified(self, length: int) -> None:
+        """Verify reads the media but moves no data to the host: bytes, not a Read command."""
         self.stats.bytes_read += length
 
-    def copy(self, ranges: Sequence[tuple[int, int]], sdlba: int, *, fua: bool = False) -> None:
+    def copy(self, ranges: Sequence[tuple[int, int]], sdlba: int, *, fua: bool = False, count: bool = True) -> None:
         """Copy source (slba, nlb) ranges, concatenated, to ``sdlba``; all ranges checked first.
 
         Sources are read in full before writing, so overlapping source and destination behave
@@ -719,8 +727,8 @@ class Namespace:
             self.backend.read_into(s << self.lba_shift, [mv[pos : pos + length]])
             pos += length
         self.backend.write_from(sdlba << self.lba_shift, [mv], fua=fua)
-        self.stats.write_commands += 1
-        self.stats.bytes_written += len(buf)
+        if count:
+            self.count_write(len(buf))
 
     def flush(self) -> None:
         self.backend.flush()

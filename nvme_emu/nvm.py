@@ -218,10 +218,17 @@ class NvmCommands:
             prp.release_views(views)
         return 0
 
-    def compare(self, ns: Namespace, e: tuple) -> int:
+    def compare(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
+        if ns.blocking:
+            def compared(same: bool) -> None:
+                ns.count_read(nlb << ns.lba_shift)
+                if not same:
+                    raise NvmeError(Status.COMPARE_FAILURE, f"LBAs {slba}+{nlb} differ")
+
+            return Work(partial(ns.compare, slba, nlb, views, count=False), views, compared)
         try:
             same = ns.compare(slba, nlb, views)
         finally:
@@ -230,9 +237,11 @@ class NvmCommands:
             raise NvmeError(Status.COMPARE_FAILURE, f"LBAs {slba}+{nlb} differ")
         return 0
 
-    def verify(self, ns: Namespace, e: tuple) -> int:
+    def verify(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
+        if ns.blocking:
+            return Work(partial(ns.verify, slba, nlb, count=False), done=lambda _r: ns.count_verified(nlb << ns.lba_shift))
         ns.verify(slba, nlb)
         return 0
 
@@ -283,7 +292,7 @@ class NvmCommands:
             ns.deallocate(ranges)
         return 0
 
-    def copy(self, ns: Namespace, e: tuple) -> int:
+    def copy(self, ns: Namespace, e: tuple) -> int | Work:
         sdlba = e[CDW11] << 32 | e[CDW10]
         nr = (e[CDW12] & 0xFF) + 1
         desfmt = (e[CDW12] >> 8) & 0xF
@@ -303,5 +312,8 @@ class NvmCommands:
         if total > COPY_MAX_RANGE_LBAS:
             raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy of {total} blocks")
         ns.check_range(sdlba, total)
-        ns.copy(ranges, sdlba, fua=bool(e[CDW12] & RwCdw12.FUA))
+        fua = bool(e[CDW12] & RwCdw12.FUA)
+        if ns.blocking:
+            return Work(partial(ns.copy, ranges, sdlba, fua=fua, count=False), done=lambda _r: ns.count_write(total << ns.lba_shift))
+        ns.copy(ranges, sdlba, fua=fua)
         return 0

@@ -127,11 +127,20 @@ def _submit_blocking(rig: Rig, kind: str) -> int:
         ranges = n.alloc(PAGE)
         n.write_mem(ranges, struct.pack("<IIQ", 0, 2048, 0))
         return n.submit(1, NvmOpcode.DATASET_MANAGEMENT, nsid=FILE_NSID, prp1=ranges, cdw10=0, cdw11=1 << 2)
+    if kind == "compare":  # against LBAs 0-7 of a new (zero) file: equal
+        return n.submit(1, NvmOpcode.COMPARE, nsid=FILE_NSID, prp1=n.alloc(PAGE), cdw10=0, cdw12=7)
+    if kind == "verify":
+        return n.submit(1, NvmOpcode.VERIFY, nsid=FILE_NSID, cdw10=0, cdw12=7)
+    if kind == "copy":  # LBAs 0-7 to 64
+        desc = n.alloc(PAGE)
+        n.write_mem(desc, struct.pack("<8xQH14x", 0, 7))
+        return n.submit(1, NvmOpcode.COPY, nsid=FILE_NSID, prp1=desc, cdw10=64, cdw12=0)
     assert kind == "flush"
     return n.submit(1, NvmOpcode.FLUSH, nsid=FILE_NSID)
 
 
-@pytest.mark.parametrize("kind,gate", [("read", "read"), ("write_zeroes", "zeroes"), ("dsm", "zeroes"), ("flush", "flush")])
+@pytest.mark.parametrize("kind,gate", [("read", "read"), ("write_zeroes", "zeroes"), ("dsm", "zeroes"), ("flush", "flush"),
+                                       ("compare", "read"), ("verify", "read"), ("copy", "read")])
 def test_other_queue_is_served_while_a_backend_call_blocks(rig: Rig, kind: str, gate: str):
     n = rig.nvme
     data = bytes(range(256)) * 16
@@ -154,6 +163,20 @@ def test_read_data_arrives_through_the_pool(rig: Rig):
     n.write_ok(1, FILE_NSID, 16, data)
     assert n.read_ok(1, FILE_NSID, 16, 8) == data
     assert rig.ctrl.namespaces[FILE_NSID].stats.read_commands == 1
+
+
+def test_compare_mismatch_and_counters_through_the_pool(rig: Rig):
+    n = rig.nvme
+    n.write_ok(1, FILE_NSID, 0, b"\x11" * 4096)
+    ns = rig.ctrl.namespaces[FILE_NSID]
+    reads_before = rig.srv.call(lambda: ns.stats.read_commands)
+    buf = n.alloc(PAGE)
+    n.write_mem(buf, b"\x12" * 4096)
+    c = n.cmd(1, NvmOpcode.COMPARE, nsid=FILE_NSID, prp1=buf, cdw10=0, cdw12=7)
+    assert c.status == Status.COMPARE_FAILURE, status_name(c.status)
+    n.write_mem(buf, b"\x11" * 4096)
+    n.ok(1, NvmOpcode.COMPARE, nsid=FILE_NSID, prp1=buf, cdw10=0, cdw12=7)
+    assert rig.srv.call(lambda: ns.stats.read_commands) == reads_before + 2
 
 
 def test_completions_post_in_the_order_requests_finish(rig: Rig):

@@ -140,10 +140,11 @@ class Controller:
         )
 
     def _reset_state(self) -> None:
-        """Controller Level Reset: queues, registers and features back to defaults."""
+        """Controller Level Reset: queues, registers and features back to defaults, except
+        AQA, ASQ and ACQ, which the spec has a Controller Reset keep (a host may re-enable
+        with the admin queue it configured before)."""
         state = self.state
         state.cc = state.csts = state.intms = 0
-        state.aqa = state.asq = state.acq = 0
         state.sqs = {}
         state.cqs = {}
         state.page_size = 4096
@@ -190,7 +191,7 @@ class Controller:
         """The host is gone without warning: count it, and stop touching its memory."""
         if self.state.enabled and (self.state.csts >> Csts.SHST_SHIFT) & Csts.SHST_MASK != Shst.COMPLETE:
             self.state.health.unsafe_shutdowns += 1
-        self.controller_reset()
+        self.full_reset()
         self.state.memory = None
         self.raise_irq = None
         self.loop = None
@@ -199,13 +200,19 @@ class Controller:
             self.timers = None
 
     def controller_reset(self) -> None:
-        """CC.EN 1 -> 0, reset, FLR: queues go away, namespace data stays."""
+        """CC.EN 1 -> 0: queues go away, namespace data and the admin queue registers stay."""
         for sq in self.state.sqs.values():
             sq.live = False  # requests still in flight finish into nothing
             sq.ring.drop()
         for cq in self.state.cqs.values():
             cq.ring.drop()
         self._reset_state()
+
+    def full_reset(self) -> None:
+        """NVM Subsystem Reset, PCI reset or a departed host: a Controller Reset that also
+        returns AQA, ASQ and ACQ to their power-on value 0."""
+        self.controller_reset()
+        self.state.aqa = self.state.asq = self.state.acq = 0
 
     def set_fatal(self, reason: str) -> None:
         """CSTS.CFS: the host must reset us; nothing more is processed until then."""
@@ -275,7 +282,7 @@ class Controller:
         elif offset == Reg.NSSR:
             if value == spec.NSSR_RESET_VALUE:
                 log.info("NVM subsystem reset")
-                self.controller_reset()
+                self.full_reset()
                 self.state.csts |= Csts.NSSRO
         elif offset == Reg.AQA and not self.state.enabled:
             self.state.aqa = value & (Aqa.ASQS_MASK | Aqa.ACQS_MASK << Aqa.ACQS_SHIFT)
@@ -304,6 +311,7 @@ class Controller:
             self.controller_reset()
             return
         shn_before = (self.state.cc >> Cc.SHN_SHIFT) & Cc.SHN_MASK
+        value = self._without_reserved_shn(value, shn_before)
         self.state.cc = value
         if not was_enabled and now_enabled:
             self._enable()
@@ -312,6 +320,16 @@ class Controller:
             self._shutdown(Shn(shn))
         elif shn == Shn.NONE and shn_before != Shn.NONE:
             self.state.csts &= ~(Csts.SHST_MASK << Csts.SHST_SHIFT)
+
+    @staticmethod
+    def _without_reserved_shn(value: int, shn_before: int) -> int:
+        """CC.SHN 11b is reserved: the field keeps its value and the rest of CC applies, so
+        a host's mistake neither half-applies the write nor starts a shutdown."""
+        shn = (value >> Cc.SHN_SHIFT) & Cc.SHN_MASK
+        if shn in Shn.__members__.values():
+            return value
+        log.warning("CC.SHN %s is reserved: ignored", bin(shn))
+        return (value & ~(Cc.SHN_MASK << Cc.SHN_SHIFT)) | shn_before << Cc.SHN_SHIFT
 
     def _enable(self) -> None:
         mps = (self.state.cc >> Cc.MPS_SHIFT) & Cc.MPS_MASK

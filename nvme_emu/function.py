@@ -144,7 +144,7 @@ class NvmeFunction(Device):
 
     def reset(self, kind: ResetKind) -> None:
         log.info("%s reset", kind.value)
-        self.controller.controller_reset()
+        self.controller.full_reset()
 
     def dma_unmapping(self, iova: int, size: int) -> None:
         self.controller.dma_unmapping(iova, size)

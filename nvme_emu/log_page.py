@@ -20,6 +20,8 @@ from .spec import (
     CommandEffects,
     CriticalWarning,
     Csi,
+    EffectsScope,
+    FeatureId,
     LogPageId,
     NvmeError,
     NvmOpcode,
@@ -36,11 +38,22 @@ SUPPORTED_LOG_PAGES = (
     LogPageId.FIRMWARE_SLOT,
     LogPageId.CHANGED_NAMESPACE_LIST,
     LogPageId.COMMANDS_SUPPORTED_EFFECTS,
+    LogPageId.FEATURE_IDS_EFFECTS,
+    LogPageId.NVME_MI_COMMANDS_EFFECTS,
 )
 #: I/O commands that change the namespace's logical blocks (LBCC in the effects log).
 LBA_CHANGING_IO = (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY)
-#: Format NVM changes blocks, capabilities and inventory, and is serialised namespace-wide.
-FORMAT_EFFECTS = CommandEffects.CSUPP | CommandEffects.LBCC | CommandEffects.NCC | CommandEffects.NIC | 1 << CSE_SHIFT
+#: Format NVM changes blocks, capabilities and inventory of the namespace it names, and is
+#: serialised namespace-wide.
+FORMAT_EFFECTS = (
+    CommandEffects.CSUPP | CommandEffects.LBCC | CommandEffects.NCC | CommandEffects.NIC | 1 << CSE_SHIFT | EffectsScope.NAMESPACE
+)
+#: Every other admin command acts on this controller; every I/O command on its namespace.
+ADMIN_EFFECTS = CommandEffects.CSUPP | EffectsScope.CONTROLLER
+IO_EFFECTS = CommandEffects.CSUPP | EffectsScope.NAMESPACE
+#: Features act on the controller; choosing a command set profile changes its capabilities.
+FEATURE_EFFECTS = CommandEffects.CSUPP | EffectsScope.CONTROLLER
+FEATURE_EFFECTS_BY_FID = {FeatureId.IO_COMMAND_SET_PROFILE: FEATURE_EFFECTS | CommandEffects.CCC}
 
 
 def get_log_page(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
@@ -78,6 +91,10 @@ def log_page(state: ControllerState, lid: int, nsid: int, lsp: int, csi: int) ->
         return data
     if lid == LogPageId.COMMANDS_SUPPORTED_EFFECTS:
         return commands_effects(state, csi)
+    if lid == LogPageId.FEATURE_IDS_EFFECTS:
+        return st.build_feature_ids_effects_log(feature_effects())
+    if lid == LogPageId.NVME_MI_COMMANDS_EFFECTS:
+        return st.build_nvme_mi_effects_log({})  # no NVMe-MI command is supported in-band
     raise NvmeError(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
 
 
@@ -91,16 +108,22 @@ def error_information(state: ControllerState) -> bytes:
 
 
 def commands_effects(state: ControllerState, csi: int) -> bytes:
-    """CSUPP for every opcode the controller dispatches; I/O opcodes only for the NVM set."""
-    admin = {op: CommandEffects.CSUPP for op in state.admin_opcodes}
+    """CSUPP and scope for every opcode the controller dispatches; I/O opcodes only for the
+    NVM command set."""
+    admin = {op: ADMIN_EFFECTS for op in state.admin_opcodes}
     if AdminOpcode.FORMAT_NVM in admin:
         admin[AdminOpcode.FORMAT_NVM] = FORMAT_EFFECTS
     io = {}
     if csi == Csi.NVM:
-        io = {op: CommandEffects.CSUPP for op in state.io_opcodes}
-        for op in LBA_CHANGING_IO:
-            io[op] = CommandEffects.CSUPP | CommandEffects.LBCC
+        io = {op: IO_EFFECTS | (CommandEffects.LBCC if op in LBA_CHANGING_IO else 0) for op in state.io_opcodes}
     return st.build_commands_effects_log(admin, io)
+
+
+def feature_effects() -> dict[int, int]:
+    """FSUPP and scope for every feature Get/Set Features serves (log 12h)."""
+    from .features import SUPPORTED  # features imports this module (temperature events)
+
+    return {fid: FEATURE_EFFECTS_BY_FID.get(fid, FEATURE_EFFECTS) for fid in SUPPORTED}
 
 
 def io_totals(state: ControllerState) -> dict[str, int]:

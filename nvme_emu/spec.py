@@ -495,6 +495,20 @@ class CommandEffects(IntFlag):
 CSE_SHIFT = 16  #: Command Submission and Execution, bits 18:16 of an effects entry
 
 
+class EffectsScope(IntFlag):
+    """Scope, bits 31:20 of an entry in the Commands (05h), Feature Identifiers (12h) and
+    NVMe-MI Commands (13h) Supported and Effects logs: what the command or feature acts on.
+    Bits 4:0 of those entries mean the same in all three (CSUPP/FSUPP, LBCC/UDCC, NCC, NIC,
+    CCC), so :class:`CommandEffects` serves them all."""
+
+    NAMESPACE = 1 << 20
+    CONTROLLER = 1 << 21
+    NVM_SET = 1 << 22
+    ENDURANCE_GROUP = 1 << 23
+    DOMAIN = 1 << 24
+    NVM_SUBSYSTEM = 1 << 25
+
+
 class LogPageSupport(IntFlag):
     """Supported Log Pages entry bits (log 00h)."""
 
@@ -543,6 +557,8 @@ FIRMWARE_SLOT_LOG_SIZE = 512
 CHANGED_NS_LIST_SIZE = 4096
 CHANGED_NS_LIST_ENTRIES = 1024
 COMMANDS_EFFECTS_LOG_SIZE = 4096
+FEATURE_IDS_EFFECTS_LOG_SIZE = 1024  #: log 12h: one dword per Feature Identifier
+NVME_MI_EFFECTS_LOG_SIZE = 4096  #: log 13h: 256 dwords for NVMe-MI commands, then reserved
 SUPPORTED_LOG_PAGES_SIZE = 1024
 
 

@@ -623,13 +623,28 @@ CommandsEffectsLog = Struct(
 
 def build_commands_effects_log(admin: Mapping[int, int], io: Mapping[int, int]) -> bytes:
     """Commands Supported and Effects from {opcode: effects bits} maps."""
-    acs = [0] * 256
-    iocs = [0] * 256
-    for op, eff in admin.items():
-        acs[op] = int(eff)
-    for op, eff in io.items():
-        iocs[op] = int(eff)
-    return CommandsEffectsLog.build(dict(acs=acs, iocs=iocs))
+    return CommandsEffectsLog.build(dict(acs=_effects_table(admin), iocs=_effects_table(io)))
+
+
+FeatureIdsEffectsLog = Struct("fis" / Array(256, Int32ul))  # by Feature Identifier
+NvmeMiEffectsLog = Struct("mics" / Array(256, Int32ul), Padding(spec.NVME_MI_EFFECTS_LOG_SIZE - 1024))
+
+
+def _effects_table(entries: Mapping[int, int]) -> list[int]:
+    table = [0] * 256
+    for index, eff in entries.items():
+        table[index] = int(eff)
+    return table
+
+
+def build_feature_ids_effects_log(features: Mapping[int, int]) -> bytes:
+    """Feature Identifiers Supported and Effects (log 12h) from {FID: effects bits}."""
+    return FeatureIdsEffectsLog.build(dict(fis=_effects_table(features)))
+
+
+def build_nvme_mi_effects_log(commands: Mapping[int, int]) -> bytes:
+    """NVMe-MI Commands Supported and Effects (log 13h) from {MI opcode: effects bits}."""
+    return NvmeMiEffectsLog.build(dict(mics=_effects_table(commands)))
 
 
 SupportedLogPages = Struct("lids" / Array(256, Int32ul))
@@ -660,4 +675,6 @@ LAYOUT_SIZES: dict[str, tuple[Struct, int]] = {
     "ChangedNamespaceList": (ChangedNamespaceList, spec.CHANGED_NS_LIST_SIZE),
     "CommandsEffectsLog": (CommandsEffectsLog, spec.COMMANDS_EFFECTS_LOG_SIZE),
     "SupportedLogPages": (SupportedLogPages, spec.SUPPORTED_LOG_PAGES_SIZE),
+    "FeatureIdsEffectsLog": (FeatureIdsEffectsLog, spec.FEATURE_IDS_EFFECTS_LOG_SIZE),
+    "NvmeMiEffectsLog": (NvmeMiEffectsLog, spec.NVME_MI_EFFECTS_LOG_SIZE),
 }

@@ -8,7 +8,7 @@ from area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.log_page import get_log_page
-from nvme_emu.spec import AdminOpcode, CommandEffects, CriticalWarning, Csi, LogPageId, NvmeError, NvmOpcode, Status
+from nvme_emu.spec import AdminOpcode, CommandEffects, CriticalWarning, Csi, EffectsScope, FeatureId, LogPageId, NvmeError, NvmOpcode, Status
 from nvme_emu.state import TEMP_OVER
 
 
@@ -32,7 +32,7 @@ def read_log(area: Area, lid: int, length: int = 4096, *, offset: int = 0, nsid:
 def test_supported_log_pages_lists_what_is_served(area: Area):
     lids = struct.unpack("<256I", read_log(area, LogPageId.SUPPORTED_LOG_PAGES, 1024))
     served = [lid for lid, v in enumerate(lids) if v & 1]
-    assert served == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05]
+    assert served == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x12, 0x13]
     for lid in served:  # every listed page is readable
         assert status_of(lambda: read_log(area, lid, 512)) == Status.SUCCESS
 
@@ -76,11 +76,12 @@ def test_changed_namespace_list_empties_when_read(area: Area):
 
 def test_commands_effects(area: Area):
     log = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=Csi.NVM))
-    assert log.acs[AdminOpcode.IDENTIFY] == CommandEffects.CSUPP
+    assert log.acs[AdminOpcode.IDENTIFY] == CommandEffects.CSUPP | EffectsScope.CONTROLLER
     assert log.acs[AdminOpcode.FORMAT_NVM] & CommandEffects.LBCC
     assert log.acs[AdminOpcode.NAMESPACE_MANAGEMENT] == 0
-    assert log.iocs[NvmOpcode.READ] == CommandEffects.CSUPP and log.iocs[NvmOpcode.FLUSH] == CommandEffects.CSUPP
-    assert log.iocs[NvmOpcode.WRITE] == CommandEffects.CSUPP | CommandEffects.LBCC
+    assert log.iocs[NvmOpcode.READ] == CommandEffects.CSUPP | EffectsScope.NAMESPACE
+    assert log.iocs[NvmOpcode.FLUSH] == CommandEffects.CSUPP | EffectsScope.NAMESPACE
+    assert log.iocs[NvmOpcode.WRITE] == CommandEffects.CSUPP | CommandEffects.LBCC | EffectsScope.NAMESPACE
     other = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=2))
     assert not any(other.iocs) and other.acs[AdminOpcode.IDENTIFY]
 
@@ -100,3 +101,25 @@ def test_length_beyond_mdts_is_refused_before_allocating(area: Area):
 
 def test_unknown_log_page(area: Area):
     assert status_of(lambda: read_log(area, LogPageId.TELEMETRY_HOST)) == Status.INVALID_LOG_PAGE
+
+
+def test_every_supported_command_has_exactly_one_scope(area: Area):
+    log = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=Csi.NVM))
+    for entry in [*log.acs, *log.iocs]:
+        if entry & CommandEffects.CSUPP:
+            assert bin(entry >> 20).count("1") == 1, hex(entry)
+    assert log.acs[AdminOpcode.FORMAT_NVM] & EffectsScope.NAMESPACE
+
+
+def test_feature_ids_effects_lists_the_features_served(area: Area):
+    from nvme_emu.features import SUPPORTED
+
+    log = st.FeatureIdsEffectsLog.parse(read_log(area, LogPageId.FEATURE_IDS_EFFECTS, 1024))
+    served = {fid for fid, v in enumerate(log.fis) if v & CommandEffects.CSUPP}
+    assert served == set(SUPPORTED) and FeatureId.TEMPERATURE_THRESHOLD in served
+    assert log.fis[FeatureId.TIMESTAMP] == CommandEffects.CSUPP | EffectsScope.CONTROLLER
+    assert log.fis[FeatureId.LBA_RANGE_TYPE] == 0
+
+
+def test_nvme_mi_effects_is_served_and_empty(area: Area):
+    assert read_log(area, LogPageId.NVME_MI_COMMANDS_EFFECTS, 4096) == bytes(4096)

@@ -8,16 +8,17 @@ import pytest
 
 from ctrl_helpers import Nvme
 from nvme_emu import structures as st
-from nvme_emu.spec import AdminOpcode, CommandEffects, LogPageId as L, NvmOpcode, Status
+from nvme_emu.spec import AdminOpcode, CommandEffects, EffectsScope, LogPageId as L, NvmOpcode, Status
 
 
 def test_supported_log_pages(nvme: Nvme):
     c, data = nvme.get_log(L.SUPPORTED_LOG_PAGES, 1024)
     assert c.status == Status.SUCCESS
     lids = st.SupportedLogPages.parse(data).lids
-    for lid in (L.SUPPORTED_LOG_PAGES, L.ERROR_INFORMATION, L.SMART_HEALTH, L.FIRMWARE_SLOT, L.CHANGED_NAMESPACE_LIST, L.COMMANDS_SUPPORTED_EFFECTS):
+    for lid in (L.SUPPORTED_LOG_PAGES, L.ERROR_INFORMATION, L.SMART_HEALTH, L.FIRMWARE_SLOT, L.CHANGED_NAMESPACE_LIST, L.COMMANDS_SUPPORTED_EFFECTS,
+                L.FEATURE_IDS_EFFECTS, L.NVME_MI_COMMANDS_EFFECTS):
         assert lids[lid] & 1, lid
-    assert sum(1 for x in lids if x) == 6
+    assert sum(1 for x in lids if x) == 8
 
 
 def error_entries(n: Nvme) -> list:
@@ -127,9 +128,9 @@ def test_commands_supported_and_effects(nvme: Nvme):
     for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE):
         assert log.acs[op] == 0, op
     for op in (NvmOpcode.FLUSH, NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY):
-        assert log.iocs[op] == CommandEffects.CSUPP, op
+        assert log.iocs[op] == CommandEffects.CSUPP | EffectsScope.NAMESPACE, op
     for op in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY):
-        assert log.iocs[op] == CommandEffects.CSUPP | CommandEffects.LBCC, op
+        assert log.iocs[op] == CommandEffects.CSUPP | CommandEffects.LBCC | EffectsScope.NAMESPACE, op
     for op in (NvmOpcode.WRITE_UNCORRECTABLE, NvmOpcode.RESERVATION_REGISTER):
         assert log.iocs[op] == 0, op
 

@@ -15,7 +15,17 @@ from .log_page import check_temperature
 from .queue import SubmissionQueue
 from .spec import FeatureId, FeatureSelect, NvmeError, Status
 from .sqe import CDW10, CDW11
-from .state import HOST_BEHAVIOR_SIZE, TEMP_OVER, TEMP_UNDER, ControllerHooks, ControllerState, FeatureState
+from .state import (
+    HOST_BEHAVIOR_SIZE,
+    TEMP_ALL_SENSORS,
+    TEMP_COMPOSITE,
+    TEMP_OVER,
+    TEMP_UNDER,
+    TEMPERATURE_SENSORS,
+    ControllerHooks,
+    ControllerState,
+    FeatureState,
+)
 from .transfer import from_host, to_host
 
 #: Get Features with SEL=3: bit 2 "changeable" (not saveable, not namespace specific).
@@ -121,9 +131,9 @@ def get(state: ControllerState, fid: int, sel: int, cdw11: int) -> tuple[int, by
 
 def _value(state: ControllerState, s: FeatureState, fid: FeatureId, cdw11: int, current: bool) -> tuple[int, bytes | None]:
     if fid == FeatureId.TEMPERATURE_THRESHOLD:
-        tmpsel, thsel = (cdw11 >> 16) & 0xF, (cdw11 >> 20) & 0x3
-        _check_temp_selector(tmpsel, thsel)
-        return s.temp_thresholds.get((0, thsel), 0) | tmpsel << 16 | thsel << 20, None
+        tmpsel, thsel = _temp_selector(cdw11)
+        sensor = TEMP_COMPOSITE if tmpsel == TEMP_ALL_SENSORS else tmpsel
+        return s.temp_thresholds[(sensor, thsel)] | tmpsel << 16 | thsel << 20, None
     if fid == FeatureId.NUMBER_OF_QUEUES:
         nsq, ncq = io_queue_limit(state) if current else (state.config.max_io_queues,) * 2
         return (ncq - 1) << 16 | (nsq - 1), None
@@ -170,9 +180,10 @@ def set_feature(state: ControllerState, hooks: ControllerHooks, fid: int, save: 
             raise NvmeError(Status.INVALID_FIELD, "only power state 0 exists")
         s.power_state = cdw11 & 0xFF
     elif fid == FeatureId.TEMPERATURE_THRESHOLD:
-        tmpsel, thsel = (cdw11 >> 16) & 0xF, (cdw11 >> 20) & 0x3
-        _check_temp_selector(tmpsel, thsel)
-        s.temp_thresholds[(0, thsel)] = cdw11 & 0xFFFF
+        tmpsel, thsel = _temp_selector(cdw11)
+        sensors = range(TEMPERATURE_SENSORS + 1) if tmpsel == TEMP_ALL_SENSORS else (tmpsel,)
+        for sensor in sensors:
+            s.temp_thresholds[(sensor, thsel)] = cdw11 & 0xFFFF
         check_temperature(state, hooks)
     elif fid == FeatureId.ERROR_RECOVERY:
         if cdw11 & (1 << 16):  # DULBE needs NSFEAT bit 2, which we do not set
@@ -225,6 +236,10 @@ def _check_vector(state: ControllerState, iv: int) -> None:
         raise NvmeError(Status.INVALID_FIELD, f"interrupt vector {iv} does not exist")
 
 
-def _check_temp_selector(tmpsel: int, thsel: int) -> None:
-    if tmpsel not in (0, 0xF) or thsel not in (TEMP_OVER, TEMP_UNDER):
+def _temp_selector(cdw11: int) -> tuple[int, int]:
+    """(TMPSEL, THSEL) of a Temperature Threshold command: the composite, a sensor the SMART
+    log reports (Linux offers each as an hwmon tempN_max/min) or all of them."""
+    tmpsel, thsel = (cdw11 >> 16) & 0xF, (cdw11 >> 20) & 0x3
+    if not (tmpsel <= TEMPERATURE_SENSORS or tmpsel == TEMP_ALL_SENSORS) or thsel not in (TEMP_OVER, TEMP_UNDER):
         raise NvmeError(Status.INVALID_FIELD, f"temperature sensor {tmpsel} / threshold type {thsel}")
+    return tmpsel, thsel

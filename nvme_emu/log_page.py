@@ -28,7 +28,7 @@ from .spec import (
     Status,
 )
 from .sqe import CDW10, CDW11, CDW12, CDW13, CDW14, NSID
-from .state import TEMP_OVER, TEMP_UNDER, ControllerHooks, ControllerState
+from .state import TEMP_OVER, TEMP_UNDER, TEMPERATURE_SENSORS, ControllerHooks, ControllerState
 from .transfer import to_host
 
 SUPPORTED_LOG_PAGES = (
@@ -153,18 +153,18 @@ def smart_log(state: ControllerState) -> bytes:
         unsafe_shutdowns=h.unsafe_shutdowns,
         media_errors=h.media_errors,
         num_error_log_entries=state.error_log.count,
-        temperature_sensors=[temp],
+        temperature_sensors=[temp] * TEMPERATURE_SENSORS,
     )
 
 
 def critical_warning(state: ControllerState) -> int:
     """SMART Critical Warning: temperature outside the thresholds, read-only media."""
     temp = state.config.temperature_kelvin
-    over = state.features.temp_thresholds.get((0, TEMP_OVER), 0xFFFF)
-    under = state.features.temp_thresholds.get((0, TEMP_UNDER), 0)
+    thresholds = state.features.temp_thresholds
     warning = 0
-    if temp >= over or temp < under:
-        warning |= CriticalWarning.TEMPERATURE
+    for sensor in range(TEMPERATURE_SENSORS + 1):  # the composite, then each sensor (same reading)
+        if temp >= thresholds[(sensor, TEMP_OVER)] or temp < thresholds[(sensor, TEMP_UNDER)]:
+            warning |= CriticalWarning.TEMPERATURE
     if any(getattr(ns.backend, "readonly", False) for ns in state.namespaces.values()):
         warning |= CriticalWarning.READ_ONLY
     return warning

@@ -29,8 +29,23 @@ DEFERRED = object()
 
 #: Get Features TMPSEL/THSEL of the temperature thresholds: over and under.
 TEMP_OVER, TEMP_UNDER = 0, 1
+#: TMPSEL 0 is the Composite Temperature, 1..8 Temperature Sensor 1..8, Fh every one of them.
+TEMP_COMPOSITE, TEMP_ALL_SENSORS = 0, 0xF
+#: Temperature sensors the SMART log reports (besides the composite); each has thresholds.
+TEMPERATURE_SENSORS = 1
 #: The over-temperature threshold a controller starts with (70 degrees C, in kelvin).
 DEFAULT_TEMP_OVER_KELVIN = 343
+#: A sensor's over threshold starts at the largest value (the spec's default): no warning.
+DEFAULT_SENSOR_OVER_KELVIN = 0xFFFF
+
+
+def default_temp_thresholds() -> dict[tuple[int, int], int]:
+    """{(TMPSEL, THSEL): kelvin} for the composite and every reported sensor."""
+    thresholds = {(TEMP_COMPOSITE, TEMP_OVER): DEFAULT_TEMP_OVER_KELVIN, (TEMP_COMPOSITE, TEMP_UNDER): 0}
+    for sensor in range(1, TEMPERATURE_SENSORS + 1):
+        thresholds[(sensor, TEMP_OVER)] = DEFAULT_SENSOR_OVER_KELVIN
+        thresholds[(sensor, TEMP_UNDER)] = 0
+    return thresholds
 HOST_BEHAVIOR_SIZE = 512
 
 
@@ -100,7 +115,7 @@ class FeatureState:
 
     arbitration: int = 0
     power_state: int = 0
-    temp_thresholds: dict[tuple[int, int], int] = field(default_factory=lambda: {(0, TEMP_OVER): DEFAULT_TEMP_OVER_KELVIN, (0, TEMP_UNDER): 0})
+    temp_thresholds: dict[tuple[int, int], int] = field(default_factory=default_temp_thresholds)
     error_recovery: int = 0
     write_cache: bool = True
     queues_requested: tuple[int, int] | None = None

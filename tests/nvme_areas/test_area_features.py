@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from area_helpers import BUF, Area, status_of
 
+from nvme_emu import structures as st
 from nvme_emu.features import get_features, io_queue_limit, reset, set_features
+from nvme_emu.log_page import smart_log
 from nvme_emu.queue import CompletionQueue
 from nvme_emu.spec import AdminOpcode, AsyncEventSmart, AsyncEventType, CriticalWarning, FeatureId, FeatureSelect, LogPageId, Status
 from nvme_emu.state import ControllerConfig
@@ -56,12 +58,33 @@ def test_volatile_write_cache(area: Area):
 
 def test_temperature_threshold_selectors_and_event(area: Area):
     assert get(area, FeatureId.TEMPERATURE_THRESHOLD) & 0xFFFF == 343
-    assert status_of(lambda: get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=1 << 16)) == Status.INVALID_FIELD
+    assert status_of(lambda: get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=2 << 16)) == Status.INVALID_FIELD
     put(area, FeatureId.TEMPERATURE_THRESHOLD, 300)  # below the current temperature: no event yet
     assert area.record.named("async_event") == []
     area.state.features.async_event_config = CriticalWarning.TEMPERATURE
     put(area, FeatureId.TEMPERATURE_THRESHOLD, 301)
     assert area.record.named("async_event") == [(AsyncEventType.SMART_HEALTH, AsyncEventSmart.TEMPERATURE_THRESHOLD, LogPageId.SMART_HEALTH)]
+
+
+def test_temperature_threshold_of_the_reported_sensor(area: Area):
+    """SMART reports Temperature Sensor 1, so TMPSEL 1 works (Linux's hwmon temp2_max)."""
+    smart = st.SmartLog.parse(smart_log(area.state))
+    assert smart.temperature_sensors[0] != 0 and smart.temperature_sensors[1] == 0
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=1 << 16) & 0xFFFF == 0xFFFF  # over: no limit
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=1 << 16 | 1 << 20) & 0xFFFF == 0  # under
+    put(area, FeatureId.TEMPERATURE_THRESHOLD, 1 << 16 | 350)
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=1 << 16) == 1 << 16 | 350
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD) & 0xFFFF == 343  # the composite's is its own
+    put(area, FeatureId.TEMPERATURE_THRESHOLD, 1 << 16 | area.state.config.temperature_kelvin)  # sensor 1 over
+    assert smart_log_warning(area) & CriticalWarning.TEMPERATURE
+    put(area, FeatureId.TEMPERATURE_THRESHOLD, 0xF << 16 | 400)  # every sensor at once
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD, cdw11=1 << 16) & 0xFFFF == 400
+    assert get(area, FeatureId.TEMPERATURE_THRESHOLD) & 0xFFFF == 400
+    assert not smart_log_warning(area) & CriticalWarning.TEMPERATURE
+
+
+def smart_log_warning(area: Area) -> int:
+    return st.SmartLog.parse(smart_log(area.state)).critical_warning
 
 
 def test_interrupt_vector_configuration(area: Area):

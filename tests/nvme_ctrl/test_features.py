@@ -54,7 +54,7 @@ def test_temperature_threshold(nvme: Nvme):
     assert get_ok(nvme, F.TEMPERATURE_THRESHOLD, OVER) & 0xFFFF == 345
 
 
-@pytest.mark.parametrize("cdw11", [1 << 16 | 300, 8 << 16 | 300, 2 << 20 | 300, 3 << 20 | 300])
+@pytest.mark.parametrize("cdw11", [2 << 16 | 300, 8 << 16 | 300, 2 << 20 | 300, 3 << 20 | 300])
 def test_temperature_threshold_bad_selector(nvme: Nvme, cdw11: int):
     assert nvme.set_features(F.TEMPERATURE_THRESHOLD, cdw11).status == Status.INVALID_FIELD
     assert nvme.get_features(F.TEMPERATURE_THRESHOLD, cdw11).status == Status.INVALID_FIELD

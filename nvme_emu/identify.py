@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import structures as st
 from .queue import SubmissionQueue
-from .spec import CQES_LOG2, NSID_ALL, SQES_LOG2, Cns, Csi, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
+from .spec import CQES_LOG2, NSID_ALL, OCFS_FORMAT0, SQES_LOG2, Cns, Csi, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host
@@ -93,6 +93,7 @@ def identify_controller(state: ControllerState) -> bytes:
         maxcmd=c.max_queue_entries,
         nn=c.max_namespaces,
         oncs=oncs,
+        ocfs=OCFS_FORMAT0,
         vwc=(Vwc.PRESENT | Vwc.FLUSH_BROADCAST_SUPPORTED) if c.volatile_write_cache else 0,
         sgls=Sgls.SUPPORTED_NO_ALIGNMENT | Sgls.BIT_BUCKET,
         subnqn=st.subsystem_nqn(c.serial),

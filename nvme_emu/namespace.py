@@ -780,6 +780,9 @@ class Namespace:
             nvmcap=self.size_bytes,
             nguid=self.nguid,
             eui64=self.eui64,
+            mssrl=spec.COPY_MAX_RANGE_LBAS,
+            mcl=spec.COPY_MAX_LBAS,
+            msrc=spec.COPY_MAX_RANGES - 1,
             lbaf=[(f.ms, f.lbads, f.rp) for f in LBA_FORMATS],
         )
 

@@ -27,6 +27,9 @@ from .queue import SubmissionQueue
 from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2
 from .spec import (
     COPY_DESCRIPTOR_FORMAT0_SIZE,
+    COPY_MAX_LBAS,
+    COPY_MAX_RANGE_LBAS,
+    COPY_MAX_RANGES,
     DSM_RANGE_SIZE,
     NSID_ALL,
     DsmAttr,
@@ -39,9 +42,6 @@ from .state import DEFERRED, ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 
-#: Copy limits we report in Identify Namespace (MSSRL, MCL, MSRC is 0-based).
-COPY_MAX_RANGE_LBAS = 1 << 16
-COPY_MAX_RANGES = 128
 COPY_DESCRIPTOR = struct.Struct("<8xQH14x")  # format 0: SLBA at 8, NLB (0-based) at 16
 DSM_RANGE = struct.Struct("<IIQ")
 
@@ -306,10 +306,12 @@ class NvmCommands:
         for i in range(nr):
             slba, nlb0 = COPY_DESCRIPTOR.unpack_from(raw, i * COPY_DESCRIPTOR_FORMAT0_SIZE)
             nlb = nlb0 + 1
+            if nlb > COPY_MAX_RANGE_LBAS:
+                raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy source range of {nlb} blocks")
             ns.check_range(slba, nlb)
             ranges.append((slba, nlb))
             total += nlb
-        if total > COPY_MAX_RANGE_LBAS:
+        if total > COPY_MAX_LBAS:
             raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy of {total} blocks")
         ns.check_range(sdlba, total)
         fua = bool(e[CDW12] & RwCdw12.FUA)

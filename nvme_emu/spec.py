@@ -948,3 +948,11 @@ class DsmAttr(IntFlag):
 DSM_RANGE_SIZE = 16  #: context attributes u32, length in LBAs u32 (1-based), SLBA u64
 DSM_MAX_RANGES = 256
 COPY_DESCRIPTOR_FORMAT0_SIZE = 32  #: SLBA at byte 8, NLB (0-based) u16 at byte 16
+#: OCFS (Identify Controller bytes 535:534) bit 0: Copy source range descriptor format 0h.
+OCFS_FORMAT0 = 1 << 0
+#: Our Copy limits, enforced by the Copy command and advertised in Identify Namespace:
+#: MSSRL (blocks in one source range; the field is 16 bits), MCL (blocks in one command)
+#: and MSRC + 1 (source ranges in one command).
+COPY_MAX_RANGE_LBAS = 0xFFFF
+COPY_MAX_LBAS = 1 << 16
+COPY_MAX_RANGES = 128

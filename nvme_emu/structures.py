@@ -205,7 +205,7 @@ IdentifyController = Struct(
     "icsvscc" / Int8ul,  # 530
     "nwpc" / Int8ul,  # 531
     "acwu" / Int16ul,  # 532
-    "cdfs" / Int16ul,  # 534 copy descriptor formats supported
+    "ocfs" / Int16ul,  # 534 optional copy formats supported
     "sgls" / Int32ul,  # 536
     "mnan" / Int32ul,  # 540
     "maxdna" / UInt128ul(),  # 544

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 
 from area_helpers import BUF, Area, KeptPool, sqe
 
-from nvme_emu.namespace import FileBackend, Namespace
+from nvme_emu import structures as st
+from nvme_emu.identify import identify_controller
+from nvme_emu.namespace import FileBackend, Namespace, RamBackend
 from nvme_emu.nvm import NvmCommands
-from nvme_emu.spec import NSID_ALL, NvmOpcode, RwCdw12, Status
+from nvme_emu.spec import NSID_ALL, NvmOpcode, Oncs, RwCdw12, Status
 from nvme_emu.state import DEFERRED
 
 
@@ -78,3 +81,30 @@ def test_without_a_loop_blocking_work_runs_in_place(area: Area, tmp_path):
     assert nvm.execute(area.admin_sq, rw(NvmOpcode.WRITE, 1, 1, nsid=2)) == (Status.SUCCESS, 0)
     assert area.record.named("begin_request") == []
     ns.close()
+
+
+def copy_sqe(sdlba: int, ranges: list[tuple[int, int]], area: Area) -> tuple:
+    """A Copy (format 0) of ``ranges`` (slba, blocks) to ``sdlba``, descriptors at BUF."""
+    raw = b"".join(struct.pack("<8xQH14x", slba, nlb - 1) for slba, nlb in ranges)
+    area.guest.write(BUF, raw)
+    return sqe(NvmOpcode.COPY, nsid=1, prp1=BUF, cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32, cdw12=len(ranges) - 1)
+
+
+def test_copy_enforces_the_limits_identify_namespace_advertises(area: Area):
+    ns = area.state.namespaces[1] = Namespace(1, RamBackend(64 << 20))  # 131072 blocks
+    ident = st.IdentifyNamespace.parse(ns.identify_namespace())
+    ctrl = st.IdentifyController.parse(identify_controller(area.state))
+    assert ctrl.oncs & Oncs.COPY and ctrl.ocfs & 1  # descriptor format 0
+    assert ident.mssrl > 0 and ident.mcl >= ident.mssrl and ident.msrc > 0
+    nvm = NvmCommands(area.state, area.hooks)
+
+    def status(sdlba: int, ranges: list[tuple[int, int]]) -> int:
+        return nvm.execute(area.admin_sq, copy_sqe(sdlba, ranges, area))[0] & 0x7FF
+
+    assert status(1 << 16, [(0, ident.mssrl)]) == Status.SUCCESS
+    assert status(1 << 16, [(0, ident.mssrl + 1)]) == Status.COMMAND_SIZE_LIMIT_EXCEEDED
+    half = ident.mcl // 2
+    assert status(0, [(0, half), (half, ident.mcl - half)]) == Status.SUCCESS
+    assert status(0, [(0, half), (half, ident.mcl - half + 1)]) == Status.COMMAND_SIZE_LIMIT_EXCEEDED
+    assert status(1 << 16, [(i, 1) for i in range(ident.msrc + 1)]) == Status.SUCCESS
+    assert status(1 << 16, [(i, 1) for i in range(ident.msrc + 2)]) == Status.COMMAND_SIZE_LIMIT_EXCEEDED

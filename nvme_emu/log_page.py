@@ -13,6 +13,7 @@ from .async_event import acknowledge
 from .queue import SubmissionQueue
 from .spec import (
     CSE_SHIFT,
+    LBA_CHANGING_OPCODES,
     NSID_ALL,
     AdminOpcode,
     AsyncEventSmart,
@@ -41,8 +42,6 @@ SUPPORTED_LOG_PAGES = (
     LogPageId.FEATURE_IDS_EFFECTS,
     LogPageId.NVME_MI_COMMANDS_EFFECTS,
 )
-#: I/O commands that change the namespace's logical blocks (LBCC in the effects log).
-LBA_CHANGING_IO = (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY)
 #: Format NVM changes blocks, capabilities and inventory of the namespace it names, and is
 #: serialised namespace-wide.
 FORMAT_EFFECTS = (
@@ -115,7 +114,7 @@ def commands_effects(state: ControllerState, csi: int) -> bytes:
         admin[AdminOpcode.FORMAT_NVM] = FORMAT_EFFECTS
     io = {}
     if csi == Csi.NVM:
-        io = {op: IO_EFFECTS | (CommandEffects.LBCC if op in LBA_CHANGING_IO else 0) for op in state.io_opcodes}
+        io = {op: IO_EFFECTS | (CommandEffects.LBCC if op in LBA_CHANGING_OPCODES else 0) for op in state.io_opcodes}
     return st.build_commands_effects_log(admin, io)
 
 
@@ -158,15 +157,15 @@ def smart_log(state: ControllerState) -> bytes:
 
 
 def critical_warning(state: ControllerState) -> int:
-    """SMART Critical Warning: temperature outside the thresholds, read-only media."""
+    """SMART Critical Warning: temperature outside the thresholds. A namespace the user
+    made read-only is write protected (NSATTR), not media that failed into read-only mode:
+    bit 3 stays clear."""
     temp = state.config.temperature_kelvin
     thresholds = state.features.temp_thresholds
     warning = 0
     for sensor in range(TEMPERATURE_SENSORS + 1):  # the composite, then each sensor (same reading)
         if temp >= thresholds[(sensor, TEMP_OVER)] or temp < thresholds[(sensor, TEMP_UNDER)]:
             warning |= CriticalWarning.TEMPERATURE
-    if any(getattr(ns.backend, "readonly", False) for ns in state.namespaces.values()):
-        warning |= CriticalWarning.READ_ONLY
     return warning
 
 

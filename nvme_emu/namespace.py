@@ -55,11 +55,11 @@ class NoSpaceError(BackendError):
 
 
 class ReadOnlyError(BackendError):
-    """The backing store refuses writes: EROFS -> Attempted Write to Read Only Range,
-    EACCES/EPERM -> Access Denied."""
+    """The backing store refuses writes: EROFS (a read-only namespace, or a file system
+    remounted read-only) -> Namespace is Write Protected, EACCES/EPERM -> Access Denied."""
 
     def __init__(self, err: int, message: str) -> None:
-        status = Status.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE if err == errno.EROFS else Status.ACCESS_DENIED
+        status = Status.NAMESPACE_WRITE_PROTECTED if err == errno.EROFS else Status.ACCESS_DENIED
         super().__init__(status, err, message)
 
 
@@ -184,6 +184,8 @@ class Backend(ABC):
     #: calls may wait for a device or a disk (the controller runs them off the event loop);
     #: False: they only touch process memory, and run inline (the synchronous fast path)
     blocking: bool = False
+    #: opened read-only: the namespace is write protected
+    readonly: bool = False
     size: int
 
     @abstractmethod
@@ -567,6 +569,8 @@ class Namespace:
         #: Its I/O may wait on a device: the controller runs it off the event loop (a plain
         #: attribute: every Read and Write looks at it).
         self.blocking = backend.blocking
+        #: NSATTR bit 0: commands that change blocks fail with Namespace is Write Protected.
+        self.write_protected = backend.readonly
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -751,6 +755,8 @@ class Namespace:
             raise NvmeError(Status.INVALID_FIELD, f"secure erase setting {secure_erase}")
         if self.backend.size < LBA_FORMATS[lbaf_index].size:
             raise NvmeError(Status.INVALID_FORMAT, "namespace smaller than one block of that format")
+        if self.write_protected:
+            raise NvmeError(Status.NAMESPACE_WRITE_PROTECTED, f"namespace {self.nsid} is write protected")
 
     def erase(self) -> None:
         """Zero (deallocate) all user data and make that durable: the slow part of Format."""
@@ -778,6 +784,7 @@ class Namespace:
             flbas=spec.flbas_encode(self.lbaf_index),
             dlfeat=(spec.DLFEAT_READ_ZEROES if self.backend.deallocate_zeroes else 0) | spec.DLFEAT_WRITE_ZEROES_DEAC,
             nvmcap=self.size_bytes,
+            nsattr=spec.NSATTR_WRITE_PROTECTED if self.write_protected else 0,
             nguid=self.nguid,
             eui64=self.eui64,
             mssrl=spec.COPY_MAX_RANGE_LBAS,
@@ -796,7 +803,7 @@ class Namespace:
 
     def identify_namespace_independent(self) -> bytes:
         """CNS 08h for this namespace."""
-        return structures.build_identify_namespace_independent()
+        return structures.build_identify_namespace_independent(nsattr=spec.NSATTR_WRITE_PROTECTED if self.write_protected else 0)
 
     def identify_namespace_nvm(self) -> bytes:
         """CNS 05h / CSI 00h for this namespace (no protection information: zeros)."""

@@ -31,6 +31,7 @@ from .spec import (
     COPY_MAX_RANGE_LBAS,
     COPY_MAX_RANGES,
     DSM_RANGE_SIZE,
+    LBA_CHANGING_OPCODES,
     NSID_ALL,
     DsmAttr,
     NvmeError,
@@ -95,6 +96,8 @@ class NvmCommands:
             ns = self.state.namespaces.get(e[NSID])
             if ns is None:
                 raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
+            if ns.write_protected and opc in LBA_CHANGING_OPCODES:
+                raise NvmeError(Status.NAMESPACE_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected")
             if ns.blocking:
                 return self._done_or_start(sq, e, handler(ns, e))
             return Status.SUCCESS, handler(ns, e)  # RAM: always done here (the fast path)

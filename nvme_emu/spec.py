@@ -945,6 +945,12 @@ class DsmAttr(IntFlag):
     AD = 1 << 2  # deallocate
 
 
+#: NVM commands that change logical block contents: LBCC in the effects log, and refused
+#: with Namespace is Write Protected on a write-protected namespace.
+LBA_CHANGING_OPCODES = frozenset({NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY})
+#: NSATTR (Identify Namespace byte 99, I/O Command Set Independent byte 8) bit 0.
+NSATTR_WRITE_PROTECTED = 1 << 0
+
 DSM_RANGE_SIZE = 16  #: context attributes u32, length in LBAs u32 (1-based), SLBA u64
 DSM_MAX_RANGES = 256
 COPY_DESCRIPTOR_FORMAT0_SIZE = 32  #: SLBA at byte 8, NLB (0-based) u16 at byte 16

@@ -264,7 +264,7 @@ def test_file_errors_map_to_statuses(tmp_path, monkeypatch):
 
         for err, cls, status in [
             (errno.ENOSPC, NoSpaceError, Status.CAPACITY_EXCEEDED),
-            (errno.EROFS, ReadOnlyError, Status.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE),
+            (errno.EROFS, ReadOnlyError, Status.NAMESPACE_WRITE_PROTECTED),
             (errno.EACCES, ReadOnlyError, Status.ACCESS_DENIED),
             (errno.EIO, MediumError, Status.WRITE_FAULT),
         ]:
@@ -294,7 +294,7 @@ def test_file_read_only(tmp_path):
         assert out == b"\x07" * 512
         with pytest.raises(ReadOnlyError) as ei:
             ns.write_lbas(0, 1, [memoryview(bytes(512))])
-        assert ei.value.status == Status.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE
+        assert ei.value.status == Status.NAMESPACE_WRITE_PROTECTED
 
 
 def test_file_many_small_buffers_exceed_iov_max(tmp_path):

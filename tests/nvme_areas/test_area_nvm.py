@@ -7,13 +7,14 @@ import dataclasses
 import os
 import struct
 
-from area_helpers import BUF, Area, KeptPool, sqe
+from area_helpers import BUF, Area, KeptPool, sqe, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify_controller
+from nvme_emu.log_page import smart_log
 from nvme_emu.namespace import FileBackend, Namespace, RamBackend
 from nvme_emu.nvm import NvmCommands
-from nvme_emu.spec import NSID_ALL, NvmOpcode, Oncs, RwCdw12, Status
+from nvme_emu.spec import NSID_ALL, CriticalWarning, NvmOpcode, Oncs, RwCdw12, Status
 from nvme_emu.state import DEFERRED
 
 
@@ -108,3 +109,24 @@ def test_copy_enforces_the_limits_identify_namespace_advertises(area: Area):
     assert status(0, [(0, half), (half, ident.mcl - half + 1)]) == Status.COMMAND_SIZE_LIMIT_EXCEEDED
     assert status(1 << 16, [(i, 1) for i in range(ident.msrc + 1)]) == Status.SUCCESS
     assert status(1 << 16, [(i, 1) for i in range(ident.msrc + 2)]) == Status.COMMAND_SIZE_LIMIT_EXCEEDED
+
+
+def test_read_only_namespace_is_write_protected(area: Area, tmp_path):
+    """NSATTR bit 0 (Linux marks the disk read-only), Namespace is Write Protected for every
+    command that changes blocks, and no controller-wide SMART read-only warning."""
+    path = tmp_path / "ro.img"
+    path.write_bytes(b"\x42" * (1 << 20))
+    ns = area.state.namespaces[2] = Namespace(2, FileBackend(str(path), readonly=True))
+    assert st.IdentifyNamespace.parse(ns.identify_namespace()).nsattr & 1
+    assert st.IdentifyNamespaceIndependent.parse(ns.identify_namespace_independent()).nsattr & 1
+    assert not st.IdentifyNamespace.parse(area.state.namespaces[1].identify_namespace()).nsattr & 1
+    nvm = NvmCommands(area.state, area.hooks)
+    for opc in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY):
+        status, _ = nvm.execute(area.admin_sq, rw(opc, 0, 1, nsid=2, cdw12=0))
+        assert status & 0x7FF == Status.NAMESPACE_WRITE_PROTECTED, opc
+    assert nvm.execute(area.admin_sq, rw(NvmOpcode.READ, 0, 1, nsid=2)) == (Status.SUCCESS, 0)
+    assert area.guest.read(BUF, 512) == b"\x42" * 512
+    assert status_of(lambda: ns.check_format(0)) == Status.NAMESPACE_WRITE_PROTECTED
+    assert not st.SmartLog.parse(smart_log(area.state)).critical_warning & CriticalWarning.READ_ONLY
+    assert path.read_bytes() == b"\x42" * (1 << 20)
+    ns.close()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .abort import abort
 from .async_event import async_event_request
 from .dbbuf import doorbell_buffer_config
-from .features import get_features, keep_alive, set_features
+from .features import get_features, set_features
 from .format_nvm import format_nvm
 from .identify import identify
 from .log_page import get_log_page
@@ -43,7 +43,6 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.SET_FEATURES: set_features,
     AdminOpcode.GET_FEATURES: get_features,
     AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
-    AdminOpcode.KEEP_ALIVE: keep_alive,
     AdminOpcode.FORMAT_NVM: format_nvm,
 }
 

@@ -1,5 +1,9 @@
-"""Get Features (0Ah), Set Features (09h) and Keep Alive (18h): the controller's settable
-state, validated field by field.
+"""Get Features (0Ah) and Set Features (09h): the controller's settable state, validated
+field by field.
+
+Keep Alive is not supported (Identify Controller KAS = 0; Linux uses it only over fabrics):
+the Keep Alive command (18h) is an invalid opcode and the Keep Alive Timer feature (0Fh) an
+unsupported feature (Invalid Field), as the spec has it for a controller without KAS.
 
 None of our features is saveable (CAP of every feature: changeable only), so SAVED reads
 return the default and Set Features with SV fails with "Feature Identifier Not Saveable".
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from .identify import IO_COMMAND_SET_COMBINATIONS
 from .log_page import check_temperature
 from .queue import SubmissionQueue
 from .spec import FeatureId, FeatureSelect, NvmeError, Status
@@ -31,6 +36,8 @@ from .transfer import from_host, to_host
 #: Get Features with SEL=3: bit 2 "changeable" (not saveable, not namespace specific).
 CAPABILITY_CHANGEABLE = 1 << 2
 TIMESTAMP_SIZE = 8
+#: Timestamp Origin (attribute bits 3:1): zeroed by a Controller Level Reset, or set by a host.
+TIMESTAMP_ORIGIN_RESET, TIMESTAMP_ORIGIN_SET = 0b000, 0b001
 
 SUPPORTED = frozenset(
     {
@@ -45,8 +52,8 @@ SUPPORTED = frozenset(
         FeatureId.WRITE_ATOMICITY_NORMAL,
         FeatureId.ASYNC_EVENT_CONFIGURATION,
         FeatureId.TIMESTAMP,
-        FeatureId.KEEP_ALIVE_TIMER,
         FeatureId.HOST_BEHAVIOR_SUPPORT,
+        FeatureId.IO_COMMAND_SET_PROFILE,
     }
 )
 
@@ -71,21 +78,13 @@ def set_features(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
     return set_feature(state, hooks, fid, save, e[CDW11], data)
 
 
-def keep_alive(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
-    """Keep Alive: nothing times out here (the Keep Alive Timer is stored, not enforced)."""
-    return 0
-
-
 # -- state ---------------------------------------------------------------------------------
 
 
 def reset(state: ControllerState) -> None:
-    """Controller Reset: defaults again, but the timestamp keeps counting (spec: "retained")."""
-    old = state.features
+    """Controller Level Reset: every feature to its default; the Timestamp restarts at 0
+    with Timestamp Origin 000b ("initialized to 0h by a Controller Level Reset")."""
     state.features = state.default_features()
-    state.features.timestamp_base_ms = old.timestamp_base_ms
-    state.features.timestamp_set_at = old.timestamp_set_at
-    state.features.timestamp_synced = old.timestamp_synced
 
 
 def io_queue_limit(state: ControllerState) -> tuple[int, int]:
@@ -98,10 +97,9 @@ def io_queue_limit(state: ControllerState) -> tuple[int, int]:
 
 
 def timestamp_ms(state: ControllerState) -> int:
-    """Milliseconds since the host set the timestamp (or since power-on, if it never did)."""
+    """The value the host set plus the time since, or the time since the last Controller
+    Level Reset if it did not set one after it."""
     s = state.features
-    if not s.timestamp_synced:
-        return int((time.monotonic() - state.health.started) * 1000)
     return s.timestamp_base_ms + int((time.monotonic() - s.timestamp_set_at) * 1000)
 
 
@@ -144,7 +142,7 @@ def _value(state: ControllerState, s: FeatureState, fid: FeatureId, cdw11: int, 
     if fid == FeatureId.HOST_BEHAVIOR_SUPPORT:
         return 0, s.host_behavior
     if fid == FeatureId.TIMESTAMP:
-        attrs = (1 if state.features.timestamp_synced else 0) << 1  # origin: set by host
+        attrs = (TIMESTAMP_ORIGIN_SET if state.features.timestamp_synced else TIMESTAMP_ORIGIN_RESET) << 1
         return 0, timestamp_ms(state).to_bytes(6, "little") + bytes([attrs, 0])
     return _DW0_FIELDS[fid](s), None
 
@@ -158,7 +156,7 @@ _DW0_FIELDS = {
     FeatureId.INTERRUPT_COALESCING: lambda s: s.coalescing,
     FeatureId.WRITE_ATOMICITY_NORMAL: lambda s: s.write_atomicity,
     FeatureId.ASYNC_EVENT_CONFIGURATION: lambda s: s.async_event_config,
-    FeatureId.KEEP_ALIVE_TIMER: lambda s: s.keep_alive,
+    FeatureId.IO_COMMAND_SET_PROFILE: lambda s: s.io_command_set_index,
 }
 
 
@@ -207,8 +205,8 @@ def set_feature(state: ControllerState, hooks: ControllerHooks, fid: int, save: 
         s.write_atomicity = cdw11 & 1
     elif fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
         s.async_event_config = cdw11
-    elif fid == FeatureId.KEEP_ALIVE_TIMER:
-        s.keep_alive = cdw11
+    elif fid == FeatureId.IO_COMMAND_SET_PROFILE:
+        s.io_command_set_index = _io_command_set_index(cdw11)
     elif fid == FeatureId.HOST_BEHAVIOR_SUPPORT:
         assert data is not None
         s.host_behavior = bytes(data[:HOST_BEHAVIOR_SIZE]).ljust(HOST_BEHAVIOR_SIZE, b"\0")
@@ -229,6 +227,15 @@ def _set_queues(state: ControllerState, cdw11: int) -> int:
     state.features.queues_requested = (nsqr + 1, ncqr + 1)
     nsq, ncq = io_queue_limit(state)
     return (ncq - 1) << 16 | (nsq - 1)
+
+
+def _io_command_set_index(cdw11: int) -> int:
+    """IOCSCI (bits 8:0): an index into Identify CNS 1H's list of command set combinations;
+    one that names no combination is rejected with the status the spec has for it."""
+    index = cdw11 & 0x1FF
+    if index >= len(IO_COMMAND_SET_COMBINATIONS) or not IO_COMMAND_SET_COMBINATIONS[index]:
+        raise NvmeError(Status.IO_COMMAND_SET_COMBINATION_REJECTED, f"I/O command set combination {index}")
+    return index
 
 
 def _check_vector(state: ControllerState, iv: int) -> None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from . import structures as st
 from .queue import SubmissionQueue
-from .spec import CQES_LOG2, NSID_ALL, OCFS_FORMAT0, SQES_LOG2, Cns, Csi, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
+from .spec import CQES_LOG2, NSID_ALL, OCFS_FORMAT0, SQES_LOG2, Cns, Csi, IoCommandSetVector, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host
 
 IDENTIFY_SIZE = 4096
+#: Identify CNS 1Ch: the I/O command set combinations, indexed by the I/O Command Set Profile
+#: feature (19h). One: NVM alone.
+IO_COMMAND_SET_COMBINATIONS = (IoCommandSetVector.NVM,)
 #: The controller ID of our only controller in the subsystem.
 CNTLID = 1
 
@@ -30,8 +33,8 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> byte
     if cns == Cns.NAMESPACE:
         return _identify_namespace(state, nsid)
     if cns in (Cns.ACTIVE_NSID_LIST, Cns.IOCS_ACTIVE_NSID_LIST):
-        if cns == Cns.IOCS_ACTIVE_NSID_LIST and csi != Csi.NVM:
-            return st.build_nsid_list([])
+        if cns == Cns.IOCS_ACTIVE_NSID_LIST:
+            _check_nvm_csi(csi)
         if nsid in (NSID_ALL, NSID_ALL - 1):
             raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {nsid:#x} for a list")
         return st.build_nsid_list(state.namespaces, greater_than=nsid)
@@ -47,7 +50,7 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> byte
     if cns == Cns.IOCS_INDEPENDENT_NAMESPACE:
         return state.active_namespace(nsid).identify_namespace_independent()
     if cns == Cns.IO_COMMAND_SET:
-        return st.build_identify_io_command_set()
+        return st.build_identify_io_command_set(IO_COMMAND_SET_COMBINATIONS)
     raise NvmeError(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
 
 

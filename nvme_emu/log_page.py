@@ -25,7 +25,6 @@ from .spec import (
     FeatureId,
     LogPageId,
     NvmeError,
-    NvmOpcode,
     Status,
 )
 from .sqe import CDW10, CDW11, CDW12, CDW13, CDW14, NSID

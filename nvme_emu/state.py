@@ -110,8 +110,8 @@ class HealthCounters:
 
 @dataclass
 class FeatureState:
-    """Current values of the features Set Features changes (reset by a Controller Reset,
-    except the timestamp, which the spec says is retained)."""
+    """Current values of the features Set Features changes (all back to these defaults at a
+    Controller Level Reset; the timestamp then counts from 0 again)."""
 
     arbitration: int = 0
     power_state: int = 0
@@ -123,10 +123,10 @@ class FeatureState:
     vector_config: dict[int, bool] = field(default_factory=dict)  # vector -> coalescing disabled
     write_atomicity: int = 0
     async_event_config: int = 0
-    keep_alive: int = 0
     host_behavior: bytes = bytes(HOST_BEHAVIOR_SIZE)
+    io_command_set_index: int = 0  # I/O Command Set Profile: combination 0, NVM
     timestamp_base_ms: int = 0
-    timestamp_set_at: float = 0.0
+    timestamp_set_at: float = field(default_factory=time.monotonic)
     timestamp_synced: bool = False
 
 
@@ -185,8 +185,17 @@ class ControllerState:
 
     @classmethod
     def of(cls, namespaces: Iterable["Namespace"], config: ControllerConfig | None = None) -> "ControllerState":
-        """A state for these namespaces, keyed by NSID."""
-        return cls(config or ControllerConfig(), {ns.nsid: ns for ns in namespaces})
+        """A state for these namespaces, keyed by NSID. Each NSID must be unique and within
+        1..NN (Identify Controller NN = ``config.max_namespaces``): a host never looks above NN."""
+        config = config or ControllerConfig()
+        by_nsid: dict[int, "Namespace"] = {}
+        for ns in namespaces:
+            if not 0 < ns.nsid <= config.max_namespaces:
+                raise ValueError(f"NSID {ns.nsid} is above the {config.max_namespaces} namespaces the controller reports (NN)")
+            if ns.nsid in by_nsid:
+                raise ValueError(f"NSID {ns.nsid} is given twice")
+            by_nsid[ns.nsid] = ns
+        return cls(config, by_nsid)
 
     def default_features(self) -> FeatureState:
         """Feature values after a reset (also what Get Features SEL=default reports)."""

@@ -1,12 +1,12 @@
 """The admin dispatch table in-process: opcode checks and the Error Information entry a
-failed command leaves; Abort and Keep Alive."""
+failed command leaves; Abort; no Keep Alive (KAS = 0)."""
 
 from __future__ import annotations
 
 from area_helpers import Area, sqe
 
 from nvme_emu.admin import AdminCommands, handlers_for
-from nvme_emu.spec import STATUS_DNR, AdminOpcode, Status
+from nvme_emu.spec import STATUS_DNR, AdminOpcode, FeatureId, Status
 from nvme_emu.state import ControllerConfig
 
 
@@ -21,9 +21,9 @@ def test_unknown_opcode(area: Area):
 def test_fused_and_sgl_admin_commands_refused(area: Area):
     admin = AdminCommands(area.state, area.hooks)
     for flags in (0b01, 0b01 << 6):
-        status, _ = admin.execute(area.admin_sq, sqe(AdminOpcode.KEEP_ALIVE, flags=flags))
+        status, _ = admin.execute(area.admin_sq, sqe(AdminOpcode.GET_FEATURES, flags=flags, cdw10=FeatureId.ARBITRATION))
         assert status & 0x7FF == Status.INVALID_FIELD
-    assert admin.execute(area.admin_sq, sqe(AdminOpcode.KEEP_ALIVE)) == (Status.SUCCESS, 0)
+    assert admin.execute(area.admin_sq, sqe(AdminOpcode.GET_FEATURES, cdw10=FeatureId.ARBITRATION)) == (Status.SUCCESS, 0)
 
 
 def test_abort_never_aborts(area: Area):
@@ -44,5 +44,11 @@ def test_a_handler_bug_costs_one_command(area: Area, monkeypatch):
     def broken(*_args):
         raise KeyError("bug")
 
-    monkeypatch.setitem(admin.handlers, AdminOpcode.KEEP_ALIVE, broken)
-    assert admin.execute(area.admin_sq, sqe(AdminOpcode.KEEP_ALIVE)) == (Status.INTERNAL_ERROR, 0)
+    monkeypatch.setitem(admin.handlers, AdminOpcode.ABORT, broken)
+    assert admin.execute(area.admin_sq, sqe(AdminOpcode.ABORT)) == (Status.INTERNAL_ERROR, 0)
+
+
+def test_keep_alive_is_not_dispatched_as_kas_is_0(area: Area):
+    admin = AdminCommands(area.state, area.hooks)
+    status, _ = admin.execute(area.admin_sq, sqe(AdminOpcode.KEEP_ALIVE))
+    assert status & 0x7FF == Status.INVALID_OPCODE

@@ -109,14 +109,35 @@ def test_host_behavior_round_trips_through_host_buffer(area: Area):
     assert area.guest.read(BUF, 2) == b"\x01\x00"
 
 
-def test_timestamp_set_by_host_and_kept_across_reset(area: Area):
-    area.guest.write(BUF, (1_000_000).to_bytes(6, "little") + bytes(2))
-    put(area, FeatureId.TIMESTAMP)
-    reset(area.state)
+def read_timestamp(area: Area) -> tuple[int, int]:
+    """(milliseconds, Timestamp Origin) as Get Features reports them."""
     get(area, FeatureId.TIMESTAMP)
     data = area.guest.read(BUF, 8)
-    assert 1_000_000 <= int.from_bytes(data[:6], "little") < 1_000_000 + 5_000
-    assert data[6] & 0b10  # origin: set by the host
+    return int.from_bytes(data[:6], "little"), (data[6] >> 1) & 0b111
+
+
+def test_timestamp_set_by_host_then_zeroed_by_controller_level_reset(area: Area):
+    area.guest.write(BUF, (1_000_000).to_bytes(6, "little") + bytes(2))
+    put(area, FeatureId.TIMESTAMP)
+    value, origin = read_timestamp(area)
+    assert 1_000_000 <= value < 1_000_000 + 5_000 and origin == 0b001  # set by Set Features
+    reset(area.state)
+    value, origin = read_timestamp(area)
+    assert value < 5_000 and origin == 0b000  # initialized to 0 by the reset, counting again
+
+
+def test_io_command_set_profile(area: Area):
+    """CAP.CSS bit 6 is set, so Feature 19h exists: combination 0 (NVM) is all there is."""
+    assert get(area, FeatureId.IO_COMMAND_SET_PROFILE) == 0
+    assert put(area, FeatureId.IO_COMMAND_SET_PROFILE, 0) == 0
+    for bad in (1, 0x1FF):
+        assert status_of(lambda: put(area, FeatureId.IO_COMMAND_SET_PROFILE, bad)) == Status.IO_COMMAND_SET_COMBINATION_REJECTED
+    assert get(area, FeatureId.IO_COMMAND_SET_PROFILE) == 0
+
+
+def test_keep_alive_timer_is_not_a_feature_as_kas_is_0(area: Area):
+    assert status_of(lambda: put(area, FeatureId.KEEP_ALIVE_TIMER, 120_000)) == Status.INVALID_FIELD
+    assert status_of(lambda: get(area, FeatureId.KEEP_ALIVE_TIMER)) == Status.INVALID_FIELD
 
 
 def test_reset_restores_defaults(area: Area):

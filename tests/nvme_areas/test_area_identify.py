@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from area_helpers import BUF, Area, make_area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify
 from nvme_emu.spec import NSID_ALL, AdminOpcode, Cns, Csi, Oacs, Status
-from nvme_emu.state import ControllerConfig
+from nvme_emu.namespace import Namespace, RamBackend
+from nvme_emu.state import ControllerConfig, ControllerState
 
 
 def run_identify(area: Area, cns: int, nsid: int = 0, csi: int = 0) -> bytes:
@@ -58,8 +61,10 @@ def test_io_command_set_structures_need_nvm_csi(area: Area):
     assert status_of(lambda: run_identify(area, Cns.IOCS_CONTROLLER, csi=2)) == Status.INVALID_FIELD
     assert status_of(lambda: run_identify(area, Cns.IOCS_NAMESPACE, nsid=1, csi=2)) == Status.INVALID_FIELD
     assert status_of(lambda: run_identify(area, Cns.IOCS_NAMESPACE, nsid=1, csi=Csi.NVM)) == Status.SUCCESS
-    # for another command set the active list is simply empty
-    assert run_identify(area, Cns.IOCS_ACTIVE_NSID_LIST, csi=2) == bytes(4096)
+    # a command set the controller does not support is an Invalid Field, not an empty list
+    for csi in (Csi.KEY_VALUE, Csi.ZONED, 0xFF):
+        assert status_of(lambda: run_identify(area, Cns.IOCS_ACTIVE_NSID_LIST, csi=csi)) == Status.INVALID_FIELD
+    assert status_of(lambda: run_identify(area, Cns.IOCS_ACTIVE_NSID_LIST, csi=Csi.NVM)) == Status.SUCCESS
 
 
 def test_descriptors_need_an_active_namespace(area: Area):
@@ -78,3 +83,14 @@ def test_buffer_outside_guest_memory_is_a_transfer_error(area: Area):
 
     status = status_of(run)
     assert status == Status.DATA_TRANSFER_ERROR
+
+
+def test_nsids_above_nn_or_twice_are_refused():
+    """Identify Controller NN bounds every NSID: a namespace above it would be invisible to a
+    host that scans 1..NN, and two with one NSID would shadow each other."""
+    config = ControllerConfig(max_namespaces=4)
+    ControllerState.of([Namespace(4, RamBackend(1 << 20))], config)
+    with pytest.raises(ValueError, match="NN"):
+        ControllerState.of([Namespace(5, RamBackend(1 << 20))], config)
+    with pytest.raises(ValueError, match="twice"):
+        ControllerState.of([Namespace(1, RamBackend(1 << 20)), Namespace(1, RamBackend(1 << 20))], config)

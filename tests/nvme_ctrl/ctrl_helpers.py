@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 IOVA = 0x100000  #: where the guest RAM is DMA-mapped
 RAM_SIZE = 64 << 20
 PAGE = 4096
+#: An admin command with no effect, for tests that only need a completion (Get Features,
+#: Arbitration).
+NOOP_ADMIN = dict(opc=AdminOpcode.GET_FEATURES, cdw10=FeatureId.ARBITRATION)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 

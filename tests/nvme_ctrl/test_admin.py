@@ -1,4 +1,4 @@
-"""Asynchronous events, Abort, Keep Alive, Format NVM, Doorbell Buffer Config, and refusals."""
+"""Asynchronous events, Abort, no Keep Alive, Format NVM, Doorbell Buffer Config, and refusals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from ctrl_helpers import Nvme
+from ctrl_helpers import NOOP_ADMIN, Nvme
 from nvme_emu import structures as st
 from nvme_emu.host import HostDoorbells, ShadowBufferDoorbells
 from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0
@@ -33,7 +33,7 @@ def test_aer_limit_exceeded(nvme: Nvme):
     assert extra.dnr
     for cid in cids:
         assert no_completion(nvme, 0, cid)
-    assert nvme.admin(AdminOpcode.KEEP_ALIVE).status == Status.SUCCESS  # the queue goes on
+    assert nvme.admin(**NOOP_ADMIN).status == Status.SUCCESS  # the queue goes on
 
 
 def test_aer_invalid_doorbell_write_value(io: Nvme):
@@ -110,7 +110,7 @@ def test_aer_event_waits_for_a_request(nvme: Nvme):
     assert ev.dw0 == async_event_dw0(2, 0, LogPageId.CHANGED_NAMESPACE_LIST)
 
 
-# -- Abort, Keep Alive -------------------------------------------------------------------------
+# -- Abort, Keep Alive (not supported) ----------------------------------------------------------------------
 
 
 def test_abort(io: Nvme):
@@ -121,9 +121,13 @@ def test_abort(io: Nvme):
     assert io.admin(AdminOpcode.ABORT, cdw10=9 | 1 << 16).status == Status.INVALID_FIELD
 
 
-def test_keep_alive(nvme: Nvme):
-    for _ in range(3):
-        assert nvme.admin(AdminOpcode.KEEP_ALIVE).status == Status.SUCCESS
+def test_keep_alive_is_not_supported_as_kas_is_0(nvme: Nvme):
+    """KAS = 0: neither the Keep Alive command nor the Keep Alive Timer feature exists."""
+    c, data = nvme.identify(Cns.CONTROLLER)
+    assert st.IdentifyController.parse(data).kas == 0
+    assert nvme.admin(AdminOpcode.KEEP_ALIVE).status == Status.INVALID_OPCODE
+    assert nvme.set_features(FeatureId.KEEP_ALIVE_TIMER, 120000).status == Status.INVALID_FIELD
+    assert nvme.get_features(FeatureId.KEEP_ALIVE_TIMER).status == Status.INVALID_FIELD
 
 
 # -- Format NVM --------------------------------------------------------------------------------
@@ -247,12 +251,12 @@ def test_admin_sgl_is_invalid_field(nvme: Nvme, psdt: int):
 
 
 def test_fused_admin_is_invalid_field(nvme: Nvme):
-    assert nvme.admin(AdminOpcode.KEEP_ALIVE, flags=1).status == Status.INVALID_FIELD
+    assert nvme.admin(**NOOP_ADMIN, flags=1).status == Status.INVALID_FIELD
 
 
 def test_admin_queue_wraps(nvme: Nvme):
     for _ in range(3 * 32 + 5):  # the admin queues have 32 entries
-        assert nvme.admin(AdminOpcode.KEEP_ALIVE).status == Status.SUCCESS
+        assert nvme.admin(**NOOP_ADMIN).status == Status.SUCCESS
     assert nvme.reg32(Reg.CSTS) & 1
 
 

@@ -160,22 +160,14 @@ def test_host_behavior_support_round_trips(nvme: Nvme):
     assert nvme.read_mem(out + 512, 16) == b"\xff" * 16  # only 512 bytes transferred
 
 
-def test_keep_alive_timer(nvme: Nvme):
-    assert get_ok(nvme, F.KEEP_ALIVE_TIMER) == 0
-    set_ok(nvme, F.KEEP_ALIVE_TIMER, 120000)
-    assert get_ok(nvme, F.KEEP_ALIVE_TIMER) == 120000
-
-
 DEFAULT, SAVED, CAPS = 1, 2, 3
 
 
 def test_select_default_saved_and_capabilities(nvme: Nvme):
     set_ok(nvme, F.ARBITRATION, 0x01020303)
-    set_ok(nvme, F.KEEP_ALIVE_TIMER, 5000)
     assert get_ok(nvme, F.ARBITRATION) == 0x01020303
     assert get_ok(nvme, F.ARBITRATION, sel=DEFAULT) == 0
     assert get_ok(nvme, F.ARBITRATION, sel=SAVED) == 0  # nothing is saveable: saved = default
-    assert get_ok(nvme, F.KEEP_ALIVE_TIMER, sel=DEFAULT) == 0
     assert get_ok(nvme, F.TEMPERATURE_THRESHOLD, OVER, sel=DEFAULT) & 0xFFFF == 343
     assert get_ok(nvme, F.VOLATILE_WRITE_CACHE, sel=DEFAULT) == 1
     for fid in (F.ARBITRATION, F.VOLATILE_WRITE_CACHE, F.NUMBER_OF_QUEUES, F.TIMESTAMP):
@@ -186,12 +178,12 @@ def test_select_default_saved_and_capabilities(nvme: Nvme):
         assert nvme.get_features(F.ARBITRATION, sel=bad_sel).status == Status.INVALID_FIELD
 
 
-@pytest.mark.parametrize("fid", [F.ARBITRATION, F.VOLATILE_WRITE_CACHE, F.KEEP_ALIVE_TIMER, F.ASYNC_EVENT_CONFIGURATION])
+@pytest.mark.parametrize("fid", [F.ARBITRATION, F.VOLATILE_WRITE_CACHE, F.ASYNC_EVENT_CONFIGURATION])
 def test_save_is_not_supported(nvme: Nvme, fid: int):
     assert nvme.set_features(fid, 0, save=True).status == Status.FEATURE_ID_NOT_SAVEABLE
 
 
-@pytest.mark.parametrize("fid", [0x00, F.LBA_RANGE_TYPE, F.AUTONOMOUS_POWER_STATE_TRANSITION, F.HOST_MEMORY_BUFFER, F.HOST_IDENTIFIER, 0x7F, 0xC0, 0xFF])
+@pytest.mark.parametrize("fid", [0x00, F.LBA_RANGE_TYPE, F.KEEP_ALIVE_TIMER, F.AUTONOMOUS_POWER_STATE_TRANSITION, F.HOST_MEMORY_BUFFER, F.HOST_IDENTIFIER, 0x7F, 0xC0, 0xFF])
 def test_unknown_feature(nvme: Nvme, fid: int):
     assert nvme.get_features(fid).status == Status.INVALID_FIELD
     assert nvme.set_features(fid, 0).status == Status.INVALID_FIELD

@@ -121,11 +121,11 @@ def test_commands_supported_and_effects(nvme: Nvme):
     assert c.status == Status.SUCCESS
     log = st.CommandsEffectsLog.parse(data)
     for op in (AdminOpcode.IDENTIFY, AdminOpcode.GET_LOG_PAGE, AdminOpcode.CREATE_IO_SQ, AdminOpcode.SET_FEATURES,
-               AdminOpcode.ASYNC_EVENT_REQUEST, AdminOpcode.ABORT, AdminOpcode.KEEP_ALIVE, AdminOpcode.DOORBELL_BUFFER_CONFIG):
+               AdminOpcode.ASYNC_EVENT_REQUEST, AdminOpcode.ABORT, AdminOpcode.DOORBELL_BUFFER_CONFIG):
         assert log.acs[op] & CommandEffects.CSUPP, op
     fmt = log.acs[AdminOpcode.FORMAT_NVM]
     assert fmt & CommandEffects.CSUPP and fmt & CommandEffects.LBCC and fmt & CommandEffects.NCC and fmt & CommandEffects.NIC
-    for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE):
+    for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, AdminOpcode.KEEP_ALIVE):
         assert log.acs[op] == 0, op
     for op in (NvmOpcode.FLUSH, NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY):
         assert log.iocs[op] == CommandEffects.CSUPP | EffectsScope.NAMESPACE, op

@@ -384,7 +384,7 @@ def admin_command(draw, window: int) -> dict:
     # not: Delete/Create of the rig's queue pair 1 (cdw10 qid forced >= 2 below), AER
     # (deferred by design), Format NVM (erases by design), Doorbell Buffer Config (changes
     # how the rig's own doorbells work)
-    opc = draw(st.sampled_from([AdminOpcode.CREATE_IO_SQ, AdminOpcode.CREATE_IO_CQ, AdminOpcode.DELETE_IO_SQ, AdminOpcode.DELETE_IO_CQ, AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.ABORT, AdminOpcode.SET_FEATURES, AdminOpcode.GET_FEATURES, AdminOpcode.KEEP_ALIVE]) | st.integers(0, 255).filter(lambda o: o not in (0x0C, 0x80, 0x7C, 0x00, 0x01, 0x04, 0x05)))
+    opc = draw(st.sampled_from([AdminOpcode.CREATE_IO_SQ, AdminOpcode.CREATE_IO_CQ, AdminOpcode.DELETE_IO_SQ, AdminOpcode.DELETE_IO_CQ, AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.ABORT, AdminOpcode.SET_FEATURES, AdminOpcode.GET_FEATURES]) | st.integers(0, 255).filter(lambda o: o not in (0x0C, 0x80, 0x7C, 0x00, 0x01, 0x04, 0x05)))
     cdw10 = draw(st.integers(0, 2**32 - 1) | st.integers(0, 0x3FF))
     if opc in (AdminOpcode.CREATE_IO_SQ, AdminOpcode.CREATE_IO_CQ, AdminOpcode.DELETE_IO_SQ, AdminOpcode.DELETE_IO_CQ):
         cdw10 = (cdw10 & 0xFFFF0000) | max(2, cdw10 & 0xFFFF)

@@ -11,11 +11,16 @@ import logging
 from collections import deque
 
 from .queue import SubmissionQueue
-from .spec import AsyncEventConfig, AsyncEventNotice, AsyncEventType, LogPageId, NvmeError, Status
+from .spec import ERROR_LOG_NOT_SPECIFIC, AsyncEventConfig, AsyncEventNotice, AsyncEventType, LogPageId, NvmeError, Status
 from .sqe import CID
 from .state import DEFERRED, ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
+
+#: Events kept while their type is masked or no AER is outstanding. Each distinct (type,
+#: info, log page) is kept once (reading its log page covers every occurrence), and no more
+#: than this many in all, so a host that never reads the log cannot make the list grow.
+MAX_QUEUED_EVENTS = 16
 
 #: The event type a log page acknowledges when read with RAE clear.
 ACKNOWLEDGED_BY_LOG = {
@@ -35,10 +40,25 @@ def async_event_request(state: ControllerState, hooks: ControllerHooks, sq: Subm
 
 
 def post_event(state: ControllerState, hooks: ControllerHooks, event_type: int, info: int, log_page: int) -> None:
-    """Queue an event; it completes an outstanding AER unless its type is masked."""
-    state.events.queued.append((event_type, info, log_page))
-    log.info("asynchronous event type %d info %#x (log %#x)", event_type, info, log_page)
+    """Queue an event (unless the same one already waits, or the queue is full); it
+    completes an outstanding AER unless its type is masked."""
+    queued = state.events.queued
+    event = (event_type, info, log_page)
+    if event in queued:
+        log.debug("asynchronous event type %d info %#x already pending", event_type, info)
+    elif len(queued) >= MAX_QUEUED_EVENTS:
+        log.warning("asynchronous event type %d info %#x dropped: %d events pending", event_type, info, len(queued))
+    else:
+        queued.append(event)
+        log.info("asynchronous event type %d info %#x (log %#x)", event_type, info, log_page)
     deliver_events(state, hooks)
+
+
+def doorbell_error(state: ControllerState, hooks: ControllerHooks, info: int, sqid: int = ERROR_LOG_NOT_SPECIFIC) -> None:
+    """An invalid doorbell write: an Error Information entry (no command: CID FFFFh; SQID of
+    an SQ doorbell, FFFFh for a CQ's) that the Error event points the host to, then the event."""
+    state.error_log.add(sqid=sqid, cid=ERROR_LOG_NOT_SPECIFIC, status_field=0, nsid=0, lba=0)
+    hooks.async_event(AsyncEventType.ERROR, info, LogPageId.ERROR_INFORMATION)
 
 
 def completion_dw0(event_type: int, info: int, log_page: int) -> int:

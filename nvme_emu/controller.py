@@ -35,7 +35,6 @@ from .spec import (
     CQE_SIZE,
     SQE_SIZE,
     Aqa,
-    AsyncEventType,
     Cap,
     CapCss,
     Cc,
@@ -421,15 +420,15 @@ class Controller:
             return
         sq = state.sqs.get(qid)
         if sq is None:
-            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
+            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER, qid)
             return
         if value >= sq.size:
-            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
+            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, qid)
             return
         if dbbuf is not None:
             value = dbbuf.sq_tail(qid)
             if value >= sq.size:
-                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
+                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, qid)
                 return
         sq.tail = value
         sq.stats.doorbells += 1
@@ -451,9 +450,10 @@ class Controller:
             if value is not None:
                 self._accept_cq_head(cq, value)
 
-    def _bad_doorbell(self, info: spec.AsyncEventError) -> None:
-        """A doorbell for a missing queue or beyond its size: an error event, nothing done."""
-        self.async_event(AsyncEventType.ERROR, info, spec.LogPageId.ERROR_INFORMATION)
+    def _bad_doorbell(self, info: spec.AsyncEventError, sqid: int = spec.ERROR_LOG_NOT_SPECIFIC) -> None:
+        """A doorbell for a missing queue or beyond its size: an Error Information entry and
+        an error event, nothing done."""
+        async_event.doorbell_error(self.state, self.hooks, info, sqid)
 
     def run_sq(self, sq: SubmissionQueue) -> int:
         """Process until idle; with shadow doorbells, publish EventIdx and re-check."""
@@ -471,7 +471,7 @@ class Controller:
                 if tail == sq.tail:
                     break
                 if tail >= sq.size:
-                    self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
+                    self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, sq.qid)
                     break
                 sq.tail = tail
                 sq.stats.coalesced += 1

@@ -552,6 +552,8 @@ class LogPageId(IntEnum):
 
 
 ERROR_LOG_ENTRY_SIZE = 64
+#: Error Information SQID/CID when the error belongs to no queue or no command (a doorbell).
+ERROR_LOG_NOT_SPECIFIC = 0xFFFF
 SMART_LOG_SIZE = 512
 FIRMWARE_SLOT_LOG_SIZE = 512
 CHANGED_NS_LIST_SIZE = 4096

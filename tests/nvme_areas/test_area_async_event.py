@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from area_helpers import BUF, Area, status_of
 
-from nvme_emu.async_event import async_event_request, completion_dw0, deliver_events, namespace_changed, post_event
+from nvme_emu.async_event import (
+    MAX_QUEUED_EVENTS,
+    async_event_request,
+    completion_dw0,
+    deliver_events,
+    doorbell_error,
+    namespace_changed,
+    post_event,
+)
 from nvme_emu.log_page import get_log_page
 from nvme_emu.spec import AdminOpcode, AsyncEventConfig, AsyncEventError, AsyncEventNotice, AsyncEventType, LogPageId, Status
 from nvme_emu.state import DEFERRED
@@ -88,3 +96,26 @@ def test_reset_drops_aers_but_keeps_changed_list(area: Area):
     area.state.events.changed_nsids.add(1)
     area.state.events.reset()
     assert not area.state.events.aer_cids and area.state.events.changed_nsids == {1}
+
+
+def test_events_waiting_while_masked_are_bounded(area: Area):
+    aer(area, 1)
+    post_event(area.state, area.hooks, *ERROR_EVENT)  # delivered: the Error type is now masked
+    for _ in range(10_000):  # a host that never reads the Error log, and a guest that keeps erring
+        post_event(area.state, area.hooks, *ERROR_EVENT)
+    assert list(area.state.events.queued) == [ERROR_EVENT]  # the same event waits once
+    for info in range(256):
+        post_event(area.state, area.hooks, AsyncEventType.ERROR, info, LogPageId.ERROR_INFORMATION)
+    assert len(area.state.events.queued) == MAX_QUEUED_EVENTS
+
+
+def test_doorbell_error_adds_an_error_information_entry(area: Area):
+    doorbell_error(area.state, area.hooks, AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, 3)
+    doorbell_error(area.state, area.hooks, AsyncEventError.INVALID_DOORBELL_REGISTER)  # a CQ's
+    newest, older = area.state.error_log.entries[0], area.state.error_log.entries[1]
+    assert (older["sqid"], older["cid"], older["error_count"]) == (3, 0xFFFF, 1)
+    assert (newest["sqid"], newest["cid"], newest["error_count"]) == (0xFFFF, 0xFFFF, 2)
+    assert area.record.named("async_event") == [
+        ERROR_EVENT,
+        (AsyncEventType.ERROR, AsyncEventError.INVALID_DOORBELL_REGISTER, LogPageId.ERROR_INFORMATION),
+    ]

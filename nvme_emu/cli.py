@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from . import __version__, atomics
+from . import __version__, atomics, identity
 from .controller import ControllerConfig
 from .doorbell import DoorbellMode
 from .function import NvmeFunction
@@ -39,12 +39,14 @@ def qemu_arguments(socket_path: str, memory: str = "1G") -> str:
 
 
 def build_function(args: argparse.Namespace) -> NvmeFunction:
-    config = ControllerConfig(serial=args.serial, model=args.model, max_io_queues=args.queues)
+    seed = identity.controller_seed(args.socket)
+    serial = args.serial or identity.controller_serial(seed)
+    config = ControllerConfig(serial=serial, model=args.model, max_io_queues=args.queues)
     specs = args.namespace or [DEFAULT_NAMESPACE]
     namespaces = []
     try:
         for i, spec in enumerate(specs, start=1):
-            namespaces.append(open_namespace(spec, i, serial=config.serial))
+            namespaces.append(open_namespace(spec, i, controller_seed=seed))
     except BaseException:
         for ns in namespaces:
             ns.close()
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--agent-post-write", choices=["auto", "off"], default="auto",
                    help="auto: POST_WRITE ioeventfds where QEMU's kernel has the flag; off: plain ioeventfds for "
                         "queues with Doorbell Buffer Config only (to compare the two)")
-    s.add_argument("--serial", default="NVMEEMU00000001")
+    s.add_argument("--serial", default=None, help="serial number (default: derived from the socket path, see README \"Identity\")")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
     s.add_argument("--poll-idle-max-us", type=float, default=None,

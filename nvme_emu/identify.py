@@ -16,8 +16,6 @@ IDENTIFY_SIZE = 4096
 #: Identify CNS 1Ch: the I/O command set combinations, indexed by the I/O Command Set Profile
 #: feature (19h). One: NVM alone.
 IO_COMMAND_SET_COMBINATIONS = (IoCommandSetVector.NVM,)
-#: The controller ID of our only controller in the subsystem.
-CNTLID = 1
 
 
 def identify(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
@@ -83,7 +81,7 @@ def identify_controller(state: ControllerState) -> bytes:
         mn=c.model,
         fr=c.firmware,
         mdts=c.mdts,
-        cntlid=CNTLID,
+        cntlid=c.controller_id,
         ver=state.vs,
         oaes=Oaes.NAMESPACE_ATTRIBUTE,
         oacs=oacs,

@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from . import spec, structures
+from . import identity, spec, structures
 from .spec import NvmeError, Status
 
 log = logging.getLogger(__name__)
@@ -525,13 +525,14 @@ class NamespaceStats:
     write_commands: int = 0
 
 
-def derive_ids(serial: str, nsid: int) -> tuple[bytes, bytes, _uuid.UUID]:
-    """Stable (NGUID, EUI64, UUID) for a namespace: same inputs, same IDs across restarts."""
-    h = hashlib.sha256(f"nvme-emu:{serial}:{nsid}".encode()).digest()
+def derive_ids(seed: str, nsid: int) -> tuple[bytes, bytes, _uuid.UUID]:
+    """Stable (NGUID, EUI64, UUID) for a namespace: same inputs, same IDs across restarts
+    (the seed rules are in :mod:`nvme_emu.identity`)."""
+    h = hashlib.sha256(f"nvme-emu:{seed}:{nsid}".encode()).digest()
     nguid = h[:16]
     # EUI-64: first 3 bytes are an OUI; set the locally-administered bit, clear multicast.
     eui = bytes([(h[16] & 0xFC) | 0x02]) + h[17:24]
-    uid = _uuid.uuid5(_uuid.NAMESPACE_OID, f"nvme-emu:{serial}:{nsid}")
+    uid = _uuid.uuid5(_uuid.NAMESPACE_OID, f"nvme-emu:{seed}:{nsid}")
     return nguid, eui, uid
 
 
@@ -549,7 +550,7 @@ class Namespace:
         backend: Backend,
         *,
         lba_size: int = 512,
-        serial: str = "",
+        id_seed: str = "",
         nguid: bytes | None = None,
         eui64: bytes | None = None,
         uuid: _uuid.UUID | None = None,
@@ -561,7 +562,7 @@ class Namespace:
         self.lbaf_index = lba_format_index(lba_size)
         if backend.size < lba_size:
             raise ValueError(f"backend of {backend.size} bytes is smaller than one {lba_size}-byte block")
-        d_nguid, d_eui, d_uuid = derive_ids(serial, nsid)
+        d_nguid, d_eui, d_uuid = derive_ids(id_seed, nsid)
         self.nguid = nguid if nguid is not None else d_nguid
         self.eui64 = eui64 if eui64 is not None else d_eui
         self.uuid = uuid if uuid is not None else d_uuid
@@ -899,10 +900,12 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
     return ns
 
 
-def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, serial: str = "") -> Namespace:
+def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, controller_seed: str = "") -> Namespace:
     """Create the backend a spec describes and wrap it in a Namespace.
 
     An ``nsid=`` inside the spec wins; ``nsid`` here is the default the CLI assigns by position.
+    Its IDs derive from the file or device, a RAM namespace's from ``controller_seed``
+    (:func:`nvme_emu.identity.namespace_seed`).
     """
     ns_spec = parse_namespace_spec(spec_) if isinstance(spec_, str) else spec_
     chosen = ns_spec.nsid if ns_spec.nsid is not None else nsid
@@ -918,7 +921,8 @@ def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, seria
         assert ns_spec.path is not None
         backend = BlockBackend(ns_spec.path, readonly=ns_spec.readonly)
     try:
-        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, serial=serial)
+        seed = identity.namespace_seed(ns_spec.kind, ns_spec.path, controller_seed)
+        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed)
     except BaseException:
         backend.close()
         raise

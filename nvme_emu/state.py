@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from vfio_user.dma import DmaError, GuestMemory
 
+from . import identity
 from .spec import NVME_VERSION, Cc, Csts, NvmeError, Status
 
 if TYPE_CHECKING:
@@ -71,11 +72,18 @@ class ControllerConfig:
     temperature_kelvin: int = 313
     pci_vendor: int = 0x4E58
     pci_device: int = 0x4E56
+    #: CNTLID; None: derived from the serial number, so distinct controllers differ
+    cntlid: int | None = None
 
     @property
     def max_transfer(self) -> int:
         """MDTS in bytes (its unit is CAP.MPSMIN, 4 KiB)."""
         return (1 << self.mdts) * 4096
+
+    @property
+    def controller_id(self) -> int:
+        """CNTLID in Identify Controller."""
+        return self.cntlid if self.cntlid is not None else identity.controller_id(self.serial)
 
     @property
     def doorbell_bytes(self) -> int:

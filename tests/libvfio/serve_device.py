@@ -30,7 +30,7 @@ def build_device(kind: str, doorbell: str, ns_size: str):
     from nvme_emu.namespace import open_namespace
 
     config = ControllerConfig(serial="LIBVFIO0001", model="nvme-emu-test", max_io_queues=8)
-    return NvmeFunction([open_namespace(f"ram:size={ns_size}", 1, serial=config.serial)], config, doorbell=doorbell)
+    return NvmeFunction([open_namespace(f"ram:size={ns_size}", 1, controller_seed=config.serial)], config, doorbell=doorbell)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -48,7 +48,7 @@ def bufs(data: bytes, *sizes: int) -> list[memoryview]:
 
 @pytest.fixture
 def ram_ns():
-    ns = Namespace(1, RamBackend(4 * MiB), serial="S1")
+    ns = Namespace(1, RamBackend(4 * MiB), id_seed="S1")
     yield ns
     ns.close()
 
@@ -59,7 +59,7 @@ def any_ns(request, tmp_path):
         backend = RamBackend(4 * MiB)
     else:
         backend = FileBackend(str(tmp_path / "disk.img"), 4 * MiB)
-    ns = Namespace(1, backend, serial="S1")
+    ns = Namespace(1, backend, id_seed="S1")
     yield ns
     ns.close()
 
@@ -413,7 +413,7 @@ def test_parse_namespace_spec_errors(text, msg):
 
 
 def test_open_namespace(tmp_path):
-    with open_namespace("ram:size=2M,lba=4096", 2, serial="X") as ns:
+    with open_namespace("ram:size=2M,lba=4096", 2, controller_seed="X") as ns:
         assert (ns.nsid, ns.lba_size, ns.nsze) == (2, 4096, 512)
     with open_namespace(f"file:{tmp_path / 'a.img'},size=1M,nsid=7", 2) as ns:
         assert ns.nsid == 7 and ns.nsze == 2048

@@ -460,7 +460,7 @@ def inproc(tmp_path, disk):
     def _make() -> InProcessServer:
         specs = ["ram:size=64M", "ram:size=32M,lba=4096", f"file:{disk},size=64M"]
         config = ControllerConfig(serial="NVMEEMU00000001", model="nvme-emu")
-        namespaces = [open_namespace(s, i, serial=config.serial) for i, s in enumerate(specs, start=1)]
+        namespaces = [open_namespace(s, i, controller_seed=config.serial) for i, s in enumerate(specs, start=1)]
         srv = InProcessServer(NvmeFunction(namespaces, config, doorbell="trap"), str(tmp_path / f"inproc{len(made)}.sock"))
         made.append(srv)
         return srv

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from ctrl_helpers import NS1_SIZE, NS2_SIZE, NS3_SIZE, Nvme
-from nvme_emu import structures as st
+from nvme_emu import identity, structures as st
 from nvme_emu.spec import Cns, NsIdType, Oacs, Oncs, Status
 
 
@@ -17,12 +17,13 @@ def nsid_list(data: bytes) -> list[int]:
     return [i for i in ids if i]
 
 
-def test_identify_controller(nvme: Nvme):
+def test_identify_controller(server, nvme: Nvme):
     c, data = nvme.identify(Cns.CONTROLLER)
     assert c.status == Status.SUCCESS
     idc = st.IdentifyController.parse(data)
     assert idc.mn == "nvme-emu"  # the CLI's --model default
-    assert idc.sn == "NVMEEMU00000001"
+    serial = identity.controller_serial(identity.controller_seed(server.sock))  # no --serial: from the socket
+    assert idc.sn == serial and idc.cntlid == identity.controller_id(serial)
     assert idc.fr == "0.1.0"
     assert idc.ver == 0x00020000
     assert idc.vid == 0x4E58 and idc.ssvid == 0x4E58
@@ -38,7 +39,7 @@ def test_identify_controller(nvme: Nvme):
     assert idc.sqes == 0x66 and idc.cqes == 0x44
     assert idc.subnqn.startswith("nqn.2014-08.org.nvmexpress:uuid:")
     uuid.UUID(idc.subnqn.rsplit(":", 1)[1])
-    assert idc.subnqn == st.subsystem_nqn("NVMEEMU00000001")
+    assert idc.subnqn == st.subsystem_nqn(serial)
 
 
 def test_identify_namespace(nvme: Nvme):

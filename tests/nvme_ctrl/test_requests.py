@@ -102,7 +102,7 @@ class Rig:
 def rig(tmp_path):
     backend = GatedFile(str(tmp_path / "gated.img"), NS_SIZE)
     config = ControllerConfig(serial="NVMEEMU00000001", model="nvme-emu")
-    namespaces = [Namespace(FILE_NSID, backend, serial=config.serial), Namespace(RAM_NSID, RamBackend(NS_SIZE), serial=config.serial)]
+    namespaces = [Namespace(FILE_NSID, backend, id_seed=config.serial), Namespace(RAM_NSID, RamBackend(NS_SIZE), id_seed=config.serial)]
     srv = InProcessServer(NvmeFunction(namespaces, config, doorbell="trap"), str(tmp_path / "requests.sock"))
     nvme = Nvme(srv.path)
     try:

@@ -1,0 +1,59 @@
+"""Default identities: distinct for every device on a host, stable across restarts.
+
+Linux refuses duplicates. A second controller whose subsystem NQN it already knows is
+ignored unless the subsystem reports several controllers, two controllers of one subsystem
+may not share a CNTLID, and a namespace whose NGUID, EUI-64 or UUID another namespace
+already has is not added. So nothing may default to a constant. Each identity is a hash of
+something that is unique on the host and stays the same while the device does:
+
+- a controller (serial number, and from it the subsystem NQN and the CNTLID): the absolute
+  path of its vfio-user socket, since one server owns a socket. ``--serial`` overrides it.
+- a file namespace (NGUID, EUI-64, UUID): the file's real path and inode. A copy is a new
+  disk and gets new IDs; restarting nvme-emu on the same file keeps them, whichever socket
+  serves it.
+- a block device namespace: the device path as given (``/dev/disk/by-id/...`` stays stable).
+- a RAM namespace: its controller's socket path. Its data does not outlive the process anyway.
+
+A namespace's seed also includes its NSID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+#: Controller IDs FFF0h-FFFFh are reserved; 0 is valid but a hash may as well avoid it.
+CNTLID_MAX = 0xFFEF
+SERIAL_PREFIX = "NVMEEMU"
+#: Hex digits of the hash in a derived serial (the field holds 20 ASCII characters).
+SERIAL_HASH_DIGITS = 12
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(f"nvme-emu:{text}".encode()).digest()
+
+
+def controller_seed(socket_path: str) -> str:
+    """What a controller's default identity derives from: its socket's absolute path."""
+    return f"socket:{os.path.abspath(socket_path)}"
+
+
+def controller_serial(seed: str) -> str:
+    """A serial number for the controller ``seed`` names, e.g. NVMEEMU1A2B3C4D5E6F."""
+    return SERIAL_PREFIX + _digest(seed).hex()[:SERIAL_HASH_DIGITS].upper()
+
+
+def controller_id(serial: str) -> int:
+    """CNTLID 1..FFEFh from the serial number: distinct serials, distinct CNTLIDs (almost
+    always; a clash matters only inside one subsystem, and each serial is its own)."""
+    return 1 + int.from_bytes(_digest(f"cntlid:{serial}")[:4], "little") % CNTLID_MAX
+
+
+def namespace_seed(kind: str, path: str | None, controller: str) -> str:
+    """What a namespace's NGUID, EUI-64 and UUID derive from (its NSID is added later)."""
+    if kind == "file" and path is not None:
+        real = os.path.realpath(path)
+        return f"file:{real}:{os.stat(real).st_ino}"
+    if kind == "blk" and path is not None:
+        return f"blk:{os.path.abspath(path)}"
+    return f"ram:{controller}"

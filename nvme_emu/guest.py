@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "qemu-configs"
 
@@ -338,7 +338,10 @@ def build_cmdline(
     memory_mb: int,
     accel: str,
     kernel_args: str = "",
+    extra_sockets: Sequence[str] = (),
 ) -> list[str]:
+    """The QEMU command line; each of ``extra_sockets`` adds one more vfio-user device
+    after the first (a guest with several nvme-emu controllers)."""
     subs = {
         "MEM": f"{memory_mb}M",
         "CPUS": str(cpus),
@@ -348,10 +351,20 @@ def build_cmdline(
     }
     if socket_path is not None:
         subs["SOCKET"] = os.path.abspath(socket_path)
-        return load_args("vfio-user-nvme.args", subs, accel)
+        args = load_args("vfio-user-nvme.args", subs, accel)
+        for extra in extra_sockets:
+            args += ["-device", vfio_user_device(extra)]
+        return args
     assert builtin_image is not None
     subs["IMAGE"] = os.path.abspath(builtin_image)
     return load_args("builtin-nvme.args", subs, accel)
+
+
+def vfio_user_device(socket_path: str) -> str:
+    """A ``-device`` value for one more vfio-user controller, with the options the .args
+    file gives the first one (JSON: the socket is a QAPI object)."""
+    return json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": os.path.abspath(socket_path)},
+                       "x-msg-timeout": 30000, "rombar": 0}, separators=(",", ":"))
 
 
 def run_guest(
@@ -367,6 +380,7 @@ def run_guest(
     kernel_args: str = "",
     echo_console: bool = False,
     agent: bool | None = None,
+    extra_sockets: Sequence[str] = (),
 ) -> GuestResult:
     """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
 
@@ -375,6 +389,8 @@ def run_guest(
     QEMU is killed on timeout and on every exit path. ``agent`` (default: whenever the
     accelerator is KVM and the device is ours) preloads the doorbell agent into QEMU,
     listening on ``socket_path + ".agent"``, where ``nvme-emu serve`` looks for it.
+    ``extra_sockets`` attach more vfio-user servers as further NVMe controllers (their
+    doorbells stay trapped: the agent serves the first socket only).
     """
     if (socket_path is None) == (builtin_image is None):
         raise ValueError("give exactly one of socket_path or builtin_image")
@@ -394,13 +410,13 @@ def run_guest(
         args = build_cmdline(
             socket_path=socket_path, builtin_image=builtin_image,
             kernel=kernel, initrd=initrd, cpus=cpus, memory_mb=memory_mb,
-            accel=accel, kernel_args=kernel_args,
+            accel=accel, kernel_args=kernel_args, extra_sockets=extra_sockets,
         )
         env = dict(os.environ)
         if agent if agent is not None else (accel == "kvm" and socket_path is not None):
             env["LD_PRELOAD"] = ensure_agent()
             env["NVME_EMU_AGENT_SOCKET"] = os.path.abspath(socket_path) + ".agent"  # type: ignore[arg-type]
-        binds = _bind_dirs([p for p in (socket_path, builtin_image) if p])
+        binds = _bind_dirs([p for p in (socket_path, builtin_image, *extra_sockets) if p])
         if binds:
             env["NVME_EMU_BIND"] = ":".join(filter(None, [env.get("NVME_EMU_BIND", ""), binds]))
         return boot([qemu, *args, *extra_qemu_args], env=env, accel=accel,

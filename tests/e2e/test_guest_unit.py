@@ -56,3 +56,11 @@ def test_load_args_fills_placeholders():
     dev = json.loads(args[args.index("-device") + 1])
     assert dev["driver"] == "vfio-user-pci"
     assert dev["socket"] == {"type": "unix", "path": "/tmp/s.sock"}
+
+
+def test_extra_sockets_add_one_device_each_like_the_first():
+    args = guest.build_cmdline(socket_path="/tmp/a.sock", builtin_image=None, kernel="/k", initrd="/i", cpus=1,
+                               memory_mb=512, accel="tcg", extra_sockets=["/tmp/b.sock"])
+    devices = [json.loads(args[i + 1]) for i, w in enumerate(args) if w == "-device"]
+    assert [d["socket"]["path"] for d in devices] == ["/tmp/a.sock", "/tmp/b.sock"]
+    assert devices[0] == {**devices[1], "socket": devices[0]["socket"]}  # same options for both

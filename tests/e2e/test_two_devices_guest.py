@@ -1,0 +1,106 @@
+"""Two nvme-emu servers as two NVMe controllers in one QEMU guest, with default identities.
+
+Linux must bind both: distinct serial numbers, subsystem NQNs and CNTLIDs (with the same
+NQN it ignores the second controller), distinct namespace IDs (a duplicate NGUID, EUI-64 or
+UUID makes it refuse the namespace), and no complaint about duplicates in dmesg. The second
+server also has a read-only namespace, which Linux must mark read-only (NSATTR bit 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nvme_emu import guest
+
+pytestmark = pytest.mark.e2e
+
+#: Namespaces in the guest: two on the first controller, two on the second.
+NAMESPACES = 4
+
+SCRIPT = rf"""
+for i in $(seq 1 120); do
+    [ "$(ls -d /sys/block/nvme* 2>/dev/null | wc -l)" -ge {NAMESPACES} ] && break
+    sleep 0.5
+done
+nvme list
+for c in /sys/class/nvme/nvme*; do
+    echo "CTRL $(basename $c) cntlid=$(cat $c/cntlid) serial=$(cat $c/serial) nqn=$(cat $c/subsysnqn)"
+done
+for b in /sys/block/nvme*; do
+    echo "BLOCK $(basename $b) wwid=$(cat $b/wwid) ro=$(cat $b/ro)"
+done
+echo ==DMESG
+dmesg | grep -i nvme
+true
+"""
+
+#: What Linux says when two controllers or namespaces claim one identity.
+DUPLICATE_COMPLAINTS = re.compile(r"duplicate|ignoring ctrl|same NQN|Duplicate cntlid", re.I)
+
+
+class Server:
+    """One ``nvme-emu serve`` process with no --serial: the identity defaults apply."""
+
+    def __init__(self, directory: Path, name: str, namespaces: list[str]) -> None:
+        self.socket = str(directory / f"{name}.sock")
+        self.log = directory / f"{name}.log"
+        cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", self.socket, "--doorbell", "auto"]
+        for spec in namespaces:
+            cmd += ["--namespace", spec]
+        env = dict(os.environ, PYTHONPATH=os.getcwd())
+        with open(self.log, "w") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        """SIGTERM, then the log (which must carry no error)."""
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0, self.log.read_text()
+        text = self.log.read_text()
+        bad = [line for line in text.splitlines() if re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line)]
+        assert not bad, f"{self.log.name} carries errors:\n" + "\n".join(bad)
+        return text
+
+
+@pytest.fixture
+def two_servers(guest_infra, tmp_path):
+    readonly = tmp_path / "ro.img"
+    readonly.write_bytes(b"\x5a" * (1 << 20))
+    servers = [
+        Server(tmp_path, "a", [f"file:{tmp_path / 'a.img'},size=64M", "ram:size=16M"]),
+        Server(tmp_path, "b", [f"file:{tmp_path / 'b.img'},size=64M", f"file:{readonly},ro"]),
+    ]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_two_controllers_bind_with_distinct_identities(two_servers):
+    a, b = two_servers
+    result = guest.run_guest(socket_path=a.socket, extra_sockets=[b.socket], command=SCRIPT, timeout=600)
+    out = result.check().output
+    ctrls = re.findall(r"^CTRL (\S+) cntlid=(\d+) serial=(\S+)\s+nqn=(\S+)$", out, re.M)
+    assert len(ctrls) == 2, out
+    for field in (1, 2, 3):  # cntlid, serial, subsystem NQN
+        assert len({c[field] for c in ctrls}) == 2, (field, ctrls)
+    blocks = re.findall(r"^BLOCK (\S+) wwid=(\S+) ro=(\d)$", out, re.M)
+    assert len(blocks) == NAMESPACES, out
+    assert len({wwid for _, wwid, _ in blocks}) == NAMESPACES, blocks
+    assert sorted(ro for _, _, ro in blocks) == ["0", "0", "0", "1"], blocks  # the write-protected one
+    dmesg = out.split("==DMESG", 1)[1]
+    complaints = [line for line in dmesg.splitlines() if DUPLICATE_COMPLAINTS.search(line)]
+    assert not complaints, "\n".join(complaints)
+    print(dmesg)

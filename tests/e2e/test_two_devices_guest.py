@@ -37,6 +37,17 @@ done
 for b in /sys/block/nvme*; do
     echo "BLOCK $(basename $b) wwid=$(cat $b/wwid) ro=$(cat $b/ro)"
 done
+head -c 512 /dev/zero > /tmp/zero
+for b in /sys/block/nvme*; do
+    [ "$(cat $b/ro)" = 1 ] || continue
+    echo ==RO-WRITE  # passthrough, past the block layer's own read-only check
+    nvme write /dev/$(basename $b) --start-block=0 --block-count=0 --data-size=512 --data=/tmp/zero 2>&1
+    echo "rc=$?"
+done
+echo ==HWMON
+for t in /sys/class/nvme/nvme*/hwmon*/temp2_max; do
+    [ -e "$t" ] && echo "TEMP2MAX $(cat $t 2>&1)"
+done
 echo ==DMESG
 dmesg | grep -i nvme
 true
@@ -100,7 +111,12 @@ def test_two_controllers_bind_with_distinct_identities(two_servers):
     assert len(blocks) == NAMESPACES, out
     assert len({wwid for _, wwid, _ in blocks}) == NAMESPACES, blocks
     assert sorted(ro for _, _, ro in blocks) == ["0", "0", "0", "1"], blocks  # the write-protected one
+    ro_write = out.split("==RO-WRITE", 1)[1].split("==HWMON", 1)[0]
+    assert re.search(r"write protected|\(0x20\)|0x20\b", ro_write, re.I) and "rc=0" not in ro_write, ro_write
+    hwmon = out.split("==HWMON", 1)[1].split("==DMESG", 1)[0]
+    for value in re.findall(r"^TEMP2MAX (.*)$", hwmon, re.M):  # sensor 1's threshold (no EIO)
+        assert value.strip().lstrip("-").isdigit(), value
     dmesg = out.split("==DMESG", 1)[1]
     complaints = [line for line in dmesg.splitlines() if DUPLICATE_COMPLAINTS.search(line)]
     assert not complaints, "\n".join(complaints)
-    print(dmesg)
+    print(out)

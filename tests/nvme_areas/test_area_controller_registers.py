@@ -8,7 +8,7 @@ import pytest
 from area_helpers import ADMIN_CQ, ADMIN_SQ, Guest
 from nvme_emu.controller import Controller
 from nvme_emu.namespace import Namespace, RamBackend
-from nvme_emu.spec import CQES_LOG2, SQES_LOG2, Cc, Csts, NSSR_RESET_VALUE, Reg, Shn
+from nvme_emu.spec import CQES_LOG2, NSSR_RESET_VALUE, SQES_LOG2, AsyncEventError, Cc, Csts, Reg, Shn
 
 AQA_32_32 = 31 << 16 | 31
 CC_ENABLE = Cc.EN | SQES_LOG2 << Cc.IOSQES_SHIFT | CQES_LOG2 << Cc.IOCQES_SHIFT
@@ -67,3 +67,16 @@ def test_reserved_shn_is_ignored_whole_write_applies(ctrl):
     # a later valid shutdown still works
     write(ctrl, Reg.CC, CC_ENABLE | Shn.NORMAL << Cc.SHN_SHIFT)
     assert (reg(ctrl, Reg.CSTS) >> Csts.SHST_SHIFT) & Csts.SHST_MASK == 0b10
+
+
+def test_invalid_doorbells_leave_error_information_entries(ctrl):
+    enable(ctrl)
+    ctrl.doorbell(5, False, 1)  # SQ 5 does not exist
+    ctrl.doorbell(0, False, 99)  # beyond the admin SQ's 32 entries
+    ctrl.doorbell(7, True, 0)  # CQ 7 does not exist
+    entries = list(ctrl.state.error_log.entries)  # newest first
+    assert [(e["sqid"], e["cid"]) for e in entries] == [(0xFFFF, 0xFFFF), (0, 0xFFFF), (5, 0xFFFF)]
+    assert [info for _, info, _ in ctrl.state.events.queued] == [
+        AsyncEventError.INVALID_DOORBELL_REGISTER,
+        AsyncEventError.INVALID_DOORBELL_WRITE_VALUE,
+    ]  # the third is the same event as the first: it waits once

@@ -134,7 +134,7 @@ async def serve(args: argparse.Namespace) -> int:
         if export is not None:
             export.close()
         server.close()
-        for ns in function.controller.namespaces.values():
+        for ns in function.controller.state.allocated.values():
             try:
                 ns.flush()
             except Exception as e:  # report, but still close everything

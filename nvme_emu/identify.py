@@ -19,11 +19,12 @@ CNTLID = 1
 
 def identify(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
     """Build the structure CNS (and CSI) name and copy it to the host."""
-    to_host(state, e, identify_data(state, e[CDW10] & 0xFF, e[NSID], e[CDW11] >> 24), IDENTIFY_SIZE)
+    data = identify_data(state, e[CDW10] & 0xFF, e[NSID], e[CDW11] >> 24, cntid=e[CDW10] >> 16)
+    to_host(state, e, data, IDENTIFY_SIZE)
     return 0
 
 
-def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> bytes:
+def identify_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: int = 0) -> bytes:
     """The Identify data structure for ``cns``, or the status the spec names for it."""
     if cns == Cns.CONTROLLER:
         return identify_controller(state)
@@ -48,7 +49,40 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> byte
         return state.active_namespace(nsid).identify_namespace_independent()
     if cns == Cns.IO_COMMAND_SET:
         return st.build_identify_io_command_set()
+    if cns in NAMESPACE_MANAGEMENT_CNS:
+        return _namespace_management_data(state, cns, nsid, csi, cntid)
     raise NvmeError(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
+
+
+#: The CNS values Namespace Management brings: allocated namespaces and controller lists.
+NAMESPACE_MANAGEMENT_CNS = frozenset(
+    {Cns.ALLOCATED_NSID_LIST, Cns.ALLOCATED_NAMESPACE, Cns.NS_ATTACHED_CONTROLLER_LIST, Cns.CONTROLLER_LIST,
+     Cns.IOCS_ALLOCATED_NSID_LIST, Cns.IOCS_ALLOCATED_NAMESPACE}
+)
+
+
+def _namespace_management_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: int) -> bytes:
+    """Allocated NSID lists and namespaces (attached or not), and controller lists."""
+    if cns in (Cns.ALLOCATED_NSID_LIST, Cns.IOCS_ALLOCATED_NSID_LIST):
+        if cns == Cns.IOCS_ALLOCATED_NSID_LIST and csi != Csi.NVM:
+            return st.build_nsid_list([])
+        if nsid in (NSID_ALL, NSID_ALL - 1):
+            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {nsid:#x} for a list")
+        return st.build_nsid_list(state.allocated, greater_than=nsid)
+    if cns in (Cns.ALLOCATED_NAMESPACE, Cns.IOCS_ALLOCATED_NAMESPACE):
+        if cns == Cns.IOCS_ALLOCATED_NAMESPACE:
+            _check_nvm_csi(csi)
+        ns = state.allocated.get(nsid)
+        if ns is not None:
+            return ns.identify_namespace() if cns == Cns.ALLOCATED_NAMESPACE else ns.identify_namespace_nvm()
+        if 0 < nsid <= state.config.max_namespaces:
+            return bytes(IDENTIFY_SIZE)  # an unallocated ID reads as zeroes
+        raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
+    if cns == Cns.NS_ATTACHED_CONTROLLER_LIST:
+        if nsid not in state.allocated:
+            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid} is not allocated")
+        return st.build_controller_list([CNTLID] if nsid in state.namespaces else [], at_least=cntid)
+    return st.build_controller_list([CNTLID], at_least=cntid)  # CONTROLLER_LIST: the subsystem's
 
 
 def _check_nvm_csi(csi: int) -> None:
@@ -71,7 +105,7 @@ def _identify_namespace(state: ControllerState, nsid: int) -> bytes:
 def identify_controller(state: ControllerState) -> bytes:
     """Identify Controller: what this controller supports, from its configuration."""
     c = state.config
-    oacs = Oacs.FORMAT_NVM | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
+    oacs = Oacs.FORMAT_NVM | Oacs.NAMESPACE_MANAGEMENT | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
     oncs = Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.TIMESTAMP | Oncs.VERIFY | Oncs.COPY
     return st.build_identify_controller(
         vid=c.pci_vendor,
@@ -92,11 +126,20 @@ def identify_controller(state: ControllerState) -> bytes:
         cqes=(CQES_LOG2 << 4) | CQES_LOG2,
         maxcmd=c.max_queue_entries,
         nn=c.max_namespaces,
+        mnan=c.max_namespaces,
+        tnvmcap=c.nvm_capacity,
+        unvmcap=unallocated_capacity(state),
         oncs=oncs,
         vwc=(Vwc.PRESENT | Vwc.FLUSH_BROADCAST_SUPPORTED) if c.volatile_write_cache else 0,
         sgls=Sgls.SUPPORTED_NO_ALIGNMENT | Sgls.BIT_BUCKET,
         subnqn=st.subsystem_nqn(c.serial),
     )
+
+
+def unallocated_capacity(state: ControllerState) -> int:
+    """UNVMCAP: what Namespace Management may still allocate, in bytes."""
+    used = sum(ns.size_bytes for ns in state.allocated.values())
+    return max(0, state.config.nvm_capacity - used)
 
 
 def _identify_controller_nvm() -> bytes:

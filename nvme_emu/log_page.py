@@ -43,6 +43,10 @@ LBA_CHANGING_IO = (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MA
 FORMAT_EFFECTS = CommandEffects.CSUPP | CommandEffects.LBCC | CommandEffects.NCC | CommandEffects.NIC | 1 << CSE_SHIFT
 
 
+#: Namespace Management and Attachment change the namespace inventory (a host rescans).
+NAMESPACE_INVENTORY_EFFECTS = CommandEffects.CSUPP | CommandEffects.NCC | CommandEffects.NIC
+
+
 def get_log_page(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
     """Copy [offset, offset + NUMD dwords) of the page to the host, zero-padded."""
     lid, lsp, rae = e[CDW10] & 0xFF, (e[CDW10] >> 8) & 0x7F, bool(e[CDW10] & (1 << 15))
@@ -95,6 +99,9 @@ def commands_effects(state: ControllerState, csi: int) -> bytes:
     admin = {op: CommandEffects.CSUPP for op in state.admin_opcodes}
     if AdminOpcode.FORMAT_NVM in admin:
         admin[AdminOpcode.FORMAT_NVM] = FORMAT_EFFECTS
+    for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.NAMESPACE_ATTACHMENT):
+        if op in admin:
+            admin[op] = NAMESPACE_INVENTORY_EFFECTS
     io = {}
     if csi == Csi.NVM:
         io = {op: CommandEffects.CSUPP for op in state.io_opcodes}

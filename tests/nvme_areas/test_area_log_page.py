@@ -78,7 +78,8 @@ def test_commands_effects(area: Area):
     log = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=Csi.NVM))
     assert log.acs[AdminOpcode.IDENTIFY] == CommandEffects.CSUPP
     assert log.acs[AdminOpcode.FORMAT_NVM] & CommandEffects.LBCC
-    assert log.acs[AdminOpcode.NAMESPACE_MANAGEMENT] == 0
+    assert log.acs[AdminOpcode.NAMESPACE_MANAGEMENT] & CommandEffects.NIC
+    assert log.acs[AdminOpcode.VIRTUALIZATION_MANAGEMENT] == 0
     assert log.iocs[NvmOpcode.READ] == CommandEffects.CSUPP and log.iocs[NvmOpcode.FLUSH] == CommandEffects.CSUPP
     assert log.iocs[NvmOpcode.WRITE] == CommandEffects.CSUPP | CommandEffects.LBCC
     other = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=2))

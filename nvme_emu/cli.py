@@ -17,10 +17,14 @@ import tempfile
 import time
 
 from . import __version__, atomics
+from .control import ControlPlane
 from .controller import ControllerConfig
+from .ctl import default_control_socket
 from .doorbell import DoorbellMode
 from .function import NvmeFunction
+from .jsonrpc import Dispatcher
 from .namespace import open_namespace
+from .rpc_socket import RpcServer
 
 log = logging.getLogger("nvme_emu")
 
@@ -39,7 +43,7 @@ def qemu_arguments(socket_path: str, memory: str = "1G") -> str:
 
 
 def build_function(args: argparse.Namespace) -> NvmeFunction:
-    config = ControllerConfig(serial=args.serial, model=args.model, max_io_queues=args.queues)
+    config = ControllerConfig(serial=args.serial, model=args.model, max_io_queues=args.queues, ns_dir=args.ns_dir)
     specs = args.namespace or [DEFAULT_NAMESPACE]
     namespaces = []
     try:
@@ -57,6 +61,22 @@ def agent_socket(args: argparse.Namespace) -> str | None:
     if args.agent_socket == "off":
         return None
     return args.agent_socket or f"{args.socket}.agent"
+
+
+def control_socket(args: argparse.Namespace) -> str | None:
+    """Where the control plane listens: next to the vfio-user socket by default."""
+    if args.ctl_socket == "off":
+        return None
+    return args.ctl_socket or default_control_socket(args.socket)
+
+
+async def start_control(function: NvmeFunction, path: str | None, mode: int) -> RpcServer | None:
+    """Serve the control plane's methods on ``path`` (on this loop), or nothing."""
+    if path is None:
+        return None
+    server = RpcServer(Dispatcher(ControlPlane(function).methods()), path, mode=mode)
+    await server.start()
+    return server
 
 
 def agent_library_hint() -> str:
@@ -113,8 +133,10 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: _report_stats(function, args.stats_json))
+    control = None
     try:
         await server.start()
+        control = await start_control(function, control_socket(args), int(args.socket_mode, 8))
         print(f"nvme-emu {__version__}: serving {len(function.controller.namespaces)} namespace(s) on {args.socket} (doorbells: {args.doorbell})", flush=True)
         for ns in function.controller.namespaces.values():
             print(f"  namespace {ns.nsid}: {ns!r}", flush=True)
@@ -125,12 +147,16 @@ async def serve(args: argparse.Namespace) -> int:
                   "kernel has it) by starting that QEMU as:", flush=True)
             print(f"  LD_PRELOAD={agent_library_hint()} NVME_EMU_AGENT_SOCKET={agent_path} qemu-system-x86_64 -accel kvm ...",
                   flush=True)
+        if control is not None:
+            print(f"control plane: nvme-emu ctl --socket {control.path} list", flush=True)
         stats_task = loop.create_task(_print_stats(function, args.stats)) if args.stats else None
         await stop.wait()
         print("nvme-emu: shutting down", flush=True)
         if stats_task is not None:
             stats_task.cancel()
     finally:
+        if control is not None:
+            control.close()
         if export is not None:
             export.close()
         server.close()
@@ -216,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--agent-post-write", choices=["auto", "off"], default="auto",
                    help="auto: POST_WRITE ioeventfds where QEMU's kernel has the flag; off: plain ioeventfds for "
                         "queues with Doorbell Buffer Config only (to compare the two)")
+    s.add_argument("--ctl-socket", default=None, metavar="PATH|off",
+                   help="control plane (nvme-emu ctl: namespaces at runtime, fault injection); default SOCKET.ctl, "
+                        "created with --socket-mode; 'off' for none")
+    s.add_argument("--ns-dir", default=None, metavar="DIR",
+                   help="where Namespace Management (nvme create-ns) creates namespace files; default: RAM")
     s.add_argument("--serial", default="NVMEEMU00000001")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
@@ -234,13 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--timeout", type=float, default=900)
 
     sub.add_parser("nested", add_help=False, help="run a command inside a TCG guest with real KVM (stock or POST_WRITE modules); see nvme-emu nested --help")
+    sub.add_parser("ctl", add_help=False, help="control a running server: namespaces, faults, counters; see nvme-emu ctl --help")
 
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:1] == ["nested"]:
         from . import nested
 
         return nested.main(raw[1:])
-    if not any(a in ("serve", "guest", "nested", "-h", "--help", "--version") for a in raw):
+    if raw[:1] == ["ctl"]:
+        from . import ctl
+
+        return ctl.main(raw[1:], default_control_socket(DEFAULT_SOCKET))
+    if not any(a in ("serve", "guest", "nested", "ctl", "-h", "--help", "--version") for a in raw):
         raw.insert(0, "serve")  # plain `nvme-emu [--socket ...]` serves
     args = parser.parse_args(raw)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -7,20 +7,12 @@ import struct
 
 import pytest
 
-from ctrl_helpers import Nvme
+from ctrl_helpers import Nvme, no_completion
 from nvme_emu import structures as st
 from nvme_emu.host import HostDoorbells, ShadowBufferDoorbells
 from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0
 
 AER = AdminOpcode.ASYNC_EVENT_REQUEST
-
-
-def no_completion(n: Nvme, qid: int, cid: int) -> bool:
-    """After a round trip, the command ``cid`` has still not completed."""
-    n.sync()
-    for c in n.host.reap(qid):
-        n.stash.setdefault(qid, {})[c.cid] = c
-    return cid not in n.stash.get(qid, {})
 
 
 # -- Asynchronous Event Request --------------------------------------------------------------

@@ -221,7 +221,7 @@ def test_io_through_shadow_doorbells(nvme: Nvme):
 # -- refusals ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opc", [0x03, 0x07, 0x0B, AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, 0x7E, 0xC0, 0xFF])
+@pytest.mark.parametrize("opc", [0x03, 0x07, 0x0B, AdminOpcode.VIRTUALIZATION_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, 0x7E, 0xC0, 0xFF])
 def test_unknown_admin_opcode(nvme: Nvme, opc: int):
     c = nvme.admin(opc, nsid=1)
     assert c.status == Status.INVALID_OPCODE

@@ -5,6 +5,8 @@ Every CNS returns one 4 KiB data structure through the command's PRPs.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from . import structures as st
 from .queue import SubmissionQueue
 from .spec import CQES_LOG2, NSID_ALL, SQES_LOG2, Cns, Csi, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
@@ -31,11 +33,7 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: 
     if cns == Cns.NAMESPACE:
         return _identify_namespace(state, nsid)
     if cns in (Cns.ACTIVE_NSID_LIST, Cns.IOCS_ACTIVE_NSID_LIST):
-        if cns == Cns.IOCS_ACTIVE_NSID_LIST and csi != Csi.NVM:
-            return st.build_nsid_list([])
-        if nsid in (NSID_ALL, NSID_ALL - 1):
-            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {nsid:#x} for a list")
-        return st.build_nsid_list(state.namespaces, greater_than=nsid)
+        return _nsid_list(state.namespaces, nsid, csi if cns == Cns.IOCS_ACTIVE_NSID_LIST else None)
     if cns == Cns.NS_ID_DESCRIPTOR_LIST:
         return state.active_namespace(nsid).identify_ns_descriptors()
     if cns == Cns.IOCS_NAMESPACE:
@@ -54,6 +52,16 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: 
     raise NvmeError(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
 
 
+def _nsid_list(nsids: Iterable[int], above: int, csi: int | None) -> bytes:
+    """An active or allocated NSID list above ``above``; ``csi`` for the per-command-set
+    lists (none of ours belong to another set)."""
+    if csi is not None and csi != Csi.NVM:
+        return st.build_nsid_list([])
+    if above in (NSID_ALL, NSID_ALL - 1):
+        raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {above:#x} for a list")
+    return st.build_nsid_list(nsids, greater_than=above)
+
+
 #: The CNS values Namespace Management brings: allocated namespaces and controller lists.
 NAMESPACE_MANAGEMENT_CNS = frozenset(
     {Cns.ALLOCATED_NSID_LIST, Cns.ALLOCATED_NAMESPACE, Cns.NS_ATTACHED_CONTROLLER_LIST, Cns.CONTROLLER_LIST,
@@ -64,11 +72,7 @@ NAMESPACE_MANAGEMENT_CNS = frozenset(
 def _namespace_management_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: int) -> bytes:
     """Allocated NSID lists and namespaces (attached or not), and controller lists."""
     if cns in (Cns.ALLOCATED_NSID_LIST, Cns.IOCS_ALLOCATED_NSID_LIST):
-        if cns == Cns.IOCS_ALLOCATED_NSID_LIST and csi != Csi.NVM:
-            return st.build_nsid_list([])
-        if nsid in (NSID_ALL, NSID_ALL - 1):
-            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {nsid:#x} for a list")
-        return st.build_nsid_list(state.allocated, greater_than=nsid)
+        return _nsid_list(state.allocated, nsid, csi if cns == Cns.IOCS_ALLOCATED_NSID_LIST else None)
     if cns in (Cns.ALLOCATED_NAMESPACE, Cns.IOCS_ALLOCATED_NAMESPACE):
         if cns == Cns.IOCS_ALLOCATED_NAMESPACE:
             _check_nvm_csi(csi)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from operator import attrgetter
 from typing import Callable, Iterable, Protocol
 
@@ -354,14 +355,36 @@ class Controller:
         self._notify("create-sq", 0)
 
     def _shutdown(self, kind: Shn) -> None:
-        """Flush every namespace, then report shutdown complete."""
-        self.state.csts = (self.state.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.OCCURRING << Csts.SHST_SHIFT
-        for ns in self.state.namespaces.values():
+        """Flush every namespace, then report shutdown complete. A file or block flush (fsync)
+        runs on the I/O pool: SHST reads "occurring" meanwhile (the host polls it) and every
+        queue stays served; a reset or SHN cleared before it ends cancels the "complete"."""
+        self._set_shst(Shst.OCCURRING)
+        namespaces = list(self.state.namespaces.values())
+        pool = self.io_pool() if any(ns.blocking for ns in namespaces) else None
+        if pool is None:
+            self._flush_all(namespaces)
+            self._shutdown_complete(kind)
+            return
+
+        def flushed(_result: object, _error: BaseException | None) -> None:
+            if (self.state.csts >> Csts.SHST_SHIFT) & Csts.SHST_MASK == Shst.OCCURRING:
+                self._shutdown_complete(kind)
+
+        pool.submit(partial(self._flush_all, namespaces), flushed)
+
+    @staticmethod
+    def _flush_all(namespaces: list[Namespace]) -> None:
+        for ns in namespaces:
             try:
                 ns.flush()
             except NvmeError as e:
                 log.error("flush of namespace %d at shutdown failed: %s", ns.nsid, e)
-        self.state.csts = (self.state.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | Shst.COMPLETE << Csts.SHST_SHIFT
+
+    def _set_shst(self, shst: Shst) -> None:
+        self.state.csts = (self.state.csts & ~(Csts.SHST_MASK << Csts.SHST_SHIFT)) | shst << Csts.SHST_SHIFT
+
+    def _shutdown_complete(self, kind: Shn) -> None:
+        self._set_shst(Shst.COMPLETE)
         log.info("controller shutdown (%s) complete", kind.name.lower())
 
     # -- doorbells ---------------------------------------------------------------------

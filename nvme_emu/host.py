@@ -228,10 +228,14 @@ class NvmeHost:
         self.wait_ready(False)
         self.queues.clear()
 
-    def shutdown(self) -> int:
+    def shutdown(self, timeout: float = 10.0) -> int:
+        """Normal shutdown; like Linux, wait while CSTS.SHST reads "occurring". The last SHST."""
         cc = self.reg32(Reg.CC)
         self.set_reg32(Reg.CC, cc | 1 << Cc.SHN_SHIFT)
-        return (self.reg32(Reg.CSTS) >> 2) & 3
+        deadline = time.monotonic() + timeout
+        while (shst := (self.reg32(Reg.CSTS) >> 2) & 3) == 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return shst
 
     # -- submission ------------------------------------------------------------------------
 

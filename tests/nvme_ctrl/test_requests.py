@@ -332,3 +332,21 @@ def test_format_runs_off_the_loop_and_applies_when_done(rig: Rig):
     assert n.wait_cid(0, cid).status == Status.SUCCESS
     c, ident = n.identify(0, nsid=FILE_NSID)
     assert ident[26] & 0xF == 1
+
+
+def test_shutdown_flush_runs_off_the_loop(rig: Rig):
+    from nvme_emu.spec import Cc, Csts, Reg, Shst
+
+    n = rig.nvme
+    n.write_ok(1, FILE_NSID, 0, b"\x5a" * 4096)
+    rig.backend.hold("flush")
+    n.set_reg32(Reg.CC, n.reg32(Reg.CC) | 1 << Cc.SHN_SHIFT)  # normal shutdown
+    rig.backend.wait_arrived("flush")
+    assert (n.reg32(Reg.CSTS) >> Csts.SHST_SHIFT) & Csts.SHST_MASK == Shst.OCCURRING
+    assert n.read_ok(2, RAM_NSID, 0, 8) == bytes(4096)  # the loop is free meanwhile
+    rig.backend.open_all()
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while (n.reg32(Reg.CSTS) >> Csts.SHST_SHIFT) & Csts.SHST_MASK != Shst.COMPLETE:
+        assert time.monotonic() < deadline, "shutdown never completed"
+        time.sleep(0.001)
+    assert ("flush", 0, False) in rig.backend.calls

@@ -194,6 +194,8 @@ class FaultInjector:
             if not fault.matches(opc, nsid, slba, nlb):
                 continue
             if fault.kind == "media":
+                if nsid not in self.state.namespaces:
+                    break  # not a media error: the command fails as it would anyway
                 return self._media_error(sq, e, fault, slba)
             if timing is None:
                 timing = fault

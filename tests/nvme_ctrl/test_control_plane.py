@@ -4,14 +4,17 @@ runtime (with the events the host sees), and every kind of injected fault."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
 
-from ctrl_helpers import PAGE, Nvme, no_completion
+from ctrl_helpers import PAGE, Nvme, no_completion, server_env
 from nvme_emu import structures as st
 from nvme_emu.ctl import ControlClient, default_control_socket
 from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
@@ -89,6 +92,18 @@ def test_bad_requests_read_as_errors(ctl):
     with pytest.raises(RpcError, match="unknown fault parameter"):
         ctl.fault_add(kind="drop", colour="red")
     assert ctl.controllers()[0]["active_namespaces"] == [1, 2, 3]  # the connection goes on
+
+
+def test_stats_and_listing(ctl, io: Nvme):
+    io.write_ok(1, 1, 0, os.urandom(4096))
+    stats = ctl.stats()
+    assert stats["queues"]["sq1"]["commands"] >= 1 and stats["doorbell_mode"] == "trap"
+    assert stats["controllers"][0]["enabled"] and stats["counters"]["dropped"] == 0
+    namespaces = ctl.namespaces()
+    assert [(ns["nsid"], ns["backend"], ns["lba_size"]) for ns in namespaces] == [
+        (1, "RamBackend", 512), (2, "RamBackend", 4096), (3, "FileBackend", 512)]
+    assert namespaces[0]["stats"]["write_commands"] == 1
+    assert set(ctl.queues()) == {"sq0", "sq1"}
 
 
 # -- namespaces at runtime -------------------------------------------------------------------
@@ -256,3 +271,21 @@ def test_fatal_status_until_reset(ctl, io: Nvme):
     io.create_pair(1, 64)
     io.read_ok(1, 1, 0, 1)
     assert ctl.controllers()[0]["faults"]["fatal"] == 1
+
+
+def test_ctl_command_line(server):
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nvme_emu", "ctl", "--socket", default_control_socket(server.sock), *args],
+                              capture_output=True, text=True, env=server_env(), timeout=60)
+
+    added = ctl("fault", "media", "--nsid", "2", "--slba", "5", "--nlb", "1", "--op", "write", "--count", "2")
+    assert added.returncode == 0, added.stderr
+    assert {k: json.loads(added.stdout)[k] for k in ("kind", "nsid", "slba", "nlb", "op", "remaining")} == {
+        "kind": "media", "nsid": 2, "slba": 5, "nlb": 1, "op": "write", "remaining": 2}
+    ctl("fault", "latency", "--dist", "uniform", "--min-us", "1", "--max-us", "2")
+    listing = json.loads(ctl("list").stdout)
+    assert [f["kind"] for f in listing["faults"]] == ["media", "latency"]
+    assert [ns["nsid"] for ns in listing["namespaces"]] == [1, 2, 3]
+    assert json.loads(ctl("fault-clear").stdout) == 2
+    refused = ctl("ns-remove", "9")
+    assert refused.returncode == 1 and "no namespace 9" in refused.stderr

@@ -32,6 +32,8 @@ BLOCK = 512
 #: Linux's I/O timeout in the guest, in seconds (the default 30 s would make the timeout
 #: tests slow); set per queue through sysfs, since insmod ignores the kernel command line.
 IO_TIMEOUT = 5
+#: A completion held past two timeouts (Linux aborts after one, resets after the second).
+DELAY_MS = 2 * IO_TIMEOUT * 1000 + 2000
 
 #: Shell helpers every guest script starts with. Linux names a namespace's disk by an
 #: instance number, not by its NSID (namespaces are scanned in parallel), so scripts find
@@ -230,7 +232,7 @@ echo ==DMESG; dmesg | grep -iE 'critical medium|I/O error' | tail -n 5
     assert ctl.fault_list()["counters"]["media_errors"] >= 1
 
 
-def test_dropped_completion_and_fatal_status_are_recovered(server):
+def test_dropped_and_late_completions_and_fatal_status_are_recovered(server):
     ctl = server["ctl"]
     script = """
 set -e
@@ -240,20 +242,32 @@ start=$(date +%s)
 dd if=$DISK of=/dev/null bs=4096 skip=77 count=1 iflag=direct
 echo ==DROP; echo "took $(( $(date +%s) - start )) s"
 dd if=$DISK of=/dev/null bs=4096 skip=78 count=1 iflag=direct && echo "next read ok"
+step delay
+start=$(date +%s)
+dd if=$DISK of=/dev/null bs=4096 skip=80 count=1 iflag=direct
+echo ==DELAY; echo "took $(( $(date +%s) - start )) s"
+dd if=$DISK of=/dev/null bs=4096 skip=81 count=1 iflag=direct && echo "read after delay ok"
 step fatal
 dd if=$DISK of=/dev/null bs=4096 skip=79 count=1 iflag=direct && echo "read after CFS ok"
 echo ==STATE; cat /sys/class/nvme/nvme0/state; nvme list
 echo ==DMESG; dmesg | grep -iE 'nvme' | tail -n 25
 """
-    out = run(server, script, {"drop": lambda: ctl.fault_add(kind="drop", nsid=2, remaining=1), "fatal": lambda: ctl.fatal(reason="e2e")})
+    actions = {
+        "drop": lambda: ctl.fault_add(kind="drop", nsid=2, remaining=1),
+        "delay": lambda: ctl.fault_add(kind="delay", nsid=2, delay_ms=DELAY_MS),
+        "fatal": lambda: ctl.fatal(reason="e2e"),
+    }
+    out = run(server, script, actions)
     drop = section(out, "DROP")
     took = int(re.search(r"took (\d+) s", drop).group(1))
     assert took >= IO_TIMEOUT and "next read ok" in drop  # recovered by the timeout path
+    delay = section(out, "DELAY")
+    assert int(re.search(r"took (\d+) s", delay).group(1)) >= IO_TIMEOUT and "read after delay ok" in delay
     assert "read after CFS ok" in out
     assert "live" in section(out, "STATE") and listed(section(out, "STATE"), 2)
     dmesg = section(out, "DMESG")
     assert re.search(r"timeout|abort", dmesg, re.I), dmesg
     assert re.search(r"CSTS=0x3|controller is down|reset", dmesg, re.I), dmesg
     counters = ctl.fault_list()["counters"]
-    assert counters["dropped"] == 1 and counters["fatal"] == 1
+    assert counters["dropped"] == 1 and counters["delayed"] == 1 and counters["fatal"] == 1
     assert not ctl.controllers()[0]["fatal"]  # the reset cleared CFS

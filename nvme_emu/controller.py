@@ -655,11 +655,13 @@ class Controller:
             self.loop_soon(self.drain_completions)
 
     def drain_completions(self) -> None:
-        """Post every finished request, CQ by CQ, then one interrupt per CQ; SQs that stalled
-        on a CQ without room run again (their slots are now used or free)."""
+        """Post every finished request, CQ by CQ, then one interrupt per vector (CQs may share
+        one: a single interrupt makes the host look at all of them); SQs that stalled on a CQ
+        without room run again (their slots are now used or free)."""
         self._drain_scheduled = False
         cqs, self._ready_cqs = self._ready_cqs, {}
         memory = self.state.memory
+        posted: list[CompletionQueue] = []
         for cq in cqs:
             if memory is None or self.state.cqs.get(cq.qid) is not cq:
                 cq.ready.clear()
@@ -669,7 +671,11 @@ class Controller:
             except RingUnavailable as e:
                 self.set_fatal(f"queue {cq.qid} memory is gone: {e}")
                 return
-            self.signal(cq)
+            posted.append(cq)
+        fired: set[int] = set()
+        for cq in posted:
+            self.signal(cq, fired)
+        for cq in posted:
             self._resume_stalled(cq)
 
     def _post_ready(self, cq: CompletionQueue, memory: GuestMemory) -> None:
@@ -691,13 +697,21 @@ class Controller:
 
     # -- interrupts --------------------------------------------------------------------
 
-    def signal(self, cq: CompletionQueue) -> None:
-        """One interrupt for everything posted since the last one (subject to coalescing)."""
+    def signal(self, cq: CompletionQueue, fired: set[int] | None = None) -> None:
+        """One interrupt for everything posted since the last one (subject to coalescing).
+
+        ``fired``: vectors already raised in this batch; a CQ on one of them is covered.
+        """
         if not cq.unsignalled or not cq.irq_enabled:
             cq.unsignalled = 0
             return
         if cq.qid != 0 and not self.coalescing.allows(cq, self.timers):
             return
+        if fired is not None:
+            if cq.vector in fired:
+                cq.unsignalled = 0
+                return
+            fired.add(cq.vector)
         self._fire(cq)
 
     def flush_coalesced(self, cq: CompletionQueue) -> None:

@@ -350,3 +350,33 @@ def test_shutdown_flush_runs_off_the_loop(rig: Rig):
         assert time.monotonic() < deadline, "shutdown never completed"
         time.sleep(0.001)
     assert ("flush", 0, False) in rig.backend.calls
+
+
+def test_one_interrupt_per_vector_for_a_drain_of_cqs_sharing_it(rig: Rig):
+    """Two CQs on one vector, both completing in the same drain: one interrupt, not two."""
+    n = rig.nvme
+    vector = 3
+    n.create_pair(3, 16, vector=vector)
+    n.create_pair(4, 16, vector=vector)
+    rig.backend.hold("read")
+    a, _ = rig.read_cmd(3, 0)
+    b, _ = rig.read_cmd(4, 8)
+    rig.backend.wait_arrived("read", 2)
+    pool = rig.ctrl.io_pool()
+    before = {q: rig.srv.call(lambda q=q: rig.ctrl.state.cqs[q].stats.interrupts) for q in (3, 4)}
+
+    def release_and_wait_for_both() -> None:
+        # on the loop thread: no result is reaped until this returns, so both come in one batch
+        rig.backend.open_all()
+        deadline = time.monotonic() + GATE_TIMEOUT
+        while len(pool._done) < 2:
+            assert time.monotonic() < deadline, "the workers never finished"
+            time.sleep(0.001)
+
+    rig.srv.call(release_and_wait_for_both)
+    for qid, cid in ((3, a), (4, b)):
+        n.peek_cqe(qid)
+        (c,) = n.host.reap(qid)
+        assert c.cid == cid and c.status == Status.SUCCESS
+    after = {q: rig.srv.call(lambda q=q: rig.ctrl.state.cqs[q].stats.interrupts) for q in (3, 4)}
+    assert sum(after.values()) - sum(before.values()) == 1, (before, after)

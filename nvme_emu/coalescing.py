@@ -32,6 +32,8 @@ class Coalescing:
         THR is 0-based (THR + 1 completions), TIME is in 100 us units and 0 means no delay.
         """
         features = self.state.features
+        if not features.coalescing & 0xFF00 and not self._timers:
+            return True  # TIME 0: no delay, nothing pending (the common case, once per batch)
         thr = features.coalescing & 0xFF
         tim = (features.coalescing >> 8) & 0xFF
         if tim == 0 or timers is None or features.vector_config.get(cq.vector, False) or cq.unsignalled >= thr + 1:

@@ -2,7 +2,8 @@
 
 Handlers live by area (:mod:`~nvme_emu.identify`, :mod:`~nvme_emu.log_page`,
 :mod:`~nvme_emu.features`, :mod:`~nvme_emu.async_event`, :mod:`~nvme_emu.queue_management`,
-:mod:`~nvme_emu.format_nvm`, :mod:`~nvme_emu.dbbuf`, :mod:`~nvme_emu.abort`). Each takes
+:mod:`~nvme_emu.format_nvm`, :mod:`~nvme_emu.dbbuf`, :mod:`~nvme_emu.abort`,
+:mod:`~nvme_emu.namespace_management`). Each takes
 (state, hooks, sq, decoded SQE) and returns DW0, or :data:`~nvme_emu.state.DEFERRED`, or
 raises :class:`NvmeError` with the status the spec names. Admin commands move data through
 PRPs only (SGLs are for I/O).
@@ -20,6 +21,7 @@ from .features import get_features, set_features
 from .format_nvm import format_nvm
 from .identify import identify
 from .log_page import get_log_page
+from .namespace_management import namespace_attachment, namespace_management
 from .queue import SubmissionQueue
 from .queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
 from .spec import AdminOpcode, NvmeError, Status
@@ -44,6 +46,8 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.GET_FEATURES: get_features,
     AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
     AdminOpcode.FORMAT_NVM: format_nvm,
+    AdminOpcode.NAMESPACE_MANAGEMENT: namespace_management,
+    AdminOpcode.NAMESPACE_ATTACHMENT: namespace_attachment,
 }
 
 

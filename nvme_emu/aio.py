@@ -50,6 +50,8 @@ class IoPool:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.pending = 0  #: submitted, callback not yet run (loop thread only)
         self._closed = False
+        #: Run on the loop thread once ``pending`` is 0 (closing a deleted namespace's fd).
+        self._idle_waiters: list[Callable[[], None]] = []
         loop.add_reader(self._efd, self._reap)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
@@ -93,6 +95,23 @@ class IoPool:
                 callback(result, error)
             except Exception:  # one request's bug must not stop the others' completions
                 log.exception("I/O completion callback failed")
+        if not self.pending:
+            self._run_idle_waiters()
+
+    def when_idle(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread when no submitted call is left (now if none is):
+        after that, no worker touches what the calls used."""
+        self._idle_waiters.append(fn)
+        if not self.pending:
+            self._run_idle_waiters()
+
+    def _run_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for fn in waiters:
+            try:
+                fn()
+            except Exception:
+                log.exception("idle callback %r failed", fn)
 
     def drain(self) -> None:
         """Deliver what workers finished so far, now (tests and shutdown)."""
@@ -112,3 +131,4 @@ class IoPool:
         os.close(self._efd)
         self._done.clear()
         self.pending = 0
+        self._run_idle_waiters()  # the workers are joined: nothing uses anything any more

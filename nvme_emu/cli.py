@@ -17,10 +17,14 @@ import tempfile
 import time
 
 from . import __version__, atomics, identity
+from .control import ControlPlane
 from .controller import ControllerConfig
+from .ctl import default_control_socket
 from .doorbell import DoorbellMode
 from .function import NvmeFunction
+from .jsonrpc import Dispatcher
 from .namespace import open_namespace
+from .rpc_socket import RpcServer
 
 log = logging.getLogger("nvme_emu")
 
@@ -41,7 +45,7 @@ def qemu_arguments(socket_path: str, memory: str = "1G") -> str:
 def build_function(args: argparse.Namespace) -> NvmeFunction:
     seed = identity.controller_seed(args.socket)
     serial = args.serial or identity.controller_serial(seed)
-    config = ControllerConfig(serial=serial, model=args.model, max_io_queues=args.queues)
+    config = ControllerConfig(serial=serial, model=args.model, max_io_queues=args.queues, ns_dir=args.ns_dir, identity_seed=seed)
     specs = args.namespace or [DEFAULT_NAMESPACE]
     namespaces = []
     try:
@@ -59,6 +63,22 @@ def agent_socket(args: argparse.Namespace) -> str | None:
     if args.agent_socket == "off":
         return None
     return args.agent_socket or f"{args.socket}.agent"
+
+
+def control_socket(args: argparse.Namespace) -> str | None:
+    """Where the control plane listens: next to the vfio-user socket by default."""
+    if args.ctl_socket == "off":
+        return None
+    return args.ctl_socket or default_control_socket(args.socket)
+
+
+async def start_control(function: NvmeFunction, path: str | None, mode: int) -> RpcServer | None:
+    """Serve the control plane's methods on ``path`` (on this loop), or nothing."""
+    if path is None:
+        return None
+    server = RpcServer(Dispatcher(ControlPlane(function).methods()), path, mode=mode)
+    await server.start()
+    return server
 
 
 def agent_library_hint() -> str:
@@ -115,8 +135,10 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: _report_stats(function, args.stats_json))
+    control = None
     try:
         await server.start()
+        control = await start_control(function, control_socket(args), int(args.socket_mode, 8))
         print(f"nvme-emu {__version__}: serving {len(function.controller.namespaces)} namespace(s) on {args.socket} (doorbells: {args.doorbell})", flush=True)
         for ns in function.controller.namespaces.values():
             print(f"  namespace {ns.nsid}: {ns!r}", flush=True)
@@ -127,16 +149,20 @@ async def serve(args: argparse.Namespace) -> int:
                   "kernel has it) by starting that QEMU as:", flush=True)
             print(f"  LD_PRELOAD={agent_library_hint()} NVME_EMU_AGENT_SOCKET={agent_path} qemu-system-x86_64 -accel kvm ...",
                   flush=True)
+        if control is not None:
+            print(f"control plane: nvme-emu ctl --socket {control.path} list", flush=True)
         stats_task = loop.create_task(_print_stats(function, args.stats)) if args.stats else None
         await stop.wait()
         print("nvme-emu: shutting down", flush=True)
         if stats_task is not None:
             stats_task.cancel()
     finally:
+        if control is not None:
+            control.close()
         if export is not None:
             export.close()
         server.close()
-        for ns in function.controller.namespaces.values():
+        for ns in function.controller.state.allocated.values():
             try:
                 ns.flush()
             except Exception as e:  # report, but still close everything
@@ -218,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--agent-post-write", choices=["auto", "off"], default="auto",
                    help="auto: POST_WRITE ioeventfds where QEMU's kernel has the flag; off: plain ioeventfds for "
                         "queues with Doorbell Buffer Config only (to compare the two)")
+    s.add_argument("--ctl-socket", default=None, metavar="PATH|off",
+                   help="control plane (nvme-emu ctl: namespaces at runtime, fault injection); default SOCKET.ctl, "
+                        "created with --socket-mode; 'off' for none")
+    s.add_argument("--ns-dir", default=None, metavar="DIR",
+                   help="where Namespace Management (nvme create-ns) creates namespace files; default: RAM")
     s.add_argument("--serial", default=None, help="serial number (default: derived from the socket path, see README \"Identity\")")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
@@ -236,13 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--timeout", type=float, default=900)
 
     sub.add_parser("nested", add_help=False, help="run a command inside a TCG guest with real KVM (stock or POST_WRITE modules); see nvme-emu nested --help")
+    sub.add_parser("ctl", add_help=False, help="control a running server: namespaces, faults, counters; see nvme-emu ctl --help")
 
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:1] == ["nested"]:
         from . import nested
 
         return nested.main(raw[1:])
-    if not any(a in ("serve", "guest", "nested", "-h", "--help", "--version") for a in raw):
+    if raw[:1] == ["ctl"]:
+        from . import ctl
+
+        return ctl.main(raw[1:], default_control_socket(DEFAULT_SOCKET))
+    if not any(a in ("serve", "guest", "nested", "ctl", "-h", "--help", "--version") for a in raw):
         raw.insert(0, "serve")  # plain `nvme-emu [--socket ...]` serves
     args = parser.parse_args(raw)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

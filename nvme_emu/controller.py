@@ -27,6 +27,7 @@ from .admin import AdminCommands
 from .aio import IoPool
 from .atomics import fence
 from .coalescing import Coalescing
+from .faults import FaultInjector
 from .namespace import Namespace
 from .nvm import NvmCommands
 from .queue import CQE, SQE, CompletionQueue, RingUnavailable, SubmissionQueue
@@ -119,6 +120,8 @@ class Controller:
         self.nvm = NvmCommands(self.state, self.hooks)
         self.state.admin_opcodes = frozenset(self.admin.handlers)
         self.state.io_opcodes = self.nvm.opcodes
+        #: Injected faults (the control plane's); out of the I/O path while there are none.
+        self.faults = FaultInjector(self.state, self.nvm, self.call_later)
         #: Set by a doorbell path that shares its doorbell page (shadow, poll).
         self.cq_head_source: CqHeadSource | None = None
         self._reset_state()
@@ -183,6 +186,14 @@ class Controller:
         """Run ``fn`` after the current batch (directly when there is no loop)."""
         if self.loop is not None:
             self.loop.call_soon(fn)
+        else:
+            fn()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after ``delay`` seconds on the loop's microsecond timers (at once when
+        there is no loop: in-process use without one has no later)."""
+        if self.timers is not None:
+            self.timers.call_later(delay, fn)
         else:
             fn()
 

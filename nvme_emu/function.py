@@ -158,7 +158,7 @@ class NvmeFunction(Device):
         self.doorbells.close()
         super().close()
         self.controller.close()  # the I/O workers first: none may use a closed fd
-        for ns in self.controller.namespaces.values():
+        for ns in self.controller.state.allocated.values():  # attached or not
             ns.close()
 
     # -- introspection -----------------------------------------------------------------

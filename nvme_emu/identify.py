@@ -5,6 +5,8 @@ Every CNS returns one 4 KiB data structure through the command's PRPs.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from . import structures as st
 from .queue import SubmissionQueue
 from .spec import CQES_LOG2, NSID_ALL, OCFS_FORMAT0, SQES_LOG2, Cns, Csi, IoCommandSetVector, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
@@ -20,22 +22,19 @@ IO_COMMAND_SET_COMBINATIONS = (IoCommandSetVector.NVM,)
 
 def identify(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
     """Build the structure CNS (and CSI) name and copy it to the host."""
-    to_host(state, e, identify_data(state, e[CDW10] & 0xFF, e[NSID], e[CDW11] >> 24), IDENTIFY_SIZE)
+    data = identify_data(state, e[CDW10] & 0xFF, e[NSID], e[CDW11] >> 24, cntid=e[CDW10] >> 16)
+    to_host(state, e, data, IDENTIFY_SIZE)
     return 0
 
 
-def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> bytes:
+def identify_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: int = 0) -> bytes:
     """The Identify data structure for ``cns``, or the status the spec names for it."""
     if cns == Cns.CONTROLLER:
         return identify_controller(state)
     if cns == Cns.NAMESPACE:
         return _identify_namespace(state, nsid)
     if cns in (Cns.ACTIVE_NSID_LIST, Cns.IOCS_ACTIVE_NSID_LIST):
-        if cns == Cns.IOCS_ACTIVE_NSID_LIST:
-            _check_nvm_csi(csi)
-        if nsid in (NSID_ALL, NSID_ALL - 1):
-            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {nsid:#x} for a list")
-        return st.build_nsid_list(state.namespaces, greater_than=nsid)
+        return _nsid_list(state.namespaces, nsid, csi if cns == Cns.IOCS_ACTIVE_NSID_LIST else None)
     if cns == Cns.NS_ID_DESCRIPTOR_LIST:
         return state.active_namespace(nsid).identify_ns_descriptors()
     if cns == Cns.IOCS_NAMESPACE:
@@ -49,7 +48,47 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int) -> byte
         return state.active_namespace(nsid).identify_namespace_independent()
     if cns == Cns.IO_COMMAND_SET:
         return st.build_identify_io_command_set(IO_COMMAND_SET_COMBINATIONS)
+    if cns in NAMESPACE_MANAGEMENT_CNS:
+        return _namespace_management_data(state, cns, nsid, csi, cntid)
     raise NvmeError(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
+
+
+def _nsid_list(nsids: Iterable[int], above: int, csi: int | None) -> bytes:
+    """An active or allocated NSID list above ``above``; ``csi`` for the per-command-set
+    lists (a command set other than NVM is not supported: Invalid Field)."""
+    if csi is not None:
+        _check_nvm_csi(csi)
+    if above in (NSID_ALL, NSID_ALL - 1):
+        raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {above:#x} for a list")
+    return st.build_nsid_list(nsids, greater_than=above)
+
+
+#: The CNS values Namespace Management brings: allocated namespaces and controller lists.
+NAMESPACE_MANAGEMENT_CNS = frozenset(
+    {Cns.ALLOCATED_NSID_LIST, Cns.ALLOCATED_NAMESPACE, Cns.NS_ATTACHED_CONTROLLER_LIST, Cns.CONTROLLER_LIST,
+     Cns.IOCS_ALLOCATED_NSID_LIST, Cns.IOCS_ALLOCATED_NAMESPACE}
+)
+
+
+def _namespace_management_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: int) -> bytes:
+    """Allocated NSID lists and namespaces (attached or not), and controller lists."""
+    if cns in (Cns.ALLOCATED_NSID_LIST, Cns.IOCS_ALLOCATED_NSID_LIST):
+        return _nsid_list(state.allocated, nsid, csi if cns == Cns.IOCS_ALLOCATED_NSID_LIST else None)
+    if cns in (Cns.ALLOCATED_NAMESPACE, Cns.IOCS_ALLOCATED_NAMESPACE):
+        if cns == Cns.IOCS_ALLOCATED_NAMESPACE:
+            _check_nvm_csi(csi)
+        ns = state.allocated.get(nsid)
+        if ns is not None:
+            return ns.identify_namespace() if cns == Cns.ALLOCATED_NAMESPACE else ns.identify_namespace_nvm()
+        if 0 < nsid <= state.config.max_namespaces:
+            return bytes(IDENTIFY_SIZE)  # an unallocated ID reads as zeroes
+        raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
+    if cns == Cns.NS_ATTACHED_CONTROLLER_LIST:
+        if nsid not in state.allocated:
+            raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid} is not allocated")
+        cntlids = [state.config.controller_id] if nsid in state.namespaces else []
+        return st.build_controller_list(cntlids, at_least=cntid)
+    return st.build_controller_list([state.config.controller_id], at_least=cntid)  # CONTROLLER_LIST: the subsystem's
 
 
 def _check_nvm_csi(csi: int) -> None:
@@ -72,7 +111,7 @@ def _identify_namespace(state: ControllerState, nsid: int) -> bytes:
 def identify_controller(state: ControllerState) -> bytes:
     """Identify Controller: what this controller supports, from its configuration."""
     c = state.config
-    oacs = Oacs.FORMAT_NVM | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
+    oacs = Oacs.FORMAT_NVM | Oacs.NAMESPACE_MANAGEMENT | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
     oncs = Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.TIMESTAMP | Oncs.VERIFY | Oncs.COPY
     return st.build_identify_controller(
         vid=c.pci_vendor,
@@ -93,12 +132,21 @@ def identify_controller(state: ControllerState) -> bytes:
         cqes=(CQES_LOG2 << 4) | CQES_LOG2,
         maxcmd=c.max_queue_entries,
         nn=c.max_namespaces,
+        mnan=c.max_namespaces,
+        tnvmcap=c.nvm_capacity,
+        unvmcap=unallocated_capacity(state),
         oncs=oncs,
         ocfs=OCFS_FORMAT0,
         vwc=(Vwc.PRESENT | Vwc.FLUSH_BROADCAST_SUPPORTED) if c.volatile_write_cache else 0,
         sgls=Sgls.SUPPORTED_NO_ALIGNMENT | Sgls.BIT_BUCKET,
         subnqn=st.subsystem_nqn(c.serial),
     )
+
+
+def unallocated_capacity(state: ControllerState) -> int:
+    """UNVMCAP: what Namespace Management may still allocate, in bytes."""
+    used = sum(ns.size_bytes for ns in state.allocated.values())
+    return max(0, state.config.nvm_capacity - used)
 
 
 def _identify_controller_nvm() -> bytes:

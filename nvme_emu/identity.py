@@ -13,6 +13,9 @@ something that is unique on the host and stays the same while the device does:
   serves it.
 - a block device namespace: the device path as given (``/dev/disk/by-id/...`` stays stable).
 - a RAM namespace: its controller's socket path. Its data does not outlive the process anyway.
+- a namespace created by Namespace Management (``nvme create-ns``): random, drawn when it is
+  created. It is a new namespace even where a deleted one had its NSID, and it lives as long
+  as the process.
 
 A namespace's seed also includes its NSID.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 
 #: Controller IDs FFF0h-FFFFh are reserved; 0 is valid but a hash may as well avoid it.
 CNTLID_MAX = 0xFFEF
@@ -57,3 +61,8 @@ def namespace_seed(kind: str, path: str | None, controller: str) -> str:
     if kind == "blk" and path is not None:
         return f"blk:{os.path.abspath(path)}"
     return f"ram:{controller}"
+
+
+def created_namespace_seed() -> str:
+    """A seed for a namespace Namespace Management creates: new on every creation."""
+    return f"created:{uuid.uuid4()}"

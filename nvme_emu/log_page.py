@@ -54,6 +54,11 @@ FEATURE_EFFECTS = CommandEffects.CSUPP | EffectsScope.CONTROLLER
 FEATURE_EFFECTS_BY_FID = {FeatureId.IO_COMMAND_SET_PROFILE: FEATURE_EFFECTS | CommandEffects.CCC}
 
 
+#: Namespace Management and Attachment change the namespace inventory (a host rescans); they
+#: act on the NVM subsystem's namespaces, not on one namespace or controller.
+NAMESPACE_INVENTORY_EFFECTS = CommandEffects.CSUPP | CommandEffects.NCC | CommandEffects.NIC | EffectsScope.NVM_SUBSYSTEM
+
+
 def get_log_page(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
     """Copy [offset, offset + NUMD dwords) of the page to the host, zero-padded."""
     lid, lsp, rae = e[CDW10] & 0xFF, (e[CDW10] >> 8) & 0x7F, bool(e[CDW10] & (1 << 15))
@@ -111,6 +116,9 @@ def commands_effects(state: ControllerState, csi: int) -> bytes:
     admin = {op: ADMIN_EFFECTS for op in state.admin_opcodes}
     if AdminOpcode.FORMAT_NVM in admin:
         admin[AdminOpcode.FORMAT_NVM] = FORMAT_EFFECTS
+    for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.NAMESPACE_ATTACHMENT):
+        if op in admin:
+            admin[op] = NAMESPACE_INVENTORY_EFFECTS
     io = {}
     if csi == Csi.NVM:
         io = {op: IO_EFFECTS | (CommandEffects.LBCC if op in LBA_CHANGING_OPCODES else 0) for op in state.io_opcodes}

@@ -11,6 +11,7 @@ with the status the I/O layer should report, so a command handler only needs one
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -943,3 +944,37 @@ def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, contr
     except BaseException:
         backend.close()
         raise
+
+
+def new_namespace_path(directory: str, nsid: int) -> str:
+    """Where Namespace Management keeps namespace ``nsid`` when a directory is configured."""
+    return os.path.join(directory, f"ns{nsid}.img")
+
+
+def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | None = None) -> Namespace:
+    """A fresh, zeroed namespace for Namespace Management: RAM, or a new sparse file in
+    ``directory`` (an existing file of that name is a stale one from a deleted namespace of
+    an earlier run: it is replaced, since a new namespace must read as zeroes). It is a new
+    namespace, so it gets new IDs (:func:`nvme_emu.identity.created_namespace_seed`)."""
+    backend: Backend
+    if directory is None:
+        backend = RamBackend(size)
+    else:
+        path = new_namespace_path(directory, nsid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        backend = FileBackend(path, size)
+    try:
+        return Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed())
+    except BaseException:
+        backend.close()
+        raise
+
+
+def destroy_namespace(ns: Namespace, *, directory: str | None = None) -> None:
+    """Namespace Management's delete: close it; a file it created in ``directory`` goes too."""
+    path = getattr(ns.backend, "path", None)
+    ns.close()
+    if directory is not None and path == new_namespace_path(directory, ns.nsid):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

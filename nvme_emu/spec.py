@@ -31,6 +31,7 @@ CQES_LOG2 = 4  #: log2(CQE_SIZE), the value for CC.IOCQES and the CQES fields
 IDENTIFY_DATA_SIZE = 4096  #: every Identify data structure is 4 KiB
 NSID_ALL = 0xFFFF_FFFF  #: the broadcast namespace identifier
 NSID_LIST_ENTRIES = 1024  #: entries in an Active/Allocated Namespace ID list (CNS 02h/07h)
+CONTROLLER_LIST_ENTRIES = 2047  #: identifiers in a Controller List (after its 16-bit count)
 LBA_FORMATS_MAX = 64  #: LBA format descriptors in Identify Namespace (NVM CS 1.0)
 POWER_STATES_MAX = 32  #: power state descriptors in Identify Controller
 SMART_DATA_UNIT = 512 * 1000  #: bytes per SMART "data unit" (thousands of 512-byte units)

@@ -74,6 +74,12 @@ class ControllerConfig:
     pci_device: int = 0x4E56
     #: CNTLID; None: derived from the serial number, so distinct controllers differ
     cntlid: int | None = None
+    #: What RAM namespaces added later derive their IDs from (nvme_emu.identity)
+    identity_seed: str = ""
+    #: TNVMCAP: bytes Namespace Management may allocate over every namespace together.
+    nvm_capacity: int = 64 << 30
+    #: Where Namespace Management creates namespace files; None: RAM (gone with the process).
+    ns_dir: str | None = None
 
     @property
     def max_transfer(self) -> int:
@@ -164,7 +170,10 @@ class ControllerState:
     shadow doorbell buffer, health counters, the error log, features and pending events."""
 
     config: ControllerConfig
+    #: Active namespaces: allocated and attached to this controller (what I/O may address).
     namespaces: dict[int, "Namespace"]
+    #: Every allocated namespace of the subsystem, attached or not (Namespace Management).
+    allocated: dict[int, "Namespace"] = field(default_factory=dict)
     cap: int = 0
     vs: int = NVME_VERSION
     #: Guest memory while a host is attached.
@@ -190,6 +199,8 @@ class ControllerState:
     def __post_init__(self) -> None:
         self.error_log = ErrorLog(self.config.error_log_entries)
         self.features = self.default_features()
+        for nsid, ns in self.namespaces.items():
+            self.allocated.setdefault(nsid, ns)
 
     @classmethod
     def of(cls, namespaces: Iterable["Namespace"], config: ControllerConfig | None = None) -> "ControllerState":

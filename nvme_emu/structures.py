@@ -510,6 +510,21 @@ def build_nsid_list(nsids: Iterable[int], *, greater_than: int = 0) -> bytes:
     return NsidList.build(dict(nsids=picked + [0] * (spec.NSID_LIST_ENTRIES - len(picked))))
 
 
+ControllerList = Struct("count" / Int16ul, "ids" / Array(spec.CONTROLLER_LIST_ENTRIES, Int16ul))
+
+
+def build_controller_list(cntlids: Iterable[int], *, at_least: int = 0) -> bytes:
+    """A Controller List (CNS 12h/13h, Namespace Attachment): IDs from ``at_least`` up."""
+    picked = sorted(c for c in set(cntlids) if c >= at_least)[: spec.CONTROLLER_LIST_ENTRIES]
+    return ControllerList.build(dict(count=len(picked), ids=picked + [0] * (spec.CONTROLLER_LIST_ENTRIES - len(picked))))
+
+
+def parse_controller_list(data: bytes) -> list[int]:
+    """The controller IDs a host's Controller List names (the count bounds the entries)."""
+    parsed = ControllerList.parse(data[: ControllerList.sizeof()].ljust(ControllerList.sizeof(), b"\0"))
+    return list(parsed.ids[: min(parsed.count, spec.CONTROLLER_LIST_ENTRIES)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Log pages
 # ---------------------------------------------------------------------------------------------

@@ -315,22 +315,7 @@ class Server:
 
     async def start(self) -> None:
         """Bind and listen; the socket exists when this returns (QEMU never retries)."""
-        _refuse_live_socket(self.path)
-        _remove_stale_socket(self.path)
-        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            old_umask = os.umask(0o777 & ~self.mode)
-            try:
-                lsock.bind(self.path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(self.path, self.mode)
-            lsock.listen(4)
-            lsock.setblocking(False)
-        except BaseException:
-            lsock.close()
-            raise
-        self._listener = lsock
+        self._listener = listen_unix(self.path, self.mode)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         log.info("listening on %s (mode %o)", self.path, self.mode)
 
@@ -377,6 +362,28 @@ class Server:
             self._listener.close()
             self._listener = None
             _remove_stale_socket(self.path)
+
+
+def listen_unix(path: str, mode: int, backlog: int = 4) -> socket.socket:
+    """A non-blocking listening Unix socket at ``path`` that never exists with wider
+    permissions than ``mode`` (umask around bind, then chmod). A stale socket file is
+    replaced; one a live server answers on is refused."""
+    _refuse_live_socket(path)
+    _remove_stale_socket(path)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            lsock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        lsock.listen(backlog)
+        lsock.setblocking(False)
+    except BaseException:
+        lsock.close()
+        raise
+    return lsock
 
 
 def _refuse_live_socket(path: str) -> None:

@@ -135,7 +135,7 @@ echo ==FEAT-TEMP; nvme get-feature /dev/nvme0 -f 4
     assert re.search(r"^vid\s*:\s*0x4e58", ctrl, re.M)
     assert re.search(r"^mdts\s*:\s*7", ctrl, re.M)
     assert re.search(r"^ver\s*:\s*0x20000", ctrl, re.M)
-    assert re.search(r"^oacs\s*:\s*0x10[02]", ctrl, re.M)  # Format NVM + Doorbell Buffer Config
+    assert re.search(r"^oacs\s*:\s*0x10[8a]", ctrl, re.M)  # Format NVM, Namespace Management, Doorbell Buffer Config
     ns = out.split("==ID-NS")[1].split("==SMART")[0]
     assert re.search(r"^nsze\s*:\s*0x100000", ns, re.M)  # 512 MiB / 512
     assert "in use" in ns  # the LBA format in use is marked

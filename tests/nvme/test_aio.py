@@ -62,3 +62,19 @@ def test_a_slow_call_does_not_hold_back_the_others(loop):
     assert not any(t.is_alive() for t in pool._threads)
     with pytest.raises(RuntimeError):
         pool.submit(lambda: None, lambda r, e: None)
+
+
+def test_when_idle_waits_for_every_submitted_call(loop):
+    """A deleted namespace's fd closes only after the last worker call that may use it."""
+    pool = IoPool(loop, workers=2)
+    release = threading.Event()
+    order: list[str] = []
+    idle = loop.create_future()
+    pool.when_idle(lambda: order.append("idle-at-once"))  # nothing pending: runs now
+    pool.submit(release.wait, lambda r, e: order.append("call"))
+    pool.when_idle(lambda: (order.append("idle"), idle.set_result(None)))
+    assert order == ["idle-at-once"]
+    loop.call_soon(release.set)
+    loop.run_until_complete(asyncio.wait_for(idle, 10))
+    assert order == ["idle-at-once", "call", "idle"]
+    pool.close()

@@ -12,7 +12,7 @@ from nvme_emu.state import ControllerConfig
 
 def test_unknown_opcode(area: Area):
     admin = AdminCommands(area.state, area.hooks)
-    status, _dw0 = admin.execute(area.admin_sq, sqe(AdminOpcode.NAMESPACE_MANAGEMENT, cid=4))
+    status, _dw0 = admin.execute(area.admin_sq, sqe(AdminOpcode.VIRTUALIZATION_MANAGEMENT, cid=4))
     assert status & 0x7FF == Status.INVALID_OPCODE and status & STATUS_DNR
     entry = area.state.error_log.entries[0]
     assert (entry["sqid"], entry["cid"]) == (0, 4)

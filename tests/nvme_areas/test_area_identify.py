@@ -74,7 +74,7 @@ def test_descriptors_need_an_active_namespace(area: Area):
 
 
 def test_unsupported_cns_is_invalid_field(area: Area):
-    assert status_of(lambda: run_identify(area, Cns.CONTROLLER_LIST)) == Status.INVALID_FIELD
+    assert status_of(lambda: run_identify(area, Cns.SECONDARY_CONTROLLER_LIST)) == Status.INVALID_FIELD
 
 
 def test_buffer_outside_guest_memory_is_a_transfer_error(area: Area):

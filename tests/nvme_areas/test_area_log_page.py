@@ -78,7 +78,9 @@ def test_commands_effects(area: Area):
     log = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=Csi.NVM))
     assert log.acs[AdminOpcode.IDENTIFY] == CommandEffects.CSUPP | EffectsScope.CONTROLLER
     assert log.acs[AdminOpcode.FORMAT_NVM] & CommandEffects.LBCC
-    assert log.acs[AdminOpcode.NAMESPACE_MANAGEMENT] == 0
+    assert log.acs[AdminOpcode.NAMESPACE_MANAGEMENT] & CommandEffects.NIC
+    assert log.acs[AdminOpcode.NAMESPACE_MANAGEMENT] & EffectsScope.NVM_SUBSYSTEM
+    assert log.acs[AdminOpcode.VIRTUALIZATION_MANAGEMENT] == 0
     assert log.iocs[NvmOpcode.READ] == CommandEffects.CSUPP | EffectsScope.NAMESPACE
     assert log.iocs[NvmOpcode.FLUSH] == CommandEffects.CSUPP | EffectsScope.NAMESPACE
     assert log.iocs[NvmOpcode.WRITE] == CommandEffects.CSUPP | CommandEffects.LBCC | EffectsScope.NAMESPACE

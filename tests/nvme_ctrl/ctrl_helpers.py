@@ -375,6 +375,14 @@ class Nvme:
             time.sleep(0.0002)
 
 
+def no_completion(n: Nvme, qid: int, cid: int) -> bool:
+    """After a round trip, the command ``cid`` has still not completed."""
+    n.sync()
+    for c in n.host.reap(qid):
+        n.stash.setdefault(qid, {})[c.cid] = c
+    return cid not in n.stash.get(qid, {})
+
+
 @pytest.fixture
 def nvme(server):
     """An enabled controller (admin queue only) on the default three namespaces."""

@@ -7,20 +7,12 @@ import struct
 
 import pytest
 
-from ctrl_helpers import NOOP_ADMIN, Nvme
+from ctrl_helpers import NOOP_ADMIN, Nvme, no_completion
 from nvme_emu import structures as st
 from nvme_emu.host import HostDoorbells, ShadowBufferDoorbells
 from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0
 
 AER = AdminOpcode.ASYNC_EVENT_REQUEST
-
-
-def no_completion(n: Nvme, qid: int, cid: int) -> bool:
-    """After a round trip, the command ``cid`` has still not completed."""
-    n.sync()
-    for c in n.host.reap(qid):
-        n.stash.setdefault(qid, {})[c.cid] = c
-    return cid not in n.stash.get(qid, {})
 
 
 # -- Asynchronous Event Request --------------------------------------------------------------
@@ -233,7 +225,7 @@ def test_io_through_shadow_doorbells(nvme: Nvme):
 # -- refusals ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opc", [0x03, 0x07, 0x0B, AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, 0x7E, 0xC0, 0xFF])
+@pytest.mark.parametrize("opc", [0x03, 0x07, 0x0B, AdminOpcode.VIRTUALIZATION_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, 0x7E, 0xC0, 0xFF])
 def test_unknown_admin_opcode(nvme: Nvme, opc: int):
     c = nvme.admin(opc, nsid=1)
     assert c.status == Status.INVALID_OPCODE

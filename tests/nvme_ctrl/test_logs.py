@@ -125,7 +125,9 @@ def test_commands_supported_and_effects(nvme: Nvme):
         assert log.acs[op] & CommandEffects.CSUPP, op
     fmt = log.acs[AdminOpcode.FORMAT_NVM]
     assert fmt & CommandEffects.CSUPP and fmt & CommandEffects.LBCC and fmt & CommandEffects.NCC and fmt & CommandEffects.NIC
-    for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, AdminOpcode.KEEP_ALIVE):
+    for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.NAMESPACE_ATTACHMENT):
+        assert log.acs[op] == CommandEffects.CSUPP | CommandEffects.NCC | CommandEffects.NIC | EffectsScope.NVM_SUBSYSTEM, op  # Linux rescans
+    for op in (AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, AdminOpcode.KEEP_ALIVE):
         assert log.acs[op] == 0, op
     for op in (NvmOpcode.FLUSH, NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY):
         assert log.iocs[op] == CommandEffects.CSUPP | EffectsScope.NAMESPACE, op

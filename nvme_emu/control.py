@@ -1,0 +1,157 @@
+"""The control plane's operations on a running device, as plain methods.
+
+Listing controllers, namespaces, queues and counters; adding and removing namespaces at
+runtime (the host hears of it by a Namespace Attribute Changed notice and the Changed
+Namespace List, as with Namespace Management); faults (:mod:`nvme_emu.faults`) and
+controller fatal status. The methods run on the device's event loop thread, between
+commands, so they see and change the controller like a command handler would.
+
+No socket here: ``nvme-emu serve`` exposes :meth:`ControlPlane.methods` through
+:mod:`nvme_emu.rpc_socket`, and :mod:`nvme_emu.ctl` is the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from . import namespace_management as nsm
+from .function import NvmeFunction
+from .namespace import Namespace, open_namespace
+from .spec import NvmeError
+
+log = logging.getLogger(__name__)
+
+#: The RPC methods, by name (the server's table and the client's vocabulary).
+METHODS = (
+    "controllers",
+    "namespaces",
+    "queues",
+    "stats",
+    "ns_add",
+    "ns_remove",
+    "ns_attach",
+    "ns_detach",
+    "fault_add",
+    "fault_list",
+    "fault_clear",
+    "fatal",
+)
+
+
+def describe_namespace(ns: Namespace, attached: bool) -> dict[str, Any]:
+    return {
+        "nsid": ns.nsid,
+        "attached": attached,
+        "backend": type(ns.backend).__name__,
+        "path": getattr(ns.backend, "path", None),
+        "size_bytes": ns.size_bytes,
+        "lba_size": ns.lba_size,
+        "stats": dict(ns.stats.__dict__),
+    }
+
+
+class ControlPlane:
+    """Control operations on one NVMe function; see the module docstring."""
+
+    def __init__(self, function: NvmeFunction) -> None:
+        self.function = function
+        self.controller = function.controller
+        self.state = function.controller.state
+
+    def methods(self) -> dict[str, Callable[..., Any]]:
+        return {name: getattr(self, name) for name in METHODS}
+
+    # -- listing -------------------------------------------------------------------------
+
+    def controllers(self) -> list[dict[str, Any]]:
+        """The controller(s) this process serves, with registers and health counters."""
+        s = self.state
+        return [{
+            "cntlid": s.config.controller_id,
+            "serial": s.config.serial,
+            "model": s.config.model,
+            "enabled": s.enabled,
+            "ready": s.ready,
+            "fatal": s.fatal,
+            "csts": s.csts,
+            "active_namespaces": sorted(s.namespaces),
+            "allocated_namespaces": sorted(s.allocated),
+            "io_queues": len([q for q in s.sqs if q]),
+            "media_errors": s.health.media_errors,
+            "error_log_entries": s.error_log.count,
+            "faults": self.controller.faults.describe()["counters"],
+        }]
+
+    def namespaces(self) -> list[dict[str, Any]]:
+        """Every allocated namespace, attached or not."""
+        s = self.state
+        return [describe_namespace(ns, nsid in s.namespaces) for nsid, ns in sorted(s.allocated.items())]
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        return self.controller.queue_stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Everything ``--stats-json`` dumps, plus the controller and the faults."""
+        return {**self.function.stats(), "controllers": self.controllers(), **self.controller.faults.describe()}
+
+    # -- namespaces ----------------------------------------------------------------------
+
+    def ns_add(self, spec: str, nsid: int | None = None) -> dict[str, Any]:
+        """Open a namespace from a ``--namespace`` spec and attach it (lowest free NSID by
+        default); the host is told, and rescans."""
+        chosen = nsid if nsid is not None else _nvme(lambda: nsm.free_nsid(self.state))
+        ns = open_namespace(spec, chosen, controller_seed=self.state.config.identity_seed)
+        try:
+            nsm.add(self.state, self.controller.hooks, ns)
+        except BaseException:
+            ns.close()
+            raise
+        return describe_namespace(ns, True)
+
+    def ns_remove(self, nsid: int) -> None:
+        """Detach and close a namespace (a file or device stays where it is)."""
+        if nsid not in self.state.allocated:
+            raise ValueError(f"no namespace {nsid}")
+        nsm.delete(self.state, self.controller.hooks, nsid)
+
+    def ns_attach(self, nsid: int) -> None:
+        _nvme(lambda: nsm.attach(self.state, self.controller.hooks, self._allocated(nsid)))
+
+    def ns_detach(self, nsid: int) -> None:
+        _nvme(lambda: nsm.detach(self.state, self.controller.hooks, self._allocated(nsid)))
+
+    def _allocated(self, nsid: int) -> int:
+        if nsid not in self.state.allocated:
+            raise ValueError(f"no namespace {nsid}")
+        return nsid
+
+    # -- faults --------------------------------------------------------------------------
+
+    def fault_add(self, **params: Any) -> dict[str, Any]:
+        """Inject a fault (see :func:`nvme_emu.faults.parse_fault` for the parameters)."""
+        nsid = params.get("nsid", 0)
+        if nsid and nsid not in self.state.allocated:
+            raise ValueError(f"no namespace {nsid}")
+        return self.controller.faults.add(params).describe()
+
+    def fault_list(self) -> dict[str, Any]:
+        return self.controller.faults.describe()
+
+    def fault_clear(self, id: int | None = None) -> int:  # noqa: A002 (the RPC parameter's name)
+        """Remove fault ``id``, or all; how many were removed."""
+        return self.controller.faults.remove(id)
+
+    def fatal(self, reason: str = "injected by the control plane") -> dict[str, Any]:
+        """Controller Fatal Status: nothing is processed until the host resets the controller."""
+        self.controller.faults.counters.fatal += 1
+        self.controller.set_fatal(reason)
+        return self.controllers()[0]
+
+
+def _nvme(fn: Callable[[], Any]) -> Any:
+    """Run a namespace operation; the status it fails with reads as a plain error."""
+    try:
+        return fn()
+    except NvmeError as e:
+        raise ValueError(f"{e.status.name}: {e}") from None

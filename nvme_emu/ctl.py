@@ -1,0 +1,109 @@
+"""``nvme-emu ctl``: the control plane's client, as a Python class and a command line.
+
+:class:`ControlClient` has one method per RPC method of :data:`nvme_emu.control.METHODS`
+(keyword arguments are the RPC's params); tests use it directly. ``nvme-emu ctl COMMAND``
+maps each sub-command onto the same methods and prints the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from .control import METHODS
+from .faults import DISTRIBUTIONS, OPS
+from .jsonrpc import RpcError
+from .rpc_socket import RpcClient
+
+
+def default_control_socket(vfio_socket: str) -> str:
+    """Where ``serve`` puts the control socket unless told otherwise: next to the device's."""
+    return f"{vfio_socket}.ctl"
+
+
+class ControlClient:
+    """``ControlClient(path).ns_add(spec="ram:size=64M")`` and so on, one per RPC method."""
+
+    def __init__(self, path: str, *, timeout: float | None = None) -> None:
+        self.rpc = RpcClient(path) if timeout is None else RpcClient(path, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name not in METHODS:
+            raise AttributeError(name)
+        return lambda **params: self.rpc.call(name, **params)
+
+    def close(self) -> None:
+        self.rpc.close()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fault_parser(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("fault", help="inject a fault: media | latency | delay | drop")
+    f.add_argument("kind", choices=("media", "latency", "delay", "drop"))
+    f.add_argument("--nsid", type=int, help="only this namespace (default: all)")
+    f.add_argument("--slba", type=int, help="first LBA of the range (default 0)")
+    f.add_argument("--nlb", type=int, help="blocks in the range (default: to the end)")
+    f.add_argument("--op", choices=list(OPS), help="commands hit: read, write or rw (default)")
+    f.add_argument("--count", type=int, dest="remaining", help="hit this many commands, then stop (delay: 1)")
+    f.add_argument("--dist", choices=DISTRIBUTIONS, help="latency: fixed (default), uniform, exponential, normal")
+    f.add_argument("--us", type=float, help="latency: fixed value, or the mean (exponential, normal)")
+    f.add_argument("--min-us", type=float, help="uniform latency: lower bound")
+    f.add_argument("--max-us", type=float, help="uniform latency: upper bound")
+    f.add_argument("--stddev-us", type=float, help="normal latency: standard deviation")
+    f.add_argument("--ms", type=float, dest="delay_ms", help="delay: hold the completion this long")
+
+
+#: argparse attributes that are not RPC parameters.
+_NOT_PARAMS = {"socket", "ctl_command", "verbose", "command"}
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in _NOT_PARAMS and v is not None}
+
+
+def build_parser(default_socket: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nvme-emu ctl", description="Control a running nvme-emu serve (JSON-RPC over its control socket).")
+    p.add_argument("--socket", default=default_socket, help=f"the control socket (default {default_socket})")
+    sub = p.add_subparsers(dest="ctl_command", required=True)
+    sub.add_parser("list", help="controllers, namespaces and faults with their counters")
+    for name in ("namespaces", "queues", "stats", "fault-list"):
+        sub.add_parser(name)
+    a = sub.add_parser("ns-add", help="add a namespace at runtime (the guest rescans)")
+    a.add_argument("spec", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X")
+    a.add_argument("--nsid", type=int)
+    for name in ("ns-remove", "ns-attach", "ns-detach"):
+        sub.add_parser(name).add_argument("nsid", type=int)
+    _fault_parser(sub)
+    sub.add_parser("fault-clear", help="remove one fault, or all").add_argument("id", type=int, nargs="?")
+    sub.add_parser("fatal", help="set CSTS.CFS: the host must reset the controller").add_argument("reason", nargs="?")
+    return p
+
+
+def run(args: argparse.Namespace, client: ControlClient) -> Any:
+    """One sub-command through the client."""
+    command = args.ctl_command
+    params = _params(args)
+    if command == "list":
+        return {"controllers": client.controllers(), "namespaces": client.namespaces(), **client.fault_list()}
+    if command == "fault":
+        return client.fault_add(**params)
+    return getattr(client, command.replace("-", "_"))(**params)
+
+
+def main(argv: list[str], default_socket: str) -> int:
+    args = build_parser(default_socket).parse_args(argv)
+    try:
+        with ControlClient(args.socket) as client:
+            result = run(args, client)
+    except (OSError, RpcError) as e:
+        print(f"nvme-emu ctl: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,237 @@
+"""Fault injection on the NVM I/O path: media errors on LBA ranges, added latency, delayed
+or dropped completions. The control plane configures them (:mod:`nvme_emu.control`).
+
+Without faults the I/O path does not know this module exists: installing the first fault
+puts :meth:`FaultInjector.execute` in front of :meth:`NvmCommands.execute
+<nvme_emu.nvm.NvmCommands.execute>` (an instance attribute the queue loop reads once per
+batch), and removing the last takes it away again, so a fault-free controller pays nothing.
+
+What the host sees is what the spec says a device shows:
+
+- ``media``: a Read (Compare, Verify) touching the range completes with Unrecovered Read
+  Error, a Write (Write Zeroes) with Write Fault, both with DNR (retrying cannot help); each
+  gets an Error Information entry and counts in SMART Media and Data Integrity Errors.
+- ``latency`` / ``delay``: the command runs as usual, its completion is posted later
+  (fixed, or drawn from a distribution); past the host's timeout for ``delay``.
+- ``drop``: the command is fetched and never completed, as if the controller lost it; only
+  the host's timeout handling (Abort, then a reset) gets it back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from .nvm import NvmCommands
+from .queue import SubmissionQueue
+from .spec import NvmeError, NvmOpcode, RwCdw12, Status
+from .sqe import CDW10, CDW11, CDW12, CID, NSID, OPC
+from .state import DEFERRED, ControllerHooks, ControllerState
+
+log = logging.getLogger(__name__)
+
+#: Commands that read the media, and those that write it.
+READ_OPCODES = frozenset({NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY})
+WRITE_OPCODES = frozenset({NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES})
+#: Which commands a fault's ``op`` selects.
+OPS = {"read": READ_OPCODES, "write": WRITE_OPCODES, "rw": READ_OPCODES | WRITE_OPCODES}
+KINDS = ("media", "latency", "delay", "drop")
+DISTRIBUTIONS = ("fixed", "uniform", "exponential", "normal")
+
+
+@dataclass
+class Fault:
+    """One configured fault; ``remaining`` None means every matching command, forever."""
+
+    id: int
+    kind: str
+    nsid: int = 0  # 0: every namespace
+    slba: int = 0
+    nlb: int = 0  # 0: to the end of the namespace
+    op: str = "rw"
+    remaining: int | None = None
+    dist: str = "fixed"
+    us: float = 0.0  # fixed latency, or the mean (exponential, normal)
+    min_us: float = 0.0  # uniform
+    max_us: float = 0.0
+    stddev_us: float = 0.0  # normal
+    hits: int = 0
+
+    def matches(self, opc: int, nsid: int, slba: int, nlb: int) -> bool:
+        """Does a command (opcode, namespace, LBA range) fall under this fault?"""
+        if opc not in OPS[self.op] or (self.nsid and nsid != self.nsid) or self.remaining == 0:
+            return False
+        return slba + nlb > self.slba and (not self.nlb or slba < self.slba + self.nlb)
+
+    def first_lba(self, slba: int) -> int:
+        """The first failing LBA of a command starting at ``slba`` (the Error log's LBA)."""
+        return max(slba, self.slba)
+
+    def hit(self) -> None:
+        self.hits += 1
+        if self.remaining is not None:
+            self.remaining -= 1
+
+    def delay_seconds(self, rng: random.Random) -> float:
+        """This command's added latency."""
+        if self.dist == "uniform":
+            us = rng.uniform(self.min_us, self.max_us)
+        elif self.dist == "exponential":
+            us = rng.expovariate(1.0 / self.us) if self.us > 0 else 0.0
+        elif self.dist == "normal":
+            us = rng.gauss(self.us, self.stddev_us)
+        else:
+            us = self.us
+        return max(us, 0.0) / 1e6
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def parse_fault(fault_id: int, params: dict[str, Any]) -> Fault:
+    """A Fault from control-plane parameters; ValueError names what is wrong."""
+    p = dict(params)
+    kind = p.pop("kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"fault kind must be one of {', '.join(KINDS)}")
+    if "delay_ms" in p:
+        p["us"] = float(p.pop("delay_ms")) * 1000
+    if kind == "delay":
+        p.setdefault("remaining", 1)
+    allowed = {"nsid", "slba", "nlb", "op", "remaining", "dist", "us", "min_us", "max_us", "stddev_us"}
+    unknown = set(p) - allowed
+    if unknown:
+        raise ValueError(f"unknown fault parameter(s) {', '.join(sorted(unknown))}")
+    fault = Fault(fault_id, kind, **p)
+    if fault.op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}")
+    if fault.dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {', '.join(DISTRIBUTIONS)}")
+    if min(fault.nsid, fault.slba, fault.nlb, fault.us, fault.min_us, fault.max_us, fault.stddev_us) < 0:
+        raise ValueError("fault parameters must not be negative")
+    if fault.remaining is not None and fault.remaining < 1:
+        raise ValueError("count must be at least 1")
+    if kind in ("latency", "delay") and fault.dist == "uniform" and fault.max_us < fault.min_us:
+        raise ValueError("uniform latency needs min_us <= max_us")
+    return fault
+
+
+@dataclass
+class FaultCounters:
+    """How often each kind fired (also after its faults were removed)."""
+
+    media_errors: int = 0
+    delayed: int = 0
+    dropped: int = 0
+    fatal: int = 0
+
+
+#: ``call_later(seconds, fn)``: a timer on the controller's loop.
+CallLater = Callable[[float, Callable[[], None]], Any]
+
+
+@dataclass(eq=False)
+class FaultInjector:
+    """The fault table of one controller and the wrapper that applies it to I/O."""
+
+    state: ControllerState
+    nvm: NvmCommands
+    call_later: CallLater
+    rng: random.Random = field(default_factory=random.Random)
+    faults: dict[int, Fault] = field(default_factory=dict)
+    counters: FaultCounters = field(default_factory=FaultCounters)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    #: Requests in flight (blocking namespaces) whose completion is to be held back.
+    _late: dict[tuple[SubmissionQueue, int], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._inner = NvmCommands.execute.__get__(self.nvm)
+        self._hooks: ControllerHooks = self.nvm.hooks
+        self._finish = self._hooks.finish_request
+        self._begin = self._hooks.begin_request
+
+    # -- the table ---------------------------------------------------------------------
+
+    def add(self, params: dict[str, Any]) -> Fault:
+        fault = parse_fault(next(self._ids), params)
+        self.faults[fault.id] = fault
+        self._install()
+        log.warning("fault %d injected: %s", fault.id, fault.describe())
+        return fault
+
+    def remove(self, fault_id: int | None = None) -> int:
+        """Remove one fault, or every fault with None; how many went."""
+        if fault_id is None:
+            n = len(self.faults)
+            self.faults.clear()
+        else:
+            n = 1 if self.faults.pop(fault_id, None) is not None else 0
+            if not n:
+                raise ValueError(f"no fault {fault_id}")
+        if not self.faults:
+            self._uninstall()
+        return n
+
+    def _install(self) -> None:
+        self.nvm.execute = self.execute  # type: ignore[method-assign]
+        self.nvm.hooks = replace(self._hooks, finish_request=self._finish_late)
+
+    def _uninstall(self) -> None:
+        self.nvm.__dict__.pop("execute", None)
+        self.nvm.hooks = self._hooks
+
+    # -- the I/O path ------------------------------------------------------------------
+
+    def execute(self, sq: SubmissionQueue, e: tuple):
+        """:meth:`NvmCommands.execute` with the faults that match ``e`` applied."""
+        opc, nsid, cid = e[OPC], e[NSID], e[CID]
+        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & RwCdw12.NLB_MASK) + 1
+        timing = None
+        for fault in list(self.faults.values()):
+            if not fault.matches(opc, nsid, slba, nlb):
+                continue
+            if fault.kind == "media":
+                if nsid not in self.state.namespaces:
+                    break  # not a media error: the command fails as it would anyway
+                return self._media_error(sq, e, fault, slba)
+            if timing is None:
+                timing = fault
+        if timing is None:
+            return self._inner(sq, e)
+        timing.hit()
+        if timing.kind == "drop":
+            self.counters.dropped += 1
+            log.info("fault %d: dropped command %d of SQ %d", timing.id, cid, sq.qid)
+            return DEFERRED  # no request begun: nothing waits for it but the host
+        delay = timing.delay_seconds(self.rng)
+        self.counters.delayed += 1
+        result = self._inner(sq, e)
+        if result is DEFERRED:  # on the I/O pool: hold its completion when it comes
+            self._late[(sq, cid)] = delay
+            return DEFERRED
+        status, dw0 = result
+        self._begin(sq)
+        self.call_later(delay, lambda: self._finish(sq, cid, status, dw0))
+        return DEFERRED
+
+    def _media_error(self, sq: SubmissionQueue, e: tuple, fault: Fault, slba: int) -> tuple[int, int]:
+        fault.hit()
+        self.counters.media_errors += 1
+        status = Status.UNRECOVERED_READ_ERROR if e[OPC] in READ_OPCODES else Status.WRITE_FAULT
+        err = NvmeError(status, f"fault {fault.id}", dnr=True)
+        self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=fault.first_lba(slba))
+        return err.status_field, 0
+
+    def _finish_late(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:
+        """``finish_request`` for the NVM commands while faults are installed."""
+        delay = self._late.pop((sq, cid), None)
+        if delay is None:
+            self._finish(sq, cid, status, dw0)
+        else:
+            self.call_later(delay, lambda: self._finish(sq, cid, status, dw0))
+
+    def describe(self) -> dict[str, Any]:
+        return {"faults": [f.describe() for f in self.faults.values()], "counters": dict(self.counters.__dict__)}

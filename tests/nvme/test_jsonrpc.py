@@ -1,0 +1,117 @@
+"""The control plane's wire format without a socket, then over a real one on a loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import threading
+
+import pytest
+
+from nvme_emu.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    Dispatcher,
+    LineBuffer,
+    RpcError,
+    decode_response,
+    encode_request,
+)
+from nvme_emu.rpc_socket import RpcClient, RpcServer
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def broken() -> None:
+    raise RuntimeError("a bug")
+
+
+def refuse() -> None:
+    raise ValueError("no such thing")
+
+
+@pytest.fixture
+def dispatcher() -> Dispatcher:
+    return Dispatcher({"add": add, "broken": broken, "refuse": refuse})
+
+
+def call(d: Dispatcher, method: str, params) -> dict:
+    response = d.handle(json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).encode())
+    assert response is not None and response.endswith(b"\n")
+    return json.loads(response)
+
+
+def test_result_round_trip(dispatcher):
+    line = dispatcher.handle(encode_request(3, "add", {"a": 2, "b": 5}).rstrip(b"\n"))
+    assert decode_response(line, 3) == 7
+
+
+@pytest.mark.parametrize(
+    "method, params, code",
+    [
+        ("nope", {}, METHOD_NOT_FOUND),
+        ("add", {"c": 1}, INVALID_PARAMS),
+        ("add", [1, 2], INVALID_PARAMS),
+        ("refuse", {}, INVALID_PARAMS),
+        ("broken", {}, INTERNAL_ERROR),
+    ],
+)
+def test_errors(dispatcher, method, params, code):
+    answer = call(dispatcher, method, params)
+    assert answer["id"] == 7 and answer["error"]["code"] == code
+
+
+def test_malformed_requests(dispatcher):
+    assert json.loads(dispatcher.handle(b"{not json"))["error"]["code"] == PARSE_ERROR
+    assert json.loads(dispatcher.handle(b'{"id": 1, "method": "add"}'))["error"]["code"] == INVALID_REQUEST
+    assert json.loads(dispatcher.handle(b"[1, 2]"))["error"]["code"] == INVALID_REQUEST
+
+
+def test_notification_has_no_response(dispatcher):
+    assert dispatcher.handle(b'{"jsonrpc": "2.0", "method": "add", "params": {"a": 1}}') is None
+
+
+def test_line_buffer_splits_and_limits():
+    buf = LineBuffer(limit=16)
+    assert buf.feed(b'{"a":1}\n{"b"') == [b'{"a":1}']
+    assert buf.feed(b":2}\n") == [b'{"b":2}']
+    with pytest.raises(RpcError):
+        buf.feed(b"x" * 17)
+
+
+def test_error_response_raises_on_the_client():
+    line = json.dumps({"jsonrpc": "2.0", "id": 4, "error": {"code": -1, "message": "nope"}}).encode()
+    with pytest.raises(RpcError, match="nope"):
+        decode_response(line, 4)
+    with pytest.raises(RpcError):
+        decode_response(line, 5)  # answers another request
+
+
+def test_server_and_client_over_a_socket(tmp_path, dispatcher):
+    path = str(tmp_path / "ctl.sock")
+    loop = asyncio.new_event_loop()
+    server = RpcServer(dispatcher, path, mode=0o600)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with RpcClient(path) as client:
+            assert [client.call("add", a=i, b=1) for i in range(3)] == [1, 2, 3]
+            with pytest.raises(RpcError) as err:
+                client.call("refuse")
+            assert err.value.code == INVALID_PARAMS
+            assert client.call("add", a=1) == 1  # the connection survives errors
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        server.close()
+        loop.close()
+    assert not os.path.exists(path)

@@ -1,0 +1,298 @@
+"""The control plane against a real server process: ``ControlClient`` on its control socket,
+the host driver on its vfio-user socket. Namespaces added, removed, created and attached at
+runtime (with the events the host sees), and every kind of injected fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ctrl_helpers import PAGE, Nvme, no_completion, server_env
+from nvme_emu import structures as st
+from nvme_emu.ctl import ControlClient, default_control_socket
+from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
+from nvme_emu.spec import (
+    AdminOpcode,
+    AsyncEventConfig,
+    Cns,
+    Csts,
+    FeatureId,
+    LogPageId,
+    Reg,
+    Status,
+    async_event_dw0,
+    flbas_encode,
+)
+
+AER = AdminOpcode.ASYNC_EVENT_REQUEST
+NS_ATTRIBUTE_CHANGED = async_event_dw0(2, 0, LogPageId.CHANGED_NAMESPACE_LIST)
+
+
+@pytest.fixture
+def ctl(server):
+    with ControlClient(default_control_socket(server.sock)) as client:
+        yield client
+
+
+def active_nsids(n: Nvme, cns: int = Cns.ACTIVE_NSID_LIST) -> list[int]:
+    c, data = n.identify(cns)
+    assert c.status == Status.SUCCESS
+    return [x for x in st.NsidList.parse(data).nsids if x]
+
+
+def changed_nsids(n: Nvme) -> list[int]:
+    c, data = n.get_log(LogPageId.CHANGED_NAMESPACE_LIST, 4096)
+    assert c.status == Status.SUCCESS
+    return [x for x in struct.unpack("<1024I", data) if x]
+
+
+def enable_ns_notices(n: Nvme) -> int:
+    """Ask for Namespace Attribute Changed notices and post one AER; its CID."""
+    assert n.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, AsyncEventConfig.NAMESPACE_ATTRIBUTE).status == Status.SUCCESS
+    aer = n.submit(0, AER)
+    assert no_completion(n, 0, aer)
+    return aer
+
+
+def media_errors(n: Nvme) -> int:
+    c, data = n.get_log(LogPageId.SMART_HEALTH, 512)
+    assert c.status == Status.SUCCESS
+    return st.SmartLog.parse(data).media_errors
+
+
+def newest_error(n: Nvme):
+    c, data = n.get_log(LogPageId.ERROR_INFORMATION, 64)
+    assert c.status == Status.SUCCESS
+    return st.ErrorLogEntry.parse(data)
+
+
+# -- the socket ------------------------------------------------------------------------------
+
+
+def test_control_socket_is_owner_only_and_can_be_off(spawn, tmp_path):
+    srv = spawn("ram:size=16M")
+    assert stat.S_IMODE(os.stat(default_control_socket(srv.sock)).st_mode) == 0o600
+    off = spawn("ram:size=16M", extra=["--ctl-socket", "off"])
+    assert not os.path.exists(default_control_socket(off.sock))
+
+
+def test_bad_requests_read_as_errors(ctl):
+    with pytest.raises(RpcError) as err:
+        ctl.fault_add(kind="media", nsid=7)
+    assert err.value.code == INVALID_PARAMS and "no namespace 7" in err.value.message
+    with pytest.raises(RpcError, match="fault kind"):
+        ctl.fault_add(kind="meteor")
+    with pytest.raises(RpcError, match="unknown fault parameter"):
+        ctl.fault_add(kind="drop", colour="red")
+    assert ctl.controllers()[0]["active_namespaces"] == [1, 2, 3]  # the connection goes on
+
+
+def test_stats_and_listing(ctl, io: Nvme):
+    io.write_ok(1, 1, 0, os.urandom(4096))
+    stats = ctl.stats()
+    assert stats["queues"]["sq1"]["commands"] >= 1 and stats["doorbell_mode"] == "trap"
+    assert stats["controllers"][0]["enabled"] and stats["counters"]["dropped"] == 0
+    namespaces = ctl.namespaces()
+    assert [(ns["nsid"], ns["backend"], ns["lba_size"]) for ns in namespaces] == [
+        (1, "RamBackend", 512), (2, "RamBackend", 4096), (3, "FileBackend", 512)]
+    assert namespaces[0]["stats"]["write_commands"] == 1
+    assert set(ctl.queues()) == {"sq0", "sq1"}
+
+
+# -- namespaces at runtime -------------------------------------------------------------------
+
+
+def test_namespace_added_and_removed_at_runtime(ctl, io: Nvme):
+    aer = enable_ns_notices(io)
+    added = ctl.ns_add(spec="ram:size=8M,lba=4096")
+    assert added["nsid"] == 4 and added["attached"]
+    assert io.wait_cid(0, aer).dw0 == NS_ATTRIBUTE_CHANGED
+    assert changed_nsids(io) == [4]
+    assert active_nsids(io) == [1, 2, 3, 4]
+    data = os.urandom(4096)
+    io.write_ok(1, 4, 7, data, lba_size=4096)
+    assert io.read_ok(1, 4, 7, 1, lba_size=4096) == data
+
+    aer = io.submit(0, AER)
+    ctl.ns_remove(nsid=4)
+    assert io.wait_cid(0, aer).dw0 == NS_ATTRIBUTE_CHANGED
+    assert changed_nsids(io) == [4]
+    assert active_nsids(io) == [1, 2, 3]
+    assert io.write(1, 4, 0, data, lba_size=4096).status == Status.INVALID_NAMESPACE_OR_FORMAT
+    assert [ns["nsid"] for ns in ctl.namespaces()] == [1, 2, 3]
+
+
+def create_ns(n: Nvme, nsze: int, *, ncap: int | None = None, lbaf: int = 0):
+    buf = n.alloc(PAGE)
+    n.write_mem(buf, st.build_identify_namespace(nsze=nsze, ncap=nsze if ncap is None else ncap, flbas=flbas_encode(lbaf)))
+    return n.admin(AdminOpcode.NAMESPACE_MANAGEMENT, prp1=buf, cdw10=0)
+
+
+def own_cntlid(n: Nvme) -> int:
+    """This controller's ID (derived from its serial number, see nvme_emu/identity.py)."""
+    return st.IdentifyController.parse(n.identify(Cns.CONTROLLER)[1]).cntlid
+
+
+def attachment(n: Nvme, nsid: int, sel: int, cntlids=None):
+    if cntlids is None:
+        cntlids = (own_cntlid(n),)
+    buf = n.alloc(PAGE)
+    n.write_mem(buf, st.build_controller_list(cntlids))
+    return n.admin(AdminOpcode.NAMESPACE_ATTACHMENT, nsid=nsid, prp1=buf, cdw10=sel)
+
+
+def test_namespace_management_and_attachment(ctl, io: Nvme):
+    c, ctrl = io.identify(Cns.CONTROLLER)
+    idc = st.IdentifyController.parse(ctrl)
+    assert idc.oacs & (1 << 3) and idc.mnan == idc.nn
+    created = create_ns(io, 2048, lbaf=1)  # 8 MiB of 4 KiB blocks
+    assert created.status == Status.SUCCESS and created.dw0 == 4
+    assert active_nsids(io, Cns.ALLOCATED_NSID_LIST) == [1, 2, 3, 4]
+    assert active_nsids(io) == [1, 2, 3]  # allocated, not attached
+    c, data = io.identify(Cns.ALLOCATED_NAMESPACE, nsid=4)
+    assert st.IdentifyNamespace.parse(data).nsze == 2048
+    c, data = io.identify(Cns.NAMESPACE, nsid=4)
+    assert data == bytes(PAGE)  # inactive
+    assert st.ControllerList.parse(io.identify(Cns.NS_ATTACHED_CONTROLLER_LIST, nsid=4)[1]).count == 0
+
+    aer = enable_ns_notices(io)
+    assert attachment(io, 4, 0).status == Status.SUCCESS
+    assert io.wait_cid(0, aer).dw0 == NS_ATTRIBUTE_CHANGED
+    assert active_nsids(io) == [1, 2, 3, 4]
+    assert list(st.ControllerList.parse(io.identify(Cns.NS_ATTACHED_CONTROLLER_LIST, nsid=4)[1]).ids[:1]) == [idc.cntlid]
+    data = os.urandom(4096)
+    io.write_ok(1, 4, 2047, data, lba_size=4096)
+    assert io.read_ok(1, 4, 2047, 1, lba_size=4096) == data
+    assert attachment(io, 4, 0).status == Status.NAMESPACE_ALREADY_ATTACHED
+    assert attachment(io, 4, 1, cntlids=(idc.cntlid % 0xFFEF + 1,)).status == Status.CONTROLLER_LIST_INVALID  # another
+    assert ctl.namespaces()[3]["attached"] is True
+
+    assert attachment(io, 4, 1).status == Status.SUCCESS
+    assert io.read(1, 4, 0, 1, lba_size=4096)[0].status == Status.INVALID_NAMESPACE_OR_FORMAT
+    assert attachment(io, 4, 1).status == Status.NAMESPACE_NOT_ATTACHED
+    assert io.admin(AdminOpcode.NAMESPACE_MANAGEMENT, nsid=4, cdw10=1).status == Status.SUCCESS
+    assert active_nsids(io, Cns.ALLOCATED_NSID_LIST) == [1, 2, 3]
+    assert io.admin(AdminOpcode.NAMESPACE_MANAGEMENT, nsid=4, cdw10=1).status == Status.INVALID_NAMESPACE_OR_FORMAT
+
+
+def test_namespace_management_refusals(io: Nvme):
+    assert create_ns(io, 100, ncap=50).status == Status.THIN_PROVISIONING_NOT_SUPPORTED
+    assert create_ns(io, 1 << 40).status == Status.NAMESPACE_INSUFFICIENT_CAPACITY
+    assert create_ns(io, 100, lbaf=5).status == Status.INVALID_FORMAT
+    c, ctrl = io.identify(Cns.CONTROLLER)
+    idc = st.IdentifyController.parse(ctrl)
+    assert 0 < idc.unvmcap < idc.tnvmcap
+
+
+def test_created_namespace_file_in_ns_dir(spawn, tmp_path):
+    ns_dir = tmp_path / "namespaces"
+    ns_dir.mkdir()
+    srv = spawn("ram:size=16M", extra=["--ns-dir", str(ns_dir)])
+    n = Nvme(srv.sock)
+    try:
+        assert create_ns(n, 4096).dw0 == 2
+        assert (ns_dir / "ns2.img").stat().st_size == 4096 * 512
+        assert n.admin(AdminOpcode.NAMESPACE_MANAGEMENT, nsid=2, cdw10=1).status == Status.SUCCESS
+        assert not (ns_dir / "ns2.img").exists()
+    finally:
+        n.close()
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+
+def test_media_error_on_a_range(ctl, io: Nvme):
+    before = media_errors(io)
+    fault = ctl.fault_add(kind="media", nsid=1, slba=100, nlb=8, op="read")
+    c, _ = io.read(1, 1, 96, 8)
+    assert c.status == Status.UNRECOVERED_READ_ERROR and c.dnr
+    entry = newest_error(io)
+    assert (entry.sqid, entry.cid, entry.nsid, entry.lba) == (1, c.cid, 1, 100)
+    assert media_errors(io) == before + 1
+    io.read_ok(1, 1, 0, 8)  # outside the range
+    io.read_ok(1, 1, 108, 8)
+    io.read_ok(1, 2, 100, 1, lba_size=4096)  # another namespace
+    io.write_ok(1, 1, 100, os.urandom(4096))  # reads only
+    listed = ctl.fault_list()
+    assert listed["faults"][0]["hits"] == 1 and listed["counters"]["media_errors"] == 1
+    assert ctl.controllers()[0]["media_errors"] == before + 1
+    assert ctl.fault_clear(id=fault["id"]) == 1
+    io.read_ok(1, 1, 96, 8)
+
+
+def test_write_fault_counts_down(ctl, io: Nvme):
+    ctl.fault_add(kind="media", nsid=3, op="write", remaining=1)
+    data = os.urandom(512)
+    c = io.write(1, 3, 5, data)
+    assert c.status == Status.WRITE_FAULT and c.dnr
+    io.write_ok(1, 3, 5, data)  # the one hit is used up
+    assert io.read_ok(1, 3, 5, 1) == data
+
+
+@pytest.mark.parametrize("nsid", [1, 3], ids=["ram", "file"])
+def test_latency_holds_the_completion(ctl, io: Nvme, nsid: int):
+    ctl.fault_add(kind="latency", nsid=nsid, us=300_000, op="write", remaining=1)
+    started = time.monotonic()
+    io.write_ok(1, nsid, 0, os.urandom(512))
+    assert time.monotonic() - started >= 0.3
+    assert ctl.fault_list()["counters"]["delayed"] == 1
+
+
+def test_latency_distributions_are_validated(ctl):
+    with pytest.raises(RpcError, match="min_us <= max_us"):
+        ctl.fault_add(kind="latency", dist="uniform", min_us=10, max_us=5)
+    fault = ctl.fault_add(kind="latency", dist="exponential", us=50)
+    assert fault["dist"] == "exponential"
+
+
+def test_dropped_completion_then_reset(ctl, io: Nvme):
+    ctl.fault_add(kind="drop", nsid=1, remaining=1)
+    lost = io.submit(1, 0x02, nsid=1, prp1=io.alloc(512), cdw10=0, cdw12=0)
+    io.read_ok(1, 1, 0, 1)  # after the lost one on the same SQ: the device keeps serving
+    assert no_completion(io, 1, lost)
+    assert ctl.fault_list()["counters"]["dropped"] == 1
+    io.host.disable()  # what a host's timeout handling ends with
+    io.enable()
+    io.set_queues(4)
+    io.create_pair(1, 64)
+    io.read_ok(1, 1, 0, 1)
+
+
+def test_fatal_status_until_reset(ctl, io: Nvme):
+    state = ctl.fatal(reason="test")
+    assert state["fatal"]
+    assert io.reg32(Reg.CSTS) & Csts.CFS
+    cid = io.submit(1, 0x02, nsid=1, prp1=io.alloc(512))
+    assert no_completion(io, 1, cid)  # nothing is processed
+    io.host.disable()
+    assert not io.reg32(Reg.CSTS) & Csts.CFS
+    io.enable()
+    io.set_queues(4)
+    io.create_pair(1, 64)
+    io.read_ok(1, 1, 0, 1)
+    assert ctl.controllers()[0]["faults"]["fatal"] == 1
+
+
+def test_ctl_command_line(server):
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nvme_emu", "ctl", "--socket", default_control_socket(server.sock), *args],
+                              capture_output=True, text=True, env=server_env(), timeout=60)
+
+    added = ctl("fault", "media", "--nsid", "2", "--slba", "5", "--nlb", "1", "--op", "write", "--count", "2")
+    assert added.returncode == 0, added.stderr
+    assert {k: json.loads(added.stdout)[k] for k in ("kind", "nsid", "slba", "nlb", "op", "remaining")} == {
+        "kind": "media", "nsid": 2, "slba": 5, "nlb": 1, "op": "write", "remaining": 2}
+    ctl("fault", "latency", "--dist", "uniform", "--min-us", "1", "--max-us", "2")
+    listing = json.loads(ctl("list").stdout)
+    assert [f["kind"] for f in listing["faults"]] == ["media", "latency"]
+    assert [ns["nsid"] for ns in listing["namespaces"]] == [1, 2, 3]
+    assert json.loads(ctl("fault-clear").stdout) == 2
+    refused = ctl("ns-remove", "9")
+    assert refused.returncode == 1 and "no namespace 9" in refused.stderr

@@ -9,12 +9,13 @@ from nvme_emu import identity, structures as st
 from nvme_emu.cli import build_function
 from nvme_emu.identify import identify_controller
 from nvme_emu.identity import CNTLID_MAX
+from nvme_emu.namespace import create_namespace
 
 
 def serve_args(socket: str, *namespaces: str, serial: str | None = None) -> argparse.Namespace:
     """What ``nvme-emu serve`` parses, for build_function."""
     return argparse.Namespace(socket=socket, serial=serial, model="nvme-emu", queues=4, namespace=list(namespaces) or None,
-                              doorbell="trap", spin_us=None, poll_idle_max_us=None)
+                              doorbell="trap", spin_us=None, poll_idle_max_us=None, ns_dir=None)
 
 
 def identities(args: argparse.Namespace) -> tuple[tuple, list[tuple]]:
@@ -65,3 +66,12 @@ def test_serial_option_wins_and_cntlid_follows_it(tmp_path):
     (serial, cntlid, subnqn), _ = identities(serve_args(str(tmp_path / "a.sock"), serial="MYSERIAL1"))
     assert serial == "MYSERIAL1" and cntlid == identity.controller_id("MYSERIAL1")
     assert subnqn == st.subsystem_nqn("MYSERIAL1")
+
+
+def test_a_created_namespace_is_new_even_on_a_reused_nsid():
+    first, again = create_namespace(3, 1 << 20, 512), create_namespace(3, 1 << 20, 512)
+    try:
+        assert not {first.nguid, first.eui64, first.uuid} & {again.nguid, again.eui64, again.uuid}
+    finally:
+        first.close()
+        again.close()

@@ -17,6 +17,9 @@ Doorbell paths (host side -> server side):
 ``shadow``           shadow ioeventfd, KVM POST_WRITE emulated: store value in the shared
                      page, then eventfd_write (IoFd.emulate_post_write, inlined)
 ``ioeventfd+dbbuf``  NVMe shadow doorbells + EventIdx; plain eventfd signal when EventIdx asks
+``shadow+dbbuf``     NVMe shadow doorbells + EventIdx; when EventIdx asks, the doorbell write is
+                     a shadow ioeventfd with POST_WRITE emulated (what Linux does on a POST_WRITE
+                     KVM with the doorbell agent)
 ``poll``             doorbell page mmapped from BAR0 (sparse area), a 4-byte store; the
                      server polls it adaptively
 
@@ -54,8 +57,8 @@ from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType  # noqa: E402
 from vfio_user.messages import HEADER, REGION_ACCESS  # noqa: E402
 
-PATHS = ["trap", "trap+dbbuf", "shadow", "ioeventfd+dbbuf", "poll"]
-SERVER_MODE = {"trap": "trap", "trap+dbbuf": "trap", "shadow": "shadow", "ioeventfd+dbbuf": "ioeventfd", "poll": "poll"}
+PATHS = ["trap", "trap+dbbuf", "shadow", "shadow+dbbuf", "ioeventfd+dbbuf", "poll"]
+SERVER_MODE = {"trap": "trap", "trap+dbbuf": "trap", "shadow": "shadow", "shadow+dbbuf": "shadow", "ioeventfd+dbbuf": "ioeventfd", "poll": "poll"}
 QDS = [1, 8, 32, 128]
 IOS = {1: 20_000, 8: 60_000, 32: 100_000, 128: 150_000}
 WORKLOADS = {"randread": NvmOpcode.READ, "randwrite": NvmOpcode.WRITE}
@@ -182,6 +185,17 @@ class Rig:
 
             def kick(slot, value):
                 sock.sendall(trapped(Reg.DOORBELLS + 4 * slot, value))
+
+        elif path == "shadow+dbbuf":
+            iofds = {(f.gpa_offset - Reg.DOORBELLS) // 4: f for f in client.region_io_fds(0)}
+            post = {s: (memoryview(f.shadow).cast("I"), f.shadow_offset // 4, f.eventfd) for s, f in iofds.items()}
+            self._keep += tuple(v for v, _, _ in post.values())
+            write = os.eventfd_write
+
+            def kick(slot, value):
+                page, index, efd = post[slot]
+                page[index] = value  # what KVM's POST_WRITE stores before it signals
+                write(efd, 1)
 
         else:
             iofds = {(f.gpa_offset - Reg.DOORBELLS) // 4: f for f in client.region_io_fds(0)}

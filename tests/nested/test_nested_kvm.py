@@ -73,15 +73,32 @@ def _parse_junit(path: str) -> tuple[dict[str, str], dict[str, str]]:
     return cases, skips
 
 
-def _inner_run(kvm: str, out_dir: str) -> InnerRun:
-    junit = os.path.join(out_dir, f"junit-{kvm}.xml")
+#: One inner run takes about 3 minutes; this cap lets a frozen L1 cost CI little.
+INNER_TIMEOUT_S = 600
+
+
+def _boot_inner(kvm: str, junit: str, out_dir: str):
     expect = "1" if kvm == "patched" else "0"
-    res = nested.run_nested(
+    return nested.run_nested(
         [os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(os.path.join(REPO, ".venv")) else "python3",
          "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-s", "-q", f"--junitxml={junit}", *INNER_SUITES],
-        kvm=kvm, cwd=REPO, out_dirs=[out_dir], timeout=900,  # a hung L1 must not eat CI's 90 min
+        kvm=kvm, cwd=REPO, out_dirs=[out_dir], timeout=INNER_TIMEOUT_S,
         env={"NVME_EMU_EXPECT_POST_WRITE": expect, "PYTHONDONTWRITEBYTECODE": "1"},
     )
+
+
+def _inner_run(kvm: str, out_dir: str) -> InnerRun:
+    """One boot of the rig running the inner suites; a second, fresh boot only when the first
+    never finished (L1 froze or died: TCG's emulated SVM has done both, a few percent of long
+    runs). A test that fails inside is never retried: its JUnit report decides."""
+    junit = os.path.join(out_dir, f"junit-{kvm}.xml")
+    res = _boot_inner(kvm, junit, out_dir)
+    if res.returncode is None:
+        print(f"--- nested rig, {kvm} modules: L1 never finished ({res.elapsed:.0f} s); booting once more ---\n"
+              + res.describe_failure())
+        if os.path.exists(junit):
+            os.unlink(junit)
+        res = _boot_inner(kvm, junit, out_dir)
     print(f"--- nested rig, {kvm} modules: rc={res.returncode} in {res.elapsed:.0f} s ---")
     print(res.output[-6000:])
     assert res.returncode is not None, res.describe_failure()

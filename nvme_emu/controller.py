@@ -548,7 +548,7 @@ class Controller:
             unpack = SQE.unpack_from
             qid, sq_size, cq_size = sq.qid, sq.size, cq.size
             while sq.head != sq.tail:
-                if (cq.head - cq.tail - 1) % cq_size <= cq.reserved and not self._cq_has_room(cq):
+                if (cq.head - cq.tail - 1) % cq_size <= cq.reserved and not self._refresh_cq_head(cq):
                     sq.stats.cq_full_stalls += 1
                     break
                 head = sq.head
@@ -580,7 +580,7 @@ class Controller:
         execute = self.admin.execute
         try:
             while sq.head != sq.tail:
-                if cq.room <= 0 and not self._cq_has_room(cq):
+                if cq.room <= 0 and not self._refresh_cq_head(cq):
                     sq.stats.cq_full_stalls += 1
                     break
                 entry = sq.fetch(memory)
@@ -620,7 +620,7 @@ class Controller:
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> bool:
         """Complete a deferred command (AER); False when its queues are gone or full."""
         sq = self.state.sqs.get(sqid)
-        if sq is None or self.state.memory is None or (sq.cq.room <= 0 and not self._cq_has_room(sq.cq)):
+        if sq is None or self.state.memory is None or (sq.cq.room <= 0 and not self._refresh_cq_head(sq.cq)):
             return False
         try:
             sq.cq.post(self.state.memory, dw0, 0, sq.head, sqid, cid, status)
@@ -638,10 +638,6 @@ class Controller:
     # DEFERRED after begin_request(), which promises them a CQ slot; they end with
     # finish_request() on the loop thread, and drain_completions() posts everything
     # finished, once per loop turn, with the SQ head as of posting.
-
-    def _cq_has_room(self, cq: CompletionQueue) -> bool:
-        """No slot beyond the promised ones: look for a newer host head (shadow buffers)."""
-        return self._refresh_cq_head(cq) and cq.room > 0
 
     def io_pool(self) -> IoPool | None:
         """The worker threads for blocking backends, made on first use; None without a loop."""

@@ -155,11 +155,15 @@ class FakeAgent:
                 struct.pack_into("<I", m, reg.shadow_offset, value)
         os.eventfd_write(reg.eventfd, 1)
 
-    def close(self) -> None:
+    def die(self) -> None:
+        """The VMM and its agent are gone: the connection closes, registrations with it."""
         self.stopping = True
         self.thread.join(DEADLINE)
-        self.sock.close()
         self._replace(None, {})
+
+    def close(self) -> None:
+        self.die()
+        self.sock.close()
         os.unlink(self.path)
 
 
@@ -279,9 +283,7 @@ def test_agent_vanishing_leaves_doorbells_trapped(serve, session, agent):
     _place_bar(s, BAR_A)
     _memory_decoding(s, True)
     assert fake.wait_event(0)[0] == "set"
-    fake.stopping = True  # closes the connection; registrations gone with it
-    fake.thread.join(DEADLINE)
-    fake._replace(None, {})
+    fake.die()
     _memory_decoding(s, False)  # the server's CLEAR finds no peer
     s.bring_up("trap", depth=16)
     s.write_read_check(1, 0, 4, qd=2, seed=9)

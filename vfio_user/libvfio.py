@@ -82,11 +82,17 @@ COMMON_DIRS = (
 )
 
 INSTALL_HINT = (
-    "libvfio-user is not installed: install nutanix/libvfio-user (commit f3742ed of 2026-03 or newer; "
-    "its build needs the Debian packages meson ninja-build libjson-c-dev libcmocka-dev pkg-config; "
-    "enable its shadow-ioeventfd option for shadow ioeventfds), "
-    f"then make {SONAME} findable: install it where ldconfig finds it, or set {ENV_LIBRARY}=/path/to/{SONAME}"
+    "libvfio-user is not installed: build nutanix/libvfio-user (commit f3742ed of 2026-03 or newer) "
+    "with `./dev libvfio-user TARBALL_OR_SOURCE_DIR` (installs the Debian build packages meson ninja-build "
+    "libjson-c-dev libcmocka-dev pkg-config, builds with -Dshadow-ioeventfd=true into the cache, where it is "
+    f"found), or install it where ldconfig finds it, or set {ENV_LIBRARY}=/path/to/{SONAME}"
 )
+
+
+def cache_dir() -> str:
+    """Where ``./dev libvfio-user`` (vfio_user/build-libvfio-user.sh) links its newest build."""
+    base = os.environ.get("NVME_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nvme-emu")
+    return os.path.join(base, "libvfio-user", "current", "lib")
 
 CDEF = r"""
 typedef struct vfu_ctx vfu_ctx_t;
@@ -190,7 +196,7 @@ def _candidates() -> list[str]:
     env = os.environ.get(ENV_LIBRARY)
     if env:
         return [os.path.join(env, SONAME) if os.path.isdir(env) else env]
-    out = []
+    out = [os.path.join(cache_dir(), SONAME)]
     found = ctypes.util.find_library("vfio-user")
     if found:
         out.append(found)

@@ -74,13 +74,24 @@ class ServerProcess:
             [sys.executable, "-m", "nvme_emu", *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), cwd=self.cwd or str(REPO)
         )
         deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.sock):
+        # The vfio-user socket appears before the control socket (which starts next):
+        # ready means both are there.
+        while not all(os.path.exists(p) for p in self.listening_paths()):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before listening:\n{self.log()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not create {self.sock}:\n{self.log()}")
+                raise RuntimeError(f"server did not create {self.listening_paths()}:\n{self.log()}")
             time.sleep(0.02)
         return self
+
+    def listening_paths(self) -> list[str]:
+        """The sockets the server listens on once started: vfio-user, then control (unless off)."""
+        from nvme_emu.ctl import default_control_socket
+
+        ctl = default_control_socket(self.sock)
+        if "--ctl-socket" in self.args:
+            ctl = self.args[self.args.index("--ctl-socket") + 1]
+        return [self.sock] if ctl == "off" else [self.sock, ctl]
 
     def log(self) -> str:
         try:

@@ -33,17 +33,23 @@ Python backend, see docs/libvfio-user.md and tests/libvfio/.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
+import select
 import struct
+import termios
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .constants import (
     DEFAULT_MAX_DMA_MAPS,
     DMA_FLAG_WRITE,
+    HEADER_SIZE,
     IO_FDS_HEADER_SIZE,
     IO_FD_RECORD_SIZE,
     IOEVENTFD_FLAG_DATAMATCH,
@@ -61,7 +67,7 @@ from .device import Device, DeviceContext, Region, ResetKind
 from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
 from .irq import IrqRouting
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import _refuse_live_socket, _remove_stale_socket
+from .server import DEFAULT_DMA_TIMEOUT, _refuse_live_socket, _remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +150,7 @@ LIBC_CDEF = r"""
 void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
 int munmap(void *addr, size_t length);
 ssize_t recv(int sockfd, void *buf, size_t len, int flags);
+int shutdown(int sockfd, int how);
 """
 
 # libvfio-user.h constants
@@ -168,6 +175,10 @@ _SYSLOG_TO_LOGGING = {LOG_ERR: logging.ERROR, LOG_WARNING: logging.WARNING, LOG_
 MREMAP_MAYMOVE = 1
 MSG_PEEK = 0x2
 MSG_DONTWAIT = 0x40
+SHUT_RDWR = 2
+#: libvfio-user's largest request (SERVER_MAX_MSG_SIZE: a 1 MiB REGION_WRITE); it rejects a
+#: header announcing more without reading a body, so such a header is handed over at once.
+LIB_MAX_MSG_SIZE = (1 << 20) + HEADER_SIZE + 16
 PROT_READ, PROT_WRITE = 1, 2
 #: Bytes peeked per request: the 16-byte header and the first 20 payload bytes (SET_IRQS).
 PEEK_SIZE = 36
@@ -175,6 +186,7 @@ PEEK_SIZE = 36
 RUN_BUDGET = 64
 _DISCONNECT_ERRNOS = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN}
 _NOTHING = object()
+_PARTIAL = object()
 
 
 class LibvfioUserUnavailable(OSError):
@@ -274,7 +286,10 @@ class _SglRemote:
     """RemoteDma for fd-less regions: DMA_READ/DMA_WRITE messages sent by libvfio-user.
 
     libvfio-user's exchange is synchronous on the one socket (no twin socket with QEMU):
-    the loop blocks until the client answers, as the library's own samples do.
+    ``vfu_sgl_read/write`` send the message and block in ``recv`` until the reply. So the
+    exchange runs in the server's worker thread (:meth:`LibvfioUserServer._blocking`) while
+    the loop keeps running everything else; requests from this client wait (the reply comes
+    on the same socket), and a client that does not answer within ``dma_timeout`` is dropped.
     """
 
     def __init__(self, server: "LibvfioUserServer") -> None:
@@ -316,11 +331,11 @@ class _SglRemote:
 
     async def dma_read(self, iova: int, length: int) -> bytes:
         out = bytearray(length)
-        self._transfer(iova, length, out, write=False)
+        await self.server._blocking(self._transfer, iova, length, out, False, what=f"DMA_READ at {iova:#x}")
         return bytes(out)
 
     async def dma_write(self, iova: int, data: bytes) -> None:
-        self._transfer(iova, len(data), bytes(data), write=True)
+        await self.server._blocking(self._transfer, iova, len(data), bytes(data), True, what=f"DMA_WRITE at {iova:#x}")
 
 
 # -- interrupts -----------------------------------------------------------------------------
@@ -418,6 +433,8 @@ class LibvfioUserServer:
         library_log_level: int = LOG_WARNING,
         on_connect: Callable[[LibvfioClient], None] | None = None,
         on_disconnect: Callable[[LibvfioClient, str], None] | None = None,
+        handshake_timeout: float | None = None,
+        dma_timeout: float = DEFAULT_DMA_TIMEOUT,
         **_ignored: Any,
     ) -> None:
         lib = load_library()  # fail early, with the install hint
@@ -430,6 +447,11 @@ class LibvfioUserServer:
         self.library_log_level = library_log_level
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        #: Seconds a client may take to finish VERSION, or stay stopped inside a message,
+        #: before it is dropped (None or 0: never); it must not hold the one client slot.
+        self.handshake_timeout = handshake_timeout or None
+        #: Seconds a client may take to answer a DMA_READ/DMA_WRITE before it is dropped.
+        self.dma_timeout = dma_timeout
         self.client: LibvfioClient | None = None
         self.clients_served = 0
         #: Whether shadow ioeventfds were accepted (library built with -Dshadow-ioeventfd=true).
@@ -444,6 +466,23 @@ class LibvfioUserServer:
         self._callbacks: list[Any] = []  # keep every cffi callback alive as long as the ctx
         self._peek = self._ffi.new("char[]", PEEK_SIZE)
         self._done: asyncio.Future[None] | None = None
+        # Calls into libvfio-user that block on the client (accept + VERSION, DMA_READ/WRITE)
+        # run one at a time in this thread; while one runs the loop makes no other vfu_* call.
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._busy: concurrent.futures.Future | None = None
+        self._blocking_lock: asyncio.Lock | None = None
+        self._drop_reason: str | None = None
+        # The connection is watched edge-triggered through this epoll fd: a partial message
+        # waits for its next bytes without the loop spinning on a readable socket.
+        self._epoll: select.epoll | None = None
+        self._peer_closed = False
+        self._partial_bytes = -1  # bytes queued of an incomplete message; -1 when none
+        self._last_progress = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._loop_thread: int | None = None
+        #: Callbacks libvfio-user made from the worker (a DMA exchange that found the client
+        #: gone resets the context there): run on the loop thread once the call returns.
+        self._deferred: list[Callable[[], None]] = []
 
     @property
     def attached(self) -> bool:
@@ -463,6 +502,8 @@ class LibvfioUserServer:
         """Create, set up and realize the context; the socket exists when this returns."""
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
+        self._blocking_lock = asyncio.Lock()
+        self._loop_thread = threading.get_ident()
         _refuse_live_socket(self.path)
         _remove_stale_socket(self.path)
         ffi, lib = self._ffi, self._lib
@@ -483,6 +524,7 @@ class LibvfioUserServer:
             self._destroy()
             raise
         self.device.config.write_hooks.append(self._config_hook)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="libvfio-user")
         self._listen_fd = lib.vfu_get_poll_fd(vfu)
         self._loop.add_reader(self._listen_fd, self._try_attach)
         log.info("libvfio-user (%s) listening on %s (mode %o)", self.library_path, self.path, self.mode)
@@ -616,10 +658,23 @@ class LibvfioUserServer:
         self.device.config.reset_registers()
         self.device.reset(kind)
 
+    def _off_loop(self, fn: Callable, *args: Any) -> bool:
+        """Called from the worker thread: queue ``fn(*args)`` for the loop thread (True)."""
+        if self._loop_thread is None or threading.get_ident() == self._loop_thread:
+            return False
+        self._deferred.append(lambda: fn(*args))
+        return True
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)()
+
     def _reset(self, _ctx: Any, kind: int) -> int:
+        if self._off_loop(self._reset, _ctx, kind):
+            return 0
         try:
             if kind == VFU_RESET_LOST_CONN:
-                self._lost_connection("client disconnected")
+                self._lost_connection(self._drop_reason or "client disconnected")
             else:
                 self._device_reset(ResetKind.FLR if kind == VFU_RESET_PCI_FLR else ResetKind.DEVICE)
             return 0
@@ -670,27 +725,68 @@ class LibvfioUserServer:
         try:
             iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
             size = int(info.iova.iov_len)
+            if self._off_loop(self._forget_dma, iova, size):
+                return  # our views are our own mappings: libvfio-user may unmap its own now
+            self._forget_dma(iova, size)
+        except Exception:
+            log.exception("DMA unregister callback failed")
+
+    def _forget_dma(self, iova: int, size: int) -> None:
+        try:
             if self._table is not None:
                 self._table.remove(iova, size)  # listeners (device.dma_unmapping) first
         except DmaError as e:
             log.warning("DMA unregister of an unknown range: %s", e)
         except Exception:
-            log.exception("DMA unregister callback failed")
+            log.exception("DMA unregister failed")
 
     # -- running ----------------------------------------------------------------------------
 
     def _try_attach(self) -> None:
-        ffi, lib = self._ffi, self._lib
-        if self._vfu is None:
-            return
-        ret = lib.vfu_attach_ctx(self._vfu)  # accept + VERSION negotiation (synchronous)
-        if ret < 0:
-            err = ffi.errno
-            if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                log.warning("client refused at attach: %s", os.strerror(err))
+        """The listen fd is readable: accept + VERSION in the worker (both block on the client)."""
+        if self._vfu is None or self._busy is not None or self._worker is None:
             return
         assert self._loop is not None
         self._loop.remove_reader(self._listen_fd)
+        self._drop_reason = None
+        future = self._start_blocking(self._attach_call)
+        timer = None
+        if self.handshake_timeout is not None:
+            timer = self._loop.call_later(self.handshake_timeout, self._abort_blocking, f"no VERSION within {self.handshake_timeout:g} s")
+        asyncio.wrap_future(future, loop=self._loop).add_done_callback(lambda f: self._attach_done(f, timer))
+
+    def _attach_call(self) -> tuple[int, int]:
+        """In the worker: vfu_attach_ctx and its errno (thread-local, so read here)."""
+        vfu = self._vfu
+        if vfu is None:
+            return -1, errno.ENOTCONN
+        ret = self._lib.vfu_attach_ctx(vfu)
+        return ret, (self._ffi.errno if ret < 0 else 0)
+
+    def _attach_done(self, future: asyncio.Future, timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+        self._busy = None
+        if self._vfu is None or self._loop is None or future.cancelled():
+            return
+        exc = future.exception()
+        ret, err = future.result() if exc is None else (-1, errno.EIO)
+        if ret < 0:
+            if exc is not None:
+                log.error("vfu_attach_ctx raised: %r", exc)
+            elif self._drop_reason is not None:
+                log.warning("client dropped at attach: %s", self._drop_reason)
+            elif err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                log.warning("client refused at attach: %s", os.strerror(err))
+            self._drop_reason = None
+            self._listen_fd = self._lib.vfu_get_poll_fd(self._vfu)
+            self._loop.add_reader(self._listen_fd, self._try_attach)
+            return
+        self._attached()
+
+    def _attached(self) -> None:
+        ffi, lib = self._ffi, self._lib
+        assert self._loop is not None
         self._conn_fd = lib.vfu_get_poll_fd(self._vfu)
         self._table = ForeignDmaTable(self.max_dma_maps)
         self._table.unmap_listeners.append(self.device.dma_unmapping)
@@ -700,26 +796,91 @@ class LibvfioUserServer:
         self.clients_served += 1
         log.info("client connected (pid/uid/gid %s)", self.client.peer)
         self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))  # type: ignore[arg-type]
-        self._loop.add_reader(self._conn_fd, self._readable)
-        # libuv (uvloop) makes a polled fd non-blocking; libvfio-user reads message bodies
-        # and DMA replies with blocking recv() calls, so give it back its blocking socket.
-        os.set_blocking(self._conn_fd, True)
+        # The connection socket stays blocking (accept() gave it so), as libvfio-user reads
+        # bodies and DMA replies with blocking recv(); we only hand it a request once all of
+        # it is queued. The loop polls an epoll fd watching it edge-triggered, not the socket.
+        self._peer_closed = False
+        self._partial_bytes = -1
+        self._epoll = select.epoll(1)
+        self._epoll.register(self._conn_fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._loop.add_reader(self._epoll.fileno(), self._readable)
+        self._loop.call_soon(self._readable)  # bytes that came with or right after VERSION
         if self.on_connect is not None:
             self.on_connect(self.client)
 
+    def _start_blocking(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        assert self._worker is not None and self._busy is None
+        self._busy = self._worker.submit(fn, *args)
+        return self._busy
+
+    async def _blocking(self, fn: Callable, *args: Any, what: str) -> Any:
+        """Run ``fn`` (a libvfio-user call that waits on the client) in the worker thread.
+
+        One at a time; no request of this client is processed meanwhile (the client's answer
+        comes on the same socket); past ``dma_timeout`` the client is dropped, which wakes
+        the call up with an error."""
+        assert self._blocking_lock is not None and self._loop is not None
+        async with self._blocking_lock:
+            if self._vfu is None or not self.attached:
+                raise DmaError(errno.ENOTCONN, "client disconnected")
+            future = self._start_blocking(fn, *args)
+            timer = self._loop.call_later(self.dma_timeout, self._abort_blocking, f"{what} not answered within {self.dma_timeout:g} s")
+            try:
+                return await asyncio.shield(asyncio.wrap_future(future, loop=self._loop))
+            finally:
+                timer.cancel()
+                if not future.done():  # cancelled while the worker runs: it must end first
+                    self._abort_blocking(f"{what} abandoned")
+                    await asyncio.wrap_future(future, loop=self._loop)
+                self._busy = None
+                self._run_deferred()
+                if self._drop_reason is not None:
+                    self._peer_closed = True
+                self._loop.call_soon(self._readable)  # requests that queued up meanwhile
+
+    def _abort_blocking(self, reason: str) -> None:
+        """Wake a blocking call up by shutting the client's socket down; the client is dropped."""
+        if self._vfu is None or self._busy is None or self._busy.done():
+            return
+        fd = self._lib.vfu_get_poll_fd(self._vfu)
+        if fd < 0 or fd == self._listen_fd:
+            return  # not accepted yet: nothing waits on a client
+        log.warning("dropping client: %s", reason)
+        self._drop_reason = reason
+        self._libc.shutdown(fd, SHUT_RDWR)
+
     def _readable(self) -> None:
+        """The connection got bytes (or EOF): hand libvfio-user each request that is complete."""
         ffi, lib = self._ffi, self._lib
+        if self._epoll is not None:
+            try:
+                for _fd, events in self._epoll.poll(0):  # consume the edge
+                    if events & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                        self._peer_closed = True
+            except OSError:
+                pass
+        if self._busy is not None or self._conn_fd < 0:
+            return  # a DMA exchange owns the socket (_blocking calls us again afterwards), or gone
         for _ in range(RUN_BUDGET):
             if not self.attached or self._vfu is None:
                 break
             peeked = self._peek_request()
             if peeked is _NOTHING:
+                self._partial_bytes = -1
                 return  # no request waiting: spare vfu_run_ctx its own EAGAIN recv
+            if peeked is _PARTIAL:
+                self._partial_received()
+                return  # the rest comes with a new edge (or the stall timer drops the client)
+            self._partial_bytes = -1
             ret = lib.vfu_run_ctx(self._vfu)
             if ret < 0:
                 err = ffi.errno
                 if err in _DISCONNECT_ERRNOS or not self.attached:
-                    self._lost_connection("client disconnected")
+                    if err != errno.ENOTCONN and self.attached:
+                        # the library has not reset yet (a reply failed): the next call sees EOF
+                        self._peer_closed = True
+                        continue
+                    self._lost_connection(self._drop_reason or "client disconnected")
                     self._finish_disconnect()
                     return
                 if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
@@ -728,23 +889,66 @@ class LibvfioUserServer:
                 return
             if isinstance(peeked, tuple):
                 self._after_request(*peeked)
-            if ret == 0:
-                return
+            if ret == 0 and not self._peer_closed:
+                return  # (after EOF, go on: the next call reads it and resets the context)
+        else:
+            # budget spent with requests still queued: no new edge will say so
+            if self._loop is not None:
+                self._loop.call_soon(self._readable)
+            return
         if not self.attached:
             self._finish_disconnect()
 
+    def _queued(self) -> int:
+        """Bytes waiting in the connection's receive queue (FIONREAD)."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self._conn_fd, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            return 0
+
     def _peek_request(self) -> tuple[int, bytes] | object | None:
-        """(command, first payload bytes) of the next request; _NOTHING when none is waiting."""
+        """(command, first payload bytes) of the next request when all of it is queued;
+        _NOTHING when no byte waits, _PARTIAL when only part of a message does, None when
+        vfu_run_ctx should look itself (EOF, an error, not a request)."""
         n = self._libc.recv(self._conn_fd, self._peek, PEEK_SIZE, MSG_PEEK | MSG_DONTWAIT)
         if n < 0 and self._ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             return _NOTHING
-        if n < 16:
-            return None  # EOF, an error or a partial header: vfu_run_ctx finds out
+        if n <= 0:
+            return None  # EOF or an error: vfu_run_ctx finds out (and resets the context)
+        if n < HEADER_SIZE:
+            return None if self._peer_closed else _PARTIAL
         raw = self._ffi.unpack(self._peek, n)
-        _msg_id, command, _size, flags = struct.unpack_from("<HHII", raw)
+        _msg_id, command, size, flags = struct.unpack_from("<HHII", raw)
+        if HEADER_SIZE < size <= LIB_MAX_MSG_SIZE and not self._peer_closed and self._queued() < size:
+            return _PARTIAL
         if flags & 0xF:  # not a request
             return None
-        return command, raw[16:]
+        return command, raw[HEADER_SIZE:]
+
+    def _partial_received(self) -> None:
+        """Part of a message is queued: new bytes are progress; arm the stall check."""
+        assert self._loop is not None
+        queued = self._queued()
+        if queued != self._partial_bytes:
+            self._partial_bytes = queued
+            self._last_progress = self._loop.time()
+        if self._stall_timer is None and self.handshake_timeout is not None:
+            self._stall_timer = self._loop.call_later(self.handshake_timeout, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        timeout = self.handshake_timeout
+        if timeout is None or not self.attached or self._partial_bytes < 0 or self._busy is not None or self._loop is None:
+            return
+        idle = self._loop.time() - self._last_progress
+        if idle < timeout:
+            self._stall_timer = self._loop.call_later(timeout - idle, self._check_stall)
+            return
+        self._drop_reason = f"stalled mid-message for {idle:.1f} s"
+        log.warning("dropping client: %s", self._drop_reason)
+        self._libc.shutdown(self._conn_fd, SHUT_RDWR)
+        self._peer_closed = True
+        self._readable()  # libvfio-user reads the fragment, fails, and resets the context
 
     def _after_request(self, command: int, payload: bytes) -> None:
         client = self.client
@@ -764,21 +968,33 @@ class LibvfioUserServer:
         client = self.client
         if client is None or client.closed.done():
             return
-        assert self._loop is not None
-        if self._conn_fd >= 0:
-            try:
-                self._loop.remove_reader(self._conn_fd)
-            except (OSError, ValueError):
-                pass
+        self._unwatch_connection()
         client.irqs.close()
         try:
             self.device.detached()
         finally:
             client.closed.set_result(reason)
 
+    def _unwatch_connection(self) -> None:
+        """Stop watching the connection: its epoll fd is closed, the stall check cancelled."""
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self._epoll is not None:
+            epoll, self._epoll = self._epoll, None
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(epoll.fileno())
+                except (OSError, ValueError):
+                    pass
+            epoll.close()
+
     def _finish_disconnect(self) -> None:
+        if self._conn_fd < 0:
+            return  # done already
         client = self.client
         self._conn_fd = -1
+        self._unwatch_connection()
         if self._table is not None:
             self._table.remove_all()  # libvfio-user unregistered them already; belt and braces
         if client is not None:
@@ -798,20 +1014,40 @@ class LibvfioUserServer:
 
     def close(self) -> None:
         """Drop the client, destroy the context (removes the socket path)."""
-        if self._loop is not None:
-            for fd in (self._listen_fd, self._conn_fd):
-                if fd >= 0:
-                    try:
-                        self._loop.remove_reader(fd)
-                    except (OSError, ValueError):
-                        pass
-        self._destroy()
+        if self._loop is not None and self._listen_fd >= 0:
+            try:
+                self._loop.remove_reader(self._listen_fd)
+            except (OSError, ValueError):
+                pass
+        self._unwatch_connection()
+        if self._stop_worker():
+            self._run_deferred()
+            self._destroy()
+        else:
+            self._vfu = None  # a call still inside the library: leak the context, do not race it
         if self.client is not None and not self.client.closed.done():
             self._lost_connection("server shutting down")
         if self._config_hook in self.device.config.write_hooks:
             self.device.config.write_hooks.remove(self._config_hook)
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+    def _stop_worker(self) -> bool:
+        """Wake a blocking call up and let the worker end (vfu_destroy_ctx must not race it);
+        False if it is still inside libvfio-user after a few seconds."""
+        busy = self._busy
+        for _ in range(100):
+            if busy is None or busy.done():
+                break
+            self._abort_blocking("server shutting down")
+            concurrent.futures.wait([busy], timeout=0.05)
+        ended = busy is None or busy.done()
+        if not ended:
+            log.error("a libvfio-user call did not return at shutdown: context left as is")
+        if self._worker is not None:
+            self._worker.shutdown(wait=ended)
+            self._worker = None
+        return ended
 
     def _destroy(self) -> None:
         if self._vfu is not None:

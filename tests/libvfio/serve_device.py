@@ -3,6 +3,8 @@
     python tests/libvfio/serve_device.py --backend libvfio-user --device nvme --socket S
 
 Prints ``serving on S (backend B)`` once the socket exists, then serves until SIGTERM.
+With ``--probe P`` it also answers ``alive`` to every connection on the Unix socket P, from
+the same event loop: a test asks it whether the loop still runs while a client misbehaves.
 """
 
 from __future__ import annotations
@@ -33,9 +35,21 @@ def build_device(kind: str, doorbell: str, ns_size: str):
     return NvmeFunction([open_namespace(f"ram:size={ns_size}", 1, controller_seed=config.serial)], config, doorbell=doorbell)
 
 
+async def answer_probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"alive\n")
+    try:
+        await writer.drain()
+    finally:
+        writer.close()
+
+
 async def serve(args: argparse.Namespace) -> None:
     device = build_device(args.device, args.doorbell, args.ns_size)
-    server = make_server(args.backend, device, args.socket)
+    kwargs = {"dma_timeout": args.dma_timeout}
+    if args.handshake_timeout is not None:
+        kwargs["handshake_timeout"] = args.handshake_timeout
+    server = make_server(args.backend, device, args.socket, **kwargs)
+    probe = await asyncio.start_unix_server(answer_probe, args.probe) if args.probe else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,6 +59,8 @@ async def serve(args: argparse.Namespace) -> None:
         print(f"serving on {args.socket} (backend {getattr(server, 'backend', 'python')})", flush=True)
         await stop.wait()
     finally:
+        if probe is not None:
+            probe.close()
         server.close()
         device.close()
 
@@ -56,6 +72,9 @@ def main() -> None:
     p.add_argument("--socket", required=True)
     p.add_argument("--doorbell", default="auto")
     p.add_argument("--ns-size", default="64M")
+    p.add_argument("--probe", default=None, help="a Unix socket answering 'alive' from the server's loop")
+    p.add_argument("--handshake-timeout", type=float, default=None, help="seconds (libvfio-user backend: a stalled client is dropped)")
+    p.add_argument("--dma-timeout", type=float, default=5.0, help="seconds a client has to answer DMA_READ/DMA_WRITE")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

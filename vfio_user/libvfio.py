@@ -479,7 +479,7 @@ class LibvfioUserServer:
         self._partial_bytes = -1  # bytes queued of an incomplete message; -1 when none
         self._last_progress = 0.0
         self._stall_timer: asyncio.TimerHandle | None = None
-        self._loop_thread: int | None = None
+        self._worker_thread: int | None = None  # its ident, once it has run something
         #: Callbacks libvfio-user made from the worker (a DMA exchange that found the client
         #: gone resets the context there): run on the loop thread once the call returns.
         self._deferred: list[Callable[[], None]] = []
@@ -503,7 +503,6 @@ class LibvfioUserServer:
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         self._blocking_lock = asyncio.Lock()
-        self._loop_thread = threading.get_ident()
         _refuse_live_socket(self.path)
         _remove_stale_socket(self.path)
         ffi, lib = self._ffi, self._lib
@@ -660,7 +659,7 @@ class LibvfioUserServer:
 
     def _off_loop(self, fn: Callable, *args: Any) -> bool:
         """Called from the worker thread: queue ``fn(*args)`` for the loop thread (True)."""
-        if self._loop_thread is None or threading.get_ident() == self._loop_thread:
+        if threading.get_ident() != self._worker_thread:
             return False
         self._deferred.append(lambda: fn(*args))
         return True
@@ -810,8 +809,12 @@ class LibvfioUserServer:
 
     def _start_blocking(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         assert self._worker is not None and self._busy is None
-        self._busy = self._worker.submit(fn, *args)
+        self._busy = self._worker.submit(self._in_worker, fn, *args)
         return self._busy
+
+    def _in_worker(self, fn: Callable, *args: Any) -> Any:
+        self._worker_thread = threading.get_ident()
+        return fn(*args)
 
     async def _blocking(self, fn: Callable, *args: Any, what: str) -> Any:
         """Run ``fn`` (a libvfio-user call that waits on the client) in the worker thread.
@@ -824,9 +827,14 @@ class LibvfioUserServer:
             if self._vfu is None or not self.attached:
                 raise DmaError(errno.ENOTCONN, "client disconnected")
             future = self._start_blocking(fn, *args)
-            timer = self._loop.call_later(self.dma_timeout, self._abort_blocking, f"{what} not answered within {self.dma_timeout:g} s")
+            expired = f"{what} not answered within {self.dma_timeout:g} s"
+            timer = self._loop.call_later(self.dma_timeout, self._abort_blocking, expired)
             try:
                 return await asyncio.shield(asyncio.wrap_future(future, loop=self._loop))
+            except DmaError as e:
+                if self._drop_reason == expired:  # what the Python backend answers, too
+                    raise DmaError(errno.ETIMEDOUT, f"{expired} (client dropped)") from e
+                raise
             finally:
                 timer.cancel()
                 if not future.done():  # cancelled while the worker runs: it must end first

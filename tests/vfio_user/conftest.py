@@ -47,9 +47,16 @@ def server(_module_server):
 
 
 @pytest.fixture
-def fresh_server(tmp_path):
+def backend() -> str:
+    """The vfio-user server backend of ``fresh_server``; a module that runs on both overrides
+    this with a fixture parametrised over ``vu_helpers.BACKENDS`` (``vu_helpers.both_backends``)."""
+    return "python"
+
+
+@pytest.fixture
+def fresh_server(tmp_path, backend):
     """A server process of this test's own."""
-    srv = ServerProcess(str(tmp_path / "ticker.sock"), tmp_path / "server.stderr")
+    srv = ServerProcess(str(tmp_path / "ticker.sock"), tmp_path / "server.stderr", backend)
     try:
         yield srv
         _check_after_test(srv, 0)

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from vfio_user.client import VfioUserClient
 from vfio_user.constants import FLAG_NO_REPLY, HEADER_SIZE
 from vfio_user.messages import HEADER
@@ -19,18 +21,36 @@ from vfio_user.messages import HEADER
 REPO = Path(__file__).resolve().parents[2]
 #: Upper bound for anything we wait for; a test that hits it fails, it never asserts on speed.
 DEADLINE = 10.0
+#: The vfio-user server backends (docs/libvfio-user.md).
+BACKENDS = ["python", "libvfio-user"]
+
+
+def both_backends(request) -> str:
+    """Body of a module's ``backend`` fixture parametrised over both backends; libvfio-user
+    skips, with the reason printed, where the library is not installed."""
+    if request.param == "libvfio-user":
+        from vfio_user.libvfio import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            print(f"libvfio-user not installed: {reason}")
+            pytest.skip(f"libvfio-user not installed: {reason}")
+    return request.param
+
+
 
 
 class ServerProcess:
     """A running ``python -m vfio_user.sample`` with its socket path and stderr log."""
 
-    def __init__(self, path: str, log_path: Path) -> None:
+    def __init__(self, path: str, log_path: Path, backend: str = "python") -> None:
         self.path = path
+        self.backend = backend
         self.log_path = log_path
         self._log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vfio_user.sample", "--socket", path],
+            [sys.executable, "-m", "vfio_user.sample", "--socket", path, "--backend", backend],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -52,6 +72,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited at start-up:\n{self.stderr()}")
             line += ch
         assert b"serving on" in line and os.path.exists(path), line
+        assert f"(backend {backend})".encode() in line, line
         # One probe client first: the event loop allocates some fds lazily on its first
         # accept; the baseline is taken once the probe's session is gone (logged by the server).
         probe = VfioUserClient(path, timeout=DEADLINE)

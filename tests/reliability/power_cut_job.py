@@ -1,0 +1,274 @@
+"""The L1 side of the power-cut test (``test_power_cut.py``), run inside the nested rig.
+
+``write``: mount the two ext4 disks L1 was given (/dev/vda: the *honest* disk, /dev/vdb: the
+*control*), serve one namespace file on each with ``nvme-emu serve``, and drive it with the
+project's host driver over vfio-user:
+
+* control (namespace 2): writes that the record calls FUA but that are sent without FUA
+  and never flushed, i.e. what a server that ignored FUA would leave; the test requires
+  the check to find them lost, which shows the cut really loses L1's page cache;
+* honest (namespace 1): QD32, unique pattern per write, distinct slots (a seeded
+  permutation), a third with FUA, a Flush every 20-80 writes; once enough writes are
+  durable it prints the ARMED marker, on which the host pulls the plug, and it goes on
+  writing until it does.
+
+Each record (``durability.AckRecord``) is on a host directory shared over 9p, fsynced after
+every batch of completions; an event is logged only after it was seen.
+
+``verify`` (the next boot, same disks): mount them (ext4 replays its journal), serve the
+files read-only, read every slot through NVMe and straight from the file, check both against
+the records and write the verdict to ``verdict.json`` in the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from durability import SLOT, AckRecord, check_slots, pattern, read_record, slot_order  # noqa: E402
+from rel_helpers import PAGE, Host, ServerProcess, status_name  # noqa: E402
+from nvme_emu.spec import NvmOpcode, Status  # noqa: E402
+
+ARMED = "=====POWER-CUT-" + "ARMED====="  # split: the marker appears on the console only when printed
+DISKS = {"honest": ("/dev/vda", 1), "control": ("/dev/vdb", 2)}
+NS_FILE = "ns.img"
+QD = 32
+READ_SLOTS = 16  # slots per verification read (64 KiB)
+
+
+def log(msg: str) -> None:
+    print(f"power-cut job: {msg}", flush=True)
+
+
+def mount_disks(root: str, readonly: bool) -> dict[str, str]:
+    """Mount each disk under ``root``; the mount point of each by name."""
+    out = {}
+    for name, (dev, _nsid) in DISKS.items():
+        mnt = os.path.join(root, name)
+        os.makedirs(mnt, exist_ok=True)
+        subprocess.run(["mount", "-t", "ext4", *(["-o", "ro"] if readonly else []), dev, mnt], check=True)
+        out[name] = mnt
+    return out
+
+
+def create_ns_file(path: str, size: int) -> None:
+    """A sparse namespace file whose existence is durable before any write (else a cut could
+    lose the file itself, and with it every write the check expects)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def keep_page_cache_dirty() -> None:
+    """No background writeback in L1: a write reaches the disk only when someone syncs it,
+    so a missing fdatasync cannot be hidden by the flusher thread."""
+    Path("/proc/sys/vm/dirty_writeback_centisecs").write_text("0\n")
+    Path("/proc/sys/vm/dirty_expire_centisecs").write_text("3600000\n")
+
+
+class WriteRun:
+    """Distinct-slot writes at queue depth ``QD`` on one namespace, each event recorded after
+    it was seen. ``honest=False``: the record says FUA, the command has none, no Flush."""
+
+    def __init__(self, h: Host, nsid: int, rec: AckRecord, order: list[int], rng: random.Random, *, honest: bool) -> None:
+        self.h, self.nsid, self.rec, self.order, self.rng, self.honest = h, nsid, rec, order, rng, honest
+        self.bufs = h.alloc(QD * SLOT)
+        self.free = list(range(QD))
+        self.inflight: dict[int, tuple[str, int, int]] = {}  # cid -> ("W", wid, buffer) | ("F", fid, covered)
+        self.fua_of: dict[int, bool] = {}
+        self.next_wid = 0
+        self.next_flush = rng.randint(20, 80)
+        self.fid = 0
+        self.acked = self.fua_acked = self.flushes = 0
+        self.flushed = 0  # non-FUA writes covered by a completed Flush (they completed before it was sent)
+
+    @property
+    def durable(self) -> int:
+        return self.fua_acked + self.flushed
+
+    def _submit(self, limit: int) -> None:
+        while len(self.inflight) < QD and self.free and self.next_wid < limit:
+            if self.honest and self.next_wid >= self.next_flush:
+                self.next_flush += self.rng.randint(20, 80)
+                self.fid += 1
+                self.rec.flush_submitted(self.fid)
+                cid = self.h.host.submit(1, NvmOpcode.FLUSH, nsid=self.nsid, ring=False)
+                self.inflight[cid] = ("F", self.fid, self.acked - self.fua_acked)
+                continue
+            slot = self.order[self.next_wid]
+            wid = self.next_wid + 1
+            fua = self.rng.random() < 1 / 3 if self.honest else True
+            b = self.free.pop()
+            addr = self.bufs + b * SLOT
+            self.h.mem.write(addr, pattern(wid, slot))
+            self.rec.submitted(wid, slot, fua)
+            self.fua_of[wid] = fua
+            cid = self.h.host.submit(1, NvmOpcode.WRITE, nsid=self.nsid, prp1=addr, cdw10=slot * (SLOT // 512),
+                                     cdw12=(SLOT // 512 - 1) | (1 << 30 if fua and self.honest else 0), ring=False)
+            self.inflight[cid] = ("W", wid, b)
+            self.next_wid += 1
+        self.h.host.ring_sq(1)
+
+    def _reap(self, irq: int) -> None:
+        done = self.h.host.reap(1)
+        if not done:
+            select.select([irq], [], [], 0.05)
+            try:
+                os.eventfd_read(irq)
+            except BlockingIOError:
+                pass
+            done = self.h.host.reap(1)
+        for c in done:
+            kind, ident, extra = self.inflight.pop(c.cid)
+            if c.status != Status.SUCCESS:
+                raise RuntimeError(f"{kind} {ident} failed: {status_name(c.status)}")
+            if kind == "W":
+                self.rec.completed(ident)
+                self.free.append(extra)
+                self.acked += 1
+                self.fua_acked += self.fua_of.pop(ident)
+            else:
+                self.rec.flush_completed(ident)
+                self.flushes += 1
+                self.flushed = max(self.flushed, extra)
+        if done:
+            self.rec.sync()
+
+    def run(self, limit: int, on_batch=None) -> None:
+        """Write until ``limit`` writes were submitted and all completed; ``on_batch(self)``
+        after each recorded batch."""
+        irq = self.h.efds[1]
+        while self.next_wid < limit or self.inflight:
+            self._submit(limit)
+            self._reap(irq)
+            if on_batch is not None:
+                on_batch(self)
+
+
+def start_server(mounts: dict[str, str], run_dir: str, out: str, *, readonly: bool) -> ServerProcess:
+    specs = [f"file:{os.path.join(mounts[name], NS_FILE)}{',ro' if readonly else ''}"
+             for name in sorted(DISKS, key=lambda n: DISKS[n][1])]
+    return ServerProcess(os.path.join(run_dir, "nvme.sock"), Path(out) / f"server-{'verify' if readonly else 'write'}.log", specs)
+
+
+def open_host(srv: ServerProcess) -> Host:
+    h = Host(srv.sock, ram_size=16 << 20)
+    h.set_queues(1)
+    h.create_pair(1, 64)
+    return h
+
+
+def cmd_write(a: argparse.Namespace) -> int:
+    keep_page_cache_dirty()
+    run_dir = tempfile.mkdtemp(prefix="power-cut-")
+    mounts = mount_disks(run_dir, readonly=False)
+    for mnt in mounts.values():
+        create_ns_file(os.path.join(mnt, NS_FILE), a.ns_mib << 20)
+    nslots = (a.ns_mib << 20) // SLOT
+    srv = start_server(mounts, run_dir, a.out, readonly=False)
+    h = open_host(srv)
+    rng = random.Random(a.seed)
+    # control first: its page cache stays dirty for the whole honest run
+    ctl_rec = AckRecord(os.path.join(a.out, "control.rec"))
+    ctl = WriteRun(h, DISKS["control"][1], ctl_rec, slot_order(nslots, a.seed + 1), rng, honest=False)
+    ctl.run(a.control_writes)
+    log(f"control: {ctl.acked} writes acked, recorded as FUA, sent without FUA, never flushed")
+    rec = AckRecord(os.path.join(a.out, "honest.rec"))
+    run = WriteRun(h, DISKS["honest"][1], rec, slot_order(nslots, a.seed), rng, honest=True)
+    t0 = time.monotonic()
+    armed = [False]
+
+    def arm(r: WriteRun) -> None:
+        if not armed[0] and r.durable >= a.arm_after and r.flushes >= 3:
+            armed[0] = True
+            log(f"{r.acked} writes acked ({r.fua_acked} FUA), {r.flushes} flushes, {r.durable} durable "
+                f"after {time.monotonic() - t0:.1f} s")
+            print(ARMED, flush=True)
+
+    run.run(nslots, on_batch=arm)
+    log(f"ran out of slots before the plug was pulled: {run.acked} writes acked in {time.monotonic() - t0:.1f} s")
+    time.sleep(120)
+    return 3
+
+
+def read_back(h: Host, nsid: int, nslots: int) -> bytearray:
+    """The whole namespace through NVMe Reads of ``READ_SLOTS`` slots (one PRP list)."""
+    length = READ_SLOTS * SLOT
+    buf = h.alloc(length)
+    plist = h.alloc(PAGE)
+    h.mem.write(plist, struct.pack(f"<{length // PAGE - 1}Q", *(buf + PAGE * i for i in range(1, length // PAGE))))
+    out = bytearray(nslots * SLOT)
+    for first in range(0, nslots, READ_SLOTS):
+        c = h.wait_cid(1, h.host.submit(1, NvmOpcode.READ, nsid=nsid, prp1=buf, prp2=plist,
+                                        cdw10=first * (SLOT // 512), cdw12=READ_SLOTS * (SLOT // 512) - 1))
+        if c.status != Status.SUCCESS:
+            raise RuntimeError(f"read of slots {first}+{READ_SLOTS}: {status_name(c.status)}")
+        out[first * SLOT:(first + READ_SLOTS) * SLOT] = h.mem.read(buf, length)
+    return out
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    run_dir = tempfile.mkdtemp(prefix="power-cut-")
+    mounts = mount_disks(run_dir, readonly=True)
+    srv = start_server(mounts, run_dir, a.out, readonly=True)
+    h = open_host(srv)
+    verdict = {}
+    for name, (_dev, nsid) in DISKS.items():
+        path = os.path.join(mounts[name], NS_FILE)
+        nslots = os.path.getsize(path) // SLOT
+        acks = read_record(os.path.join(a.out, f"{name}.rec"))
+        seed = a.seed if name == "honest" else a.seed + 1
+        image = read_back(h, nsid, nslots)
+        with open(path, "rb") as f:
+            direct = f.read()
+        v = check_slots(lambda s: bytes(image[s * SLOT:(s + 1) * SLOT]), nslots, acks, seed)
+        verdict[name] = {
+            "submitted": len(acks.slot_of), "acked": len(acks.completed),
+            "fua_acked": len(acks.completed & acks.fua), "flushes": acks.flushes,
+            "durable": len(acks.durable), "in_flight": acks.in_flight, "torn_record": acks.torn,
+            "lost": len(v.lost), "lost_examples": v.lost[:10], "foreign": len(v.foreign),
+            "foreign_examples": v.foreign[:10], "present": v.present, "unacked_present": v.unacked_present,
+            "slots": v.checked, "nvme_matches_file": bytes(image) == direct,
+        }
+        log(f"{name}: {json.dumps(verdict[name])}")
+    h.close()
+    srv.stop()
+    for mnt in mounts.values():
+        subprocess.run(["umount", mnt], check=False)
+    Path(a.out, "verdict.json").write_text(json.dumps(verdict, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("phase", choices=("write", "verify"))
+    p.add_argument("--out", required=True, help="host directory (9p) for the records and the verdict")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--ns-mib", type=int, default=64)
+    p.add_argument("--control-writes", type=int, default=1000)
+    p.add_argument("--arm-after", type=int, default=300, help="durable writes before the ARMED marker")
+    a = p.parse_args(argv)
+    return cmd_write(a) if a.phase == "write" else cmd_verify(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """What a crash or power cut may and may not do to written data, and how we check it.
 
 Shared by the SIGKILL test (``test_faults.py``) and the power-cut test (``test_power_cut.py``
-with its L1 job ``power_cut_job.py``).
+with its L1 job ``power_cut_job.py``): the workload (:class:`WriteRun`, the project's host
+driver over vfio-user), its record, and the check.
 
 Each write puts a unique pattern (its id and its slot) in one 4 KiB slot; slots are distinct
 (a permutation), so after the fault every slot must hold zeros, or exactly its own write.
@@ -22,13 +23,19 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, TextIO
 
+from rel_helpers import PAGE, Host, status_name
+from nvme_emu.spec import NvmOpcode, Status
+
 SLOT = 4096  # one write = 8 LBAs of 512 bytes
 LBA = 512
 ZEROS = bytes(SLOT)
+QD = 32
+READ_SLOTS = 16  # slots per read of a whole namespace (64 KiB, one PRP list)
 
 
 def pattern(write_id: int, slot: int) -> bytes:
@@ -191,3 +198,114 @@ def check_image(data: bytes | memoryview, acks: Acks, seed: int | None = None) -
     """:func:`check_slots` over a whole namespace image in memory."""
     view = memoryview(data)
     return check_slots(lambda s: bytes(view[s * SLOT:(s + 1) * SLOT]), len(view) // SLOT, acks, seed)
+
+
+class WriteRun:
+    """Distinct-slot writes at queue depth ``QD`` on one namespace, each event recorded after
+    it was seen. ``honest=False``: the record says FUA, the command has none, no Flush."""
+
+    def __init__(self, h: Host, nsid: int, rec: AckRecord, order: list[int], rng: random.Random, *, honest: bool) -> None:
+        self.h, self.nsid, self.rec, self.order, self.rng, self.honest = h, nsid, rec, order, rng, honest
+        self.bufs = h.alloc(QD * SLOT)
+        self.free = list(range(QD))
+        self.inflight: dict[int, tuple[str, int, int]] = {}  # cid -> ("W", wid, buffer) | ("F", fid, covered)
+        self.fua_of: dict[int, bool] = {}
+        self.next_wid = 0
+        self.next_flush = rng.randint(20, 80)
+        self.fid = 0
+        self.acked = self.fua_acked = self.flushes = 0
+        self.flushed = 0  # non-FUA writes covered by a completed Flush (they completed before it was sent)
+
+    @property
+    def durable(self) -> int:
+        return self.fua_acked + self.flushed
+
+    def _submit(self, limit: int) -> None:
+        while len(self.inflight) < QD and self.free and self.next_wid < limit:
+            if self.honest and self.next_wid >= self.next_flush:
+                self.next_flush += self.rng.randint(20, 80)
+                self.fid += 1
+                self.rec.flush_submitted(self.fid)
+                cid = self.h.host.submit(1, NvmOpcode.FLUSH, nsid=self.nsid, ring=False)
+                self.inflight[cid] = ("F", self.fid, self.acked - self.fua_acked)
+                continue
+            slot = self.order[self.next_wid]
+            wid = self.next_wid + 1
+            fua = self.rng.random() < 1 / 3 if self.honest else True
+            b = self.free.pop()
+            addr = self.bufs + b * SLOT
+            self.h.mem.write(addr, pattern(wid, slot))
+            self.rec.submitted(wid, slot, fua)
+            self.fua_of[wid] = fua
+            cid = self.h.host.submit(1, NvmOpcode.WRITE, nsid=self.nsid, prp1=addr, cdw10=slot * (SLOT // 512),
+                                     cdw12=(SLOT // 512 - 1) | (1 << 30 if fua and self.honest else 0), ring=False)
+            self.inflight[cid] = ("W", wid, b)
+            self.next_wid += 1
+        self.h.host.ring_sq(1)
+
+    def _reap(self, irq: int) -> None:
+        done = self.h.host.reap(1)
+        if not done:
+            select.select([irq], [], [], 0.05)
+            try:
+                os.eventfd_read(irq)
+            except BlockingIOError:
+                pass
+            done = self.h.host.reap(1)
+        for c in done:
+            kind, ident, extra = self.inflight.pop(c.cid)
+            if c.status != Status.SUCCESS:
+                raise RuntimeError(f"{kind} {ident} failed: {status_name(c.status)}")
+            if kind == "W":
+                self.rec.completed(ident)
+                self.free.append(extra)
+                self.acked += 1
+                self.fua_acked += self.fua_of.pop(ident)
+            else:
+                self.rec.flush_completed(ident)
+                self.flushes += 1
+                self.flushed = max(self.flushed, extra)
+        if done:
+            self.rec.sync()
+
+    def run(self, limit: int, *, until: Callable[[], bool] | None = None,
+            on_batch: Callable[["WriteRun"], None] | None = None) -> None:
+        """Keep ``QD`` commands in flight until ``limit`` writes were submitted and all
+        completed, or ``until()`` says stop (commands stay in flight then); ``on_batch(self)``
+        after each recorded batch of completions."""
+        irq = self.h.efds[1]
+        while (self.next_wid < limit or self.inflight) and not (until is not None and until()):
+            self._submit(limit)
+            self._reap(irq)
+            if on_batch is not None:
+                on_batch(self)
+
+    def post_without_reaping(self, n: int) -> None:
+        """``n`` more (non-FUA) writes, doorbell rung, never reaped: in flight at a fault."""
+        for _ in range(n):
+            slot = self.order[self.next_wid]
+            wid = self.next_wid + 1
+            addr = self.h.alloc(SLOT)  # its own buffer: those of writes in flight stay untouched
+            self.h.mem.write(addr, pattern(wid, slot))
+            self.rec.submitted(wid, slot, False)
+            self.h.host.submit(1, NvmOpcode.WRITE, nsid=self.nsid, prp1=addr, cdw10=slot * (SLOT // 512),
+                               cdw12=SLOT // 512 - 1, ring=False)
+            self.next_wid += 1
+        self.h.host.ring_sq(1)
+        self.rec.sync()
+
+
+def read_namespace(h: Host, nsid: int, nslots: int) -> bytearray:
+    """The whole namespace through NVMe Reads of ``READ_SLOTS`` slots (one PRP list)."""
+    length = READ_SLOTS * SLOT
+    buf = h.alloc(length)
+    plist = h.alloc(PAGE)
+    h.mem.write(plist, struct.pack(f"<{length // PAGE - 1}Q", *(buf + PAGE * i for i in range(1, length // PAGE))))
+    out = bytearray(nslots * SLOT)
+    for first in range(0, nslots, READ_SLOTS):
+        c = h.wait_cid(1, h.host.submit(1, NvmOpcode.READ, nsid=nsid, prp1=buf, prp2=plist,
+                                        cdw10=first * (SLOT // 512), cdw12=READ_SLOTS * (SLOT // 512) - 1))
+        if c.status != Status.SUCCESS:
+            raise RuntimeError(f"read of slots {first}+{READ_SLOTS}: {status_name(c.status)}")
+        out[first * SLOT:(first + READ_SLOTS) * SLOT] = h.mem.read(buf, length)
+    return out

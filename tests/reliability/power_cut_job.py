@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import random
-import select
-import struct
 import subprocess
 import sys
 import tempfile
@@ -36,15 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from durability import SLOT, AckRecord, check_slots, pattern, read_record, slot_order  # noqa: E402
-from rel_helpers import PAGE, Host, ServerProcess, status_name  # noqa: E402
-from nvme_emu.spec import NvmOpcode, Status  # noqa: E402
+from durability import SLOT, AckRecord, WriteRun, check_slots, read_namespace, read_record, slot_order  # noqa: E402
+from rel_helpers import Host, ServerProcess  # noqa: E402
 
 ARMED = "=====POWER-CUT-" + "ARMED====="  # split: the marker appears on the console only when printed
 DISKS = {"honest": ("/dev/vda", 1), "control": ("/dev/vdb", 2)}
 NS_FILE = "ns.img"
-QD = 32
-READ_SLOTS = 16  # slots per verification read (64 KiB)
 
 
 def log(msg: str) -> None:
@@ -83,85 +78,6 @@ def keep_page_cache_dirty() -> None:
     so a missing fdatasync cannot be hidden by the flusher thread."""
     Path("/proc/sys/vm/dirty_writeback_centisecs").write_text("0\n")
     Path("/proc/sys/vm/dirty_expire_centisecs").write_text("3600000\n")
-
-
-class WriteRun:
-    """Distinct-slot writes at queue depth ``QD`` on one namespace, each event recorded after
-    it was seen. ``honest=False``: the record says FUA, the command has none, no Flush."""
-
-    def __init__(self, h: Host, nsid: int, rec: AckRecord, order: list[int], rng: random.Random, *, honest: bool) -> None:
-        self.h, self.nsid, self.rec, self.order, self.rng, self.honest = h, nsid, rec, order, rng, honest
-        self.bufs = h.alloc(QD * SLOT)
-        self.free = list(range(QD))
-        self.inflight: dict[int, tuple[str, int, int]] = {}  # cid -> ("W", wid, buffer) | ("F", fid, covered)
-        self.fua_of: dict[int, bool] = {}
-        self.next_wid = 0
-        self.next_flush = rng.randint(20, 80)
-        self.fid = 0
-        self.acked = self.fua_acked = self.flushes = 0
-        self.flushed = 0  # non-FUA writes covered by a completed Flush (they completed before it was sent)
-
-    @property
-    def durable(self) -> int:
-        return self.fua_acked + self.flushed
-
-    def _submit(self, limit: int) -> None:
-        while len(self.inflight) < QD and self.free and self.next_wid < limit:
-            if self.honest and self.next_wid >= self.next_flush:
-                self.next_flush += self.rng.randint(20, 80)
-                self.fid += 1
-                self.rec.flush_submitted(self.fid)
-                cid = self.h.host.submit(1, NvmOpcode.FLUSH, nsid=self.nsid, ring=False)
-                self.inflight[cid] = ("F", self.fid, self.acked - self.fua_acked)
-                continue
-            slot = self.order[self.next_wid]
-            wid = self.next_wid + 1
-            fua = self.rng.random() < 1 / 3 if self.honest else True
-            b = self.free.pop()
-            addr = self.bufs + b * SLOT
-            self.h.mem.write(addr, pattern(wid, slot))
-            self.rec.submitted(wid, slot, fua)
-            self.fua_of[wid] = fua
-            cid = self.h.host.submit(1, NvmOpcode.WRITE, nsid=self.nsid, prp1=addr, cdw10=slot * (SLOT // 512),
-                                     cdw12=(SLOT // 512 - 1) | (1 << 30 if fua and self.honest else 0), ring=False)
-            self.inflight[cid] = ("W", wid, b)
-            self.next_wid += 1
-        self.h.host.ring_sq(1)
-
-    def _reap(self, irq: int) -> None:
-        done = self.h.host.reap(1)
-        if not done:
-            select.select([irq], [], [], 0.05)
-            try:
-                os.eventfd_read(irq)
-            except BlockingIOError:
-                pass
-            done = self.h.host.reap(1)
-        for c in done:
-            kind, ident, extra = self.inflight.pop(c.cid)
-            if c.status != Status.SUCCESS:
-                raise RuntimeError(f"{kind} {ident} failed: {status_name(c.status)}")
-            if kind == "W":
-                self.rec.completed(ident)
-                self.free.append(extra)
-                self.acked += 1
-                self.fua_acked += self.fua_of.pop(ident)
-            else:
-                self.rec.flush_completed(ident)
-                self.flushes += 1
-                self.flushed = max(self.flushed, extra)
-        if done:
-            self.rec.sync()
-
-    def run(self, limit: int, on_batch=None) -> None:
-        """Write until ``limit`` writes were submitted and all completed; ``on_batch(self)``
-        after each recorded batch."""
-        irq = self.h.efds[1]
-        while self.next_wid < limit or self.inflight:
-            self._submit(limit)
-            self._reap(irq)
-            if on_batch is not None:
-                on_batch(self)
 
 
 def start_server(mounts: dict[str, str], run_dir: str, out: str, *, readonly: bool) -> ServerProcess:
@@ -210,22 +126,6 @@ def cmd_write(a: argparse.Namespace) -> int:
     return 3
 
 
-def read_back(h: Host, nsid: int, nslots: int) -> bytearray:
-    """The whole namespace through NVMe Reads of ``READ_SLOTS`` slots (one PRP list)."""
-    length = READ_SLOTS * SLOT
-    buf = h.alloc(length)
-    plist = h.alloc(PAGE)
-    h.mem.write(plist, struct.pack(f"<{length // PAGE - 1}Q", *(buf + PAGE * i for i in range(1, length // PAGE))))
-    out = bytearray(nslots * SLOT)
-    for first in range(0, nslots, READ_SLOTS):
-        c = h.wait_cid(1, h.host.submit(1, NvmOpcode.READ, nsid=nsid, prp1=buf, prp2=plist,
-                                        cdw10=first * (SLOT // 512), cdw12=READ_SLOTS * (SLOT // 512) - 1))
-        if c.status != Status.SUCCESS:
-            raise RuntimeError(f"read of slots {first}+{READ_SLOTS}: {status_name(c.status)}")
-        out[first * SLOT:(first + READ_SLOTS) * SLOT] = h.mem.read(buf, length)
-    return out
-
-
 def cmd_verify(a: argparse.Namespace) -> int:
     run_dir = tempfile.mkdtemp(prefix="power-cut-")
     mounts = mount_disks(run_dir, readonly=True)
@@ -237,7 +137,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         nslots = os.path.getsize(path) // SLOT
         acks = read_record(os.path.join(a.out, f"{name}.rec"))
         seed = a.seed if name == "honest" else a.seed + 1
-        image = read_back(h, nsid, nslots)
+        image = read_namespace(h, nsid, nslots)
         with open(path, "rb") as f:
             direct = f.read()
         v = check_slots(lambda s: bytes(image[s * SLOT:(s + 1) * SLOT]), nslots, acks, seed)

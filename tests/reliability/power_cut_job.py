@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from durability import SLOT, AckRecord, WriteRun, check_slots, read_namespace, read_record, slot_order  # noqa: E402
+from durability import SLOT, AckRecord, WriteRun, check_image, read_namespace, read_record, slot_order  # noqa: E402
 from rel_helpers import Host, ServerProcess  # noqa: E402
 
 ARMED = "=====POWER-CUT-" + "ARMED====="  # split: the marker appears on the console only when printed
@@ -101,15 +101,28 @@ def cmd_write(a: argparse.Namespace) -> int:
         create_ns_file(os.path.join(mnt, NS_FILE), a.ns_mib << 20)
     nslots = (a.ns_mib << 20) // SLOT
     srv = start_server(mounts, run_dir, a.out, readonly=False)
-    h = open_host(srv)
+    try:
+        h = open_host(srv)
+        try:
+            return write_until_cut(h, nslots, a)
+        finally:
+            h.close()
+    finally:
+        srv.stop()
+
+
+def write_until_cut(h: Host, nslots: int, a: argparse.Namespace) -> int:
+    """The control run, then the honest one, which prints ARMED once enough is durable and
+    goes on until the plug is pulled (returns 3 only if the slots run out first)."""
     rng = random.Random(a.seed)
     # control first: its page cache stays dirty for the whole honest run
-    ctl_rec = AckRecord(os.path.join(a.out, "control.rec"))
-    ctl = WriteRun(h, DISKS["control"][1], ctl_rec, slot_order(nslots, a.seed + 1), rng, honest=False)
+    ctl = WriteRun(h, DISKS["control"][1], AckRecord(os.path.join(a.out, "control.rec")),
+                   slot_order(nslots, a.seed + 1), rng, honest=False)
     ctl.run(a.control_writes)
+    ctl.rec.close()
     log(f"control: {ctl.acked} writes acked, recorded as FUA, sent without FUA, never flushed")
-    rec = AckRecord(os.path.join(a.out, "honest.rec"))
-    run = WriteRun(h, DISKS["honest"][1], rec, slot_order(nslots, a.seed), rng, honest=True)
+    run = WriteRun(h, DISKS["honest"][1], AckRecord(os.path.join(a.out, "honest.rec")),
+                   slot_order(nslots, a.seed), rng, honest=True)
     t0 = time.monotonic()
     armed = [False]
 
@@ -121,6 +134,7 @@ def cmd_write(a: argparse.Namespace) -> int:
             print(ARMED, flush=True)
 
     run.run(nslots, on_batch=arm)
+    run.rec.close()
     log(f"ran out of slots before the plug was pulled: {run.acked} writes acked in {time.monotonic() - t0:.1f} s")
     time.sleep(120)
     return 3
@@ -129,33 +143,43 @@ def cmd_write(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     run_dir = tempfile.mkdtemp(prefix="power-cut-")
     mounts = mount_disks(run_dir, readonly=True)
-    srv = start_server(mounts, run_dir, a.out, readonly=True)
-    h = open_host(srv)
-    verdict = {}
-    for name, (_dev, nsid) in DISKS.items():
-        path = os.path.join(mounts[name], NS_FILE)
-        nslots = os.path.getsize(path) // SLOT
-        acks = read_record(os.path.join(a.out, f"{name}.rec"))
-        seed = a.seed if name == "honest" else a.seed + 1
-        image = read_namespace(h, nsid, nslots)
-        with open(path, "rb") as f:
-            direct = f.read()
-        v = check_slots(lambda s: bytes(image[s * SLOT:(s + 1) * SLOT]), nslots, acks, seed)
-        verdict[name] = {
-            "submitted": len(acks.slot_of), "acked": len(acks.completed),
-            "fua_acked": len(acks.completed & acks.fua), "flushes": acks.flushes,
-            "durable": len(acks.durable), "in_flight": acks.in_flight, "torn_record": acks.torn,
-            "lost": len(v.lost), "lost_examples": v.lost[:10], "foreign": len(v.foreign),
-            "foreign_examples": v.foreign[:10], "present": v.present, "unacked_present": v.unacked_present,
-            "slots": v.checked, "nvme_matches_file": bytes(image) == direct,
-        }
-        log(f"{name}: {json.dumps(verdict[name])}")
-    h.close()
-    srv.stop()
-    for mnt in mounts.values():
-        subprocess.run(["umount", mnt], check=False)
+    try:
+        srv = start_server(mounts, run_dir, a.out, readonly=True)
+        try:
+            h = open_host(srv)
+            try:
+                verdict = {name: verify_one(h, nsid, os.path.join(mounts[name], NS_FILE),
+                                            os.path.join(a.out, f"{name}.rec"), a.seed + (name == "control"))
+                           for name, (_dev, nsid) in DISKS.items()}
+            finally:
+                h.close()
+        finally:
+            srv.stop()
+    finally:
+        for mnt in mounts.values():
+            subprocess.run(["umount", mnt], check=False)
+    for name, v in verdict.items():
+        log(f"{name}: {json.dumps(v)}")
     Path(a.out, "verdict.json").write_text(json.dumps(verdict, indent=1))
     return 0
+
+
+def verify_one(h: Host, nsid: int, path: str, record: str, seed: int) -> dict:
+    """The figures and the check of one namespace, read through NVMe and from its file."""
+    nslots = os.path.getsize(path) // SLOT
+    acks = read_record(record)
+    image = read_namespace(h, nsid, nslots)
+    with open(path, "rb") as f:
+        direct = f.read()
+    v = check_image(image, acks, seed)
+    return {
+        "submitted": len(acks.slot_of), "acked": len(acks.completed),
+        "fua_acked": len(acks.completed & acks.fua), "flushes": acks.flushes,
+        "durable": len(acks.durable), "in_flight": acks.in_flight, "torn_record": acks.torn,
+        "lost": len(v.lost), "lost_examples": v.lost[:10], "foreign": len(v.foreign),
+        "foreign_examples": v.foreign[:10], "present": v.present, "unacked_present": v.unacked_present,
+        "slots": v.checked, "nvme_matches_file": bytes(image) == direct,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,7 +118,8 @@ def _disk_args(disks: Sequence[str], chroot: str | None) -> list[str]:
     L1 a volatile write cache, so L1's flushes reach QEMU as real flush commands."""
     out: list[str] = []
     for i, path in enumerate(disks):
-        out += ["-drive", f"file={_seen_by_qemu(path, chroot)},format=raw,if=none,id=disk{i}",
+        file = _seen_by_qemu(path, chroot).replace(",", ",,")  # QEMU's option syntax escapes commas
+        out += ["-drive", f"file={file},format=raw,if=none,id=disk{i}",
                 "-device", f"virtio-blk-pci,drive=disk{i},serial=nvme-emu-disk{i}"]
     return out
 

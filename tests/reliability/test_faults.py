@@ -21,7 +21,7 @@ import time
 import pytest
 
 from durability import SLOT, AckRecord, WriteRun, check_image, pattern, read_namespace, read_record, slot_order
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
+from rel_helpers import DEADLINE, PAGE, Host, status_name
 from nvme_emu.spec import NvmOpcode, Status
 
 

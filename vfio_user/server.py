@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -25,6 +26,7 @@ from .constants import Command
 from .device import Device, DeviceContext
 from .dma import DmaError, GuestMemory
 from .protocol import Connection, FatalProtocolError, Message, Rejected, close_fds
+from .resources import dma_map_budget
 from .session import Reply, ServerLimits, ServerSession
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ RECV_SIZE = 256 * 1024
 #: until it catches up (otherwise a client that never reads grows the server without bound).
 OUT_HIGH_WATER = 8 << 20
 DEFAULT_DMA_TIMEOUT = 5.0
+#: After a failed accept() (out of fds), wait this long before the next one.
+ACCEPT_RETRY = 0.1
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -55,6 +59,13 @@ def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> int:
 
 def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One recvmsg: the bytes and the fds that came with them (empty bytes = EOF)."""
+    data, fds, _lost = recv_chunk_checked(sock)
+    return data, fds
+
+
+def recv_chunk_checked(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One recvmsg: bytes, fds, and whether the kernel dropped fds (MSG_CTRUNC: the receiver
+    was out of fds, or more came than fit)."""
     data, anc, flags, _addr = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(SCM_MAX_FD * 4))
     fds: list[int] = []
     for level, kind, payload in anc:
@@ -62,9 +73,10 @@ def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int]]:
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & socket.MSG_CTRUNC:
+    lost = bool(flags & socket.MSG_CTRUNC)
+    if lost:
         log.warning("ancillary data truncated: some fds were lost")
-    return data, fds
+    return data, fds, lost
 
 
 class ClientConnection:
@@ -93,11 +105,25 @@ class ClientConnection:
         self.server.device.attached(ctx)
 
     def _watch_resample(self, old: int | None, new: int | None) -> None:
-        """INTx resample eventfd (KVM irqfd bypass): the guest's EOI arrives there, not as UNMASK."""
+        """INTx resample eventfd (KVM irqfd bypass): the guest's EOI arrives there, not as UNMASK.
+
+        The new fd is watched before the old one is dropped: if the loop refuses it (raises),
+        nothing changed and the old one is still watched."""
+        if new is not None:
+            try:
+                self.loop.add_reader(new, self._resampled, new)
+            except BaseException:
+                self._forget_reader(new)
+                raise
         if old is not None:
             self.loop.remove_reader(old)
-        if new is not None:
-            self.loop.add_reader(new, self._resampled, new)
+
+    def _forget_reader(self, fd: int) -> None:
+        """After a failed add_reader: drop whatever the loop may have half-registered."""
+        try:
+            self.loop.remove_reader(fd)
+        except (OSError, ValueError, KeyError):
+            pass
 
     def _resampled(self, fd: int) -> None:
         try:
@@ -115,7 +141,7 @@ class ClientConnection:
             if self._paused or self.closed.done():
                 return
             try:
-                data, fds = recv_chunk(self.sock)
+                data, fds, lost = recv_chunk_checked(self.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -126,7 +152,7 @@ class ClientConnection:
                 self.close("client disconnected")
                 return
             try:
-                events = self.conn.receive(data, fds)
+                events = self.conn.receive(data, fds, fds_lost=lost)
             except FatalProtocolError as e:
                 self.close(f"protocol error: {e}")
                 return
@@ -314,7 +340,12 @@ class Server:
         self._accept_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Bind and listen; the socket exists when this returns (QEMU never retries)."""
+        """Bind and listen; the socket exists when this returns (QEMU never retries).
+
+        The advertised ``max_dma_maps`` is cut to what the process can hold now that the
+        device is built (each map costs an fd and a memory-map entry)."""
+        budget = dma_map_budget(self.limits.max_dma_maps, sum(self.device.irq_counts.values()))
+        self.limits = dataclasses.replace(self.limits, max_dma_maps=budget)
         self._listener = listen_unix(self.path, self.mode)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         log.info("listening on %s (mode %o)", self.path, self.mode)
@@ -323,7 +354,12 @@ class Server:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            sock, _ = await loop.sock_accept(self._listener)
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except OSError as e:  # EMFILE/ENFILE/ENOBUFS: keep listening, try again shortly
+                log.error("accept failed: %s", e)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
             if self.client is not None and not self.client.closed.done():
                 log.warning("refused a second client (pid/uid/gid %s): one is attached", _peer_credentials(sock))
                 sock.close()

@@ -38,6 +38,9 @@ RECV_SIZE = 256 * 1024
 #: until it catches up (otherwise a client that never reads grows the server without bound).
 OUT_HIGH_WATER = 8 << 20
 DEFAULT_DMA_TIMEOUT = 5.0
+#: A client must finish VERSION within this many seconds of connecting, and may not stop for
+#: longer in the middle of a message: otherwise it could hold the one client slot forever.
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 #: After a failed accept() (out of fds), wait this long before the next one.
 ACCEPT_RETRY = 0.1
 
@@ -96,10 +99,15 @@ class ClientConnection:
         self._backlog: collections.deque[Message | Rejected] = collections.deque()
         self._paused = False
         self.peer = _peer_credentials(sock)
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0  # loop time of the last bytes received while a message was partial
 
     def start(self) -> None:
         self.sock.setblocking(False)
         self.loop.add_reader(self.sock.fileno(), self._readable)
+        if self.server.handshake_timeout is not None:
+            self._handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
         self.session.irqs.resample_watch = self._watch_resample
         ctx = DeviceContext(memory=self.memory, irqs=self.session.irqs, loop=self.loop)
         self.server.device.attached(ctx)
@@ -132,6 +140,34 @@ class ClientConnection:
             pass
         self.session.irqs.resampled()
 
+    # -- timeouts: the one client slot is not held by a client that never speaks ----------
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.closed.done() and not self.session.negotiated:
+            self.close(f"no VERSION within {self.server.handshake_timeout:g} s")
+
+    def _partial_received(self) -> None:
+        """Bytes arrived and a message is still incomplete: that is progress; make sure a
+        check comes ``handshake_timeout`` after the last such progress. One timer at most,
+        re-armed lazily, so a stream of whole messages costs nothing here."""
+        self._last_progress = self.loop.time()
+        if self._stall_timer is None and self.server.handshake_timeout is not None:
+            self._stall_timer = self.loop.call_later(self.server.handshake_timeout, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        timeout = self.server.handshake_timeout
+        if self.closed.done() or not self.conn.partial or timeout is None:
+            return
+        if self._paused:  # we stopped reading (backpressure): the rest may be waiting on us
+            self._last_progress = self.loop.time()
+        idle = self.loop.time() - self._last_progress
+        if idle >= timeout:
+            self.close(f"stalled mid-message for {idle:.1f} s")
+            return
+        self._stall_timer = self.loop.call_later(timeout - idle, self._check_stall)
+
     # -- receiving -------------------------------------------------------------------
 
     def _readable(self) -> None:
@@ -156,6 +192,8 @@ class ClientConnection:
             except FatalProtocolError as e:
                 self.close(f"protocol error: {e}")
                 return
+            if self.conn.partial:
+                self._partial_received()
             self._backlog.extend(events)
             if self._drain_backlog():
                 return
@@ -282,6 +320,10 @@ class ClientConnection:
         """Drop the client: release its fds and mappings; the device keeps its state."""
         if self.closed.done():
             return
+        for timer in (self._handshake_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._stall_timer = None
         fileno = self.sock.fileno()
         if fileno >= 0:
             self.loop.remove_reader(fileno)
@@ -324,6 +366,7 @@ class Server:
         limits: ServerLimits | None = None,
         mode: int = 0o600,
         dma_timeout: float = DEFAULT_DMA_TIMEOUT,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         on_connect: Callable[[ClientConnection], None] | None = None,
         on_disconnect: Callable[[ClientConnection, str], None] | None = None,
     ) -> None:
@@ -332,6 +375,7 @@ class Server:
         self.limits = limits or ServerLimits()
         self.mode = mode
         self.dma_timeout = dma_timeout
+        self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.client: ClientConnection | None = None

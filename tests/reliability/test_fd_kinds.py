@@ -347,3 +347,89 @@ def test_a_message_whose_fds_the_kernel_dropped_is_refused():
         os.fstat(survivor)
     assert ei.value.errno == errno.EBADF
     assert not conn.partial
+
+
+def _exhaust_fds(srv: ServerProcess, ctl: list[socket.socket]) -> None:
+    """Open control-plane connections until the server holds RLIMIT_NOFILE fds."""
+    ctl_path = srv.sock + ".ctl"
+    assert os.path.exists(ctl_path)
+    deadline = time.monotonic() + DEADLINE
+    while srv.fd_count() < NOFILE and time.monotonic() < deadline:
+        before = srv.fd_count()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(1.0)
+        try:
+            s.connect(ctl_path)
+        except OSError:
+            s.close()
+            break
+        ctl.append(s)
+        t = time.monotonic()
+        while srv.fd_count() == before and time.monotonic() - t < 0.5:
+            time.sleep(0.002)
+    assert srv.fd_count() == NOFILE, f"could not exhaust the server's fds ({srv.fd_count()})"
+
+
+def test_fds_the_kernel_drops_at_emfile_refuse_the_message(small_server):
+    """Server out of fds while a client is attached: the kernel drops the fds of the next
+    DMA_MAP / SET_IRQS (MSG_CTRUNC). Those requests must fail (EMFILE), not succeed as an
+    fd-less DMA mapping or interrupts wired to nothing; when fds are free again, they work."""
+    srv = small_server
+    ctl: list[socket.socket] = []
+    c = VfioUserClient(srv.sock, timeout=DEADLINE)
+    ram = GuestRam(MAP_SIZE, "hostile")
+    efds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(4)]
+    msix = m.SetIrqs.build({"argsz": 20, "flags": IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, "index": IrqIndex.MSIX, "start": 0, "count": 4, "data": b""})
+    try:
+        c.negotiate()
+        attached = _attached_fds(srv, c)
+        _exhaust_fds(srv, ctl)
+        with pytest.raises(VfioUserClientError) as ei:
+            c.dma_map(IOVA, MAP_SIZE, ram)
+        assert ei.value.errno == errno.EMFILE
+        assert _try(c, Command.DEVICE_SET_IRQS, msix, efds) == errno.EMFILE
+        assert struct.unpack("<Q", c.region_read(0, 0, 8))[0] & 0xFFFF == 4095
+        for s in ctl:
+            s.close()
+        ctl.clear()
+        assert srv.wait_fds(attached) == attached, "\n".join(srv.fds())
+        c.dma_map(IOVA, MAP_SIZE, ram)
+        assert _try(c, Command.DEVICE_SET_IRQS, msix, efds) == 0
+        assert srv.guest_mappings() == 1
+    finally:
+        for s in ctl:
+            s.close()
+        c.close()
+        ram.close()
+        for fd in efds:
+            os.close(fd)
+    _clean(srv)
+
+
+def test_out_of_fds_at_accept_keeps_the_server_listening(small_server):
+    """The server's fds exhausted by control-plane connections (RLIMIT_NOFILE = 256): a
+    vfio-user client that connects then cannot be accepted (EMFILE). The accept loop must
+    survive it (it used to end, leaving a listening socket nobody accepts on), and once fds
+    are free again the waiting client is served."""
+    srv = small_server
+    ctl: list[socket.socket] = []
+    waiting: VfioUserClient | None = None
+    try:
+        _exhaust_fds(srv, ctl)
+        waiting = VfioUserClient(srv.sock, timeout=DEADLINE)  # connected (backlog), not accepted
+        time.sleep(0.3)  # the server tries to accept it and gets EMFILE
+        assert srv.alive()
+        for s in ctl:
+            s.close()
+        ctl.clear()
+        waiting.negotiate()  # accepted once fds are free
+        assert struct.unpack("<Q", waiting.region_read(0, 0, 8))[0] & 0xFFFF == 4095
+        assert "accept failed" in srv.log()
+    finally:
+        for s in ctl:
+            s.close()
+        if waiting is not None:
+            waiting.close()
+    srv.wait_idle()
+    assert srv.wait_fds() == srv.baseline_fds, "\n".join(srv.fds())
+    assert srv.answers()

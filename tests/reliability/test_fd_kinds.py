@@ -5,6 +5,11 @@ reply (success only where the fd is really usable for that command), the fd the 
 received must be closed again (its fd count returns to what it was before the message), the
 log must hold no traceback, and the same connection must keep working. At the end the
 server holds its baseline fds and serves a new client.
+
+Then the server's fd limit: started with RLIMIT_NOFILE = 256 (so the tests are quick), it must
+advertise a ``max_dma_maps`` it can hold and refuse the excess cleanly; when it is out of fds
+anyway (exhausted through its control socket), fds the kernel had to drop refuse their
+message, and a client waiting to be accepted is accepted once fds are free.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Callable
 import pytest
 
 from rel_helpers import DEADLINE, IOVA, PAGE, Host, ServerProcess
-from nvme_emu.spec import NvmOpcode, Status
+from nvme_emu.spec import Status
 from vfio_user import messages as m
 from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import (

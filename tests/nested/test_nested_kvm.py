@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
@@ -139,15 +142,16 @@ def _done(units: list[str], out_dir: str) -> dict[str, int]:
     return done
 
 
-def _inner_run(kvm: str, out_dir: str) -> InnerRun:
+def _inner_run(kvm: str, out_dir: str, units: list[str] | None = None,
+               boot: Callable[[str, list[str], str], g.GuestResult] = _boot_inner) -> InnerRun:
     """Boots of the rig until every unit has a report. A boot that never finished (L1 froze
     or died) is followed by a fresh one that runs only the units left, while boots make
     progress. A unit that ran to its end is never rerun: its report decides, failed or not."""
-    units = _units()
+    units = _units() if units is None else units
     boots: list[g.GuestResult] = []
     done: dict[str, int] = {}
     while len(done) < len(units):
-        res = _boot_inner(kvm, units, out_dir)
+        res = boot(kvm, units, out_dir)
         boots.append(res)
         before, done = len(done), _done(units, out_dir)
         print(f"--- nested rig, {kvm} modules, boot {len(boots)}: rc={res.returncode} in {res.elapsed:.0f} s, "
@@ -214,3 +218,37 @@ def test_rig_returns_status_and_output(tmp_path):
     lines = res.output.splitlines()
     assert "marker-42" in lines and str(tmp_path) in lines and "kvm-ok" in lines, res.output
     assert (tmp_path / "out.txt").read_text() == "from-l1\n"
+
+
+def test_rig_resumes_after_l1_death(tmp_path):
+    """The resume logic on its own, with the real job script run here and a "boot" that dies
+    (its shell killed) once the first unit has reported: the second boot runs only the
+    units left, the failing unit is reported and never rerun, and the reports are merged."""
+    tests = tmp_path / "units"
+    tests.mkdir()
+    runs = tmp_path / "runs.log"
+    for name, body in (("test_a.py", "assert True"), ("test_b.py", "assert 1 == 2"), ("test_c.py", "assert True")):
+        (tests / name).write_text(f"def test_{name[5]}():\n    open({str(runs)!r}, 'a').write({name!r} + '\\n')\n"
+                                  f"    {body}\n")
+    units = [str(tests / n) for n in ("test_a.py", "test_b.py", "test_c.py")]
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def boot(kvm: str, units: list[str], out_dir: str) -> g.GuestResult:
+        first = not any(out.iterdir())
+        proc = subprocess.Popen(["sh", "-c", _job(units, out_dir)], stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        if first:  # L1 "dies" once the first unit has reported
+            while not (out / "junit-0.xml").exists():
+                assert proc.poll() is None
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGKILL)  # the job and the pytest it runs, as L1's death would
+        text = proc.communicate()[0]
+        return g.GuestResult(returncode=None if first else proc.returncode, output=text, console=text,
+                             qemu_stderr="", fio=None, accel="tcg")
+
+    run = _inner_run("stock", str(out), units=units, boot=boot)
+    assert len(run.boots) == 2 and run.boots[0].returncode is None
+    assert sorted(runs.read_text().split()) == ["test_a.py", "test_b.py", "test_c.py"]  # each ran once
+    assert run.unit_rcs == {units[0]: 0, units[1]: 1, units[2]: 0}
+    assert sorted(run.cases.values()) == ["failed", "passed", "passed"]

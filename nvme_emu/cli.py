@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help="drop a client that has not finished VERSION negotiation, or that stops this long in the "
                         f"middle of a message, so it cannot hold the one client slot (default {DEFAULT_HANDSHAKE_TIMEOUT:g}; "
-                        "0 = never; Python backend)")
+                        "0 = never; both backends)")
     s.add_argument("--agent-socket", default=None, metavar="PATH|off",
                    help="socket of the doorbell agent inside QEMU (LD_PRELOAD, see README); default SOCKET.agent, "
                         "used when it exists; 'off' never uses an agent")

@@ -67,7 +67,7 @@ from .device import Device, DeviceContext, Region, ResetKind
 from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
 from .irq import IrqRouting
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import DEFAULT_DMA_TIMEOUT, _refuse_live_socket, _remove_stale_socket
+from .server import DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, _refuse_live_socket, _remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ class LibvfioUserServer:
         library_log_level: int = LOG_WARNING,
         on_connect: Callable[[LibvfioClient], None] | None = None,
         on_disconnect: Callable[[LibvfioClient, str], None] | None = None,
-        handshake_timeout: float | None = None,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         dma_timeout: float = DEFAULT_DMA_TIMEOUT,
         **_ignored: Any,
     ) -> None:
@@ -448,8 +448,9 @@ class LibvfioUserServer:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         #: Seconds a client may take to finish VERSION, or stay stopped inside a message,
-        #: before it is dropped (None or 0: never); it must not hold the one client slot.
-        self.handshake_timeout = handshake_timeout or None
+        #: before it is dropped (None or <= 0: never), as on the Python backend: it must not
+        #: hold the one client slot.
+        self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
         #: Seconds a client may take to answer a DMA_READ/DMA_WRITE before it is dropped.
         self.dma_timeout = dma_timeout
         self.client: LibvfioClient | None = None

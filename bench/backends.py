@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.spec import NvmOpcode  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
+from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.libvfio import unavailable_reason  # noqa: E402
 
 IOVA = 0x1000_0000

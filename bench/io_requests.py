@@ -31,7 +31,7 @@ import server_throughput as st  # noqa: E402
 
 from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
+from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.constants import IrqIndex  # noqa: E402
 
 GiB = 1 << 30

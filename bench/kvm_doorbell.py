@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Doorbell harness on real KVM: the experiment behind the POST_WRITE proposal, done properly.
 
-A minimal KVM VMM in Python (ioctls on /dev/kvm, :mod:`vfio_user.kvm`) is a vfio-user client
+A minimal KVM VMM in Python (ioctls on /dev/kvm, :mod:`vfio_user.vmm.kvm`) is a vfio-user client
 of nvme-emu, which runs as a separate process (``python -m nvme_emu serve --doorbell MODE``):
 
 * guest RAM is one memfd, a KVM memory slot at GPA 0 and DMA-mapped to the server at IOVA 0
@@ -71,9 +71,9 @@ if str(REPO) not in sys.path:
 from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.queue import SQE  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
-from vfio_user import kvm as K  # noqa: E402
-from vfio_user._kvm_cdef import ffi  # noqa: E402
-from vfio_user.client import IoFd, VfioUserClient  # noqa: E402
+from vfio_user.vmm import kvm as K  # noqa: E402
+from vfio_user.vmm._kvm_cdef import ffi  # noqa: E402
+from vfio_user.vmm.client import IoFd, VfioUserClient  # noqa: E402
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP, IrqIndex  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -112,7 +112,7 @@ TARGET_QD1_FLOOR = 1.5  # shadow QD1 within 1.5x of the floor
 # guest code
 # ----------------------------------------------------------------------------------------
 class Asm(K._Asm):
-    """:class:`vfio_user.kvm._Asm` plus the few instructions the timed programs need
+    """:class:`vfio_user.vmm.kvm._Asm` plus the few instructions the timed programs need
     (32-bit flat protected mode only) and rel32 jumps."""
 
     def __init__(self) -> None:
@@ -1085,7 +1085,7 @@ def write_markdown(path: Path, doc: dict, table: str) -> None:
     lines = [
         "## Doorbell paths on real KVM (`bench/kvm_doorbell.py`)",
         "",
-        "**Method.** A minimal KVM VMM in Python (`vfio_user/kvm.py`: ioctls on /dev/kvm) is a vfio-user client of",
+        "**Method.** A minimal KVM VMM in Python (`vfio_user/vmm/kvm.py`: ioctls on /dev/kvm) is a vfio-user client of",
         "`python -m nvme_emu serve --doorbell MODE` (a separate process). Guest RAM is one memfd, a KVM memory slot at",
         "GPA 0 and DMA-mapped to the server at the same address; BAR0 sits at 0xFE000000. Trapped MMIO writes are",
         "forwarded as posted REGION_WRITEs; ioeventfds from GET_REGION_IO_FDS are registered with KVM; MSI-X uses",

@@ -53,7 +53,7 @@ import common  # noqa: E402
 from nvme_emu.atomics import fence  # noqa: E402
 from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
+from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType  # noqa: E402
 from vfio_user.messages import HEADER, REGION_ACCESS  # noqa: E402
 

@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 
 from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.spec import AdminOpcode, FeatureId, NvmOpcode, Status  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
+from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.constants import IrqIndex  # noqa: E402
 
 IOVA = 0x100000

@@ -1,4 +1,4 @@
-"""Tests of vfio_user.kvm against the real /dev/kvm.
+"""Tests of vfio_user.vmm.kvm against the real /dev/kvm.
 
 On the development machine /dev/kvm is PVM: guest code runs in KVM's instruction
 emulator, both real mode and 32-bit protected mode work, ioeventfds work, and
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from vfio_user import kvm as K
-from vfio_user._kvm_cdef import EXPECTED_LAYOUT, measured_layout
+from vfio_user.vmm import kvm as K
+from vfio_user.vmm._kvm_cdef import EXPECTED_LAYOUT, measured_layout
 
 RAM_GPA = 0
 RAM_SIZE = 0x10000

@@ -7,7 +7,7 @@ The mode is decided at run time, once per module (printed; run with -s to see it
   complete in the kernel: zero MMIO/IO exits for them.
 * ``emulated``: the kernel lacks it (this development machine: PVM, probe EINVAL). The
   same scenarios run with the VMM's fallback: every registered write traps, and
-  :class:`~vfio_user.kvm.PostWriteEmulator` stores the value then signals; each
+  :class:`~vfio_user.vmm.kvm.PostWriteEmulator` stores the value then signals; each
   registered write must exit exactly once and be posted. Cases that are properties of the
   kernel implementation turn into checks that the flag itself is rejected (the
   detection), or (copy failure) are skipped with the reason.
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import cffi
 import pytest
 
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
 
 RAM_GPA = 0
 RAM_SIZE = 0x10000

@@ -61,7 +61,7 @@ from .device import Device, DeviceContext, Region, ResetKind
 from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
 from .irq import IrqRouting
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import _refuse_live_socket, _remove_stale_socket
+from .unix import refuse_live_socket, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -457,8 +457,8 @@ class LibvfioUserServer:
         """Create, set up and realize the context; the socket exists when this returns."""
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
-        _refuse_live_socket(self.path)
-        _remove_stale_socket(self.path)
+        refuse_live_socket(self.path)
+        remove_stale_socket(self.path)
         ffi, lib = self._ffi, self._lib
         old_umask = os.umask(0o777 & ~self.mode)
         try:

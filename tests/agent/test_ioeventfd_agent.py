@@ -3,7 +3,7 @@
 
 Each test starts a CHILD process (``python -c CHILD_SOURCE``) with the agent preloaded
 (``LD_PRELOAD``) and ``NVME_EMU_AGENT_SOCKET`` set. The child is the "VMM": it creates a
-KVM VM with :mod:`vfio_user.kvm` (whose ``fcntl.ioctl`` goes through libc's ``ioctl``, so
+KVM VM with :mod:`vfio_user.vmm.kvm` (whose ``fcntl.ioctl`` goes through libc's ``ioctl``, so
 the agent sees KVM_CREATE_VM) and then obeys JSON-line commands on stdin, e.g. "write V to
 GPA X N times", answering with every MMIO/IO exit its vCPU took. The test process plays
 nvme-emu: it creates eventfds and memfd shadows, connects to the agent, and checks that
@@ -40,7 +40,7 @@ from typing import Optional
 import pytest
 
 from vfio_user import ioeventfd_agent as A
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "nvme_emu" / "agent" / "build.sh"
@@ -57,7 +57,7 @@ NOBODY = 65534
 # --------------------------------------------------------------------------------------
 CHILD_SOURCE = r'''
 import ctypes, json, os, sys
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
 
 RAM_SIZE, CODE_GPA = 0x10000, 0x1000
 st = {}

@@ -41,7 +41,7 @@ from nvme_emu.host import (
 )
 from nvme_emu.namespace import open_namespace
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg, Status
-from vfio_user.client import GuestRam, IoFd, VfioUserClient
+from vfio_user.vmm.client import GuestRam, IoFd, VfioUserClient
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP
 from vfio_user.server import Server, new_event_loop
 

@@ -32,7 +32,7 @@ import pytest
 from db_helpers import DEADLINE, LBA, PAGE, HostSession, pattern, wait_for
 from nvme_emu.queue import CQE
 from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
 
 BAR0_GPA = 0xFEB0_0000  # unbacked: every access is MMIO
 PROBE_GPA = 0xFEBF_E000  # the "separate probe address" (not the kvm module's own probe GPA)
@@ -127,7 +127,7 @@ def _check_done(s: HostSession, cids: list[int], rbufs: list[int]) -> None:
 
 def _create_vm(kvm: K.Kvm) -> K.VirtualMachine:
     """KVM_CREATE_VM, retried on EINTR (seen here when a signal is pending during creation;
-    vfio_user.kvm does not retry ioctls itself)."""
+    vfio_user.vmm.kvm does not retry ioctls itself)."""
     for attempt in range(5):
         try:
             return kvm.create_vm()

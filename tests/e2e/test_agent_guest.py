@@ -26,7 +26,7 @@ import time
 import pytest
 
 from nvme_emu import guest
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
 
 pytestmark = pytest.mark.e2e
 

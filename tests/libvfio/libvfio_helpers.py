@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vfio_user.client import VfioUserClient
+from vfio_user.vmm.client import VfioUserClient
 from vfio_user.libvfio import unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]

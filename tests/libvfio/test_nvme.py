@@ -13,7 +13,7 @@ import pytest
 
 from nvme_emu.host import HostMemory, NvmeHost, ShadowIoEventFdDoorbells
 from nvme_emu.spec import Reg
-from vfio_user.client import GuestRam
+from vfio_user.vmm.client import GuestRam
 from vfio_user.constants import IrqIndex
 
 IOVA = 0x1000_0000

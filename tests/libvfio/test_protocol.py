@@ -17,7 +17,7 @@ import time
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import (
     DMA_UNMAP_FLAG_ALL,
     DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,

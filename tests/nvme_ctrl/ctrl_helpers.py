@@ -28,7 +28,7 @@ import pytest
 
 from nvme_emu.host import Completion, HostMemory, NvmeHost
 from nvme_emu.spec import AdminOpcode, FeatureId, Status
-from vfio_user.client import GuestRam, VfioUserClient
+from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import IrqIndex
 
 REPO = Path(__file__).resolve().parents[2]

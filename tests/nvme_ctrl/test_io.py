@@ -10,7 +10,7 @@ import pytest
 from ctrl_helpers import IOVA, NS1_SIZE, Nvme
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import RwCdw12, Status
-from vfio_user.client import GuestRam
+from vfio_user.vmm.client import GuestRam
 
 NSZE1 = NS1_SIZE // 512
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nvme_emu.host import Completion, HostMemory, HostQueue, NvmeHost  # noqa: E402
 from nvme_emu.spec import AdminOpcode, FeatureId, Status  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
+from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
 from vfio_user.constants import IrqIndex  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from rel_helpers import DEADLINE, Host
-from vfio_user.client import VfioUserClient
+from vfio_user.vmm.client import VfioUserClient
 
 
 def test_socket_is_owner_only_by_default(spawn):

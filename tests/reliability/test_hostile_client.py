@@ -21,11 +21,11 @@ from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
 from nvme_emu.spec import NvmOpcode, Status
 from test_protocol_fuzz import messages
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, HEADER_SIZE, Command, MsgType
 from vfio_user.protocol import encode
-from vfio_user.server import recv_chunk
-from vfio_user.server import send_message as _send_message
+from vfio_user.unix import recv_chunk
+from vfio_user.unix import send_message as _send_message
 
 
 @pytest.fixture(scope="module")

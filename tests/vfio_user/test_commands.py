@@ -1,6 +1,6 @@
 """Every command round-trips against the sample server running in its own process.
 
-The client is vfio_user.client.VfioUserClient over a real Unix socket; fds travel with
+The client is vfio_user.vmm.client.VfioUserClient over a real Unix socket; fds travel with
 SCM_RIGHTS, guest memory is a memfd, interrupts are eventfds.
 """
 
@@ -17,7 +17,7 @@ import time
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClientError
 from vfio_user.constants import (
     DEVICE_FLAG_PCI,
     DEVICE_FLAG_RESET,
@@ -597,7 +597,7 @@ def test_dma_through_messages(client, ram):
 
 
 def test_dma_messages_split_at_client_max_data_xfer(server, ram):
-    caps = dict(__import__("vfio_user.client", fromlist=["QEMU_CAPABILITIES"]).QEMU_CAPABILITIES, max_data_xfer_size=4096)
+    caps = dict(__import__("vfio_user.vmm.client", fromlist=["QEMU_CAPABILITIES"]).QEMU_CAPABILITIES, max_data_xfer_size=4096)
     c = server.connect(negotiate=False)
     try:
         c.negotiate(caps)

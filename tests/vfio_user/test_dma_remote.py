@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient
+from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import Command, MsgType, FLAG_ERROR
 from vfio_user.dma import DmaError
 from vfio_user.protocol import Message, encode

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import IrqIndex
 from vfio_user.sample import REG_ID, REG_RINGS, REG_SCRATCH, TICKER_ID, Ticker
 from vfio_user.server import Server, new_event_loop

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import QEMU_CAPABILITIES, VfioUserClient
+from vfio_user.vmm.client import QEMU_CAPABILITIES, VfioUserClient
 from vfio_user.constants import (
     DEFAULT_MAX_DATA_XFER,
     IRQ_ACTION_MASK,

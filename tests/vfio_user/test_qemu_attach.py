@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import QEMU_CAPABILITIES, GuestRam
+from vfio_user.vmm.client import QEMU_CAPABILITIES, GuestRam
 from vfio_user.constants import (
     DEVICE_FLAG_PCI,
     DEVICE_FLAG_RESET,

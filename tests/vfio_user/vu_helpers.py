@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from vfio_user.client import VfioUserClient
+from vfio_user.vmm.client import VfioUserClient
 from vfio_user.constants import FLAG_NO_REPLY, HEADER_SIZE
 from vfio_user.messages import HEADER
 

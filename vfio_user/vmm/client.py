@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import messages as m
-from .constants import (
+from .. import messages as m
+from ..constants import (
     DEFAULT_MAX_DATA_XFER,
     DMA_FLAG_READ,
     DMA_FLAG_WRITE,
@@ -37,8 +37,8 @@ from .constants import (
     Command,
     IrqIndex,
 )
-from .protocol import Connection, Message, Rejected, close_fds
-from .server import recv_chunk, send_message
+from ..protocol import Connection, Message, Rejected, close_fds
+from ..unix import recv_chunk, send_message
 
 #: What QEMU 11.1.3 announces (vfio-user-protocol.md §2.1).
 QEMU_CAPABILITIES: dict[str, Any] = {

@@ -9,7 +9,7 @@ of hand-encoded guest code that rings a doorbell and polls a completion.
 
 Scope and constraints
 ---------------------
-* x86-64 host only. Structures are declared in :mod:`vfio_user._kvm_cdef` and checked
+* x86-64 host only. Structures are declared in :mod:`vfio_user.vmm._kvm_cdef` and checked
   against the layouts measured from ``linux/kvm.h``.
 * On the development machine ``/dev/kvm`` is PVM (``kvm_pvm``): no VMX/SVM. Linux guests
   cannot run there, but small guest programs run in KVM's instruction emulator (about
@@ -24,7 +24,7 @@ Scope and constraints
 Every object owning a file descriptor or a mapping has ``close()`` and is a context manager;
 ``VirtualMachine.close()`` closes its vCPUs, its memory it allocated and its eventfd probes.
 
-Run ``python -m vfio_user.kvm [N]`` for a micro-measurement of trapped vs ioeventfd doorbells.
+Run ``python -m vfio_user.vmm.kvm [N]`` for a micro-measurement of trapped vs ioeventfd doorbells.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from vfio_user._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
+from vfio_user.vmm._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
 
 __all__ = [
     "Kvm",

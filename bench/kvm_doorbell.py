@@ -72,6 +72,7 @@ from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.queue import SQE  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
 from vfio_user.vmm import kvm as K  # noqa: E402
+from vfio_user.vmm import x86  # noqa: E402
 from vfio_user.vmm._kvm_cdef import ffi  # noqa: E402
 from vfio_user.vmm.client import IoFd, VfioUserClient  # noqa: E402
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP, IrqIndex  # noqa: E402
@@ -111,8 +112,8 @@ TARGET_QD1_FLOOR = 1.5  # shadow QD1 within 1.5x of the floor
 # ----------------------------------------------------------------------------------------
 # guest code
 # ----------------------------------------------------------------------------------------
-class Asm(K._Asm):
-    """:class:`vfio_user.vmm.kvm._Asm` plus the few instructions the timed programs need
+class Asm(x86.Asm):
+    """:class:`vfio_user.vmm.x86.Asm` plus the few instructions the timed programs need
     (32-bit flat protected mode only) and rel32 jumps."""
 
     def __init__(self) -> None:
@@ -155,18 +156,18 @@ class Asm(K._Asm):
         return bytes(code)
 
 
-def prog_store_loop(targets: list[int], value: int, n: int) -> K.GuestProgram:
+def prog_store_loop(targets: list[int], value: int, n: int) -> x86.GuestProgram:
     """``n`` times: store ``value`` to each of ``targets`` in order; then HLT."""
     a = Asm()
-    a.mov_r_imm(K.EAX, value)
-    a.mov_r_imm(K.ECX, n)
+    a.mov_r_imm(x86.EAX, value)
+    a.mov_r_imm(x86.ECX, n)
     a.label("loop")
     for t in targets:
-        a.store_abs(t, K.EAX)
-    a.dec(K.ECX)
+        a.store_abs(t, x86.EAX)
+    a.dec(x86.ECX)
     a.jnz("loop")
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, f"store {value:#x} to {[hex(t) for t in targets]} x{n}")
+    return x86.GuestProgram(a.assemble(), 32, f"store {value:#x} to {[hex(t) for t in targets]} x{n}")
 
 
 @dataclass
@@ -179,7 +180,7 @@ class QueueState:
 
 
 def prog_batches(*, sq_db: int, sq_shadow: Optional[int], cq_db: Optional[int], cq_shadow: Optional[int],
-                 cq_base: int, qsize: int, batch: int, n: int, ts_base: int, state: QueueState) -> K.GuestProgram:
+                 cq_base: int, qsize: int, batch: int, n: int, ts_base: int, state: QueueState) -> x86.GuestProgram:
     """``n`` rounds of: RDTSC; tail += batch; [shadow tail]; ring; reap ``batch`` CQEs by the
     phase bit; RDTSC; store the TSC delta at ts_base[4*ecx]; [shadow head]; [CQ-head doorbell].
 
@@ -192,58 +193,58 @@ def prog_batches(*, sq_db: int, sq_shadow: Optional[int], cq_db: Optional[int], 
     if n > TS_MAX:
         raise ValueError("too many rounds for the TSC array")
     a = Asm()
-    a.mov_r_imm(K.ECX, n)
-    a.mov_r_imm(K.EBX, state.sq_tail)
-    a.mov_r_imm(K.EBP, state.cq_head)
-    a.mov_r_imm(K.ESI, cq_base + 16 * state.cq_head)
-    a.mov_r_imm(K.EDI, state.phase << 16)
+    a.mov_r_imm(x86.ECX, n)
+    a.mov_r_imm(x86.EBX, state.sq_tail)
+    a.mov_r_imm(x86.EBP, state.cq_head)
+    a.mov_r_imm(x86.ESI, cq_base + 16 * state.cq_head)
+    a.mov_r_imm(x86.EDI, state.phase << 16)
     a.label("loop")
-    a.add_r_imm8(K.EBX, batch)
-    a.cmp_r_imm(K.EBX, qsize)
+    a.add_r_imm8(x86.EBX, batch)
+    a.cmp_r_imm(x86.EBX, qsize)
     a.jb("nowrap_sq")
-    a.sub_r_imm(K.EBX, qsize)
+    a.sub_r_imm(x86.EBX, qsize)
     a.label("nowrap_sq")
     a.rdtsc()
     if sq_shadow is not None:
-        a.store_abs(sq_shadow, K.EBX)
-    a.store_abs(sq_db, K.EBX)
-    a.mov_r_imm(K.EDX, batch)
+        a.store_abs(sq_shadow, x86.EBX)
+    a.store_abs(sq_db, x86.EBX)
+    a.mov_r_imm(x86.EDX, batch)
     a.label("poll")
-    a.load(K.ESP, K.ESI, 12)
-    a.and_r_imm(K.ESP, 0x10000)
-    a.cmp_r_r(K.ESP, K.EDI)
+    a.load(x86.ESP, x86.ESI, 12)
+    a.and_r_imm(x86.ESP, 0x10000)
+    a.cmp_r_r(x86.ESP, x86.EDI)
     a.jnz("poll")
-    a.add_r_imm8(K.ESI, 16)
-    a.inc(K.EBP)
-    a.cmp_r_imm(K.EBP, qsize)
+    a.add_r_imm8(x86.ESI, 16)
+    a.inc(x86.EBP)
+    a.cmp_r_imm(x86.EBP, qsize)
     a.jnz("nowrap_cq")
-    a.xor_r_r(K.EBP, K.EBP)
-    a.mov_r_imm(K.ESI, cq_base)
-    a.xor_r_imm(K.EDI, 0x10000)
+    a.xor_r_r(x86.EBP, x86.EBP)
+    a.mov_r_imm(x86.ESI, cq_base)
+    a.xor_r_imm(x86.EDI, 0x10000)
     a.label("nowrap_cq")
-    a.dec(K.EDX)
+    a.dec(x86.EDX)
     a.jnz("poll")
-    a.mov_r_r(K.ESP, K.EAX)
+    a.mov_r_r(x86.ESP, x86.EAX)
     a.rdtsc()
-    a.sub_r_r(K.EAX, K.ESP)
-    a.store_ecx4(ts_base - 4, K.EAX)  # ecx runs n..1 -> slots n-1..0
+    a.sub_r_r(x86.EAX, x86.ESP)
+    a.store_ecx4(ts_base - 4, x86.EAX)  # ecx runs n..1 -> slots n-1..0
     if cq_shadow is not None:
-        a.store_abs(cq_shadow, K.EBP)
+        a.store_abs(cq_shadow, x86.EBP)
     if cq_db is not None:
-        a.store_abs(cq_db, K.EBP)
-    a.dec(K.ECX)
+        a.store_abs(cq_db, x86.EBP)
+    a.dec(x86.ECX)
     a.jnz32("loop")
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, f"qd{batch} x{n}")
+    return x86.GuestProgram(a.assemble(), 32, f"qd{batch} x{n}")
 
 
-def prog_rdtsc(dst: int) -> K.GuestProgram:
+def prog_rdtsc(dst: int) -> x86.GuestProgram:
     a = Asm()
     a.rdtsc()
-    a.store_abs(dst, K.EAX)
-    a.store_abs(dst + 4, K.EDX)
+    a.store_abs(dst, x86.EAX)
+    a.store_abs(dst + 4, x86.EDX)
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, "rdtsc")
+    return x86.GuestProgram(a.assemble(), 32, "rdtsc")
 
 
 # ----------------------------------------------------------------------------------------
@@ -622,7 +623,7 @@ class PathBench:
             self.vcpu.complete_mmio_read(self.client.region_read(0, off, ex.length))
         return True
 
-    def run(self, prog: K.GuestProgram) -> float:
+    def run(self, prog: x86.GuestProgram) -> float:
         """Load and run ``prog`` to its HLT; a guest still spinning after ``--guest-timeout``
         (a completion that never came) is interrupted by SIGALRM and reported with the
         server's log instead of hanging the benchmark."""

@@ -46,7 +46,8 @@ from .spec import (
     Shn,
     Shst,
 )
-from .state import DEFERRED, ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
+from .outcome import DEFERRED
+from .state import ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
 from .timer import FineTimers
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 IrqRaiser = Callable[[int], bool]
 
 #: Re-exported: their home is nvme_emu.state.
-__all__ = ["DEFERRED", "Controller", "ControllerConfig", "CqHeadSource", "ErrorLog", "HealthCounters"]
+__all__ = ["Controller", "ControllerConfig", "CqHeadSource", "ErrorLog", "HealthCounters"]
 
 
 class CqHeadSource(Protocol):

@@ -14,7 +14,8 @@ from .namespace import Namespace
 from .queue import SubmissionQueue
 from .spec import NSID_ALL, NvmeError, Status
 from .sqe import CDW10, CID, NSID
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 

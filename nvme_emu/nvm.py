@@ -5,7 +5,7 @@ Data moves zero-copy: the data pointer (PRP or SGL) becomes a list of memoryview
 guest memory, and the namespace backend reads into or writes from those views directly.
 
 Each command is a request: :meth:`NvmCommands.execute` returns (status, dw0) when it is
-done, or :data:`~nvme_emu.state.DEFERRED` when it is in flight. On a RAM namespace
+done, or :data:`~nvme_emu.outcome.DEFERRED` when it is in flight. On a RAM namespace
 every command is done at once (the synchronous fast path, no per-command objects). On a
 blocking namespace (file, block device) a handler returns a :class:`Work`, the blocking
 part, which runs on the controller's :class:`~nvme_emu.aio.IoPool`; the request completes
@@ -39,7 +39,8 @@ from .spec import (
     RwCdw12,
     Status,
 )
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ import pytest
 
 from vfio_user import ioeventfd_agent as A
 from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "nvme_emu" / "agent" / "build.sh"
@@ -58,6 +59,7 @@ NOBODY = 65534
 CHILD_SOURCE = r'''
 import ctypes, json, os, sys
 from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
 
 RAM_SIZE, CODE_GPA = 0x10000, 0x1000
 st = {}
@@ -92,7 +94,7 @@ def create_vm(via):
     return vm.fd
 
 def run_write(addr, value, n, width):
-    K.prog_write_loop(addr, value, n, width=width).load(st["vcpu"], st["ram"], CODE_GPA)
+    x86.prog_write_loop(addr, value, n, width=width).load(st["vcpu"], st["ram"], CODE_GPA)
     exits = []
     def handler(ex):
         if ex.kind == "MMIO":

@@ -32,7 +32,9 @@ import pytest
 from db_helpers import DEADLINE, LBA, PAGE, HostSession, pattern, wait_for
 from nvme_emu.queue import CQE
 from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
+from nvme_emu import guest_programs
 from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
 
 BAR0_GPA = 0xFEB0_0000  # unbacked: every access is MMIO
 PROBE_GPA = 0xFEBF_E000  # the "separate probe address" (not the kvm module's own probe GPA)
@@ -179,7 +181,7 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
                 # a probe address swallows guest writes and wakes the server.
                 probe = vm.add_ioeventfd(PROBE_GPA, 4, sq_fd.eventfd)
                 exits: list[K.VcpuExit] = []
-                K.prog_write_loop(PROBE_GPA, 0, 3).load(vcpu, ram, CODE_GPA)
+                x86.prog_write_loop(PROBE_GPA, 0, 3).load(vcpu, ram, CODE_GPA)
                 _run_guest(vcpu, lambda ex: exits.append(ex) or True)
                 assert not exits, f"probe writes reached userspace: {exits}"
                 wait_for(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 3, "the server to see the 3 KVM-signalled probe writes")
@@ -188,7 +190,7 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
                 for fd, slot in ((sq_fd, 2 * QID), (cq_fd, 2 * QID + 1)):
                     emulator.add(_db_gpa(slot), 4, shadow, fd.shadow_offset, fd.eventfd)
             q = s.host.queues[QID]
-            prog = K.prog_nvme_qd1(_db_gpa(2 * QID), _db_gpa(2 * QID + 1), q.cq, DEPTH, N)
+            prog = guest_programs.prog_nvme_qd1(_db_gpa(2 * QID), _db_gpa(2 * QID + 1), q.cq, DEPTH, N)
             prog.load(vcpu, ram, CODE_GPA)
             posted, unexpected = [], []
             doorbells = {_db_gpa(2 * QID), _db_gpa(2 * QID + 1)}
@@ -227,42 +229,42 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
             region.close()
 
 
-def _prog_dbbuf_qd1(sq_db: int, cq_db: int, sq_shadow: int, cq_shadow: int, cq_base: int, qsize: int, n: int) -> K.GuestProgram:
+def _prog_dbbuf_qd1(sq_db: int, cq_db: int, sq_shadow: int, cq_shadow: int, cq_base: int, qsize: int, n: int) -> x86.GuestProgram:
     """prog_nvme_qd1 with NVMe shadow doorbells: store the tail (head) into the shadow
     doorbell buffer in guest RAM, then write the real doorbell (always: no EventIdx check)."""
-    a = K._Asm(32)
-    a.mov_r_imm(K.ECX, n)
-    a.xor_r_r(K.EAX, K.EAX)
-    a.xor_r_r(K.EDX, K.EDX)
-    a.mov_r_imm(K.ESI, cq_base)
-    a.mov_r_imm(K.EDI, 0x10000)
+    a = x86.Asm(32)
+    a.mov_r_imm(x86.ECX, n)
+    a.xor_r_r(x86.EAX, x86.EAX)
+    a.xor_r_r(x86.EDX, x86.EDX)
+    a.mov_r_imm(x86.ESI, cq_base)
+    a.mov_r_imm(x86.EDI, 0x10000)
     a.label("loop")
-    a.inc(K.EAX)
-    a.cmp_r_imm(K.EAX, qsize)
+    a.inc(x86.EAX)
+    a.cmp_r_imm(x86.EAX, qsize)
     a.jnz("ring")
-    a.xor_r_r(K.EAX, K.EAX)
+    a.xor_r_r(x86.EAX, x86.EAX)
     a.label("ring")
-    a.store_abs(sq_shadow, K.EAX)
-    a.store_abs(sq_db, K.EAX)
+    a.store_abs(sq_shadow, x86.EAX)
+    a.store_abs(sq_db, x86.EAX)
     a.label("poll")
-    a.load(K.EBP, K.ESI, 12)
-    a.and_r_imm(K.EBP, 0x10000)
-    a.cmp_r_r(K.EBP, K.EDI)
+    a.load(x86.EBP, x86.ESI, 12)
+    a.and_r_imm(x86.EBP, 0x10000)
+    a.cmp_r_r(x86.EBP, x86.EDI)
     a.jnz("poll")
-    a.add_r_imm8(K.ESI, CQE_SIZE)
-    a.inc(K.EDX)
-    a.cmp_r_imm(K.EDX, qsize)
+    a.add_r_imm8(x86.ESI, CQE_SIZE)
+    a.inc(x86.EDX)
+    a.cmp_r_imm(x86.EDX, qsize)
     a.jnz("head")
-    a.xor_r_r(K.EDX, K.EDX)
-    a.mov_r_imm(K.ESI, cq_base)
-    a.xor_r_imm(K.EDI, 0x10000)
+    a.xor_r_r(x86.EDX, x86.EDX)
+    a.mov_r_imm(x86.ESI, cq_base)
+    a.xor_r_imm(x86.EDI, 0x10000)
     a.label("head")
-    a.store_abs(cq_shadow, K.EDX)
-    a.store_abs(cq_db, K.EDX)
-    a.dec(K.ECX)
+    a.store_abs(cq_shadow, x86.EDX)
+    a.store_abs(cq_db, x86.EDX)
+    a.dec(x86.ECX)
     a.jnz("loop")
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, "nvme qd1 with shadow doorbells")
+    return x86.GuestProgram(a.assemble(), 32, "nvme qd1 with shadow doorbells")
 
 
 def test_guest_doorbell_plain_ioeventfd_with_dbbuf(inproc):

@@ -206,7 +206,7 @@ def test_poll_server_reports_cpu(serve, session):
     db = srv.stats()["doorbells"]
     print(f"poll: {db}")
     assert db["polls"] > 0 and db["wakeups"] > 0 and db["trapped"] == 0
-    assert "poll_cpu_seconds" in db and db["poll_cpu_seconds"] >= 0.0
+    assert db["poll_cpu_seconds"] > 0.0  # thread CPU time (ns resolution) of polls that ran
 
 
 @pytest.mark.parametrize("path", PATH_IDS)

@@ -8,7 +8,7 @@ from area_helpers import Area, KeptPool, make_area, status_of
 
 from nvme_emu.format_nvm import format_nvm
 from nvme_emu.spec import NSID_ALL, AdminOpcode, Status
-from nvme_emu.state import DEFERRED
+from nvme_emu.outcome import DEFERRED
 
 LBAF_4K = 1  # LBA formats: 0 = 512 bytes, 1 = 4096 bytes
 

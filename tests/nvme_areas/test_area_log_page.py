@@ -9,7 +9,7 @@ from area_helpers import BUF, Area, status_of
 from nvme_emu import structures as st
 from nvme_emu.log_page import get_log_page
 from nvme_emu.spec import AdminOpcode, CommandEffects, CriticalWarning, Csi, EffectsScope, FeatureId, LogPageId, NvmeError, NvmOpcode, Status
-from nvme_emu.state import TEMP_OVER
+from nvme_emu.spec import TEMP_OVER
 
 
 def read_log(area: Area, lid: int, length: int = 4096, *, offset: int = 0, nsid: int = 0, rae: bool = False, csi: int = 0) -> bytes:

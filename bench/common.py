@@ -102,7 +102,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     out = []
     for n, c in enumerate(cells):
-        out.append("| " + " | ".join(s.rjust(w) if n and i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))) + " |")
+        out.append("| " + " | ".join(s.rjust(w) if n and i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths, strict=True))) + " |")
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
@@ -162,7 +162,9 @@ def proc_ctx_switches(pid: int) -> tuple[int, int]:
 class ServeProcess:
     """``python -m nvme_emu serve ... --stats-json PATH``; counters on demand via SIGUSR1."""
 
-    def __init__(self, sock: str, args: Sequence[str], log_path: Path, *, python: str | None = None, prefix: Sequence[str] = (), tree: Path | str | None = None) -> None:
+    def __init__(
+        self, sock: str, args: Sequence[str], log_path: Path, *, python: str | None = None, prefix: Sequence[str] = (), tree: Path | str | None = None
+    ) -> None:
         self.sock = sock
         self.stats_path = sock + ".stats.json"
         self.log_path = log_path

@@ -103,7 +103,7 @@ def summarise(fio: dict) -> dict[str, dict]:
             clat = st.get("clat_ns") or {}
             pct = clat.get("percentile") or {}
 
-            def p(key: str) -> float | None:
+            def p(key: str, pct: dict = pct) -> float | None:
                 v = pct.get(key)
                 return v / 1000 if v is not None else None
 
@@ -148,7 +148,14 @@ def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, d
         rc = srv.stop()
     if not r.ok or r.fio is None:
         raise RuntimeError(f"nvme-emu run failed (server exit {rc}):\n{r.describe_failure()}\n--- server log ---\n{srv.log()[-4000:]}")
-    return {"jobs": summarise(r.fio), "elapsed_s": time.monotonic() - t0, "accel": r.accel, "server_cpu_s": cpu1 - cpu0, "server_stats": stats, "server_exit": rc}
+    return {
+        "jobs": summarise(r.fio),
+        "elapsed_s": time.monotonic() - t0,
+        "accel": r.accel,
+        "server_cpu_s": cpu1 - cpu0,
+        "server_stats": stats,
+        "server_exit": rc,
+    }
 
 
 COLUMNS = [
@@ -407,11 +414,17 @@ def main(argv: list[str] | None = None) -> int:
             b = run_builtin(image, job, timeout)
             print(f"[{rnd}] hw/nvme done in {b['elapsed_s']:.0f}s ({b['accel']})", flush=True)
             for n, j in b["jobs"].items():
-                print(f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us", flush=True)
+                print(
+                    f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us",
+                    flush=True,
+                )
             e = run_nvme_emu(image, job, timeout, workdir, f"r{rnd}", args.doorbell)
             print(f"[{rnd}] nvme-emu done in {e['elapsed_s']:.0f}s, server CPU {e['server_cpu_s']:.1f}s", flush=True)
             for n, j in e["jobs"].items():
-                print(f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us", flush=True)
+                print(
+                    f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us",
+                    flush=True,
+                )
             rounds.append({"round": rnd, "builtin": b, "nvme_emu": e})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -460,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"rounds": args.rounds, "runtime": args.runtime, "ramp": args.ramp, "doorbell": args.doorbell, "file_size": FILE_SIZE},
         "targets": targets, "results": rows, "rounds": rounds, "table": table,
     })
-    plot(rows, out / f"{name}.png", f"fio in a QEMU guest ({rounds[0]['builtin']['accel']}): nvme-emu vs QEMU hw/nvme, same guest + file, median of {len(rounds)} round(s)\n{common.describe_machine(mach)}")
+    plot(
+        rows,
+        out / f"{name}.png",
+        f"fio in a QEMU guest ({rounds[0]['builtin']['accel']}): nvme-emu vs QEMU hw/nvme, same guest + file, median of {len(rounds)} "
+        f"round(s)\n{common.describe_machine(mach)}",
+    )
     print(f"wrote {out / (name + '.json')} and .png")
     return 0
 

@@ -1048,7 +1048,7 @@ def plot(results: list[PathResult], floor: dict, caps: dict, path: Path) -> None
     mean = [r.qd1["mean"] for r in results]
     x = range(len(results))
     ax.bar(x, p50, color=colors, label="p50")
-    ax.errorbar(x, p50, yerr=[[0] * len(results), [b - a for a, b in zip(p50, p99)]], fmt="none", ecolor="k", capsize=4, label="p99")
+    ax.errorbar(x, p50, yerr=[[0] * len(results), [b - a for a, b in zip(p50, p99, strict=True)]], fmt="none", ecolor="k", capsize=4, label="p99")
     ax.scatter(x, mean, color="k", marker="_", s=300, label="mean", zorder=3)
     ax.axhline(floor["p50"], color="gray", ls="--", label=f"floor {floor['p50']:.0f} us")
     ax.axhline(TARGET_QD1_FLOOR * floor["p50"], color="gray", ls=":", label="1.5x floor")
@@ -1194,7 +1194,7 @@ def nested_plot(rows: list[dict], path: Path) -> None:
                                 (axes[3], "qd32_cmds_per_s", "QD32 throughput (cmd/s)", False)):
         vals = [max(r[key], 1e-3) if log else r[key] for r in rows]
         bars = ax.bar(range(len(rows)), vals, color=colors)
-        for b, h in zip(bars, hatches):
+        for b, h in zip(bars, hatches, strict=True):
             b.set_hatch(h)
         ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=60)
         if log:

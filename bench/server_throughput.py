@@ -437,7 +437,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         return
     rws = sorted({r["rw"] for r in results}, key=list(WORKLOADS).index)
     fig, axes = plt.subplots(1, len(rws), figsize=(6.5 * len(rws), 4.6), squeeze=False)
-    for ax, rw in zip(axes[0], rws):
+    for ax, rw in zip(axes[0], rws, strict=True):
         keys = sorted({r["path"] for r in results}, key=lambda k: (PATHS.index(k.split("@")[0]), k))
         for k in keys:
             pts = sorted((r["qd"], r["iops"]) for r in results if r["rw"] == rw and r["path"] == k)
@@ -584,7 +584,20 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "server_throughput",
         "machine": mach,
         "method": __doc__,
-        "config": {"server_tree": args.server_tree or str(common.REPO), "compare_tree": args.compare_tree, "paths": paths, "qds": qds, "rw": rws, "max_seconds": args.max_seconds, "rounds": args.rounds, "pinned": pin, "spin_us": args.spin_us, "namespace": f"ram:size={NS_SIZE}", "queue_size": QSIZE, "profiled": args.profile_path if args.profile else None},
+        "config": {
+            "server_tree": args.server_tree or str(common.REPO),
+            "compare_tree": args.compare_tree,
+            "paths": paths,
+            "qds": qds,
+            "rw": rws,
+            "max_seconds": args.max_seconds,
+            "rounds": args.rounds,
+            "pinned": pin,
+            "spin_us": args.spin_us,
+            "namespace": f"ram:size={NS_SIZE}",
+            "queue_size": QSIZE,
+            "profiled": args.profile_path if args.profile else None,
+        },
         "target": {"randread_qd128_iops": 150_000, "best_randread_qd128_iops": best, "met": bool(best and best >= 150_000)},
         "results": rows,
         "all_rounds": rows_all,

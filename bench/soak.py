@@ -208,7 +208,9 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
             gen += 1
             fua = rng.random() < 0.125
             sess.mem.write(addr, stamp(gen, nsid, slot))
-            cid = sess.host.submit(qid, NvmOpcode.WRITE, nsid=nsid, prp1=addr, cdw10=slot * (SLOT // 512), cdw12=(SLOT // 512 - 1) | (1 << 30 if fua else 0), ring=False)
+            cid = sess.host.submit(
+                qid, NvmOpcode.WRITE, nsid=nsid, prp1=addr, cdw10=slot * (SLOT // 512), cdw12=(SLOT // 512 - 1) | (1 << 30 if fua else 0), ring=False
+            )
             q["inflight"][cid] = ("write", nsid, slot, (b, gen, fua))
             q["writes"] += 1
         return True
@@ -260,7 +262,12 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
                     "server_cpu": round((cpu - cpu_last) / max(1e-9, now - t_last), 3),
                     "io_total": io,
                 })
-                print(f"[soak] t={samples[-1]['t']:7.1f}s iops={samples[-1]['iops']:6d} rss={samples[-1]['rss_kb'] // 1024} MiB anon={samples[-1]['anon_kb'] // 1024} MiB fds={samples[-1]['fds']} maps={samples[-1]['guest_mappings']} io={io} errors={totals['errors']} mismatches={totals['mismatches']}", flush=True)
+                print(
+                    f"[soak] t={samples[-1]['t']:7.1f}s iops={samples[-1]['iops']:6d} rss={samples[-1]['rss_kb'] // 1024} MiB "
+                    f"anon={samples[-1]['anon_kb'] // 1024} MiB fds={samples[-1]['fds']} maps={samples[-1]['guest_mappings']} io={io} "
+                    f"errors={totals['errors']} mismatches={totals['mismatches']}",
+                    flush=True,
+                )
                 io_at_last, t_last, cpu_last = io, now, cpu
                 next_sample = now + args.sample
                 if now >= end:
@@ -355,13 +362,17 @@ def write_results(res: dict, out: Path) -> None:
         "",
         "| | |",
         "|---|---|",
-        f"| commands | {t['reads']} reads ({t['verified_reads']} verified against the last write), {t['writes']} writes ({t['fua_writes']} FUA), {t['flushes']} flushes |",
+        f"| commands | {t['reads']} reads ({t['verified_reads']} verified against the last write), {t['writes']} writes ({t['fua_writes']} FUA), "
+        f"{t['flushes']} flushes |",
         f"| errors / data mismatches | {t['errors']} / {t['mismatches']} |",
-        f"| mean IOPS | {round(s[-1]['io_total'] / max(1e-9, s[-1]['t'])) if s else 0} (Python host driver and server sharing {res['machine'].get('cpus', '?')} CPUs) |",
+        f"| mean IOPS | {round(s[-1]['io_total'] / max(1e-9, s[-1]['t'])) if s else 0} (Python host driver and server sharing "
+        f"{res['machine'].get('cpus', '?')} CPUs) |",
         f"| server fds | baseline {res['baseline_fds']}, during run {res['fds_during_run']}, after client left {res['fds_after_client_left']} |",
         f"| guest mappings after client left | {res['guest_mappings_after_client_left']} |",
-        f"| server RSS | {s[0]['rss_kb'] // 1024 if s else 0} MiB at start, {s[-1]['rss_kb'] // 1024 if s else 0} MiB at end, of which RAM-namespace memfd {s[-1]['shmem_kb'] // 1024 if s else 0} MiB (fills as LBAs are first written) |",
-        f"| server anonymous RSS (heap) | {s[0]['anon_kb'] // 1024 if s else 0} MiB at start, {s[-1]['anon_kb'] // 1024 if s else 0} MiB at end; growth after warm-up {res['anon_rss_growth_after_warmup_mib']} MiB (limit {cfg['rss_slack']}) |",
+        f"| server RSS | {s[0]['rss_kb'] // 1024 if s else 0} MiB at start, {s[-1]['rss_kb'] // 1024 if s else 0} MiB at end, of which "
+        f"RAM-namespace memfd {s[-1]['shmem_kb'] // 1024 if s else 0} MiB (fills as LBAs are first written) |",
+        f"| server anonymous RSS (heap) | {s[0]['anon_kb'] // 1024 if s else 0} MiB at start, {s[-1]['anon_kb'] // 1024 if s else 0} MiB at end; "
+        f"growth after warm-up {res['anon_rss_growth_after_warmup_mib']} MiB (limit {cfg['rss_slack']}) |",
         f"| reconnects under load | {t['reconnects']} |",
         f"| SIGTERM exit status | {res['server_exit_status']} |",
         "",
@@ -369,7 +380,9 @@ def write_results(res: dict, out: Path) -> None:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in s:
-        lines.append(f"| {x['t']} | {x['iops']} | {x['server_cpu']} | {x['rss_kb'] / 1024:.1f} | {x['anon_kb'] / 1024:.1f} | {x['fds']} | {x['guest_mappings']} |")
+        lines.append(
+            f"| {x['t']} | {x['iops']} | {x['server_cpu']} | {x['rss_kb'] / 1024:.1f} | {x['anon_kb'] / 1024:.1f} | {x['fds']} | {x['guest_mappings']} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

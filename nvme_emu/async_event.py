@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 16
 
 #: The event type a log page acknowledges when read with RAE clear.
-ACKNOWLEDGED_BY_LOG = {
+ACKNOWLEDGED_BY_LOG: dict[int, AsyncEventType] = {
     LogPageId.ERROR_INFORMATION: AsyncEventType.ERROR,
     LogPageId.SMART_HEALTH: AsyncEventType.SMART_HEALTH,
     LogPageId.CHANGED_NAMESPACE_LIST: AsyncEventType.NOTICE,

@@ -41,7 +41,7 @@ def format_nvm(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQue
     hooks.begin_request(sq)
 
     def finished(_result: object, error: BaseException | None) -> None:
-        status = Status.SUCCESS
+        status: int = Status.SUCCESS
         if error is None:
             _formatted(state, hooks, targets, lbaf)
         elif isinstance(error, NvmeError):

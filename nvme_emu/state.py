@@ -230,12 +230,17 @@ class ControllerState:
         if err.status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
             self.health.media_errors += 1
 
-    def dma_check(self, iova: int, length: int) -> None:
-        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
+    def host_memory(self) -> GuestMemory:
+        """Guest memory, or Data Transfer Error when no host is attached (a command that
+        outlived its client's connection)."""
         if self.memory is None:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, "no host memory")
+        return self.memory
+
+    def dma_check(self, iova: int, length: int) -> None:
+        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
         try:
-            self.memory.view(iova, length)
+            self.host_memory().view(iova, length)
         except DmaError:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, f"{iova:#x}+{length} not in guest memory") from None
 

@@ -13,7 +13,6 @@ import errno
 import mmap
 import os
 import threading
-import time
 
 import pytest
 

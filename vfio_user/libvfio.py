@@ -59,7 +59,7 @@ from .constants import (
 )
 from .device import Device, DeviceContext, Region, ResetKind
 from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
-from .irq import IrqRouting
+from .irq import IrqRouting, UnmaskCallback
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
 from .unix import refuse_live_socket, remove_stale_socket
 
@@ -329,7 +329,7 @@ class LibvfioIrqs(IrqRouting):
     client's UNMASK action (reported by libvfio-user's irq state callback).
     """
 
-    def __init__(self, server: "LibvfioUserServer", counts: dict[IrqIndex, int], on_unmask: Callable[[int, int], None] | None) -> None:
+    def __init__(self, server: "LibvfioUserServer", counts: dict[IrqIndex, int], on_unmask: UnmaskCallback | None) -> None:
         super().__init__(counts, on_unmask)
         self.server = server
 
@@ -506,7 +506,9 @@ class LibvfioUserServer:
                 cb = self._cb("vfu_dev_irq_state_cb_t", lambda _ctx, start, n, mask, index=index: self._irq_state(index, start, n, mask))
                 self._check(lib.vfu_setup_irq_state_callback(vfu, int(index), cb), "vfu_setup_irq_state_callback")
         self._check(
-            lib.vfu_setup_device_dma(vfu, self.max_dma_maps, self._cb("vfu_dma_register_cb_t", self._dma_register), self._cb("vfu_dma_unregister_cb_t", self._dma_unregister)),
+            lib.vfu_setup_device_dma(
+                vfu, self.max_dma_maps, self._cb("vfu_dma_register_cb_t", self._dma_register), self._cb("vfu_dma_unregister_cb_t", self._dma_unregister)
+            ),
             "vfu_setup_device_dma",
         )
         self._check(lib.vfu_setup_device_reset_cb(vfu, self._cb("vfu_reset_cb_t", self._reset)), "vfu_setup_device_reset_cb")
@@ -693,7 +695,7 @@ class LibvfioUserServer:
         self.client = LibvfioClient(self._conn_fd, _peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
         self.clients_served += 1
         log.info("client connected (pid/uid/gid %s)", self.client.peer)
-        self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))  # type: ignore[arg-type]
+        self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))
         self._loop.add_reader(self._conn_fd, self._readable)
         # libuv (uvloop) makes a polled fd non-blocking; libvfio-user reads message bodies
         # and DMA replies with blocking recv() calls, so give it back its blocking socket.

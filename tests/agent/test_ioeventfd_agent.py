@@ -41,7 +41,6 @@ import pytest
 
 from vfio_user import ioeventfd_agent as A
 from vfio_user.vmm import kvm as K
-from vfio_user.vmm import x86
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "nvme_emu" / "agent" / "build.sh"

@@ -408,7 +408,7 @@ class HostSession:
         blocks = [(first_lba + i * (PAGE // LBA), pattern(seed, i)) for i in range(count)]
         wbufs = [self.mem.alloc(PAGE) for _ in blocks]
         rbufs = [self.mem.alloc(PAGE) for _ in blocks]
-        for (lba, data), buf in zip(blocks, wbufs):
+        for (_lba, data), buf in zip(blocks, wbufs, strict=True):
             self.mem.write(buf, data)
         for rbuf in rbufs:
             self.mem.write(rbuf, b"\xee" * PAGE)
@@ -420,7 +420,7 @@ class HostSession:
                 done = self.host.wait(qid, len(cids))
                 assert sorted(c.cid for c in done) == sorted(cids)
                 assert all(c.status == Status.SUCCESS for c in done), done
-        for (lba, data), rbuf in zip(blocks, rbufs):
+        for (lba, data), rbuf in zip(blocks, rbufs, strict=True):
             assert self.mem.read(rbuf, PAGE) == data, f"LBA {lba}: data read back differs"
 
     def read_blocks(self, qid: int, first_lba: int, count: int) -> list[bytes]:

@@ -37,7 +37,10 @@ def test_coalesced_shadow_writes_lose_nothing(inproc, session, spin_us):
     db = srv.doorbell_stats()
     q = srv.stats()["queues"]["sq1"]
     d = {k: db[k] - db0[k] for k in ("signals", "wakeups", "coalesced", "doorbells", "spins", "spin_hits")}
-    print(f"shadow burst of {n} (spin_us={spin_us}): {d}, sq1 commands +{q['commands'] - q0['commands']} batches +{q['batches'] - q0['batches']} max_batch {q['max_batch']}")
+    print(
+        f"shadow burst of {n} (spin_us={spin_us}): {d}, sq1 commands +{q['commands'] - q0['commands']} batches +{q['batches'] - q0['batches']} "
+        f"max_batch {q['max_batch']}"
+    )
     # exactly once: n commands, all in one batch from one wake-up on the SQ tail eventfd
     assert q["commands"] - q0["commands"] == n
     assert q["batches"] - q0["batches"] == 1 and q["max_batch"] == n

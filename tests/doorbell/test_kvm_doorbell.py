@@ -212,7 +212,10 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
             srv.settle()
             db2 = srv.doorbell_stats()
             sq = srv.stats()["queues"][f"sq{QID}"]
-            print(f"KVM doorbell via {mechanism}: {N} commands, vCPU MMIO exits on the doorbells {doorbell_exits}, guest doorbell writes posted by VMM {len(posted)}, server signals +{db2['signals'] - db1['signals']} wakeups +{db2['wakeups'] - db1['wakeups']}, sq{QID} {sq}")
+            print(
+                f"KVM doorbell via {mechanism}: {N} commands, vCPU MMIO exits on the doorbells {doorbell_exits}, guest doorbell writes posted by "
+                f"VMM {len(posted)}, server signals +{db2['signals'] - db1['signals']} wakeups +{db2['wakeups'] - db1['wakeups']}, sq{QID} {sq}"
+            )
             assert sq["commands"] == N
             # 2N doorbell writes (N SQ tails, N CQ heads): all in-kernel, or each one exit
             assert doorbell_exits == (0 if supported else 2 * N) == (0 if supported else len(posted))
@@ -293,7 +296,10 @@ def test_guest_doorbell_plain_ioeventfd_with_dbbuf(inproc):
             srv.settle()
             db1 = srv.doorbell_stats()
             sq = srv.stats()["queues"][f"sq{QID}"]
-            print(f"KVM doorbell via plain in-kernel ioeventfd + shadow doorbell buffer: {N} commands, server signals +{db1['signals'] - db0['signals']}, sq{QID} {sq}")
+            print(
+                f"KVM doorbell via plain in-kernel ioeventfd + shadow doorbell buffer: {N} commands, server signals "
+                f"+{db1['signals'] - db0['signals']}, sq{QID} {sq}"
+            )
             assert sq["commands"] == N
             assert db1["signals"] - db0["signals"] >= N and db1["trapped"] == db0["trapped"] and db1["lost_values"] == 0
             assert struct.unpack_from("<I", s.mem.view, shadow + 8 * QID - s.mem.iova)[0] == N % DEPTH

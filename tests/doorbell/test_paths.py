@@ -16,7 +16,15 @@ from nvme_emu.spec import AdminOpcode, AsyncEventError, AsyncEventType, LogPageI
 PATH_IDS = list(PATHS)
 
 #: Which counter of the CLI's stats line proves the path carried the I/O doorbells.
-CARRIER = {"trap": "trapped", "shadow": "signals", "poll": "polls", "dbbuf-trap": "trapped", "dbbuf-ioeventfd": "signals", "dbbuf-shadow": "signals", "dbbuf-poll": "polls"}
+CARRIER = {
+    "trap": "trapped",
+    "shadow": "signals",
+    "poll": "polls",
+    "dbbuf-trap": "trapped",
+    "dbbuf-ioeventfd": "signals",
+    "dbbuf-shadow": "signals",
+    "dbbuf-poll": "polls",
+}
 
 
 @pytest.mark.parametrize("path", PATH_IDS)

@@ -244,7 +244,10 @@ def test_qemu_restart_and_server_restart(kvm_guest, tmp_path):
     post_write = _kernel_has_post_write()
     image = tmp_path / "disk.img"
     ns = f"file:{image},size=64M"
-    write = "dd if=/dev/urandom of=/tmp/p bs=4096 count=16 2>/dev/null && dd if=/tmp/p of=/dev/nvme0n1 bs=4096 seek=100 oflag=direct 2>/dev/null && sha256sum /tmp/p"
+    write = (
+        "dd if=/dev/urandom of=/tmp/p bs=4096 count=16 2>/dev/null && "
+        "dd if=/tmp/p of=/dev/nvme0n1 bs=4096 seek=100 oflag=direct 2>/dev/null && sha256sum /tmp/p"
+    )
     read = "dd if=/dev/nvme0n1 bs=4096 skip=100 count=16 iflag=direct 2>/dev/null | sha256sum"
     srv = Server(tmp_path, ns, "server-a")
     try:

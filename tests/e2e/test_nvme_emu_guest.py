@@ -92,7 +92,22 @@ def server(guest_infra, tmp_path_factory):
     sock = str(d / "nvme.sock")
     image = str(d / "disk.img")
     log_path = d / "server.log"
-    cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--namespace", f"file:{image},size=512M", "--serial", SERIAL, "--model", MODEL, "--doorbell", "auto"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nvme_emu",
+        "serve",
+        "--socket",
+        sock,
+        "--namespace",
+        f"file:{image},size=512M",
+        "--serial",
+        SERIAL,
+        "--model",
+        MODEL,
+        "--doorbell",
+        "auto",
+    ]
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)

@@ -165,7 +165,7 @@ def test_unknown_and_unsupported_commands(ticker, client):
     # libvfio-user answers EINVAL to all of them.
     expect = {99: errno.ENOSYS, Command.DIRTY_PAGES: errno.ENOTSUP, Command.DEVICE_FEATURE: errno.ENOTSUP}
     for command, err in expect.items():
-        got = err_of(lambda: client.request(command, b"\0" * 16))
+        got = err_of(lambda command=command: client.request(command, b"\0" * 16))
         assert got == (err if ticker.backend == PY else errno.EINVAL), command
 
 

@@ -14,7 +14,6 @@ import struct
 
 import pytest
 
-from nvme_emu import spec
 from nvme_emu.prp import (
     SglDescriptor,
     gather,

@@ -34,7 +34,7 @@ def test_supported_log_pages_lists_what_is_served(area: Area):
     served = [lid for lid, v in enumerate(lids) if v & 1]
     assert served == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x12, 0x13]
     for lid in served:  # every listed page is readable
-        assert status_of(lambda: read_log(area, lid, 512)) == Status.SUCCESS
+        assert status_of(lambda lid=lid: read_log(area, lid, 512)) == Status.SUCCESS
 
 
 def test_error_information_newest_first(area: Area):

@@ -86,8 +86,8 @@ def test_delete_cq_with_sq_is_invalid_deletion(area: Area):
 
 def test_delete_missing_or_admin_queue(area: Area):
     for handler in (delete_io_sq, delete_io_cq):
-        assert status_of(lambda: delete(area, handler, 0)) == Status.INVALID_QUEUE_IDENTIFIER
-        assert status_of(lambda: delete(area, handler, 3)) == Status.INVALID_QUEUE_IDENTIFIER
+        assert status_of(lambda handler=handler: delete(area, handler, 0)) == Status.INVALID_QUEUE_IDENTIFIER
+        assert status_of(lambda handler=handler: delete(area, handler, 3)) == Status.INVALID_QUEUE_IDENTIFIER
 
 
 def test_delete_sq_with_commands_in_flight_completes_after_them(area: Area):

@@ -282,7 +282,9 @@ class Nvme:
     def get_features(self, fid: int, cdw11: int = 0, sel: int = 0, **kw) -> Completion:
         return self.admin(AdminOpcode.GET_FEATURES, cdw10=fid | sel << 8, cdw11=cdw11, **kw)
 
-    def get_log(self, lid: int, length: int, *, nsid: int = 0xFFFFFFFF, offset: int = 0, rae: bool = False, lsp: int = 0, csi: int = 0) -> tuple[Completion, bytes]:
+    def get_log(
+        self, lid: int, length: int, *, nsid: int = 0xFFFFFFFF, offset: int = 0, rae: bool = False, lsp: int = 0, csi: int = 0
+    ) -> tuple[Completion, bytes]:
         pages = -(-length // PAGE)
         buf = self.alloc(pages * PAGE)
         numd = length // 4 - 1
@@ -323,7 +325,18 @@ class Nvme:
         return q
 
     def io(self, qid: int, opc: int, nsid: int, slba: int, nlb: int, *, prp1: int = 0, prp2: int = 0, cdw12: int = 0, flags: int = 0, **kw) -> Completion:
-        return self.cmd(qid, opc, nsid=nsid, prp1=prp1, prp2=prp2, cdw10=slba & 0xFFFFFFFF, cdw11=(slba >> 32) & 0xFFFFFFFF, cdw12=((nlb - 1) & 0xFFFF) | cdw12, flags=flags, **kw)
+        return self.cmd(
+            qid,
+            opc,
+            nsid=nsid,
+            prp1=prp1,
+            prp2=prp2,
+            cdw10=slba & 0xFFFFFFFF,
+            cdw11=(slba >> 32) & 0xFFFFFFFF,
+            cdw12=((nlb - 1) & 0xFFFF) | cdw12,
+            flags=flags,
+            **kw,
+        )
 
     def prps(self, buf: int, length: int) -> tuple[int, int]:
         """PRP1/PRP2 for a contiguous buffer (PRP1 may carry an offset)."""

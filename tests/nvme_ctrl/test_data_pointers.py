@@ -145,16 +145,16 @@ def test_sgl_segment_and_last_segment_chain_across_pages(io: Nvme):
     seg2 = seg_pages + 2 * PAGE + 16  # in another page
     # segment 1: data chunk 0, then the Last Segment descriptor -> segment 2 with chunks 1..3
     io.write_mem(seg1, desc(bufs[0], chunks[0][1], DATA) + desc(seg2, 48, LAST))
-    io.write_mem(seg2, b"".join(desc(b, n, DATA) for b, (_, n) in zip(bufs[1:], chunks[1:])))
+    io.write_mem(seg2, b"".join(desc(b, n, DATA) for b, (_, n) in zip(bufs[1:], chunks[1:], strict=True)))
     sgl1 = desc(seg1, 32, SEGMENT)
-    for b, (off, n) in zip(bufs, chunks):
+    for b, (off, n) in zip(bufs, chunks, strict=True):
         io.write_mem(b, data[off : off + n])
     assert sgl_io(io, Op.WRITE, 500, 24, sgl1).status == Status.SUCCESS
     assert io.read_ok(1, 1, 500, 24) == data
-    for b, (_, n) in zip(bufs, chunks):
+    for b, (_, n) in zip(bufs, chunks, strict=True):
         io.write_mem(b, bytes(n))
     assert sgl_io(io, Op.READ, 500, 24, sgl1).status == Status.SUCCESS
-    assert b"".join(io.read_mem(b, n) for b, (_, n) in zip(bufs, chunks)) == data
+    assert b"".join(io.read_mem(b, n) for b, (_, n) in zip(bufs, chunks, strict=True)) == data
 
 
 def test_sgl_last_segment_directly(io: Nvme):

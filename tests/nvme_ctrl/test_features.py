@@ -183,7 +183,9 @@ def test_save_is_not_supported(nvme: Nvme, fid: int):
     assert nvme.set_features(fid, 0, save=True).status == Status.FEATURE_ID_NOT_SAVEABLE
 
 
-@pytest.mark.parametrize("fid", [0x00, F.LBA_RANGE_TYPE, F.KEEP_ALIVE_TIMER, F.AUTONOMOUS_POWER_STATE_TRANSITION, F.HOST_MEMORY_BUFFER, F.HOST_IDENTIFIER, 0x7F, 0xC0, 0xFF])
+@pytest.mark.parametrize(
+    "fid", [0x00, F.LBA_RANGE_TYPE, F.KEEP_ALIVE_TIMER, F.AUTONOMOUS_POWER_STATE_TRANSITION, F.HOST_MEMORY_BUFFER, F.HOST_IDENTIFIER, 0x7F, 0xC0, 0xFF]
+)
 def test_unknown_feature(nvme: Nvme, fid: int):
     assert nvme.get_features(fid).status == Status.INVALID_FIELD
     assert nvme.set_features(fid, 0).status == Status.INVALID_FIELD

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ctrl_helpers import NOOP_ADMIN, Nvme, efd_count, efd_wait
-from nvme_emu.spec import AdminOpcode, Cns, NvmOpcode as Op, Reg, Status
+from nvme_emu.spec import Cns, NvmOpcode as Op, Reg, Status
 
 
 def test_admin_completions_raise_vector_0(nvme: Nvme):

@@ -66,7 +66,7 @@ def test_smart_counters_move_after_io(io: Nvme):
     data = os.urandom(512 * 1024)  # 1024 blocks = 1.024 data units
     for i in range(2):
         io.write_ok(1, 1, i * 1024, data)
-    for i in range(3):
+    for _ in range(3):
         assert io.read_ok(1, 1, 0, 1024) == data
     after = smart(io)
     assert after.host_write_commands - before.host_write_commands == 2

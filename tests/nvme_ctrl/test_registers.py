@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ctrl_helpers import NOOP_ADMIN, Nvme
-from nvme_emu.spec import AdminOpcode, Cap, Cc, Csts, NSSR_RESET_VALUE, Reg, Shst, Status
+from nvme_emu.spec import Cap, Cc, Csts, NSSR_RESET_VALUE, Reg, Shst, Status
 
 
 def test_cap_fields(nvme: Nvme):

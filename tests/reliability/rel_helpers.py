@@ -290,7 +290,9 @@ class Host:
 
     def rw(self, qid: int, opc: int, nsid: int, slba: int, nlb: int, buf: int, length: int, *, fua: bool = False, ring: bool = True) -> int:
         p1, p2 = self.prps(buf, length)
-        return self.host.submit(qid, opc, nsid=nsid, prp1=p1, prp2=p2, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=(nlb - 1) | (1 << 30 if fua else 0), ring=ring)
+        return self.host.submit(
+            qid, opc, nsid=nsid, prp1=p1, prp2=p2, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=(nlb - 1) | (1 << 30 if fua else 0), ring=ring
+        )
 
     def write(self, qid: int, nsid: int, slba: int, data: bytes, lba: int = 512, **kw) -> Completion:
         buf = self.alloc(len(data))

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
+from rel_helpers import DEADLINE, PAGE, Host, status_name
 from nvme_emu.spec import NvmOpcode, Status
 
 SLOT = 4096  # one write = 8 LBAs of 512 bytes

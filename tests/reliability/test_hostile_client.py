@@ -22,7 +22,7 @@ from nvme_emu.spec import NvmOpcode, Status
 from test_protocol_fuzz import messages
 from vfio_user import messages as m
 from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
-from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, HEADER_SIZE, Command, MsgType
+from vfio_user.constants import FLAG_ERROR, HEADER_SIZE, Command, MsgType
 from vfio_user.protocol import encode
 from vfio_user.unix import recv_chunk
 from vfio_user.unix import send_message as _send_message
@@ -120,7 +120,16 @@ def test_fd_flood(server):
     try:
         send_message(s, _version_bytes(), [])
         for i in range(50):
-            send_message(s, encode(100 + i, Command.DEVICE_SET_IRQS, MsgType.REQUEST, m.SetIrqs.build({"argsz": 20, "flags": 0x24, "index": 2, "start": 0, "count": 253, "data": b""})), efds)
+            send_message(
+                s,
+                encode(
+                    100 + i,
+                    Command.DEVICE_SET_IRQS,
+                    MsgType.REQUEST,
+                    m.SetIrqs.build({"argsz": 20, "flags": 0x24, "index": 2, "start": 0, "count": 253, "data": b""}),
+                ),
+                efds,
+            )
         for i in range(50):  # fds on commands that take none
             send_message(s, encode(200 + i, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 4)), efds[:8])
         out = _drain(s, 1.0)
@@ -184,7 +193,10 @@ def test_replies_nobody_asked_for_and_out_of_order(server):
         try:
             for i in range(200):
                 flags = MsgType.REPLY | (FLAG_ERROR if i % 3 == 0 else 0)
-                c.send_raw(encode(i * 331 & 0xFFFF, Command.DMA_READ if i % 2 else Command.DMA_WRITE, flags, os.urandom(i % 40), error_no=i), [efd] if i % 5 == 0 else [])
+                c.send_raw(
+                    encode(i * 331 & 0xFFFF, Command.DMA_READ if i % 2 else Command.DMA_WRITE, flags, os.urandom(i % 40), error_no=i),
+                    [efd] if i % 5 == 0 else [],
+                )
         finally:
             os.close(efd)
         assert struct.unpack("<Q", c.region_read(0, 0, 8))[0] & 0xFFFF == 4095
@@ -211,7 +223,12 @@ def test_overlapping_dma_maps_and_bad_unmaps(server):
                 c.dma_map(iova, size, ram, ram_offset=off)
             assert ei.value.errno == errno.EEXIST
         # beyond the memfd, past 2^64, unaligned, offset huge
-        for iova, size, off, err in [(0x400000, 8 << 20, 0, errno.EINVAL), (2**64 - 4096, 8192, 0, errno.EINVAL), (0x500001, 4096, 0, errno.EINVAL), (0x600000, 4096, 2**63, errno.EINVAL)]:
+        for iova, size, off, err in [
+            (0x400000, 8 << 20, 0, errno.EINVAL),
+            (2**64 - 4096, 8192, 0, errno.EINVAL),
+            (0x500001, 4096, 0, errno.EINVAL),
+            (0x600000, 4096, 2**63, errno.EINVAL),
+        ]:
             with pytest.raises(VfioUserClientError) as ei:
                 c.dma_map(iova, size, ram, ram_offset=off)
             assert ei.value.errno == err, (hex(iova), ei.value.errno)
@@ -300,7 +317,9 @@ def test_server_survives_a_client_that_never_reads(server):
     try:
         send_message(s, _version_bytes(), [])
         # 80 bytes in, 4.3 KiB out: the amplification a client could use to grow the server
-        req = encode(9, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 7, 256)) + encode(10, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 0x1000))
+        req = encode(9, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 7, 256)) + encode(
+            10, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 0x1000)
+        )
         s.setblocking(False)
         sent = 0
         deadline = time.monotonic() + 3

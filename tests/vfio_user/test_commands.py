@@ -7,7 +7,6 @@ SCM_RIGHTS, guest memory is a memfd, interrupts are eventfds.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import random
 import select
@@ -17,7 +16,7 @@ import time
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.vmm.client import GuestRam, VfioUserClientError
+from vfio_user.vmm.client import GuestRam
 from vfio_user.constants import (
     DEVICE_FLAG_PCI,
     DEVICE_FLAG_RESET,
@@ -50,7 +49,6 @@ from vu_helpers import (
     exchange,
     new_eventfd,
     read32,
-    send_posted,
     ticker_ring,
     wait_eventfd,
     write32,
@@ -227,7 +225,9 @@ def test_device_get_info(client):
 
 
 def _region_info_raw(client, index, argsz):
-    return exchange(client, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.build({"argsz": argsz, "flags": 0, "index": index, "cap_offset": 0, "size": 0, "offset": 0}))
+    return exchange(
+        client, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.build({"argsz": argsz, "flags": 0, "index": index, "cap_offset": 0, "size": 0, "offset": 0})
+    )
 
 
 def test_region_info_two_phase_sparse_mmap(client):
@@ -548,14 +548,31 @@ def test_posted_writes_interleavings(client):
 
 
 def test_write_multi_applied_in_order(client):
-    client.write_multi([(0, REG_SCRATCH, b"\x01\0\0\0"), (1, 0, b"aaaa"), (0, REG_SCRATCH, b"\x02\0\0\0"), (1, 2, b"bb"), (CONFIG, 0x3C, b"\x07"), (0, REG_SCRATCH, b"\x03\0\0\0")])
+    client.write_multi(
+        [
+            (0, REG_SCRATCH, b"\x01\0\0\0"),
+            (1, 0, b"aaaa"),
+            (0, REG_SCRATCH, b"\x02\0\0\0"),
+            (1, 2, b"bb"),
+            (CONFIG, 0x3C, b"\x07"),
+            (0, REG_SCRATCH, b"\x03\0\0\0"),
+        ]
+    )
     assert read32(client, 0, REG_SCRATCH) == 3
     assert client.region_read(1, 0, 4) == b"aabb"
     assert client.region_read(CONFIG, 0x3C, 1) == b"\x07"
 
 
 def test_write_multi_not_posted_gets_wr_cnt_reply(client):
-    payload = m.WriteMulti.build({"wr_cnt": 2, "entries": [{"offset": REG_SCRATCH, "region": 0, "count": 4, "data": b"\x05\0\0\0\0\0\0\0"}, {"offset": REG_SCRATCH, "region": 0, "count": 1, "data": b"\x09" + bytes(7)}]})
+    payload = m.WriteMulti.build(
+        {
+            "wr_cnt": 2,
+            "entries": [
+                {"offset": REG_SCRATCH, "region": 0, "count": 4, "data": b"\x05\0\0\0\0\0\0\0"},
+                {"offset": REG_SCRATCH, "region": 0, "count": 1, "data": b"\x09" + bytes(7)},
+            ],
+        }
+    )
     reply = exchange(client, Command.REGION_WRITE_MULTI, payload)
     assert not reply.is_error and reply.payload == (2).to_bytes(8, "little")
     # a 1-byte write to SCRATCH is ignored by the device, so the 4-byte one stands

@@ -183,7 +183,9 @@ def test_no_leaks_over_connect_map_irq_disconnect_cycles(tmp_path):
             assert len(session.dma) == 0 and session.dma.open_count() == 0
             assert all(fd is None for fds in session.irqs.efds.values() for fd in fds)
         assert srv.call(lambda: srv.server.clients_served) == 21
-        assert _fd_count() == baseline, "\n".join(f"{n} -> {os.readlink('/proc/self/fd/' + n)}" for n in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + n))
+        assert _fd_count() == baseline, "\n".join(
+            f"{n} -> {os.readlink('/proc/self/fd/' + n)}" for n in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + n)
+        )
         assert srv.device.regs[REG_SCRATCH] == 19
     finally:
         srv.stop()

@@ -5,9 +5,7 @@ next valid request on the same connection."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import socket
 import struct
 from dataclasses import dataclass
 
@@ -29,7 +27,7 @@ from vfio_user.constants import (
 )
 from vfio_user.sample import REG_ID, REG_SCRATCH, TICKER_ID
 
-from vu_helpers import DEADLINE, assert_error, exchange, new_eventfd, read32, send_bytes, send_posted
+from vu_helpers import assert_error, exchange, new_eventfd, read32, send_bytes, send_posted
 
 C = Command
 MSIX, INTX = IrqIndex.MSIX, IrqIndex.INTX

@@ -9,7 +9,6 @@ import json
 import os
 import struct
 
-import pytest
 
 from vfio_user import messages as m
 from vfio_user.vmm.client import QEMU_CAPABILITIES, GuestRam

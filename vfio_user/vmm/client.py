@@ -361,7 +361,9 @@ class VfioUserClient:
 
     def region_io_fds(self, index: int) -> list[IoFd]:
         """Two-phase GET_REGION_IO_FDS as the shadow-ioeventfd QEMU fork does; maps shadows."""
-        probe = self.request(Command.DEVICE_GET_REGION_IO_FDS, m.RegionIoFdsRequest.build({"argsz": IO_FDS_HEADER_SIZE, "flags": 0, "index": index, "count": 0}))
+        probe = self.request(
+            Command.DEVICE_GET_REGION_IO_FDS, m.RegionIoFdsRequest.build({"argsz": IO_FDS_HEADER_SIZE, "flags": 0, "index": index, "count": 0})
+        )
         assert probe is not None
         head = m.RegionIoFdsReply.parse(probe.payload)
         probe.close_fds()

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 from ._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
 from .x86 import prog_write_loop
@@ -177,7 +177,8 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
         except InterruptedError:
             continue  # a signal arrived (PEP 475 does not retry ioctl); KVM calls are restartable
         except OSError as e:
-            raise KvmError(e.errno, f"{what or hex(request)}: {os.strerror(e.errno)}") from None
+            err = e.errno or _errno.EIO  # an OSError from ioctl always has one; the type allows None
+            raise KvmError(err, f"{what or hex(request)}: {os.strerror(err)}") from None
 
 
 def _close_fd(fd: int) -> None:
@@ -546,7 +547,7 @@ class VirtualMachine:
                 self._ioeventfd(_PROBE_GPA, 4, efd, None, post_addr, False, deassign=False)
             except KvmError as e:
                 self.post_write_errno = e.errno
-                name = _errno.errorcode.get(e.errno, str(e.errno))
+                name = _errno.errorcode.get(e.errno or 0, str(e.errno))
                 # Control: the same registration without the flag must work, otherwise the
                 # error says nothing about POST_WRITE (e.g. ioeventfds broken altogether).
                 try:
@@ -734,7 +735,8 @@ class Vcpu:
         except OSError as e:
             if e.errno in (_errno.EINTR, _errno.EAGAIN):
                 return VcpuExit(KVM_EXIT_INTR, "INTR")
-            raise KvmError(e.errno, f"KVM_RUN: {os.strerror(e.errno)}") from None
+            err = e.errno or _errno.EIO
+            raise KvmError(err, f"KVM_RUN: {os.strerror(err)}") from None
         run = self.run_struct
         reason = run.exit_reason
         ex = VcpuExit(reason, _EXIT_NAMES.get(reason, f"EXIT_{reason}"))
@@ -814,6 +816,7 @@ class Vcpu:
 # Post-write: the userspace fallback
 # --------------------------------------------------------------------------------------
 _CTYPE_FOR_SIZE = {1: "uint8_t *", 2: "uint16_t *", 4: "uint32_t *", 8: "uint64_t *"}
+_FORMAT_FOR_SIZE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def post_write_emulated(shadow: Union[memoryview, MemfdRegion], offset: int, value: int, size: int,
@@ -839,7 +842,7 @@ def post_write_emulated(shadow: Union[memoryview, MemfdRegion], offset: int, val
     if isinstance(shadow, MemfdRegion):
         shadow.ptr(_CTYPE_FOR_SIZE[size], offset)[0] = value
     else:
-        with shadow[offset : offset + size] as window, window.cast("BHIQ"[size.bit_length() - 1]) as typed:
+        with shadow[offset : offset + size] as window, window.cast(_FORMAT_FOR_SIZE[size]) as typed:
             typed[0] = value
     os.eventfd_write(eventfd, 1)
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from vfio_user.server import DEFAULT_HANDSHAKE_TIMEOUT
+
 from . import __version__, atomics, identity
 from .control import ControlPlane
 from .controller import ControllerConfig
@@ -122,7 +124,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     function = build_function(args)
     try:
-        server = make_server(args.backend, function, args.socket, mode=int(args.socket_mode, 8))
+        server = make_server(args.backend, function, args.socket, mode=int(args.socket_mode, 8), handshake_timeout=args.handshake_timeout)
     except BaseException:
         function.close()
         raise
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     common(s)
     s.add_argument("--socket", default=DEFAULT_SOCKET)
     s.add_argument("--socket-mode", default="0600", help="permissions of the socket (default owner only)")
+    s.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                   help="drop a client that has not finished VERSION negotiation, or that stops this long in the "
+                        f"middle of a message, so it cannot hold the one client slot (default {DEFAULT_HANDSHAKE_TIMEOUT:g}; "
+                        "0 = never; Python backend)")
     s.add_argument("--agent-socket", default=None, metavar="PATH|off",
                    help="socket of the doorbell agent inside QEMU (LD_PRELOAD, see README); default SOCKET.agent, "
                         "used when it exists; 'off' never uses an agent")

@@ -71,6 +71,8 @@ class GuestResult:
     timed_out: bool = False
     elapsed: float = 0.0
     cmdline: list[str] = field(default_factory=list)
+    #: Seconds after start at which ``kill_when`` SIGKILLed QEMU (None: it never did).
+    killed_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -289,6 +291,17 @@ def _parse_fio(text: str) -> dict | None:
 # running
 
 
+@dataclass(frozen=True)
+class KillWhen:
+    """Pull the plug: SIGKILL QEMU's process group ``delay`` seconds after the first
+    console line that contains ``marker``. The guest gets no shutdown and its page cache
+    and queued disk writes are gone, which is what a power cut does to it (the host's
+    own page cache survives: what QEMU had written to an image file stays)."""
+
+    marker: str
+    delay: float = 0.0
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -436,10 +449,13 @@ def append_initrd(base: str, dest: str, extra: bytes) -> str:
 
 
 def boot(cmd: list[str], *, env: dict[str, str], accel: str, timeout: float,
-         echo_console: bool = False) -> GuestResult:
+         echo_console: bool = False, kill_when: KillWhen | None = None) -> GuestResult:
     """Run a QEMU whose guest prints the BEGIN/END markers; kill it on timeout and on
-    every exit path, and return what the console said."""
+    every exit path, and return what the console said. ``kill_when`` kills it on purpose
+    at a console marker (the result's ``killed_at`` says when)."""
     proc: subprocess.Popen | None = None
+    timer: threading.Timer | None = None
+    killed_at: list[float] = []
     try:
         console_chunks: list[str] = []
         stderr_chunks: list[str] = []
@@ -454,10 +470,24 @@ def boot(cmd: list[str], *, env: dict[str, str], accel: str, timeout: float,
             preexec_fn=_die_with_parent,
         )
 
+        def pull_plug() -> None:
+            if proc.poll() is not None:  # finished on its own first
+                return
+            killed_at.append(time.monotonic() - t0)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
         def pump(stream, sink: list[str], echo) -> None:
+            nonlocal timer
             for raw in iter(lambda: stream.readline(), b""):
                 s = raw.decode("utf-8", "replace")
                 sink.append(s)
+                if kill_when is not None and timer is None and sink is console_chunks and kill_when.marker in s:
+                    timer = threading.Timer(kill_when.delay, pull_plug)
+                    timer.daemon = True
+                    timer.start()
                 if echo is not None:
                     echo.write(s.replace("\r", ""))
                     echo.flush()
@@ -492,8 +522,11 @@ def boot(cmd: list[str], *, env: dict[str, str], accel: str, timeout: float,
             timed_out=timed_out,
             elapsed=elapsed,
             cmdline=cmd,
+            killed_at=killed_at[0] if killed_at else None,
         )
     finally:
+        if timer is not None:
+            timer.cancel()
         if proc is not None:
             _kill_group(proc)
             for s in (proc.stdout, proc.stderr):

@@ -17,6 +17,11 @@ Command line (also ``./dev nested``)::
 
 Numbers measured inside include TCG-emulated VM exits: only ratios within one run mean
 anything.
+
+For the power-cut test (``tests/reliability/test_power_cut.py``) the rig also attaches raw
+image files as virtio-blk disks of L1 (``disks``: /dev/vda, /dev/vdb, ... in order; L1 has
+the virtio-blk and ext4 modules), pulls the plug on L1 at a console marker (``kill_when``),
+and can leave KVM out of L1 altogether (``kvm=None``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from . import guest as g
 
@@ -55,7 +60,7 @@ def ensure_patched_modules() -> Path:
     return Path(g._run_script("kvm-post-write/build-kvm.sh")[-1])
 
 
-def _module_cpio(kvm: str) -> bytes:
+def _module_cpio(kvm: str | None) -> bytes:
     """The per-run cpio that adds the patched module set under /usr/lib/modules/patched."""
     if kvm != "patched":
         return b""
@@ -100,15 +105,34 @@ def _host_root_binds(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: int, cpus: int,
-                  keep_dirs: list[str], share_dirs: list[str]) -> list[str]:
+def _seen_by_qemu(path: str, chroot: str | None) -> str:
+    """Where QEMU finds the host file ``path``: as is, or under the chroot's bind of the
+    host's ``/`` (the chroot wrapper shares /tmp, /run and /dev itself)."""
+    if chroot is None or path.startswith(g._SHARED_PREFIXES):
+        return path
+    return "/" + _HOST_ROOT + path
+
+
+def _disk_args(disks: Sequence[str], chroot: str | None) -> list[str]:
+    """virtio-blk devices for raw images, /dev/vda first. QEMU's default cache mode gives
+    L1 a volatile write cache, so L1's flushes reach QEMU as real flush commands."""
+    out: list[str] = []
+    for i, path in enumerate(disks):
+        file = _seen_by_qemu(path, chroot).replace(",", ",,")  # QEMU's option syntax escapes commas
+        out += ["-drive", f"file={file},format=raw,if=none,id=disk{i}",
+                "-device", f"virtio-blk-pci,drive=disk{i},serial=nvme-emu-disk{i}"]
+    return out
+
+
+def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str | None, memory_mb: int, cpus: int,
+                  keep_dirs: list[str], share_dirs: list[str], disks: Sequence[str] = ()) -> list[str]:
     """The L1 QEMU command (wrapped in a mount namespace that exposes the host's root when
     QEMU runs in the provide-qemu.sh chroot)."""
     wrapped = os.path.exists(os.path.join(os.path.dirname(qemu), "chroot-run"))  # provide-qemu.sh's wrapper
     chroot = g._run_script("provide-qemu.sh", "--chroot")[-1] if wrapped else None
     kargs = [
         "console=ttyS0,115200", "panic=-1", "quiet", "loglevel=3",
-        f"nvme_emu_kvm={kvm}",
+        f"nvme_emu_kvm={kvm or 'none'}",
     ]
     if keep_dirs:
         kargs.append("nvme_emu_share=" + ":".join(keep_dirs))
@@ -119,6 +143,7 @@ def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: i
         *g.ACCEL_ARGS["tcg"],
         "-kernel", kernel, "-initrd", initrd, "-append", " ".join(kargs),
         "-virtfs", f"local,path={export},mount_tag=host,security_model=none,multidevs=remap",
+        *_disk_args(disks, chroot),
     ]
     if chroot is None:
         return cmd
@@ -133,25 +158,33 @@ def _qemu_command(qemu: str, kernel: str, initrd: str, *, kvm: str, memory_mb: i
     return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", "\n".join(script), "nested", *cmd]
 
 
-def run_nested(argv: list[str], *, kvm: str = "stock", env: Mapping[str, str] | None = None,
+def run_nested(argv: list[str], *, kvm: str | None = "stock", env: Mapping[str, str] | None = None,
                cwd: str | None = None, out_dirs: Iterable[str] = (), memory_mb: int = DEFAULT_MEMORY_MB,
-               cpus: int = 2, timeout: float = 1200, echo_console: bool = False) -> g.GuestResult:
-    """Run ``argv`` in the L1 guest with the ``kvm`` module set ("stock" or "patched").
+               cpus: int = 2, timeout: float = 1200, echo_console: bool = False,
+               disks: Sequence[str] = (), kill_when: g.KillWhen | None = None) -> g.GuestResult:
+    """Run ``argv`` in the L1 guest with the ``kvm`` module set ("stock" or "patched"; None:
+    no KVM in L1, and no /dev/kvm).
 
     ``cwd`` (default: ours) and ``out_dirs`` must be host directories; files the command
     writes under ``out_dirs`` are on the host afterwards. The job sees only ``env`` (plus
     PATH/HOME and a few locale variables) and ``NVME_EMU_NESTED=<kvm>``. The result's
     ``returncode`` is the command's exit status (125: the rig failed before the command).
+    ``disks`` are raw image files on the host, L1's /dev/vda, /dev/vdb, ...; ``kill_when``
+    SIGKILLs L1's QEMU at a console marker (then ``returncode`` is None and ``killed_at`` set).
     """
-    if kvm not in KVM_SETS:
-        raise ValueError(f"kvm must be one of {KVM_SETS}, got {kvm!r}")
+    if kvm is not None and kvm not in KVM_SETS:
+        raise ValueError(f"kvm must be one of {KVM_SETS} or None, got {kvm!r}")
     if os.geteuid() != 0:
         raise g.GuestError("the nested rig needs root (mount namespaces, 9p export of /)")
     cwd = os.path.realpath(cwd or os.getcwd())
     outs = [os.path.realpath(d) for d in out_dirs]
+    images = [os.path.realpath(d) for d in disks]
+    for p in images:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(p)
     job_env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
     job_env.update(env or {})
-    job_env["NVME_EMU_NESTED"] = kvm
+    job_env["NVME_EMU_NESTED"] = kvm or "none"
     job_env.setdefault("TERM", "dumb")  # the serial console is a tty: no colour codes in the output
     qemu = g.ensure_qemu()
     kernel, base_initrd = ensure_nested()
@@ -160,8 +193,11 @@ def run_nested(argv: list[str], *, kvm: str = "stock", env: Mapping[str, str] | 
         initrd = g.append_initrd(base_initrd, os.path.join(tmp, "initrd.img"), extra)
         host_dirs = [cwd, *map(os.path.realpath, (sys.prefix, sys.base_prefix)), *outs]
         cmd = _qemu_command(qemu, kernel, initrd, kvm=kvm, memory_mb=memory_mb, cpus=cpus,
-                                     keep_dirs=_hidden_by_tmpfs(host_dirs), share_dirs=_host_root_binds(host_dirs))
-        return g.boot(cmd, env=dict(os.environ), accel="tcg", timeout=timeout, echo_console=echo_console)
+                            keep_dirs=_hidden_by_tmpfs(host_dirs),
+                            share_dirs=_host_root_binds(host_dirs + [os.path.dirname(p) for p in images]),
+                            disks=images)
+        return g.boot(cmd, env=dict(os.environ), accel="tcg", timeout=timeout, echo_console=echo_console,
+                      kill_when=kill_when)
 
 
 def main(argv: list[str] | None = None) -> int:

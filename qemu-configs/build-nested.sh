@@ -2,7 +2,8 @@
 # build-nested.sh - build (once, cached) the L1 guest of the nested KVM rig:
 #   * the same Debian trixie kernel as build-guest.sh (linux-image-*-amd64,
 #     `apt-get download` + `dpkg -x` inside the provide-qemu.sh chroot);
-#   * a gzip initramfs: static busybox, the 9p-over-virtio modules, the STOCK
+#   * a gzip initramfs: static busybox, the 9p-over-virtio modules, virtio-blk
+#     and ext4 (disks for the power-cut test, tests/reliability/test_power_cut.py), the STOCK
 #     KVM modules (irqbypass, ccp, kvm, kvm-amd, kvm-intel; decompressed) and
 #     qemu-configs/nested-init.sh as /init.
 # The patched KVM modules (kvm-post-write/build-kvm.sh) are not in this image:
@@ -58,9 +59,10 @@ R="$W/root"
 mkdir -p "$R"/{usr/bin,usr/sbin,usr/lib/modules/stock,proc,sys,dev,tmp,run,h,etc/nvme-emu}
 for l in bin sbin lib; do ln -s "usr/$l" "$R/$l"; done
 
-# Dependency-ordered 9p modules -> /etc/nvme-emu/modules (loaded first, in order).
+# Dependency-ordered 9p, virtio-blk and ext4 modules -> /etc/nvme-emu/modules (loaded
+# first, in order; whatever the kernel has built in is not listed by --show-depends).
 : >"$R/etc/nvme-emu/modules"
-for m in 9pnet_virtio 9p; do
+for m in 9pnet_virtio 9p virtio_blk ext4; do
     "$RUN" modprobe -d "$W/kpkg" -S "$KVER" --show-depends "$m" 2>>"$LOGF" \
         || die "modprobe --show-depends $m failed (log: $LOGF)"
 done >"$W/deps"

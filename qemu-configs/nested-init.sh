@@ -1,10 +1,13 @@
 #!/bin/sh
 # /init of the nested KVM rig's L1 guest (busybox sh).  Installed by build-nested.sh.
 #
-#  1. mounts proc, sys, devtmpfs, tmpfs; loads the 9p modules (/etc/nvme-emu/modules)
+#  1. mounts proc, sys, devtmpfs, tmpfs; loads the 9p, virtio-blk and ext4 modules
+#     (/etc/nvme-emu/modules)
 #  2. loads KVM: nvme_emu_kvm=stock|patched (kernel command line) picks
 #     /lib/modules/stock or /lib/modules/patched (appended per run by
-#     nvme_emu.nested); kvm-amd where the CPU offers svm, else kvm-intel
+#     nvme_emu.nested); kvm-amd where the CPU offers svm, else kvm-intel;
+#     nvme_emu_kvm=none loads no KVM at all (a job that needs no /dev/kvm is then
+#     spared TCG's emulated SVM, which has frozen L1 now and then)
 #  3. mounts the host's root (9p tag "host") on /h, with this guest's /proc, /sys,
 #     /dev (so /dev/kvm is the L1 KVM) and fresh tmpfs on /h/tmp, /h/run, /h/dev/shm;
 #     nvme_emu_share=/a:/b re-exposes those host directories where the tmpfs hides them
@@ -40,14 +43,16 @@ while read -r mod; do
     insmod "/lib/modules/$mod" || rig_fail "insmod $mod failed"
 done </etc/nvme-emu/modules
 
-set_dir="/lib/modules/${nvme_emu_kvm:-stock}"
-[ -f "$set_dir/kvm.ko" ] || rig_fail "no KVM module set $set_dir"
-if grep -qw svm /proc/cpuinfo; then vendor=kvm-amd; else vendor=kvm-intel; fi
-insmod /lib/modules/irqbypass.ko || rig_fail "insmod irqbypass failed"
-[ "$vendor" = kvm-amd ] && { insmod /lib/modules/ccp.ko || rig_fail "insmod ccp failed"; }
-insmod "$set_dir/kvm.ko" || rig_fail "insmod $set_dir/kvm.ko failed"
-insmod "$set_dir/$vendor.ko" || rig_fail "insmod $set_dir/$vendor.ko failed"
-[ -c /dev/kvm ] || rig_fail "no /dev/kvm after loading $set_dir ($vendor)"
+if [ "${nvme_emu_kvm:-stock}" != none ]; then
+    set_dir="/lib/modules/${nvme_emu_kvm:-stock}"
+    [ -f "$set_dir/kvm.ko" ] || rig_fail "no KVM module set $set_dir"
+    if grep -qw svm /proc/cpuinfo; then vendor=kvm-amd; else vendor=kvm-intel; fi
+    insmod /lib/modules/irqbypass.ko || rig_fail "insmod irqbypass failed"
+    [ "$vendor" = kvm-amd ] && { insmod /lib/modules/ccp.ko || rig_fail "insmod ccp failed"; }
+    insmod "$set_dir/kvm.ko" || rig_fail "insmod $set_dir/kvm.ko failed"
+    insmod "$set_dir/$vendor.ko" || rig_fail "insmod $set_dir/$vendor.ko failed"
+    [ -c /dev/kvm ] || rig_fail "no /dev/kvm after loading $set_dir ($vendor)"
+fi
 
 mkdir -p /h /hraw
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose host /h \

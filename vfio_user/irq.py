@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from typing import Callable
 
 from .constants import (
@@ -32,6 +33,19 @@ from .protocol import close_fds
 log = logging.getLogger(__name__)
 
 _ONE = (1).to_bytes(8, "little")
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd: the only kind the server may write interrupts to (a pipe
+    or socket would block it once full) or poll for a resample (epoll refuses directories and
+    regular files). The kernel's VFIO refuses other kinds for the same reason."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:  # no /proc: an anonymous inode at least has no file type
+        try:
+            return stat.S_IFMT(os.fstat(fd).st_mode) == 0
+        except OSError:
+            return False
 
 
 class IrqError(Exception):
@@ -115,6 +129,8 @@ class IrqState(IrqRouting):
             raise IrqError(errno.EINVAL, "fds sent without DATA_EVENTFD")
         if dtype == IRQ_DATA_EVENTFD and fds and len(fds) != count:
             raise IrqError(errno.EINVAL, f"{len(fds)} fds for {count} vectors")
+        if not all(is_eventfd(fd) for fd in fds):
+            raise IrqError(errno.EINVAL, "SET_IRQS fds must be eventfds")
         if dtype == IRQ_DATA_BOOL and len(data) < count:
             raise IrqError(errno.EINVAL, "DATA_BOOL without one byte per vector")
         if action == IRQ_ACTION_TRIGGER:
@@ -147,7 +163,6 @@ class IrqState(IrqRouting):
         if dtype == IRQ_DATA_EVENTFD:
             # A resample eventfd (KVM irqfd bypass for INTx): the client's way to say EOI.
             if index != IrqIndex.INTX or count != 1:
-                close_fds(fds)
                 raise IrqError(errno.EINVAL, "unmask eventfds are for INTx only")
             self._set_resample(fds[0] if fds else None)
             return
@@ -156,11 +171,16 @@ class IrqState(IrqRouting):
                 self.unmask(index, start + i)
 
     def _set_resample(self, fd: int | None) -> None:
+        """Swap the resample eventfd; if the transport cannot watch the new one, the old one
+        stays in place and the caller closes the new one."""
         old = self.resample_fd
         if old == fd:
             return
         if self.resample_watch is not None:
-            self.resample_watch(old, fd)
+            try:
+                self.resample_watch(old, fd)
+            except Exception as e:  # an fd the event loop cannot poll (uvloop: PermissionError, KeyError)
+                raise IrqError(errno.EINVAL, f"cannot watch resample fd: {e!r}") from None
         if old is not None:
             close_fds([old])
         self.resample_fd = fd

@@ -125,6 +125,8 @@ class Connection:
         self._discard = 0  # bytes of a rejected message still to skip
         self._discarded: Rejected | None = None
         self._fds_by_start: dict[int, list[int]] = {}
+        #: Starts of messages some of whose fds the kernel dropped (MSG_CTRUNC): refused.
+        self._fds_lost: set[int] = set()
         self._next_id = 0
         self.outstanding: set[int] = set()
 
@@ -136,17 +138,30 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------------
 
-    def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> list[Event]:
+    @property
+    def partial(self) -> bool:
+        """A message is partly received (header or body incomplete, or still being skipped):
+        the transport may time out a peer that stops there."""
+        return bool(self._buf) or self._hdr is not None or self._discard > 0
+
+    def receive(self, data: bytes | memoryview, fds: list[int] | None = None, *, fds_lost: bool = False) -> list[Event]:
         """Feed bytes (and the fds that came with them); returns the completed events.
+
+        ``fds_lost``: the kernel dropped some fds of this chunk (MSG_CTRUNC, e.g. the
+        receiver was out of fds); the message that owns them is refused with EMFILE rather
+        than handled as if it had been sent without them.
 
         Raises :class:`FatalProtocolError` when the header itself is nonsense; the caller
         then drops the connection (the other side can never resynchronise either).
         """
         chunk_start = self._base + len(self._buf)
         self._buf += data
-        if fds:
+        if fds or fds_lost:
             owner = self._owner_of_chunk(chunk_start, chunk_start + len(data))
-            self._fds_by_start.setdefault(owner, []).extend(fds)
+            if fds:
+                self._fds_by_start.setdefault(owner, []).extend(fds)
+            if fds_lost:
+                self._fds_lost.add(owner)
         events: list[Event] = []
         while True:
             if self._discard:
@@ -217,6 +232,7 @@ class Connection:
         # fds owned by messages that already ended can have no owner any more
         for start in [s for s in self._fds_by_start if s < self._msg_start]:
             close_fds(self._fds_by_start.pop(start))
+        self._fds_lost = {s for s in self._fds_lost if s >= self._msg_start}
         fds = self._fds_by_start.get(self._msg_start, [])
         if size > self.max_msg_size:
             self._reject_and_skip(msg_id, command, flags, size, errno.E2BIG, f"message of {size} bytes exceeds {self.max_msg_size}")
@@ -228,6 +244,7 @@ class Connection:
 
     def _reject_and_skip(self, msg_id: int, command: int, flags: int, size: int, err: int, reason: str) -> None:
         close_fds(self._fds_by_start.pop(self._msg_start, []))
+        self._fds_lost.discard(self._msg_start)
         self._discard = size
         self._discarded = Rejected(msg_id, command, flags, err, reason)
 
@@ -238,7 +255,12 @@ class Connection:
         self._consume(size)
         self._hdr = None
         fds = self._fds_by_start.pop(self._msg_start, [])
+        lost = self._msg_start in self._fds_lost
+        self._fds_lost.discard(self._msg_start)
         self._msg_start = self._base
+        if lost:
+            close_fds(fds)
+            return Rejected(msg_id, command, flags, errno.EMFILE, "the kernel dropped fds of this message (receiver out of fds)")
         msg = Message(msg_id, command, flags, error_no, payload, fds)
         if msg.is_reply:
             if msg_id not in self.outstanding:
@@ -252,6 +274,7 @@ class Connection:
         for fds in self._fds_by_start.values():
             close_fds(fds)
         self._fds_by_start.clear()
+        self._fds_lost.clear()
         self._buf.clear()
         self._hdr = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -23,8 +24,9 @@ from .constants import Command
 from .device import Device, DeviceContext
 from .dma import DmaError, GuestMemory
 from .protocol import Connection, FatalProtocolError, Message, Rejected, close_fds
+from .resources import dma_map_budget
 from .session import Reply, ServerLimits, ServerSession
-from .unix import listen_unix, recv_chunk, remove_stale_socket, send_message
+from .unix import listen_unix, recv_chunk_checked, remove_stale_socket, send_message
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 #: until it catches up (otherwise a client that never reads grows the server without bound).
 OUT_HIGH_WATER = 8 << 20
 DEFAULT_DMA_TIMEOUT = 5.0
+#: A client must finish VERSION within this many seconds of connecting, and may not stop for
+#: longer in the middle of a message: otherwise it could hold the one client slot forever.
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+#: After a failed accept() (out of fds), wait this long before the next one.
+ACCEPT_RETRY = 0.1
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -60,20 +67,39 @@ class ClientConnection:
         self._backlog: collections.deque[Message | Rejected] = collections.deque()
         self._paused = False
         self.peer = _peer_credentials(sock)
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0  # loop time of the last bytes received while a message was partial
 
     def start(self) -> None:
         self.sock.setblocking(False)
         self.loop.add_reader(self.sock.fileno(), self._readable)
+        if self.server.handshake_timeout is not None:
+            self._handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
         self.session.irqs.resample_watch = self._watch_resample
         ctx = DeviceContext(memory=self.memory, irqs=self.session.irqs, loop=self.loop)
         self.server.device.attached(ctx)
 
     def _watch_resample(self, old: int | None, new: int | None) -> None:
-        """INTx resample eventfd (KVM irqfd bypass): the guest's EOI arrives there, not as UNMASK."""
+        """INTx resample eventfd (KVM irqfd bypass): the guest's EOI arrives there, not as UNMASK.
+
+        The new fd is watched before the old one is dropped: if the loop refuses it (raises),
+        nothing changed and the old one is still watched."""
+        if new is not None:
+            try:
+                self.loop.add_reader(new, self._resampled, new)
+            except BaseException:
+                self._forget_reader(new)
+                raise
         if old is not None:
             self.loop.remove_reader(old)
-        if new is not None:
-            self.loop.add_reader(new, self._resampled, new)
+
+    def _forget_reader(self, fd: int) -> None:
+        """After a failed add_reader: drop whatever the loop may have half-registered."""
+        try:
+            self.loop.remove_reader(fd)
+        except (OSError, ValueError, KeyError):
+            pass
 
     def _resampled(self, fd: int) -> None:
         try:
@@ -81,6 +107,34 @@ class ClientConnection:
         except OSError:
             pass
         self.session.irqs.resampled()
+
+    # -- timeouts: the one client slot is not held by a client that never speaks ----------
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.closed.done() and not self.session.negotiated:
+            self.close(f"no VERSION within {self.server.handshake_timeout:g} s")
+
+    def _partial_received(self) -> None:
+        """Bytes arrived and a message is still incomplete: that is progress; make sure a
+        check comes ``handshake_timeout`` after the last such progress. One timer at most,
+        re-armed lazily, so a stream of whole messages costs nothing here."""
+        self._last_progress = self.loop.time()
+        if self._stall_timer is None and self.server.handshake_timeout is not None:
+            self._stall_timer = self.loop.call_later(self.server.handshake_timeout, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        timeout = self.server.handshake_timeout
+        if self.closed.done() or not self.conn.partial or timeout is None:
+            return
+        if self._paused:  # we stopped reading (backpressure): the rest may be waiting on us
+            self._last_progress = self.loop.time()
+        idle = self.loop.time() - self._last_progress
+        if idle >= timeout:
+            self.close(f"stalled mid-message for {idle:.1f} s")
+            return
+        self._stall_timer = self.loop.call_later(timeout - idle, self._check_stall)
 
     # -- receiving -------------------------------------------------------------------
 
@@ -91,7 +145,7 @@ class ClientConnection:
             if self._paused or self.closed.done():
                 return
             try:
-                data, fds = recv_chunk(self.sock)
+                data, fds, lost = recv_chunk_checked(self.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -102,10 +156,12 @@ class ClientConnection:
                 self.close("client disconnected")
                 return
             try:
-                events = self.conn.receive(data, fds)
+                events = self.conn.receive(data, fds, fds_lost=lost)
             except FatalProtocolError as e:
                 self.close(f"protocol error: {e}")
                 return
+            if self.conn.partial:
+                self._partial_received()
             self._backlog.extend(events)
             if self._drain_backlog():
                 return
@@ -232,6 +288,10 @@ class ClientConnection:
         """Drop the client: release its fds and mappings; the device keeps its state."""
         if self.closed.done():
             return
+        for timer in (self._handshake_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._stall_timer = None
         fileno = self.sock.fileno()
         if fileno >= 0:
             self.loop.remove_reader(fileno)
@@ -274,6 +334,7 @@ class Server:
         limits: ServerLimits | None = None,
         mode: int = 0o600,
         dma_timeout: float = DEFAULT_DMA_TIMEOUT,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         on_connect: Callable[[ClientConnection], None] | None = None,
         on_disconnect: Callable[[ClientConnection, str], None] | None = None,
     ) -> None:
@@ -282,6 +343,7 @@ class Server:
         self.limits = limits or ServerLimits()
         self.mode = mode
         self.dma_timeout = dma_timeout
+        self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.client: ClientConnection | None = None
@@ -290,7 +352,12 @@ class Server:
         self._accept_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Bind and listen; the socket exists when this returns (QEMU never retries)."""
+        """Bind and listen; the socket exists when this returns (QEMU never retries).
+
+        The advertised ``max_dma_maps`` is cut to what the process can hold now that the
+        device is built (each map costs an fd and a memory-map entry)."""
+        budget = dma_map_budget(self.limits.max_dma_maps, sum(self.device.irq_counts.values()))
+        self.limits = dataclasses.replace(self.limits, max_dma_maps=budget)
         self._listener = listen_unix(self.path, self.mode)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         log.info("listening on %s (mode %o)", self.path, self.mode)
@@ -299,7 +366,12 @@ class Server:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            sock, _ = await loop.sock_accept(self._listener)
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except OSError as e:  # EMFILE/ENFILE/ENOBUFS: keep listening, try again shortly
+                log.error("accept failed: %s", e)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
             if self.client is not None and not self.client.closed.done():
                 log.warning("refused a second client (pid/uid/gid %s): one is attached", _peer_credentials(sock))
                 sock.close()

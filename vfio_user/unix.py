@@ -33,6 +33,13 @@ def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> int:
 
 def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One recvmsg: the bytes and the fds that came with them (empty bytes = EOF)."""
+    data, fds, _lost = recv_chunk_checked(sock)
+    return data, fds
+
+
+def recv_chunk_checked(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One recvmsg: bytes, fds, and whether the kernel dropped fds (MSG_CTRUNC: the receiver
+    was out of fds, or more came than fit)."""
     data, anc, flags, _addr = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(SCM_MAX_FD * 4))
     fds: list[int] = []
     for level, kind, payload in anc:
@@ -40,9 +47,10 @@ def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int]]:
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & socket.MSG_CTRUNC:
+    lost = bool(flags & socket.MSG_CTRUNC)
+    if lost:
         log.warning("ancillary data truncated: some fds were lost")
-    return data, fds
+    return data, fds, lost
 
 
 def listen_unix(path: str, mode: int, backlog: int = 4) -> socket.socket:

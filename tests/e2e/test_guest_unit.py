@@ -64,3 +64,36 @@ def test_extra_sockets_add_one_device_each_like_the_first():
     devices = [json.loads(args[i + 1]) for i, w in enumerate(args) if w == "-device"]
     assert [d["socket"]["path"] for d in devices] == ["/tmp/a.sock", "/tmp/b.sock"]
     assert devices[0] == {**devices[1], "socket": devices[0]["socket"]}  # same options for both
+
+
+def test_kill_when_pulls_the_plug_at_a_console_marker():
+    """boot() SIGKILLs the whole process group ``delay`` s after the marker line (a shell and
+    its child stand in for QEMU: boot() only reads the console), and not before it."""
+    import signal
+    import time
+
+    script = "echo =====NVME-EMU-BEGIN=====; echo before; sleep 0.3; echo cut-here; sleep 60 & wait"
+    t0 = time.monotonic()
+    res = guest.boot(["sh", "-c", script], env={"PATH": "/usr/bin:/bin"}, accel="tcg", timeout=30,
+                     kill_when=guest.KillWhen("cut-here", 0.5))
+    assert time.monotonic() - t0 < 10
+    assert res.killed_at is not None and 0.75 <= res.killed_at < 5, res.killed_at
+    assert res.qemu_returncode == -signal.SIGKILL and res.returncode is None and not res.timed_out
+    assert "before" in res.output and "cut-here" in res.output
+
+
+def test_kill_when_leaves_a_guest_that_finished_first_alone():
+    res = guest.boot(["sh", "-c", "echo =====NVME-EMU-BEGIN=====; echo cut-here; echo =====NVME-EMU-END rc=0====="],
+                     env={"PATH": "/usr/bin:/bin"}, accel="tcg", timeout=30, kill_when=guest.KillWhen("cut-here", 2.0))
+    assert res.returncode == 0 and res.qemu_returncode == 0 and res.killed_at is None
+
+
+def test_nested_disks_are_virtio_blk_in_order():
+    from nvme_emu import nested
+
+    args = nested._disk_args(["/tmp/a,b.img", "/srv/c.img"], chroot="/chroot")
+    assert args == ["-drive", "file=/tmp/a,,b.img,format=raw,if=none,id=disk0",
+                    "-device", "virtio-blk-pci,drive=disk0,serial=nvme-emu-disk0",
+                    "-drive", "file=/host-root/srv/c.img,format=raw,if=none,id=disk1",
+                    "-device", "virtio-blk-pci,drive=disk1,serial=nvme-emu-disk1"]
+    assert nested._disk_args(["/srv/c.img"], chroot=None)[1].startswith("file=/srv/c.img,")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -43,7 +44,9 @@ def server_env() -> dict[str, str]:
 class ServerProcess:
     """One ``python -m nvme_emu serve`` process, its socket and its log."""
 
-    def __init__(self, sock: str, log_path: Path, namespaces: list[str], extra: list[str] | None = None) -> None:
+    def __init__(
+        self, sock: str, log_path: Path, namespaces: list[str], extra: list[str] | None = None, preexec_fn: Callable[[], object] | None = None
+    ) -> None:
         self.sock = sock
         self.log_path = log_path
         args = [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock]
@@ -54,7 +57,9 @@ class ServerProcess:
             args += ["--doorbell", "trap"]
         self.args = args
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), cwd=str(REPO))
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), cwd=str(REPO), preexec_fn=preexec_fn
+        )
         self.returncode: int | None = None
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):

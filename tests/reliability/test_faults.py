@@ -2,10 +2,11 @@
 
 SIGKILL: a host driver (NvmeHost over the vfio-user client) writes a unique pattern per
 write to distinct LBAs of a file namespace at queue depth 32, a third of them FUA, with a
-Flush now and then, and records which writes it saw complete. The server is SIGKILLed with
-writes in flight and restarted on the same file; every write that completed with FUA, or
-completed before a Flush that completed was submitted, must read back intact, and no LBA
-may hold anything but its own write's pattern or its old contents (zeros).
+Flush now and then, and records which writes it saw complete (durability.py, shared with
+the power-cut test). The server is SIGKILLed with writes in flight and restarted on the same
+file; every write that completed with FUA, or completed before a Flush that completed was
+submitted, must read back intact, and no LBA may hold anything but its own write's pattern
+or its old contents (zeros).
 """
 
 from __future__ import annotations
@@ -19,15 +20,9 @@ import time
 
 import pytest
 
+from durability import SLOT, AckRecord, WriteRun, check_image, pattern, read_namespace, read_record, slot_order
 from rel_helpers import DEADLINE, PAGE, Host, status_name
 from nvme_emu.spec import NvmOpcode, Status
-
-SLOT = 4096  # one write = 8 LBAs of 512 bytes
-LBA = 512
-
-
-def pattern(write_id: int, slot: int) -> bytes:
-    return struct.pack("<QQ", write_id, slot) * (SLOT // 16)
 
 
 def test_sigkill_mid_write_keeps_every_durable_write(spawn, tmp_path):
@@ -36,90 +31,36 @@ def test_sigkill_mid_write_keeps_every_durable_write(spawn, tmp_path):
     srv = spawn(f"file:{disk},size=64M", check_exit=False)
     h = Host(srv.sock, ram_size=16 << 20)
     h.set_queues(1)
-    depth = 64
-    h.create_pair(1, depth)
-    bufs = h.alloc(depth * SLOT)
-    rng = random.Random(1234)
-    order = list(range(nslots))
-    rng.shuffle(order)
-    inflight: dict[int, tuple[str, int, int, bool]] = {}  # cid -> (kind, write_id, slot, fua)
-    completed_unflushed: list[tuple[int, int]] = []
-    durable: dict[int, int] = {}  # slot -> write_id
-    attempted: dict[int, int] = {}  # slot -> write_id (submitted at all)
-    flushes_covering: dict[int, list[tuple[int, int]]] = {}  # flush cid -> writes it covers
-    free = list(range(depth))
-    buf_of: dict[int, int] = {}
-    write_id = 0
+    h.create_pair(1, 64)
+    seed = 1234
+    rec = AckRecord(str(tmp_path / "acks.rec"))
+    run = WriteRun(h, 1, rec, slot_order(nslots, seed), random.Random(seed), honest=True)
     deadline = time.monotonic() + 4.0
-    next_flush = 50
-    while time.monotonic() < deadline and write_id < len(order) - depth:
-        # keep 32 commands in flight
-        while len(inflight) < 32 and free:
-            if write_id >= next_flush:
-                next_flush += rng.randint(20, 80)
-                cid = h.host.submit(1, NvmOpcode.FLUSH, nsid=1, ring=False)
-                flushes_covering[cid] = list(completed_unflushed)
-                completed_unflushed.clear()
-                inflight[cid] = ("flush", 0, 0, False)
-                continue
-            slot = order[write_id]
-            fua = rng.random() < 0.33
-            b = free.pop()
-            addr = bufs + b * SLOT
-            h.mem.write(addr, pattern(write_id + 1, slot))
-            cid = h.host.submit(1, NvmOpcode.WRITE, nsid=1, prp1=addr, prp2=0, cdw10=slot * 8, cdw12=7 | (1 << 30 if fua else 0), ring=False)
-            inflight[cid] = ("write", write_id + 1, slot, fua)
-            attempted[slot] = write_id + 1
-            buf_of[cid] = b
-            write_id += 1
-        h.host.ring_sq(1)
-        for c in h.host.reap(1):
-            kind, wid, slot, fua = inflight.pop(c.cid)
-            assert c.status == Status.SUCCESS, status_name(c.status)
-            if kind == "write":
-                free.append(buf_of.pop(c.cid))
-                if fua:
-                    durable[slot] = wid
-                else:
-                    completed_unflushed.append((slot, wid))
-            else:
-                for s, w in flushes_covering.pop(c.cid):
-                    durable[s] = w
-    # kill with writes still queued and in flight
-    for _ in range(8):
-        slot = order[write_id]
-        b = free.pop() if free else 0
-        h.mem.write(bufs + b * SLOT, pattern(write_id + 1, slot))
-        h.host.submit(1, NvmOpcode.WRITE, nsid=1, prp1=bufs + b * SLOT, cdw10=slot * 8, cdw12=7, ring=False)
-        attempted[slot] = write_id + 1
-        write_id += 1
-    h.host.ring_sq(1)
+    limit = nslots - 64  # room for the writes posted last
+    run.run(limit, until=lambda: time.monotonic() > deadline or run.next_wid >= limit)  # stops with 32 in flight
+    run.post_without_reaping(8)  # more queued behind the 32 in flight when the kill lands
     os.kill(srv.pid, signal.SIGKILL)
     srv.proc.wait(DEADLINE)
     assert srv.proc.returncode == -signal.SIGKILL
     h.close()
-    assert len(durable) > 100, f"only {len(durable)} durable writes of {write_id}: the workload did not run ({len(inflight)} in flight)"
-    # restart on the same file (the dead server's socket path is stale and is replaced)
+    rec.close()
+    acks = read_record(str(tmp_path / "acks.rec"))
+    assert len(acks.durable) > 100, f"only {len(acks.durable)} durable writes of {len(acks.slot_of)}: the workload did not run"
+    assert acks.in_flight >= 8, acks.in_flight
+    print(f"SIGKILL: {len(acks.completed)} writes acked ({len(acks.completed & acks.fua)} FUA), {acks.flushes} flushes, "
+          f"{len(acks.durable)} durable, {acks.in_flight} in flight at the kill")
+    # restart on the same file (the dead server's socket path is stale and is replaced), read
+    # it through the fresh server and straight from the file: both must pass, and agree
     srv2 = spawn(f"file:{disk}", sock=srv.sock)
-    # read the file through a fresh server and also straight from disk: both must agree
     h2 = Host(srv2.sock, ram_size=16 << 20)
     h2.set_queues(1)
     h2.create_pair(1, 64)
-    rbuf = h2.alloc(SLOT)
-    lost = []
-    for slot, wid in sorted(durable.items()):
-        c = h2.wait_cid(1, h2.host.submit(1, NvmOpcode.READ, nsid=1, prp1=rbuf, cdw10=slot * 8, cdw12=7))
-        assert c.status == Status.SUCCESS
-        if h2.mem.read(rbuf, SLOT) != pattern(wid, slot):
-            lost.append((slot, wid))
+    image = read_namespace(h2, 1, nslots)
     h2.close()
-    assert not lost, f"{len(lost)} of {len(durable)} durable writes lost, e.g. {lost[:5]}"
-    # nothing torn or misplaced anywhere: each slot holds zeros or exactly its own write
-    with open(disk, "rb") as f:
-        for slot, wid in attempted.items():
-            f.seek(slot * SLOT)
-            got = f.read(SLOT)
-            assert got in (bytes(SLOT), pattern(wid, slot)), f"slot {slot} holds foreign data"
+    v = check_image(image, acks, seed)
+    assert not v.lost, f"{len(v.lost)} of {len(acks.durable)} durable writes lost, e.g. {v.lost[:5]}"
+    assert not v.foreign, f"slots holding foreign data: {v.foreign[:10]}"
+    assert disk.read_bytes() == image
 
 
 def test_sigterm_flushes_and_exits_cleanly(spawn, tmp_path):

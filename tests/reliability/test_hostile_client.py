@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
 from nvme_emu.spec import NvmOpcode, Status
-from test_protocol_fuzz import messages
+from test_protocol_fuzz import _make_fd, messages
 from vfio_user import messages as m
 from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import FLAG_ERROR, HEADER_SIZE, Command, MsgType
@@ -97,7 +97,7 @@ def test_random_streams_over_the_socket(server, msgs, negotiate):
         if negotiate:
             send_message(s, _version_bytes(), [])
         for data, nfds, kind in msgs:
-            fds = [os.dup(ram.fd) if kind == 0 else os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+            fds = [_make_fd(ram.fd, kind) for _ in range(nfds)]
             try:
                 send_message(s, data, fds)
             except (BrokenPipeError, ConnectionResetError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import struct
 
 import pytest
@@ -242,16 +243,40 @@ def messages(draw) -> tuple[bytes, int, int]:
         nfds = draw(st.sampled_from([0, 1, 2, 4, 5, 20]))
     else:
         nfds = draw(st.sampled_from([0] * 12 + [1, 3]))
-    kind = int(command != Command.DMA_MAP)
-    if draw(st.integers(0, 9)) == 0:
-        kind ^= 1  # an eventfd for guest memory, a memfd for an interrupt
+    kind = FD_MEMFD if command == Command.DMA_MAP else FD_EVENTFD
+    if draw(st.integers(0, 4)) == 0:  # the wrong kind: any fd a hostile client can pass
+        kind = draw(st.sampled_from(FD_KINDS))
     return data, nfds, kind
 
 
+#: Kinds of fd riding along: what DMA_MAP (guest memory) and SET_IRQS (eventfd) expect, and
+#: what they must refuse without keeping it: pipes, sockets, /dev/null, a directory, a memfd
+#: too small for any mapping.
+FD_MEMFD, FD_EVENTFD, FD_PIPE, FD_SOCKET, FD_DEVNULL, FD_DIRECTORY, FD_SMALL_MEMFD = range(7)
+FD_KINDS = [FD_MEMFD, FD_EVENTFD, FD_PIPE, FD_SOCKET, FD_DEVNULL, FD_DIRECTORY, FD_SMALL_MEMFD]
+
+
 def _make_fd(ram_fd: int, kind: int) -> int:
-    if kind == 0:
+    """A fresh fd of ``kind``; the caller closes it after sending."""
+    if kind == FD_MEMFD:
         return os.dup(ram_fd)  # guest memory, as a DMA_MAP carries
-    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    if kind == FD_EVENTFD:
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    if kind == FD_PIPE:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.close(w)
+        return r
+    if kind == FD_SOCKET:
+        a, b = socket.socketpair()
+        b.close()
+        return a.detach()
+    if kind == FD_DEVNULL:
+        return os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    if kind == FD_DIRECTORY:
+        return os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.memfd_create("hostile", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)  # FD_SMALL_MEMFD: one page, smaller than most maps ask for
+    return fd
 
 
 @pytest.fixture(scope="module")

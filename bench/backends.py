@@ -41,7 +41,7 @@ BLOCK = 4096
 
 def run_backend(backend: str, qd: int, ios: int, tmp: str, seed: int) -> dict:
     sock = os.path.join(tmp, f"{backend}-{qd}.sock")
-    srv = common.ServeProcess(
+    srv = common.serve(
         sock, ["--backend", backend, "--doorbell", "trap", "--namespace", f"ram:size={NS_SIZE >> 20}M", "--queues", "4"], Path(tmp) / f"{backend}-{qd}.log"
     )
     try:

@@ -137,7 +137,7 @@ def run_builtin(image: str, job: str, timeout: float, **guest_kw) -> dict:
 def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, doorbell: str,
                  server_args: tuple[str, ...] = (), **guest_kw) -> dict:
     sock = os.path.join(workdir, f"emu-{tag}.sock")
-    srv = common.ServeProcess(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell, *server_args], Path(workdir) / f"emu-{tag}.log")
+    srv = common.serve(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell, *server_args], Path(workdir) / f"emu-{tag}.log")
     t0 = time.monotonic()
     try:
         cpu0 = srv.cpu_seconds()

@@ -98,9 +98,9 @@ def run_blocked(label: str, tree: str | None, tmp: str, op: str, dirty: int) -> 
             os.unlink(p)
     args = ["--doorbell", "trap", "--namespace", "ram:size=256M", "--namespace", f"file:{fmt_path},size={FORMAT_SIZE}",
             "--namespace", f"file:{wz_path},size={GiB},lba=4096"]
-    server = common.ServeProcess(os.path.join(tmp, f"blocked-{label}.sock"), args, Path(tmp) / f"blocked-{label}-{op}.log", tree=tree)
+    server = common.serve(os.path.join(tmp, f"blocked-{label}.sock"), args, Path(tmp) / f"blocked-{label}-{op}.log", tree=tree)
     try:
-        c = Client(server.sock)
+        c = Client(server.path)
         try:
             for _ in range(200):  # warm-up, and the idle baseline
                 c.read_latency()
@@ -150,7 +150,7 @@ def run_file_vs_ram(trees: dict[str, str | None], tmp: str, paths: list[str], qd
                 ns = f"ram:size={st.NS_SIZE}" if kind == "ram" else f"file:{os.path.join(tmp, f'ns-{label}.img')},size={st.NS_SIZE}"
                 for p in paths:
                     key = (label, kind, p)
-                    server = common.ServeProcess(
+                    server = common.serve(
                         os.path.join(tmp, f"{label}-{kind}-{p}.sock"),
                         ["--doorbell", st.SERVER_MODE[p], "--namespace", ns, "--queues", "4"],
                         Path(tmp) / f"{label}-{kind}-{p}.log",

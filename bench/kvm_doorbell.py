@@ -496,7 +496,7 @@ class PathBench:
         self.server = ServerProcess(workdir, SERVER_MODE.get(mode, mode), spin_us=None, name=mode)
         try:
             self.ram = K.MemfdRegion(RAM_SIZE, "guest-ram")
-            self.client = VfioUserClient(self.server.sock, timeout=20)
+            self.client = VfioUserClient(self.server.path, timeout=20)
         except BaseException:
             self.server.stop()
             raise

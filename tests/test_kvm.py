@@ -19,6 +19,7 @@ import pytest
 from nvme_emu import guest_programs
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
+from .support.fds import efd_count
 from vfio_user.vmm._kvm_cdef import EXPECTED_LAYOUT, measured_layout
 
 RAM_GPA = 0
@@ -62,13 +63,6 @@ def guest(vm):
 
 def _efd(nonblock: bool = True) -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if nonblock else 0))
-
-
-def _count(efd: int) -> int:
-    try:
-        return os.eventfd_read(efd)
-    except BlockingIOError:
-        return 0
 
 
 def _run_collect(vcpu: K.Vcpu, limit: int = 10_000) -> tuple[list[K.VcpuExit], K.VcpuExit]:
@@ -210,8 +204,8 @@ def test_ioeventfd_swallows_writes(guest, bits, db):
         seen, last = _run_collect(vcpu)
         assert last.kind == "HLT"
         assert seen == []
-        assert _count(efd) == n
-        assert _count(efd) == 0
+        assert efd_count(efd) == n
+        assert efd_count(efd) == 0
     finally:
         vm.close()  # deregisters before the eventfd goes away
         os.close(efd)
@@ -229,7 +223,7 @@ def test_pio_exit_and_pio_ioeventfd(guest, bits):
         vm.add_ioeventfd(0x510, 4, efd, pio=True)
         x86.prog_out_loop(0x510, 7, 9, bits=bits).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
-        assert last.kind == "HLT" and seen == [] and _count(efd) == 9
+        assert last.kind == "HLT" and seen == [] and efd_count(efd) == 9
     finally:
         vm.close()
         os.close(efd)
@@ -244,7 +238,7 @@ def test_remove_ioeventfd_restores_exits(guest):
         assert vm.ioeventfds == []
         x86.prog_write_loop(DOORBELL_32, 1, 2).load(vcpu, ram, CODE_GPA)
         seen, _ = _run_collect(vcpu)
-        assert len(seen) == 2 and _count(efd) == 0
+        assert len(seen) == 2 and efd_count(efd) == 0
         with pytest.raises(K.KvmError) as ei:
             vm.remove_ioeventfd(reg)
         assert ei.value.errno == errno.ENOENT
@@ -260,13 +254,13 @@ def test_datamatch_only_catches_matching_values(guest):
         vm.add_ioeventfd(DOORBELL_32, 4, efd, datamatch=0xAAAA)
         x86.prog_write_loop(DOORBELL_32, 0xAAAA, 5).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
-        assert last.kind == "HLT" and seen == [] and _count(efd) == 5
+        assert last.kind == "HLT" and seen == [] and efd_count(efd) == 5
 
         x86.prog_write_loop(DOORBELL_32, 0xBBBB, 3).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
         assert last.kind == "HLT"
         assert [(e.kind, e.phys_addr, e.value) for e in seen] == [("MMIO", DOORBELL_32, 0xBBBB)] * 3
-        assert _count(efd) == 0
+        assert efd_count(efd) == 0
     finally:
         vm.close()
         os.close(efd)
@@ -376,8 +370,8 @@ def test_post_write_semantics(guest):
         assert shadow.ptr("uint32_t *", 0x10)[0] == 0x33333333  # last value
         assert shadow.ptr("uint32_t *", 0x14)[0] == 0          # exactly len bytes
         assert shadow.ptr("uint32_t *", 0x0C)[0] == 0
-        assert _count(efd) == 5                                 # every write counted
-        assert _count(efd) == 0
+        assert efd_count(efd) == 5                                 # every write counted
+        assert efd_count(efd) == 0
         if supported:
             with pytest.raises(K.KvmError) as ei:  # deassign must name the same post_addr
                 vm.remove_ioeventfd(DOORBELL_32, 4, efd, post_addr=post + 8)
@@ -438,7 +432,7 @@ def test_emulated_post_write_widths(size, value):
             expect = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             assert bytes(shadow.view[8 : 8 + size]) == expect
             assert bytes(shadow.view[8 + size : 16]) == b"\xff" * (8 - size)  # no overrun
-            assert _count(efd) == 1
+            assert efd_count(efd) == 1
             with pytest.raises(ValueError):
                 K.post_write_emulated(shadow, 3, 1, 4, efd)  # misaligned
         finally:
@@ -456,7 +450,7 @@ def test_trapped_doorbell_emulated_post_write(guest):
             x86.prog_write_loop(DOORBELL_32, 0xCAFE0001, 4).load(vcpu, ram, CODE_GPA)
             assert vcpu.run_until(emu.handle).kind == "HLT"
             assert shadow.ptr("uint32_t *", 8)[0] == 0xCAFE0001
-            assert _count(efd) == 4
+            assert efd_count(efd) == 4
     finally:
         os.close(efd)
 

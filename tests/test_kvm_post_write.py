@@ -32,6 +32,7 @@ import pytest
 
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
+from .support.fds import efd_count
 
 RAM_GPA = 0
 RAM_SIZE = 0x10000
@@ -220,13 +221,6 @@ def _unposted(exits: Exits) -> list[tuple[str, int, int, int]]:
     return [(ex.kind, _where(ex), ex.length, ex.value) for ex, p in exits if not p]
 
 
-def _count(efd: int) -> int:
-    try:
-        return os.eventfd_read(efd)
-    except BlockingIOError:
-        return 0
-
-
 def _page_with(value: Optional[int], width: int, off: int = POST_OFF) -> bytes:
     """The canary page with ``value`` in exactly ``width`` bytes at ``off`` (None: untouched)."""
     page = bytearray(CANARY * (PAGE // len(CANARY)))
@@ -284,7 +278,7 @@ def test_invalid_configuration(rig, case):
                 vm.ioeventfd_ioctl(DB, 4, efd, POST_WRITE | K.IOEVENTFD_FLAG_DEASSIGN, post_addr=post + 8)
             assert ei.value.errno == kernel_errno, f"{what}: {ei.value}"
             # the registration is still there and still posts; the right post_addr removes it
-            assert rig.run(x86.prog_write_loop(DB, 7, 1)) == [] and _count(efd) == 1
+            assert rig.run(x86.prog_write_loop(DB, 7, 1)) == [] and efd_count(efd) == 1
             assert bytes(shadow.view) == _page_with(7, 4)
             vm.ioeventfd_ioctl(DB, 4, efd, POST_WRITE | K.IOEVENTFD_FLAG_DEASSIGN, post_addr=post)
             with pytest.raises(K.KvmError) as ei:
@@ -296,7 +290,7 @@ def test_invalid_configuration(rig, case):
         assert ei.value.errno == kernel_errno, f"{what}: {ei.value}"
         # nothing was registered: a write to DB still exits
         exits = rig.run(x86.prog_write_loop(DB, 7, 1))
-        assert _unposted(exits) == [("MMIO", DB, 4, 7)] and _count(efd) == 0
+        assert _unposted(exits) == [("MMIO", DB, 4, 7)] and efd_count(efd) == 0
         return
 
     # emulated: the kernel does not know the flag, so every configuration carrying it is
@@ -307,7 +301,7 @@ def test_invalid_configuration(rig, case):
         # registration is a plain ioeventfd that posts nothing.
         attempts[case]()
         exits = rig.run(x86.prog_write_loop(DB, 7, 2))
-        assert exits == [] and _count(efd) == 2
+        assert exits == [] and efd_count(efd) == 2
         assert bytes(shadow.view) == _page_with(None, 4)
         vm.ioeventfd_ioctl(DB, 4, efd, K.IOEVENTFD_FLAG_DEASSIGN, post_addr=post)
         return
@@ -333,7 +327,7 @@ def test_mmio_widths_post_exactly_len_bytes(rig, width):
     rig.check_registered_writes(exits, [(DB, width, value)] * 3)
     assert _unposted(exits) == []
     assert bytes(shadow.view) == _page_with(value, width)
-    assert _count(efd) == 3
+    assert efd_count(efd) == 3
 
 
 @pytest.mark.parametrize("width", [2, 4])
@@ -343,7 +337,7 @@ def test_other_width_at_registered_address_is_not_posted(rig, width):
     rig.register(DB, width, efd, shadow)
     exits = rig.run(x86.prog_write_loop(DB, 0x77, 2, width=1))
     assert _unposted(exits) == [("MMIO", DB, 1, 0x77)] * 2
-    assert bytes(shadow.view) == _page_with(None, width) and _count(efd) == 0
+    assert bytes(shadow.view) == _page_with(None, width) and efd_count(efd) == 0
 
 
 @pytest.mark.parametrize("width", [4, 8])
@@ -359,7 +353,7 @@ def test_datamatch(rig, width):
     assert _unposted(exits) == [("MMIO", DB, width, miss)] * 2
     assert pages == [_page_with(None, width), _page_with(match, width)]  # seen at each mismatch
     assert bytes(shadow.view) == _page_with(match, width)
-    assert _count(efd) == 1
+    assert efd_count(efd) == 1
 
 
 @pytest.mark.parametrize("sync", ["hlt", "mmio"])
@@ -373,7 +367,7 @@ def test_writes_with_an_exit_between_each(rig, sync):
 
     def at_sync(ex: K.VcpuExit) -> None:
         assert (ex.kind, ex.phys_addr) == ("MMIO", SYNC)
-        seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], _count(efd)))
+        seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], efd_count(efd)))
 
     if sync == "hlt":
         prog = x86.prog_write_seq(DB, values, sync="hlt")
@@ -381,7 +375,7 @@ def test_writes_with_an_exit_between_each(rig, sync):
             exits = rig.run(prog if i == 0 else None)
             rig.check_registered_writes(exits, [(DB, 4, v)])
             assert _unposted(exits) == []
-            seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], _count(efd)))
+            seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], efd_count(efd)))
         assert rig.run() == []  # the final HLT
     else:
         exits = rig.run(x86.prog_write_seq(DB, values, sync=SYNC), on_exit=at_sync)
@@ -399,7 +393,7 @@ def test_writes_without_exit_between(rig):
     exits = rig.run(x86.prog_write_seq(DB, values))
     rig.check_registered_writes(exits, [(DB, 4, v) for v in values])
     assert _unposted(exits) == []
-    assert _count(efd) == 3
+    assert efd_count(efd) == 3
     assert bytes(shadow.view) == _page_with(values[-1], 4)
 
 
@@ -408,13 +402,13 @@ def test_deassign_restores_exits(rig):
     reg = rig.register(DB, 4, efd, shadow)
     exits = rig.run(x86.prog_write_seq(DB, [0x0101_0101]))
     rig.check_registered_writes(exits, [(DB, 4, 0x0101_0101)])
-    assert _count(efd) == 1
+    assert efd_count(efd) == 1
     rig.unregister(reg)
     exits = rig.run(x86.prog_write_seq(DB, [0x0202_0202, 0x0303_0303]))
     assert [p for _, p in exits] == [False, False]
     assert _unposted(exits) == [("MMIO", DB, 4, 0x0202_0202), ("MMIO", DB, 4, 0x0303_0303)]
     assert bytes(shadow.view) == _page_with(0x0101_0101, 4)  # untouched since the deassign
-    assert _count(efd) == 0
+    assert efd_count(efd) == 0
 
 
 def test_two_registrations_post_to_their_own_slots(rig):
@@ -429,7 +423,7 @@ def test_two_registrations_post_to_their_own_slots(rig):
     expect = bytearray(_page_with(0x5151_5151, 4))
     expect[POST_OFF + 8 : POST_OFF + 12] = (0x7373_7373).to_bytes(4, "little")
     assert bytes(shadow.view) == bytes(expect)
-    assert (_count(efd1), _count(efd2)) == (1, 2)
+    assert (efd_count(efd1), efd_count(efd2)) == (1, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -444,7 +438,7 @@ def test_pio_widths(rig, width):
     rig.check_registered_writes(exits, [(PORT, width, v) for v in values], pio=True)
     assert _unposted(exits) == []
     assert bytes(shadow.view) == _page_with(VALUE[width], width)
-    assert _count(efd) == 2
+    assert efd_count(efd) == 2
 
 
 @pytest.mark.parametrize("width", [1, 4])
@@ -458,7 +452,7 @@ def test_pio_datamatch(rig, width):
     rig.check_registered_writes(exits, [(PORT, width, match)], pio=True)
     assert _unposted(exits) == [("IO", PORT, width, miss)] * 2
     assert pages == [_page_with(None, width), _page_with(match, width)]
-    assert _count(efd) == 1
+    assert efd_count(efd) == 1
 
 
 # --------------------------------------------------------------------------------------
@@ -504,7 +498,7 @@ def test_copy_failure_exits_without_signal(rig, when):
             unmapped = True
         exits = rig.run(x86.prog_write_loop(DB, 0xFA11_FA11, 2))
         assert _unposted(exits) == [("MMIO", DB, 4, 0xFA11_FA11)] * 2
-        assert _count(efd) == 0
+        assert efd_count(efd) == 0
         rig.vm.remove_ioeventfd(DB, 4, efd, post_addr=post)  # same post_addr: must still match
         registered = False
     finally:
@@ -535,7 +529,7 @@ def test_rig_releases_fds_and_mappings(kvm, mode):
         efd, shadow = r.eventfd(), r.shadow()
         r.register(DB, 8, efd, shadow)
         r.run(x86.prog_write_loop(DB, VALUE[8], 2, width=8))
-        assert _count(efd) == 2
+        assert efd_count(efd) == 2
         assert fds() > before[0] and maps() > before[1]
     finally:
         r.close()

@@ -42,6 +42,8 @@ import pytest
 from vfio_user import ioeventfd_agent as A
 from vfio_user.vmm import kvm as K
 
+from ..support.fds import efd_count
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "nvme_emu" / "agent" / "build.sh"
 
@@ -305,12 +307,7 @@ class Efds:
         self.fds.append(fd)
         return fd
 
-    @staticmethod
-    def count(fd: int) -> int:
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            return 0
+    count = staticmethod(efd_count)
 
     def close(self) -> None:
         for fd in self.fds:

@@ -29,7 +29,8 @@ import time
 
 import pytest
 
-from db_helpers import DEADLINE, LBA, PAGE, HostSession, pattern, wait_for
+from ..support.server import DEADLINE, wait_until
+from .db_helpers import LBA, PAGE, HostSession, pattern
 from nvme_emu.queue import CQE
 from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
 from nvme_emu import guest_programs
@@ -184,7 +185,7 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
                 x86.prog_write_loop(PROBE_GPA, 0, 3).load(vcpu, ram, CODE_GPA)
                 _run_guest(vcpu, lambda ex: exits.append(ex) or True)
                 assert not exits, f"probe writes reached userspace: {exits}"
-                wait_for(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 3, "the server to see the 3 KVM-signalled probe writes")
+                wait_until(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 3, "the server to see the 3 KVM-signalled probe writes")
                 vm.remove_ioeventfd(probe)
                 emulator = K.PostWriteEmulator()
                 for fd, slot in ((sq_fd, 2 * QID), (cq_fd, 2 * QID + 1)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.async_event import (
     MAX_QUEUED_EVENTS,

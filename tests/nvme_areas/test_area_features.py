@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.features import get_features, io_queue_limit, reset, set_features

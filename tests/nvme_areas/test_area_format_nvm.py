@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from area_helpers import Area, KeptPool, make_area, status_of
+from .area_helpers import Area, KeptPool, make_area, status_of
 
 from nvme_emu.format_nvm import format_nvm
 from nvme_emu.spec import NSID_ALL, AdminOpcode, Status

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from area_helpers import BUF, Area, make_area, status_of
+from .area_helpers import BUF, Area, make_area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify

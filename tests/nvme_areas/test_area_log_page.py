@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.log_page import get_log_page

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import struct
 
-from area_helpers import BUF, Area, KeptPool, sqe, status_of
+from .area_helpers import BUF, Area, KeptPool, sqe, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify_controller

@@ -4,7 +4,7 @@ names for each bad field, the queue objects made, and the queue events announced
 from __future__ import annotations
 
 import pytest
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
 from nvme_emu.spec import AdminOpcode, Cc, Status

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
+from ..support.host import Host, IOVA, PAGE, status_name
+from ..support.server import DEADLINE
 from nvme_emu.spec import NvmOpcode, Status
-from test_protocol_fuzz import _make_fd, messages
+from .test_protocol_fuzz import _make_fd, messages
 from vfio_user import messages as m
 from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import FLAG_ERROR, HEADER_SIZE, Command, MsgType
@@ -30,10 +31,10 @@ from vfio_user.unix import send_message as _send_message
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from rel_helpers import ServerProcess
+    from ..support.server import ServerProcess
 
     d = tmp_path_factory.mktemp("hostile-client")
-    srv = ServerProcess(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], ["--queues", "8"])
+    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], extra=["--queues", "8"])
     srv.settle()
     yield srv
     rc = srv.stop()
@@ -43,7 +44,7 @@ def server(tmp_path_factory):
 def _raw(srv) -> socket.socket:
     srv.wait_idle()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(srv.sock)
+    s.connect(srv.path)
     s.settimeout(DEADLINE)
     return s
 
@@ -83,7 +84,7 @@ def _clean(srv) -> None:
 
 
 def _version_bytes(msg_id: int = 0) -> bytes:
-    from test_protocol_fuzz import _version
+    from .test_protocol_fuzz import _version
 
     return encode(msg_id, Command.VERSION, MsgType.REQUEST, _version())
 
@@ -186,7 +187,7 @@ def test_huge_announced_sizes_are_not_buffered(server):
 
 def test_replies_nobody_asked_for_and_out_of_order(server):
     """Replies with random ids, error replies, replies carrying fds: dropped; requests still served."""
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     try:
         c.negotiate()
         efd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -207,7 +208,7 @@ def test_replies_nobody_asked_for_and_out_of_order(server):
 
 def test_overlapping_dma_maps_and_bad_unmaps(server):
     ram = GuestRam(4 << 20, "hostile")
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     try:
         c.negotiate()
         c.dma_map(0x100000, 1 << 20, ram)
@@ -254,7 +255,7 @@ def test_unmap_under_io(server):
     commands are queued -> those commands complete with Data Transfer Error; unmapping the
     queue memory -> Controller Fatal Status. Either way the mappings really go away, and
     after a controller reset with memory re-mapped, I/O works again."""
-    h = Host(server.sock, ram_size=4 << 20)
+    h = Host(server.path, ram_size=4 << 20)
     data = GuestRam(1 << 20, "hostile")
     try:
         h.set_queues(2)
@@ -297,7 +298,7 @@ def test_unmap_under_io(server):
 def test_disconnect_with_commands_in_flight(server):
     """The client vanishes mid-I/O (queued, doorbell posted, no one reaps): server cleans up."""
     for _ in range(3):
-        h = Host(server.sock, ram_size=4 << 20)
+        h = Host(server.path, ram_size=4 << 20)
         h.set_queues(2)
         h.create_pair(1, 128)
         buf = h.alloc(128 * PAGE)

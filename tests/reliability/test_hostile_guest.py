@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, ServerProcess, status_name
+from ..support.host import Host, IOVA, PAGE, status_name
+from ..support.server import DEADLINE, ServerProcess
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
 
 NS_SIZE = 4 << 20
@@ -39,7 +40,7 @@ def lba_pattern(lba: int, gen: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile-guest")
-    srv = ServerProcess(str(d / "s.sock"), d / "server.log", [f"ram:size={NS_SIZE}"], ["--queues", "4"])
+    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", [f"ram:size={NS_SIZE}"], extra=["--queues", "4"])
     srv.settle()
     r = GuestRig(srv)
     yield r
@@ -51,7 +52,7 @@ def rig(tmp_path_factory):
 class GuestRig:
     def __init__(self, srv: ServerProcess) -> None:
         self.srv = srv
-        self.host = Host(srv.sock, ram_size=RAM, enable=False)
+        self.host = Host(srv.path, ram_size=RAM, enable=False)
         self.setup()
         self.expected = bytearray(b"".join(lba_pattern(i) for i in range(NLBAS)))
         self.write_namespace(bytes(self.expected))

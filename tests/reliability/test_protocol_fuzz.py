@@ -35,6 +35,8 @@ from vfio_user.dma import GuestMemory
 from vfio_user.protocol import Connection, FatalProtocolError, Message, Rejected, encode
 from vfio_user.session import ServerSession
 
+from ..support.fds import is_closed
+
 FUZZ_RAM = 1 << 20  # the memfd random DMA_MAPs point into
 
 
@@ -376,22 +378,17 @@ def test_huge_sizes_and_fd_floods_are_refused_without_buffering(size, nfds):
         events = conn.receive(head + bytes(min(size - HEADER_SIZE, 1 << 16)), fds)
         limit = conn.max_msg_size
         if size > limit or nfds > conn.max_msg_fds:
-            assert all(_closed(fd) for fd in fds)
+            assert all(is_closed(fd) for fd in fds)
             assert len(conn._buf) <= (1 << 16) + HEADER_SIZE
         for ev in events:
             if isinstance(ev, Message):
                 ev.close_fds()
     finally:
         conn.close()
-    assert all(_closed(fd) for fd in fds), "the connection must own (and close) every fd it was given"
+    assert all(is_closed(fd) for fd in fds), "the connection must own (and close) every fd it was given"
 
 
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
+
 
 
 def test_dma_map_of_a_non_file_fd_at_a_huge_offset_is_refused_cleanly(rig):
@@ -405,4 +402,4 @@ def test_dma_map_of_a_non_file_fd_at_a_huge_offset_is_refused_cleanly(rig):
     [reply] = rig.feed(encode(2, Command.DMA_MAP, MsgType.REQUEST, payload), [efd])
     _id, _cmd, _size, flags, err = m.HEADER.unpack_from(reply)
     assert flags & FLAG_ERROR and err == errno.EINVAL
-    assert _closed(efd)
+    assert is_closed(efd)

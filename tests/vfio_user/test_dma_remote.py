@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-import threading
 
 import pytest
 
@@ -16,30 +15,18 @@ from vfio_user.constants import Command, MsgType, FLAG_ERROR
 from vfio_user.dma import DmaError
 from vfio_user.protocol import Message, encode
 from vfio_user.sample import Ticker
-from vfio_user.server import Server, new_event_loop
 
-from vu_helpers import DEADLINE
+from ..support.inproc import InProcessServer
+from ..support.server import DEADLINE
 
 
 @pytest.fixture
 def inproc(tmp_path):
-    device = Ticker()
-    loop = new_event_loop()
-    server = Server(device, str(tmp_path / "dma.sock"), dma_timeout=1.0)
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    srv = InProcessServer(Ticker(), str(tmp_path / "dma.sock"), dma_timeout=1.0)
     try:
-        yield server, loop, device
+        yield srv.server, srv.loop, srv.device
     finally:
-        async def stop():
-            server.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(DEADLINE)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(DEADLINE)
-        loop.close()
-        device.close()
+        srv.close()
 
 
 def _next_server_request(client: VfioUserClient) -> Message:

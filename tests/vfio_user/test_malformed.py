@@ -27,7 +27,8 @@ from vfio_user.constants import (
 )
 from vfio_user.sample import REG_ID, REG_SCRATCH, TICKER_ID
 
-from vu_helpers import assert_error, exchange, new_eventfd, read32, send_bytes, send_posted
+from ..support.fds import new_eventfd
+from .vu_helpers import assert_error, exchange, read32, send_bytes, send_posted
 
 C = Command
 MSIX, INTX = IrqIndex.MSIX, IrqIndex.INTX

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, Command, MsgType
 from vfio_user.protocol import Connection, FatalProtocolError, Message, Rejected, encode
 
-from vu_helpers import is_closed
+from ..support.fds import is_closed
 
 
 def _fds(n: int) -> list[int]:

@@ -78,6 +78,24 @@ def test_prp1_offset_small_transfer_in_one_page(io: Host):
     assert io.read_ok(1, 1, 7, 2) == data
 
 
+@pytest.mark.parametrize("offset, length", [(100, 3584), (100, PAGE), (100, 2 * PAGE), (3072, 3 * PAGE + 1024)])
+def test_support_prp_builder_counts_prp1_offset(io: Host, offset: int, length: int):
+    """The harness's own PRP builder (tests.support.host.prps), checked against the server: a
+    buffer that starts ``offset`` bytes into a page spans one more page than ``length`` says
+    whenever the tail spills over, and the entries after PRP1 must be page aligned."""
+    base = io.alloc(-(-(offset + length) // PAGE) * PAGE)
+    buf = base + offset
+    prp1, prp2 = io.prps(buf, length)
+    assert prp1 == buf
+    data = os.urandom(length)
+    io.write_mem(buf, data)
+    assert io.io(1, Op.WRITE, 1, 200, length // 512, prp1=prp1, prp2=prp2).status == Status.SUCCESS
+    assert io.read_ok(1, 1, 200, length // 512) == data
+    io.write_mem(buf, bytes(length))
+    assert io.io(1, Op.READ, 1, 200, length // 512, prp1=prp1, prp2=prp2).status == Status.SUCCESS
+    assert io.read_mem(buf, length) == data
+
+
 def test_mdts_plus_one_page_is_invalid_field(io: Host):
     length = MDTS_BYTES + 4096
     p1, p2, _ = prp_transfer(io, length)

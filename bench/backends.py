@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import NvmOpcode  # noqa: E402
-from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.libvfio import unavailable_reason  # noqa: E402
+import common
+from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.spec import NvmOpcode
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+from vfio_user.libvfio import unavailable_reason
 
 IOVA = 0x1000_0000
 RAM = 64 << 20

@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from nvme_emu import guest  # noqa: E402
+from nvme_emu import guest
 
 FILE_SIZE = 1 << 30
 

@@ -25,14 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import server_throughput as st  # noqa: E402
+import common
+import server_throughput as st
 
-from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Status  # noqa: E402
-from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.constants import IrqIndex  # noqa: E402
+from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+from vfio_user.constants import IrqIndex
 
 GiB = 1 << 30
 FORMAT_SIZE = 8 * GiB

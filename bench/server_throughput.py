@@ -47,16 +47,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from tests.support.server import NVME_EMU_READY  # noqa: E402
+import common
+from tests.support.server import NVME_EMU_READY
 
-from nvme_emu.atomics import fence  # noqa: E402
-from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
-from vfio_user.vmm.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType  # noqa: E402
-from vfio_user.messages import HEADER, REGION_ACCESS  # noqa: E402
+from nvme_emu.atomics import fence
+from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost
+from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType
+from vfio_user.messages import HEADER, REGION_ACCESS
 
 PATHS = ["trap", "trap+dbbuf", "shadow", "shadow+dbbuf", "ioeventfd+dbbuf", "poll"]
 SERVER_MODE = {"trap": "trap", "trap+dbbuf": "trap", "shadow": "shadow", "shadow+dbbuf": "shadow", "ioeventfd+dbbuf": "ioeventfd", "poll": "poll"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,8 +26,9 @@ from typing import Any, Callable, Sequence
 REPO = Path(__file__).resolve().parents[2]
 #: Upper bound for anything we wait for.
 DEADLINE = 10.0
-#: Start-up may import numpy and compile the atomics module on a cold cache.
-START_DEADLINE = 30.0
+#: Start-up may import numpy and compile the atomics module on a cold cache, or run under
+#: TCG in the nested rig.
+START_DEADLINE = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: The line ``nvme-emu serve`` prints once the vfio-user socket and the control socket listen.
 NVME_EMU_READY = "serving"
@@ -293,6 +295,15 @@ class ServerProcess:
                 self.returncode = self.proc.returncode
         self._close()
         return self.returncode
+
+    def stop_clean(self, bad: str = r"\b(ERROR|CRITICAL)\b|Traceback") -> str:
+        """SIGTERM: the server must exit 0 with no log line matching ``bad``; its log."""
+        rc = self.stop()
+        text = self.log()
+        assert rc == 0, f"{self.log_path.name}: exit status {rc}:\n{text[-4000:]}"
+        errors = [line for line in text.splitlines() if re.search(bad, line)]
+        assert not errors, f"{self.log_path.name} carries errors:\n" + "\n".join(errors)
+        return text
 
     def kill(self) -> None:
         """SIGKILL (if still running) and reap."""

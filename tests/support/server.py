@@ -84,15 +84,19 @@ class ServerProcess:
         self.baseline_fds: int | None = None
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
+        start = self._log.tell()  # a reused log: readiness is this process's line, not an old one
         self.proc = subprocess.Popen(self.argv, cwd=str(cwd or root), env=child_env(root), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         try:
-            wait_until(lambda: ready in self.log() or self.proc.poll() is not None, f"{ready!r} in the log", START_DEADLINE)
-            if ready not in self.log():
-                raise RuntimeError(f"server exited with {self.proc.poll()} at start-up:\n{self.log()}")
+            wait_until(lambda: ready in self.log(since=start) or self.proc.poll() is not None, f"{ready!r} in the log", START_DEADLINE)
         except BaseException as e:
             self.kill()
-            raise RuntimeError(f"server did not start ({e}):\n{self.log()}") from None
+            if isinstance(e, AssertionError):
+                raise AssertionError(f"{e}:\n{self.log(since=start)}") from None
+            raise
+        if ready not in self.log(since=start):
+            self.kill()
+            raise RuntimeError(f"server exited with {self.proc.returncode} at start-up:\n{self.log(since=start)}")
 
     @classmethod
     def nvme_emu(cls, path: str, log_path: Path, args: Sequence[str] = (), *, python: str | None = None,
@@ -138,9 +142,14 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def log(self) -> str:
-        """Everything the server wrote so far (stdout and stderr)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log(self, since: int = 0) -> str:
+        """What the server wrote so far (stdout and stderr), from byte ``since`` of its log."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def wait_log(self, text: str, count: int = 1, timeout: float = DEADLINE) -> str:
         """Until ``text`` appeared ``count`` times in the log; the log then."""

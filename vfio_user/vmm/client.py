@@ -37,6 +37,7 @@ from ..constants import (
     Command,
     IrqIndex,
 )
+from ..memfd import SharedMemory
 from ..protocol import Connection, Message, Rejected, close_fds
 from ..unix import recv_chunk, send_message
 
@@ -60,36 +61,11 @@ class VfioUserClientError(Exception):
         self.errno = err
 
 
-class GuestRam:
-    """memfd-backed guest memory the client owns and may map into the server."""
+class GuestRam(SharedMemory):
+    """memfd-backed guest memory the client owns and may map into the server (by fd)."""
 
     def __init__(self, size: int, name: str = "guest-ram") -> None:
-        self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.view = memoryview(self.mm)
-
-    def close(self) -> None:
-        if self.fd < 0:
-            return
-        self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
-        os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self) -> "GuestRam":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(size, name)
 
 
 @dataclass

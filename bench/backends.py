@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import NvmOpcode  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.libvfio import unavailable_reason  # noqa: E402
+import common
+from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.spec import NvmOpcode
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+from vfio_user.libvfio import unavailable_reason
 
 IOVA = 0x1000_0000
 RAM = 64 << 20
@@ -41,7 +39,9 @@ BLOCK = 4096
 
 def run_backend(backend: str, qd: int, ios: int, tmp: str, seed: int) -> dict:
     sock = os.path.join(tmp, f"{backend}-{qd}.sock")
-    srv = common.ServeProcess(sock, ["--backend", backend, "--doorbell", "trap", "--namespace", f"ram:size={NS_SIZE >> 20}M", "--queues", "4"], Path(tmp) / f"{backend}-{qd}.log")
+    srv = common.serve(
+        sock, ["--backend", backend, "--doorbell", "trap", "--namespace", f"ram:size={NS_SIZE >> 20}M", "--queues", "4"], Path(tmp) / f"{backend}-{qd}.log"
+    )
     try:
         client = VfioUserClient(sock, timeout=30)
         client.negotiate()
@@ -125,7 +125,16 @@ def main() -> int:
     base = {r["qd"]: r["iops"] for r in rows if r["backend"] == "python"}
     for r in rows:
         r["vs_python"] = round(r["iops"] / base[r["qd"]], 2)
-    cols = [("backend", "backend", ""), ("qd", "QD", ""), ("iops", "IOPS", ",d"), ("vs_python", "x python", ".2f"), ("lat_p50_us", "p50 us", ".1f"), ("lat_p99_us", "p99 us", ".1f"), ("lat_kind", "latency of", ""), ("server_cpu_us_per_io", "server CPU us/IO", ".1f")]
+    cols = [
+        ("backend", "backend", ""),
+        ("qd", "QD", ""),
+        ("iops", "IOPS", ",d"),
+        ("vs_python", "x python", ".2f"),
+        ("lat_p50_us", "p50 us", ".1f"),
+        ("lat_p99_us", "p99 us", ".1f"),
+        ("lat_kind", "latency of", ""),
+        ("server_cpu_us_per_io", "server CPU us/IO", ".1f"),
+    ]
     print()
     print("4 KiB random read, RAM namespace, trapped doorbells, NvmeHost over VfioUserClient")
     print(common.format_table(rows, cols))
@@ -135,13 +144,25 @@ def main() -> int:
 
         lib_version = load_library().path
     out = Path(args.out)
-    common.write_json(out, {
-        "benchmark": "backends",
-        "workload": {"rw": "randread", "bs": BLOCK, "ios": args.ios, "qd": args.qd, "namespace": f"ram {NS_SIZE >> 20} MiB", "doorbells": "trap", "rounds": args.rounds, "kept": "best round per backend"},
-        "machine": machine,
-        "libvfio_user": lib_version,
-        "results": rows,
-    })
+    common.write_json(
+        out,
+        {
+            "benchmark": "backends",
+            "workload": {
+                "rw": "randread",
+                "bs": BLOCK,
+                "ios": args.ios,
+                "qd": args.qd,
+                "namespace": f"ram {NS_SIZE >> 20} MiB",
+                "doorbells": "trap",
+                "rounds": args.rounds,
+                "kept": "best round per backend",
+            },
+            "machine": machine,
+            "libvfio_user": lib_version,
+            "results": rows,
+        },
+    )
     print(f"\nwrote {out}")
     plt = common.pyplot()
     if plt is not None:

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: machine description, tables, JSON and PNG output, and the
-nvme-emu server as a separate process with its counters and CPU time.
+nvme-emu server as a separate process (:class:`tests.support.server.ServerProcess`: counters,
+CPU time, context switches).
 
 Benchmarks are not tests: nothing here asserts on speed. Machines are shared and noisy, so a
 benchmark compares its variants side by side within one run and reports ratios.
@@ -11,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -20,23 +20,16 @@ from typing import Any, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-if str(REPO) not in sys.path:  # `python bench/NAME.py` from anywhere
+if str(REPO) not in sys.path:  # `python bench/NAME.py` from anywhere: nvme_emu, tests.support
     sys.path.insert(0, str(REPO))
+
+from tests.support.server import ServerProcess, read_file  # noqa: E402  (after REPO is importable)
 
 
 # --------------------------------------------------------------------------------------------
 # machine description
 # --------------------------------------------------------------------------------------------
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _git(*args: str) -> str:
@@ -48,28 +41,28 @@ def _git(*args: str) -> str:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (stored next to every result)."""
-    cpuinfo = _read("/proc/cpuinfo")
+    cpuinfo = read_file("/proc/cpuinfo")
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    mem_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal:")), 0)
+    mem_kib = next((int(line.split()[1]) for line in read_file("/proc/meminfo").splitlines() if line.startswith("MemTotal:")), 0)
     versions = {}
     for mod in ("numpy", "uvloop", "construct", "matplotlib"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = None
-    kvm_modules = [line.split()[0] for line in _read("/proc/modules").splitlines() if line.startswith("kvm")]
+    kvm_modules = [line.split()[0] for line in read_file("/proc/modules").splitlines() if line.startswith("kvm")]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kernel": platform.release(),
-        "os": (_read("/etc/os-release").split('PRETTY_NAME="', 1)[-1].split('"', 1)[0] or platform.platform()),
+        "os": (read_file("/etc/os-release").split('PRETTY_NAME="', 1)[-1].split('"', 1)[0] or platform.platform()),
         "cpu_model": model,
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "virtualization_flags": [f for f in flags if f in ("vmx", "svm", "hypervisor")],
         "kvm_modules": kvm_modules,
         "mem_gib": round(mem_kib / (1 << 20), 1),
-        "loadavg_at_start": _read("/proc/loadavg").split()[:3],
+        "loadavg_at_start": read_file("/proc/loadavg").split()[:3],
         "python": sys.version.split()[0],
         "python_impl": platform.python_implementation(),
         "packages": versions,
@@ -102,7 +95,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     out = []
     for n, c in enumerate(cells):
-        out.append("| " + " | ".join(s.rjust(w) if n and i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))) + " |")
+        out.append("| " + " | ".join(s.rjust(w) if n and i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths, strict=True))) + " |")
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
@@ -141,102 +134,16 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (clock ticks -> seconds)."""
-    fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_ctx_switches(pid: int) -> tuple[int, int]:
-    """(voluntary, involuntary) context switches: voluntary ones are the process sleeping and
-    being woken up again, i.e. OS-level wake-ups."""
-    vol = invol = 0
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            vol = int(line.split()[1])
-        elif line.startswith("nonvoluntary_ctxt_switches:"):
-            invol = int(line.split()[1])
-    return vol, invol
-
-
-class ServeProcess:
-    """``python -m nvme_emu serve ... --stats-json PATH``; counters on demand via SIGUSR1."""
-
-    def __init__(self, sock: str, args: Sequence[str], log_path: Path, *, python: str | None = None, prefix: Sequence[str] = (), tree: Path | str | None = None) -> None:
-        self.sock = sock
-        self.stats_path = sock + ".stats.json"
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
-        for p in (sock, self.stats_path):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-        # ``tree``: serve another checkout's code (e.g. the code before an optimisation)
-        root = str(tree or REPO)
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-        cmd = [*prefix, python or sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--stats-json", self.stats_path, *args]
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.log()}")
-            time.sleep(0.02)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stats(self, timeout: float = 10.0) -> dict:
-        """function.stats() of the server, as JSON written on SIGUSR1."""
-        try:
-            os.unlink(self.stats_path)
-        except FileNotFoundError:
-            pass
-        self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.stats_path):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"server wrote no stats:\n{self.log()[-2000:]}")
-            time.sleep(0.002)
-        with open(self.stats_path) as f:
-            return json.load(f)
-
-    def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.pid)
-
-    def ctx_switches(self) -> tuple[int, int]:
-        return proc_ctx_switches(self.pid)
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        for p in (self.stats_path,):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-        return self.proc.returncode
+def serve(sock: str, args: Sequence[str], log_path: Path, *, python: str | None = None, prefix: Sequence[str] = (),
+          tree: Path | str | None = None) -> ServerProcess:
+    """``nvme-emu serve --socket SOCK ARGS`` with its counters on SIGUSR1; ``tree``: serve
+    another checkout's code (e.g. the code before an optimisation)."""
+    return ServerProcess.nvme_emu(sock, log_path, args, python=python, prefix=prefix, root=tree or REPO)
 
 
 def _cpu_busy_times() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs from /proc/stat."""
-    v = [int(x) for x in _read("/proc/stat").splitlines()[0].split()[1:]]
+    v = [int(x) for x in read_file("/proc/stat").splitlines()[0].split()[1:]]
     idle = v[3] + (v[4] if len(v) > 4 else 0)
     return sum(v) - idle, sum(v)
 

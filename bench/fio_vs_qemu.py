@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from nvme_emu import guest  # noqa: E402
+from nvme_emu import guest
 
 FILE_SIZE = 1 << 30
 
@@ -103,7 +102,7 @@ def summarise(fio: dict) -> dict[str, dict]:
             clat = st.get("clat_ns") or {}
             pct = clat.get("percentile") or {}
 
-            def p(key: str) -> float | None:
+            def p(key: str, pct: dict = pct) -> float | None:
                 v = pct.get(key)
                 return v / 1000 if v is not None else None
 
@@ -137,7 +136,7 @@ def run_builtin(image: str, job: str, timeout: float, **guest_kw) -> dict:
 def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, doorbell: str,
                  server_args: tuple[str, ...] = (), **guest_kw) -> dict:
     sock = os.path.join(workdir, f"emu-{tag}.sock")
-    srv = common.ServeProcess(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell, *server_args], Path(workdir) / f"emu-{tag}.log")
+    srv = common.serve(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell, *server_args], Path(workdir) / f"emu-{tag}.log")
     t0 = time.monotonic()
     try:
         cpu0 = srv.cpu_seconds()
@@ -148,7 +147,14 @@ def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, d
         rc = srv.stop()
     if not r.ok or r.fio is None:
         raise RuntimeError(f"nvme-emu run failed (server exit {rc}):\n{r.describe_failure()}\n--- server log ---\n{srv.log()[-4000:]}")
-    return {"jobs": summarise(r.fio), "elapsed_s": time.monotonic() - t0, "accel": r.accel, "server_cpu_s": cpu1 - cpu0, "server_stats": stats, "server_exit": rc}
+    return {
+        "jobs": summarise(r.fio),
+        "elapsed_s": time.monotonic() - t0,
+        "accel": r.accel,
+        "server_cpu_s": cpu1 - cpu0,
+        "server_stats": stats,
+        "server_exit": rc,
+    }
 
 
 COLUMNS = [
@@ -407,11 +413,17 @@ def main(argv: list[str] | None = None) -> int:
             b = run_builtin(image, job, timeout)
             print(f"[{rnd}] hw/nvme done in {b['elapsed_s']:.0f}s ({b['accel']})", flush=True)
             for n, j in b["jobs"].items():
-                print(f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us", flush=True)
+                print(
+                    f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us",
+                    flush=True,
+                )
             e = run_nvme_emu(image, job, timeout, workdir, f"r{rnd}", args.doorbell)
             print(f"[{rnd}] nvme-emu done in {e['elapsed_s']:.0f}s, server CPU {e['server_cpu_s']:.1f}s", flush=True)
             for n, j in e["jobs"].items():
-                print(f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us", flush=True)
+                print(
+                    f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us",
+                    flush=True,
+                )
             rounds.append({"round": rnd, "builtin": b, "nvme_emu": e})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -460,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"rounds": args.rounds, "runtime": args.runtime, "ramp": args.ramp, "doorbell": args.doorbell, "file_size": FILE_SIZE},
         "targets": targets, "results": rows, "rounds": rounds, "table": table,
     })
-    plot(rows, out / f"{name}.png", f"fio in a QEMU guest ({rounds[0]['builtin']['accel']}): nvme-emu vs QEMU hw/nvme, same guest + file, median of {len(rounds)} round(s)\n{common.describe_machine(mach)}")
+    plot(
+        rows,
+        out / f"{name}.png",
+        f"fio in a QEMU guest ({rounds[0]['builtin']['accel']}): nvme-emu vs QEMU hw/nvme, same guest + file, median of {len(rounds)} "
+        f"round(s)\n{common.describe_machine(mach)}",
+    )
     print(f"wrote {out / (name + '.json')} and .png")
     return 0
 

@@ -35,7 +35,11 @@ def main() -> None:
     sqe = SQE.pack(2, 0, 7, 1, 0, 0, 0, 0x100000, 0, 8, 0, 7, 0, 0, 0)
     cqe_fields = dict(dw0=0, dw1=0, sqhd=3, sqid=1, cid=7, status=1)
     cases = [
-        ("REGION_WRITE header+prefix parse", lambda: (m.Header.parse(hdr), m.RegionAccess.parse(prefix)), lambda: (m.HEADER.unpack_from(hdr), m.REGION_ACCESS.unpack_from(prefix))),
+        (
+            "REGION_WRITE header+prefix parse",
+            lambda: (m.Header.parse(hdr), m.RegionAccess.parse(prefix)),
+            lambda: (m.HEADER.unpack_from(hdr), m.REGION_ACCESS.unpack_from(prefix)),
+        ),
         ("SQE parse (64 B)", lambda: SQE_CONSTRUCT.parse(sqe), lambda: SQE.unpack_from(sqe)),
         ("CQE build (16 B)", lambda: CQE_CONSTRUCT.build(cqe_fields), lambda: CQE.pack(0, 0, 3, 1, 7, 1)),
     ]

@@ -25,14 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import server_throughput as st  # noqa: E402
+import common
+import server_throughput as st
 
-from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Status  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.constants import IrqIndex  # noqa: E402
+from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+from vfio_user.constants import IrqIndex
 
 GiB = 1 << 30
 FORMAT_SIZE = 8 * GiB
@@ -98,9 +97,9 @@ def run_blocked(label: str, tree: str | None, tmp: str, op: str, dirty: int) -> 
             os.unlink(p)
     args = ["--doorbell", "trap", "--namespace", "ram:size=256M", "--namespace", f"file:{fmt_path},size={FORMAT_SIZE}",
             "--namespace", f"file:{wz_path},size={GiB},lba=4096"]
-    server = common.ServeProcess(os.path.join(tmp, f"blocked-{label}.sock"), args, Path(tmp) / f"blocked-{label}-{op}.log", tree=tree)
+    server = common.serve(os.path.join(tmp, f"blocked-{label}.sock"), args, Path(tmp) / f"blocked-{label}-{op}.log", tree=tree)
     try:
-        c = Client(server.sock)
+        c = Client(server.path)
         try:
             for _ in range(200):  # warm-up, and the idle baseline
                 c.read_latency()
@@ -150,8 +149,12 @@ def run_file_vs_ram(trees: dict[str, str | None], tmp: str, paths: list[str], qd
                 ns = f"ram:size={st.NS_SIZE}" if kind == "ram" else f"file:{os.path.join(tmp, f'ns-{label}.img')},size={st.NS_SIZE}"
                 for p in paths:
                     key = (label, kind, p)
-                    server = common.ServeProcess(os.path.join(tmp, f"{label}-{kind}-{p}.sock"), ["--doorbell", st.SERVER_MODE[p], "--namespace", ns, "--queues", "4"],
-                                                 Path(tmp) / f"{label}-{kind}-{p}.log", tree=tree)
+                    server = common.serve(
+                        os.path.join(tmp, f"{label}-{kind}-{p}.sock"),
+                        ["--doorbell", st.SERVER_MODE[p], "--namespace", ns, "--queues", "4"],
+                        Path(tmp) / f"{label}-{kind}-{p}.log",
+                        tree=tree,
+                    )
                     rigs[key] = st.Rig(p, server)
                     if kind == "ram" or p == paths[0]:
                         rigs[key].prefill()  # every block written: the file's pages are cached
@@ -197,13 +200,41 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="nvme-emu-io-requests-", dir=args.dir) as tmp:
         if "blocked" in args.parts:
             rows = [run_blocked(label, tree, tmp, op, args.dirty_gib * GiB) for op in ("format", "wz") for label, tree in trees.items()]
-            print(common.format_table(rows, [("tree", "tree", ""), ("op", "command", ""), ("op_seconds", "cmd s", ".2f"), ("reads", "QD1 reads", "d"),
-                                             ("idle_p99_ms", "idle p99 ms", ".3f"), ("p50_ms", "p50 ms", ".3f"), ("p99_ms", "p99 ms", ".3f"), ("max_ms", "max ms", ".1f")]), flush=True)
+            print(
+                common.format_table(
+                    rows,
+                    [
+                        ("tree", "tree", ""),
+                        ("op", "command", ""),
+                        ("op_seconds", "cmd s", ".2f"),
+                        ("reads", "QD1 reads", "d"),
+                        ("idle_p99_ms", "idle p99 ms", ".3f"),
+                        ("p50_ms", "p50 ms", ".3f"),
+                        ("p99_ms", "p99 ms", ".3f"),
+                        ("max_ms", "max ms", ".1f"),
+                    ],
+                ),
+                flush=True,
+            )
             out["blocked"] = rows
         if "file-vs-ram" in args.parts:
             rows = run_file_vs_ram(trees, tmp, args.paths.split(","), [int(q) for q in args.qd.split(",")], args.rounds)
-            print(common.format_table(rows, [("tree", "tree", ""), ("path", "path", ""), ("namespace", "namespace", ""), ("qd", "QD", "d"), ("iops", "IOPS", ",.0f"),
-                                             ("server_cpu_us_per_io", "srv CPU us/IO", ".2f"), ("lat_p99_us", "p99 us", ".1f"), ("vs_ram", "vs RAM", ".2f")]), flush=True)
+            print(
+                common.format_table(
+                    rows,
+                    [
+                        ("tree", "tree", ""),
+                        ("path", "path", ""),
+                        ("namespace", "namespace", ""),
+                        ("qd", "QD", "d"),
+                        ("iops", "IOPS", ",.0f"),
+                        ("server_cpu_us_per_io", "srv CPU us/IO", ".2f"),
+                        ("lat_p99_us", "p99 us", ".1f"),
+                        ("vs_ram", "vs RAM", ".2f"),
+                    ],
+                ),
+                flush=True,
+            )
             out["file_vs_ram"] = rows
     path = common.write_json(common.RESULTS / "io_requests.json", out)
     print(f"wrote {path}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Doorbell harness on real KVM: the experiment behind the POST_WRITE proposal, done properly.
 
-A minimal KVM VMM in Python (ioctls on /dev/kvm, :mod:`vfio_user.kvm`) is a vfio-user client
+A minimal KVM VMM in Python (ioctls on /dev/kvm, :mod:`vfio_user.vmm.kvm`) is a vfio-user client
 of nvme-emu, which runs as a separate process (``python -m nvme_emu serve --doorbell MODE``):
 
 * guest RAM is one memfd, a KVM memory slot at GPA 0 and DMA-mapped to the server at IOVA 0
@@ -71,9 +71,10 @@ if str(REPO) not in sys.path:
 from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.queue import SQE  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
-from vfio_user import kvm as K  # noqa: E402
-from vfio_user._kvm_cdef import ffi  # noqa: E402
-from vfio_user.client import IoFd, VfioUserClient  # noqa: E402
+from vfio_user.vmm import kvm as K  # noqa: E402
+from vfio_user.vmm import x86  # noqa: E402
+from vfio_user.vmm._kvm_cdef import ffi  # noqa: E402
+from vfio_user.vmm.client import IoFd, VfioUserClient  # noqa: E402
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP, IrqIndex  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -111,8 +112,8 @@ TARGET_QD1_FLOOR = 1.5  # shadow QD1 within 1.5x of the floor
 # ----------------------------------------------------------------------------------------
 # guest code
 # ----------------------------------------------------------------------------------------
-class Asm(K._Asm):
-    """:class:`vfio_user.kvm._Asm` plus the few instructions the timed programs need
+class Asm(x86.Asm):
+    """:class:`vfio_user.vmm.x86.Asm` plus the few instructions the timed programs need
     (32-bit flat protected mode only) and rel32 jumps."""
 
     def __init__(self) -> None:
@@ -155,18 +156,18 @@ class Asm(K._Asm):
         return bytes(code)
 
 
-def prog_store_loop(targets: list[int], value: int, n: int) -> K.GuestProgram:
+def prog_store_loop(targets: list[int], value: int, n: int) -> x86.GuestProgram:
     """``n`` times: store ``value`` to each of ``targets`` in order; then HLT."""
     a = Asm()
-    a.mov_r_imm(K.EAX, value)
-    a.mov_r_imm(K.ECX, n)
+    a.mov_r_imm(x86.EAX, value)
+    a.mov_r_imm(x86.ECX, n)
     a.label("loop")
     for t in targets:
-        a.store_abs(t, K.EAX)
-    a.dec(K.ECX)
+        a.store_abs(t, x86.EAX)
+    a.dec(x86.ECX)
     a.jnz("loop")
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, f"store {value:#x} to {[hex(t) for t in targets]} x{n}")
+    return x86.GuestProgram(a.assemble(), 32, f"store {value:#x} to {[hex(t) for t in targets]} x{n}")
 
 
 @dataclass
@@ -179,7 +180,7 @@ class QueueState:
 
 
 def prog_batches(*, sq_db: int, sq_shadow: Optional[int], cq_db: Optional[int], cq_shadow: Optional[int],
-                 cq_base: int, qsize: int, batch: int, n: int, ts_base: int, state: QueueState) -> K.GuestProgram:
+                 cq_base: int, qsize: int, batch: int, n: int, ts_base: int, state: QueueState) -> x86.GuestProgram:
     """``n`` rounds of: RDTSC; tail += batch; [shadow tail]; ring; reap ``batch`` CQEs by the
     phase bit; RDTSC; store the TSC delta at ts_base[4*ecx]; [shadow head]; [CQ-head doorbell].
 
@@ -192,58 +193,58 @@ def prog_batches(*, sq_db: int, sq_shadow: Optional[int], cq_db: Optional[int], 
     if n > TS_MAX:
         raise ValueError("too many rounds for the TSC array")
     a = Asm()
-    a.mov_r_imm(K.ECX, n)
-    a.mov_r_imm(K.EBX, state.sq_tail)
-    a.mov_r_imm(K.EBP, state.cq_head)
-    a.mov_r_imm(K.ESI, cq_base + 16 * state.cq_head)
-    a.mov_r_imm(K.EDI, state.phase << 16)
+    a.mov_r_imm(x86.ECX, n)
+    a.mov_r_imm(x86.EBX, state.sq_tail)
+    a.mov_r_imm(x86.EBP, state.cq_head)
+    a.mov_r_imm(x86.ESI, cq_base + 16 * state.cq_head)
+    a.mov_r_imm(x86.EDI, state.phase << 16)
     a.label("loop")
-    a.add_r_imm8(K.EBX, batch)
-    a.cmp_r_imm(K.EBX, qsize)
+    a.add_r_imm8(x86.EBX, batch)
+    a.cmp_r_imm(x86.EBX, qsize)
     a.jb("nowrap_sq")
-    a.sub_r_imm(K.EBX, qsize)
+    a.sub_r_imm(x86.EBX, qsize)
     a.label("nowrap_sq")
     a.rdtsc()
     if sq_shadow is not None:
-        a.store_abs(sq_shadow, K.EBX)
-    a.store_abs(sq_db, K.EBX)
-    a.mov_r_imm(K.EDX, batch)
+        a.store_abs(sq_shadow, x86.EBX)
+    a.store_abs(sq_db, x86.EBX)
+    a.mov_r_imm(x86.EDX, batch)
     a.label("poll")
-    a.load(K.ESP, K.ESI, 12)
-    a.and_r_imm(K.ESP, 0x10000)
-    a.cmp_r_r(K.ESP, K.EDI)
+    a.load(x86.ESP, x86.ESI, 12)
+    a.and_r_imm(x86.ESP, 0x10000)
+    a.cmp_r_r(x86.ESP, x86.EDI)
     a.jnz("poll")
-    a.add_r_imm8(K.ESI, 16)
-    a.inc(K.EBP)
-    a.cmp_r_imm(K.EBP, qsize)
+    a.add_r_imm8(x86.ESI, 16)
+    a.inc(x86.EBP)
+    a.cmp_r_imm(x86.EBP, qsize)
     a.jnz("nowrap_cq")
-    a.xor_r_r(K.EBP, K.EBP)
-    a.mov_r_imm(K.ESI, cq_base)
-    a.xor_r_imm(K.EDI, 0x10000)
+    a.xor_r_r(x86.EBP, x86.EBP)
+    a.mov_r_imm(x86.ESI, cq_base)
+    a.xor_r_imm(x86.EDI, 0x10000)
     a.label("nowrap_cq")
-    a.dec(K.EDX)
+    a.dec(x86.EDX)
     a.jnz("poll")
-    a.mov_r_r(K.ESP, K.EAX)
+    a.mov_r_r(x86.ESP, x86.EAX)
     a.rdtsc()
-    a.sub_r_r(K.EAX, K.ESP)
-    a.store_ecx4(ts_base - 4, K.EAX)  # ecx runs n..1 -> slots n-1..0
+    a.sub_r_r(x86.EAX, x86.ESP)
+    a.store_ecx4(ts_base - 4, x86.EAX)  # ecx runs n..1 -> slots n-1..0
     if cq_shadow is not None:
-        a.store_abs(cq_shadow, K.EBP)
+        a.store_abs(cq_shadow, x86.EBP)
     if cq_db is not None:
-        a.store_abs(cq_db, K.EBP)
-    a.dec(K.ECX)
+        a.store_abs(cq_db, x86.EBP)
+    a.dec(x86.ECX)
     a.jnz32("loop")
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, f"qd{batch} x{n}")
+    return x86.GuestProgram(a.assemble(), 32, f"qd{batch} x{n}")
 
 
-def prog_rdtsc(dst: int) -> K.GuestProgram:
+def prog_rdtsc(dst: int) -> x86.GuestProgram:
     a = Asm()
     a.rdtsc()
-    a.store_abs(dst, K.EAX)
-    a.store_abs(dst + 4, K.EDX)
+    a.store_abs(dst, x86.EAX)
+    a.store_abs(dst + 4, x86.EDX)
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, "rdtsc")
+    return x86.GuestProgram(a.assemble(), 32, "rdtsc")
 
 
 # ----------------------------------------------------------------------------------------
@@ -495,7 +496,7 @@ class PathBench:
         self.server = ServerProcess(workdir, SERVER_MODE.get(mode, mode), spin_us=None, name=mode)
         try:
             self.ram = K.MemfdRegion(RAM_SIZE, "guest-ram")
-            self.client = VfioUserClient(self.server.sock, timeout=20)
+            self.client = VfioUserClient(self.server.path, timeout=20)
         except BaseException:
             self.server.stop()
             raise
@@ -622,7 +623,7 @@ class PathBench:
             self.vcpu.complete_mmio_read(self.client.region_read(0, off, ex.length))
         return True
 
-    def run(self, prog: K.GuestProgram) -> float:
+    def run(self, prog: x86.GuestProgram) -> float:
         """Load and run ``prog`` to its HLT; a guest still spinning after ``--guest-timeout``
         (a completion that never came) is interrupted by SIGALRM and reported with the
         server's log instead of hanging the benchmark."""
@@ -1047,7 +1048,7 @@ def plot(results: list[PathResult], floor: dict, caps: dict, path: Path) -> None
     mean = [r.qd1["mean"] for r in results]
     x = range(len(results))
     ax.bar(x, p50, color=colors, label="p50")
-    ax.errorbar(x, p50, yerr=[[0] * len(results), [b - a for a, b in zip(p50, p99)]], fmt="none", ecolor="k", capsize=4, label="p99")
+    ax.errorbar(x, p50, yerr=[[0] * len(results), [b - a for a, b in zip(p50, p99, strict=True)]], fmt="none", ecolor="k", capsize=4, label="p99")
     ax.scatter(x, mean, color="k", marker="_", s=300, label="mean", zorder=3)
     ax.axhline(floor["p50"], color="gray", ls="--", label=f"floor {floor['p50']:.0f} us")
     ax.axhline(TARGET_QD1_FLOOR * floor["p50"], color="gray", ls=":", label="1.5x floor")
@@ -1085,7 +1086,7 @@ def write_markdown(path: Path, doc: dict, table: str) -> None:
     lines = [
         "## Doorbell paths on real KVM (`bench/kvm_doorbell.py`)",
         "",
-        "**Method.** A minimal KVM VMM in Python (`vfio_user/kvm.py`: ioctls on /dev/kvm) is a vfio-user client of",
+        "**Method.** A minimal KVM VMM in Python (`vfio_user/vmm/kvm.py`: ioctls on /dev/kvm) is a vfio-user client of",
         "`python -m nvme_emu serve --doorbell MODE` (a separate process). Guest RAM is one memfd, a KVM memory slot at",
         "GPA 0 and DMA-mapped to the server at the same address; BAR0 sits at 0xFE000000. Trapped MMIO writes are",
         "forwarded as posted REGION_WRITEs; ioeventfds from GET_REGION_IO_FDS are registered with KVM; MSI-X uses",
@@ -1193,7 +1194,7 @@ def nested_plot(rows: list[dict], path: Path) -> None:
                                 (axes[3], "qd32_cmds_per_s", "QD32 throughput (cmd/s)", False)):
         vals = [max(r[key], 1e-3) if log else r[key] for r in rows]
         bars = ax.bar(range(len(rows)), vals, color=colors)
-        for b, h in zip(bars, hatches):
+        for b, h in zip(bars, hatches, strict=True):
             b.set_hatch(h)
         ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=60)
         if log:

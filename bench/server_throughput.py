@@ -47,15 +47,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
+from tests.support.server import NVME_EMU_READY
 
-from nvme_emu.atomics import fence  # noqa: E402
-from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType  # noqa: E402
-from vfio_user.messages import HEADER, REGION_ACCESS  # noqa: E402
+from nvme_emu.atomics import fence
+from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost
+from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType
+from vfio_user.messages import HEADER, REGION_ACCESS
 
 PATHS = ["trap", "trap+dbbuf", "shadow", "shadow+dbbuf", "ioeventfd+dbbuf", "poll"]
 SERVER_MODE = {"trap": "trap", "trap+dbbuf": "trap", "shadow": "shadow", "shadow+dbbuf": "shadow", "ioeventfd+dbbuf": "ioeventfd", "poll": "poll"}
@@ -88,10 +88,10 @@ assert SQE_DTYPE.itemsize == 64
 class Rig:
     """One client attached to one server, queue pair 1 (depth 256) made, doorbells wired."""
 
-    def __init__(self, path: str, server: common.ServeProcess) -> None:
+    def __init__(self, path: str, server: common.ServerProcess) -> None:
         self.path = path
         self.server = server
-        self.client = VfioUserClient(server.sock, timeout=30)
+        self.client = VfioUserClient(server.path, timeout=30)
         self.client.negotiate()
         self.ram = GuestRam(RAM_SIZE)
         self.ram.view[:] = bytes(RAM_SIZE)  # fault the client's pages in now
@@ -392,12 +392,12 @@ def measure(rig: Rig, rw: str, qd: int, ios: int, max_seconds: float, seed: int)
     }
 
 
-def start_servers(paths: list[str], tmp: str, args, tree: str | None = None, tag: str = "") -> dict[str, common.ServeProcess]:
+def start_servers(paths: list[str], tmp: str, args, tree: str | None = None, tag: str = "") -> dict[str, common.ServerProcess]:
     servers = {}
     for p in paths:
         if tag:  # a comparison variant: same path, code from ``tree``
             extra = ["--doorbell", SERVER_MODE[p], "--namespace", f"ram:size={NS_SIZE}", "--queues", "4"]
-            servers[p] = common.ServeProcess(os.path.join(tmp, f"{p}@{tag}.sock"), extra, Path(tmp) / f"{p}@{tag}.log", tree=tree)
+            servers[p] = common.serve(os.path.join(tmp, f"{p}@{tag}.sock"), extra, Path(tmp) / f"{p}@{tag}.log", tree=tree)
             continue
         extra = ["--doorbell", SERVER_MODE[p], "--namespace", f"ram:size={NS_SIZE}", "--queues", "4"]
         if args.spin_us:
@@ -405,30 +405,21 @@ def start_servers(paths: list[str], tmp: str, args, tree: str | None = None, tag
         if args.profile == "cprofile" and p == args.profile_path:
             servers[p] = _profiled_server(p, tmp, extra, args.server_tree)
             continue
-        servers[p] = common.ServeProcess(os.path.join(tmp, f"{p}.sock"), extra, Path(tmp) / f"{p}.log", tree=args.server_tree)
+        servers[p] = common.serve(os.path.join(tmp, f"{p}.sock"), extra, Path(tmp) / f"{p}.log", tree=args.server_tree)
     return servers
 
 
-def _profiled_server(p: str, tmp: str, extra: list[str], args_tree: str | None = None) -> common.ServeProcess:
-    """The server under cProfile (python -m cProfile -o OUT -m nvme_emu serve ...)."""
-    out = os.path.join(tmp, f"{p}.prof")
-    srv = common.ServeProcess.__new__(common.ServeProcess)
-    # reuse ServeProcess, with cProfile in front of "-m nvme_emu"
-    import subprocess
+def _profile_path(tmp: str, p: str) -> str:
+    return os.path.join(tmp, f"{p}.prof")
 
+
+def _profiled_server(p: str, tmp: str, extra: list[str], args_tree: str | None = None) -> common.ServerProcess:
+    """The server under cProfile (python -m cProfile -o OUT -m nvme_emu serve ...); the
+    profile is written to :func:`_profile_path` when the server exits."""
     sock = os.path.join(tmp, f"{p}.sock")
-    srv.sock, srv.stats_path, srv.log_path = sock, sock + ".stats.json", Path(tmp) / f"{p}.log"
-    srv._log = open(srv.log_path, "wb")
-    root = str(args_tree or common.REPO)
-    env = dict(os.environ, PYTHONPATH=root, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "cProfile", "-o", out, "-m", "nvme_emu", "serve", "--socket", sock, "--stats-json", srv.stats_path, *extra]
-    srv.proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=srv._log, stderr=subprocess.STDOUT)
-    srv.profile_out = out
-    while not os.path.exists(sock):
-        if srv.proc.poll() is not None:
-            raise RuntimeError(srv.log())
-        time.sleep(0.02)
-    return srv
+    stats = sock + ".stats.json"
+    argv = [sys.executable, "-m", "cProfile", "-o", _profile_path(tmp, p), "-m", "nvme_emu", "serve", "--socket", sock, "--stats-json", stats, *extra]
+    return common.ServerProcess(argv, sock, Path(tmp) / f"{p}.log", ready=NVME_EMU_READY, root=args_tree or common.REPO, stats_path=stats)
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -437,7 +428,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         return
     rws = sorted({r["rw"] for r in results}, key=list(WORKLOADS).index)
     fig, axes = plt.subplots(1, len(rws), figsize=(6.5 * len(rws), 4.6), squeeze=False)
-    for ax, rw in zip(axes[0], rws):
+    for ax, rw in zip(axes[0], rws, strict=True):
         keys = sorted({r["path"] for r in results}, key=lambda k: (PATHS.index(k.split("@")[0]), k))
         for k in keys:
             pts = sorted((r["qd"], r["iops"]) for r in results if r["rw"] == rw and r["path"] == k)
@@ -550,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
             if rc not in (0, None):
                 print(f"server {p} exited {rc}:\n{s.log()[-3000:]}", file=sys.stderr)
         if args.profile:
-            for p, s in servers.items():
-                out = getattr(s, "profile_out", None)
-                if out and os.path.exists(out):
+            for p in servers:
+                out = _profile_path(tmp, p)
+                if os.path.exists(out):
                     import pstats
 
                     print(f"\n== cProfile of the {p} server (tottime) ==")
@@ -584,7 +575,20 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "server_throughput",
         "machine": mach,
         "method": __doc__,
-        "config": {"server_tree": args.server_tree or str(common.REPO), "compare_tree": args.compare_tree, "paths": paths, "qds": qds, "rw": rws, "max_seconds": args.max_seconds, "rounds": args.rounds, "pinned": pin, "spin_us": args.spin_us, "namespace": f"ram:size={NS_SIZE}", "queue_size": QSIZE, "profiled": args.profile_path if args.profile else None},
+        "config": {
+            "server_tree": args.server_tree or str(common.REPO),
+            "compare_tree": args.compare_tree,
+            "paths": paths,
+            "qds": qds,
+            "rw": rws,
+            "max_seconds": args.max_seconds,
+            "rounds": args.rounds,
+            "pinned": pin,
+            "spin_us": args.spin_us,
+            "namespace": f"ram:size={NS_SIZE}",
+            "queue_size": QSIZE,
+            "profiled": args.profile_path if args.profile else None,
+        },
         "target": {"randread_qd128_iops": 150_000, "best_randread_qd128_iops": best, "met": bool(best and best >= 150_000)},
         "results": rows,
         "all_rounds": rows_all,

@@ -23,87 +23,30 @@ import argparse
 import json
 import os
 import random
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import common
+from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.spec import AdminOpcode, FeatureId, NvmOpcode, Status
+from vfio_user.constants import IrqIndex
+from vfio_user.vmm.client import GuestRam, VfioUserClient
 
-from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
-from nvme_emu.spec import AdminOpcode, FeatureId, NvmOpcode, Status  # noqa: E402
-from vfio_user.client import GuestRam, VfioUserClient  # noqa: E402
-from vfio_user.constants import IrqIndex  # noqa: E402
+REPO = common.REPO
+RESULTS = common.RESULTS
 
 IOVA = 0x100000
 SLOT = 4096
 NS_BYTES = {1: 256 << 20, 2: 256 << 20}
 
 
-def machine() -> dict:
-    try:
-        sys.path.insert(0, str(REPO / "bench"))
-        from common import machine as m  # the benchmarks' machine description
-
-        return m()
-    except Exception:
-        return {"cpus": os.cpu_count()}
-
-
-class Server:
-    def __init__(self, sock: str, disk: str, log: str, queues: int) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--doorbell", "trap", "--queues", str(queues),
-             "--namespace", f"ram:size={NS_BYTES[1]}", "--namespace", f"file:{disk},size={NS_BYTES[2]}"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start (see {log})")
-            time.sleep(0.02)
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def rss_kb(self) -> dict[str, int]:
-        """VmRSS and its parts: anonymous (the Python heap: what a leak grows) and shared memory
-        (the RAM namespace's memfd filling up as LBAs are first written: expected)."""
-        out = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key = line.split(":")[0]
-                if key in ("VmRSS", "RssAnon", "RssShmem", "RssFile"):
-                    out[key] = int(line.split()[1])
-        return out
-
-    def mappings(self) -> int:
-        with open(f"/proc/{self.proc.pid}/maps") as f:
-            return sum(1 for line in f if "memfd:guest" in line)
-
-    def cpu_s(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> int | None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-        finally:
-            self.log.close()
+def start_server(sock: str, disk: str, log: str, queues: int) -> common.ServerProcess:
+    """The server under soak: a RAM and a file namespace, trapped doorbells."""
+    return common.serve(sock, ["--doorbell", "trap", "--queues", str(queues), "--namespace", f"ram:size={NS_BYTES[1]}",
+                               "--namespace", f"file:{disk},size={NS_BYTES[2]}"], Path(log))
 
 
 def stamp(gen: int, nsid: int, slot: int) -> bytes:
@@ -138,7 +81,7 @@ class Session:
 def run(args: argparse.Namespace) -> dict:
     tmp = tempfile.mkdtemp(prefix="nvme-emu-soak-")
     sock, disk, log = os.path.join(tmp, "s.sock"), os.path.join(tmp, "disk.img"), os.path.join(tmp, "server.log")
-    srv = Server(sock, disk, log, args.queues)
+    srv = start_server(sock, disk, log, args.queues)
     try:
         return _run(args, srv, sock, log)
     finally:
@@ -151,13 +94,13 @@ def run(args: argparse.Namespace) -> dict:
             pass
 
 
-def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
+def _run(args: argparse.Namespace, srv: common.ServerProcess, sock: str, log: str) -> dict:
     # baseline: after one full client session (the event loop allocates some fds lazily)
     c = VfioUserClient(sock)
     c.negotiate()
     c.close()
     time.sleep(0.3)
-    base_fds = srv.fds()
+    base_fds = srv.fd_count()
     rng = random.Random(args.seed)
     nslots = {ns: NS_BYTES[ns] // SLOT for ns in NS_BYTES}
     gen_done: dict[tuple[int, int], int] = {}  # (nsid, slot) -> generation of last completed write
@@ -171,7 +114,7 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
     reconnect_at = start + args.duration / 2
     io_at_last = 0
     t_last = start
-    cpu_last = srv.cpu_s()
+    cpu_last = srv.cpu_seconds()
     failures: list[str] = []
 
     def attach() -> tuple[Session, dict]:
@@ -208,7 +151,9 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
             gen += 1
             fua = rng.random() < 0.125
             sess.mem.write(addr, stamp(gen, nsid, slot))
-            cid = sess.host.submit(qid, NvmOpcode.WRITE, nsid=nsid, prp1=addr, cdw10=slot * (SLOT // 512), cdw12=(SLOT // 512 - 1) | (1 << 30 if fua else 0), ring=False)
+            cid = sess.host.submit(
+                qid, NvmOpcode.WRITE, nsid=nsid, prp1=addr, cdw10=slot * (SLOT // 512), cdw12=(SLOT // 512 - 1) | (1 << 30 if fua else 0), ring=False
+            )
             q["inflight"][cid] = ("write", nsid, slot, (b, gen, fua))
             q["writes"] += 1
         return True
@@ -247,20 +192,25 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
             now = time.monotonic()
             if now >= next_sample or now >= end:
                 io = totals["reads"] + totals["writes"]
-                cpu = srv.cpu_s()
-                rss = srv.rss_kb()
+                cpu = srv.cpu_seconds()
+                rss = srv.memory_kb()
                 samples.append({
                     "t": round(now - start, 2),
                     "rss_kb": rss["VmRSS"],
                     "anon_kb": rss["RssAnon"],
                     "shmem_kb": rss["RssShmem"],
-                    "fds": srv.fds(),
-                    "guest_mappings": srv.mappings(),
+                    "fds": srv.fd_count(),
+                    "guest_mappings": srv.guest_mappings(),
                     "iops": round((io - io_at_last) / max(1e-9, now - t_last)),
                     "server_cpu": round((cpu - cpu_last) / max(1e-9, now - t_last), 3),
                     "io_total": io,
                 })
-                print(f"[soak] t={samples[-1]['t']:7.1f}s iops={samples[-1]['iops']:6d} rss={samples[-1]['rss_kb'] // 1024} MiB anon={samples[-1]['anon_kb'] // 1024} MiB fds={samples[-1]['fds']} maps={samples[-1]['guest_mappings']} io={io} errors={totals['errors']} mismatches={totals['mismatches']}", flush=True)
+                print(
+                    f"[soak] t={samples[-1]['t']:7.1f}s iops={samples[-1]['iops']:6d} rss={samples[-1]['rss_kb'] // 1024} MiB "
+                    f"anon={samples[-1]['anon_kb'] // 1024} MiB fds={samples[-1]['fds']} maps={samples[-1]['guest_mappings']} io={io} "
+                    f"errors={totals['errors']} mismatches={totals['mismatches']}",
+                    flush=True,
+                )
                 io_at_last, t_last, cpu_last = io, now, cpu
                 next_sample = now + args.sample
                 if now >= end:
@@ -300,8 +250,8 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
     finally:
         sess.close()
     time.sleep(0.5)
-    fds_after = srv.fds()
-    maps_after = srv.mappings()
+    fds_after = srv.fd_count()
+    maps_after = srv.guest_mappings()
     rc = srv.stop()
     warm = [s for s in samples if s["t"] >= args.warmup] or samples
     rss_growth_mib = (warm[-1]["anon_kb"] - warm[0]["anon_kb"]) / 1024
@@ -321,7 +271,7 @@ def _run(args: argparse.Namespace, srv: Server, sock: str, log: str) -> dict:
     return {
         "benchmark": "soak",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        "machine": common.machine(),
         "config": {k: v for k, v in vars(args).items()},
         "namespaces": {"1": f"ram {NS_BYTES[1] >> 20} MiB", "2": f"file {NS_BYTES[2] >> 20} MiB (tmp)"},
         "totals": totals,
@@ -355,13 +305,17 @@ def write_results(res: dict, out: Path) -> None:
         "",
         "| | |",
         "|---|---|",
-        f"| commands | {t['reads']} reads ({t['verified_reads']} verified against the last write), {t['writes']} writes ({t['fua_writes']} FUA), {t['flushes']} flushes |",
+        f"| commands | {t['reads']} reads ({t['verified_reads']} verified against the last write), {t['writes']} writes ({t['fua_writes']} FUA), "
+        f"{t['flushes']} flushes |",
         f"| errors / data mismatches | {t['errors']} / {t['mismatches']} |",
-        f"| mean IOPS | {round(s[-1]['io_total'] / max(1e-9, s[-1]['t'])) if s else 0} (Python host driver and server sharing {res['machine'].get('cpus', '?')} CPUs) |",
+        f"| mean IOPS | {round(s[-1]['io_total'] / max(1e-9, s[-1]['t'])) if s else 0} (Python host driver and server sharing "
+        f"{res['machine'].get('cpus', '?')} CPUs) |",
         f"| server fds | baseline {res['baseline_fds']}, during run {res['fds_during_run']}, after client left {res['fds_after_client_left']} |",
         f"| guest mappings after client left | {res['guest_mappings_after_client_left']} |",
-        f"| server RSS | {s[0]['rss_kb'] // 1024 if s else 0} MiB at start, {s[-1]['rss_kb'] // 1024 if s else 0} MiB at end, of which RAM-namespace memfd {s[-1]['shmem_kb'] // 1024 if s else 0} MiB (fills as LBAs are first written) |",
-        f"| server anonymous RSS (heap) | {s[0]['anon_kb'] // 1024 if s else 0} MiB at start, {s[-1]['anon_kb'] // 1024 if s else 0} MiB at end; growth after warm-up {res['anon_rss_growth_after_warmup_mib']} MiB (limit {cfg['rss_slack']}) |",
+        f"| server RSS | {s[0]['rss_kb'] // 1024 if s else 0} MiB at start, {s[-1]['rss_kb'] // 1024 if s else 0} MiB at end, of which "
+        f"RAM-namespace memfd {s[-1]['shmem_kb'] // 1024 if s else 0} MiB (fills as LBAs are first written) |",
+        f"| server anonymous RSS (heap) | {s[0]['anon_kb'] // 1024 if s else 0} MiB at start, {s[-1]['anon_kb'] // 1024 if s else 0} MiB at end; "
+        f"growth after warm-up {res['anon_rss_growth_after_warmup_mib']} MiB (limit {cfg['rss_slack']}) |",
         f"| reconnects under load | {t['reconnects']} |",
         f"| SIGTERM exit status | {res['server_exit_status']} |",
         "",
@@ -369,7 +323,9 @@ def write_results(res: dict, out: Path) -> None:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in s:
-        lines.append(f"| {x['t']} | {x['iops']} | {x['server_cpu']} | {x['rss_kb'] / 1024:.1f} | {x['anon_kb'] / 1024:.1f} | {x['fds']} | {x['guest_mappings']} |")
+        lines.append(
+            f"| {x['t']} | {x['iops']} | {x['server_cpu']} | {x['rss_kb'] / 1024:.1f} | {x['anon_kb'] / 1024:.1f} | {x['fds']} | {x['guest_mappings']} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -4,7 +4,7 @@ Handlers live by area (:mod:`~nvme_emu.identify`, :mod:`~nvme_emu.log_page`,
 :mod:`~nvme_emu.features`, :mod:`~nvme_emu.async_event`, :mod:`~nvme_emu.queue_management`,
 :mod:`~nvme_emu.format_nvm`, :mod:`~nvme_emu.dbbuf`, :mod:`~nvme_emu.abort`,
 :mod:`~nvme_emu.namespace_management`). Each takes
-(state, hooks, sq, decoded SQE) and returns DW0, or :data:`~nvme_emu.state.DEFERRED`, or
+(state, hooks, sq, decoded SQE) and returns DW0, or :data:`~nvme_emu.outcome.DEFERRED`, or
 raises :class:`NvmeError` with the status the spec names. Admin commands move data through
 PRPs only (SGLs are for I/O).
 """
@@ -26,7 +26,8 @@ from .queue import SubmissionQueue
 from .queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
 from .spec import AdminOpcode, NvmeError, Status
 from .sqe import CID, FLAGS, NSID, OPC
-from .state import DEFERRED, ControllerConfig, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerConfig, ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 

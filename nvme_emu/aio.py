@@ -71,6 +71,7 @@ class IoPool:
             if job is None:
                 return
             fn, callback = job
+            item: tuple[Callback, Any, BaseException | None]
             try:
                 item = (callback, fn(), None)
             except BaseException as e:  # delivered to the callback, which decides the status

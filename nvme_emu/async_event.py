@@ -11,9 +11,19 @@ import logging
 from collections import deque
 
 from .queue import SubmissionQueue
-from .spec import ERROR_LOG_NOT_SPECIFIC, AsyncEventConfig, AsyncEventNotice, AsyncEventType, LogPageId, NvmeError, Status
+from .spec import (
+    ERROR_LOG_NOT_SPECIFIC,
+    AsyncEventConfig,
+    AsyncEventNotice,
+    AsyncEventType,
+    LogPageId,
+    NvmeError,
+    Status,
+    async_event_dw0,
+)
 from .sqe import CID
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 16
 
 #: The event type a log page acknowledges when read with RAE clear.
-ACKNOWLEDGED_BY_LOG = {
+ACKNOWLEDGED_BY_LOG: dict[int, AsyncEventType] = {
     LogPageId.ERROR_INFORMATION: AsyncEventType.ERROR,
     LogPageId.SMART_HEALTH: AsyncEventType.SMART_HEALTH,
     LogPageId.CHANGED_NAMESPACE_LIST: AsyncEventType.NOTICE,
@@ -61,11 +71,6 @@ def doorbell_error(state: ControllerState, hooks: ControllerHooks, info: int, sq
     hooks.async_event(AsyncEventType.ERROR, info, LogPageId.ERROR_INFORMATION)
 
 
-def completion_dw0(event_type: int, info: int, log_page: int) -> int:
-    """DW0 of an AER completion: type 2:0, information 15:8, log page 23:16."""
-    return (event_type & 7) | (info & 0xFF) << 8 | (log_page & 0xFF) << 16
-
-
 def deliver_events(state: ControllerState, hooks: ControllerHooks) -> None:
     """Complete outstanding AERs with queued events (again after the admin CQ had no room)."""
     ev_state = state.events
@@ -76,7 +81,7 @@ def deliver_events(state: ControllerState, hooks: ControllerHooks) -> None:
             kept.append(ev)
             continue
         cid = ev_state.aer_cids.popleft()
-        if not hooks.complete(0, cid, Status.SUCCESS, completion_dw0(*ev)):
+        if not hooks.complete(0, cid, Status.SUCCESS, async_event_dw0(*ev)):
             ev_state.aer_cids.appendleft(cid)
             kept.append(ev)
             break

@@ -232,9 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--namespace", action="append", metavar="SPEC", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X (repeatable; default ram:size=1G)")
+        p.add_argument(
+            "--namespace", action="append", metavar="SPEC", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X (repeatable; default ram:size=1G)"
+        )
         p.add_argument("--doorbell", default=DoorbellMode.AUTO.value, choices=[m.value for m in DoorbellMode])
-        p.add_argument("--backend", default="python", choices=["python", "libvfio-user", "auto"], help="vfio-user server: our Python one, libvfio-user (docs/libvfio-user.md), or auto (libvfio-user when installed)")
+        p.add_argument(
+            "--backend",
+            default="python",
+            choices=["python", "libvfio-user", "auto"],
+            help="vfio-user server: our Python one, libvfio-user (docs/libvfio-user.md), or auto (libvfio-user when installed)",
+        )
 
     s = sub.add_parser("serve", help="serve the controller on a Unix socket (the default)")
     common(s)

@@ -30,7 +30,7 @@ from .coalescing import Coalescing
 from .faults import FaultInjector
 from .namespace import Namespace
 from .nvm import NvmCommands
-from .queue import CQE, SQE, CompletionQueue, RingUnavailable, SubmissionQueue
+from .queue import SQE, CompletionQueue, RingUnavailable, SubmissionQueue
 from .spec import (
     CQE_PHASE,
     CQE_SIZE,
@@ -46,7 +46,8 @@ from .spec import (
     Shn,
     Shst,
 )
-from .state import DEFERRED, ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
+from .outcome import DEFERRED
+from .state import ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
 from .timer import FineTimers
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 IrqRaiser = Callable[[int], bool]
 
 #: Re-exported: their home is nvme_emu.state.
-__all__ = ["DEFERRED", "Controller", "ControllerConfig", "CqHeadSource", "ErrorLog", "HealthCounters"]
+__all__ = ["Controller", "ControllerConfig", "CqHeadSource", "ErrorLog", "HealthCounters"]
 
 
 class CqHeadSource(Protocol):
@@ -466,6 +467,11 @@ class Controller:
         an error event, nothing done."""
         async_event.doorbell_error(self.state, self.hooks, info, sqid)
 
+    def _run_sq_if_alive(self, sq: SubmissionQueue) -> None:
+        """A later look at ``sq``, unless it was deleted (or replaced) in between."""
+        if self.state.sqs.get(sq.qid) is sq:
+            self.run_sq(sq)
+
     def run_sq(self, sq: SubmissionQueue) -> int:
         """Process until idle; with shadow doorbells, publish EventIdx and re-check."""
         total = self.process_sq(sq)
@@ -490,7 +496,7 @@ class Controller:
             else:
                 # Still moving after 64 rounds: EventIdx now lags the tail, so the host will
                 # not ring again. Look once more after the other ready callbacks ran.
-                self.loop_soon(lambda: self.state.sqs.get(sq.qid) is sq and self.run_sq(sq))
+                self.loop_soon(partial(self._run_sq_if_alive, sq))
         except RingUnavailable as e:
             self.set_fatal(f"doorbell buffer memory is gone: {e}")
         return total

@@ -98,8 +98,7 @@ def doorbell_buffer_config(state: ControllerState, hooks: ControllerHooks, sq: S
 
 def configure(state: ControllerState, hooks: ControllerHooks, shadow: int, eventidx: int) -> None:
     """From now on I/O queue doorbells live in host memory: seed them with what we know."""
-    assert state.memory is not None
-    dbbuf = state.dbbuf = DoorbellBuffer(state.memory, shadow, eventidx, state.page_size)
+    dbbuf = state.dbbuf = DoorbellBuffer(state.host_memory(), shadow, eventidx, state.page_size)
     for qid, sq in state.sqs.items():
         if qid:
             dbbuf.seed(qid, sq.tail, sq.cq.head if sq.cq.qid == qid else 0)

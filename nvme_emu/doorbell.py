@@ -88,8 +88,8 @@ class DoorbellPage:
         # Word views of the same two arrays, for one slot at a time: indexing a memoryview
         # gives a Python int directly, several times cheaper than a numpy scalar (which the
         # O(1) paths would pay three or four times per doorbell). numpy stays for the scan.
-        self.value_words = memoryview(values).cast("B").cast("I")
-        self.last_words = memoryview(self.last).cast("B").cast("I")
+        self.value_words = values.data.cast("B").cast("I")
+        self.last_words = self.last.data.cast("B").cast("I")
 
     def release(self) -> None:
         """Drop the word views (a shared page cannot be unmapped while they exist)."""

@@ -29,7 +29,8 @@ from .nvm import NvmCommands
 from .queue import SubmissionQueue
 from .spec import NvmeError, NvmOpcode, RwCdw12, Status
 from .sqe import CDW10, CDW11, CDW12, CID, NSID, OPC
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,19 @@ import time
 from .identify import IO_COMMAND_SET_COMBINATIONS
 from .log_page import check_temperature
 from .queue import SubmissionQueue
-from .spec import FeatureId, FeatureSelect, NvmeError, Status
-from .sqe import CDW10, CDW11
-from .state import (
+from .spec import (
     HOST_BEHAVIOR_SIZE,
     TEMP_ALL_SENSORS,
     TEMP_COMPOSITE,
     TEMP_OVER,
     TEMP_UNDER,
+    FeatureId,
+    FeatureSelect,
+    NvmeError,
+    Status,
+)
+from .sqe import CDW10, CDW11
+from .state import (
     TEMPERATURE_SENSORS,
     ControllerHooks,
     ControllerState,

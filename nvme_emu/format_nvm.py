@@ -14,7 +14,8 @@ from .namespace import Namespace
 from .queue import SubmissionQueue
 from .spec import NSID_ALL, NvmeError, Status
 from .sqe import CDW10, CID, NSID
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def format_nvm(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQue
     hooks.begin_request(sq)
 
     def finished(_result: object, error: BaseException | None) -> None:
-        status = Status.SUCCESS
+        status: int = Status.SUCCESS
         if error is None:
             _formatted(state, hooks, targets, lbaf)
         elif isinstance(error, NvmeError):

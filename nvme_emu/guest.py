@@ -111,7 +111,7 @@ def _run_script(name: str | Path, *args: str) -> list[str]:
         raise GuestError(
             f"{script} failed (exit {proc.returncode}):\n{proc.stderr.strip()}"
         )
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if not lines:
         raise GuestError(f"{script} printed nothing")
     return lines
@@ -411,6 +411,8 @@ def run_guest(
         raise ValueError("give command and/or fio_job")
     if builtin_image is not None and not os.path.exists(builtin_image):
         raise FileNotFoundError(builtin_image)
+    if agent and socket_path is None:
+        raise ValueError("the doorbell agent serves a vfio-user device: give socket_path")
 
     qemu = ensure_qemu()
     kernel, base_initrd = ensure_guest()
@@ -426,9 +428,9 @@ def run_guest(
             accel=accel, kernel_args=kernel_args, extra_sockets=extra_sockets,
         )
         env = dict(os.environ)
-        if agent if agent is not None else (accel == "kvm" and socket_path is not None):
+        if socket_path is not None and (agent if agent is not None else accel == "kvm"):
             env["LD_PRELOAD"] = ensure_agent()
-            env["NVME_EMU_AGENT_SOCKET"] = os.path.abspath(socket_path) + ".agent"  # type: ignore[arg-type]
+            env["NVME_EMU_AGENT_SOCKET"] = os.path.abspath(socket_path) + ".agent"
         binds = _bind_dirs([p for p in (socket_path, builtin_image, *extra_sockets) if p])
         if binds:
             env["NVME_EMU_BIND"] = ":".join(filter(None, [env.get("NVME_EMU_BIND", ""), binds]))

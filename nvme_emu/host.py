@@ -179,7 +179,9 @@ class HostQueue:
 class NvmeHost:
     """Enable the controller, make queues, submit commands, reap completions."""
 
-    def __init__(self, bus: Bus, mem: HostMemory, *, doorbells: HostDoorbells | None = None, poll: Callable[[], object] | None = None, irq_fd: int | None = None) -> None:
+    def __init__(
+        self, bus: Bus, mem: HostMemory, *, doorbells: HostDoorbells | None = None, poll: Callable[[], object] | None = None, irq_fd: int | None = None
+    ) -> None:
         self.bus = bus
         self.mem = mem
         self.doorbells = doorbells or HostDoorbells(bus)
@@ -239,7 +241,23 @@ class NvmeHost:
 
     # -- submission ------------------------------------------------------------------------
 
-    def submit(self, qid: int, opc: int, *, nsid: int = 0, prp1: int = 0, prp2: int = 0, cdw10: int = 0, cdw11: int = 0, cdw12: int = 0, cdw13: int = 0, cdw14: int = 0, cdw15: int = 0, flags: int = 0, ring: bool = True) -> int:
+    def submit(
+        self,
+        qid: int,
+        opc: int,
+        *,
+        nsid: int = 0,
+        prp1: int = 0,
+        prp2: int = 0,
+        cdw10: int = 0,
+        cdw11: int = 0,
+        cdw12: int = 0,
+        cdw13: int = 0,
+        cdw14: int = 0,
+        cdw15: int = 0,
+        flags: int = 0,
+        ring: bool = True,
+    ) -> int:
         q = self.queues[qid]
         cid = q.next_cid
         q.next_cid = (q.next_cid + 1) & 0xFFFF
@@ -257,7 +275,7 @@ class NvmeHost:
     def reap(self, qid: int, *, limit: int = 1 << 30) -> list[Completion]:
         """Every completion posted so far on ``qid`` (updates the CQ head doorbell once)."""
         q = self.queues[qid]
-        out = []
+        out: list[Completion] = []
         while len(out) < limit:
             entry = q.cq + q.head * CQE_SIZE
             # Phase first with an acquire load, the rest after (as Linux does with dma_rmb()).
@@ -316,7 +334,16 @@ class NvmeHost:
 
     def get_log(self, lid: int, length: int, *, nsid: int = 0xFFFFFFFF, offset: int = 0, rae: bool = False) -> bytes:
         numd = length // 4 - 1
-        self.admin(AdminOpcode.GET_LOG_PAGE, nsid=nsid, prp1=self.scratch, prp2=self.scratch + PAGE, cdw10=lid | (1 << 15 if rae else 0) | (numd & 0xFFFF) << 16, cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32)
+        self.admin(
+            AdminOpcode.GET_LOG_PAGE,
+            nsid=nsid,
+            prp1=self.scratch,
+            prp2=self.scratch + PAGE,
+            cdw10=lid | (1 << 15 if rae else 0) | (numd & 0xFFFF) << 16,
+            cdw11=numd >> 16,
+            cdw12=offset & 0xFFFFFFFF,
+            cdw13=offset >> 32,
+        )
         return self.mem.read(self.scratch, length)
 
     def set_features(self, fid: int, cdw11: int, **kw) -> int:
@@ -352,7 +379,9 @@ class NvmeHost:
         self.mem.write(plist, struct.pack(f"<{len(entries)}Q", *entries))
         return buf, plist
 
-    def io(self, qid: int, opc: int, nsid: int, slba: int, nlb: int, buf: int, length: int, *, fua: bool = False, prps: tuple[int, int] | None = None) -> Completion:
+    def io(
+        self, qid: int, opc: int, nsid: int, slba: int, nlb: int, buf: int, length: int, *, fua: bool = False, prps: tuple[int, int] | None = None
+    ) -> Completion:
         prp1, prp2 = prps if prps is not None else self.prps(buf, length)
         return self.command(qid, opc, nsid=nsid, prp1=prp1, prp2=prp2, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=(nlb - 1) | (1 << 30 if fua else 0))
 

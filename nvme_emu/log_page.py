@@ -15,6 +15,8 @@ from .spec import (
     CSE_SHIFT,
     LBA_CHANGING_OPCODES,
     NSID_ALL,
+    TEMP_OVER,
+    TEMP_UNDER,
     AdminOpcode,
     AsyncEventSmart,
     AsyncEventType,
@@ -28,7 +30,7 @@ from .spec import (
     Status,
 )
 from .sqe import CDW10, CDW11, CDW12, CDW13, CDW14, NSID
-from .state import TEMP_OVER, TEMP_UNDER, TEMPERATURE_SENSORS, ControllerHooks, ControllerState
+from .state import TEMPERATURE_SENSORS, ControllerHooks, ControllerState
 from .transfer import to_host
 
 SUPPORTED_LOG_PAGES = (

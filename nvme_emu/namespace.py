@@ -96,7 +96,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 # <linux/fs.h> block device ioctls.
 BLKSSZGET = 0x1268  # _IO(0x12, 104)
-BLKDISCARD = 0x1277  # _IO(0x12, 119)
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
 
@@ -432,10 +431,10 @@ class FileBackend(_FdBackend):
 
 
 class BlockBackend(_FdBackend):
-    """A block device: size from BLKGETSIZE64, BLKDISCARD/BLKZEROOUT for deallocate/zeroes.
+    """A block device: size from BLKGETSIZE64, BLKZEROOUT for deallocate and Write Zeroes.
 
-    BLKDISCARD does not promise zeros afterwards, so deallocate uses BLKZEROOUT when the
-    namespace must read zeros; plain discard is used only as a hint otherwise.
+    BLKDISCARD does not promise zeros afterwards, and a deallocated NVMe block must read
+    zeros here (DLFEAT), so only BLKZEROOUT (which may unmap) is used.
     """
 
     deallocate_zeroes = True
@@ -477,13 +476,6 @@ class BlockBackend(_FdBackend):
 
     def deallocate(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length, deallocate=True)
-
-    def discard(self, offset: int, length: int) -> bool:
-        """Best-effort BLKDISCARD (contents undefined afterwards); False if unsupported."""
-        try:
-            return self._range_ioctl(BLKDISCARD, offset, length)
-        except OSError:
-            return False
 
     def flush(self) -> None:
         try:

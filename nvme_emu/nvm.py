@@ -5,7 +5,7 @@ Data moves zero-copy: the data pointer (PRP or SGL) becomes a list of memoryview
 guest memory, and the namespace backend reads into or writes from those views directly.
 
 Each command is a request: :meth:`NvmCommands.execute` returns (status, dw0) when it is
-done, or :data:`~nvme_emu.state.DEFERRED` when it is in flight. On a RAM namespace
+done, or :data:`~nvme_emu.outcome.DEFERRED` when it is in flight. On a RAM namespace
 every command is done at once (the synchronous fast path, no per-command objects). On a
 blocking namespace (file, block device) a handler returns a :class:`Work`, the blocking
 part, which runs on the controller's :class:`~nvme_emu.aio.IoPool`; the request completes
@@ -39,7 +39,8 @@ from .spec import (
     RwCdw12,
     Status,
 )
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED, Deferred
+from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class NvmCommands:
         return frozenset(self.handlers) | {NvmOpcode.FLUSH}
     # -- dispatch ----------------------------------------------------------------------------
 
-    def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int]:
+    def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int] | Deferred:
         opc = e[OPC]
         try:
             if e[FLAGS] & 0x03:
@@ -100,14 +101,15 @@ class NvmCommands:
                 raise NvmeError(Status.NAMESPACE_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected")
             if ns.blocking:
                 return self._done_or_start(sq, e, handler(ns, e))
-            return Status.SUCCESS, handler(ns, e)  # RAM: always done here (the fast path)
+            # RAM: always done here (the fast path), so the handler returned an int, not Work
+            return Status.SUCCESS, handler(ns, e)  # type: ignore[return-value]
         except Exception as err:
             return self._failed(sq, e, err), 0
 
-    def _done_or_start(self, sq: SubmissionQueue, e: tuple, dw0: int | Work):
-        if dw0.__class__ is int:
-            return Status.SUCCESS, dw0
-        return self._start(sq, e, dw0)
+    def _done_or_start(self, sq: SubmissionQueue, e: tuple, dw0: int | Work) -> tuple[int, int] | Deferred:
+        if isinstance(dw0, Work):
+            return self._start(sq, e, dw0)
+        return Status.SUCCESS, dw0
 
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
@@ -118,7 +120,7 @@ class NvmCommands:
         log.error("I/O opcode %#x (cid %d) failed unexpectedly", e[OPC], e[CID], exc_info=err)
         return Status.INTERNAL_ERROR
 
-    def _start(self, sq: SubmissionQueue, e: tuple, work: Work):
+    def _start(self, sq: SubmissionQueue, e: tuple, work: Work) -> tuple[int, int] | Deferred:
         """Put a command in flight: ``work`` runs on the I/O pool, the request completes on
         the loop thread. Without an event loop (in-process use) it runs here and now."""
         hooks = self.hooks
@@ -154,6 +156,8 @@ class NvmCommands:
         if length > self.state.config.max_transfer:
             raise NvmeError(Status.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
         memory = self.state.memory
+        if memory is None:  # the client went while this command waited
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, "no host memory")
         psdt = e[FLAGS] >> 6
         if psdt == 0:
             return prp.prp_views(memory, e[PRP1], e[PRP2], length, self.state.page_size, write=to_host)

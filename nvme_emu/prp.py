@@ -348,69 +348,6 @@ def sgl_views(
 
 
 # ---------------------------------------------------------------------------------------------
-# SQE data pointer
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataPointer:
-    """DPTR of an SQE with the PSDT that says how to read it."""
-
-    psdt: int
-    prp1: int
-    prp2: int
-    sgl1: bytes  # the same 16 bytes as PRP1+PRP2
-
-    @classmethod
-    def from_sqe(cls, sqe: bytes | bytearray | memoryview) -> "DataPointer":
-        flags = sqe[spec.Sqe.FLAGS]
-        psdt = (flags >> (spec.CDW0_PSDT_SHIFT - 8)) & spec.CDW0_PSDT_MASK
-        dptr = bytes(sqe[spec.Sqe.DPTR : spec.Sqe.DPTR + 16])
-        prp1, prp2 = struct.unpack("<QQ", dptr)
-        return cls(psdt, prp1, prp2, dptr)
-
-    @classmethod
-    def from_prps(cls, prp1: int, prp2: int) -> "DataPointer":
-        return cls(spec.Psdt.PRP, prp1, prp2, struct.pack("<QQ", prp1, prp2))
-
-    @classmethod
-    def from_sgl(cls, descriptor: SglDescriptor, psdt: int = spec.Psdt.SGL_MPTR_CONTIGUOUS) -> "DataPointer":
-        raw = descriptor.pack()
-        prp1, prp2 = struct.unpack("<QQ", raw)
-        return cls(psdt, prp1, prp2, raw)
-
-    @property
-    def is_sgl(self) -> bool:
-        return self.psdt in (spec.Psdt.SGL_MPTR_CONTIGUOUS, spec.Psdt.SGL_MPTR_SGL)
-
-
-def map_data(
-    mem: GuestMemory,
-    sqe: bytes | bytearray | memoryview | DataPointer,
-    length: int,
-    page_size: int,
-    write: bool,
-    *,
-    allow_sgl: bool = True,
-    sgl_allow_excess: bool = False,
-    max_prp_entries: int = DEFAULT_MAX_PRP_ENTRIES,
-) -> list[memoryview]:
-    """Views for a command's data, PRP or SGL as its PSDT says.
-
-    PSDT 11b is reserved, and SGLs where they are not allowed (admin commands on PCIe, or a
-    controller advertising no SGL support) are refused; both -> Invalid Field in Command.
-    """
-    dp = sqe if isinstance(sqe, DataPointer) else DataPointer.from_sqe(sqe)
-    if dp.psdt == spec.Psdt.PRP:
-        return prp_views(mem, dp.prp1, dp.prp2, length, page_size, write=write, max_list_entries=max_prp_entries)
-    if not dp.is_sgl:
-        raise NvmeError(Status.INVALID_FIELD, f"reserved PSDT {dp.psdt:#b}")
-    if not allow_sgl:
-        raise NvmeError(Status.INVALID_FIELD, "SGL not supported for this command")
-    return sgl_views(mem, dp.sgl1, length, write=write, allow_excess=sgl_allow_excess)
-
-
-# ---------------------------------------------------------------------------------------------
 # Copy helpers
 # ---------------------------------------------------------------------------------------------
 
@@ -438,7 +375,3 @@ def scatter(views: Sequence[memoryview], data: bytes | bytearray | memoryview) -
             v[len(chunk) :] = bytes(n - len(chunk))
         pos += n
     return min(pos, len(src))
-
-
-def transfer_length(views: Sequence[memoryview]) -> int:
-    return sum(len(v) for v in views)

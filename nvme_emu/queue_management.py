@@ -10,7 +10,8 @@ from .features import io_queue_limit
 from .queue import CompletionQueue, SubmissionQueue
 from .spec import CQE_SIZE, CQES_LOG2, SQE_SIZE, SQES_LOG2, Cc, NvmeError, Status
 from .sqe import CDW10, CDW11, CID, PRP1
-from .state import DEFERRED, ControllerHooks, ControllerState
+from .outcome import DEFERRED
+from .state import ControllerHooks, ControllerState
 
 
 def create_io_cq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:

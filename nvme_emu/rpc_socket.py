@@ -16,7 +16,7 @@ import os
 import socket
 from typing import Any
 
-from vfio_user.server import listen_unix
+from vfio_user.unix import listen_unix
 
 from .jsonrpc import Dispatcher, LineBuffer, RpcError, decode_response, encode_request
 

@@ -96,11 +96,6 @@ class NvmOpcode(IntEnum):
     COPY = 0x19
 
 
-def opcode_data_direction(opcode: int) -> int:
-    """Bits 1:0 of every opcode: 00b none, 01b host-to-controller, 10b controller-to-host, 11b both."""
-    return opcode & 0x3
-
-
 # ---------------------------------------------------------------------------------------------
 # Status codes
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +606,14 @@ class FeatureSelect(IntEnum):
     DEFAULT = 1
     SAVED = 2
     SUPPORTED_CAPABILITIES = 3
+
+
+#: Temperature Threshold feature (FID 04h), THSEL: the over- and under-temperature threshold.
+TEMP_OVER, TEMP_UNDER = 0, 1
+#: Its TMPSEL: 0 is the Composite Temperature, 1..8 Temperature Sensor 1..8, Fh every one of them.
+TEMP_COMPOSITE, TEMP_ALL_SENSORS = 0, 0xF
+#: Host Behavior Support feature (FID 16h): the size of its data structure.
+HOST_BEHAVIOR_SIZE = 512
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from vfio_user.dma import DmaError, GuestMemory
 
 from . import identity
-from .spec import NVME_VERSION, Cc, Csts, NvmeError, Status
+from .spec import HOST_BEHAVIOR_SIZE, NVME_VERSION, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER, Cc, Csts, NvmeError, Status
 
 if TYPE_CHECKING:
     from .aio import IoPool
@@ -25,13 +25,6 @@ if TYPE_CHECKING:
     from .namespace import Namespace
     from .queue import CompletionQueue, SubmissionQueue
 
-#: Marks a command that completes later (AER, work on the I/O pool, a Delete I/O SQ waiting).
-DEFERRED = object()
-
-#: Get Features TMPSEL/THSEL of the temperature thresholds: over and under.
-TEMP_OVER, TEMP_UNDER = 0, 1
-#: TMPSEL 0 is the Composite Temperature, 1..8 Temperature Sensor 1..8, Fh every one of them.
-TEMP_COMPOSITE, TEMP_ALL_SENSORS = 0, 0xF
 #: Temperature sensors the SMART log reports (besides the composite); each has thresholds.
 TEMPERATURE_SENSORS = 1
 #: The over-temperature threshold a controller starts with (70 degrees C, in kelvin).
@@ -47,7 +40,6 @@ def default_temp_thresholds() -> dict[tuple[int, int], int]:
         thresholds[(sensor, TEMP_OVER)] = DEFAULT_SENSOR_OVER_KELVIN
         thresholds[(sensor, TEMP_UNDER)] = 0
     return thresholds
-HOST_BEHAVIOR_SIZE = 512
 
 
 @dataclass
@@ -238,12 +230,17 @@ class ControllerState:
         if err.status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
             self.health.media_errors += 1
 
-    def dma_check(self, iova: int, length: int) -> None:
-        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
+    def host_memory(self) -> GuestMemory:
+        """Guest memory, or Data Transfer Error when no host is attached (a command that
+        outlived its client's connection)."""
         if self.memory is None:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, "no host memory")
+        return self.memory
+
+    def dma_check(self, iova: int, length: int) -> None:
+        """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
         try:
-            self.memory.view(iova, length)
+            self.host_memory().view(iova, length)
         except DmaError:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, f"{iova:#x}+{length} not in guest memory") from None
 

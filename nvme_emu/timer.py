@@ -98,7 +98,11 @@ class FineTimers:
 
     async def sleep(self, delay: float) -> None:
         future = self.loop.create_future()
-        timer = self.call_later(delay, lambda: future.done() or future.set_result(None))
+        def wake() -> None:
+            if not future.done():  # cancelled by then: nothing to wake
+                future.set_result(None)
+
+        timer = self.call_later(delay, wake)
         try:
             await future
         finally:

@@ -18,7 +18,7 @@ def to_host(state: ControllerState, e: tuple, data: bytes, length: int | None = 
     # anything is allocated; scatter() zero-fills past the data.
     if n > state.config.max_transfer:
         raise NvmeError(Status.INVALID_FIELD, f"transfer of {n} bytes exceeds MDTS")
-    views = prp.prp_views(state.memory, e[PRP1], e[PRP2], n, state.page_size, write=True)
+    views = prp.prp_views(state.host_memory(), e[PRP1], e[PRP2], n, state.page_size, write=True)
     try:
         prp.scatter(views, data[:n])
     finally:
@@ -27,7 +27,7 @@ def to_host(state: ControllerState, e: tuple, data: bytes, length: int | None = 
 
 def from_host(state: ControllerState, e: tuple, length: int) -> bytes:
     """The ``length`` bytes the command's PRPs point at."""
-    views = prp.prp_views(state.memory, e[PRP1], e[PRP2], length, state.page_size, write=False)
+    views = prp.prp_views(state.host_memory(), e[PRP1], e[PRP2], length, state.page_size, write=False)
     try:
         return prp.gather(views)
     finally:

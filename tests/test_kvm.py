@@ -1,4 +1,4 @@
-"""Tests of vfio_user.kvm against the real /dev/kvm.
+"""Tests of vfio_user.vmm.kvm against the real /dev/kvm.
 
 On the development machine /dev/kvm is PVM: guest code runs in KVM's instruction
 emulator, both real mode and 32-bit protected mode work, ioeventfds work, and
@@ -13,12 +13,14 @@ import errno
 import mmap
 import os
 import threading
-import time
 
 import pytest
 
-from vfio_user import kvm as K
-from vfio_user._kvm_cdef import EXPECTED_LAYOUT, measured_layout
+from nvme_emu import guest_programs
+from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
+from .support.fds import efd_count
+from vfio_user.vmm._kvm_cdef import EXPECTED_LAYOUT, measured_layout
 
 RAM_GPA = 0
 RAM_SIZE = 0x10000
@@ -63,13 +65,6 @@ def _efd(nonblock: bool = True) -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if nonblock else 0))
 
 
-def _count(efd: int) -> int:
-    try:
-        return os.eventfd_read(efd)
-    except BlockingIOError:
-        return 0
-
-
 def _run_collect(vcpu: K.Vcpu, limit: int = 10_000) -> tuple[list[K.VcpuExit], K.VcpuExit]:
     """Run to HLT, returning the MMIO/IO exits seen on the way and the final exit."""
     seen: list[K.VcpuExit] = []
@@ -100,27 +95,27 @@ def test_ioctl_numbers():
 
 def test_program_encodings_match_documentation():
     """Byte-exact check of the encodings documented in the program docstrings."""
-    a = K.prog_write_loop(0x11223344, 0xAABBCCDD, 5)
+    a = x86.prog_write_loop(0x11223344, 0xAABBCCDD, 5)
     assert a.code.hex(" ") == "bb 44 33 22 11 b8 dd cc bb aa b9 05 00 00 00 89 03 49 75 fb f4"
-    a16 = K.prog_write_loop(0xA0000, 0x12345678, 3, bits=16)
+    a16 = x86.prog_write_loop(0xA0000, 0x12345678, 3, bits=16)
     assert a16.code.hex(" ") == ("66 bb 00 00 0a 00 66 b8 78 56 34 12 66 b9 03 00 00 00 "
                                  "67 66 89 03 66 49 75 f8 f4")
-    b = K.prog_ring_and_poll(0x11223344, 0x8000, 5)
+    b = x86.prog_ring_and_poll(0x11223344, 0x8000, 5)
     assert b.code.hex(" ") == ("bb 44 33 22 11 be 00 80 00 00 b9 05 00 00 00 b8 01 00 00 00 "
                                "8b 3e 89 03 39 3e 74 fc 40 49 75 f4 f4")
-    c = K.prog_nvme_qd1(0xFEB01008, 0xFEB0100C, 0x9000, 4, 11)
+    c = guest_programs.prog_nvme_qd1(0xFEB01008, 0xFEB0100C, 0x9000, 4, 11)
     assert c.code.hex(" ") == (
         "b9 0b 00 00 00 31 c0 31 d2 be 00 90 00 00 bf 00 00 01 00 "
         "40 81 f8 04 00 00 00 75 02 31 c0 89 05 08 10 b0 fe "
         "8b 6e 0c 81 e5 00 00 01 00 39 fd 75 f3 83 c6 10 42 81 fa 04 00 00 00 75 0d "
         "31 d2 be 00 90 00 00 81 f7 00 00 01 00 89 15 0c 10 b0 fe 49 75 c0 f4")
-    a8 = K.prog_write_loop(0x11223344, 0x8877665544332211, 5, width=8, scratch=0x500)
+    a8 = x86.prog_write_loop(0x11223344, 0x8877665544332211, 5, width=8, scratch=0x500)
     assert a8.code.hex(" ") == ("be 00 05 00 00 b8 11 22 33 44 89 06 b8 55 66 77 88 89 46 04 0f 6f 06 "
                                 "bb 44 33 22 11 b9 05 00 00 00 0f 7f 03 49 75 fa f4")
-    s = K.prog_write_seq(0xFEB01008, [1, 2], sync=0xFEB02000)
+    s = x86.prog_write_seq(0xFEB01008, [1, 2], sync=0xFEB02000)
     assert s.code.hex(" ") == ("bb 08 10 b0 fe b8 01 00 00 00 89 03 b8 01 00 00 00 89 05 00 20 b0 fe "
                                "bb 08 10 b0 fe b8 02 00 00 00 89 03 b8 02 00 00 00 89 05 00 20 b0 fe f4")
-    p = K.prog_write_seq(0x510, [7], pio=True, width=2, sync="hlt")
+    p = x86.prog_write_seq(0x510, [7], pio=True, width=2, sync="hlt")
     assert p.code.hex(" ") == "66 ba 10 05 b8 07 00 00 00 66 ef f4 f4"
 
 
@@ -130,7 +125,7 @@ def test_mmx_store_is_one_8_byte_mmio_write(guest, bits):
     8-byte MMIO write (SSE ``movq xmm`` is not emulated: internal error on PVM)."""
     vm, ram, vcpu = guest
     db = DOORBELL_32 if bits == 32 else DOORBELL_16
-    K.prog_write_loop(db, 0x8877665544332211, 2, width=8, bits=bits).load(vcpu, ram, CODE_GPA)
+    x86.prog_write_loop(db, 0x8877665544332211, 2, width=8, bits=bits).load(vcpu, ram, CODE_GPA)
     seen, last = _run_collect(vcpu)
     assert last.kind == "HLT"
     assert [(e.kind, e.phys_addr, e.length, e.value) for e in seen] == [("MMIO", db, 8, 0x8877665544332211)] * 2
@@ -140,7 +135,7 @@ def test_real_mode_after_protected_mode_on_one_vcpu(guest):
     """enter_real_mode must reset the code segment to 16-bit after enter_protected_mode."""
     vm, ram, vcpu = guest
     for bits, db in ((32, DOORBELL_32), (16, DOORBELL_16)):
-        K.prog_write_loop(db, 0x55, 2, bits=bits).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(db, 0x55, 2, bits=bits).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu, limit=10)
         assert last.kind == "HLT" and [(e.phys_addr, e.value) for e in seen] == [(db, 0x55)] * 2
 
@@ -162,7 +157,7 @@ def test_available_missing_device():
 @pytest.mark.parametrize("width,value", [(4, 0xDEADBEEF), (2, 0xBEEF), (1, 0x5A)])
 def test_mmio_write_exits_to_userspace(guest, bits, db, width, value):
     vm, ram, vcpu = guest
-    prog = K.prog_write_loop(db, value, 3, width=width, bits=bits)
+    prog = x86.prog_write_loop(db, value, 3, width=width, bits=bits)
     prog.load(vcpu, ram, CODE_GPA)
     seen, last = _run_collect(vcpu)
     assert last.kind == "HLT"
@@ -181,7 +176,7 @@ def test_mmio_read_is_answered_by_userspace(guest):
     vm, ram, vcpu = guest
     # ring DOORBELL, poll an *unbacked* word: first read returns the snapshot (0), the
     # second one a changed value, so exactly one iteration completes.
-    prog = K.prog_ring_and_poll(DOORBELL_32, 0xFEB0_2000, 1)
+    prog = x86.prog_ring_and_poll(DOORBELL_32, 0xFEB0_2000, 1)
     prog.load(vcpu, ram, CODE_GPA)
     reads = 0
 
@@ -205,12 +200,12 @@ def test_ioeventfd_swallows_writes(guest, bits, db):
     try:
         vm.add_ioeventfd(db, 4, efd)
         n = 57
-        K.prog_write_loop(db, 0x1234, n, bits=bits).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(db, 0x1234, n, bits=bits).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
         assert last.kind == "HLT"
         assert seen == []
-        assert _count(efd) == n
-        assert _count(efd) == 0
+        assert efd_count(efd) == n
+        assert efd_count(efd) == 0
     finally:
         vm.close()  # deregisters before the eventfd goes away
         os.close(efd)
@@ -219,16 +214,16 @@ def test_ioeventfd_swallows_writes(guest, bits, db):
 @pytest.mark.parametrize("bits", [32, 16])
 def test_pio_exit_and_pio_ioeventfd(guest, bits):
     vm, ram, vcpu = guest
-    K.prog_out_loop(0x510, 0xABCD1234, 2, bits=bits).load(vcpu, ram, CODE_GPA)
+    x86.prog_out_loop(0x510, 0xABCD1234, 2, bits=bits).load(vcpu, ram, CODE_GPA)
     seen, last = _run_collect(vcpu)
     assert last.kind == "HLT"
     assert [(e.kind, e.port, e.length, e.is_write, e.value) for e in seen] == [("IO", 0x510, 4, True, 0xABCD1234)] * 2
     efd = _efd()
     try:
         vm.add_ioeventfd(0x510, 4, efd, pio=True)
-        K.prog_out_loop(0x510, 7, 9, bits=bits).load(vcpu, ram, CODE_GPA)
+        x86.prog_out_loop(0x510, 7, 9, bits=bits).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
-        assert last.kind == "HLT" and seen == [] and _count(efd) == 9
+        assert last.kind == "HLT" and seen == [] and efd_count(efd) == 9
     finally:
         vm.close()
         os.close(efd)
@@ -241,9 +236,9 @@ def test_remove_ioeventfd_restores_exits(guest):
         reg = vm.add_ioeventfd(DOORBELL_32, 4, efd)
         vm.remove_ioeventfd(reg)
         assert vm.ioeventfds == []
-        K.prog_write_loop(DOORBELL_32, 1, 2).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(DOORBELL_32, 1, 2).load(vcpu, ram, CODE_GPA)
         seen, _ = _run_collect(vcpu)
-        assert len(seen) == 2 and _count(efd) == 0
+        assert len(seen) == 2 and efd_count(efd) == 0
         with pytest.raises(K.KvmError) as ei:
             vm.remove_ioeventfd(reg)
         assert ei.value.errno == errno.ENOENT
@@ -257,15 +252,15 @@ def test_datamatch_only_catches_matching_values(guest):
     efd = _efd()
     try:
         vm.add_ioeventfd(DOORBELL_32, 4, efd, datamatch=0xAAAA)
-        K.prog_write_loop(DOORBELL_32, 0xAAAA, 5).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(DOORBELL_32, 0xAAAA, 5).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
-        assert last.kind == "HLT" and seen == [] and _count(efd) == 5
+        assert last.kind == "HLT" and seen == [] and efd_count(efd) == 5
 
-        K.prog_write_loop(DOORBELL_32, 0xBBBB, 3).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(DOORBELL_32, 0xBBBB, 3).load(vcpu, ram, CODE_GPA)
         seen, last = _run_collect(vcpu)
         assert last.kind == "HLT"
         assert [(e.kind, e.phys_addr, e.value) for e in seen] == [("MMIO", DOORBELL_32, 0xBBBB)] * 3
-        assert _count(efd) == 0
+        assert efd_count(efd) == 0
     finally:
         vm.close()
         os.close(efd)
@@ -361,9 +356,9 @@ def test_post_write_semantics(guest):
             return True
 
         # two bursts with different values, nobody reading in between
-        K.prog_write_loop(DOORBELL_32, 0x11111111, 2).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(DOORBELL_32, 0x11111111, 2).load(vcpu, ram, CODE_GPA)
         assert vcpu.run_until(handler, max_exits=100).kind == "HLT"
-        K.prog_write_loop(DOORBELL_32, 0x33333333, 3).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(DOORBELL_32, 0x33333333, 3).load(vcpu, ram, CODE_GPA)
         assert vcpu.run_until(handler, max_exits=100).kind == "HLT"
         if supported:
             assert exits == []                                  # completed in the kernel
@@ -375,8 +370,8 @@ def test_post_write_semantics(guest):
         assert shadow.ptr("uint32_t *", 0x10)[0] == 0x33333333  # last value
         assert shadow.ptr("uint32_t *", 0x14)[0] == 0          # exactly len bytes
         assert shadow.ptr("uint32_t *", 0x0C)[0] == 0
-        assert _count(efd) == 5                                 # every write counted
-        assert _count(efd) == 0
+        assert efd_count(efd) == 5                                 # every write counted
+        assert efd_count(efd) == 0
         if supported:
             with pytest.raises(K.KvmError) as ei:  # deassign must name the same post_addr
                 vm.remove_ioeventfd(DOORBELL_32, 4, efd, post_addr=post + 8)
@@ -437,7 +432,7 @@ def test_emulated_post_write_widths(size, value):
             expect = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             assert bytes(shadow.view[8 : 8 + size]) == expect
             assert bytes(shadow.view[8 + size : 16]) == b"\xff" * (8 - size)  # no overrun
-            assert _count(efd) == 1
+            assert efd_count(efd) == 1
             with pytest.raises(ValueError):
                 K.post_write_emulated(shadow, 3, 1, 4, efd)  # misaligned
         finally:
@@ -452,10 +447,10 @@ def test_trapped_doorbell_emulated_post_write(guest):
         with K.MemfdRegion(mmap.PAGESIZE, "shadow") as shadow:
             emu = K.PostWriteEmulator()
             emu.add(DOORBELL_32, 4, shadow, 8, efd)
-            K.prog_write_loop(DOORBELL_32, 0xCAFE0001, 4).load(vcpu, ram, CODE_GPA)
+            x86.prog_write_loop(DOORBELL_32, 0xCAFE0001, 4).load(vcpu, ram, CODE_GPA)
             assert vcpu.run_until(emu.handle).kind == "HLT"
             assert shadow.ptr("uint32_t *", 8)[0] == 0xCAFE0001
-            assert _count(efd) == 4
+            assert efd_count(efd) == 4
     finally:
         os.close(efd)
 
@@ -466,7 +461,7 @@ def test_ring_and_poll_trapped(guest, bits, db):
     by bumping the polled word in guest RAM."""
     vm, ram, vcpu = guest
     n = 10
-    K.prog_ring_and_poll(db, DATA_GPA, n, first=1, wrap=4, bits=bits).load(vcpu, ram, CODE_GPA)
+    x86.prog_ring_and_poll(db, DATA_GPA, n, first=1, wrap=4, bits=bits).load(vcpu, ram, CODE_GPA)
     values: list[int] = []
 
     def device(ex: K.VcpuExit) -> bool:
@@ -487,7 +482,7 @@ def test_ring_and_poll_with_ioeventfd_and_server_thread(guest):
     efd = _efd(nonblock=False)
     n = 20
     vm.add_ioeventfd(DOORBELL_32, 4, efd)
-    K.prog_ring_and_poll(DOORBELL_32, DATA_GPA, n).load(vcpu, ram, CODE_GPA)
+    x86.prog_ring_and_poll(DOORBELL_32, DATA_GPA, n).load(vcpu, ram, CODE_GPA)
     stop = threading.Event()
 
     def server() -> None:
@@ -524,7 +519,7 @@ def test_nvme_qd1_program(guest):
     bar0 = 0xFEB0_0000
     sqdb, cqdb = bar0 + 0x1000 + 8 * 1, bar0 + 0x1000 + 8 * 1 + 4
     cq_base, qsize, n = 0x9000, 4, 11
-    K.prog_nvme_qd1(sqdb, cqdb, cq_base, qsize, n).load(vcpu, ram, CODE_GPA)
+    guest_programs.prog_nvme_qd1(sqdb, cqdb, cq_base, qsize, n).load(vcpu, ram, CODE_GPA)
     state = {"cq_tail": 0, "phase": 1, "sq_head": 0}
     log: list[tuple[str, int]] = []
 
@@ -569,7 +564,7 @@ def test_fds_and_mappings_are_released(kvm):
         vcpu = vm.create_vcpu(0)
         vm.add_ioeventfd(DOORBELL_32, 4, efd)
         vm.post_write_supported()
-        K.prog_write_loop(DOORBELL_32, 1, 3).load(vcpu, ram, CODE_GPA)
+        x86.prog_write_loop(DOORBELL_32, 1, 3).load(vcpu, ram, CODE_GPA)
         assert vcpu.run_until().kind == "HLT"
         assert fds() > before_fd + 3
         assert memfd_maps() >= before_maps + 3

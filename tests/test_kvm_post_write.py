@@ -7,7 +7,7 @@ The mode is decided at run time, once per module (printed; run with -s to see it
   complete in the kernel: zero MMIO/IO exits for them.
 * ``emulated``: the kernel lacks it (this development machine: PVM, probe EINVAL). The
   same scenarios run with the VMM's fallback: every registered write traps, and
-  :class:`~vfio_user.kvm.PostWriteEmulator` stores the value then signals; each
+  :class:`~vfio_user.vmm.kvm.PostWriteEmulator` stores the value then signals; each
   registered write must exit exactly once and be posted. Cases that are properties of the
   kernel implementation turn into checks that the flag itself is rejected (the
   detection), or (copy failure) are skipped with the reason.
@@ -30,7 +30,9 @@ from typing import Callable, Optional
 import cffi
 import pytest
 
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
+from .support.fds import efd_count
 
 RAM_GPA = 0
 RAM_SIZE = 0x10000
@@ -161,7 +163,7 @@ class Rig:
         else:
             self.emu.remove(reg.target, pio=reg.pio)
 
-    def run(self, prog: Optional[K.GuestProgram] = None,
+    def run(self, prog: Optional[x86.GuestProgram] = None,
             on_exit: Optional[Callable[[K.VcpuExit], None]] = None) -> Exits:
         """Load ``prog`` (or continue after the last HLT) and run to the next HLT.
 
@@ -217,13 +219,6 @@ def _where(ex: K.VcpuExit) -> int:
 
 def _unposted(exits: Exits) -> list[tuple[str, int, int, int]]:
     return [(ex.kind, _where(ex), ex.length, ex.value) for ex, p in exits if not p]
-
-
-def _count(efd: int) -> int:
-    try:
-        return os.eventfd_read(efd)
-    except BlockingIOError:
-        return 0
 
 
 def _page_with(value: Optional[int], width: int, off: int = POST_OFF) -> bytes:
@@ -283,7 +278,7 @@ def test_invalid_configuration(rig, case):
                 vm.ioeventfd_ioctl(DB, 4, efd, POST_WRITE | K.IOEVENTFD_FLAG_DEASSIGN, post_addr=post + 8)
             assert ei.value.errno == kernel_errno, f"{what}: {ei.value}"
             # the registration is still there and still posts; the right post_addr removes it
-            assert rig.run(K.prog_write_loop(DB, 7, 1)) == [] and _count(efd) == 1
+            assert rig.run(x86.prog_write_loop(DB, 7, 1)) == [] and efd_count(efd) == 1
             assert bytes(shadow.view) == _page_with(7, 4)
             vm.ioeventfd_ioctl(DB, 4, efd, POST_WRITE | K.IOEVENTFD_FLAG_DEASSIGN, post_addr=post)
             with pytest.raises(K.KvmError) as ei:
@@ -294,8 +289,8 @@ def test_invalid_configuration(rig, case):
             attempts[case]()
         assert ei.value.errno == kernel_errno, f"{what}: {ei.value}"
         # nothing was registered: a write to DB still exits
-        exits = rig.run(K.prog_write_loop(DB, 7, 1))
-        assert _unposted(exits) == [("MMIO", DB, 4, 7)] and _count(efd) == 0
+        exits = rig.run(x86.prog_write_loop(DB, 7, 1))
+        assert _unposted(exits) == [("MMIO", DB, 4, 7)] and efd_count(efd) == 0
         return
 
     # emulated: the kernel does not know the flag, so every configuration carrying it is
@@ -305,8 +300,8 @@ def test_invalid_configuration(rig, case):
         # Kernels without the flag never read these bytes (padding): accepted, and the
         # registration is a plain ioeventfd that posts nothing.
         attempts[case]()
-        exits = rig.run(K.prog_write_loop(DB, 7, 2))
-        assert exits == [] and _count(efd) == 2
+        exits = rig.run(x86.prog_write_loop(DB, 7, 2))
+        assert exits == [] and efd_count(efd) == 2
         assert bytes(shadow.view) == _page_with(None, 4)
         vm.ioeventfd_ioctl(DB, 4, efd, K.IOEVENTFD_FLAG_DEASSIGN, post_addr=post)
         return
@@ -328,11 +323,11 @@ def test_mmio_widths_post_exactly_len_bytes(rig, width):
     efd, shadow = rig.eventfd(), rig.shadow()
     rig.register(DB, width, efd, shadow)
     value = VALUE[width]
-    exits = rig.run(K.prog_write_loop(DB, value, 3, width=width))
+    exits = rig.run(x86.prog_write_loop(DB, value, 3, width=width))
     rig.check_registered_writes(exits, [(DB, width, value)] * 3)
     assert _unposted(exits) == []
     assert bytes(shadow.view) == _page_with(value, width)
-    assert _count(efd) == 3
+    assert efd_count(efd) == 3
 
 
 @pytest.mark.parametrize("width", [2, 4])
@@ -340,9 +335,9 @@ def test_other_width_at_registered_address_is_not_posted(rig, width):
     """A registration matches its length only: a 1-byte write to it is a normal exit."""
     efd, shadow = rig.eventfd(), rig.shadow()
     rig.register(DB, width, efd, shadow)
-    exits = rig.run(K.prog_write_loop(DB, 0x77, 2, width=1))
+    exits = rig.run(x86.prog_write_loop(DB, 0x77, 2, width=1))
     assert _unposted(exits) == [("MMIO", DB, 1, 0x77)] * 2
-    assert bytes(shadow.view) == _page_with(None, width) and _count(efd) == 0
+    assert bytes(shadow.view) == _page_with(None, width) and efd_count(efd) == 0
 
 
 @pytest.mark.parametrize("width", [4, 8])
@@ -352,13 +347,13 @@ def test_datamatch(rig, width):
     match, miss = VALUE[width], OTHER[width]
     rig.register(DB, width, efd, shadow, datamatch=match)
     pages: list[bytes] = []
-    exits = rig.run(K.prog_write_seq(DB, [miss, match, miss], width=width),
+    exits = rig.run(x86.prog_write_seq(DB, [miss, match, miss], width=width),
                     on_exit=lambda ex: pages.append(bytes(shadow.view)))
     rig.check_registered_writes(exits, [(DB, width, match)])
     assert _unposted(exits) == [("MMIO", DB, width, miss)] * 2
     assert pages == [_page_with(None, width), _page_with(match, width)]  # seen at each mismatch
     assert bytes(shadow.view) == _page_with(match, width)
-    assert _count(efd) == 1
+    assert efd_count(efd) == 1
 
 
 @pytest.mark.parametrize("sync", ["hlt", "mmio"])
@@ -372,18 +367,18 @@ def test_writes_with_an_exit_between_each(rig, sync):
 
     def at_sync(ex: K.VcpuExit) -> None:
         assert (ex.kind, ex.phys_addr) == ("MMIO", SYNC)
-        seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], _count(efd)))
+        seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], efd_count(efd)))
 
     if sync == "hlt":
-        prog = K.prog_write_seq(DB, values, sync="hlt")
+        prog = x86.prog_write_seq(DB, values, sync="hlt")
         for i, v in enumerate(values):
             exits = rig.run(prog if i == 0 else None)
             rig.check_registered_writes(exits, [(DB, 4, v)])
             assert _unposted(exits) == []
-            seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], _count(efd)))
+            seen.append((shadow.ptr("uint32_t *", POST_OFF)[0], efd_count(efd)))
         assert rig.run() == []  # the final HLT
     else:
-        exits = rig.run(K.prog_write_seq(DB, values, sync=SYNC), on_exit=at_sync)
+        exits = rig.run(x86.prog_write_seq(DB, values, sync=SYNC), on_exit=at_sync)
         rig.check_registered_writes(exits, [(DB, 4, v) for v in values])
         assert _unposted(exits) == [("MMIO", SYNC, 4, i) for i in (1, 2, 3)]
     assert seen == [(v, 1) for v in values]
@@ -395,25 +390,25 @@ def test_writes_without_exit_between(rig):
     efd, shadow = rig.eventfd(), rig.shadow()
     rig.register(DB, 4, efd, shadow)
     values = [0xA000_0001, 0xB000_0002, 0xC000_0003]
-    exits = rig.run(K.prog_write_seq(DB, values))
+    exits = rig.run(x86.prog_write_seq(DB, values))
     rig.check_registered_writes(exits, [(DB, 4, v) for v in values])
     assert _unposted(exits) == []
-    assert _count(efd) == 3
+    assert efd_count(efd) == 3
     assert bytes(shadow.view) == _page_with(values[-1], 4)
 
 
 def test_deassign_restores_exits(rig):
     efd, shadow = rig.eventfd(), rig.shadow()
     reg = rig.register(DB, 4, efd, shadow)
-    exits = rig.run(K.prog_write_seq(DB, [0x0101_0101]))
+    exits = rig.run(x86.prog_write_seq(DB, [0x0101_0101]))
     rig.check_registered_writes(exits, [(DB, 4, 0x0101_0101)])
-    assert _count(efd) == 1
+    assert efd_count(efd) == 1
     rig.unregister(reg)
-    exits = rig.run(K.prog_write_seq(DB, [0x0202_0202, 0x0303_0303]))
+    exits = rig.run(x86.prog_write_seq(DB, [0x0202_0202, 0x0303_0303]))
     assert [p for _, p in exits] == [False, False]
     assert _unposted(exits) == [("MMIO", DB, 4, 0x0202_0202), ("MMIO", DB, 4, 0x0303_0303)]
     assert bytes(shadow.view) == _page_with(0x0101_0101, 4)  # untouched since the deassign
-    assert _count(efd) == 0
+    assert efd_count(efd) == 0
 
 
 def test_two_registrations_post_to_their_own_slots(rig):
@@ -421,14 +416,14 @@ def test_two_registrations_post_to_their_own_slots(rig):
     efd1, efd2, shadow = rig.eventfd(), rig.eventfd(), rig.shadow()
     rig.register(DB, 4, efd1, shadow, POST_OFF)
     rig.register(DB + 4, 4, efd2, shadow, POST_OFF + 8)
-    exits = rig.run(K.prog_write_seq(DB, [0x5151_5151]))
-    exits += rig.run(K.prog_write_seq(DB + 4, [0x6262_6262, 0x7373_7373]))
+    exits = rig.run(x86.prog_write_seq(DB, [0x5151_5151]))
+    exits += rig.run(x86.prog_write_seq(DB + 4, [0x6262_6262, 0x7373_7373]))
     rig.check_registered_writes(exits, [(DB, 4, 0x5151_5151), (DB + 4, 4, 0x6262_6262),
                                         (DB + 4, 4, 0x7373_7373)])
     expect = bytearray(_page_with(0x5151_5151, 4))
     expect[POST_OFF + 8 : POST_OFF + 12] = (0x7373_7373).to_bytes(4, "little")
     assert bytes(shadow.view) == bytes(expect)
-    assert (_count(efd1), _count(efd2)) == (1, 2)
+    assert (efd_count(efd1), efd_count(efd2)) == (1, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -439,11 +434,11 @@ def test_pio_widths(rig, width):
     efd, shadow = rig.eventfd(), rig.shadow()
     rig.register(PORT, width, efd, shadow, pio=True)
     values = [OTHER[width], VALUE[width]]
-    exits = rig.run(K.prog_write_seq(PORT, values, pio=True, width=width))
+    exits = rig.run(x86.prog_write_seq(PORT, values, pio=True, width=width))
     rig.check_registered_writes(exits, [(PORT, width, v) for v in values], pio=True)
     assert _unposted(exits) == []
     assert bytes(shadow.view) == _page_with(VALUE[width], width)
-    assert _count(efd) == 2
+    assert efd_count(efd) == 2
 
 
 @pytest.mark.parametrize("width", [1, 4])
@@ -452,12 +447,12 @@ def test_pio_datamatch(rig, width):
     match, miss = VALUE[width], OTHER[width]
     rig.register(PORT, width, efd, shadow, datamatch=match, pio=True)
     pages: list[bytes] = []
-    exits = rig.run(K.prog_write_seq(PORT, [miss, match, miss], pio=True, width=width),
+    exits = rig.run(x86.prog_write_seq(PORT, [miss, match, miss], pio=True, width=width),
                     on_exit=lambda ex: pages.append(bytes(shadow.view)))
     rig.check_registered_writes(exits, [(PORT, width, match)], pio=True)
     assert _unposted(exits) == [("IO", PORT, width, miss)] * 2
     assert pages == [_page_with(None, width), _page_with(match, width)]
-    assert _count(efd) == 1
+    assert efd_count(efd) == 1
 
 
 # --------------------------------------------------------------------------------------
@@ -501,9 +496,9 @@ def test_copy_failure_exits_without_signal(rig, when):
         if not unmapped:
             assert _libc.munmap(_libc_ffi.cast("void *", hole), PAGE) == 0
             unmapped = True
-        exits = rig.run(K.prog_write_loop(DB, 0xFA11_FA11, 2))
+        exits = rig.run(x86.prog_write_loop(DB, 0xFA11_FA11, 2))
         assert _unposted(exits) == [("MMIO", DB, 4, 0xFA11_FA11)] * 2
-        assert _count(efd) == 0
+        assert efd_count(efd) == 0
         rig.vm.remove_ioeventfd(DB, 4, efd, post_addr=post)  # same post_addr: must still match
         registered = False
     finally:
@@ -533,8 +528,8 @@ def test_rig_releases_fds_and_mappings(kvm, mode):
     try:
         efd, shadow = r.eventfd(), r.shadow()
         r.register(DB, 8, efd, shadow)
-        r.run(K.prog_write_loop(DB, VALUE[8], 2, width=8))
-        assert _count(efd) == 2
+        r.run(x86.prog_write_loop(DB, VALUE[8], 2, width=8))
+        assert efd_count(efd) == 2
         assert fds() > before[0] and maps() > before[1]
     finally:
         r.close()

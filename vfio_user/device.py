@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .constants import IrqIndex, RegionIndex
+from .memfd import SharedMemory
 from .dma import GuestMemory
 from .irq import IrqRouting
 from .pci import PciConfigSpace
@@ -29,38 +30,6 @@ class ResetKind(enum.Enum):
     DEVICE = "device"  # DEVICE_RESET message (system reset, guest reboot)
     FLR = "flr"  # function-level reset through the PCIe capability
     LOST_CONNECTION = "lost-connection"  # the client went away
-
-
-class SharedMemory:
-    """A memfd with a mapping: memory both the server and the client (or KVM) can map."""
-
-    def __init__(self, size: int, name: str = "vfio-user-shm") -> None:
-        self.size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, self.size)
-            self.mm = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.view = memoryview(self.mm)
-
-    def close(self) -> None:
-        if self.fd < 0:
-            return
-        self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass  # a numpy view still alive; the mapping goes when it does
-        os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self) -> "SharedMemory":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class IoEventFd:

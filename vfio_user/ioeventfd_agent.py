@@ -41,6 +41,8 @@ import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .unix import SCM_MAX_FD
+
 __all__ = [
     "AGENT_MAGIC",
     "AGENT_VERSION",
@@ -85,7 +87,7 @@ OP_CLEAR = 3
 OP_REPLY = 0x80
 
 MAX_RECORDS = 256  # one NVMe doorbell per SQ and CQ: 2 x (64 I/O queues + admin) = 130
-MAX_FDS = 253  # SCM_MAX_FD
+MAX_FDS = SCM_MAX_FD  # every fd of a full batch in one message
 
 REC_FLAG_DATAMATCH = 1 << 0
 REC_FLAG_POST_WRITE = 1 << 1

@@ -180,7 +180,7 @@ class IoeventfdExport(DeviceObserver):
         self.counters.bar_gpa = gpa
         self.counters.registered = sum(1 for err in errors if err == 0)
         self.counters.refused = len(errors) - self.counters.registered
-        refused = {r.offset: os.strerror(err) for r, err in zip(records, errors) if err}
+        refused = {r.offset: os.strerror(err) for r, err in zip(records, errors, strict=True) if err}
         log.info("ioeventfd agent: region %d at %#x: %d ioeventfds registered (%s)%s", self.index, gpa,
                  self.counters.registered, "POST_WRITE" if post else "plain",
                  f", refused {refused}" if refused else "")

@@ -54,7 +54,7 @@ class IrqError(Exception):
         self.errno = err
 
 
-UnmaskCallback = Callable[[int, int], None]  # (index, vector)
+UnmaskCallback = Callable[[IrqIndex, int], None]  # (index, vector)
 ResampleWatch = Callable[[int | None, int | None], None]  # (old fd, new fd)
 
 

@@ -65,9 +65,10 @@ from .constants import (
 )
 from .device import Device, DeviceContext, Region, ResetKind
 from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
-from .irq import IrqRouting
+from .irq import IrqRouting, UnmaskCallback
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, _refuse_live_socket, _remove_stale_socket
+from .server import DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
+from .unix import refuse_live_socket, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ class LibvfioIrqs(IrqRouting):
     client's UNMASK action (reported by libvfio-user's irq state callback).
     """
 
-    def __init__(self, server: "LibvfioUserServer", counts: dict[IrqIndex, int], on_unmask: Callable[[int, int], None] | None) -> None:
+    def __init__(self, server: "LibvfioUserServer", counts: dict[IrqIndex, int], on_unmask: UnmaskCallback | None) -> None:
         super().__init__(counts, on_unmask)
         self.server = server
 
@@ -504,8 +505,8 @@ class LibvfioUserServer:
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         self._blocking_lock = asyncio.Lock()
-        _refuse_live_socket(self.path)
-        _remove_stale_socket(self.path)
+        refuse_live_socket(self.path)
+        remove_stale_socket(self.path)
         ffi, lib = self._ffi, self._lib
         old_umask = os.umask(0o777 & ~self.mode)
         try:
@@ -554,7 +555,9 @@ class LibvfioUserServer:
                 cb = self._cb("vfu_dev_irq_state_cb_t", lambda _ctx, start, n, mask, index=index: self._irq_state(index, start, n, mask))
                 self._check(lib.vfu_setup_irq_state_callback(vfu, int(index), cb), "vfu_setup_irq_state_callback")
         self._check(
-            lib.vfu_setup_device_dma(vfu, self.max_dma_maps, self._cb("vfu_dma_register_cb_t", self._dma_register), self._cb("vfu_dma_unregister_cb_t", self._dma_unregister)),
+            lib.vfu_setup_device_dma(
+                vfu, self.max_dma_maps, self._cb("vfu_dma_register_cb_t", self._dma_register), self._cb("vfu_dma_unregister_cb_t", self._dma_unregister)
+            ),
             "vfu_setup_device_dma",
         )
         self._check(lib.vfu_setup_device_reset_cb(vfu, self._cb("vfu_reset_cb_t", self._reset)), "vfu_setup_device_reset_cb")
@@ -785,7 +788,7 @@ class LibvfioUserServer:
         self._attached()
 
     def _attached(self) -> None:
-        ffi, lib = self._ffi, self._lib
+        lib = self._lib
         assert self._loop is not None
         self._conn_fd = lib.vfu_get_poll_fd(self._vfu)
         self._table = ForeignDmaTable(self.max_dma_maps)
@@ -795,7 +798,7 @@ class LibvfioUserServer:
         self.client = LibvfioClient(self._conn_fd, _peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
         self.clients_served += 1
         log.info("client connected (pid/uid/gid %s)", self.client.peer)
-        self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))  # type: ignore[arg-type]
+        self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))
         # The connection socket stays blocking (accept() gave it so), as libvfio-user reads
         # bodies and DMA replies with blocking recv(); we only hand it a request once all of
         # it is queued. The loop polls an epoll fd watching it edge-triggered, not the socket.

@@ -9,7 +9,6 @@ otherwise deadlock, vfio-user-protocol.md §2.11).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import dataclasses
@@ -17,7 +16,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from typing import Callable
 
@@ -28,12 +26,10 @@ from .dma import DmaError, GuestMemory
 from .protocol import Connection, FatalProtocolError, Message, Rejected, close_fds
 from .resources import dma_map_budget
 from .session import Reply, ServerLimits, ServerSession
+from .unix import listen_unix, recv_chunk_checked, remove_stale_socket, send_message
 
 log = logging.getLogger(__name__)
 
-#: Kernel limit of fds per SCM_RIGHTS message: room for all, so none is silently dropped.
-SCM_MAX_FD = 253
-RECV_SIZE = 256 * 1024
 #: Replies queued for a client that does not read them: above this, stop reading its requests
 #: until it catches up (otherwise a client that never reads grows the server without bound).
 OUT_HIGH_WATER = 8 << 20
@@ -52,34 +48,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> int:
-    """One sendmsg with the fds attached: QEMU collects fds only with a message's header."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    return sock.sendmsg([data], anc)
-
-
-def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One recvmsg: the bytes and the fds that came with them (empty bytes = EOF)."""
-    data, fds, _lost = recv_chunk_checked(sock)
-    return data, fds
-
-
-def recv_chunk_checked(sock: socket.socket) -> tuple[bytes, list[int], bool]:
-    """One recvmsg: bytes, fds, and whether the kernel dropped fds (MSG_CTRUNC: the receiver
-    was out of fds, or more came than fit)."""
-    data, anc, flags, _addr = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(SCM_MAX_FD * 4))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    lost = bool(flags & socket.MSG_CTRUNC)
-    if lost:
-        log.warning("ancillary data truncated: some fds were lost")
-    return data, fds, lost
 
 
 class ClientConnection:
@@ -441,46 +409,4 @@ class Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            _remove_stale_socket(self.path)
-
-
-def listen_unix(path: str, mode: int, backlog: int = 4) -> socket.socket:
-    """A non-blocking listening Unix socket at ``path`` that never exists with wider
-    permissions than ``mode`` (umask around bind, then chmod). A stale socket file is
-    replaced; one a live server answers on is refused."""
-    _refuse_live_socket(path)
-    _remove_stale_socket(path)
-    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            lsock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-        lsock.listen(backlog)
-        lsock.setblocking(False)
-    except BaseException:
-        lsock.close()
-        raise
-    return lsock
-
-
-def _refuse_live_socket(path: str) -> None:
-    """A path some server still answers on is not stale: never steal it."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except OSError:
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+            remove_stale_socket(self.path)

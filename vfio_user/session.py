@@ -284,7 +284,14 @@ class ServerSession:
             raise VfioUserError(errno.EINVAL, f"bad region index {req.index}")
         if req.index == RegionIndex.CONFIG:
             body = m.RegionInfo.build(
-                {"argsz": REGION_INFO_BASE_SIZE, "flags": REGION_FLAG_READ | REGION_FLAG_WRITE, "index": req.index, "cap_offset": 0, "size": self.device.config.size, "offset": 0}
+                {
+                    "argsz": REGION_INFO_BASE_SIZE,
+                    "flags": REGION_FLAG_READ | REGION_FLAG_WRITE,
+                    "index": req.index,
+                    "cap_offset": 0,
+                    "size": self.device.config.size,
+                    "offset": 0,
+                }
             )
             return Reply(Connection.reply(msg, body))
         region = self.region(req.index)

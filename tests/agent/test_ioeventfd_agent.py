@@ -3,7 +3,7 @@
 
 Each test starts a CHILD process (``python -c CHILD_SOURCE``) with the agent preloaded
 (``LD_PRELOAD``) and ``NVME_EMU_AGENT_SOCKET`` set. The child is the "VMM": it creates a
-KVM VM with :mod:`vfio_user.kvm` (whose ``fcntl.ioctl`` goes through libc's ``ioctl``, so
+KVM VM with :mod:`vfio_user.vmm.kvm` (whose ``fcntl.ioctl`` goes through libc's ``ioctl``, so
 the agent sees KVM_CREATE_VM) and then obeys JSON-line commands on stdin, e.g. "write V to
 GPA X N times", answering with every MMIO/IO exit its vCPU took. The test process plays
 nvme-emu: it creates eventfds and memfd shadows, connects to the agent, and checks that
@@ -40,7 +40,9 @@ from typing import Optional
 import pytest
 
 from vfio_user import ioeventfd_agent as A
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
+
+from ..support.fds import efd_count
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "nvme_emu" / "agent" / "build.sh"
@@ -57,7 +59,8 @@ NOBODY = 65534
 # --------------------------------------------------------------------------------------
 CHILD_SOURCE = r'''
 import ctypes, json, os, sys
-from vfio_user import kvm as K
+from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
 
 RAM_SIZE, CODE_GPA = 0x10000, 0x1000
 st = {}
@@ -92,7 +95,7 @@ def create_vm(via):
     return vm.fd
 
 def run_write(addr, value, n, width):
-    K.prog_write_loop(addr, value, n, width=width).load(st["vcpu"], st["ram"], CODE_GPA)
+    x86.prog_write_loop(addr, value, n, width=width).load(st["vcpu"], st["ram"], CODE_GPA)
     exits = []
     def handler(ex):
         if ex.kind == "MMIO":
@@ -304,12 +307,7 @@ class Efds:
         self.fds.append(fd)
         return fd
 
-    @staticmethod
-    def count(fd: int) -> int:
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            return 0
+    count = staticmethod(efd_count)
 
     def close(self) -> None:
         for fd in self.fds:

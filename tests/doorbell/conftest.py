@@ -9,36 +9,37 @@ from __future__ import annotations
 
 import pytest
 
-from db_helpers import HostSession, InProcServer, ServeProcess
+from ..support.server import ServerProcess
+from .db_helpers import HostSession, NvmeInProcess
+from .db_helpers import serve as serve_process
 
 
 @pytest.fixture
 def serve(tmp_path):
-    started: list[ServeProcess] = []
+    started: list[tuple[str, ServerProcess]] = []
 
-    def start(mode: str, **kw) -> ServeProcess:
+    def start(mode: str, **kw) -> ServerProcess:
         kw.setdefault("name", f"nvme{len(started)}")
-        srv = ServeProcess(tmp_path, mode, **kw)
-        started.append(srv)
+        srv = serve_process(tmp_path, mode, **kw)
+        started.append((mode, srv))
         return srv
 
     try:
         yield start
     finally:
-        died = [s for s in started if s.proc.poll() not in (None, 0)]
-        for srv in started:
+        died = [(mode, s.proc.returncode) for mode, s in started if s.proc.poll() not in (None, 0)]
+        for mode, srv in started:
             srv.kill()
-            print(f"---- server {srv.mode} ({srv.path}) stdout ----\n{srv.stdout()}")
-            print(f"---- server {srv.mode} log ----\n{srv.stderr()}")
-        assert not died, f"server process(es) died: {[(s.mode, s.proc.returncode) for s in died]}"
+            print(f"---- server {mode} ({srv.path}) log ----\n{srv.log()}")
+        assert not died, f"server process(es) died: {died}"
 
 
 @pytest.fixture
 def inproc(tmp_path):
-    started: list[InProcServer] = []
+    started: list[NvmeInProcess] = []
 
-    def start(mode: str, **kw) -> InProcServer:
-        srv = InProcServer(str(tmp_path / f"inproc{len(started)}.sock"), mode, **kw)
+    def start(mode: str, **kw) -> NvmeInProcess:
+        srv = NvmeInProcess(str(tmp_path / f"inproc{len(started)}.sock"), mode, **kw)
         started.append(srv)
         return srv
 

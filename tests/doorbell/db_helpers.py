@@ -1,10 +1,10 @@
 """Helpers for the doorbell-path tests.
 
-* :class:`ServeProcess`: ``python -m nvme_emu serve --doorbell MODE`` as a separate process,
-  with its counters read from what the CLI prints on SIGUSR1.
-* :class:`InProcServer`: the same :class:`~vfio_user.server.Server` + :class:`NvmeFunction`
-  on an event loop in a daemon thread, for tests that need the internal counters or must
-  hold the server still (``paused()``) while the host rings.
+* :func:`serve`: ``nvme-emu serve --doorbell MODE`` as a separate process
+  (:class:`~tests.support.server.ServerProcess`, counters read with SIGUSR1).
+* :class:`NvmeInProcess`: the same server + :class:`NvmeFunction` on an event loop in a daemon
+  thread of this process, for tests that need the internal counters or must hold the server
+  still (``paused()``) while the host rings.
 * :class:`HostSession`: the real :class:`VfioUserClient` + :class:`NvmeHost` with memfd guest
   RAM DMA-mapped into the server, and one constructor per host doorbell strategy.
 
@@ -14,20 +14,10 @@ that would otherwise hang.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import os
-import re
-import select
-import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
@@ -41,12 +31,12 @@ from nvme_emu.host import (
 )
 from nvme_emu.namespace import open_namespace
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg, Status
-from vfio_user.client import GuestRam, IoFd, VfioUserClient
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP
-from vfio_user.server import Server, new_event_loop
+from vfio_user.vmm.client import GuestRam, IoFd, VfioUserClient
 
-REPO = Path(__file__).resolve().parents[2]
-DEADLINE = 10.0
+from ..support.inproc import InProcessServer
+from ..support.server import DEADLINE, ServerProcess
+
 PAGE = 4096
 LBA = 512
 IOVA = 0x1000_0000
@@ -67,230 +57,31 @@ PATHS = {
 }
 
 
-# --------------------------------------------------------------------------------------
-# stats as the CLI prints them
-# --------------------------------------------------------------------------------------
-_HEADER = re.compile(r"doorbell path (\w+): (.*)")
-_KV = re.compile(r"([\w/]+)=([0-9./]+)s?")
+def serve(tmp_path: Path, mode: str, *, namespace: str = f"ram:size={NS_SIZE}", spin_us: float | None = None, name: str = "nvme",
+          extra: Sequence[str] = ()) -> ServerProcess:
+    """``nvme-emu serve --doorbell MODE`` with :data:`MAX_IO_QUEUES` queues on one namespace."""
+    args = ["--queues", str(MAX_IO_QUEUES)] + (["--spin-us", str(spin_us)] if spin_us is not None else []) + list(extra)
+    return ServerProcess.serve(str(tmp_path / f"{name}.sock"), tmp_path / f"{name}.log", [namespace], doorbell=mode, extra=args)
 
 
-def parse_stats(block: str) -> dict:
-    """The SIGUSR1 block -> {"mode": str, "doorbells": {...}, "queues": {"sq0": {...}}}."""
-    lines = block.splitlines()
-    m = _HEADER.match(lines[0].strip())
-    assert m, f"not a stats block: {block!r}"
-    db: dict[str, float] = {}
-    for k, v in _KV.findall(m.group(2)):
-        if k == "spin_hits":
-            hits, spins = v.split("/")
-            db["spin_hits"], db["spins"] = int(hits), int(spins)
-        elif k == "poll_cpu":
-            db["poll_cpu_seconds"] = float(v)
-        else:
-            db[k] = int(v)
-    queues: dict[str, dict[str, float]] = {}
-    for line in lines[1:]:
-        line = line.strip()
-        if not line.startswith("sq"):
-            break
-        name, rest = line.split(":", 1)
-        queues[name] = {k: float(v) if "." in v else int(v) for k, v in _KV.findall(rest)}
-    return {"mode": m.group(1), "doorbells": db, "queues": queues}
+class NvmeInProcess(InProcessServer):
+    """An NVMe function on one namespace served in this process, with its counters."""
 
-
-# --------------------------------------------------------------------------------------
-# the server as a separate process
-# --------------------------------------------------------------------------------------
-class ServeProcess:
-    """``python -m nvme_emu serve --socket PATH --doorbell MODE [--spin-us N]``."""
-
-    def __init__(self, tmp_path: Path, mode: str, *, namespace: str = f"ram:size={NS_SIZE}", spin_us: float | None = None, name: str = "nvme",
-                 extra: Sequence[str] = ()) -> None:
-        self.path = str(tmp_path / f"{name}.sock")
-        self.mode = mode
-        self.queues = MAX_IO_QUEUES
-        self.log_path = tmp_path / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", self.path, "--doorbell", mode, "--namespace", namespace, "--queues", str(MAX_IO_QUEUES)]
-        if spin_us is not None:
-            cmd += ["--spin-us", str(spin_us)]
-        cmd += extra
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
-        self._out = ""
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
-        self._reader.start()
-        try:
-            self.wait_stdout("serving", 1)
-        except BaseException:
-            self.kill()
-            raise
-        assert os.path.exists(self.path)
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while True:
-            # one SIGUSR1 block is one write below PIPE_BUF: it arrives in one read
-            chunk = os.read(fd, 65536)
-            with self._cond:
-                if not chunk:
-                    self._out += "\0EOF"
-                    self._cond.notify_all()
-                    return
-                self._out += chunk.decode(errors="replace")
-                self._cond.notify_all()
-
-    def stdout(self) -> str:
-        with self._cond:
-            return self._out
-
-    def wait_stdout(self, text: str, count: int) -> str:
-        deadline = time.monotonic() + DEADLINE
-        with self._cond:
-            while self._out.count(text) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or "\0EOF" in self._out:
-                    raise AssertionError(f"server never printed {text!r} x{count}:\n{self._out}\n{self.stderr()}")
-                self._cond.wait(remaining)
-            return self._out
-
-    def stats(self) -> dict:
-        """SIGUSR1 -> the CLI prints its counters -> parsed."""
-        n = self.stdout().count("doorbell path ")
-        self.proc.send_signal(signal.SIGUSR1)
-        out = self.wait_stdout("doorbell path ", n + 1)
-        block = out[out.rindex("doorbell path ") :]
-        return parse_stats(block)
-
-    def stderr(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        """SIGTERM: the server flushes its namespaces and exits 0."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._reader.join(DEADLINE)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._reader.join(DEADLINE)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if not self._log.closed:
-            self._log.close()
-
-
-# --------------------------------------------------------------------------------------
-# the server in this process, on a loop in a thread
-# --------------------------------------------------------------------------------------
-class InProcServer:
-    """Server(NvmeFunction(...), path) on ``new_event_loop()`` in a daemon thread."""
-
-    def __init__(self, path: str, mode: str, *, spin_us: float = 0.0, namespace: str = f"ram:size={NS_SIZE}", **options: float) -> None:
-        self.path = path
+    def __init__(self, path: str, mode: str, *, spin_us: float = 0.0, namespace: str = f"ram:size={NS_SIZE}", **options: Any) -> None:
         ns = open_namespace(namespace, 1)
         self.function = NvmeFunction([ns], ControllerConfig(max_io_queues=MAX_IO_QUEUES), doorbell=mode, spin_us=spin_us, **options)
         self.ctrl = self.function.controller
-        self.server = Server(self.function, path)
-        self.loop = new_event_loop()
-        self.error: BaseException | None = None
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            try:
-                self.loop.run_until_complete(self.server.start())
-            except BaseException as e:  # reported by the constructor
-                self.error = e
-                started.set()
-                return
-            started.set()
-            self.loop.run_forever()
-
-        self.loop.set_exception_handler(self._loop_exception)
-        self.thread = threading.Thread(target=run, name="nvme-server", daemon=True)
-        self.thread.start()
-        if not started.wait(DEADLINE) or self.error is not None:
-            raise RuntimeError(f"in-process server did not start: {self.error}")
-
-    def _loop_exception(self, loop, context) -> None:
-        # a callback that raised: remember it, the test's teardown fails on it
-        self.error = context.get("exception") or RuntimeError(context.get("message"))
-        loop.default_exception_handler(context)
+        super().__init__(self.function, path)
 
     @property
     def doorbells(self):
         return self.function.doorbells
 
-    def call(self, fn: Callable[[], object]) -> object:
-        """Run ``fn`` on the server's loop thread and return its result."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def cb() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self.loop.call_soon_threadsafe(cb)
-        return fut.result(DEADLINE)
-
     def stats(self) -> dict:
-        return self.call(self.function.stats)  # type: ignore[return-value]
+        return self.call(self.function.stats)
 
     def doorbell_stats(self) -> dict:
         return self.stats()["doorbells"]
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Block the server's loop (it is inside a callback) until the block ends."""
-        entered, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            entered.set()
-            release.wait(DEADLINE)
-
-        self.loop.call_soon_threadsafe(hold)
-        assert entered.wait(DEADLINE), "server loop did not pause"
-        try:
-            yield
-        finally:
-            release.set()
-
-    def settle(self) -> None:
-        """Let the loop run every ready callback (eventfds included) at least once."""
-        for _ in range(3):
-            self.call(lambda: None)
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            try:
-                self.call(self.server.close)
-            finally:
-                self.loop.call_soon_threadsafe(self.loop.stop)
-                self.thread.join(DEADLINE)
-        if not self.thread.is_alive():
-            self.loop.close()
-        self.function.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -408,7 +199,7 @@ class HostSession:
         blocks = [(first_lba + i * (PAGE // LBA), pattern(seed, i)) for i in range(count)]
         wbufs = [self.mem.alloc(PAGE) for _ in blocks]
         rbufs = [self.mem.alloc(PAGE) for _ in blocks]
-        for (lba, data), buf in zip(blocks, wbufs):
+        for (_lba, data), buf in zip(blocks, wbufs, strict=True):
             self.mem.write(buf, data)
         for rbuf in rbufs:
             self.mem.write(rbuf, b"\xee" * PAGE)
@@ -420,7 +211,7 @@ class HostSession:
                 done = self.host.wait(qid, len(cids))
                 assert sorted(c.cid for c in done) == sorted(cids)
                 assert all(c.status == Status.SUCCESS for c in done), done
-        for (lba, data), rbuf in zip(blocks, rbufs):
+        for (lba, data), rbuf in zip(blocks, rbufs, strict=True):
             assert self.mem.read(rbuf, PAGE) == data, f"LBA {lba}: data read back differs"
 
     def read_blocks(self, qid: int, first_lba: int, count: int) -> list[bytes]:
@@ -456,18 +247,3 @@ def pattern(seed: int, i: int) -> bytes:
     """4 KiB that differ per (seed, block) and per dword."""
     head = struct.pack("<II", seed, i)
     return (head + bytes((seed * 31 + i * 7 + k) & 0xFF for k in range(56))) * (PAGE // 64)
-
-
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def eventfd_count(fd: int) -> int:
-    ready, _, _ = select.select([fd], [], [], 0)
-    if not ready:
-        return 0
-    return os.eventfd_read(fd)

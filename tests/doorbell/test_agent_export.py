@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from db_helpers import DEADLINE, PAGE, wait_for
+from ..support.server import DEADLINE, wait_until
+from .db_helpers import MAX_IO_QUEUES, PAGE
 from nvme_emu.spec import Reg
 from vfio_user import ioeventfd_agent as A
 from vfio_user.constants import RegionIndex
@@ -218,7 +219,7 @@ def test_registrations_follow_bar_decoding_dbbuf_and_reset(serve, session, agent
     fake = agent(post_write)
     srv = serve("shadow", extra=["--agent-socket", fake.path])
     s = session(srv.path)
-    nslots = 2 * (srv.queues + 1)
+    nslots = 2 * (MAX_IO_QUEUES + 1)
     io_sq1 = Reg.DOORBELLS + 8
 
     # decoding off: nothing is sent; on: a SET at the BAR's address
@@ -271,7 +272,7 @@ def test_registrations_follow_bar_decoding_dbbuf_and_reset(serve, session, agent
 
     # the client goes away: the registrations go with it
     s.close()
-    wait_for(lambda: not fake.current and fake.events[-1] in (("clear",), ("disconnect",)), "the registrations withdrawn")
+    wait_until(lambda: not fake.current and fake.events[-1] in (("clear",), ("disconnect",)), "the registrations withdrawn")
 
 
 def test_agent_vanishing_leaves_doorbells_trapped(serve, session, agent):
@@ -288,6 +289,6 @@ def test_agent_vanishing_leaves_doorbells_trapped(serve, session, agent):
     s.bring_up("trap", depth=16)
     s.write_read_check(1, 0, 4, qd=2, seed=9)
     assert srv.stats()["doorbells"]["trapped_io_sq"] > 0
-    out = srv.stdout()
+    out = srv.log()
     line = out[out.rindex("ioeventfd agent "):].splitlines()[0]
     assert "connected=False" in line and "registered=0" in line, line

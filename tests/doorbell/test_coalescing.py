@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from db_helpers import LBA, PAGE, pattern, wait_for
+from ..support.server import wait_until
+from .db_helpers import LBA, PAGE, pattern
 from nvme_emu.spec import NvmOpcode, Reg, Status
 
 
@@ -37,7 +38,10 @@ def test_coalesced_shadow_writes_lose_nothing(inproc, session, spin_us):
     db = srv.doorbell_stats()
     q = srv.stats()["queues"]["sq1"]
     d = {k: db[k] - db0[k] for k in ("signals", "wakeups", "coalesced", "doorbells", "spins", "spin_hits")}
-    print(f"shadow burst of {n} (spin_us={spin_us}): {d}, sq1 commands +{q['commands'] - q0['commands']} batches +{q['batches'] - q0['batches']} max_batch {q['max_batch']}")
+    print(
+        f"shadow burst of {n} (spin_us={spin_us}): {d}, sq1 commands +{q['commands'] - q0['commands']} batches +{q['batches'] - q0['batches']} "
+        f"max_batch {q['max_batch']}"
+    )
     # exactly once: n commands, all in one batch from one wake-up on the SQ tail eventfd
     assert q["commands"] - q0["commands"] == n
     assert q["batches"] - q0["batches"] == 1 and q["max_batch"] == n
@@ -68,7 +72,7 @@ def test_signals_without_value_change_are_harmless(inproc, session):
     fd = s.host.doorbells.by_slot[2]
     for _ in range(5):
         fd.emulate_post_write(s.host.queues[1].tail)  # same value again
-    wait_for(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 5, "the 5 signals")
+    wait_until(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 5, "the 5 signals")
     s.expect_no_completion(1)
     assert srv.stats()["queues"]["sq1"]["commands"] == q0
 
@@ -84,7 +88,7 @@ def test_ioeventfd_path_without_dbbuf_counts_lost_values(inproc, session):
     assert min(by_slot) == 2 and all(f.shadow is None for f in iofds)  # admin queue: trapped
     s.submit_io(1, NvmOpcode.READ, 0, s.mem.alloc(PAGE), ring=False)
     by_slot[2].signal()
-    wait_for(lambda: srv.doorbell_stats()["lost_values"] >= 1, "the lost value to be counted")
+    wait_until(lambda: srv.doorbell_stats()["lost_values"] >= 1, "the lost value to be counted")
     s.expect_no_completion(1)
     s.host.ring_sq(1)  # trapped: served
     assert s.host.wait(1, 1)[0].status == Status.SUCCESS

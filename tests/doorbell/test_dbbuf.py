@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from db_helpers import DEADLINE, LBA, PAGE, PATHS, Status
+from ..support.server import DEADLINE
+from .db_helpers import LBA, PAGE, PATHS, Status
 from nvme_emu.spec import NvmOpcode
 
 KICKS = ["dbbuf-trap", "dbbuf-ioeventfd", "dbbuf-shadow", "dbbuf-poll"]
@@ -166,7 +167,7 @@ def test_dbbuf_is_dropped_by_reset_and_reconfigured(inproc, session):
 def test_unmapped_doorbell_buffer_is_controller_fatal(inproc, session, kind):
     """A kick whose shadow buffer the client unmapped: CSTS.CFS, not an exception in the
     server's loop (the inproc fixture fails on those); a reset with memory back recovers."""
-    from db_helpers import IOVA, RAM_SIZE
+    from .db_helpers import IOVA, RAM_SIZE
     from nvme_emu.spec import Csts, Reg
 
     mode, _ = PATHS[kind]

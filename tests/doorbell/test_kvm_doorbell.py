@@ -29,10 +29,13 @@ import time
 
 import pytest
 
-from db_helpers import DEADLINE, LBA, PAGE, HostSession, pattern, wait_for
+from ..support.server import DEADLINE, wait_until
+from .db_helpers import LBA, PAGE, HostSession, pattern
 from nvme_emu.queue import CQE
 from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
-from vfio_user import kvm as K
+from nvme_emu import guest_programs
+from vfio_user.vmm import kvm as K
+from vfio_user.vmm import x86
 
 BAR0_GPA = 0xFEB0_0000  # unbacked: every access is MMIO
 PROBE_GPA = 0xFEBF_E000  # the "separate probe address" (not the kvm module's own probe GPA)
@@ -127,7 +130,7 @@ def _check_done(s: HostSession, cids: list[int], rbufs: list[int]) -> None:
 
 def _create_vm(kvm: K.Kvm) -> K.VirtualMachine:
     """KVM_CREATE_VM, retried on EINTR (seen here when a signal is pending during creation;
-    vfio_user.kvm does not retry ioctls itself)."""
+    vfio_user.vmm.kvm does not retry ioctls itself)."""
     for attempt in range(5):
         try:
             return kvm.create_vm()
@@ -179,16 +182,16 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
                 # a probe address swallows guest writes and wakes the server.
                 probe = vm.add_ioeventfd(PROBE_GPA, 4, sq_fd.eventfd)
                 exits: list[K.VcpuExit] = []
-                K.prog_write_loop(PROBE_GPA, 0, 3).load(vcpu, ram, CODE_GPA)
+                x86.prog_write_loop(PROBE_GPA, 0, 3).load(vcpu, ram, CODE_GPA)
                 _run_guest(vcpu, lambda ex: exits.append(ex) or True)
                 assert not exits, f"probe writes reached userspace: {exits}"
-                wait_for(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 3, "the server to see the 3 KVM-signalled probe writes")
+                wait_until(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 3, "the server to see the 3 KVM-signalled probe writes")
                 vm.remove_ioeventfd(probe)
                 emulator = K.PostWriteEmulator()
                 for fd, slot in ((sq_fd, 2 * QID), (cq_fd, 2 * QID + 1)):
                     emulator.add(_db_gpa(slot), 4, shadow, fd.shadow_offset, fd.eventfd)
             q = s.host.queues[QID]
-            prog = K.prog_nvme_qd1(_db_gpa(2 * QID), _db_gpa(2 * QID + 1), q.cq, DEPTH, N)
+            prog = guest_programs.prog_nvme_qd1(_db_gpa(2 * QID), _db_gpa(2 * QID + 1), q.cq, DEPTH, N)
             prog.load(vcpu, ram, CODE_GPA)
             posted, unexpected = [], []
             doorbells = {_db_gpa(2 * QID), _db_gpa(2 * QID + 1)}
@@ -210,7 +213,10 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
             srv.settle()
             db2 = srv.doorbell_stats()
             sq = srv.stats()["queues"][f"sq{QID}"]
-            print(f"KVM doorbell via {mechanism}: {N} commands, vCPU MMIO exits on the doorbells {doorbell_exits}, guest doorbell writes posted by VMM {len(posted)}, server signals +{db2['signals'] - db1['signals']} wakeups +{db2['wakeups'] - db1['wakeups']}, sq{QID} {sq}")
+            print(
+                f"KVM doorbell via {mechanism}: {N} commands, vCPU MMIO exits on the doorbells {doorbell_exits}, guest doorbell writes posted by "
+                f"VMM {len(posted)}, server signals +{db2['signals'] - db1['signals']} wakeups +{db2['wakeups'] - db1['wakeups']}, sq{QID} {sq}"
+            )
             assert sq["commands"] == N
             # 2N doorbell writes (N SQ tails, N CQ heads): all in-kernel, or each one exit
             assert doorbell_exits == (0 if supported else 2 * N) == (0 if supported else len(posted))
@@ -227,42 +233,42 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
             region.close()
 
 
-def _prog_dbbuf_qd1(sq_db: int, cq_db: int, sq_shadow: int, cq_shadow: int, cq_base: int, qsize: int, n: int) -> K.GuestProgram:
+def _prog_dbbuf_qd1(sq_db: int, cq_db: int, sq_shadow: int, cq_shadow: int, cq_base: int, qsize: int, n: int) -> x86.GuestProgram:
     """prog_nvme_qd1 with NVMe shadow doorbells: store the tail (head) into the shadow
     doorbell buffer in guest RAM, then write the real doorbell (always: no EventIdx check)."""
-    a = K._Asm(32)
-    a.mov_r_imm(K.ECX, n)
-    a.xor_r_r(K.EAX, K.EAX)
-    a.xor_r_r(K.EDX, K.EDX)
-    a.mov_r_imm(K.ESI, cq_base)
-    a.mov_r_imm(K.EDI, 0x10000)
+    a = x86.Asm(32)
+    a.mov_r_imm(x86.ECX, n)
+    a.xor_r_r(x86.EAX, x86.EAX)
+    a.xor_r_r(x86.EDX, x86.EDX)
+    a.mov_r_imm(x86.ESI, cq_base)
+    a.mov_r_imm(x86.EDI, 0x10000)
     a.label("loop")
-    a.inc(K.EAX)
-    a.cmp_r_imm(K.EAX, qsize)
+    a.inc(x86.EAX)
+    a.cmp_r_imm(x86.EAX, qsize)
     a.jnz("ring")
-    a.xor_r_r(K.EAX, K.EAX)
+    a.xor_r_r(x86.EAX, x86.EAX)
     a.label("ring")
-    a.store_abs(sq_shadow, K.EAX)
-    a.store_abs(sq_db, K.EAX)
+    a.store_abs(sq_shadow, x86.EAX)
+    a.store_abs(sq_db, x86.EAX)
     a.label("poll")
-    a.load(K.EBP, K.ESI, 12)
-    a.and_r_imm(K.EBP, 0x10000)
-    a.cmp_r_r(K.EBP, K.EDI)
+    a.load(x86.EBP, x86.ESI, 12)
+    a.and_r_imm(x86.EBP, 0x10000)
+    a.cmp_r_r(x86.EBP, x86.EDI)
     a.jnz("poll")
-    a.add_r_imm8(K.ESI, CQE_SIZE)
-    a.inc(K.EDX)
-    a.cmp_r_imm(K.EDX, qsize)
+    a.add_r_imm8(x86.ESI, CQE_SIZE)
+    a.inc(x86.EDX)
+    a.cmp_r_imm(x86.EDX, qsize)
     a.jnz("head")
-    a.xor_r_r(K.EDX, K.EDX)
-    a.mov_r_imm(K.ESI, cq_base)
-    a.xor_r_imm(K.EDI, 0x10000)
+    a.xor_r_r(x86.EDX, x86.EDX)
+    a.mov_r_imm(x86.ESI, cq_base)
+    a.xor_r_imm(x86.EDI, 0x10000)
     a.label("head")
-    a.store_abs(cq_shadow, K.EDX)
-    a.store_abs(cq_db, K.EDX)
-    a.dec(K.ECX)
+    a.store_abs(cq_shadow, x86.EDX)
+    a.store_abs(cq_db, x86.EDX)
+    a.dec(x86.ECX)
     a.jnz("loop")
     a.hlt()
-    return K.GuestProgram(a.assemble(), 32, "nvme qd1 with shadow doorbells")
+    return x86.GuestProgram(a.assemble(), 32, "nvme qd1 with shadow doorbells")
 
 
 def test_guest_doorbell_plain_ioeventfd_with_dbbuf(inproc):
@@ -291,7 +297,10 @@ def test_guest_doorbell_plain_ioeventfd_with_dbbuf(inproc):
             srv.settle()
             db1 = srv.doorbell_stats()
             sq = srv.stats()["queues"][f"sq{QID}"]
-            print(f"KVM doorbell via plain in-kernel ioeventfd + shadow doorbell buffer: {N} commands, server signals +{db1['signals'] - db0['signals']}, sq{QID} {sq}")
+            print(
+                f"KVM doorbell via plain in-kernel ioeventfd + shadow doorbell buffer: {N} commands, server signals "
+                f"+{db1['signals'] - db0['signals']}, sq{QID} {sq}"
+            )
             assert sq["commands"] == N
             assert db1["signals"] - db0["signals"] >= N and db1["trapped"] == db0["trapped"] and db1["lost_values"] == 0
             assert struct.unpack_from("<I", s.mem.view, shadow + 8 * QID - s.mem.iova)[0] == N % DEPTH

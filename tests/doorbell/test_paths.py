@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import pytest
 
-from db_helpers import LBA, NS_SIZE, PAGE, PATHS, pattern, wait_for
+from ..support.server import wait_until
+from .db_helpers import LBA, NS_SIZE, PAGE, PATHS, pattern
 from nvme_emu.spec import AdminOpcode, AsyncEventError, AsyncEventType, LogPageId, NvmOpcode, Status
 
 PATH_IDS = list(PATHS)
 
 #: Which counter of the CLI's stats line proves the path carried the I/O doorbells.
-CARRIER = {"trap": "trapped", "shadow": "signals", "poll": "polls", "dbbuf-trap": "trapped", "dbbuf-ioeventfd": "signals", "dbbuf-shadow": "signals", "dbbuf-poll": "polls"}
+CARRIER = {
+    "trap": "trapped",
+    "shadow": "signals",
+    "poll": "polls",
+    "dbbuf-trap": "trapped",
+    "dbbuf-ioeventfd": "signals",
+    "dbbuf-shadow": "signals",
+    "dbbuf-poll": "polls",
+}
 
 
 @pytest.mark.parametrize("path", PATH_IDS)
@@ -31,9 +40,9 @@ def test_data_integrity_qd1_and_batched(serve, session, path):
     s.write_read_check(1, 1024, 31, qd=31, seed=3)  # a full queue, one doorbell
     st = srv.stats()
     print(f"{path}: {st}")
-    assert st["mode"] == mode
+    assert st["doorbell_mode"] == mode
     q = st["queues"]["sq1"]
-    assert q["commands"] == q["completions"] == 2 * (6 + 24 + 31)
+    assert q["commands"] == q["cq_completions"] == 2 * (6 + 24 + 31)
     assert q["max_batch"] > 1, "batched submissions were processed one doorbell at a time"
     db, db0 = st["doorbells"], before["doorbells"]
     assert db[CARRIER[path]] > db0[CARRIER[path]]
@@ -125,7 +134,7 @@ def test_controller_reset_then_new_queues_keep_working(serve, session, path):
         # data written before the reset is still there
         assert s.read_blocks(1, 0, 2) == [pattern(10, 0), pattern(10, 1)]
     st = srv.stats()
-    assert st["mode"] == mode
+    assert st["doorbell_mode"] == mode
     assert st["queues"]["sq1"]["commands"] == 2 * 12 + 2  # the re-created queue only
 
 
@@ -152,7 +161,7 @@ def test_second_server_in_other_mode_serves_same_file(serve, session, tmp_path, 
         got += s2.read_blocks(1, 8 + i * (PAGE // LBA), 1)
     assert got == [pattern(42, i) for i in range(12)]
     s2.write_read_check(1, 4096, 4, qd=4, seed=43)
-    assert srv2.stats()["mode"] == PATHS[second][0]
+    assert srv2.stats()["doorbell_mode"] == PATHS[second][0]
 
 
 def test_auto_with_io_fds_is_shadow(serve, session):
@@ -161,7 +170,7 @@ def test_auto_with_io_fds_is_shadow(serve, session):
     s.bring_up("shadow", depth=16)  # region_io_fds(0) -> shadow ioeventfds
     s.write_read_check(1, 0, 8, qd=4)
     st = srv.stats()
-    assert st["mode"] == "shadow"
+    assert st["doorbell_mode"] == "shadow"
     assert st["doorbells"]["signals"] > 0
     # All I/O doorbells came by eventfd; only the bring-up before io fds was trapped.
     trapped = st["doorbells"]["trapped"]
@@ -176,13 +185,13 @@ def test_auto_without_io_fds_is_trap(serve, session, kind):
     first = session(srv.path)
     first.bring_up("shadow", depth=8)
     first.write_read_check(1, 0, 2, qd=1)
-    assert srv.stats()["mode"] == "shadow"
+    assert srv.stats()["doorbell_mode"] == "shadow"
     first.close()
     s = session(srv.path)
     s.bring_up(kind, depth=16)
     s.write_read_check(1, 0, 8, qd=4)
     st = srv.stats()
-    assert st["mode"] == "trap", st
+    assert st["doorbell_mode"] == "trap", st
     assert st["doorbells"]["trapped"] > 0
 
 
@@ -206,7 +215,7 @@ def test_poll_server_reports_cpu(serve, session):
     db = srv.stats()["doorbells"]
     print(f"poll: {db}")
     assert db["polls"] > 0 and db["wakeups"] > 0 and db["trapped"] == 0
-    assert "poll_cpu_seconds" in db and db["poll_cpu_seconds"] >= 0.0
+    assert db["poll_cpu_seconds"] > 0.0  # thread CPU time (ns resolution) of polls that ran
 
 
 @pytest.mark.parametrize("path", PATH_IDS)
@@ -225,12 +234,12 @@ def test_full_cq_stalls_then_resumes_on_cq_head(serve, session, path):
     for _ in range(depth - 1):
         s.submit_io(1, NvmOpcode.READ, 0, buf, ring=False)
     s.host.ring_sq(1)
-    wait_for(lambda: srv.stats()["queues"]["sq1"]["commands"] == depth - 1, "a full CQ")
+    wait_until(lambda: srv.stats()["queues"]["sq1"]["commands"] == depth - 1, "a full CQ")
     extra = 5
     for _ in range(extra):
         s.submit_io(1, NvmOpcode.READ, 0, buf, ring=False)
     s.host.ring_sq(1)
-    wait_for(lambda: srv.stats()["queues"]["sq1"]["cq_full_stalls"] >= 1, "the SQ to stall on its full CQ")
+    wait_until(lambda: srv.stats()["queues"]["sq1"]["cq_full_stalls"] >= 1, "the SQ to stall on its full CQ")
     assert srv.stats()["queues"]["sq1"]["commands"] == depth - 1
     first = s.host.reap(1)  # consumes all 15 and rings the CQ head once
     assert len(first) == depth - 1 and all(c.status == Status.SUCCESS for c in first)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from db_helpers import PATHS, wait_for
+from ..support.server import wait_until
+from .db_helpers import PATHS
 
 IDLE_S = 0.5
 
@@ -48,9 +49,9 @@ def test_a_failing_poll_round_makes_the_controller_fatal_and_polling_goes_on(inp
         return real()
 
     srv.call(lambda: setattr(path, "_poll_dbbuf", broken))
-    wait_for(lambda: srv.call(lambda: srv.ctrl.fatal), "CSTS.CFS after the poller's failure")
+    wait_until(lambda: srv.call(lambda: srv.ctrl.fatal), "CSTS.CFS after the poller's failure")
     polls = srv.doorbell_stats()["polls"]
-    wait_for(lambda: srv.doorbell_stats()["polls"] > polls + 10, "the poller to keep polling")
+    wait_until(lambda: srv.doorbell_stats()["polls"] > polls + 10, "the poller to keep polling")
     # The host resets the controller (what Linux does on CFS) and I/O works again.
     s.reset_and_bring_up(kind, depth=8)
     s.write_read_check(1, 0, 3, qd=1, seed=7)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from nvme_emu import guest
+
+from ..support.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -91,22 +89,13 @@ def server(guest_infra, tmp_path_factory):
     d = tmp_path_factory.mktemp("e2e", numbered=True)
     sock = str(d / "nvme.sock")
     image = str(d / "disk.img")
-    log_path = d / "server.log"
-    cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", sock, "--namespace", f"file:{image},size=512M", "--serial", SERIAL, "--model", MODEL, "--doorbell", "auto"]
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        yield {"socket": sock, "log": log_path, "proc": proc, "image": image}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log_path.read_text()
-    text = log_path.read_text()
+    srv = ServerProcess.serve(sock, d / "server.log", [f"file:{image},size=512M"], doorbell="auto",
+                              extra=["--serial", SERIAL, "--model", MODEL])
+    try:
+        yield {"socket": sock, "log": srv.log_path, "proc": srv.proc, "image": image}
+    finally:
+        text = srv.stop_clean()
     assert "shutting down" in text
-    bad = [line for line in text.splitlines() if re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line)]
-    assert not bad, "server log carries errors:\n" + "\n".join(bad)
 
 
 def boot(server, **kw) -> guest.GuestResult:

@@ -8,17 +8,13 @@ server also has a read-only namespace, which Linux must mark read-only (NSATTR b
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from nvme_emu import guest
+
+from ..support.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -57,51 +53,25 @@ true
 DUPLICATE_COMPLAINTS = re.compile(r"duplicate|ignoring ctrl|same NQN|Duplicate cntlid", re.I)
 
 
-class Server:
-    """One ``nvme-emu serve`` process with no --serial: the identity defaults apply."""
-
-    def __init__(self, directory: Path, name: str, namespaces: list[str]) -> None:
-        self.socket = str(directory / f"{name}.sock")
-        self.log = directory / f"{name}.log"
-        cmd = [sys.executable, "-m", "nvme_emu", "serve", "--socket", self.socket, "--doorbell", "auto"]
-        for spec in namespaces:
-            cmd += ["--namespace", spec]
-        env = dict(os.environ, PYTHONPATH=os.getcwd())
-        with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-    def stop(self) -> str:
-        """SIGTERM, then the log (which must carry no error)."""
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(30) == 0, self.log.read_text()
-        text = self.log.read_text()
-        bad = [line for line in text.splitlines() if re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line)]
-        assert not bad, f"{self.log.name} carries errors:\n" + "\n".join(bad)
-        return text
-
-
 @pytest.fixture
 def two_servers(guest_infra, tmp_path):
     readonly = tmp_path / "ro.img"
     readonly.write_bytes(b"\x5a" * (1 << 20))
+    # no --serial: the identity defaults apply
     servers = [
-        Server(tmp_path, "a", [f"file:{tmp_path / 'a.img'},size=64M", "ram:size=16M"]),
-        Server(tmp_path, "b", [f"file:{tmp_path / 'b.img'},size=64M", f"file:{readonly},ro"]),
+        ServerProcess.serve(str(tmp_path / "a.sock"), tmp_path / "a.log", [f"file:{tmp_path / 'a.img'},size=64M", "ram:size=16M"], doorbell="auto"),
+        ServerProcess.serve(str(tmp_path / "b.sock"), tmp_path / "b.log", [f"file:{tmp_path / 'b.img'},size=64M", f"file:{readonly},ro"], doorbell="auto"),
     ]
     try:
         yield servers
     finally:
         for s in servers:
-            s.stop()
+            s.stop_clean()
 
 
 def test_two_controllers_bind_with_distinct_identities(two_servers):
     a, b = two_servers
-    result = guest.run_guest(socket_path=a.socket, extra_sockets=[b.socket], command=SCRIPT, timeout=600)
+    result = guest.run_guest(socket_path=a.path, extra_sockets=[b.path], command=SCRIPT, timeout=600)
     out = result.check().output
     ctrls = re.findall(r"^CTRL (\S+) cntlid=(\d+) serial=(\S+)\s+nqn=(\S+)$", out, re.M)
     assert len(ctrls) == 2, out

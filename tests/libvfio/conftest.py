@@ -1,4 +1,3 @@
-"""Fixtures of this suite live in libvfio_helpers.py (a unique module name: `conftest` is ambiguous
-when several suites run in one pytest process, so tests import helpers from there)."""
+"""The suite's fixtures are defined in libvfio_helpers.py and made visible to its tests here."""
 
-from libvfio_helpers import *  # noqa: F401,F403  (re-export the fixtures)
+from .libvfio_helpers import client, nvme_server, ticker  # noqa: F401

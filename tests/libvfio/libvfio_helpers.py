@@ -7,22 +7,12 @@ cases skip, with the reason printed, where the library cannot be loaded.
 
 from __future__ import annotations
 
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from vfio_user.client import VfioUserClient
 from vfio_user.libvfio import unavailable_reason
 
-REPO = Path(__file__).resolve().parents[2]
-SERVE = Path(__file__).resolve().parent / "serve_device.py"
-DEADLINE = 10.0
+from ..support.server import ServerProcess
+
 BACKENDS = ["python", "libvfio-user"]
 
 
@@ -34,82 +24,23 @@ def skip_unless_available(backend: str) -> None:
             pytest.skip(f"libvfio-user not installed: {reason}")
 
 
-class DeviceProcess:
-    """``serve_device.py`` running one device on one backend; stderr kept for failures."""
-
-    def __init__(self, backend: str, device: str, path: str, log_path: Path, *extra: str) -> None:
-        self.backend = backend
-        self.path = path
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVE), "--backend", backend, "--device", device, "--socket", path, *extra],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
-        line = os.read(self.proc.stdout.fileno(), 4096) if ready else b""
-        if b"serving on" not in line:
-            self.kill()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.stderr()}")
-        assert f"(backend {backend})".encode() in line, line
-        self.baseline_fds = self.fd_count()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def wait_fd_count(self, expected: int) -> int:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            n = self.fd_count()
-            if n == expected or time.monotonic() > deadline:
-                return n
-            time.sleep(0.01)
-
-    def connect(self, *, negotiate: bool = True) -> VfioUserClient:
-        client = VfioUserClient(self.path, timeout=DEADLINE)
-        if negotiate:
-            client.negotiate()
-        return client
-
-    def stderr(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
-
 def _serve(request, tmp_path, device: str, *extra: str):
     backend = request.param
     skip_unless_available(backend)
-    srv = DeviceProcess(backend, device, str(tmp_path / f"{device}.sock"), tmp_path / "server.stderr", *extra)
+    srv = ServerProcess.device(backend, device, str(tmp_path / f"{device}.sock"), tmp_path / "server.log", *extra)
+    srv.baseline_fds = srv.fd_count()
     try:
         yield srv
         alive = srv.alive()
         leaked = None
         if alive:
-            n = srv.wait_fd_count(srv.baseline_fds)
+            n = srv.wait_fds()
             if n != srv.baseline_fds:
                 leaked = f"server holds {n} fds, {srv.baseline_fds} at start"
     finally:
         srv.kill()
-        print(f"---- server stderr ({backend}) ----")
-        print(srv.stderr()[-4000:])
+        print(f"---- server log ({backend}) ----")
+        print(srv.log()[-4000:])
     assert alive, "the server process died"
     assert leaked is None, leaked
 

@@ -1,6 +1,6 @@
 """Serve the Ticker sample or the NVMe function on a chosen backend (a test/benchmark helper).
 
-    python tests/libvfio/serve_device.py --backend libvfio-user --device nvme --socket S
+    python -m tests.libvfio.serve_device --backend libvfio-user --device nvme --socket S   (from the checkout)
 
 Prints ``serving on S (backend B)`` once the socket exists, then serves until SIGTERM.
 With ``--probe P`` it also answers ``alive`` to every connection on the Unix socket P, from
@@ -13,13 +13,9 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from vfio_user.libvfio import make_server  # noqa: E402
-from vfio_user.server import new_event_loop  # noqa: E402
+from vfio_user.libvfio import make_server
+from vfio_user.server import new_event_loop
 
 
 def build_device(kind: str, doorbell: str, ns_size: str):

@@ -8,16 +8,13 @@ provided, and the libvfio-user case where the library is absent.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 from pathlib import Path
 
 import pytest
 
-from libvfio_helpers import REPO, skip_unless_available
+from ..support.server import ServerProcess
+from .libvfio_helpers import skip_unless_available
 
 pytestmark = pytest.mark.e2e
 
@@ -43,17 +40,9 @@ def test_guest_nvme_list_and_fio_verify(guest_infra, backend, tmp_path):
     sock_dir = os.path.join("/tmp", f"nvme-emu-e2e-{os.getpid()}-{backend}")  # /tmp: visible to the chroot QEMU
     os.makedirs(sock_dir, exist_ok=True)
     sock = os.path.join(sock_dir, "nvme.sock")
-    log = open(tmp_path / "server.log", "wb")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "nvme_emu", "serve", "--backend", backend, "--socket", sock, "--namespace", "ram:size=256M", "--serial", f"E2E-{backend}"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    server = ServerProcess.serve(sock, tmp_path / "server.log", ["ram:size=256M"], backend=backend, doorbell="auto",
+                                 extra=["--serial", f"E2E-{backend}"])
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.05)
         res = guest_infra.run_guest(socket_path=sock, command="nvme list", fio_job=FIO_VERIFY_JOB, timeout=600)
         assert res.returncode == 0, res.describe_failure()
         assert "/dev/nvme0n1" in res.output and f"E2E-{backend}" in res.output, res.output
@@ -62,16 +51,11 @@ def test_guest_nvme_list_and_fio_verify(guest_infra, backend, tmp_path):
         assert job["write"]["total_ios"] == (16 << 20) // 4096
         assert job["read"]["total_ios"] == job["write"]["total_ios"]
         print(f"[{backend}] accel={res.accel}\n" + guest_infra.format_fio_summary(res.fio))
-        assert server.poll() is None, "the server died"
+        assert server.alive(), "the server died"
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
         print("---- server log ----")
-        print((tmp_path / "server.log").read_text(errors="replace")[-6000:])
+        print(server.log()[-6000:])
         try:
             os.rmdir(sock_dir)
         except OSError:

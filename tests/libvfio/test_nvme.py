@@ -13,7 +13,7 @@ import pytest
 
 from nvme_emu.host import HostMemory, NvmeHost, ShadowIoEventFdDoorbells
 from nvme_emu.spec import Reg
-from vfio_user.client import GuestRam
+from vfio_user.vmm.client import GuestRam
 from vfio_user.constants import IrqIndex
 
 IOVA = 0x1000_0000
@@ -100,7 +100,7 @@ def test_reconnect_keeps_namespace_data(nvme_server):
                 assert h.read(1, 1, 8, 8, buf, 4096).status == 0
                 assert h.mem.read(buf, 4096) == payload
             client.close()
-    assert nvme_server.wait_fd_count(nvme_server.baseline_fds) == nvme_server.baseline_fds
+    assert nvme_server.wait_fds() == nvme_server.baseline_fds
 
 
 def test_unmap_while_queues_live_then_controller_reset(host):

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import struct
 import time
 
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import (
     DMA_UNMAP_FLAG_ALL,
     DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
@@ -35,6 +34,8 @@ from vfio_user.constants import (
 from vfio_user.pci import COMMAND, COMMAND_MASTER, COMMAND_MEMORY, EXP_DEVCTL, EXP_DEVCTL_BCR_FLR
 from vfio_user.sample import REG_DMA_DST, REG_DMA_SRC, REG_DOORBELL, REG_ID, REG_RINGS, REG_SCRATCH, TICKER_ID
 
+from ..support.fds import efd_wait
+
 PY, LIB = "python", "libvfio-user"
 
 
@@ -50,16 +51,6 @@ def rd32(c: VfioUserClient, region: int, off: int) -> int:
 
 def wr32(c: VfioUserClient, region: int, off: int, value: int, **kw) -> None:
     c.region_write(region, off, struct.pack("<I", value), **kw)
-
-
-def wait_fd(fd: int, timeout: float = 5.0) -> int:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    if not ready:
-        return 0
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 # -- negotiation ------------------------------------------------------------------------------
@@ -167,7 +158,7 @@ def test_unknown_and_unsupported_commands(ticker, client):
     # libvfio-user answers EINVAL to all of them.
     expect = {99: errno.ENOSYS, Command.DIRTY_PAGES: errno.ENOTSUP, Command.DEVICE_FEATURE: errno.ENOTSUP}
     for command, err in expect.items():
-        got = err_of(lambda: client.request(command, b"\0" * 16))
+        got = err_of(lambda command=command: client.request(command, b"\0" * 16))
         assert got == (err if ticker.backend == PY else errno.EINVAL), command
 
 
@@ -222,7 +213,7 @@ def test_dma_copy_through_fd_mappings_raises_msix(client):
         wr32(client, 0, REG_SCRATCH, 4096)
         client.region_write(0, REG_DMA_SRC, struct.pack("<Q", 0x100000))
         client.region_write(0, REG_DMA_DST, struct.pack("<Q", 0x180000))
-        assert wait_fd(efds[1]) == 1  # vector 1 after the copy
+        assert efd_wait(efds[1]) == 1  # vector 1 after the copy
         assert ram.view[0x80000 : 0x80000 + 4096] == ram.view[0:4096]
         client.dma_unmap(0x100000, 1 << 20)
 
@@ -243,7 +234,7 @@ def test_dma_copy_through_messages(client):
                 break
         assert ram.view[0x80000 : 0x80000 + 8192] == ram.view[0:8192]
         assert client.dma_requests_served >= 2
-        assert wait_fd(efds[1]) == 1
+        assert efd_wait(efds[1]) == 1
 
 
 # -- interrupts --------------------------------------------------------------------------------
@@ -267,28 +258,28 @@ def test_irq_info(ticker, client):
 def test_msix_vectors_fire_on_doorbell(client):
     efds = client.enable_irqs(IrqIndex.MSIX, 2)
     wr32(client, 0, REG_DOORBELL, 0)
-    assert wait_fd(efds[0]) == 1
+    assert efd_wait(efds[0]) == 1
     wr32(client, 0, REG_DOORBELL, 1)
-    assert wait_fd(efds[1]) == 1
+    assert efd_wait(efds[1]) == 1
     assert rd32(client, 0, REG_RINGS) == 2
 
 
 def test_intx_fires_once_until_unmasked(client):
     (efd,) = client.enable_irqs(IrqIndex.INTX, 1)
     wr32(client, 0, REG_DOORBELL, 0)
-    assert wait_fd(efd) == 1
+    assert efd_wait(efd) == 1
     wr32(client, 0, REG_DOORBELL, 0)
-    assert wait_fd(efd, 0.2) == 0  # masked after firing
+    assert efd_wait(efd, 0.2) == 0  # masked after firing
     client.unmask_intx()
     wr32(client, 0, REG_DOORBELL, 0)
-    assert wait_fd(efd) == 1
+    assert efd_wait(efd) == 1
 
 
 def test_disable_index_stops_interrupts(client):
     efds = client.enable_irqs(IrqIndex.MSIX, 2)
     client.disable_irqs(IrqIndex.MSIX)
     wr32(client, 0, REG_DOORBELL, 0)
-    assert wait_fd(efds[0], 0.2) == 0
+    assert efd_wait(efds[0], 0.2) == 0
 
 
 # -- ioeventfds --------------------------------------------------------------------------------
@@ -305,7 +296,7 @@ def test_region_io_fds_shadow_record(ticker, client):
     assert (iofd.gpa_offset, iofd.size, iofd.type, iofd.shadow_offset) == (REG_DOORBELL, 4, IO_FD_TYPE_IOEVENTFD_SHADOW, 0)
     efds = client.enable_irqs(IrqIndex.MSIX, 2)
     iofd.emulate_post_write(1)  # what KVM POST_WRITE does: value in the shadow, then signal
-    assert wait_fd(efds[1]) == 1
+    assert efd_wait(efds[1]) == 1
     assert rd32(client, 0, REG_RINGS) == 1
 
 
@@ -364,7 +355,7 @@ def test_reconnect_keeps_device_state_and_drops_client_state(ticker):
         c.dma_map(0x100000, 1 << 20, ram)
         c.enable_irqs(IrqIndex.MSIX, 2)
         c.close()
-        assert ticker.wait_fd_count(ticker.baseline_fds) == ticker.baseline_fds  # fds released
+        assert ticker.wait_fds() == ticker.baseline_fds  # fds released
         c = ticker.connect()
         assert rd32(c, 0, REG_SCRATCH) == 0xC0FFEE
         # the old mapping is gone: mapping the same range again is accepted

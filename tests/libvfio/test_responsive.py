@@ -17,41 +17,47 @@ import time
 
 import pytest
 
-from libvfio_helpers import BACKENDS, DEADLINE, DeviceProcess, skip_unless_available
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient
 from vfio_user.constants import HEADER_SIZE, Command, IrqIndex, MsgType
 from vfio_user.protocol import encode
 from vfio_user.sample import REG_DMA_DST, REG_DMA_SRC, REG_ID, REG_SCRATCH, TICKER_ID
+from vfio_user.vmm.client import GuestRam, VfioUserClient
+
+from ..support.server import DEADLINE, ServerProcess
+from .libvfio_helpers import BACKENDS, skip_unless_available
 
 LIB = "libvfio-user"
 STALL = 0.5  #: --handshake-timeout of the servers that drop stalled clients
 
 
-def serve(request, tmp_path, backend: str, *extra: str):
+def serve(request, tmp_path, backend: str, *extra: str) -> ServerProcess:
     skip_unless_available(backend)
     probe = str(tmp_path / "probe.sock")
-    srv = DeviceProcess(backend, "ticker", str(tmp_path / "ticker.sock"), tmp_path / "server.stderr", "--probe", probe, *extra)
-    srv.probe_path = probe
+    srv = ServerProcess.device(backend, "ticker", str(tmp_path / "ticker.sock"), tmp_path / "server.log", "--probe", probe, *extra)
+    srv.baseline_fds = srv.fd_count()
     request.addfinalizer(lambda: _stop(srv))
     return srv
 
 
-def _stop(srv: DeviceProcess) -> None:
+def _stop(srv: ServerProcess) -> None:
     """Teardown: the server must still run (unless the test stopped it) and exit 0 on SIGTERM."""
     running = srv.alive()
-    srv.kill()
-    print(f"---- server stderr ({srv.backend}) ----")
-    print(srv.stderr()[-4000:])
-    assert srv.proc.returncode == 0, f"exit status {srv.proc.returncode} (running at teardown: {running})"
+    rc = srv.stop()
+    print(f"---- server log ({srv.backend}) ----")
+    print(srv.log()[-4000:])
+    assert rc == 0, f"exit status {rc} (running at teardown: {running})"
 
 
-def alive(srv: DeviceProcess, timeout: float = 2.0) -> bool:
+def probe_path(srv: ServerProcess) -> str:
+    return srv.argv[srv.argv.index("--probe") + 1]
+
+
+def alive(srv: ServerProcess, timeout: float = 2.0) -> bool:
     """Whether the server's event loop answers the probe within ``timeout`` seconds."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
-            s.connect(srv.probe_path)
+            s.connect(probe_path(srv))
             return s.recv(16) == b"alive\n"
         except (TimeoutError, socket.timeout):
             return False
@@ -79,7 +85,7 @@ def read_reply(s: socket.socket) -> tuple[int, int, bytes]:
     return msg_id, flags, body
 
 
-def negotiated(srv: DeviceProcess) -> socket.socket:
+def negotiated(srv: ServerProcess) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(srv.path)
     s.sendall(version_request())
@@ -145,7 +151,7 @@ def test_request_trickled_byte_by_byte(request, tmp_path, backend):
         s.close()
 
 
-def _slot_is_free(srv: DeviceProcess) -> None:
+def _slot_is_free(srv: ServerProcess) -> None:
     assert srv.alive()
     with srv.connect() as c:
         assert struct.unpack("<I", c.region_read(0, REG_ID, 4))[0] == TICKER_ID
@@ -170,9 +176,9 @@ def test_stalled_client_is_dropped_and_the_slot_freed(request, tmp_path, stage):
     finally:
         s.close()
     assert STALL * 0.5 <= took < STALL + 3.0, took
-    assert "no VERSION" in srv.stderr() if stage in ("silent", "half-version") else "stalled" in srv.stderr()
+    assert "no VERSION" in srv.log() if stage in ("silent", "half-version") else "stalled" in srv.log()
     _slot_is_free(srv)
-    assert srv.wait_fd_count(srv.baseline_fds) == srv.baseline_fds
+    assert srv.wait_fds(srv.baseline_fds) == srv.baseline_fds
 
 
 def test_idle_negotiated_client_is_kept(request, tmp_path):
@@ -181,7 +187,7 @@ def test_idle_negotiated_client_is_kept(request, tmp_path):
     with srv.connect() as c:
         time.sleep(STALL * 3)
         assert struct.unpack("<I", c.region_read(0, REG_ID, 4))[0] == TICKER_ID
-    assert "stalled" not in srv.stderr() and "no VERSION" not in srv.stderr()
+    assert "stalled" not in srv.log() and "no VERSION" not in srv.log()
 
 
 def _start_copy_through_messages(c: VfioUserClient, ram: GuestRam, size: int) -> list[int]:
@@ -225,9 +231,9 @@ def test_dma_never_answered_drops_the_client(request, tmp_path):
         finally:
             c.close()
     assert took < 0.5 + 3.0, took
-    assert "not answered" in srv.stderr()
+    assert "not answered" in srv.log()
     _slot_is_free(srv)
-    assert srv.wait_fd_count(srv.baseline_fds) == srv.baseline_fds
+    assert srv.wait_fds(srv.baseline_fds) == srv.baseline_fds
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -239,8 +245,7 @@ def test_sigterm_with_a_half_message_queued(request, tmp_path, backend):
         s.sendall(read_id_request(1)[: HEADER_SIZE + 5])
         assert alive(srv)
         t0 = time.monotonic()
-        srv.proc.terminate()
-        assert srv.proc.wait(5) == 0
+        assert srv.stop(timeout=5) == 0
         assert time.monotonic() - t0 < 5
     finally:
         s.close()

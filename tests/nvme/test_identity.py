@@ -34,7 +34,7 @@ def identities(args: argparse.Namespace) -> tuple[tuple, list[tuple]]:
 def test_two_sockets_get_distinct_controllers_and_ram_namespaces(tmp_path):
     a_ctrl, a_ns = identities(serve_args(str(tmp_path / "a.sock"), "ram:size=1M"))
     b_ctrl, b_ns = identities(serve_args(str(tmp_path / "b.sock"), "ram:size=1M"))
-    for x, y in zip(a_ctrl, b_ctrl):
+    for x, y in zip(a_ctrl, b_ctrl, strict=True):
         assert x != y
     assert not set(a_ns[0]) & set(b_ns[0])
     assert 1 <= a_ctrl[1] <= CNTLID_MAX and len(a_ctrl[0]) <= 20

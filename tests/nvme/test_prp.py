@@ -14,18 +14,14 @@ import struct
 
 import pytest
 
-from nvme_emu import spec
 from nvme_emu.prp import (
-    DataPointer,
     SglDescriptor,
     gather,
     is_bit_bucket,
-    map_data,
     prp_views,
     release_views,
     scatter,
     sgl_views,
-    transfer_length,
 )
 from nvme_emu.spec import NvmeError, SglType, Status
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
@@ -91,6 +87,11 @@ def guest():
         yield g
     finally:
         g.close()
+
+
+def transfer_length(views: list[memoryview]) -> int:
+    """Bytes the views cover, bit buckets included."""
+    return sum(len(v) for v in views)
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
@@ -444,38 +445,6 @@ def test_sgl_holes(guest):
     with pytest.raises(NvmeError) as ei:
         sgl_views(guest.mem, desc(SglType.DATA_BLOCK, (1 << 64) - 16, 512), 512, write=True)
     assert status_of(ei) == Status.DATA_TRANSFER_ERROR
-
-
-# ------------------------------------------------------------------------------- map_data ----
-
-
-def sqe(opcode: int, psdt: int, dptr: bytes) -> bytes:
-    b = bytearray(64)
-    struct.pack_into("<I", b, 0, opcode | (psdt << spec.CDW0_PSDT_SHIFT) | (0x1234 << 16))
-    b[spec.Sqe.DPTR : spec.Sqe.DPTR + 16] = dptr
-    return bytes(b)
-
-
-def test_map_data_prp_and_sgl(guest):
-    prp = sqe(spec.NvmOpcode.READ, spec.Psdt.PRP, struct.pack("<QQ", guest.page(1), guest.page(3)))
-    views = map_data(guest.mem, prp, 2 * PAGE, PAGE, True)
-    assert [len(v) for v in views] == [PAGE, PAGE]
-    release(views)
-    dp = DataPointer.from_sqe(prp)
-    assert (dp.psdt, dp.prp1, dp.prp2, dp.is_sgl) == (0, guest.page(1), guest.page(3), False)
-    sgl = sqe(spec.NvmOpcode.READ, spec.Psdt.SGL_MPTR_CONTIGUOUS, desc(SglType.DATA_BLOCK, guest.page(1) + 3, 777))
-    views = map_data(guest.mem, sgl, 777, PAGE, True)
-    assert transfer_length(views) == 777
-    release(views)
-    with pytest.raises(NvmeError) as ei:
-        map_data(guest.mem, sgl, 777, PAGE, True, allow_sgl=False)
-    assert status_of(ei) == Status.INVALID_FIELD
-    with pytest.raises(NvmeError) as ei:
-        map_data(guest.mem, sqe(2, 3, bytes(16)), 512, PAGE, True)
-    assert status_of(ei) == Status.INVALID_FIELD
-    views = map_data(guest.mem, DataPointer.from_prps(guest.page(9), 0), 64, PAGE, False)
-    assert transfer_length(views) == 64
-    release(views)
 
 
 def test_scatter_zero_fills_and_truncates(guest):

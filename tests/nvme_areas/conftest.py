@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-from area_helpers import Area, Guest, make_area
+from .area_helpers import Area, Guest, make_area
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ failed command leaves; Abort; no Keep Alive (KAS = 0)."""
 
 from __future__ import annotations
 
-from area_helpers import Area, sqe
+from .area_helpers import Area, sqe
 
 from nvme_emu.admin import AdminCommands, handlers_for
 from nvme_emu.spec import STATUS_DNR, AdminOpcode, FeatureId, Status

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.async_event import (
     MAX_QUEUED_EVENTS,
     async_event_request,
-    completion_dw0,
     deliver_events,
     doorbell_error,
     namespace_changed,
     post_event,
 )
 from nvme_emu.log_page import get_log_page
-from nvme_emu.spec import AdminOpcode, AsyncEventConfig, AsyncEventError, AsyncEventNotice, AsyncEventType, LogPageId, Status
-from nvme_emu.state import DEFERRED
+from nvme_emu.spec import (
+    AdminOpcode,
+    AsyncEventConfig,
+    AsyncEventError,
+    AsyncEventNotice,
+    AsyncEventType,
+    LogPageId,
+    Status,
+    async_event_dw0,
+)
+from nvme_emu.outcome import DEFERRED
 
 ERROR_EVENT = (AsyncEventType.ERROR, AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, LogPageId.ERROR_INFORMATION)
 
@@ -30,13 +38,13 @@ def test_aer_waits_for_an_event(area: Area):
     assert aer(area, 7) is DEFERRED
     assert area.record.named("complete") == []
     post_event(area.state, area.hooks, *ERROR_EVENT)
-    assert area.record.named("complete") == [(0, 7, Status.SUCCESS, completion_dw0(*ERROR_EVENT))]
+    assert area.record.named("complete") == [(0, 7, Status.SUCCESS, async_event_dw0(*ERROR_EVENT))]
 
 
 def test_completion_dw0_layout():
     # type in bits 2:0, information in 15:8, log page in 23:16
-    assert completion_dw0(AsyncEventType.NOTICE, 0x00, LogPageId.CHANGED_NAMESPACE_LIST) == 0x04_00_02
-    assert completion_dw0(AsyncEventType.ERROR, 0x01, LogPageId.ERROR_INFORMATION) == 0x01_01_00
+    assert async_event_dw0(AsyncEventType.NOTICE, 0x00, LogPageId.CHANGED_NAMESPACE_LIST) == 0x04_00_02
+    assert async_event_dw0(AsyncEventType.ERROR, 0x01, LogPageId.ERROR_INFORMATION) == 0x01_01_00
 
 
 def test_event_before_any_aer_is_kept(area: Area):

@@ -3,7 +3,7 @@ interrupt goes now or when a timer expires; a deleted CQ's timer delivers nothin
 
 from __future__ import annotations
 
-from area_helpers import BUF, Area
+from .area_helpers import BUF, Area
 
 from nvme_emu.coalescing import Coalescing
 from nvme_emu.queue import CompletionQueue

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.dbbuf import doorbell_buffer_config
 from nvme_emu.queue import CompletionQueue, SubmissionQueue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.features import get_features, io_queue_limit, reset, set_features
@@ -131,7 +131,7 @@ def test_io_command_set_profile(area: Area):
     assert get(area, FeatureId.IO_COMMAND_SET_PROFILE) == 0
     assert put(area, FeatureId.IO_COMMAND_SET_PROFILE, 0) == 0
     for bad in (1, 0x1FF):
-        assert status_of(lambda: put(area, FeatureId.IO_COMMAND_SET_PROFILE, bad)) == Status.IO_COMMAND_SET_COMBINATION_REJECTED
+        assert status_of(lambda bad=bad: put(area, FeatureId.IO_COMMAND_SET_PROFILE, bad)) == Status.IO_COMMAND_SET_COMBINATION_REJECTED
     assert get(area, FeatureId.IO_COMMAND_SET_PROFILE) == 0
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from area_helpers import Area, KeptPool, make_area, status_of
+from .area_helpers import Area, KeptPool, make_area, status_of
 
 from nvme_emu.format_nvm import format_nvm
 from nvme_emu.spec import NSID_ALL, AdminOpcode, Status
-from nvme_emu.state import DEFERRED
+from nvme_emu.outcome import DEFERRED
 
 LBAF_4K = 1  # LBA formats: 0 = 512 bytes, 1 = 4096 bytes
 
@@ -30,7 +30,7 @@ def test_format_erases_and_applies_the_new_format(area: Area):
 
 def test_metadata_and_protection_information_refused(area: Area):
     for cdw10 in (1 << 4, 1 << 5, 1 << 8):  # MSET, PI, PIL
-        assert status_of(lambda: fmt(area, cdw10=cdw10)) == Status.INVALID_FORMAT
+        assert status_of(lambda cdw10=cdw10: fmt(area, cdw10=cdw10)) == Status.INVALID_FORMAT
 
 
 def test_secure_erase_settings(area: Area):

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from area_helpers import BUF, Area, make_area, status_of
+from .area_helpers import BUF, Area, make_area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify
@@ -63,7 +63,7 @@ def test_io_command_set_structures_need_nvm_csi(area: Area):
     assert status_of(lambda: run_identify(area, Cns.IOCS_NAMESPACE, nsid=1, csi=Csi.NVM)) == Status.SUCCESS
     # a command set the controller does not support is an Invalid Field, not an empty list
     for csi in (Csi.KEY_VALUE, Csi.ZONED, 0xFF):
-        assert status_of(lambda: run_identify(area, Cns.IOCS_ACTIVE_NSID_LIST, csi=csi)) == Status.INVALID_FIELD
+        assert status_of(lambda csi=csi: run_identify(area, Cns.IOCS_ACTIVE_NSID_LIST, csi=csi)) == Status.INVALID_FIELD
     assert status_of(lambda: run_identify(area, Cns.IOCS_ACTIVE_NSID_LIST, csi=Csi.NVM)) == Status.SUCCESS
 
 

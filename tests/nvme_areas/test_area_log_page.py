@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import struct
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.log_page import get_log_page
 from nvme_emu.spec import AdminOpcode, CommandEffects, CriticalWarning, Csi, EffectsScope, FeatureId, LogPageId, NvmeError, NvmOpcode, Status
-from nvme_emu.state import TEMP_OVER
+from nvme_emu.spec import TEMP_OVER
 
 
 def read_log(area: Area, lid: int, length: int = 4096, *, offset: int = 0, nsid: int = 0, rae: bool = False, csi: int = 0) -> bytes:
@@ -34,7 +34,7 @@ def test_supported_log_pages_lists_what_is_served(area: Area):
     served = [lid for lid, v in enumerate(lids) if v & 1]
     assert served == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x12, 0x13]
     for lid in served:  # every listed page is readable
-        assert status_of(lambda: read_log(area, lid, 512)) == Status.SUCCESS
+        assert status_of(lambda lid=lid: read_log(area, lid, 512)) == Status.SUCCESS
 
 
 def test_error_information_newest_first(area: Area):

@@ -3,7 +3,7 @@ attachment, deletion, the Changed Namespace List and the notice, and the refusal
 
 from __future__ import annotations
 
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.namespace import Namespace, RamBackend

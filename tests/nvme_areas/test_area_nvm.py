@@ -7,7 +7,7 @@ import dataclasses
 import os
 import struct
 
-from area_helpers import BUF, Area, KeptPool, sqe, status_of
+from .area_helpers import BUF, Area, KeptPool, sqe, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify_controller
@@ -15,7 +15,7 @@ from nvme_emu.log_page import smart_log
 from nvme_emu.namespace import FileBackend, Namespace, RamBackend
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.spec import NSID_ALL, CriticalWarning, NvmOpcode, Oncs, RwCdw12, Status
-from nvme_emu.state import DEFERRED
+from nvme_emu.outcome import DEFERRED
 
 
 def rw(opc: int, slba: int, nlb: int, *, nsid: int = 1, cid: int = 1, cdw12: int = 0) -> tuple:

@@ -4,11 +4,11 @@ names for each bad field, the queue objects made, and the queue events announced
 from __future__ import annotations
 
 import pytest
-from area_helpers import BUF, Area, status_of
+from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
 from nvme_emu.spec import AdminOpcode, Cc, Status
-from nvme_emu.state import DEFERRED
+from nvme_emu.outcome import DEFERRED
 
 CQ_BASE, SQ_BASE = BUF, BUF + 0x10000
 
@@ -86,8 +86,8 @@ def test_delete_cq_with_sq_is_invalid_deletion(area: Area):
 
 def test_delete_missing_or_admin_queue(area: Area):
     for handler in (delete_io_sq, delete_io_cq):
-        assert status_of(lambda: delete(area, handler, 0)) == Status.INVALID_QUEUE_IDENTIFIER
-        assert status_of(lambda: delete(area, handler, 3)) == Status.INVALID_QUEUE_IDENTIFIER
+        assert status_of(lambda handler=handler: delete(area, handler, 0)) == Status.INVALID_QUEUE_IDENTIFIER
+        assert status_of(lambda handler=handler: delete(area, handler, 3)) == Status.INVALID_QUEUE_IDENTIFIER
 
 
 def test_delete_sq_with_commands_in_flight_completes_after_them(area: Area):

@@ -1,4 +1,3 @@
-"""Fixtures of this suite live in ctrl_helpers.py (a unique module name: `conftest` is ambiguous
-when several suites run in one pytest process, so tests import helpers from there)."""
+"""The suite's fixtures are defined in ctrl_helpers.py and made visible to its tests here."""
 
-from ctrl_helpers import *  # noqa: F401,F403  (re-export the fixtures)
+from .ctrl_helpers import disk, inproc, io, namespaces, nvme, server, spawn  # noqa: F401

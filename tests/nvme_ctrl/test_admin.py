@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from ctrl_helpers import NOOP_ADMIN, Nvme, no_completion
+from ..support.host import Host
+from .ctrl_helpers import NOOP_ADMIN
 from nvme_emu import structures as st
 from nvme_emu.host import HostDoorbells, ShadowBufferDoorbells
 from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0
@@ -18,20 +19,20 @@ AER = AdminOpcode.ASYNC_EVENT_REQUEST
 # -- Asynchronous Event Request --------------------------------------------------------------
 
 
-def test_aer_limit_exceeded(nvme: Nvme):
+def test_aer_limit_exceeded(nvme: Host):
     cids = [nvme.submit(0, AER) for _ in range(4)]  # AERL = 3: four may be outstanding
     extra = nvme.admin(AER)
     assert extra.status == Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED
     assert extra.dnr
     for cid in cids:
-        assert no_completion(nvme, 0, cid)
+        assert nvme.no_completion(0, cid)
     assert nvme.admin(**NOOP_ADMIN).status == Status.SUCCESS  # the queue goes on
 
 
-def test_aer_invalid_doorbell_write_value(io: Nvme):
+def test_aer_invalid_doorbell_write_value(io: Host):
     io.write_ok(1, 1, 0, os.urandom(512))
     aer = io.submit(0, AER)
-    assert no_completion(io, 0, aer)
+    assert io.no_completion(0, aer)
     q = io.host.queues[1]
     io.host.doorbells.ring(2, q.depth)  # SQ 1 tail = 64 >= its 64 entries
     c = io.wait_cid(0, aer)
@@ -45,25 +46,25 @@ def test_aer_invalid_doorbell_write_value(io: Nvme):
     assert io.read_ok(1, 1, 8, 2) == data
 
 
-def test_aer_error_events_masked_until_log_read(io: Nvme):
+def test_aer_error_events_masked_until_log_read(io: Host):
     a1, a2 = io.submit(0, AER), io.submit(0, AER)
     io.host.doorbells.ring(2 * 9, 1)  # SQ 9 does not exist: invalid doorbell register
     first = io.wait_cid(0, a1)
     assert first.dw0 == async_event_dw0(0, 0, LogPageId.ERROR_INFORMATION)
     io.host.doorbells.ring(2 * 1 + 1, 64)  # CQ 1 head 64 >= 64 entries: write value
-    assert no_completion(io, 0, a2)  # error events are masked until the log is read
+    assert io.no_completion(0, a2)  # error events are masked until the log is read
     c, _ = io.get_log(LogPageId.ERROR_INFORMATION, 64, rae=True)  # RAE: stays masked
-    assert c.status == Status.SUCCESS and no_completion(io, 0, a2)
+    assert c.status == Status.SUCCESS and io.no_completion(0, a2)
     c, _ = io.get_log(LogPageId.ERROR_INFORMATION, 64)
     assert c.status == Status.SUCCESS
     second = io.wait_cid(0, a2)
     assert second.dw0 == async_event_dw0(0, 1, LogPageId.ERROR_INFORMATION)
 
 
-def test_aer_temperature_event(nvme: Nvme):
+def test_aer_temperature_event(nvme: Host):
     assert nvme.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, 1 << 1).status == Status.SUCCESS
     aer = nvme.submit(0, AER)
-    assert no_completion(nvme, 0, aer)
+    assert nvme.no_completion(0, aer)
     c = nvme.set_features(FeatureId.TEMPERATURE_THRESHOLD, 300)  # over-temperature below 313 K
     assert c.status == Status.SUCCESS
     ev = nvme.wait_cid(0, aer)
@@ -77,13 +78,13 @@ def test_aer_temperature_event(nvme: Nvme):
     assert st.SmartLog.parse(data).critical_warning == 0
 
 
-def test_aer_temperature_event_not_sent_when_disabled(nvme: Nvme):
+def test_aer_temperature_event_not_sent_when_disabled(nvme: Host):
     aer = nvme.submit(0, AER)
     assert nvme.set_features(FeatureId.TEMPERATURE_THRESHOLD, 300).status == Status.SUCCESS
-    assert no_completion(nvme, 0, aer)
+    assert nvme.no_completion(0, aer)
 
 
-def test_aer_namespace_change_after_format(io: Nvme):
+def test_aer_namespace_change_after_format(io: Host):
     assert io.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, 1 << 8).status == Status.SUCCESS
     aer = io.submit(0, AER)
     assert io.admin(AdminOpcode.FORMAT_NVM, nsid=1, cdw10=1).status == Status.SUCCESS
@@ -94,7 +95,7 @@ def test_aer_namespace_change_after_format(io: Nvme):
     assert st.ChangedNamespaceList.parse(data).nsids[:2] == [1, 0]
 
 
-def test_aer_event_waits_for_a_request(nvme: Nvme):
+def test_aer_event_waits_for_a_request(nvme: Host):
     assert nvme.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, 1 << 8).status == Status.SUCCESS
     assert nvme.admin(AdminOpcode.FORMAT_NVM, nsid=3, cdw10=0).status == Status.SUCCESS
     ev = nvme.admin(AER)  # the event was queued; this request picks it up
@@ -105,7 +106,7 @@ def test_aer_event_waits_for_a_request(nvme: Nvme):
 # -- Abort, Keep Alive (not supported) ----------------------------------------------------------------------
 
 
-def test_abort(io: Nvme):
+def test_abort(io: Host):
     c = io.admin(AdminOpcode.ABORT, cdw10=1 | 5 << 16)
     assert c.status == Status.SUCCESS
     assert c.dw0 & 1 == 1  # not aborted: it had already completed
@@ -113,7 +114,7 @@ def test_abort(io: Nvme):
     assert io.admin(AdminOpcode.ABORT, cdw10=9 | 1 << 16).status == Status.INVALID_FIELD
 
 
-def test_keep_alive_is_not_supported_as_kas_is_0(nvme: Nvme):
+def test_keep_alive_is_not_supported_as_kas_is_0(nvme: Host):
     """KAS = 0: neither the Keep Alive command nor the Keep Alive Timer feature exists."""
     c, data = nvme.identify(Cns.CONTROLLER)
     assert st.IdentifyController.parse(data).kas == 0
@@ -125,7 +126,7 @@ def test_keep_alive_is_not_supported_as_kas_is_0(nvme: Nvme):
 # -- Format NVM --------------------------------------------------------------------------------
 
 
-def test_format_512_to_4096(io: Nvme):
+def test_format_512_to_4096(io: Host):
     io.write_ok(1, 1, 0, os.urandom(64 * 1024))
     _, before = io.identify(Cns.NAMESPACE, nsid=1)
     assert st.IdentifyNamespace.parse(before).flbas == 0
@@ -145,7 +146,7 @@ def test_format_512_to_4096(io: Nvme):
     assert io.read_ok(1, 1, 24, 16) == bytes(8192)
 
 
-def test_format_all_namespaces(io: Nvme):
+def test_format_all_namespaces(io: Host):
     for nsid, lba in ((1, 512), (2, 4096), (3, 512)):
         io.write_ok(1, nsid, 0, b"\x77" * lba, lba_size=lba)
     assert io.admin(AdminOpcode.FORMAT_NVM, nsid=0xFFFFFFFF, cdw10=1).status == Status.SUCCESS
@@ -166,7 +167,7 @@ def test_format_all_namespaces(io: Nvme):
         (2 << 9, Status.INVALID_FIELD),  # cryptographic erase
     ],
 )
-def test_format_refusals(io: Nvme, cdw10: int, status: int):
+def test_format_refusals(io: Host, cdw10: int, status: int):
     data = os.urandom(512)
     io.write_ok(1, 1, 0, data)
     assert io.admin(AdminOpcode.FORMAT_NVM, nsid=1, cdw10=cdw10).status == status
@@ -174,12 +175,12 @@ def test_format_refusals(io: Nvme, cdw10: int, status: int):
     assert st.IdentifyNamespace.parse(io.identify(Cns.NAMESPACE, nsid=1)[1]).flbas == 0
 
 
-def test_format_bad_namespace(nvme: Nvme):
+def test_format_bad_namespace(nvme: Host):
     assert nvme.admin(AdminOpcode.FORMAT_NVM, nsid=9, cdw10=0).status == Status.INVALID_NAMESPACE_OR_FORMAT
     assert nvme.admin(AdminOpcode.FORMAT_NVM, nsid=0, cdw10=0).status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_format_with_user_data_erase(io: Nvme):
+def test_format_with_user_data_erase(io: Host):
     io.write_ok(1, 3, 0, b"\x11" * 4096)
     assert io.admin(AdminOpcode.FORMAT_NVM, nsid=3, cdw10=1 << 9).status == Status.SUCCESS
     assert io.read_ok(1, 3, 0, 8) == bytes(4096)
@@ -188,7 +189,7 @@ def test_format_with_user_data_erase(io: Nvme):
 # -- Doorbell Buffer Config -------------------------------------------------------------------
 
 
-def test_doorbell_buffer_config_refusals(nvme: Nvme):
+def test_doorbell_buffer_config_refusals(nvme: Host):
     page = nvme.alloc(2 * 4096)
     dbbc = AdminOpcode.DOORBELL_BUFFER_CONFIG
     assert nvme.admin(dbbc, prp1=page + 8, prp2=page + 4096).status == Status.INVALID_FIELD
@@ -197,7 +198,7 @@ def test_doorbell_buffer_config_refusals(nvme: Nvme):
     assert nvme.admin(dbbc, prp1=0x4000_0000, prp2=page).status == Status.DATA_TRANSFER_ERROR
 
 
-def test_io_through_shadow_doorbells(nvme: Nvme):
+def test_io_through_shadow_doorbells(nvme: Host):
     shadow, eventidx = nvme.alloc(4096), nvme.alloc(4096)
     assert nvme.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=shadow, prp2=eventidx).status == Status.SUCCESS
     dbs = ShadowBufferDoorbells(HostDoorbells(nvme.client), nvme.mem, shadow, eventidx)
@@ -226,14 +227,14 @@ def test_io_through_shadow_doorbells(nvme: Nvme):
 
 
 @pytest.mark.parametrize("opc", [0x03, 0x07, 0x0B, AdminOpcode.VIRTUALIZATION_MANAGEMENT, AdminOpcode.FIRMWARE_COMMIT, AdminOpcode.SANITIZE, 0x7E, 0xC0, 0xFF])
-def test_unknown_admin_opcode(nvme: Nvme, opc: int):
+def test_unknown_admin_opcode(nvme: Host, opc: int):
     c = nvme.admin(opc, nsid=1)
     assert c.status == Status.INVALID_OPCODE
     assert c.dnr
 
 
 @pytest.mark.parametrize("psdt", [1, 2])
-def test_admin_sgl_is_invalid_field(nvme: Nvme, psdt: int):
+def test_admin_sgl_is_invalid_field(nvme: Host, psdt: int):
     buf = nvme.alloc(4096)
     sgl = struct.pack("<QI3xB", buf, 4096, 0)  # a Data Block descriptor
     prp1, prp2 = struct.unpack("<QQ", sgl)
@@ -242,11 +243,11 @@ def test_admin_sgl_is_invalid_field(nvme: Nvme, psdt: int):
     assert nvme.read_mem(buf, 4096) == bytes(4096)
 
 
-def test_fused_admin_is_invalid_field(nvme: Nvme):
+def test_fused_admin_is_invalid_field(nvme: Host):
     assert nvme.admin(**NOOP_ADMIN, flags=1).status == Status.INVALID_FIELD
 
 
-def test_admin_queue_wraps(nvme: Nvme):
+def test_admin_queue_wraps(nvme: Host):
     for _ in range(3 * 32 + 5):  # the admin queues have 32 entries
         assert nvme.admin(**NOOP_ADMIN).status == Status.SUCCESS
     assert nvme.reg32(Reg.CSTS) & 1
@@ -255,8 +256,8 @@ def test_admin_queue_wraps(nvme: Nvme):
 def test_invalid_doorbell_value_leaves_the_queue_state_alone(inproc):
     """Looked at from inside: the SQ tail is unchanged and the event is queued for an AER."""
     srv = inproc()
-    ctrl = srv.function.controller
-    n = Nvme(srv.path)
+    ctrl = srv.device.controller
+    n = Host(srv.path)
     try:
         n.set_queues(1)
         n.create_pair(1, 16)

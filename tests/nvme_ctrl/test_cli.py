@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from ctrl_helpers import Nvme, ServerProcess, server_env
+from ..support.host import Host
+from ..support.server import NVME_EMU_READY, ServerProcess, child_env
 from nvme_emu.cli import DEFAULT_SOCKET
 from nvme_emu.spec import Cns, Status
 from nvme_emu import structures as st
@@ -34,10 +35,9 @@ def test_no_arguments_serves_on_the_default_socket(tmp_path):
         pytest.skip(f"{DEFAULT_SOCKET} is in use by another server")
     if os.path.exists(DEFAULT_SOCKET):
         os.unlink(DEFAULT_SOCKET)  # stale: nobody answers on it
-    srv = ServerProcess([], DEFAULT_SOCKET, tmp_path / "noargs.log", cwd=str(tmp_path))
+    srv = ServerProcess([sys.executable, "-m", "nvme_emu"], DEFAULT_SOCKET, tmp_path / "noargs.log", ready=NVME_EMU_READY, cwd=tmp_path)
     try:
-        srv.start()
-        n = Nvme(DEFAULT_SOCKET)
+        n = Host(DEFAULT_SOCKET)
         try:
             c, data = n.identify(Cns.CONTROLLER)
             assert c.status == Status.SUCCESS
@@ -69,11 +69,11 @@ def test_no_arguments_serves_on_the_default_socket(tmp_path):
 
 def test_serve_refuses_a_live_socket(spawn):
     first = spawn("ram:size=16M")
-    args = ["serve", "--socket", first.sock, "--namespace", "ram:size=16M"]
-    out = subprocess.run([sys.executable, "-m", "nvme_emu", *args], capture_output=True, text=True, env=server_env(), timeout=60)
+    args = ["serve", "--socket", first.path, "--namespace", "ram:size=16M"]
+    out = subprocess.run([sys.executable, "-m", "nvme_emu", *args], capture_output=True, text=True, env=child_env(), timeout=60)
     assert out.returncode == 1
     assert "in use" in out.stderr
-    n = Nvme(first.sock)  # the first server is untouched
+    n = Host(first.path)  # the first server is untouched
     try:
         assert n.identify(Cns.CONTROLLER)[0].status == Status.SUCCESS
     finally:

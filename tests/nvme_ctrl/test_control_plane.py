@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from ctrl_helpers import PAGE, Nvme, no_completion, server_env
+from ..support.host import Host
+from ..support.server import child_env
+from .ctrl_helpers import PAGE
 from nvme_emu import structures as st
 from nvme_emu.ctl import ControlClient, default_control_socket
 from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
@@ -37,37 +39,37 @@ NS_ATTRIBUTE_CHANGED = async_event_dw0(2, 0, LogPageId.CHANGED_NAMESPACE_LIST)
 
 @pytest.fixture
 def ctl(server):
-    with ControlClient(default_control_socket(server.sock)) as client:
+    with ControlClient(default_control_socket(server.path)) as client:
         yield client
 
 
-def active_nsids(n: Nvme, cns: int = Cns.ACTIVE_NSID_LIST) -> list[int]:
+def active_nsids(n: Host, cns: int = Cns.ACTIVE_NSID_LIST) -> list[int]:
     c, data = n.identify(cns)
     assert c.status == Status.SUCCESS
     return [x for x in st.NsidList.parse(data).nsids if x]
 
 
-def changed_nsids(n: Nvme) -> list[int]:
+def changed_nsids(n: Host) -> list[int]:
     c, data = n.get_log(LogPageId.CHANGED_NAMESPACE_LIST, 4096)
     assert c.status == Status.SUCCESS
     return [x for x in struct.unpack("<1024I", data) if x]
 
 
-def enable_ns_notices(n: Nvme) -> int:
+def enable_ns_notices(n: Host) -> int:
     """Ask for Namespace Attribute Changed notices and post one AER; its CID."""
     assert n.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, AsyncEventConfig.NAMESPACE_ATTRIBUTE).status == Status.SUCCESS
     aer = n.submit(0, AER)
-    assert no_completion(n, 0, aer)
+    assert n.no_completion(0, aer)
     return aer
 
 
-def media_errors(n: Nvme) -> int:
+def media_errors(n: Host) -> int:
     c, data = n.get_log(LogPageId.SMART_HEALTH, 512)
     assert c.status == Status.SUCCESS
     return st.SmartLog.parse(data).media_errors
 
 
-def newest_error(n: Nvme):
+def newest_error(n: Host):
     c, data = n.get_log(LogPageId.ERROR_INFORMATION, 64)
     assert c.status == Status.SUCCESS
     return st.ErrorLogEntry.parse(data)
@@ -78,9 +80,9 @@ def newest_error(n: Nvme):
 
 def test_control_socket_is_owner_only_and_can_be_off(spawn, tmp_path):
     srv = spawn("ram:size=16M")
-    assert stat.S_IMODE(os.stat(default_control_socket(srv.sock)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(default_control_socket(srv.path)).st_mode) == 0o600
     off = spawn("ram:size=16M", extra=["--ctl-socket", "off"])
-    assert not os.path.exists(default_control_socket(off.sock))
+    assert not os.path.exists(default_control_socket(off.path))
 
 
 def test_bad_requests_read_as_errors(ctl):
@@ -94,7 +96,7 @@ def test_bad_requests_read_as_errors(ctl):
     assert ctl.controllers()[0]["active_namespaces"] == [1, 2, 3]  # the connection goes on
 
 
-def test_stats_and_listing(ctl, io: Nvme):
+def test_stats_and_listing(ctl, io: Host):
     io.write_ok(1, 1, 0, os.urandom(4096))
     stats = ctl.stats()
     assert stats["queues"]["sq1"]["commands"] >= 1 and stats["doorbell_mode"] == "trap"
@@ -109,7 +111,7 @@ def test_stats_and_listing(ctl, io: Nvme):
 # -- namespaces at runtime -------------------------------------------------------------------
 
 
-def test_namespace_added_and_removed_at_runtime(ctl, io: Nvme):
+def test_namespace_added_and_removed_at_runtime(ctl, io: Host):
     aer = enable_ns_notices(io)
     added = ctl.ns_add(spec="ram:size=8M,lba=4096")
     assert added["nsid"] == 4 and added["attached"]
@@ -129,18 +131,18 @@ def test_namespace_added_and_removed_at_runtime(ctl, io: Nvme):
     assert [ns["nsid"] for ns in ctl.namespaces()] == [1, 2, 3]
 
 
-def create_ns(n: Nvme, nsze: int, *, ncap: int | None = None, lbaf: int = 0):
+def create_ns(n: Host, nsze: int, *, ncap: int | None = None, lbaf: int = 0):
     buf = n.alloc(PAGE)
     n.write_mem(buf, st.build_identify_namespace(nsze=nsze, ncap=nsze if ncap is None else ncap, flbas=flbas_encode(lbaf)))
     return n.admin(AdminOpcode.NAMESPACE_MANAGEMENT, prp1=buf, cdw10=0)
 
 
-def own_cntlid(n: Nvme) -> int:
+def own_cntlid(n: Host) -> int:
     """This controller's ID (derived from its serial number, see nvme_emu/identity.py)."""
     return st.IdentifyController.parse(n.identify(Cns.CONTROLLER)[1]).cntlid
 
 
-def attachment(n: Nvme, nsid: int, sel: int, cntlids=None):
+def attachment(n: Host, nsid: int, sel: int, cntlids=None):
     if cntlids is None:
         cntlids = (own_cntlid(n),)
     buf = n.alloc(PAGE)
@@ -148,7 +150,7 @@ def attachment(n: Nvme, nsid: int, sel: int, cntlids=None):
     return n.admin(AdminOpcode.NAMESPACE_ATTACHMENT, nsid=nsid, prp1=buf, cdw10=sel)
 
 
-def test_namespace_management_and_attachment(ctl, io: Nvme):
+def test_namespace_management_and_attachment(ctl, io: Host):
     c, ctrl = io.identify(Cns.CONTROLLER)
     idc = st.IdentifyController.parse(ctrl)
     assert idc.oacs & (1 << 3) and idc.mnan == idc.nn
@@ -182,7 +184,7 @@ def test_namespace_management_and_attachment(ctl, io: Nvme):
     assert io.admin(AdminOpcode.NAMESPACE_MANAGEMENT, nsid=4, cdw10=1).status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_namespace_management_refusals(io: Nvme):
+def test_namespace_management_refusals(io: Host):
     assert create_ns(io, 100, ncap=50).status == Status.THIN_PROVISIONING_NOT_SUPPORTED
     assert create_ns(io, 1 << 40).status == Status.NAMESPACE_INSUFFICIENT_CAPACITY
     assert create_ns(io, 100, lbaf=5).status == Status.INVALID_FORMAT
@@ -195,7 +197,7 @@ def test_created_namespace_file_in_ns_dir(spawn, tmp_path):
     ns_dir = tmp_path / "namespaces"
     ns_dir.mkdir()
     srv = spawn("ram:size=16M", extra=["--ns-dir", str(ns_dir)])
-    n = Nvme(srv.sock)
+    n = Host(srv.path)
     try:
         assert create_ns(n, 4096).dw0 == 2
         assert (ns_dir / "ns2.img").stat().st_size == 4096 * 512
@@ -208,7 +210,7 @@ def test_created_namespace_file_in_ns_dir(spawn, tmp_path):
 # -- faults ----------------------------------------------------------------------------------
 
 
-def test_media_error_on_a_range(ctl, io: Nvme):
+def test_media_error_on_a_range(ctl, io: Host):
     before = media_errors(io)
     fault = ctl.fault_add(kind="media", nsid=1, slba=100, nlb=8, op="read")
     c, _ = io.read(1, 1, 96, 8)
@@ -227,7 +229,7 @@ def test_media_error_on_a_range(ctl, io: Nvme):
     io.read_ok(1, 1, 96, 8)
 
 
-def test_write_fault_counts_down(ctl, io: Nvme):
+def test_write_fault_counts_down(ctl, io: Host):
     ctl.fault_add(kind="media", nsid=3, op="write", remaining=1)
     data = os.urandom(512)
     c = io.write(1, 3, 5, data)
@@ -237,7 +239,7 @@ def test_write_fault_counts_down(ctl, io: Nvme):
 
 
 @pytest.mark.parametrize("nsid", [1, 3], ids=["ram", "file"])
-def test_latency_holds_the_completion(ctl, io: Nvme, nsid: int):
+def test_latency_holds_the_completion(ctl, io: Host, nsid: int):
     ctl.fault_add(kind="latency", nsid=nsid, us=300_000, op="write", remaining=1)
     started = time.monotonic()
     io.write_ok(1, nsid, 0, os.urandom(512))
@@ -252,11 +254,11 @@ def test_latency_distributions_are_validated(ctl):
     assert fault["dist"] == "exponential"
 
 
-def test_dropped_completion_then_reset(ctl, io: Nvme):
+def test_dropped_completion_then_reset(ctl, io: Host):
     ctl.fault_add(kind="drop", nsid=1, remaining=1)
     lost = io.submit(1, 0x02, nsid=1, prp1=io.alloc(512), cdw10=0, cdw12=0)
     io.read_ok(1, 1, 0, 1)  # after the lost one on the same SQ: the device keeps serving
-    assert no_completion(io, 1, lost)
+    assert io.no_completion(1, lost)
     assert ctl.fault_list()["counters"]["dropped"] == 1
     io.host.disable()  # what a host's timeout handling ends with
     io.enable()
@@ -265,12 +267,12 @@ def test_dropped_completion_then_reset(ctl, io: Nvme):
     io.read_ok(1, 1, 0, 1)
 
 
-def test_fatal_status_until_reset(ctl, io: Nvme):
+def test_fatal_status_until_reset(ctl, io: Host):
     state = ctl.fatal(reason="test")
     assert state["fatal"]
     assert io.reg32(Reg.CSTS) & Csts.CFS
     cid = io.submit(1, 0x02, nsid=1, prp1=io.alloc(512))
-    assert no_completion(io, 1, cid)  # nothing is processed
+    assert io.no_completion(1, cid)  # nothing is processed
     io.host.disable()
     assert not io.reg32(Reg.CSTS) & Csts.CFS
     io.enable()
@@ -282,8 +284,8 @@ def test_fatal_status_until_reset(ctl, io: Nvme):
 
 def test_ctl_command_line(server):
     def ctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nvme_emu", "ctl", "--socket", default_control_socket(server.sock), *args],
-                              capture_output=True, text=True, env=server_env(), timeout=60)
+        return subprocess.run([sys.executable, "-m", "nvme_emu", "ctl", "--socket", default_control_socket(server.path), *args],
+                              capture_output=True, text=True, env=child_env(), timeout=60)
 
     added = ctl("fault", "media", "--nsid", "2", "--slba", "5", "--nlb", "1", "--op", "write", "--count", "2")
     assert added.returncode == 0, added.stderr

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from ctrl_helpers import PAGE, Nvme
+from ..support.host import Host
+from .ctrl_helpers import PAGE
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import Status
 
@@ -16,7 +17,7 @@ MDTS_BYTES = 512 * 1024
 DATA, BUCKET, SEGMENT, LAST = 0x0, 0x1, 0x2, 0x3
 
 
-def scattered_pages(io: Nvme, n: int) -> list[int]:
+def scattered_pages(io: Host, n: int) -> list[int]:
     """``n`` page addresses in a shuffled order (so contiguity cannot hide a bug)."""
     base = io.alloc((n + 1) * PAGE)
     pages = [base + PAGE * i for i in range(n + 1)]
@@ -24,7 +25,7 @@ def scattered_pages(io: Nvme, n: int) -> list[int]:
     return pages[:n]
 
 
-def prp_transfer(io: Nvme, length: int, offset: int = 0) -> tuple[int, int, list[tuple[int, int]]]:
+def prp_transfer(io: Host, length: int, offset: int = 0) -> tuple[int, int, list[tuple[int, int]]]:
     """PRP1/PRP2 and the (iova, len) pieces for a transfer over scattered pages."""
     first = min(length, PAGE - offset)
     rest = length - first
@@ -44,20 +45,20 @@ def prp_transfer(io: Nvme, length: int, offset: int = 0) -> tuple[int, int, list
     return pages[0] + offset, plist, pieces
 
 
-def fill(io: Nvme, pieces, data: bytes) -> None:
+def fill(io: Host, pieces, data: bytes) -> None:
     pos = 0
     for addr, n in pieces:
         io.write_mem(addr, data[pos : pos + n])
         pos += n
 
 
-def gather(io: Nvme, pieces) -> bytes:
+def gather(io: Host, pieces) -> bytes:
     return b"".join(io.read_mem(addr, n) for addr, n in pieces)
 
 
 @pytest.mark.parametrize("length", [4096, 8192, 128 * 1024, MDTS_BYTES])
 @pytest.mark.parametrize("offset", [0, 0x200, 0xFFC])
-def test_prp_transfers(io: Nvme, length: int, offset: int):
+def test_prp_transfers(io: Host, length: int, offset: int):
     data = os.urandom(length)
     p1, p2, pieces = prp_transfer(io, length, offset)
     fill(io, pieces, data)
@@ -69,7 +70,7 @@ def test_prp_transfers(io: Nvme, length: int, offset: int):
     assert gather(io, pieces) == data
 
 
-def test_prp1_offset_small_transfer_in_one_page(io: Nvme):
+def test_prp1_offset_small_transfer_in_one_page(io: Host):
     data = os.urandom(1024)
     buf = io.alloc(PAGE)
     io.write_mem(buf + 0x400, data)
@@ -77,14 +78,32 @@ def test_prp1_offset_small_transfer_in_one_page(io: Nvme):
     assert io.read_ok(1, 1, 7, 2) == data
 
 
-def test_mdts_plus_one_page_is_invalid_field(io: Nvme):
+@pytest.mark.parametrize("offset, length", [(100, 3584), (100, PAGE), (100, 2 * PAGE), (3072, 3 * PAGE + 1024)])
+def test_support_prp_builder_counts_prp1_offset(io: Host, offset: int, length: int):
+    """The harness's own PRP builder (tests.support.host.prps), checked against the server: a
+    buffer that starts ``offset`` bytes into a page spans one more page than ``length`` says
+    whenever the tail spills over, and the entries after PRP1 must be page aligned."""
+    base = io.alloc(-(-(offset + length) // PAGE) * PAGE)
+    buf = base + offset
+    prp1, prp2 = io.prps(buf, length)
+    assert prp1 == buf
+    data = os.urandom(length)
+    io.write_mem(buf, data)
+    assert io.io(1, Op.WRITE, 1, 200, length // 512, prp1=prp1, prp2=prp2).status == Status.SUCCESS
+    assert io.read_ok(1, 1, 200, length // 512) == data
+    io.write_mem(buf, bytes(length))
+    assert io.io(1, Op.READ, 1, 200, length // 512, prp1=prp1, prp2=prp2).status == Status.SUCCESS
+    assert io.read_mem(buf, length) == data
+
+
+def test_mdts_plus_one_page_is_invalid_field(io: Host):
     length = MDTS_BYTES + 4096
     p1, p2, _ = prp_transfer(io, length)
     for op in (Op.READ, Op.WRITE, Op.COMPARE):
         assert io.io(1, op, 1, 0, length // 512, prp1=p1, prp2=p2).status == Status.INVALID_FIELD, op
 
 
-def test_prp_list_chained_across_list_pages(io: Nvme):
+def test_prp_list_chained_across_list_pages(io: Host):
     """A PRP list starting 4 entries before a page end: 3 entries, then a chain pointer."""
     length = 64 * 1024  # 16 pages: PRP1 + 15 list entries
     pages = scattered_pages(io, 16)
@@ -103,7 +122,7 @@ def test_prp_list_chained_across_list_pages(io: Nvme):
     assert gather(io, pieces) == data
 
 
-def test_prp_offset_errors(io: Nvme):
+def test_prp_offset_errors(io: Host):
     buf = io.alloc(4 * PAGE)
     assert io.io(1, Op.READ, 1, 0, 1, prp1=buf + 2).status == Status.PRP_OFFSET_INVALID  # not dword aligned
     assert io.io(1, Op.READ, 1, 0, 16, prp1=buf, prp2=buf + PAGE + 0x200).status == Status.PRP_OFFSET_INVALID
@@ -120,12 +139,12 @@ def desc(addr: int, length: int, kind: int) -> bytes:
     return struct.pack("<QI3xB", addr, length, kind << 4)
 
 
-def sgl_io(io: Nvme, op: int, slba: int, nlb: int, sgl1: bytes, nsid: int = 1):
+def sgl_io(io: Host, op: int, slba: int, nlb: int, sgl1: bytes, nsid: int = 1):
     p1, p2 = struct.unpack("<QQ", sgl1)
     return io.io(1, op, nsid, slba, nlb, prp1=p1, prp2=p2, flags=1 << 6)
 
 
-def test_sgl_single_data_block(io: Nvme):
+def test_sgl_single_data_block(io: Host):
     data = os.urandom(8192)
     buf = io.alloc(3 * PAGE)
     io.write_mem(buf + 100, data)  # no alignment needed
@@ -136,7 +155,7 @@ def test_sgl_single_data_block(io: Nvme):
     assert io.read_mem(out + 3, 8192) == data
 
 
-def test_sgl_segment_and_last_segment_chain_across_pages(io: Nvme):
+def test_sgl_segment_and_last_segment_chain_across_pages(io: Host):
     data = os.urandom(12 * 1024)
     chunks = [(0, 1000), (1000, 3096), (4096, 512), (4608, 7680)]  # arbitrary lengths
     bufs = [io.alloc(n + 64, align=8) + 3 for _, n in chunks]
@@ -145,19 +164,19 @@ def test_sgl_segment_and_last_segment_chain_across_pages(io: Nvme):
     seg2 = seg_pages + 2 * PAGE + 16  # in another page
     # segment 1: data chunk 0, then the Last Segment descriptor -> segment 2 with chunks 1..3
     io.write_mem(seg1, desc(bufs[0], chunks[0][1], DATA) + desc(seg2, 48, LAST))
-    io.write_mem(seg2, b"".join(desc(b, n, DATA) for b, (_, n) in zip(bufs[1:], chunks[1:])))
+    io.write_mem(seg2, b"".join(desc(b, n, DATA) for b, (_, n) in zip(bufs[1:], chunks[1:], strict=True)))
     sgl1 = desc(seg1, 32, SEGMENT)
-    for b, (off, n) in zip(bufs, chunks):
+    for b, (off, n) in zip(bufs, chunks, strict=True):
         io.write_mem(b, data[off : off + n])
     assert sgl_io(io, Op.WRITE, 500, 24, sgl1).status == Status.SUCCESS
     assert io.read_ok(1, 1, 500, 24) == data
-    for b, (_, n) in zip(bufs, chunks):
+    for b, (_, n) in zip(bufs, chunks, strict=True):
         io.write_mem(b, bytes(n))
     assert sgl_io(io, Op.READ, 500, 24, sgl1).status == Status.SUCCESS
-    assert b"".join(io.read_mem(b, n) for b, (_, n) in zip(bufs, chunks)) == data
+    assert b"".join(io.read_mem(b, n) for b, (_, n) in zip(bufs, chunks, strict=True)) == data
 
 
-def test_sgl_last_segment_directly(io: Nvme):
+def test_sgl_last_segment_directly(io: Host):
     data = os.urandom(4096)
     a, b = io.alloc(PAGE), io.alloc(PAGE)
     seg = io.alloc(PAGE)
@@ -168,7 +187,7 @@ def test_sgl_last_segment_directly(io: Nvme):
     assert io.read_ok(1, 1, 0, 8) == data
 
 
-def test_sgl_bit_bucket_on_read(io: Nvme):
+def test_sgl_bit_bucket_on_read(io: Host):
     data = os.urandom(8 * 512)
     io.write_ok(1, 1, 40, data)
     out = io.alloc(2 * PAGE)
@@ -180,14 +199,14 @@ def test_sgl_bit_bucket_on_read(io: Nvme):
     assert io.read_mem(out + 2048, 16) == b"\xab" * 16  # nothing beyond
 
 
-def test_sgl_bit_bucket_on_write_is_invalid(io: Nvme):
+def test_sgl_bit_bucket_on_write_is_invalid(io: Host):
     seg = io.alloc(PAGE)
     buf = io.alloc(PAGE)
     io.write_mem(seg, desc(buf, 512, DATA) + desc(0, 512, BUCKET))
     assert sgl_io(io, Op.WRITE, 0, 2, desc(seg, 32, LAST)).status == Status.SGL_DESCRIPTOR_TYPE_INVALID
 
 
-def test_sgl_errors(io: Nvme):
+def test_sgl_errors(io: Host):
     buf = io.alloc(2 * PAGE)
     assert sgl_io(io, Op.READ, 0, 8, desc(buf, 2048, DATA)).status == Status.DATA_SGL_LENGTH_INVALID  # short
     assert sgl_io(io, Op.READ, 0, 1, desc(buf, 4096, DATA)).status == Status.DATA_SGL_LENGTH_INVALID  # long
@@ -201,7 +220,7 @@ def test_sgl_errors(io: Nvme):
     assert sgl_io(io, Op.READ, 0, 1, desc(seg, 32, SEGMENT)).status == Status.INVALID_NUMBER_OF_SGL_DESCRIPTORS
 
 
-def test_sgl_for_range_lists(io: Nvme):
+def test_sgl_for_range_lists(io: Host):
     """Dataset Management reads its range list through an SGL too."""
     io.write_ok(1, 1, 0, os.urandom(16 * 512))
     ranges = io.alloc(PAGE)

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from ctrl_helpers import NS1_SIZE, NS2_SIZE, NS3_SIZE, Nvme
+from ..support.host import Host
+from .ctrl_helpers import NS1_SIZE, NS2_SIZE, NS3_SIZE
 from nvme_emu import identity, structures as st
 from nvme_emu.spec import Cns, NsIdType, Oacs, Oncs, Status
 
@@ -17,12 +18,12 @@ def nsid_list(data: bytes) -> list[int]:
     return [i for i in ids if i]
 
 
-def test_identify_controller(server, nvme: Nvme):
+def test_identify_controller(server, nvme: Host):
     c, data = nvme.identify(Cns.CONTROLLER)
     assert c.status == Status.SUCCESS
     idc = st.IdentifyController.parse(data)
     assert idc.mn == "nvme-emu"  # the CLI's --model default
-    serial = identity.controller_serial(identity.controller_seed(server.sock))  # no --serial: from the socket
+    serial = identity.controller_serial(identity.controller_seed(server.path))  # no --serial: from the socket
     assert idc.sn == serial and idc.cntlid == identity.controller_id(serial)
     assert idc.fr == "0.1.0"
     assert idc.ver == 0x00020000
@@ -42,7 +43,7 @@ def test_identify_controller(server, nvme: Nvme):
     assert idc.subnqn == st.subsystem_nqn(serial)
 
 
-def test_identify_namespace(nvme: Nvme):
+def test_identify_namespace(nvme: Host):
     c, data = nvme.identify(Cns.NAMESPACE, nsid=1)
     assert c.status == Status.SUCCESS
     ns = st.IdentifyNamespace.parse(data)
@@ -58,26 +59,26 @@ def test_identify_namespace(nvme: Nvme):
     assert ns.eui64 != ns2.eui64 and ns.nguid != ns2.nguid
 
 
-def test_identify_namespace_inactive_is_zeros(nvme: Nvme):
+def test_identify_namespace_inactive_is_zeros(nvme: Host):
     c, data = nvme.identify(Cns.NAMESPACE, nsid=7)  # allocatable (<= NN) but not active
     assert c.status == Status.SUCCESS
     assert data == bytes(4096)
 
 
 @pytest.mark.parametrize("nsid", [0, 33, 0x12345678, 0xFFFFFFFE])
-def test_identify_namespace_bad_nsid(nvme: Nvme, nsid: int):
+def test_identify_namespace_bad_nsid(nvme: Host, nsid: int):
     c, _ = nvme.identify(Cns.NAMESPACE, nsid=nsid)
     assert c.status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_identify_namespace_broadcast_gives_common_format(nvme: Nvme):
+def test_identify_namespace_broadcast_gives_common_format(nvme: Host):
     c, data = nvme.identify(Cns.NAMESPACE, nsid=0xFFFFFFFF)
     assert c.status == Status.SUCCESS
     ns = st.IdentifyNamespace.parse(data)
     assert ns.nsze == 0 and ns.lbaf[0].lbads == 9
 
 
-def test_identify_active_namespace_list(nvme: Nvme):
+def test_identify_active_namespace_list(nvme: Host):
     c, data = nvme.identify(Cns.ACTIVE_NSID_LIST, nsid=0)
     assert c.status == Status.SUCCESS
     assert nsid_list(data) == [1, 2, 3]
@@ -89,7 +90,7 @@ def test_identify_active_namespace_list(nvme: Nvme):
         assert nvme.identify(Cns.ACTIVE_NSID_LIST, nsid=bad)[0].status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_identify_ns_descriptors(nvme: Nvme):
+def test_identify_ns_descriptors(nvme: Host):
     seen = set()
     for nsid in (1, 2, 3):
         c, data = nvme.identify(Cns.NS_ID_DESCRIPTOR_LIST, nsid=nsid)
@@ -108,7 +109,7 @@ def test_identify_ns_descriptors(nvme: Nvme):
     assert nvme.identify(Cns.NS_ID_DESCRIPTOR_LIST, nsid=9)[0].status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_identify_iocs_namespace_cns05(nvme: Nvme):
+def test_identify_iocs_namespace_cns05(nvme: Host):
     c, data = nvme.identify(Cns.IOCS_NAMESPACE, nsid=1, csi=0)
     assert c.status == Status.SUCCESS
     assert st.IdentifyNamespaceNvm.parse(data).pic == 0
@@ -116,14 +117,14 @@ def test_identify_iocs_namespace_cns05(nvme: Nvme):
     assert nvme.identify(Cns.IOCS_NAMESPACE, nsid=9, csi=0)[0].status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_identify_iocs_controller_cns06(nvme: Nvme):
+def test_identify_iocs_controller_cns06(nvme: Host):
     c, data = nvme.identify(Cns.IOCS_CONTROLLER, csi=0)
     assert c.status == Status.SUCCESS
     assert st.IdentifyControllerNvm.parse(data).dmrl == 255
     assert nvme.identify(Cns.IOCS_CONTROLLER, csi=1)[0].status == Status.INVALID_FIELD
 
 
-def test_identify_iocs_active_list_cns07(nvme: Nvme):
+def test_identify_iocs_active_list_cns07(nvme: Host):
     c, data = nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=0, csi=0)
     assert c.status == Status.SUCCESS and nsid_list(data) == [1, 2, 3]
     assert nsid_list(nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=2, csi=0)[1]) == [3]
@@ -131,14 +132,14 @@ def test_identify_iocs_active_list_cns07(nvme: Nvme):
     assert c.status == Status.INVALID_FIELD
 
 
-def test_identify_independent_namespace_cns08(nvme: Nvme):
+def test_identify_independent_namespace_cns08(nvme: Host):
     c, data = nvme.identify(Cns.IOCS_INDEPENDENT_NAMESPACE, nsid=2)
     assert c.status == Status.SUCCESS
     assert st.IdentifyNamespaceIndependent.parse(data).nstat & 1
     assert nvme.identify(Cns.IOCS_INDEPENDENT_NAMESPACE, nsid=5)[0].status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-def test_identify_io_command_set_cns1c(nvme: Nvme):
+def test_identify_io_command_set_cns1c(nvme: Host):
     c, data = nvme.identify(Cns.IO_COMMAND_SET)
     assert c.status == Status.SUCCESS
     vectors = st.IdentifyIoCommandSet.parse(data).vectors
@@ -146,7 +147,7 @@ def test_identify_io_command_set_cns1c(nvme: Nvme):
 
 
 @pytest.mark.parametrize("cns", [0x04, 0x14, 0x15, 0x1D, 0xFF])
-def test_identify_unsupported_cns(nvme: Nvme, cns: int):
+def test_identify_unsupported_cns(nvme: Host, cns: int):
     c, data = nvme.identify(cns, nsid=1)
     assert c.status == Status.INVALID_FIELD
     assert data == b"\xa5" * 4096  # nothing was written

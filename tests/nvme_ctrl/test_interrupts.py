@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
-from ctrl_helpers import NOOP_ADMIN, Nvme, efd_count, efd_wait
-from nvme_emu.spec import AdminOpcode, Cns, NvmOpcode as Op, Reg, Status
+from ..support.fds import efd_count, efd_wait
+from ..support.host import Host
+from .ctrl_helpers import NOOP_ADMIN
+from nvme_emu.spec import Cns, NvmOpcode as Op, Reg, Status
 
 
-def test_admin_completions_raise_vector_0(nvme: Nvme):
+def test_admin_completions_raise_vector_0(nvme: Host):
     efd_count(nvme.efds[0])
     assert nvme.identify(Cns.CONTROLLER)[0].status == Status.SUCCESS
     assert efd_wait(nvme.efds[0]) >= 1
@@ -16,7 +18,7 @@ def test_admin_completions_raise_vector_0(nvme: Nvme):
     assert all(efd_count(fd) == 0 for fd in nvme.efds[1:])
 
 
-def test_io_cq_vector_fires(io: Nvme):
+def test_io_cq_vector_fires(io: Host):
     nvme = io
     for fd in nvme.efds:
         efd_count(fd)
@@ -27,7 +29,7 @@ def test_io_cq_vector_fires(io: Nvme):
     assert all(efd_count(fd) == 0 for fd in nvme.efds[2:])
 
 
-def test_four_queues_each_fire_their_own_vector(io: Nvme):
+def test_four_queues_each_fire_their_own_vector(io: Host):
     for qid in (2, 3, 4):
         io.create_pair(qid, 16, vector=qid)
     for fd in io.efds:
@@ -41,7 +43,7 @@ def test_four_queues_each_fire_their_own_vector(io: Nvme):
                 assert efd_count(io.efds[other]) == 0, (qid, other)
 
 
-def test_two_cqs_may_share_a_vector(io: Nvme):
+def test_two_cqs_may_share_a_vector(io: Host):
     io.create_pair(2, 16, vector=5)
     io.create_pair(3, 16, vector=5)
     efd_count(io.efds[5])
@@ -51,7 +53,7 @@ def test_two_cqs_may_share_a_vector(io: Nvme):
     assert efd_wait(io.efds[5]) == 1
 
 
-def test_one_interrupt_per_batch(io: Nvme):
+def test_one_interrupt_per_batch(io: Host):
     efd = io.efds[1]
     efd_count(efd)
     buf = io.alloc(4096)
@@ -65,7 +67,7 @@ def test_one_interrupt_per_batch(io: Nvme):
     assert fired == 1  # one doorbell, one batch, one interrupt
 
 
-def test_queue_without_interrupts_stays_silent(io: Nvme):
+def test_queue_without_interrupts_stays_silent(io: Host):
     io.create_pair(2, 16, vector=2, ien=False)
     efd_count(io.efds[2])
     io.write_ok(2, 1, 0, os.urandom(512))
@@ -74,7 +76,7 @@ def test_queue_without_interrupts_stays_silent(io: Nvme):
 
 
 def test_intx(server):
-    n = Nvme(server.sock, msix=0, intx=True)
+    n = Host(server.path, msix=0, intx=True)
     fd = n.intx_fd
     try:
         assert fd is not None

@@ -7,15 +7,16 @@ import struct
 
 import pytest
 
-from ctrl_helpers import IOVA, NS1_SIZE, Nvme
+from ..support.host import Host
+from .ctrl_helpers import IOVA, NS1_SIZE
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import RwCdw12, Status
-from vfio_user.client import GuestRam
+from vfio_user.vmm.client import GuestRam
 
 NSZE1 = NS1_SIZE // 512
 
 
-def test_write_read_every_namespace(io: Nvme):
+def test_write_read_every_namespace(io: Host):
     for nsid, lba in ((1, 512), (2, 4096), (3, 512)):
         data = os.urandom(8 * lba)
         io.write_ok(1, nsid, 5, data, lba)
@@ -23,7 +24,7 @@ def test_write_read_every_namespace(io: Nvme):
         assert io.read_ok(1, nsid, 6, 2, lba) == data[lba : 3 * lba]
 
 
-def test_write_fua(io: Nvme, disk):
+def test_write_fua(io: Host, disk):
     data = os.urandom(4096)
     io.write_ok(1, 3, 40, data, cdw12=RwCdw12.FUA)
     io.write_ok(1, 1, 40, data, cdw12=RwCdw12.FUA)
@@ -35,19 +36,19 @@ def test_write_fua(io: Nvme, disk):
 
 
 @pytest.mark.parametrize("nsid", [1, 2, 3, 0xFFFFFFFF])
-def test_flush(io: Nvme, nsid: int):
+def test_flush(io: Host, nsid: int):
     io.write_ok(1, 3, 0, os.urandom(512))
     assert io.cmd(1, Op.FLUSH, nsid=nsid).status == Status.SUCCESS
 
 
 @pytest.mark.parametrize("nsid", [0, 4, 99, 0xFFFFFFFE])
-def test_flush_bad_namespace(io: Nvme, nsid: int):
+def test_flush_bad_namespace(io: Host, nsid: int):
     assert io.cmd(1, Op.FLUSH, nsid=nsid).status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
 @pytest.mark.parametrize("nsid", [1, 3])
 @pytest.mark.parametrize("deac", [False, True])
-def test_write_zeroes(io: Nvme, nsid: int, deac: bool):
+def test_write_zeroes(io: Host, nsid: int, deac: bool):
     data = os.urandom(64 * 512)
     io.write_ok(1, nsid, 100, data)
     c = io.io(1, Op.WRITE_ZEROES, nsid, 108, 20, cdw12=RwCdw12.DEAC if deac else 0)
@@ -58,18 +59,18 @@ def test_write_zeroes(io: Nvme, nsid: int, deac: bool):
     assert out[28 * 512 :] == data[28 * 512 :]
 
 
-def test_write_zeroes_out_of_range(io: Nvme):
+def test_write_zeroes_out_of_range(io: Host):
     assert io.io(1, Op.WRITE_ZEROES, 1, NSZE1 - 1, 2).status == Status.LBA_OUT_OF_RANGE
 
 
-def dsm_ranges(io: Nvme, ranges: list[tuple[int, int]]) -> int:
+def dsm_ranges(io: Host, ranges: list[tuple[int, int]]) -> int:
     buf = io.alloc(4096)
     io.write_mem(buf, b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges))
     return buf
 
 
 @pytest.mark.parametrize("nsid", [1, 3])
-def test_dataset_management_deallocate_reads_zeros(io: Nvme, nsid: int):
+def test_dataset_management_deallocate_reads_zeros(io: Host, nsid: int):
     data = os.urandom(128 * 512)
     io.write_ok(1, nsid, 0, data)
     buf = dsm_ranges(io, [(8, 16), (64, 8), (100, 0)])
@@ -82,7 +83,7 @@ def test_dataset_management_deallocate_reads_zeros(io: Nvme, nsid: int):
     assert out == bytes(expect)
 
 
-def test_dataset_management_without_ad_keeps_data(io: Nvme):
+def test_dataset_management_without_ad_keeps_data(io: Host):
     data = os.urandom(16 * 512)
     io.write_ok(1, 1, 0, data)
     buf = dsm_ranges(io, [(0, 16)])
@@ -90,7 +91,7 @@ def test_dataset_management_without_ad_keeps_data(io: Nvme):
     assert io.read_ok(1, 1, 0, 16) == data
 
 
-def test_dataset_management_out_of_range_touches_nothing(io: Nvme):
+def test_dataset_management_out_of_range_touches_nothing(io: Host):
     data = os.urandom(8 * 512)
     io.write_ok(1, 1, 0, data)
     buf = dsm_ranges(io, [(0, 8), (NSZE1 - 4, 8)])
@@ -99,7 +100,7 @@ def test_dataset_management_out_of_range_touches_nothing(io: Nvme):
     assert io.read_ok(1, 1, 0, 8) == data
 
 
-def test_compare(io: Nvme):
+def test_compare(io: Host):
     data = os.urandom(16 * 512)
     io.write_ok(1, 1, 200, data)
     buf = io.alloc(len(data))
@@ -112,21 +113,21 @@ def test_compare(io: Nvme):
     assert c.status >> 8 == 2  # media and data integrity error
 
 
-def test_verify(io: Nvme):
+def test_verify(io: Host):
     io.write_ok(1, 3, 0, os.urandom(4096))
     assert io.io(1, Op.VERIFY, 3, 0, 8).status == Status.SUCCESS
     assert io.io(1, Op.VERIFY, 1, 0, 1024).status == Status.SUCCESS
     assert io.io(1, Op.VERIFY, 1, NSZE1, 1).status == Status.LBA_OUT_OF_RANGE
 
 
-def copy_descriptors(io: Nvme, ranges: list[tuple[int, int]]) -> int:
+def copy_descriptors(io: Host, ranges: list[tuple[int, int]]) -> int:
     buf = io.alloc(4096)
     io.write_mem(buf, b"".join(struct.pack("<8xQH14x", slba, nlb - 1) for slba, nlb in ranges))
     return buf
 
 
 @pytest.mark.parametrize("nsid,lba", [(1, 512), (2, 4096), (3, 512)])
-def test_copy(io: Nvme, nsid: int, lba: int):
+def test_copy(io: Host, nsid: int, lba: int):
     a, b, c = os.urandom(4 * lba), os.urandom(2 * lba), os.urandom(3 * lba)
     io.write_ok(1, nsid, 10, a, lba)
     io.write_ok(1, nsid, 50, b, lba)
@@ -138,7 +139,7 @@ def test_copy(io: Nvme, nsid: int, lba: int):
     assert io.read_ok(1, nsid, 10, 4, lba) == a  # sources untouched
 
 
-def test_copy_refusals(io: Nvme):
+def test_copy_refusals(io: Host):
     buf = copy_descriptors(io, [(NSZE1 - 1, 2)])
     assert io.cmd(1, Op.COPY, nsid=1, prp1=buf, cdw10=0, cdw12=0).status == Status.LBA_OUT_OF_RANGE
     buf = copy_descriptors(io, [(0, 8)])
@@ -150,7 +151,7 @@ def test_copy_refusals(io: Nvme):
     "slba,nlb",
     [(NSZE1, 1), (NSZE1 - 1, 2), (NSZE1 - 100, 200), ((1 << 64) - 1, 2), ((1 << 64) - 1, 1), (1 << 63, 1), ((1 << 64) - 8, 16)],
 )
-def test_lba_out_of_range(io: Nvme, slba: int, nlb: int):
+def test_lba_out_of_range(io: Host, slba: int, nlb: int):
     buf = io.alloc(nlb * 512)
     p1, p2 = io.prps(buf, nlb * 512)
     for op in (Op.READ, Op.WRITE, Op.COMPARE, Op.VERIFY, Op.WRITE_ZEROES):
@@ -158,38 +159,38 @@ def test_lba_out_of_range(io: Nvme, slba: int, nlb: int):
         assert c.status == Status.LBA_OUT_OF_RANGE, op
 
 
-def test_last_block_is_in_range(io: Nvme):
+def test_last_block_is_in_range(io: Host):
     data = os.urandom(512)
     io.write_ok(1, 1, NSZE1 - 1, data)
     assert io.read_ok(1, 1, NSZE1 - 1, 1) == data
 
 
 @pytest.mark.parametrize("nsid", [0, 4, 99, 0xFFFFFFFF])
-def test_invalid_namespace(io: Nvme, nsid: int):
+def test_invalid_namespace(io: Host, nsid: int):
     buf = io.alloc(4096)
     for op in (Op.READ, Op.WRITE, Op.WRITE_ZEROES, Op.COMPARE):
         assert io.io(1, op, nsid, 0, 1, prp1=buf).status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
 @pytest.mark.parametrize("opc", [Op.WRITE_UNCORRECTABLE, Op.RESERVATION_REGISTER, 0x7F, 0x80, 0xFF])
-def test_invalid_io_opcode(io: Nvme, opc: int):
+def test_invalid_io_opcode(io: Host, opc: int):
     c = io.io(1, opc, 1, 0, 1, prp1=io.alloc(4096))
     assert c.status == Status.INVALID_OPCODE
 
 
-def test_admin_opcode_on_io_queue_is_invalid(io: Nvme):
+def test_admin_opcode_on_io_queue_is_invalid(io: Host):
     # Identify's opcode (06h) means nothing in the NVM command set
     assert io.cmd(1, 0x06, nsid=1, prp1=io.alloc(4096)).status == Status.INVALID_OPCODE
 
 
-def test_fused_and_reserved_psdt_are_invalid_field(io: Nvme):
+def test_fused_and_reserved_psdt_are_invalid_field(io: Host):
     buf = io.alloc(4096)
     assert io.io(1, Op.READ, 1, 0, 1, prp1=buf, flags=1).status == Status.INVALID_FIELD
     assert io.io(1, Op.READ, 1, 0, 1, prp1=buf, flags=3 << 6).status == Status.INVALID_FIELD
 
 
 @pytest.mark.parametrize("where", ["prp1", "prp2", "list"])
-def test_prp_outside_guest_memory(io: Nvme, where: str):
+def test_prp_outside_guest_memory(io: Host, where: str):
     buf = io.alloc(3 * 4096)
     outside = 0x4000_0000
     if where == "prp1":
@@ -206,7 +207,7 @@ def test_prp_outside_guest_memory(io: Nvme, where: str):
     assert io.io(1, Op.READ, 1, 0, 24, prp1=buf, prp2=outside).status == Status.DATA_TRANSFER_ERROR
 
 
-def test_read_into_read_only_mapping(io: Nvme):
+def test_read_into_read_only_mapping(io: Host):
     ro_iova = 0x1000_0000
     ro = GuestRam(1 << 20, "read-only")
     try:
@@ -225,6 +226,6 @@ def test_read_into_read_only_mapping(io: Nvme):
     assert IOVA < ro_iova
 
 
-def test_nlb_is_16_bits(io: Nvme):
+def test_nlb_is_16_bits(io: Host):
     # NLB 0xFFFF = 65536 blocks = 32 MiB > MDTS
     assert io.io(1, Op.READ, 1, 0, 65536, prp1=io.alloc(4096)).status == Status.INVALID_FIELD

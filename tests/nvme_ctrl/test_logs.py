@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-from ctrl_helpers import Nvme
+from ..support.host import Host
 from nvme_emu import structures as st
 from nvme_emu.spec import AdminOpcode, CommandEffects, EffectsScope, LogPageId as L, NvmOpcode, Status
 
 
-def test_supported_log_pages(nvme: Nvme):
+def test_supported_log_pages(nvme: Host):
     c, data = nvme.get_log(L.SUPPORTED_LOG_PAGES, 1024)
     assert c.status == Status.SUCCESS
     lids = st.SupportedLogPages.parse(data).lids
@@ -21,14 +21,14 @@ def test_supported_log_pages(nvme: Nvme):
     assert sum(1 for x in lids if x) == 8
 
 
-def error_entries(n: Nvme) -> list:
+def error_entries(n: Host) -> list:
     c, data = n.get_log(L.ERROR_INFORMATION, 64 * 64)
     assert c.status == Status.SUCCESS
     entries = [st.ErrorLogEntry.parse(data[i * 64 : (i + 1) * 64]) for i in range(64)]
     return [e for e in entries if e.error_count]
 
 
-def test_error_information_lists_provoked_errors(io: Nvme):
+def test_error_information_lists_provoked_errors(io: Host):
     assert error_entries(io) == []
     bad_admin = io.admin(0x7E)  # invalid opcode on the admin queue
     assert bad_admin.status == Status.INVALID_OPCODE
@@ -50,13 +50,13 @@ def test_error_information_lists_provoked_errors(io: Nvme):
     assert newest.nsid == 99
 
 
-def smart(n: Nvme):
+def smart(n: Host):
     c, data = n.get_log(L.SMART_HEALTH, 512)
     assert c.status == Status.SUCCESS
     return st.SmartLog.parse(data)
 
 
-def test_smart_counters_move_after_io(io: Nvme):
+def test_smart_counters_move_after_io(io: Host):
     before = smart(io)
     assert before.composite_temperature == 313
     assert before.temperature_sensors[0] == 313
@@ -66,7 +66,7 @@ def test_smart_counters_move_after_io(io: Nvme):
     data = os.urandom(512 * 1024)  # 1024 blocks = 1.024 data units
     for i in range(2):
         io.write_ok(1, 1, i * 1024, data)
-    for i in range(3):
+    for _ in range(3):
         assert io.read_ok(1, 1, 0, 1024) == data
     after = smart(io)
     assert after.host_write_commands - before.host_write_commands == 2
@@ -79,25 +79,25 @@ def test_smart_counters_move_after_io(io: Nvme):
 
 
 def test_smart_power_cycles_count_connections(server):
-    first = Nvme(server.sock)
+    first = Host(server.path)
     try:
         cycles = smart(first).power_cycles
     finally:
         first.close()
-    second = Nvme(server.sock)
+    second = Host(server.path)
     try:
         assert smart(second).power_cycles == cycles + 1
     finally:
         second.close()
 
 
-def test_smart_per_namespace_is_refused(nvme: Nvme):
+def test_smart_per_namespace_is_refused(nvme: Host):
     c, _ = nvme.get_log(L.SMART_HEALTH, 512, nsid=1)
     assert c.status == Status.INVALID_FIELD
     assert nvme.get_log(L.SMART_HEALTH, 512, nsid=0)[0].status == Status.SUCCESS
 
 
-def test_firmware_slot(nvme: Nvme):
+def test_firmware_slot(nvme: Host):
     c, data = nvme.get_log(L.FIRMWARE_SLOT, 512)
     assert c.status == Status.SUCCESS
     fw = st.FirmwareSlotLog.parse(data)
@@ -106,7 +106,7 @@ def test_firmware_slot(nvme: Nvme):
     assert data[16:64] == bytes(48)
 
 
-def test_changed_namespace_list_empty_then_after_format(nvme: Nvme):
+def test_changed_namespace_list_empty_then_after_format(nvme: Host):
     c, data = nvme.get_log(L.CHANGED_NAMESPACE_LIST, 4096)
     assert c.status == Status.SUCCESS and data == bytes(4096)
     assert nvme.admin(AdminOpcode.FORMAT_NVM, nsid=2, cdw10=0).status == Status.SUCCESS
@@ -116,7 +116,7 @@ def test_changed_namespace_list_empty_then_after_format(nvme: Nvme):
     assert data == bytes(4096)
 
 
-def test_commands_supported_and_effects(nvme: Nvme):
+def test_commands_supported_and_effects(nvme: Host):
     c, data = nvme.get_log(L.COMMANDS_SUPPORTED_EFFECTS, 4096, csi=0)
     assert c.status == Status.SUCCESS
     log = st.CommandsEffectsLog.parse(data)
@@ -138,11 +138,11 @@ def test_commands_supported_and_effects(nvme: Nvme):
 
 
 @pytest.mark.parametrize("lid", [L.DEVICE_SELF_TEST, L.TELEMETRY_HOST, L.PERSISTENT_EVENT, 0x7F, L.SANITIZE_STATUS, 0xFF])
-def test_bad_log_page(nvme: Nvme, lid: int):
+def test_bad_log_page(nvme: Host, lid: int):
     assert nvme.get_log(lid, 512)[0].status == Status.INVALID_LOG_PAGE
 
 
-def test_log_offset(nvme: Nvme):
+def test_log_offset(nvme: Host):
     full = nvme.get_log(L.FIRMWARE_SLOT, 512)[1]
     c, part = nvme.get_log(L.FIRMWARE_SLOT, 64, offset=8)
     assert c.status == Status.SUCCESS and part == full[8:72]
@@ -153,7 +153,7 @@ def test_log_offset(nvme: Nvme):
     assert nvme.get_log(L.FIRMWARE_SLOT, 64, offset=2)[0].status == Status.INVALID_FIELD  # not dword aligned
 
 
-def test_short_read_of_a_log(nvme: Nvme):
+def test_short_read_of_a_log(nvme: Host):
     c, data = nvme.get_log(L.SMART_HEALTH, 8)
     assert c.status == Status.SUCCESS
     assert int.from_bytes(data[1:3], "little") == 313

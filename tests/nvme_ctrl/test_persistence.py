@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from ctrl_helpers import Nvme
+from ..support.host import Host
 from nvme_emu.spec import NvmOpcode as Op
 from nvme_emu.spec import Reg, Status
 
 LBA = {1: 512, 2: 4096, 3: 512}
 
 
-def write_pattern(n: Nvme, qid: int) -> dict[tuple[int, int], bytes]:
+def write_pattern(n: Host, qid: int) -> dict[tuple[int, int], bytes]:
     """Different data at the same LBAs of every namespace."""
     out = {}
     for nsid, lba in LBA.items():
@@ -22,12 +22,12 @@ def write_pattern(n: Nvme, qid: int) -> dict[tuple[int, int], bytes]:
     return out
 
 
-def check_pattern(n: Nvme, qid: int, pattern: dict[tuple[int, int], bytes]) -> None:
+def check_pattern(n: Host, qid: int, pattern: dict[tuple[int, int], bytes]) -> None:
     for (nsid, slba), data in pattern.items():
         assert n.read_ok(qid, nsid, slba, 4, LBA[nsid]) == data, (nsid, slba)
 
 
-def test_four_queues_interleaved_at_depth(io: Nvme):
+def test_four_queues_interleaved_at_depth(io: Host):
     for qid in (2, 3, 4):
         io.create_pair(qid, 32)
     expected = {}
@@ -65,7 +65,7 @@ def test_four_queues_interleaved_at_depth(io: Nvme):
         assert io.read_mem(buf, len(data)) == data
 
 
-def test_more_commands_than_the_queue_holds(io: Nvme):
+def test_more_commands_than_the_queue_holds(io: Host):
     io.create_pair(2, 4)  # 3 usable slots
     for i in range(50):
         data = os.urandom(512)
@@ -73,7 +73,7 @@ def test_more_commands_than_the_queue_holds(io: Nvme):
         assert io.read_ok(2, 1, i, 1) == data
 
 
-def test_data_survives_controller_reset(io: Nvme):
+def test_data_survives_controller_reset(io: Host):
     pattern = write_pattern(io, 1)
     io.host.disable()
     io.enable()
@@ -82,7 +82,7 @@ def test_data_survives_controller_reset(io: Nvme):
     check_pattern(io, 3, pattern)
 
 
-def test_data_survives_device_reset(io: Nvme):
+def test_data_survives_device_reset(io: Host):
     pattern = write_pattern(io, 1)
     io.client.reset()  # DEVICE_RESET
     assert io.reg32(Reg.CSTS) & 1 == 0
@@ -94,14 +94,14 @@ def test_data_survives_device_reset(io: Nvme):
 
 
 def test_data_survives_reconnect(server):
-    n = Nvme(server.sock)
+    n = Host(server.path)
     try:
         n.set_queues(1)
         n.create_pair(1, 16)
         pattern = write_pattern(n, 1)
     finally:
         n.close()
-    n = Nvme(server.sock)
+    n = Host(server.path)
     try:
         n.set_queues(1)
         n.create_pair(1, 16)
@@ -112,7 +112,7 @@ def test_data_survives_reconnect(server):
 
 def test_file_data_survives_server_restart(spawn, namespaces, disk):
     first = spawn(*namespaces)
-    n = Nvme(first.sock)
+    n = Host(first.path)
     try:
         n.set_queues(1)
         n.create_pair(1, 16)
@@ -124,7 +124,7 @@ def test_file_data_survives_server_restart(spawn, namespaces, disk):
     assert first.stop() == 0
     assert "shutting down" in first.log()
     second = spawn(*namespaces)
-    n = Nvme(second.sock)
+    n = Host(second.path)
     try:
         n.set_queues(1)
         n.create_pair(1, 16)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
-from ctrl_helpers import NOOP_ADMIN, Nvme
-from nvme_emu.spec import AdminOpcode, Cap, Cc, Csts, NSSR_RESET_VALUE, Reg, Shst, Status
+from ..support.host import Host
+from .ctrl_helpers import NOOP_ADMIN
+from nvme_emu.spec import Cap, Cc, Csts, NSSR_RESET_VALUE, Reg, Shst, Status
 
 
-def test_cap_fields(nvme: Nvme):
+def test_cap_fields(nvme: Host):
     cap = nvme.reg64(Reg.CAP)
     assert (cap >> Cap.MQES_SHIFT) & Cap.MQES_MASK == 4095  # 4096 entries, 0-based
     assert cap & Cap.CQR
@@ -24,16 +25,16 @@ def test_cap_fields(nvme: Nvme):
     assert nvme.reg32(Reg.CAP) | nvme.reg32(Reg.CAP + 4) << 32 == cap
 
 
-def test_version_is_2_0(nvme: Nvme):
+def test_version_is_2_0(nvme: Host):
     assert nvme.reg32(Reg.VS) == 0x00020000
 
 
-def test_cmbloc_cmbsz_read_zero(nvme: Nvme):
+def test_cmbloc_cmbsz_read_zero(nvme: Host):
     assert nvme.reg32(Reg.CMBLOC) == 0
     assert nvme.reg32(Reg.CMBSZ) == 0
 
 
-def test_intms_intmc(nvme: Nvme):
+def test_intms_intmc(nvme: Host):
     assert nvme.reg32(Reg.INTMS) == 0 and nvme.reg32(Reg.INTMC) == 0
     nvme.set_reg32(Reg.INTMS, 0b101)
     assert nvme.reg32(Reg.INTMS) == 0b101
@@ -48,7 +49,7 @@ def test_intms_intmc(nvme: Nvme):
 
 
 def test_enable_sets_ready_and_admin_registers(server):
-    n = Nvme(server.sock, enable=False)
+    n = Host(server.path, enable=False)
     try:
         n.set_reg32(Reg.CC, 0)
         assert n.reg32(Reg.CSTS) & Csts.RDY == 0
@@ -64,7 +65,7 @@ def test_enable_sets_ready_and_admin_registers(server):
         n.close()
 
 
-def test_disable_resets_queues_and_ready_follows(io: Nvme):
+def test_disable_resets_queues_and_ready_follows(io: Host):
     io.write_ok(1, 1, 0, os.urandom(4096))
     io.host.disable()  # CC.EN 1 -> 0
     assert io.reg32(Reg.CSTS) & Csts.RDY == 0
@@ -80,7 +81,7 @@ def test_disable_resets_queues_and_ready_follows(io: Nvme):
 
 
 def test_enable_with_bad_configuration_sets_cfs(server):
-    n = Nvme(server.sock, enable=False)
+    n = Host(server.path, enable=False)
     try:
         q_base = n.alloc(4096)
         n.set_reg32(Reg.AQA, 0)  # 1-entry admin queues are invalid
@@ -95,7 +96,7 @@ def test_enable_with_bad_configuration_sets_cfs(server):
         n.close()
 
 
-def test_shutdown_reports_complete_and_file_data_reaches_disk(io: Nvme, disk):
+def test_shutdown_reports_complete_and_file_data_reaches_disk(io: Host, disk):
     data = os.urandom(8192)
     io.write_ok(1, 3, 100, data)  # namespace 3 is the file
     shst = io.host.shutdown()
@@ -115,7 +116,7 @@ def test_shutdown_reports_complete_and_file_data_reaches_disk(io: Nvme, disk):
 
 def test_shutdown_flushes_every_namespace(inproc, disk):
     srv = inproc()
-    namespaces = srv.function.controller.namespaces
+    namespaces = srv.device.controller.namespaces
     flushed: list[int] = []
     for ns in namespaces.values():
         orig = ns.backend.flush
@@ -125,7 +126,7 @@ def test_shutdown_flushes_every_namespace(inproc, disk):
             orig()
 
         ns.backend.flush = spy
-    n = Nvme(srv.path)
+    n = Host(srv.path)
     try:
         n.set_queues(1)
         n.create_pair(1, 16)
@@ -139,7 +140,7 @@ def test_shutdown_flushes_every_namespace(inproc, disk):
         assert f.read(4096) == b"\x5a" * 4096
 
 
-def test_nssr_sets_nssro_and_resets(io: Nvme):
+def test_nssr_sets_nssro_and_resets(io: Host):
     assert io.reg32(Reg.CSTS) & Csts.NSSRO == 0
     io.set_reg32(Reg.NSSR, 0x12345678)  # any other value does nothing
     assert io.reg32(Reg.CSTS) & (Csts.NSSRO | Csts.RDY) == Csts.RDY
@@ -155,7 +156,7 @@ def test_nssr_sets_nssro_and_resets(io: Nvme):
     assert c.status == Status.SUCCESS
 
 
-def test_registers_beyond_the_block_read_zero_and_doorbells_read_zero(nvme: Nvme):
+def test_registers_beyond_the_block_read_zero_and_doorbells_read_zero(nvme: Host):
     assert nvme.reg32(Reg.BPINFO) == 0
     assert nvme.reg32(Reg.DOORBELLS) == 0
     assert nvme.reg32(Reg.DOORBELLS + 4) == 0

@@ -15,7 +15,9 @@ import time
 
 import pytest
 
-from ctrl_helpers import PAGE, InProcessServer, Nvme, status_name
+from ..support.host import Host, status_name
+from ..support.inproc import InProcessServer
+from .ctrl_helpers import PAGE
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
 from nvme_emu.namespace import FileBackend, Namespace, RamBackend
@@ -78,12 +80,12 @@ class GatedFile(FileBackend):
 
 
 class Rig:
-    def __init__(self, srv: InProcessServer, backend: GatedFile, nvme: Nvme) -> None:
+    def __init__(self, srv: InProcessServer, backend: GatedFile, nvme: Host) -> None:
         self.srv, self.backend, self.nvme = srv, backend, nvme
 
     @property
     def ctrl(self):
-        return self.srv.function.controller
+        return self.srv.device.controller
 
     def posted(self, qid: int) -> bool:
         """Is a new CQE at the host's CQ head (without consuming it)?"""
@@ -104,7 +106,7 @@ def rig(tmp_path):
     config = ControllerConfig(serial="NVMEEMU00000001", model="nvme-emu")
     namespaces = [Namespace(FILE_NSID, backend, id_seed=config.serial), Namespace(RAM_NSID, RamBackend(NS_SIZE), id_seed=config.serial)]
     srv = InProcessServer(NvmeFunction(namespaces, config, doorbell="trap"), str(tmp_path / "requests.sock"))
-    nvme = Nvme(srv.path)
+    nvme = Host(srv.path)
     try:
         nvme.set_queues(4)
         nvme.create_pair(1, 64)
@@ -113,7 +115,7 @@ def rig(tmp_path):
     finally:
         backend.open_all()  # no worker may stay parked: stop() joins them
         nvme.close()
-        srv.stop()
+        srv.close()
 
 
 def _submit_blocking(rig: Rig, kind: str) -> int:
@@ -198,7 +200,7 @@ def test_completions_post_in_the_order_requests_finish(rig: Rig):
     assert all(c.status == Status.SUCCESS for c in first + second)
 
 
-def _pair_with_small_cq(n: Nvme, qid: int, sq_depth: int, cq_depth: int):
+def _pair_with_small_cq(n: Host, qid: int, sq_depth: int, cq_depth: int):
     """An SQ deeper than its CQ, so the CQ (not the SQ) limits what may be in flight."""
     from nvme_emu.host import HostQueue
 
@@ -209,7 +211,7 @@ def _pair_with_small_cq(n: Nvme, qid: int, sq_depth: int, cq_depth: int):
     return q
 
 
-def _reap_small_cq(n: Nvme, q, cq_depth: int, state: dict) -> list[tuple[int, int]]:
+def _reap_small_cq(n: Host, q, cq_depth: int, state: dict) -> list[tuple[int, int]]:
     """(cid, status) of every CQE posted so far on a CQ of ``cq_depth``; rings its head."""
     out = []
     while True:

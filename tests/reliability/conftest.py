@@ -1,4 +1,3 @@
-"""Fixtures of this suite live in rel_helpers.py (a unique module name: `conftest` is ambiguous
-when several suites run in one pytest process, so tests import helpers from there)."""
+"""The suite's fixtures are defined in rel_helpers.py and made visible to its tests here."""
 
-from rel_helpers import *  # noqa: F401,F403  (re-export the fixtures)
+from .rel_helpers import spawn  # noqa: F401

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, TextIO
 
-from rel_helpers import PAGE, Host, status_name
+from ..support.host import Host, PAGE, status_name
 from nvme_emu.spec import NvmOpcode, Status
 
 SLOT = 4096  # one write = 8 LBAs of 512 bytes

@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from durability import SLOT, AckRecord, WriteRun, check_image, read_namespace, read_record, slot_order  # noqa: E402
-from rel_helpers import Host, ServerProcess  # noqa: E402
+from .durability import SLOT, AckRecord, WriteRun, check_image, read_namespace, read_record, slot_order
+from ..support.host import Host
+from ..support.server import ServerProcess
 
 ARMED = "=====POWER-CUT-" + "ARMED====="  # split: the marker appears on the console only when printed
 DISKS = {"honest": ("/dev/vda", 1), "control": ("/dev/vdb", 2)}
@@ -83,11 +82,11 @@ def keep_page_cache_dirty() -> None:
 def start_server(mounts: dict[str, str], run_dir: str, out: str, *, readonly: bool) -> ServerProcess:
     specs = [f"file:{os.path.join(mounts[name], NS_FILE)}{',ro' if readonly else ''}"
              for name in sorted(DISKS, key=lambda n: DISKS[n][1])]
-    return ServerProcess(os.path.join(run_dir, "nvme.sock"), Path(out) / f"server-{'verify' if readonly else 'write'}.log", specs)
+    return ServerProcess.serve(os.path.join(run_dir, "nvme.sock"), Path(out) / f"server-{'verify' if readonly else 'write'}.log", specs)
 
 
 def open_host(srv: ServerProcess) -> Host:
-    h = Host(srv.sock, ram_size=16 << 20)
+    h = Host(srv.path, ram_size=16 << 20)
     h.set_queues(1)
     h.create_pair(1, 64)
     return h

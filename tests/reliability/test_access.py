@@ -9,13 +9,14 @@ import stat
 import subprocess
 import sys
 
-from rel_helpers import DEADLINE, Host
-from vfio_user.client import VfioUserClient
+from ..support.host import Host
+from ..support.server import DEADLINE
+from vfio_user.vmm.client import VfioUserClient
 
 
 def test_socket_is_owner_only_by_default(spawn):
     srv = spawn("ram:size=4M")
-    st = os.stat(srv.sock)
+    st = os.stat(srv.path)
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.getuid()
@@ -23,7 +24,7 @@ def test_socket_is_owner_only_by_default(spawn):
 
 def test_socket_mode_is_configurable(spawn):
     srv = spawn("ram:size=4M", extra=["--socket-mode", "0660"])
-    assert stat.S_IMODE(os.stat(srv.sock).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o660
 
 
 def test_other_users_cannot_connect(spawn):
@@ -33,13 +34,13 @@ def test_other_users_cannot_connect(spawn):
 
         pytest.skip("needs root to switch to another uid")
     srv = spawn("ram:size=4M")
-    os.chmod(os.path.dirname(srv.sock), 0o755)  # the directory is searchable; the socket is not
+    os.chmod(os.path.dirname(srv.path), 0o755)  # the directory is searchable; the socket is not
     code = (
         "import os, socket, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
         "try:\n"
-        f"    s.connect({srv.sock!r})\n"
+        f"    s.connect({srv.path!r})\n"
         "except PermissionError:\n"
         "    sys.exit(13)\n"
         "sys.exit(0)\n"
@@ -52,14 +53,14 @@ def test_other_users_cannot_connect(spawn):
 def test_second_concurrent_client_is_refused(spawn):
     srv = spawn("ram:size=4M")
     srv.settle()
-    first = Host(srv.sock, ram_size=4 << 20)
+    first = Host(srv.path, ram_size=4 << 20)
     try:
         first.set_queues(1)
         first.create_pair(1, 16)
         for _ in range(3):
             second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             second.settimeout(DEADLINE)
-            second.connect(srv.sock)  # the kernel accepts into the backlog ...
+            second.connect(srv.path)  # the kernel accepts into the backlog ...
             try:
                 second.sendall(b"\0" * 16)
             except (BrokenPipeError, ConnectionResetError):
@@ -81,6 +82,6 @@ def test_second_concurrent_client_is_refused(spawn):
     # once it has gone, the next client may attach; nothing of the refused ones remains
     assert srv.answers()
     assert srv.wait_fds() == srv.baseline_fds
-    c = VfioUserClient(srv.sock, timeout=DEADLINE)
+    c = VfioUserClient(srv.path, timeout=DEADLINE)
     c.negotiate()
     c.close()

@@ -20,8 +20,9 @@ import time
 
 import pytest
 
-from durability import SLOT, AckRecord, WriteRun, check_image, pattern, read_namespace, read_record, slot_order
-from rel_helpers import DEADLINE, PAGE, Host, status_name
+from .durability import SLOT, AckRecord, WriteRun, check_image, pattern, read_namespace, read_record, slot_order
+from ..support.host import Host, PAGE, status_name
+from ..support.server import DEADLINE
 from nvme_emu.spec import NvmOpcode, Status
 
 
@@ -29,7 +30,7 @@ def test_sigkill_mid_write_keeps_every_durable_write(spawn, tmp_path):
     disk = tmp_path / "disk.img"
     nslots = (64 << 20) // SLOT
     srv = spawn(f"file:{disk},size=64M", check_exit=False)
-    h = Host(srv.sock, ram_size=16 << 20)
+    h = Host(srv.path, ram_size=16 << 20)
     h.set_queues(1)
     h.create_pair(1, 64)
     seed = 1234
@@ -51,8 +52,8 @@ def test_sigkill_mid_write_keeps_every_durable_write(spawn, tmp_path):
           f"{len(acks.durable)} durable, {acks.in_flight} in flight at the kill")
     # restart on the same file (the dead server's socket path is stale and is replaced), read
     # it through the fresh server and straight from the file: both must pass, and agree
-    srv2 = spawn(f"file:{disk}", sock=srv.sock)
-    h2 = Host(srv2.sock, ram_size=16 << 20)
+    srv2 = spawn(f"file:{disk}", sock=srv.path)
+    h2 = Host(srv2.path, ram_size=16 << 20)
     h2.set_queues(1)
     h2.create_pair(1, 64)
     image = read_namespace(h2, 1, nslots)
@@ -68,7 +69,7 @@ def test_sigterm_flushes_and_exits_cleanly(spawn, tmp_path):
     I/O in flight: SIGTERM -> exit status 0, the data is in the file, the socket is gone."""
     disk = tmp_path / "disk.img"
     srv = spawn(f"file:{disk},size=16M", check_exit=False)
-    h = Host(srv.sock, ram_size=8 << 20)
+    h = Host(srv.path, ram_size=8 << 20)
     h.set_queues(1)
     h.create_pair(1, 64)
     buf = h.alloc(64 * SLOT)
@@ -90,7 +91,7 @@ def test_sigterm_flushes_and_exits_cleanly(spawn, tmp_path):
     h.close()
     assert rc == 0, srv.log()[-2000:]
     assert "shutting down" in srv.log()
-    assert not os.path.exists(srv.sock)
+    assert not os.path.exists(srv.path)
     with open(disk, "rb") as f:
         for i in range(48):
             f.seek(i * SLOT)
@@ -116,7 +117,7 @@ def test_backing_file_full_gives_capacity_exceeded(spawn, small_fs):
     Exceeded; the server keeps serving, earlier data intact, space freed is usable again."""
     disk = small_fs / "disk.img"
     srv = spawn(f"file:{disk},size=16M")
-    h = Host(srv.sock, ram_size=8 << 20)
+    h = Host(srv.path, ram_size=8 << 20)
     h.set_queues(1)
     h.create_pair(1, 64)
     chunk = 128 << 10
@@ -151,7 +152,7 @@ def test_read_only_namespace_refuses_writes(spawn, tmp_path):
     with open(disk, "wb") as f:
         f.write(b"\x42" * (4 << 20))
     srv = spawn(f"file:{disk},ro")
-    h = Host(srv.sock, ram_size=8 << 20)
+    h = Host(srv.path, ram_size=8 << 20)
     h.set_queues(1)
     h.create_pair(1, 64)
     c = h.write(1, 1, 0, b"\x00" * 4096)

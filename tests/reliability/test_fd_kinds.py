@@ -25,10 +25,11 @@ from typing import Callable
 
 import pytest
 
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, ServerProcess
+from ..support.host import Host, IOVA, PAGE
+from ..support.server import DEADLINE, ServerProcess
 from nvme_emu.spec import Status
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import (
     DMA_FLAG_READ,
     DMA_FLAG_WRITE,
@@ -139,7 +140,7 @@ UNDO: dict[str, tuple[int, bytes]] = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("fd-kinds")
-    srv = ServerProcess(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], ["--queues", "4"])
+    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], extra=["--queues", "4"])
     srv.settle()
     yield srv
     rc = srv.stop()
@@ -184,7 +185,7 @@ def test_every_fd_kind_on_every_command(server, tmp_path, command):
     """One connection per command; each fd kind in turn: a reply, the fd closed, still serving."""
     code, payload = COMMANDS[command]
     mark = len(server.log())
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     try:
         c.negotiate()
         attached = _attached_fds(server, c)
@@ -217,7 +218,7 @@ def test_unpollable_resample_fds_are_refused_without_leaking(server):
     inside the event loop's add_reader (traceback, EIO) and left the fd open; a run of them
     grew the server's fd count. Each must get EINVAL, and the count must not move."""
     mark = len(server.log())
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     code, payload = COMMANDS["intx_resample"]
     try:
         c.negotiate()
@@ -253,7 +254,7 @@ def _limit_nofile() -> None:
 
 @pytest.fixture
 def small_server(tmp_path):
-    srv = ServerProcess(str(tmp_path / "s.sock"), tmp_path / "server.log", ["ram:size=16M"], ["--queues", "4"], preexec_fn=_limit_nofile)
+    srv = ServerProcess.serve(str(tmp_path / "s.sock"), tmp_path / "server.log", ["ram:size=16M"], extra=["--queues", "4"], preexec_fn=_limit_nofile)
     srv.settle()
     yield srv
     rc = srv.stop()
@@ -267,7 +268,7 @@ def test_dma_map_flood_is_bounded_by_the_fd_limit(small_server):
     srv = small_server
     with open(f"/proc/{srv.pid}/limits") as f:
         assert any(line.startswith("Max open files") and f"{NOFILE}" in line for line in f)
-    h = Host(srv.sock, ram_size=4 << 20)
+    h = Host(srv.path, ram_size=4 << 20)
     flood = GuestRam(4 << 20, "hostile")
     try:
         advertised = h.client.server_caps["max_dma_maps"]
@@ -294,7 +295,7 @@ def test_dma_map_flood_is_bounded_by_the_fd_limit(small_server):
         assert c.status == Status.SUCCESS and got == b"\x42" * 512
         # a second connection meanwhile is refused, not a crash: the server still accepts
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.connect(srv.sock)
+        probe.connect(srv.path)
         probe.settimeout(DEADLINE)
         assert probe.recv(1) == b""
         probe.close()
@@ -308,7 +309,7 @@ def test_eventfd_flood_near_the_fd_limit_gets_replies(small_server):
     """SET_IRQS messages with many eventfds while the server holds its maximum of maps: the
     server either takes them or refuses them with a reply; never a traceback, fds balanced."""
     srv = small_server
-    c = VfioUserClient(srv.sock, timeout=DEADLINE)
+    c = VfioUserClient(srv.path, timeout=DEADLINE)
     flood = GuestRam(4 << 20, "hostile")
     try:
         c.negotiate()
@@ -320,7 +321,9 @@ def test_eventfd_flood_near_the_fd_limit_gets_replies(small_server):
                 efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(8)]
                 for fd in efds:
                     stack.callback(os.close, fd)
-                payload = m.SetIrqs.build({"argsz": 20, "flags": IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, "index": IrqIndex.MSIX, "start": 8 * (round_ % 8), "count": 8, "data": b""})
+                payload = m.SetIrqs.build(
+                    {"argsz": 20, "flags": IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, "index": IrqIndex.MSIX, "start": 8 * (round_ % 8), "count": 8, "data": b""}
+                )
                 _try(c, Command.DEVICE_SET_IRQS, payload, efds)
         assert struct.unpack("<Q", c.region_read(0, 0, 8))[0] & 0xFFFF == 4095
         _no_traceback(srv)
@@ -356,7 +359,7 @@ def test_a_message_whose_fds_the_kernel_dropped_is_refused():
 
 def _exhaust_fds(srv: ServerProcess, ctl: list[socket.socket]) -> None:
     """Open control-plane connections until the server holds RLIMIT_NOFILE fds."""
-    ctl_path = srv.sock + ".ctl"
+    ctl_path = srv.path + ".ctl"
     assert os.path.exists(ctl_path)
     deadline = time.monotonic() + DEADLINE
     while srv.fd_count() < NOFILE and time.monotonic() < deadline:
@@ -381,7 +384,7 @@ def test_fds_the_kernel_drops_at_emfile_refuse_the_message(small_server):
     fd-less DMA mapping or interrupts wired to nothing; when fds are free again, they work."""
     srv = small_server
     ctl: list[socket.socket] = []
-    c = VfioUserClient(srv.sock, timeout=DEADLINE)
+    c = VfioUserClient(srv.path, timeout=DEADLINE)
     ram = GuestRam(MAP_SIZE, "hostile")
     efds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(4)]
     msix = m.SetIrqs.build({"argsz": 20, "flags": IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, "index": IrqIndex.MSIX, "start": 0, "count": 4, "data": b""})
@@ -421,15 +424,14 @@ def test_out_of_fds_at_accept_keeps_the_server_listening(small_server):
     waiting: VfioUserClient | None = None
     try:
         _exhaust_fds(srv, ctl)
-        waiting = VfioUserClient(srv.sock, timeout=DEADLINE)  # connected (backlog), not accepted
-        time.sleep(0.3)  # the server tries to accept it and gets EMFILE
+        waiting = VfioUserClient(srv.path, timeout=DEADLINE)  # connected (backlog), not accepted
+        srv.wait_log("accept failed")  # the server tried to accept it and got EMFILE
         assert srv.alive()
         for s in ctl:
             s.close()
         ctl.clear()
         waiting.negotiate()  # accepted once fds are free
         assert struct.unpack("<Q", waiting.region_read(0, 0, 8))[0] & 0xFFFF == 4095
-        assert "accept failed" in srv.log()
     finally:
         for s in ctl:
             s.close()

@@ -17,23 +17,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, status_name
+from ..support.host import Host, IOVA, PAGE, status_name
+from ..support.server import DEADLINE
 from nvme_emu.spec import NvmOpcode, Status
-from test_protocol_fuzz import _make_fd, messages
+from .test_protocol_fuzz import _make_fd, messages
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
-from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, HEADER_SIZE, Command, MsgType
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.constants import FLAG_ERROR, HEADER_SIZE, Command, MsgType
 from vfio_user.protocol import encode
-from vfio_user.server import recv_chunk
-from vfio_user.server import send_message as _send_message
+from vfio_user.unix import recv_chunk
+from vfio_user.unix import send_message as _send_message
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from rel_helpers import ServerProcess
+    from ..support.server import ServerProcess
 
     d = tmp_path_factory.mktemp("hostile-client")
-    srv = ServerProcess(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], ["--queues", "8"])
+    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", ["ram:size=16M"], extra=["--queues", "8"])
     srv.settle()
     yield srv
     rc = srv.stop()
@@ -43,7 +44,7 @@ def server(tmp_path_factory):
 def _raw(srv) -> socket.socket:
     srv.wait_idle()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(srv.sock)
+    s.connect(srv.path)
     s.settimeout(DEADLINE)
     return s
 
@@ -83,7 +84,7 @@ def _clean(srv) -> None:
 
 
 def _version_bytes(msg_id: int = 0) -> bytes:
-    from test_protocol_fuzz import _version
+    from .test_protocol_fuzz import _version
 
     return encode(msg_id, Command.VERSION, MsgType.REQUEST, _version())
 
@@ -120,7 +121,16 @@ def test_fd_flood(server):
     try:
         send_message(s, _version_bytes(), [])
         for i in range(50):
-            send_message(s, encode(100 + i, Command.DEVICE_SET_IRQS, MsgType.REQUEST, m.SetIrqs.build({"argsz": 20, "flags": 0x24, "index": 2, "start": 0, "count": 253, "data": b""})), efds)
+            send_message(
+                s,
+                encode(
+                    100 + i,
+                    Command.DEVICE_SET_IRQS,
+                    MsgType.REQUEST,
+                    m.SetIrqs.build({"argsz": 20, "flags": 0x24, "index": 2, "start": 0, "count": 253, "data": b""}),
+                ),
+                efds,
+            )
         for i in range(50):  # fds on commands that take none
             send_message(s, encode(200 + i, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 4)), efds[:8])
         out = _drain(s, 1.0)
@@ -177,14 +187,17 @@ def test_huge_announced_sizes_are_not_buffered(server):
 
 def test_replies_nobody_asked_for_and_out_of_order(server):
     """Replies with random ids, error replies, replies carrying fds: dropped; requests still served."""
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     try:
         c.negotiate()
         efd = os.eventfd(0, os.EFD_CLOEXEC)
         try:
             for i in range(200):
                 flags = MsgType.REPLY | (FLAG_ERROR if i % 3 == 0 else 0)
-                c.send_raw(encode(i * 331 & 0xFFFF, Command.DMA_READ if i % 2 else Command.DMA_WRITE, flags, os.urandom(i % 40), error_no=i), [efd] if i % 5 == 0 else [])
+                c.send_raw(
+                    encode(i * 331 & 0xFFFF, Command.DMA_READ if i % 2 else Command.DMA_WRITE, flags, os.urandom(i % 40), error_no=i),
+                    [efd] if i % 5 == 0 else [],
+                )
         finally:
             os.close(efd)
         assert struct.unpack("<Q", c.region_read(0, 0, 8))[0] & 0xFFFF == 4095
@@ -195,7 +208,7 @@ def test_replies_nobody_asked_for_and_out_of_order(server):
 
 def test_overlapping_dma_maps_and_bad_unmaps(server):
     ram = GuestRam(4 << 20, "hostile")
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     try:
         c.negotiate()
         c.dma_map(0x100000, 1 << 20, ram)
@@ -211,7 +224,12 @@ def test_overlapping_dma_maps_and_bad_unmaps(server):
                 c.dma_map(iova, size, ram, ram_offset=off)
             assert ei.value.errno == errno.EEXIST
         # beyond the memfd, past 2^64, unaligned, offset huge
-        for iova, size, off, err in [(0x400000, 8 << 20, 0, errno.EINVAL), (2**64 - 4096, 8192, 0, errno.EINVAL), (0x500001, 4096, 0, errno.EINVAL), (0x600000, 4096, 2**63, errno.EINVAL)]:
+        for iova, size, off, err in [
+            (0x400000, 8 << 20, 0, errno.EINVAL),
+            (2**64 - 4096, 8192, 0, errno.EINVAL),
+            (0x500001, 4096, 0, errno.EINVAL),
+            (0x600000, 4096, 2**63, errno.EINVAL),
+        ]:
             with pytest.raises(VfioUserClientError) as ei:
                 c.dma_map(iova, size, ram, ram_offset=off)
             assert ei.value.errno == err, (hex(iova), ei.value.errno)
@@ -237,7 +255,7 @@ def test_unmap_under_io(server):
     commands are queued -> those commands complete with Data Transfer Error; unmapping the
     queue memory -> Controller Fatal Status. Either way the mappings really go away, and
     after a controller reset with memory re-mapped, I/O works again."""
-    h = Host(server.sock, ram_size=4 << 20)
+    h = Host(server.path, ram_size=4 << 20)
     data = GuestRam(1 << 20, "hostile")
     try:
         h.set_queues(2)
@@ -280,7 +298,7 @@ def test_unmap_under_io(server):
 def test_disconnect_with_commands_in_flight(server):
     """The client vanishes mid-I/O (queued, doorbell posted, no one reaps): server cleans up."""
     for _ in range(3):
-        h = Host(server.sock, ram_size=4 << 20)
+        h = Host(server.path, ram_size=4 << 20)
         h.set_queues(2)
         h.create_pair(1, 128)
         buf = h.alloc(128 * PAGE)
@@ -300,7 +318,9 @@ def test_server_survives_a_client_that_never_reads(server):
     try:
         send_message(s, _version_bytes(), [])
         # 80 bytes in, 4.3 KiB out: the amplification a client could use to grow the server
-        req = encode(9, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 7, 256)) + encode(10, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 0x1000))
+        req = encode(9, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 7, 256)) + encode(
+            10, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 0x1000)
+        )
         s.setblocking(False)
         sent = 0
         deadline = time.monotonic() + 3

@@ -12,14 +12,14 @@ with a canary. After each batch of hostile commands:
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rel_helpers import DEADLINE, IOVA, PAGE, Host, ServerProcess, status_name
+from ..support.host import Host, IOVA, PAGE, status_name
+from ..support.server import DEADLINE, ServerProcess
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
 
 NS_SIZE = 4 << 20
@@ -40,7 +40,7 @@ def lba_pattern(lba: int, gen: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile-guest")
-    srv = ServerProcess(str(d / "s.sock"), d / "server.log", [f"ram:size={NS_SIZE}"], ["--queues", "4"])
+    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", [f"ram:size={NS_SIZE}"], extra=["--queues", "4"])
     srv.settle()
     r = GuestRig(srv)
     yield r
@@ -52,7 +52,7 @@ def rig(tmp_path_factory):
 class GuestRig:
     def __init__(self, srv: ServerProcess) -> None:
         self.srv = srv
-        self.host = Host(srv.sock, ram_size=RAM, enable=False)
+        self.host = Host(srv.path, ram_size=RAM, enable=False)
         self.setup()
         self.expected = bytearray(b"".join(lba_pattern(i) for i in range(NLBAS)))
         self.write_namespace(bytes(self.expected))
@@ -127,7 +127,26 @@ def pointer(draw, window: int) -> int:
 
 @st.composite
 def io_command(draw, window: int, ranges: int) -> dict:
-    opc = draw(st.sampled_from([NvmOpcode.WRITE] * 4 + [NvmOpcode.READ] * 4 + [NvmOpcode.FLUSH, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COMPARE, NvmOpcode.VERIFY, NvmOpcode.COPY, NvmOpcode.WRITE_UNCORRECTABLE, 0x0D, 0x7F, 0x80, 0xFF]) | st.integers(0, 255))
+    opc = draw(
+        st.sampled_from(
+            [NvmOpcode.WRITE] * 4
+            + [NvmOpcode.READ] * 4
+            + [
+                NvmOpcode.FLUSH,
+                NvmOpcode.WRITE_ZEROES,
+                NvmOpcode.DATASET_MANAGEMENT,
+                NvmOpcode.COMPARE,
+                NvmOpcode.VERIFY,
+                NvmOpcode.COPY,
+                NvmOpcode.WRITE_UNCORRECTABLE,
+                0x0D,
+                0x7F,
+                0x80,
+                0xFF,
+            ]
+        )
+        | st.integers(0, 255)
+    )
     nsid = draw(st.sampled_from([1] * 8 + [0, 2, 0xFFFFFFFF]) | st.integers(0, 2**32 - 1))
     slba = draw(st.integers(0, NLBAS - 1) | st.sampled_from([NLBAS - 1, NLBAS, NLBAS + 5, 2**32 - 1, 2**63, 2**64 - 1]))
     nlb0 = draw(st.integers(0, 15) | st.integers(0, 1100) | st.sampled_from([0xFFFF, 1023, 1024]))
@@ -384,7 +403,22 @@ def admin_command(draw, window: int) -> dict:
     # not: Delete/Create of the rig's queue pair 1 (cdw10 qid forced >= 2 below), AER
     # (deferred by design), Format NVM (erases by design), Doorbell Buffer Config (changes
     # how the rig's own doorbells work)
-    opc = draw(st.sampled_from([AdminOpcode.CREATE_IO_SQ, AdminOpcode.CREATE_IO_CQ, AdminOpcode.DELETE_IO_SQ, AdminOpcode.DELETE_IO_CQ, AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.ABORT, AdminOpcode.SET_FEATURES, AdminOpcode.GET_FEATURES]) | st.integers(0, 255).filter(lambda o: o not in (0x0C, 0x80, 0x7C, 0x00, 0x01, 0x04, 0x05)))
+    opc = draw(
+        st.sampled_from(
+            [
+                AdminOpcode.CREATE_IO_SQ,
+                AdminOpcode.CREATE_IO_CQ,
+                AdminOpcode.DELETE_IO_SQ,
+                AdminOpcode.DELETE_IO_CQ,
+                AdminOpcode.GET_LOG_PAGE,
+                AdminOpcode.IDENTIFY,
+                AdminOpcode.ABORT,
+                AdminOpcode.SET_FEATURES,
+                AdminOpcode.GET_FEATURES,
+            ]
+        )
+        | st.integers(0, 255).filter(lambda o: o not in (0x0C, 0x80, 0x7C, 0x00, 0x01, 0x04, 0x05))
+    )
     cdw10 = draw(st.integers(0, 2**32 - 1) | st.integers(0, 0x3FF))
     if opc in (AdminOpcode.CREATE_IO_SQ, AdminOpcode.CREATE_IO_CQ, AdminOpcode.DELETE_IO_SQ, AdminOpcode.DELETE_IO_CQ):
         cdw10 = (cdw10 & 0xFFFF0000) | max(2, cdw10 & 0xFFFF)

@@ -33,13 +33,14 @@ import sys
 
 import pytest
 
-from durability import SLOT, ZEROS, Acks, check_image, parse_record, pattern, slot_order
+from .durability import SLOT, ZEROS, Acks, check_image, parse_record, pattern, slot_order
 from nvme_emu import guest as g
 from nvme_emu import nested
-from power_cut_job import ARMED
-from rel_helpers import REPO
+from .power_cut_job import ARMED
+from ..support.server import REPO
 
-JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "power_cut_job.py")
+#: The L1 side, run as a module of this checkout (cwd is REPO in L1 too).
+JOB = "tests.reliability.power_cut_job"
 DISK_MIB = 128
 NS_MIB = 64
 ARM_AFTER = 300  # durable writes before the plug may be pulled
@@ -166,7 +167,7 @@ def _make_disk(path: str) -> None:
 
 def _boot(phase: str, seed: int, out: str, disks: list[str], kill_when: g.KillWhen | None) -> g.GuestResult:
     return nested.run_nested(
-        [sys.executable, JOB, phase, "--out", out, "--seed", str(seed), "--ns-mib", str(NS_MIB),
+        [sys.executable, "-m", JOB, phase, "--out", out, "--seed", str(seed), "--ns-mib", str(NS_MIB),
          "--arm-after", str(ARM_AFTER)],
         kvm=None, cwd=str(REPO), out_dirs=[out], disks=disks, kill_when=kill_when, memory_mb=1536,
         timeout=BOOT_TIMEOUT_S, env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},

@@ -28,12 +28,14 @@ from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
 from nvme_emu.namespace import open_namespace
 from vfio_user import messages as m
-from vfio_user.client import QEMU_CAPABILITIES
+from vfio_user.vmm.client import QEMU_CAPABILITIES
 from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, HEADER_SIZE, Command, MsgType
 from vfio_user.device import DeviceContext
 from vfio_user.dma import GuestMemory
 from vfio_user.protocol import Connection, FatalProtocolError, Message, Rejected, encode
 from vfio_user.session import ServerSession
+
+from ..support.fds import is_closed
 
 FUZZ_RAM = 1 << 20  # the memfd random DMA_MAPs point into
 
@@ -124,27 +126,71 @@ BAR0_OFFSETS = [0x14, 0x14, 0x24, 0x28, 0x2C, 0x30, 0x34, 0x1C, 0x20, 0x0C, 0x10
 def payloads(draw, command: int) -> bytes:
     c = command
     if c == Command.VERSION:
-        caps = draw(st.one_of(st.just(None), st.dictionaries(st.sampled_from(["max_msg_fds", "max_data_xfer_size", "pgsizes", "max_dma_maps", "migration", "x"]), st.one_of(st.integers(-5, 2**40), st.text(max_size=4), st.booleans(), st.none()), max_size=4)))
+        caps = draw(
+            st.one_of(
+                st.just(None),
+                st.dictionaries(
+                    st.sampled_from(["max_msg_fds", "max_data_xfer_size", "pgsizes", "max_dma_maps", "migration", "x"]),
+                    st.one_of(st.integers(-5, 2**40), st.text(max_size=4), st.booleans(), st.none()),
+                    max_size=4,
+                ),
+            )
+        )
         try:
             return _version(caps)
         except Exception:
             return _version()
     if c == Command.DMA_MAP:
-        return m.DmaMap.build({"argsz": draw(st.sampled_from([32, 32, 32, 0, 31, 33])), "flags": draw(st.sampled_from([3, 3, 1, 0, 2, 7])), "offset": draw(st.sampled_from([0, 0, 4096, FUZZ_RAM - 4096, FUZZ_RAM]) | u64), "address": draw(u64), "size": draw(pages)})
+        return m.DmaMap.build(
+            {
+                "argsz": draw(st.sampled_from([32, 32, 32, 0, 31, 33])),
+                "flags": draw(st.sampled_from([3, 3, 1, 0, 2, 7])),
+                "offset": draw(st.sampled_from([0, 0, 4096, FUZZ_RAM - 4096, FUZZ_RAM]) | u64),
+                "address": draw(u64),
+                "size": draw(pages),
+            }
+        )
     if c == Command.DMA_UNMAP:
-        return m.DmaUnmap.build({"argsz": draw(st.sampled_from([24, 24, 0, 25])), "flags": draw(st.sampled_from([0, 0, 2, 1, 3])), "address": draw(u64), "size": draw(pages)})
+        return m.DmaUnmap.build(
+            {"argsz": draw(st.sampled_from([24, 24, 0, 25])), "flags": draw(st.sampled_from([0, 0, 2, 1, 3])), "address": draw(u64), "size": draw(pages)}
+        )
     if c in (Command.DEVICE_GET_INFO,):
         return m.DeviceInfo.build({"argsz": draw(st.sampled_from([16, 0, 1000])), "flags": 0, "num_regions": 0, "num_irqs": 0})
     if c == Command.DEVICE_GET_REGION_INFO:
-        return m.RegionInfo.build({"argsz": draw(st.sampled_from([32, 0, 4096, 2**32 - 1])), "flags": 0, "index": draw(st.integers(0, 12) | u32), "cap_offset": 0, "size": 0, "offset": 0})
+        return m.RegionInfo.build(
+            {
+                "argsz": draw(st.sampled_from([32, 0, 4096, 2**32 - 1])),
+                "flags": 0,
+                "index": draw(st.integers(0, 12) | u32),
+                "cap_offset": 0,
+                "size": 0,
+                "offset": 0,
+            }
+        )
     if c == Command.DEVICE_GET_REGION_IO_FDS:
-        return m.RegionIoFdsRequest.build({"argsz": draw(st.sampled_from([16, 0, 64, 4096, 2**32 - 1])), "flags": draw(st.sampled_from([0, 0, 1])), "index": draw(st.integers(0, 10)), "count": draw(st.sampled_from([0, 0, 1]))})
+        return m.RegionIoFdsRequest.build(
+            {
+                "argsz": draw(st.sampled_from([16, 0, 64, 4096, 2**32 - 1])),
+                "flags": draw(st.sampled_from([0, 0, 1])),
+                "index": draw(st.integers(0, 10)),
+                "count": draw(st.sampled_from([0, 0, 1])),
+            }
+        )
     if c == Command.DEVICE_GET_IRQ_INFO:
         return m.IrqInfo.build({"argsz": draw(st.sampled_from([16, 0])), "flags": 0, "index": draw(st.integers(0, 8) | u32), "count": 0})
     if c == Command.DEVICE_SET_IRQS:
         count = draw(st.integers(0, 8) | u32)
         data = draw(st.binary(max_size=16))
-        return m.SetIrqs.build({"argsz": draw(st.sampled_from([20, 20 + len(data), 0, 2**32 - 1])), "flags": draw(st.sampled_from([0x24, 0x24, 0x21, 0x22, 0x11, 0x14, 0x01]) | st.integers(0, 0x3F)), "index": draw(st.sampled_from([2, 2, 0, 1, 3, 4, 5, 6])), "start": draw(st.integers(0, 8) | u32), "count": count, "data": data})
+        return m.SetIrqs.build(
+            {
+                "argsz": draw(st.sampled_from([20, 20 + len(data), 0, 2**32 - 1])),
+                "flags": draw(st.sampled_from([0x24, 0x24, 0x21, 0x22, 0x11, 0x14, 0x01]) | st.integers(0, 0x3F)),
+                "index": draw(st.sampled_from([2, 2, 0, 1, 3, 4, 5, 6])),
+                "start": draw(st.integers(0, 8) | u32),
+                "count": count,
+                "data": data,
+            }
+        )
     if c in (Command.REGION_READ, Command.REGION_WRITE):
         index = draw(st.sampled_from([0] * 8 + [4, 7, 7, 8, 9, 2**32 - 1]))
         offset = draw(st.sampled_from(BAR0_OFFSETS)) if draw(st.integers(0, 7)) else draw(u64)
@@ -156,7 +202,16 @@ def payloads(draw, command: int) -> bytes:
         return m.REGION_ACCESS.pack(offset, index, count) + data
     if c == Command.REGION_WRITE_MULTI:
         n = draw(st.integers(0, 4))
-        entries = b"".join(struct.pack("<QII8s", draw(st.sampled_from(BAR0_OFFSETS) | u64), draw(st.sampled_from([0, 0, 7, 9])), draw(st.sampled_from([4, 4, 8, 0, 10])), draw(st.sampled_from(REG_VALUES).map(lambda v: struct.pack("<Q", v)) | st.binary(min_size=8, max_size=8))) for _ in range(n))
+        entries = b"".join(
+            struct.pack(
+                "<QII8s",
+                draw(st.sampled_from(BAR0_OFFSETS) | u64),
+                draw(st.sampled_from([0, 0, 7, 9])),
+                draw(st.sampled_from([4, 4, 8, 0, 10])),
+                draw(st.sampled_from(REG_VALUES).map(lambda v: struct.pack("<Q", v)) | st.binary(min_size=8, max_size=8)),
+            )
+            for _ in range(n)
+        )
         return struct.pack("<Q", draw(st.sampled_from([n, n, n, n + 1, 0, 2**64 - 1]))) + entries
     return draw(st.binary(max_size=64))
 
@@ -170,7 +225,11 @@ def messages(draw) -> tuple[bytes, int, int]:
     elif pick < 8:
         command = draw(st.sampled_from([c for c in Command if c != Command.VERSION]))
     else:
-        command = draw(st.sampled_from([Command.REGION_WRITE] * 4 + [Command.REGION_READ, Command.DMA_MAP, Command.DMA_UNMAP, Command.DEVICE_SET_IRQS, Command.REGION_WRITE_MULTI]))
+        command = draw(
+            st.sampled_from(
+                [Command.REGION_WRITE] * 4 + [Command.REGION_READ, Command.DMA_MAP, Command.DMA_UNMAP, Command.DEVICE_SET_IRQS, Command.REGION_WRITE_MULTI]
+            )
+        )
     payload = draw(payloads(command))
     if draw(st.integers(0, 9)) == 0:  # byte-level mutation
         if payload:
@@ -283,7 +342,9 @@ def test_random_message_streams(rig, prologue, msgs, cuts):
     assert not leaked, f"fds left open: {sorted(leaked)}"
     # and a new client is served
     rig.open_session()
-    replies = rig.feed(encode(1, Command.VERSION, MsgType.REQUEST, _version()) + encode(2, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 8)), [])
+    replies = rig.feed(
+        encode(1, Command.VERSION, MsgType.REQUEST, _version()) + encode(2, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 8)), []
+    )
     assert len(replies) == 2 and not m.HEADER.unpack_from(replies[1])[3] & FLAG_ERROR
     cap = int.from_bytes(replies[1][HEADER_SIZE + 16 :], "little")
     assert cap & 0xFFFF == rig.function.controller.config.max_queue_entries - 1
@@ -317,22 +378,17 @@ def test_huge_sizes_and_fd_floods_are_refused_without_buffering(size, nfds):
         events = conn.receive(head + bytes(min(size - HEADER_SIZE, 1 << 16)), fds)
         limit = conn.max_msg_size
         if size > limit or nfds > conn.max_msg_fds:
-            assert all(_closed(fd) for fd in fds)
+            assert all(is_closed(fd) for fd in fds)
             assert len(conn._buf) <= (1 << 16) + HEADER_SIZE
         for ev in events:
             if isinstance(ev, Message):
                 ev.close_fds()
     finally:
         conn.close()
-    assert all(_closed(fd) for fd in fds), "the connection must own (and close) every fd it was given"
+    assert all(is_closed(fd) for fd in fds), "the connection must own (and close) every fd it was given"
 
 
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
+
 
 
 def test_dma_map_of_a_non_file_fd_at_a_huge_offset_is_refused_cleanly(rig):
@@ -346,4 +402,4 @@ def test_dma_map_of_a_non_file_fd_at_a_huge_offset_is_refused_cleanly(rig):
     [reply] = rig.feed(encode(2, Command.DMA_MAP, MsgType.REQUEST, payload), [efd])
     _id, _cmd, _size, flags, err = m.HEADER.unpack_from(reply)
     assert flags & FLAG_ERROR and err == errno.EINVAL
-    assert _closed(efd)
+    assert is_closed(efd)

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from rel_helpers import DEADLINE, ServerProcess
+from ..support.server import DEADLINE, ServerProcess
 from vfio_user import messages as m
-from vfio_user.client import VfioUserClient
+from vfio_user.vmm.client import VfioUserClient
 from vfio_user.constants import HEADER_SIZE, Command, MsgType
 from vfio_user.protocol import encode
 
@@ -34,7 +34,7 @@ def server(spawn) -> ServerProcess:
 def _connect(srv: ServerProcess) -> socket.socket:
     srv.wait_idle()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(srv.sock)
+    s.connect(srv.path)
     return s
 
 
@@ -123,7 +123,7 @@ def test_client_stalled_mid_message_after_version_is_dropped(server):
 
 def test_idle_client_after_version_is_kept(server):
     """A VMM sends nothing for long stretches: after VERSION, silence is not a stall."""
-    c = VfioUserClient(server.sock, timeout=DEADLINE)
+    c = VfioUserClient(server.path, timeout=DEADLINE)
     try:
         c.negotiate()
         time.sleep(TIMEOUT * 4)

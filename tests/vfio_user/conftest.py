@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import pytest
 
-from vu_helpers import ServerProcess
+from ..support.server import ServerProcess
 
 
 def _check_after_test(srv: ServerProcess, log_start: int):
     alive = srv.alive()
     leaked = None
     if alive:
-        n = srv.wait_fd_count()
+        n = srv.wait_fds()
         if n != srv.baseline_fds:
             leaked = f"server holds {n} fds, {srv.baseline_fds} at start:\n" + "\n".join(srv.fds())
-    print("---- server stderr during this test ----")
-    print(srv.stderr()[log_start:])
+    print("---- server log during this test ----")
+    print(srv.log()[log_start:])
     assert alive, "the server process died"
     assert leaked is None, leaked
 
@@ -31,7 +31,8 @@ def _check_after_test(srv: ServerProcess, log_start: int):
 @pytest.fixture(scope="module")
 def _module_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("ticker")
-    srv = ServerProcess(str(d / "ticker.sock"), d / "server.stderr")
+    srv = ServerProcess.sample(str(d / "ticker.sock"), d / "server.log")
+    srv.settle()
     yield srv
     srv.kill()
 
@@ -40,8 +41,8 @@ def _module_server(tmp_path_factory):
 def server(_module_server):
     """The module's server process (shared; the device keeps state between tests)."""
     if not _module_server.alive():
-        pytest.fail("the shared server process died in an earlier test:\n" + _module_server.stderr())
-    start = len(_module_server.stderr())
+        pytest.fail("the shared server process died in an earlier test:\n" + _module_server.log())
+    start = len(_module_server.log())
     yield _module_server
     _check_after_test(_module_server, start)
 
@@ -49,15 +50,16 @@ def server(_module_server):
 @pytest.fixture
 def backend() -> str:
     """The vfio-user server backend of ``fresh_server``; a module that runs on both overrides
-    this with a fixture parametrised over ``vu_helpers.BACKENDS`` (``vu_helpers.both_backends``)."""
+    this with a fixture parametrised over ``BACKENDS`` (see test_lifecycle.py)."""
     return "python"
 
 
 @pytest.fixture
 def fresh_server(tmp_path, backend):
     """A server process of this test's own."""
-    srv = ServerProcess(str(tmp_path / "ticker.sock"), tmp_path / "server.stderr", backend)
+    srv = ServerProcess.sample(str(tmp_path / "ticker.sock"), tmp_path / "server.log", backend)
     try:
+        srv.settle()
         yield srv
         _check_after_test(srv, 0)
     finally:

@@ -1,13 +1,12 @@
 """Every command round-trips against the sample server running in its own process.
 
-The client is vfio_user.client.VfioUserClient over a real Unix socket; fds travel with
+The client is vfio_user.vmm.client.VfioUserClient over a real Unix socket; fds travel with
 SCM_RIGHTS, guest memory is a memfd, interrupts are eventfds.
 """
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import random
 import select
@@ -17,7 +16,7 @@ import time
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClientError
+from vfio_user.vmm.client import GuestRam
 from vfio_user.constants import (
     DEVICE_FLAG_PCI,
     DEVICE_FLAG_RESET,
@@ -43,18 +42,9 @@ from vfio_user.constants import (
 )
 from vfio_user.sample import REG_DMA_DST, REG_DMA_SRC, REG_ID, REG_RINGS, REG_SCRATCH, TICKER_ID
 
-from vu_helpers import (
-    DEADLINE,
-    assert_error,
-    eventfd_count,
-    exchange,
-    new_eventfd,
-    read32,
-    send_posted,
-    ticker_ring,
-    wait_eventfd,
-    write32,
-)
+from ..support.fds import efd_count, efd_wait, new_eventfd
+from ..support.server import DEADLINE
+from .vu_helpers import assert_error, exchange, read32, ticker_ring, write32
 
 PAGE = 4096
 CONFIG = 7
@@ -227,7 +217,9 @@ def test_device_get_info(client):
 
 
 def _region_info_raw(client, index, argsz):
-    return exchange(client, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.build({"argsz": argsz, "flags": 0, "index": index, "cap_offset": 0, "size": 0, "offset": 0}))
+    return exchange(
+        client, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.build({"argsz": argsz, "flags": 0, "index": index, "cap_offset": 0, "size": 0, "offset": 0})
+    )
 
 
 def test_region_info_two_phase_sparse_mmap(client):
@@ -334,17 +326,17 @@ def test_shadow_ioeventfd_really_works(client):
     assert read32(client, 0, REG_RINGS) == 0
 
     iofd.emulate_post_write(1)  # odd value: vector 1
-    assert wait_eventfd(vectors[1]) == 1
-    assert eventfd_count(vectors[0]) == 0
+    assert efd_wait(vectors[1]) == 1
+    assert efd_count(vectors[0]) == 0
     assert read32(client, 0, REG_RINGS) == 1
 
     iofd.emulate_post_write(6)  # even value: vector 0 -- the device read what we stored
-    assert wait_eventfd(vectors[0]) == 1
-    assert eventfd_count(vectors[1]) == 0
+    assert efd_wait(vectors[0]) == 1
+    assert efd_count(vectors[1]) == 0
     assert read32(client, 0, REG_RINGS) == 2
 
     ticker_ring(client, 3)  # the trapped path still works alongside
-    assert eventfd_count(vectors[1]) == 1 and read32(client, 0, REG_RINGS) == 3
+    assert efd_count(vectors[1]) == 1 and read32(client, 0, REG_RINGS) == 3
 
 
 # -- interrupts ----------------------------------------------------------------------------
@@ -369,26 +361,26 @@ def test_msix_vectors_fire(client):
     v = client.enable_irqs(IrqIndex.MSIX, 2)
     intx = client.enable_irqs(IrqIndex.INTX, 1)[0]
     ticker_ring(client, 0)
-    assert wait_eventfd(v[0], 5) == 1
-    assert eventfd_count(v[1]) == 0 and eventfd_count(intx) == 0  # MSI-X wins over INTx
+    assert efd_wait(v[0], 5) == 1
+    assert efd_count(v[1]) == 0 and efd_count(intx) == 0  # MSI-X wins over INTx
     ticker_ring(client, 1)
     ticker_ring(client, 1)
-    assert wait_eventfd(v[1], 5) == 2  # MSI-X is not auto-masked
-    assert eventfd_count(v[0]) == 0
+    assert efd_wait(v[1], 5) == 2  # MSI-X is not auto-masked
+    assert efd_count(v[0]) == 0
 
 
 def test_intx_auto_mask_and_unmask(client):
     efd = client.enable_irqs(IrqIndex.INTX, 1)[0]
     ticker_ring(client, 0)
     ticker_ring(client, 0)  # the line is auto-masked after the first
-    assert wait_eventfd(efd, 5) == 1
+    assert efd_wait(efd, 5) == 1
     ticker_ring(client, 1)
-    assert eventfd_count(efd) == 0  # still masked
+    assert efd_count(efd) == 0  # still masked
     client.unmask_intx()
     ticker_ring(client, 0)
-    assert wait_eventfd(efd, 5) == 1
+    assert efd_wait(efd, 5) == 1
     ticker_ring(client, 0)
-    assert eventfd_count(efd) == 0
+    assert efd_count(efd) == 0
     assert read32(client, 0, REG_RINGS) == 5  # the device saw every doorbell
 
 
@@ -403,7 +395,7 @@ def test_intx_resample_eventfd_unmasks(server, client):
         client.unmask_intx()
         ticker_ring(client, 0)
         ticker_ring(client, 0)
-        assert wait_eventfd(efd, 5) == 1  # auto-masked after the first
+        assert efd_wait(efd, 5) == 1  # auto-masked after the first
         for _ in range(3):
             os.eventfd_write(resample, 1)  # what KVM does on the guest's EOI
             deadline = time.monotonic() + DEADLINE
@@ -411,9 +403,9 @@ def test_intx_resample_eventfd_unmasks(server, client):
                 assert time.monotonic() < deadline, "the server never read the resample eventfd"
                 time.sleep(0.001)
             ticker_ring(client, 0)
-            assert wait_eventfd(efd, 5) == 1
+            assert efd_wait(efd, 5) == 1
             ticker_ring(client, 0)
-            assert eventfd_count(efd) == 0
+            assert efd_count(efd) == 0
     finally:
         os.close(resample)
 
@@ -422,10 +414,10 @@ def test_intx_deassign_with_eventfd_flag_and_no_fds(client):
     efd = client.enable_irqs(IrqIndex.INTX, 1)[0]
     client.set_irqs(IrqIndex.INTX, IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, 0, 1)  # no fd: de-assign
     ticker_ring(client, 0)
-    assert eventfd_count(efd) == 0
+    assert efd_count(efd) == 0
     again = client.enable_irqs(IrqIndex.INTX, 1)[0]
     ticker_ring(client, 0)
-    assert wait_eventfd(again, 5) == 1 and eventfd_count(efd) == 0
+    assert efd_wait(again, 5) == 1 and efd_count(efd) == 0
 
 
 def test_count_zero_disables_index(client):
@@ -433,41 +425,41 @@ def test_count_zero_disables_index(client):
     intx = client.enable_irqs(IrqIndex.INTX, 1)[0]
     client.disable_irqs(IrqIndex.MSIX)  # DATA_NONE|TRIGGER count 0
     ticker_ring(client, 0)
-    assert eventfd_count(msix[0]) == 0
-    assert wait_eventfd(intx, 5) == 1  # the device fell back to INTx
+    assert efd_count(msix[0]) == 0
+    assert efd_wait(intx, 5) == 1  # the device fell back to INTx
     client.disable_irqs(IrqIndex.INTX)
     client.unmask_intx()
     ticker_ring(client, 0)
-    assert eventfd_count(intx) == 0 and eventfd_count(msix[0]) == 0
+    assert efd_count(intx) == 0 and efd_count(msix[0]) == 0
 
 
 def test_eventfd_replaced_per_vector(client):
     old = client.enable_irqs(IrqIndex.MSIX, 2)
     new1 = client.enable_irqs(IrqIndex.MSIX, 1, start=1)[0]  # only vector 1 changes
     ticker_ring(client, 1)
-    assert wait_eventfd(new1, 5) == 1 and eventfd_count(old[1]) == 0
+    assert efd_wait(new1, 5) == 1 and efd_count(old[1]) == 0
     ticker_ring(client, 0)
-    assert wait_eventfd(old[0], 5) == 1
+    assert efd_wait(old[0], 5) == 1
 
 
 def test_msix_mask_unmask_and_loopback_trigger(client):
     v = client.enable_irqs(IrqIndex.MSIX, 2)
     client.set_irqs(IrqIndex.MSIX, IRQ_DATA_NONE | IRQ_ACTION_MASK, 0, 1)
     ticker_ring(client, 0)
-    assert eventfd_count(v[0]) == 0
+    assert efd_count(v[0]) == 0
     client.set_irqs(IrqIndex.MSIX, IRQ_DATA_BOOL | IRQ_ACTION_UNMASK, 0, 2, data=b"\x01\x00")
     ticker_ring(client, 0)
-    assert wait_eventfd(v[0], 5) == 1
+    assert efd_wait(v[0], 5) == 1
     client.set_irqs(IrqIndex.MSIX, IRQ_DATA_BOOL | IRQ_ACTION_TRIGGER, 0, 2, data=b"\x00\x01")
-    assert wait_eventfd(v[1], 5) == 1 and eventfd_count(v[0]) == 0
+    assert efd_wait(v[1], 5) == 1 and efd_count(v[0]) == 0
     client.set_irqs(IrqIndex.MSIX, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, 0, 1)
-    assert wait_eventfd(v[0], 5) == 1
+    assert efd_wait(v[0], 5) == 1
 
 
 def test_err_eventfd_accepted(client):
     err = client.enable_irqs(IrqIndex.ERR, 1)[0]
     client.set_irqs(IrqIndex.ERR, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, 0, 1)  # loopback
-    assert wait_eventfd(err, 5) == 1
+    assert efd_wait(err, 5) == 1
 
 
 # -- region access -------------------------------------------------------------------------
@@ -548,14 +540,31 @@ def test_posted_writes_interleavings(client):
 
 
 def test_write_multi_applied_in_order(client):
-    client.write_multi([(0, REG_SCRATCH, b"\x01\0\0\0"), (1, 0, b"aaaa"), (0, REG_SCRATCH, b"\x02\0\0\0"), (1, 2, b"bb"), (CONFIG, 0x3C, b"\x07"), (0, REG_SCRATCH, b"\x03\0\0\0")])
+    client.write_multi(
+        [
+            (0, REG_SCRATCH, b"\x01\0\0\0"),
+            (1, 0, b"aaaa"),
+            (0, REG_SCRATCH, b"\x02\0\0\0"),
+            (1, 2, b"bb"),
+            (CONFIG, 0x3C, b"\x07"),
+            (0, REG_SCRATCH, b"\x03\0\0\0"),
+        ]
+    )
     assert read32(client, 0, REG_SCRATCH) == 3
     assert client.region_read(1, 0, 4) == b"aabb"
     assert client.region_read(CONFIG, 0x3C, 1) == b"\x07"
 
 
 def test_write_multi_not_posted_gets_wr_cnt_reply(client):
-    payload = m.WriteMulti.build({"wr_cnt": 2, "entries": [{"offset": REG_SCRATCH, "region": 0, "count": 4, "data": b"\x05\0\0\0\0\0\0\0"}, {"offset": REG_SCRATCH, "region": 0, "count": 1, "data": b"\x09" + bytes(7)}]})
+    payload = m.WriteMulti.build(
+        {
+            "wr_cnt": 2,
+            "entries": [
+                {"offset": REG_SCRATCH, "region": 0, "count": 4, "data": b"\x05\0\0\0\0\0\0\0"},
+                {"offset": REG_SCRATCH, "region": 0, "count": 1, "data": b"\x09" + bytes(7)},
+            ],
+        }
+    )
     reply = exchange(client, Command.REGION_WRITE_MULTI, payload)
     assert not reply.is_error and reply.payload == (2).to_bytes(8, "little")
     # a 1-byte write to SCRATCH is ignored by the device, so the 4-byte one stands
@@ -580,7 +589,7 @@ def _device_copy(client, src, dst, length, done_fd):
     while True:
         served += client.poll(0.05)
         if select.select([done_fd], [], [], 0)[0]:
-            assert eventfd_count(done_fd) == 1
+            assert efd_count(done_fd) == 1
             return served
         assert time.monotonic() < deadline, "the device never finished its DMA"
 
@@ -597,7 +606,7 @@ def test_dma_through_messages(client, ram):
 
 
 def test_dma_messages_split_at_client_max_data_xfer(server, ram):
-    caps = dict(__import__("vfio_user.client", fromlist=["QEMU_CAPABILITIES"]).QEMU_CAPABILITIES, max_data_xfer_size=4096)
+    caps = dict(__import__("vfio_user.vmm.client", fromlist=["QEMU_CAPABILITIES"]).QEMU_CAPABILITIES, max_data_xfer_size=4096)
     c = server.connect(negotiate=False)
     try:
         c.negotiate(caps)
@@ -633,7 +642,7 @@ def test_dma_to_unmapped_address_raises_no_interrupt(client, ram):
     # the copy task is started by the write; a later request is served after it ran
     assert read32(client, 0, REG_SCRATCH) == 16
     client.poll(0.05)
-    assert eventfd_count(done) == 0
+    assert efd_count(done) == 0
 
 
 # -- reset and unsupported commands ----------------------------------------------------------

@@ -10,47 +10,32 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-import threading
 import time
 
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import GuestRam, VfioUserClient
+from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import Command, MsgType, FLAG_ERROR
 from vfio_user.dma import DmaError
 from vfio_user.protocol import Message, encode
 from vfio_user.sample import Ticker
-from vfio_user.libvfio import make_server, unavailable_reason
-from vfio_user.server import new_event_loop
 
-from vu_helpers import DEADLINE
+from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
+from ..support.inproc import InProcessServer
+from ..support.server import DEADLINE
 
 LIB = "libvfio-user"
 
 
-@pytest.fixture(params=["python", LIB])
+@pytest.fixture(params=BACKENDS)
 def inproc(request, tmp_path):
-    if request.param == LIB and (reason := unavailable_reason()) is not None:
-        print(f"libvfio-user not installed: {reason}")
-        pytest.skip(f"libvfio-user not installed: {reason}")
-    device = Ticker()
-    loop = new_event_loop()
-    server = make_server(request.param, device, str(tmp_path / "dma.sock"), dma_timeout=1.0)
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    skip_unless_available(request.param)
+    srv = InProcessServer(Ticker(), str(tmp_path / "dma.sock"), backend=request.param, dma_timeout=1.0)
     try:
-        yield server, loop, device
+        yield srv.server, srv.loop, srv.device
     finally:
-        async def stop():
-            server.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(DEADLINE)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(DEADLINE)
-        loop.close()
-        device.close()
+        srv.close()
 
 
 def _next_server_request(client: VfioUserClient) -> Message:
@@ -99,6 +84,20 @@ def _dropped(c: VfioUserClient) -> bool:
     return False
 
 
+def _serves_next_client(server) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while True:  # the server may still be noticing the last client's departure
+        try:
+            with VfioUserClient(server.path, timeout=DEADLINE) as c:
+                c.negotiate()
+                assert c.region_read(0, 0, 4) == struct.pack("<I", 0x7E571C4E)
+                return
+        except (ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 @pytest.mark.parametrize("kind", list(BAD_READ_REPLIES))
 def test_malformed_dma_read_reply_is_a_dma_error(inproc, kind):
     server, loop, device = inproc
@@ -120,20 +119,6 @@ def test_malformed_dma_read_reply_is_a_dma_error(inproc, kind):
         finally:
             c.close()
     _serves_next_client(server)
-
-
-def _serves_next_client(server) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while True:  # the server may still be noticing the last client's departure
-        try:
-            with VfioUserClient(server.path, timeout=DEADLINE) as c:
-                c.negotiate()
-                assert c.region_read(0, 0, 4) == struct.pack("<I", 0x7E571C4E)
-                return
-        except (ConnectionError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_dma_error_reply_carries_the_clients_errno(inproc):

@@ -5,25 +5,27 @@ The tests on a server process run on both backends (``backend`` below)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
-import threading
 import time
 
 import pytest
 
-from vfio_user.client import GuestRam, VfioUserClient, VfioUserClientError
+from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import IrqIndex
 from vfio_user.sample import REG_ID, REG_RINGS, REG_SCRATCH, TICKER_ID, Ticker
-from vfio_user.server import Server, new_event_loop
 
-from vu_helpers import BACKENDS, DEADLINE, both_backends, eventfd_count, read32, ticker_ring, wait_eventfd, write32
+from ..support.fds import efd_count, efd_wait
+from ..support.inproc import InProcessServer
+from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
+from ..support.server import DEADLINE
+from .vu_helpers import read32, ticker_ring, write32
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
-    return both_backends(request)
+    skip_unless_available(request.param)
+    return request.param
 
 
 def test_reconnect_keeps_device_state_and_drops_client_resources(fresh_server):
@@ -36,11 +38,11 @@ def test_reconnect_keeps_device_state_and_drops_client_resources(fresh_server):
         write32(first, 0, REG_SCRATCH, 0xDEAD)
         first.region_write(1, 0, b"bar1 survives")
         ticker_ring(first, 1)
-        assert wait_eventfd(msix[1], 5) == 1
+        assert efd_wait(msix[1], 5) == 1
         kept = os.dup(msix[1])  # outlives the client's own copy
         with_client = srv.fd_count()
         first.close()
-        assert srv.wait_fd_count() == srv.baseline_fds < with_client
+        assert srv.wait_fds() == srv.baseline_fds < with_client
 
         second = srv.connect()
         try:
@@ -48,14 +50,14 @@ def test_reconnect_keeps_device_state_and_drops_client_resources(fresh_server):
             assert second.region_read(1, 0, 13) == b"bar1 survives"
             assert read32(second, 0, REG_RINGS) == 1
             ticker_ring(second, 1)  # no eventfds wired for this client: nothing may fire
-            assert eventfd_count(kept) == 0
+            assert efd_count(kept) == 0
             with pytest.raises(VfioUserClientError) as e:
                 second.dma_unmap(0x100000, 0x10000)  # the old mapping is gone
             assert e.value.errno == errno.ENOENT
             second.dma_map(0x100000, 0x10000, ram)  # and the range is free again
             v = second.enable_irqs(IrqIndex.MSIX, 2)
             ticker_ring(second, 1)
-            assert wait_eventfd(v[1], 5) == 1 and eventfd_count(kept) == 0
+            assert efd_wait(v[1], 5) == 1 and efd_count(kept) == 0
         finally:
             second.close()
             os.close(kept)
@@ -123,45 +125,18 @@ def test_client_dying_with_dma_in_flight(fresh_server):
 # -- in-process leak check ---------------------------------------------------------------
 
 
-class InProcessServer:
-    """The real Server on its own event loop in a thread, to inspect its sessions."""
-
-    def __init__(self, path: str) -> None:
-        self.device = Ticker()
-        self.loop = new_event_loop()
-        self.sessions = []
-        self.server = Server(self.device, path, on_disconnect=lambda client, reason: self.sessions.append(client.session))
-        self.loop.run_until_complete(self.server.start())
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, fn):
-        fut = asyncio.run_coroutine_threadsafe(self._call(fn), self.loop)
-        return fut.result(DEADLINE)
-
-    @staticmethod
-    async def _call(fn):
-        return fn()
-
-    def stop(self) -> None:
-        self.call(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(DEADLINE)
-        self.loop.close()
-        self.device.close()
-
-
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
 def test_no_leaks_over_connect_map_irq_disconnect_cycles(tmp_path):
-    srv = InProcessServer(str(tmp_path / "inproc.sock"))
+    sessions: list = []
+    srv = InProcessServer(Ticker(), str(tmp_path / "inproc.sock"), on_disconnect=lambda client, reason: sessions.append(client.session))
     try:
         # one warm-up cycle: the loop allocates some fds lazily on first use
         VfioUserClient(srv.server.path).close()
         deadline = time.monotonic() + DEADLINE
-        while len(srv.sessions) < 1:
+        while len(sessions) < 1:
             assert time.monotonic() < deadline
             srv.call(lambda: None)
         baseline = _fd_count()
@@ -179,19 +154,21 @@ def test_no_leaks_over_connect_map_irq_disconnect_cycles(tmp_path):
                     [mm] = c.mmap_region(c.region_info(1)).values()
                     mm[0:4] = i.to_bytes(4, "little")
                     ticker_ring(c, 1)
-                    assert wait_eventfd(v[1], 5) == 1
+                    assert efd_wait(v[1], 5) == 1
                     write32(c, 0, REG_SCRATCH, i)
                 # wait until the server has seen this client go
                 deadline = time.monotonic() + DEADLINE
-                while len(srv.sessions) < i + 2:
+                while len(sessions) < i + 2:
                     assert time.monotonic() < deadline, "the server never noticed the disconnect"
                     srv.call(lambda: None)
-        assert len(srv.sessions) == 21
-        for session in srv.sessions:
+        assert len(sessions) == 21
+        for session in sessions:
             assert len(session.dma) == 0 and session.dma.open_count() == 0
             assert all(fd is None for fds in session.irqs.efds.values() for fd in fds)
         assert srv.call(lambda: srv.server.clients_served) == 21
-        assert _fd_count() == baseline, "\n".join(f"{n} -> {os.readlink('/proc/self/fd/' + n)}" for n in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + n))
+        assert _fd_count() == baseline, "\n".join(
+            f"{n} -> {os.readlink('/proc/self/fd/' + n)}" for n in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + n)
+        )
         assert srv.device.regs[REG_SCRATCH] == 19
     finally:
-        srv.stop()
+        srv.close()

@@ -5,16 +5,14 @@ next valid request on the same connection."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import socket
 import struct
 from dataclasses import dataclass
 
 import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import QEMU_CAPABILITIES, VfioUserClient
+from vfio_user.vmm.client import QEMU_CAPABILITIES, VfioUserClient
 from vfio_user.constants import (
     DEFAULT_MAX_DATA_XFER,
     IRQ_ACTION_MASK,
@@ -29,7 +27,8 @@ from vfio_user.constants import (
 )
 from vfio_user.sample import REG_ID, REG_SCRATCH, TICKER_ID
 
-from vu_helpers import DEADLINE, assert_error, exchange, new_eventfd, read32, send_bytes, send_posted
+from ..support.fds import new_eventfd
+from .vu_helpers import assert_error, exchange, read32, send_bytes, send_posted
 
 C = Command
 MSIX, INTX = IrqIndex.MSIX, IrqIndex.INTX

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vfio_user import messages as m
 from vfio_user.constants import HEADER_SIZE, IO_FD_RECORD_SIZE, REGION_INFO_BASE_SIZE
-from vfio_user.client import QEMU_CAPABILITIES
+from vfio_user.vmm.client import QEMU_CAPABILITIES
 
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)

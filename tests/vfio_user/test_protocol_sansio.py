@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, Command, MsgType
 from vfio_user.protocol import Connection, FatalProtocolError, Message, Rejected, encode
 
-from vu_helpers import is_closed
+from ..support.fds import is_closed
 
 
 def _fds(n: int) -> list[int]:
@@ -234,14 +235,14 @@ def _feed(splits: list[int]):
     cuts = sorted(set([0, len(data)] + [s for s in splits if 0 < s < len(data)]))
     fd_of = {}
     all_fds = []
-    for (msg_id, _c, _p, nfds, _f), start in zip(STREAM_SPEC, starts):
+    for (_id, _c, _p, nfds, _f), start in zip(STREAM_SPEC, starts, strict=True):
         if nfds:
             fd_of[start] = _fds(nfds)
             all_fds += fd_of[start]
     conn = Connection()
     events = []
     try:
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             chunk_fds = [fd for start, fds in fd_of.items() if lo <= start < hi for fd in fds]
             events += conn.receive(data[lo:hi], chunk_fds)
         return _summary(events), all_fds
@@ -254,7 +255,7 @@ def _fd_message_ends():
     """Linux ends a recv right after a segment with fds: cut after each fd-carrying message."""
     data, starts = _stream()
     ends = starts[1:] + [len(data)]
-    return [end for (spec, end) in zip(STREAM_SPEC, ends) if spec[3]]
+    return [end for (spec, end) in zip(STREAM_SPEC, ends, strict=True) if spec[3]]
 
 
 def _expected(all_fds):

@@ -9,10 +9,9 @@ import json
 import os
 import struct
 
-import pytest
 
 from vfio_user import messages as m
-from vfio_user.client import QEMU_CAPABILITIES, GuestRam
+from vfio_user.vmm.client import QEMU_CAPABILITIES, GuestRam
 from vfio_user.constants import (
     DEVICE_FLAG_PCI,
     DEVICE_FLAG_RESET,
@@ -32,7 +31,7 @@ from vfio_user.constants import (
 from vfio_user.messages import HEADER
 from vfio_user.sample import REG_DOORBELL, REG_RINGS
 
-from vu_helpers import eventfd_count, new_eventfd, wait_eventfd
+from ..support.fds import efd_count, efd_wait, new_eventfd
 
 CONFIG = 7
 RAM_SIZE = 8 << 20  # sparse memfd: costs nothing until touched
@@ -261,14 +260,14 @@ def test_qemu_11_1_3_attach_sequence(server):
 
         # == the device works after all this ========================================
         q.bar_write(0, REG_DOORBELL, struct.pack("<I", 0))  # MMAP present: QEMU does not post
-        assert wait_eventfd(intx2, 5) == 1  # INTx (MSI-X not enabled by the guest yet)
-        assert eventfd_count(intx) == 0  # the pre-reset eventfd was dropped
+        assert efd_wait(intx2, 5) == 1  # INTx (MSI-X not enabled by the guest yet)
+        assert efd_count(intx) == 0  # the pre-reset eventfd was dropped
         q.bar_write(0, REG_DOORBELL, struct.pack("<I", 0), posted=True)  # masked until EOI...
         q.set_irqs(IRQ_DATA_NONE | IRQ_ACTION_UNMASK, IrqIndex.INTX, 0, 1)  # ...QEMU's EOI
         q.bar_write(0, REG_DOORBELL, struct.pack("<I", 0))
-        assert wait_eventfd(intx2, 5) == 1
+        assert efd_wait(intx2, 5) == 1
         assert _u32(q.bar_read(0, REG_RINGS, 4)) == 3
-        assert eventfd_count(err) == 0  # an ERR signal would stop QEMU's VM
+        assert efd_count(err) == 0  # an ERR signal would stop QEMU's VM
         assert c._events == []  # nothing unsolicited (no reply to the posted write)
     finally:
         for fd in own_fds:

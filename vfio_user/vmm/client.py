@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import messages as m
-from .constants import (
+from .. import messages as m
+from ..constants import (
     DEFAULT_MAX_DATA_XFER,
     DMA_FLAG_READ,
     DMA_FLAG_WRITE,
@@ -37,8 +37,9 @@ from .constants import (
     Command,
     IrqIndex,
 )
-from .protocol import Connection, Message, Rejected, close_fds
-from .server import recv_chunk, send_message
+from ..memfd import SharedMemory
+from ..protocol import Connection, Message, Rejected, close_fds
+from ..unix import recv_chunk, send_message
 
 #: What QEMU 11.1.3 announces (vfio-user-protocol.md §2.1).
 QEMU_CAPABILITIES: dict[str, Any] = {
@@ -60,36 +61,11 @@ class VfioUserClientError(Exception):
         self.errno = err
 
 
-class GuestRam:
-    """memfd-backed guest memory the client owns and may map into the server."""
+class GuestRam(SharedMemory):
+    """memfd-backed guest memory the client owns and may map into the server (by fd)."""
 
     def __init__(self, size: int, name: str = "guest-ram") -> None:
-        self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.view = memoryview(self.mm)
-
-    def close(self) -> None:
-        if self.fd < 0:
-            return
-        self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
-        os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self) -> "GuestRam":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(size, name)
 
 
 @dataclass
@@ -361,7 +337,9 @@ class VfioUserClient:
 
     def region_io_fds(self, index: int) -> list[IoFd]:
         """Two-phase GET_REGION_IO_FDS as the shadow-ioeventfd QEMU fork does; maps shadows."""
-        probe = self.request(Command.DEVICE_GET_REGION_IO_FDS, m.RegionIoFdsRequest.build({"argsz": IO_FDS_HEADER_SIZE, "flags": 0, "index": index, "count": 0}))
+        probe = self.request(
+            Command.DEVICE_GET_REGION_IO_FDS, m.RegionIoFdsRequest.build({"argsz": IO_FDS_HEADER_SIZE, "flags": 0, "index": index, "count": 0})
+        )
         assert probe is not None
         head = m.RegionIoFdsReply.parse(probe.payload)
         probe.close_fds()

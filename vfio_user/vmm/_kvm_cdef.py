@@ -1,4 +1,4 @@
-"""C layouts of the KVM ABI structures used by :mod:`vfio_user.kvm`, for cffi ABI mode.
+"""C layouts of the KVM ABI structures used by :mod:`vfio_user.vmm.kvm`, for cffi ABI mode.
 
 Why a separate module: the declarations are long, purely descriptive and checked once
 against ``/usr/include/linux/kvm.h`` (x86-64); keeping them apart keeps ``kvm.py``

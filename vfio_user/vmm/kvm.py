@@ -1,15 +1,16 @@
 """A minimal KVM VMM in pure Python (cffi ABI mode + ``fcntl.ioctl``).
 
-Why this exists: nvme-emu's edge is serving NVMe SQ-tail doorbells with KVM ioeventfds
-that also *post* the written value to a shadow page (the proposed
+Why this exists: a vfio-user server can take a device's doorbell writes from KVM ioeventfds
+(``GET_REGION_IO_FDS``) that also *post* the written value to a shadow page (the proposed
 ``KVM_IOEVENTFD_FLAG_POST_WRITE``). To test and benchmark that path without QEMU we need a
 VMM small enough to reason about: create a VM, give it memfd-backed RAM (so the same pages
 can later be handed to a vfio-user server by fd), register ioeventfds, and run a few bytes
-of hand-encoded guest code that rings a doorbell and polls a completion.
+of hand-encoded guest code (:mod:`vfio_user.vmm.x86`) that rings a doorbell and polls a
+completion.
 
 Scope and constraints
 ---------------------
-* x86-64 host only. Structures are declared in :mod:`vfio_user._kvm_cdef` and checked
+* x86-64 host only. Structures are declared in :mod:`vfio_user.vmm._kvm_cdef` and checked
   against the layouts measured from ``linux/kvm.h``.
 * On the development machine ``/dev/kvm`` is PVM (``kvm_pvm``): no VMX/SVM. Linux guests
   cannot run there, but small guest programs run in KVM's instruction emulator (about
@@ -24,7 +25,7 @@ Scope and constraints
 Every object owning a file descriptor or a mapping has ``close()`` and is a context manager;
 ``VirtualMachine.close()`` closes its vCPUs, its memory it allocated and its eventfd probes.
 
-Run ``python -m vfio_user.kvm [N]`` for a micro-measurement of trapped vs ioeventfd doorbells.
+Run ``python -m vfio_user.vmm.kvm [N]`` for a micro-measurement of trapped vs ioeventfd doorbells.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import errno as _errno
 import fcntl
 import mmap
 import os
-import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
-from vfio_user._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
+from ._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
+from .x86 import prog_write_loop
 
 __all__ = [
     "Kvm",
@@ -54,12 +55,6 @@ __all__ = [
     "post_write_emulated",
     "post_write_expectation",
     "post_write_contract_violation",
-    "GuestProgram",
-    "prog_write_loop",
-    "prog_write_seq",
-    "prog_out_loop",
-    "prog_ring_and_poll",
-    "prog_nvme_qd1",
     "measure_doorbell_exits",
     "IOEVENTFD_FLAG_POST_WRITE",
     "KVM_CAP_IOEVENTFD_POST_WRITE",
@@ -182,7 +177,8 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
         except InterruptedError:
             continue  # a signal arrived (PEP 475 does not retry ioctl); KVM calls are restartable
         except OSError as e:
-            raise KvmError(e.errno, f"{what or hex(request)}: {os.strerror(e.errno)}") from None
+            err = e.errno or _errno.EIO  # an OSError from ioctl always has one; the type allows None
+            raise KvmError(err, f"{what or hex(request)}: {os.strerror(err)}") from None
 
 
 def _close_fd(fd: int) -> None:
@@ -551,7 +547,7 @@ class VirtualMachine:
                 self._ioeventfd(_PROBE_GPA, 4, efd, None, post_addr, False, deassign=False)
             except KvmError as e:
                 self.post_write_errno = e.errno
-                name = _errno.errorcode.get(e.errno, str(e.errno))
+                name = _errno.errorcode.get(e.errno or 0, str(e.errno))
                 # Control: the same registration without the flag must work, otherwise the
                 # error says nothing about POST_WRITE (e.g. ioeventfds broken altogether).
                 try:
@@ -739,7 +735,8 @@ class Vcpu:
         except OSError as e:
             if e.errno in (_errno.EINTR, _errno.EAGAIN):
                 return VcpuExit(KVM_EXIT_INTR, "INTR")
-            raise KvmError(e.errno, f"KVM_RUN: {os.strerror(e.errno)}") from None
+            err = e.errno or _errno.EIO
+            raise KvmError(err, f"KVM_RUN: {os.strerror(err)}") from None
         run = self.run_struct
         reason = run.exit_reason
         ex = VcpuExit(reason, _EXIT_NAMES.get(reason, f"EXIT_{reason}"))
@@ -819,6 +816,7 @@ class Vcpu:
 # Post-write: the userspace fallback
 # --------------------------------------------------------------------------------------
 _CTYPE_FOR_SIZE = {1: "uint8_t *", 2: "uint16_t *", 4: "uint32_t *", 8: "uint64_t *"}
+_FORMAT_FOR_SIZE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def post_write_emulated(shadow: Union[memoryview, MemfdRegion], offset: int, value: int, size: int,
@@ -844,7 +842,7 @@ def post_write_emulated(shadow: Union[memoryview, MemfdRegion], offset: int, val
     if isinstance(shadow, MemfdRegion):
         shadow.ptr(_CTYPE_FOR_SIZE[size], offset)[0] = value
     else:
-        with shadow[offset : offset + size] as window, window.cast("BHIQ"[size.bit_length() - 1]) as typed:
+        with shadow[offset : offset + size] as window, window.cast(_FORMAT_FOR_SIZE[size]) as typed:
             typed[0] = value
     os.eventfd_write(eventfd, 1)
 
@@ -936,487 +934,6 @@ def post_write_contract_violation(supported: bool, reason: str) -> Optional[str]
                 f"but this kernel does not have it ({reason}); refusing to fall back to the emulation")
     return (f"{EXPECT_POST_WRITE_ENV}=0 requires a kernel without KVM_IOEVENTFD_FLAG_POST_WRITE, "
             f"but this kernel has it ({reason})")
-
-
-# --------------------------------------------------------------------------------------
-# Hand-encoded guest programs
-# --------------------------------------------------------------------------------------
-# Register numbers in ModRM/opcode+r encodings.
-EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI = range(8)
-
-
-class _Asm:
-    """A tiny x86 encoder for the handful of instructions our guest programs use.
-
-    ``bits`` is the code-segment default size: 32 (flat protected mode) or 16 (real mode).
-    All operations are 32-bit and all addressing is 32-bit, so in 16-bit mode the encoder
-    emits the operand-size prefix 0x66 before 32-bit operations and the address-size
-    prefix 0x67 before memory operands. Each method documents its bytes for 32-bit mode.
-    Jumps are rel8; labels may be used before they are defined (patched at the end).
-    """
-
-    def __init__(self, bits: int) -> None:
-        if bits not in (16, 32):
-            raise ValueError("bits must be 16 or 32")
-        self.bits = bits
-        self.code = bytearray()
-        self.labels: dict[str, int] = {}
-        self.fixups: list[tuple[int, str]] = []
-
-    def _o32(self) -> None:  # operand size 32
-        if self.bits == 16:
-            self.code.append(0x66)
-
-    def _o16(self) -> None:  # operand size 16
-        if self.bits == 32:
-            self.code.append(0x66)
-
-    def _a32(self) -> None:  # address size 32
-        if self.bits == 16:
-            self.code.append(0x67)
-
-    @staticmethod
-    def _modrm_mem(reg: int, base: int, disp: int = 0) -> bytes:
-        """ModRM for [base + disp8] (mod 00 or 01). ESP (needs SIB) and EBP with mod 00
-        (means disp32) are not supported as bases."""
-        if base == ESP:
-            raise ValueError("esp base needs a SIB byte; not supported")
-        if disp == 0 and base != EBP:
-            return bytes([(0b00 << 6) | (reg << 3) | base])
-        if -128 <= disp <= 127:
-            return bytes([(0b01 << 6) | (reg << 3) | base, disp & 0xFF])
-        raise ValueError("disp8 only")
-
-    def label(self, name: str) -> None:
-        self.labels[name] = len(self.code)
-
-    def mov_r_imm(self, r: int, imm: int) -> None:
-        """mov r32, imm32 : B8+r id"""
-        self._o32()
-        self.code += bytes([0xB8 + r]) + struct.pack("<I", imm & 0xFFFFFFFF)
-
-    def store(self, base: int, src: int, width: int = 4, disp: int = 0) -> None:
-        """mov [base+disp], src : 89 /r (32-bit), 66 89 /r (16-bit value), 88 /r (8-bit, AL..BL)"""
-        self._a32()
-        if width == 4:
-            self._o32()
-            op = 0x89
-        elif width == 2:
-            self._o16()
-            op = 0x89
-        elif width == 1:
-            if src > EBX:
-                raise ValueError("8-bit store needs al/cl/dl/bl")
-            op = 0x88
-        else:
-            raise ValueError("width must be 1, 2 or 4 (8-byte stores: movq_store from an MMX register)")
-        self.code += bytes([op]) + self._modrm_mem(src, base, disp)
-
-    def movq_load(self, mm: int, base: int, disp: int = 0) -> None:
-        """movq mm, [base+disp] : 0F 6F /r (MMX; no operand-size prefix in either mode)
-
-        MMX needs CR0.EM=0 and CR0.TS=0, which is how a fresh vCPU starts; KVM's
-        instruction emulator implements 0F 6F / 0F 7F (SSE ``movq xmm`` F3 0F 7E is not)."""
-        self._a32()
-        self.code += bytes([0x0F, 0x6F]) + self._modrm_mem(mm, base, disp)
-
-    def movq_store(self, base: int, mm: int, disp: int = 0) -> None:
-        """movq [base+disp], mm : 0F 7F /r — one 8-byte store (an 8-byte MMIO exit)."""
-        self._a32()
-        self.code += bytes([0x0F, 0x7F]) + self._modrm_mem(mm, base, disp)
-
-    def mov_mm_imm64(self, mm: int, value: int, scratch: int) -> None:
-        """Load a 64-bit immediate into an MMX register through 8 bytes of guest RAM at
-        ``scratch`` (there is no move of a 64-bit immediate in 32-bit code), using ESI
-        and EAX::
-
-            BE <scratch:4>   mov esi, scratch
-            B8 <lo:4>        mov eax, lo
-            89 06            mov [esi], eax
-            B8 <hi:4>        mov eax, hi
-            89 46 04         mov [esi+4], eax
-            0F 6F 06         movq mm, [esi]
-        """
-        self.mov_r_imm(ESI, scratch)
-        self.mov_r_imm(EAX, value & 0xFFFFFFFF)
-        self.store(ESI, EAX)
-        self.mov_r_imm(EAX, (value >> 32) & 0xFFFFFFFF)
-        self.store(ESI, EAX, disp=4)
-        self.movq_load(mm, ESI)
-
-    def store_abs(self, addr: int, src: int) -> None:
-        """mov [disp32], src32 : 89 /r with ModRM mod 00 rm 101 (= absolute disp32)"""
-        self._a32()
-        self._o32()
-        self.code += bytes([0x89, (src << 3) | 0b101]) + struct.pack("<I", addr & 0xFFFFFFFF)
-
-    def load(self, dst: int, base: int, disp: int = 0) -> None:
-        """mov dst32, [base+disp] : 8B /r"""
-        self._a32()
-        self._o32()
-        self.code += bytes([0x8B]) + self._modrm_mem(dst, base, disp)
-
-    def cmp_mem_r(self, base: int, r: int, disp: int = 0) -> None:
-        """cmp [base+disp], r32 : 39 /r"""
-        self._a32()
-        self._o32()
-        self.code += bytes([0x39]) + self._modrm_mem(r, base, disp)
-
-    def cmp_r_r(self, a: int, b: int) -> None:
-        """cmp a32, b32 : 39 /r, ModRM mod 11 reg=b rm=a"""
-        self._o32()
-        self.code += bytes([0x39, 0xC0 | (b << 3) | a])
-
-    def cmp_r_imm(self, r: int, imm: int) -> None:
-        """cmp r32, imm32 : 81 /7 id (ModRM 11 111 r)"""
-        self._o32()
-        self.code += bytes([0x81, 0xF8 | r]) + struct.pack("<I", imm & 0xFFFFFFFF)
-
-    def and_r_imm(self, r: int, imm: int) -> None:
-        """and r32, imm32 : 81 /4 id (ModRM 11 100 r)"""
-        self._o32()
-        self.code += bytes([0x81, 0xE0 | r]) + struct.pack("<I", imm & 0xFFFFFFFF)
-
-    def xor_r_imm(self, r: int, imm: int) -> None:
-        """xor r32, imm32 : 81 /6 id (ModRM 11 110 r)"""
-        self._o32()
-        self.code += bytes([0x81, 0xF0 | r]) + struct.pack("<I", imm & 0xFFFFFFFF)
-
-    def add_r_imm8(self, r: int, imm: int) -> None:
-        """add r32, imm8 (sign-extended) : 83 /0 ib (ModRM 11 000 r)"""
-        self._o32()
-        self.code += bytes([0x83, 0xC0 | r, imm & 0xFF])
-
-    def xor_r_r(self, a: int, b: int) -> None:
-        """xor a32, b32 : 31 /r (ModRM 11 b a); xor r,r zeroes r"""
-        self._o32()
-        self.code += bytes([0x31, 0xC0 | (b << 3) | a])
-
-    def inc(self, r: int) -> None:
-        """inc r32 : 40+r (one byte outside long mode)"""
-        self._o32()
-        self.code.append(0x40 + r)
-
-    def dec(self, r: int) -> None:
-        """dec r32 : 48+r"""
-        self._o32()
-        self.code.append(0x48 + r)
-
-    def mov_dx_imm16(self, imm: int) -> None:
-        """mov dx, imm16 : BA iw (66 BA iw in 32-bit mode)"""
-        self._o16()
-        self.code += bytes([0xBA]) + struct.pack("<H", imm & 0xFFFF)
-
-    def out_dx(self, width: int) -> None:
-        """out dx, al/ax/eax : EE / 66 EF / EF (32-bit mode; 16-bit mode swaps the 66)"""
-        if width == 1:
-            self.code.append(0xEE)
-            return
-        if width == 4:
-            self._o32()
-        elif width == 2:
-            self._o16()
-        else:
-            raise ValueError("port width must be 1, 2 or 4")
-        self.code.append(0xEF)
-
-    def _jcc(self, opcode: int, target: str) -> None:
-        self.code += bytes([opcode, 0])
-        self.fixups.append((len(self.code) - 1, target))
-
-    def jnz(self, target: str) -> None:
-        """jnz rel8 : 75 cb"""
-        self._jcc(0x75, target)
-
-    def jz(self, target: str) -> None:
-        """jz rel8 : 74 cb"""
-        self._jcc(0x74, target)
-
-    def jmp(self, target: str) -> None:
-        """jmp rel8 : EB cb"""
-        self._jcc(0xEB, target)
-
-    def hlt(self) -> None:
-        """hlt : F4"""
-        self.code.append(0xF4)
-
-    def assemble(self) -> bytes:
-        for pos, target in self.fixups:
-            rel = self.labels[target] - (pos + 1)  # relative to the next instruction
-            if not -128 <= rel <= 127:
-                raise ValueError(f"jump to {target} out of rel8 range ({rel})")
-            self.code[pos] = rel & 0xFF
-        return bytes(self.code)
-
-
-@dataclass(frozen=True)
-class GuestProgram:
-    """Machine code plus what the loader must know. ``bits`` selects the CPU mode
-    (16 → :meth:`Vcpu.enter_real_mode`, 32 → :meth:`Vcpu.enter_protected_mode`)."""
-
-    code: bytes
-    bits: int
-    description: str
-
-    def load(self, vcpu: Vcpu, ram: GuestRam, gpa: int, **gprs: int) -> None:
-        """Copy the code to ``gpa`` and point the vCPU at it in the right mode.
-
-        Real mode uses CS = gpa >> 4, IP = gpa & 0xF (so gpa < 1 MiB) with unreal data
-        segments, so 32-bit data addresses work in both modes.
-        """
-        ram.write(gpa, self.code)
-        if self.bits == 32:
-            vcpu.enter_protected_mode(gpa, **gprs)
-        else:
-            if gpa >= 0x100000:
-                raise ValueError("real-mode code must sit below 1 MiB")
-            vcpu.enter_real_mode(gpa >> 4, gpa & 0xF, unreal=True, **gprs)
-
-
-#: Default guest-RAM scratch (8 bytes) through which 8-byte programs load their value.
-SCRATCH_GPA = 0x500
-
-
-def prog_write_loop(addr: int, value: int, n: int, *, width: int = 4, bits: int = 32,
-                    scratch: int = SCRATCH_GPA) -> GuestProgram:
-    """(a) Write ``value`` to ``addr`` ``n`` times (loop counted in ECX), then HLT.
-
-    32-bit encoding (16-bit mode adds 66/67 prefixes)::
-
-        BB <addr:4>      mov ebx, addr
-        B8 <value:4>     mov eax, value
-        B9 <n:4>         mov ecx, n
-      loop:
-        89 03            mov [ebx], eax        (width 2: 66 89 03; width 1: 88 03)
-        49               dec ecx
-        75 FB            jnz loop              (-5: back over 89 03 49 75 FB)
-        F4               hlt
-
-    Per iteration the guest executes 3 instructions (store, dec, jnz).
-
-    ``width=8`` stores from MMX register mm0 (``0F 7F 03  movq [ebx], mm0``), loaded
-    first from 8 bytes of guest RAM at ``scratch`` (see :meth:`_Asm.mov_mm_imm64`, which
-    precedes ``mov ebx``); each store is one 8-byte MMIO write.
-    """
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    a = _Asm(bits)
-    if width == 8:
-        a.mov_mm_imm64(0, value, scratch)
-    a.mov_r_imm(EBX, addr)
-    if width != 8:
-        a.mov_r_imm(EAX, value)
-    a.mov_r_imm(ECX, n)
-    a.label("loop")
-    if width == 8:
-        a.movq_store(EBX, 0)
-    else:
-        a.store(EBX, EAX, width)
-    a.dec(ECX)
-    a.jnz("loop")
-    a.hlt()
-    return GuestProgram(a.assemble(), bits, f"write {value:#x} to {addr:#x} x{n} (width {width})")
-
-
-def prog_write_seq(target: int, values: "list[int] | tuple[int, ...]", *, width: int = 4, pio: bool = False,
-                   sync: Union[None, str, int] = None, bits: int = 32,
-                   scratch: int = SCRATCH_GPA) -> GuestProgram:
-    """Straight-line code: write each of ``values`` in turn to ``target``, then HLT.
-
-    ``target`` is a guest-physical address (``mov [ebx], eax``; width 8: MMX ``movq``), or a
-    port when ``pio`` (``out dx, al/ax/eax``; widths 1/2/4). ``sync`` puts an exit to
-    userspace after every write: ``"hlt"`` (a HLT; run again to continue, so the program
-    stops ``len(values) + 1`` times) or an int: a 4-byte MMIO write of the write's index
-    (1, 2, ...) to that unbacked guest-physical address. 32-bit encoding per write::
-
-        BB <target:4>    mov ebx, target        (pio: 66 BA <port:2>  mov dx, port)
-        B8 <value:4>     mov eax, value          (width 8: mov_mm_imm64, see _Asm)
-        89 03            mov [ebx], eax          (pio: EF  out dx, eax)
-      [ F4               hlt                     sync="hlt"
-      | B8 <i:4>         mov eax, i              sync=<gpa>
-        89 05 <gpa:4>    mov [gpa], eax ]
-    """
-    if not values:
-        raise ValueError("values must not be empty")
-    if pio and width not in (1, 2, 4):
-        raise ValueError("port writes are 1, 2 or 4 bytes")
-    a = _Asm(bits)
-    for i, value in enumerate(values, 1):
-        if pio:
-            a.mov_dx_imm16(target)
-            a.mov_r_imm(EAX, value)
-            a.out_dx(width)
-        elif width == 8:
-            a.mov_mm_imm64(0, value, scratch)
-            a.mov_r_imm(EBX, target)
-            a.movq_store(EBX, 0)
-        else:
-            a.mov_r_imm(EBX, target)
-            a.mov_r_imm(EAX, value)
-            a.store(EBX, EAX, width)
-        if sync == "hlt":
-            a.hlt()
-        elif isinstance(sync, int):
-            a.mov_r_imm(EAX, i)
-            a.store_abs(sync, EAX)
-        elif sync is not None:
-            raise ValueError(f"sync must be None, 'hlt' or a guest-physical address, got {sync!r}")
-    a.hlt()
-    where = f"port {target:#x}" if pio else f"{target:#x}"
-    return GuestProgram(a.assemble(), bits, f"write {[hex(v) for v in values]} to {where} "
-                                            f"(width {width}, sync {sync!r})")
-
-
-def prog_out_loop(port: int, value: int, n: int, *, width: int = 4, bits: int = 32) -> GuestProgram:
-    """(d) Port-I/O variant of (a): ``out dx, eax`` ``n`` times, then HLT. 32-bit encoding::
-
-        66 BA <port:2>   mov dx, port
-        B8 <value:4>     mov eax, value
-        B9 <n:4>         mov ecx, n
-      loop:
-        EF               out dx, eax           (width 2: 66 EF; width 1: EE)
-        49               dec ecx
-        75 FC            jnz loop
-        F4               hlt
-    """
-    a = _Asm(bits)
-    a.mov_dx_imm16(port)
-    a.mov_r_imm(EAX, value)
-    a.mov_r_imm(ECX, n)
-    a.label("loop")
-    a.out_dx(width)
-    a.dec(ECX)
-    a.jnz("loop")
-    a.hlt()
-    return GuestProgram(a.assemble(), bits, f"out {value:#x} to port {port:#x} x{n}")
-
-
-def prog_ring_and_poll(doorbell: int, poll_addr: int, n: int, *, first: int = 1, wrap: int = 0,
-                       bits: int = 32) -> GuestProgram:
-    """(b) ``n`` times: snapshot the 32-bit word at ``poll_addr``, write a doorbell value to
-    ``doorbell``, spin until the word changes; value starts at ``first`` and increments
-    (wrapping to 0 when it reaches ``wrap``, if non-zero: an SQ tail modulo queue size).
-
-    Snapshotting *before* ringing means a completion that lands before the first poll
-    is not missed. 32-bit encoding::
-
-        BB <doorbell:4>  mov ebx, doorbell
-        BE <poll:4>      mov esi, poll_addr
-        B9 <n:4>         mov ecx, n
-        B8 <first:4>     mov eax, first
-      loop:
-        8B 3E            mov edi, [esi]        snapshot
-        89 03            mov [ebx], eax        ring
-      spin:
-        39 3E            cmp [esi], edi
-        74 FC            je spin               (-4)
-        40               inc eax
-      [ 81 F8 <wrap:4>   cmp eax, wrap         only when wrap != 0
-        75 02            jne +2
-        31 C0            xor eax, eax ]
-      next:
-        49               dec ecx
-        75 xx            jnz loop
-        F4               hlt
-    """
-    a = _Asm(bits)
-    a.mov_r_imm(EBX, doorbell)
-    a.mov_r_imm(ESI, poll_addr)
-    a.mov_r_imm(ECX, n)
-    a.mov_r_imm(EAX, first)
-    a.label("loop")
-    a.load(EDI, ESI)
-    a.store(EBX, EAX)
-    a.label("spin")
-    a.cmp_mem_r(ESI, EDI)
-    a.jz("spin")
-    a.inc(EAX)
-    if wrap:
-        a.cmp_r_imm(EAX, wrap)
-        a.jnz("next")
-        a.xor_r_r(EAX, EAX)
-    a.label("next")
-    a.dec(ECX)
-    a.jnz("loop")
-    a.hlt()
-    return GuestProgram(a.assemble(), bits, f"ring {doorbell:#x}, poll {poll_addr:#x} x{n}")
-
-
-def prog_nvme_qd1(sq_tail_db: int, cq_head_db: int, cq_base: int, qsize: int, n: int, *,
-                  cqe_size: int = 16, bits: int = 32) -> GuestProgram:
-    """(c) An NVMe queue pair driven at queue depth 1, ``n`` commands.
-
-    The harness pre-fills all ``qsize`` SQ entries (the guest never writes SQEs) and
-    zeroes the CQ. Per command the guest advances the SQ tail and rings the SQ-tail
-    doorbell (BAR0 + 0x1000 + 2*qid*stride), spins on the phase tag (bit 16 of CQE
-    dword 3, byte offset 12) of ``cq[head]`` until it equals the expected phase, advances
-    the CQ head (flipping the expected phase on wrap) and writes the CQ-head doorbell.
-    Registers: eax SQ tail, edx CQ head, esi &cq[head], edi expected phase bit, ecx
-    count, ebp scratch. 32-bit encoding::
-
-        B9 <n:4>           mov ecx, n
-        31 C0              xor eax, eax
-        31 D2              xor edx, edx
-        BE <cq_base:4>     mov esi, cq_base
-        BF 00 00 01 00     mov edi, 0x10000        phase 1 expected first
-      loop:
-        40                 inc eax
-        81 F8 <qsize:4>    cmp eax, qsize
-        75 02              jne ring
-        31 C0              xor eax, eax
-      ring:
-        89 05 <sqdb:4>     mov [sq_tail_db], eax
-      poll:
-        8B 6E 0C           mov ebp, [esi+12]
-        81 E5 00 00 01 00  and ebp, 0x10000
-        39 FD              cmp ebp, edi
-        75 F3              jne poll                (-13)
-        83 C6 <cqe_size>   add esi, cqe_size
-        42                 inc edx
-        81 FA <qsize:4>    cmp edx, qsize
-        75 0D              jne head
-        31 D2              xor edx, edx
-        BE <cq_base:4>     mov esi, cq_base
-        81 F7 00 00 01 00  xor edi, 0x10000        phase flips on wrap
-      head:
-        89 15 <cqdb:4>     mov [cq_head_db], edx
-        49                 dec ecx
-        75 xx              jnz loop
-        F4                 hlt
-    """
-    if qsize < 2:
-        raise ValueError("qsize must be >= 2")
-    a = _Asm(bits)
-    a.mov_r_imm(ECX, n)
-    a.xor_r_r(EAX, EAX)
-    a.xor_r_r(EDX, EDX)
-    a.mov_r_imm(ESI, cq_base)
-    a.mov_r_imm(EDI, 0x10000)
-    a.label("loop")
-    a.inc(EAX)
-    a.cmp_r_imm(EAX, qsize)
-    a.jnz("ring")
-    a.xor_r_r(EAX, EAX)
-    a.label("ring")
-    a.store_abs(sq_tail_db, EAX)
-    a.label("poll")
-    a.load(EBP, ESI, 12)
-    a.and_r_imm(EBP, 0x10000)
-    a.cmp_r_r(EBP, EDI)
-    a.jnz("poll")
-    a.add_r_imm8(ESI, cqe_size)
-    a.inc(EDX)
-    a.cmp_r_imm(EDX, qsize)
-    a.jnz("head")
-    a.xor_r_r(EDX, EDX)
-    a.mov_r_imm(ESI, cq_base)
-    a.xor_r_imm(EDI, 0x10000)
-    a.label("head")
-    a.store_abs(cq_head_db, EDX)
-    a.dec(ECX)
-    a.jnz("loop")
-    a.hlt()
-    return GuestProgram(a.assemble(), bits, f"nvme qd1 sqdb={sq_tail_db:#x} cqdb={cq_head_db:#x} x{n}")
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from ..support.host import Host
 from ..support.server import DEADLINE
 from vfio_user.vmm.client import VfioUserClient
@@ -51,13 +53,16 @@ def test_other_users_cannot_connect(spawn):
 
 
 def test_second_concurrent_client_is_refused(spawn):
+    """Ours accepts a second client and closes it unanswered; libvfio-user leaves it in the listen
+    backlog, unanswered, until the first one leaves (docs/libvfio-user.md)."""
     srv = spawn("ram:size=4M")
     srv.settle()
+    lib = srv.backend == "libvfio-user"
     first = Host(srv.path, ram_size=4 << 20)
     try:
         first.set_queues(1)
         first.create_pair(1, 16)
-        for _ in range(3):
+        for _ in range(1 if lib else 3):  # libvfio-user's backlog is one connection deep
             second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             second.settimeout(DEADLINE)
             second.connect(srv.path)  # the kernel accepts into the backlog ...
@@ -65,13 +70,19 @@ def test_second_concurrent_client_is_refused(spawn):
                 second.sendall(b"\0" * 16)
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            try:
-                data = second.recv(64)  # ... and the server closes it unanswered
-            except ConnectionResetError:
-                data = b""
-            assert data == b""
+            if lib:
+                second.settimeout(0.5)
+                with pytest.raises((TimeoutError, socket.timeout)):
+                    second.recv(64)  # ... where nobody answers it
+            else:
+                try:
+                    data = second.recv(64)  # ... and the server closes it unanswered
+                except ConnectionResetError:
+                    data = b""
+                assert data == b""
             second.close()
-        srv.wait_log("refused a second client", 3)
+        if not lib:
+            srv.wait_log("refused a second client", 3)
         # the first client was not disturbed
         c = first.write(1, 1, 0, b"\xab" * 4096)
         assert c.status == 0

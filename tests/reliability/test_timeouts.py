@@ -138,13 +138,16 @@ def test_idle_client_after_version_is_kept(server):
 
 def test_slow_but_progressing_client_is_kept(server):
     """A request trickled in 4-byte pieces every 0.6 x timeout (2.4 x timeout in all), after a
-    VERSION sent in two halves: every piece is progress, so the client is served."""
+    VERSION sent in two halves: every piece is progress, so the client is served. (libvfio-user
+    reads the VERSION header in one recv right after accept and refuses a partial one, so there
+    the VERSION is cut after its header; docs/libvfio-user.md.)"""
     s = _connect(server)
     try:
         v = _version()
-        s.sendall(v[:10])
+        cut = HEADER_SIZE + 4 if server.backend == "libvfio-user" else 10
+        s.sendall(v[:cut])
         time.sleep(TIMEOUT * 0.4)
-        s.sendall(v[10:])
+        s.sendall(v[cut:])
         assert _read_reply(s)[0] == 0
         req = encode(1, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 8))
         assert len(req) == 32

@@ -79,6 +79,17 @@ class DmaMapping:
 UnmapListener = Callable[[int, int], None]
 
 
+def check_dma_fd(fd: int, file_offset: int, size: int) -> None:
+    """Refuse (DmaError) a DMA fd the server cannot map safely: a mapping past the end of a
+    regular file or memfd would SIGBUS the server on first touch. Both backends check here."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise DmaError(errno.EBADF, f"bad DMA fd: {e}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
+        raise DmaError(errno.EINVAL, f"DMA range {file_offset:#x}+{size:#x} lies outside its fd ({st.st_size:#x} bytes)")
+
+
 class DmaTable:
     """Interval map of DMA mappings, keyed by IOVA, with the limits the server declared."""
 
@@ -128,13 +139,7 @@ class DmaTable:
     def _mmap(fd: int, size: int, prot: int, file_offset: int) -> mmap.mmap:
         if file_offset % mmap.ALLOCATIONGRANULARITY:
             raise DmaError(errno.EINVAL, f"DMA file offset {file_offset:#x} not page aligned")
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise DmaError(errno.EBADF, f"bad DMA fd: {e}") from None
-        # A mapping past the end of a regular file or memfd would SIGBUS on first touch.
-        if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
-            raise DmaError(errno.EINVAL, f"DMA range {file_offset:#x}+{size:#x} lies outside its fd ({st.st_size:#x} bytes)")
+        check_dma_fd(fd, file_offset, size)
         mprot = mmap.PROT_READ | (mmap.PROT_WRITE if prot & DMA_FLAG_WRITE else 0)
         try:
             return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mprot, offset=file_offset)

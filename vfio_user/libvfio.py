@@ -40,6 +40,7 @@ import fcntl
 import logging
 import os
 import select
+import socket
 import struct
 import termios
 import threading
@@ -48,6 +49,7 @@ from typing import Any, Callable
 
 from .constants import (
     DEFAULT_MAX_DMA_MAPS,
+    DEFAULT_PGSIZE,
     DMA_FLAG_WRITE,
     HEADER_SIZE,
     IO_FDS_HEADER_SIZE,
@@ -60,14 +62,18 @@ from .constants import (
     IRQ_DATA_NONE,
     IRQ_DATA_TYPE_MASK,
     IRQ_INFO_EVENTFD,
+    FLAG_ERROR,
     Command,
     IrqIndex,
+    MsgType,
 )
 from .device import Device, DeviceContext, Region, ResetKind
-from .dma import DmaError, DmaMapping, DmaTable, GuestMemory
-from .irq import IrqRouting, UnmaskCallback
+from .dma import DmaError, DmaMapping, DmaTable, GuestMemory, check_dma_fd
+from .irq import IrqRouting, UnmaskCallback, is_eventfd
+from .messages import HEADER
+from .resources import dma_map_budget
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
+from .server import ACCEPT_RETRY, DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
 from .unix import refuse_live_socket, remove_stale_socket
 
 log = logging.getLogger(__name__)
@@ -181,13 +187,18 @@ SHUT_RDWR = 2
 #: header announcing more without reading a body, so such a header is handed over at once.
 LIB_MAX_MSG_SIZE = (1 << 20) + HEADER_SIZE + 16
 PROT_READ, PROT_WRITE = 1, 2
-#: Bytes peeked per request: the 16-byte header and the first 20 payload bytes (SET_IRQS).
-PEEK_SIZE = 36
+#: Bytes peeked per request: the 16-byte header and the first 32 payload bytes (DMA_MAP).
+PEEK_SIZE = HEADER_SIZE + 32
+#: Room for the fds a peek may bring along (more than any client may send: MAX_MSG_FDS).
+PEEK_ANCILLARY = socket.CMSG_SPACE(256 * 4)
 #: Requests served per readable event before other fds get their turn.
 RUN_BUDGET = 64
+#: accept/attach failures that pass once fds or memory are free again
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _DISCONNECT_ERRNOS = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN}
 _NOTHING = object()
 _PARTIAL = object()
+_SCREENED = object()
 
 
 class LibvfioUserUnavailable(OSError):
@@ -508,6 +519,9 @@ class LibvfioUserServer:
         refuse_live_socket(self.path)
         remove_stale_socket(self.path)
         ffi, lib = self._ffi, self._lib
+        # libvfio-user keeps each DMA_MAP's fd: bound the maps by what the process can hold
+        # (as the Python backend does), or a flood of maps runs the server into EMFILE
+        self.max_dma_maps = dma_map_budget(self.max_dma_maps, sum(self.device.irq_counts.values()))
         old_umask = os.umask(0o777 & ~self.mode)
         try:
             vfu = lib.vfu_create_ctx(VFU_TRANS_SOCK, self.path.encode(), LIBVFIO_USER_FLAG_ATTACH_NB, ffi.NULL, VFU_DEV_TYPE_PCI)
@@ -779,13 +793,26 @@ class LibvfioUserServer:
                 log.error("vfu_attach_ctx raised: %r", exc)
             elif self._drop_reason is not None:
                 log.warning("client dropped at attach: %s", self._drop_reason)
+            elif err in _OUT_OF_RESOURCES:
+                # the client waits in the backlog, so the listen fd stays readable: retry
+                # shortly rather than spin (the Python backend's accept loop does the same)
+                log.error("accept failed: %s", os.strerror(err))
+                self._drop_reason = None
+                self._loop.call_later(ACCEPT_RETRY, self._listen_again)
+                return
             elif err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                 log.warning("client refused at attach: %s", os.strerror(err))
             self._drop_reason = None
-            self._listen_fd = self._lib.vfu_get_poll_fd(self._vfu)
-            self._loop.add_reader(self._listen_fd, self._try_attach)
+            self._listen_again()
             return
         self._attached()
+
+    def _listen_again(self) -> None:
+        """Watch the listen fd for the next client (re-queried: the library may have a new one)."""
+        if self._vfu is None or self._loop is None or self._busy is not None or self.attached:
+            return
+        self._listen_fd = self._lib.vfu_get_poll_fd(self._vfu)
+        self._loop.add_reader(self._listen_fd, self._try_attach)
 
     def _attached(self) -> None:
         lib = self._lib
@@ -861,6 +888,13 @@ class LibvfioUserServer:
         self._drop_reason = reason
         self._libc.shutdown(fd, SHUT_RDWR)
 
+    def _drop(self, reason: str) -> None:
+        """Drop the client: shut its socket down; libvfio-user then reads EOF and resets."""
+        log.warning("dropping client: %s", reason)
+        self._drop_reason = reason
+        self._libc.shutdown(self._conn_fd, SHUT_RDWR)
+        self._peer_closed = True
+
     def _readable(self) -> None:
         """The connection got bytes (or EOF): hand libvfio-user each request that is complete."""
         ffi, lib = self._ffi, self._lib
@@ -884,6 +918,8 @@ class LibvfioUserServer:
                 self._partial_received()
                 return  # the rest comes with a new edge (or the stall timer drops the client)
             self._partial_bytes = -1
+            if peeked is _SCREENED:
+                continue  # we answered it (or dropped a stray reply) ourselves
             ret = lib.vfu_run_ctx(self._vfu)
             if ret < 0:
                 err = ffi.errno
@@ -897,8 +933,10 @@ class LibvfioUserServer:
                     return
                 if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
                     return
-                log.warning("vfu_run_ctx: %s", os.strerror(err))
-                return
+                # The library refused a header without reading its body (junk, a huge size):
+                # the stream cannot be resynchronised, so the client is dropped, not hung.
+                self._drop(f"vfu_run_ctx: {os.strerror(err)}")
+                continue
             if isinstance(peeked, tuple):
                 self._after_request(*peeked)
             if ret == 0 and not self._peer_closed:
@@ -920,22 +958,75 @@ class LibvfioUserServer:
 
     def _peek_request(self) -> tuple[int, bytes] | object | None:
         """(command, first payload bytes) of the next request when all of it is queued;
-        _NOTHING when no byte waits, _PARTIAL when only part of a message does, None when
-        vfu_run_ctx should look itself (EOF, an error, not a request)."""
-        n = self._libc.recv(self._conn_fd, self._peek, PEEK_SIZE, MSG_PEEK | MSG_DONTWAIT)
-        if n < 0 and self._ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        _NOTHING when no byte waits, _PARTIAL when only part of a message does, _SCREENED when
+        we consumed the message ourselves (see _screen), None when vfu_run_ctx should look
+        itself (EOF, an error, a header it will refuse)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, self._conn_fd)
+        try:
+            raw, ancillary, msg_flags, _addr = sock.recvmsg(PEEK_SIZE, PEEK_ANCILLARY, MSG_PEEK | MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
             return _NOTHING
-        if n <= 0:
-            return None  # EOF or an error: vfu_run_ctx finds out (and resets the context)
-        if n < HEADER_SIZE:
-            return None if self._peer_closed else _PARTIAL
-        raw = self._ffi.unpack(self._peek, n)
-        _msg_id, command, size, flags = struct.unpack_from("<HHII", raw)
-        if HEADER_SIZE < size <= LIB_MAX_MSG_SIZE and not self._peer_closed and self._queued() < size:
-            return _PARTIAL
-        if flags & 0xF:  # not a request
-            return None
-        return command, raw[HEADER_SIZE:]
+        except OSError:
+            return None  # vfu_run_ctx finds out (and resets the context)
+        finally:
+            sock.detach()
+        fds = _fds_of(ancillary)  # a peek installs copies of the message's fds: ours to close
+        try:
+            if not raw:
+                return None  # EOF
+            if len(raw) < HEADER_SIZE:
+                return None if self._peer_closed else _PARTIAL
+            msg_id, command, size, flags = struct.unpack_from("<HHII", raw)
+            if HEADER_SIZE < size <= LIB_MAX_MSG_SIZE and not self._peer_closed and self._queued() < size:
+                return _PARTIAL
+            if not HEADER_SIZE <= size <= LIB_MAX_MSG_SIZE:
+                if not self._peer_closed:
+                    self._refuse_header(msg_id, command, size, flags)
+                return None  # the library reads the header, fails to reply, and resets
+            if msg_flags & socket.MSG_CTRUNC:
+                refusal: int | None = errno.EMFILE  # out of fds: the kernel dropped this message's fds
+            else:
+                refusal = _screen(command, flags, raw[HEADER_SIZE:], fds)
+            if refusal is None:
+                return command, raw[HEADER_SIZE:]
+            self._consume(msg_id, command, size, refusal)
+            return _SCREENED
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _refuse_header(self, msg_id: int, command: int, size: int, flags: int) -> None:
+        """A header whose body the library would not read (it takes the body for the next
+        headers, with no way back): answer a request E2BIG/EINVAL, as the Python backend does,
+        then drop the client rather than let it hang on a desynchronised stream."""
+        if flags & 0xF == MsgType.REQUEST:
+            err = errno.E2BIG if size > LIB_MAX_MSG_SIZE else errno.EINVAL
+            try:
+                os.write(self._conn_fd, HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, err))
+            except OSError:
+                pass  # the drop below is the answer then
+        self._drop(f"message size {size} outside {HEADER_SIZE}..{LIB_MAX_MSG_SIZE}")
+
+    def _consume(self, msg_id: int, command: int, size: int, refusal: int) -> None:
+        """Read one whole queued message (closing its fds) past the library and answer it with
+        ``refusal`` (an errno), or not at all (0: an unsolicited reply is dropped)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, self._conn_fd)
+        try:
+            left = size
+            while left > 0:
+                data, ancillary, _flags, _addr = sock.recvmsg(left, PEEK_ANCILLARY, MSG_DONTWAIT)
+                for fd in _fds_of(ancillary):
+                    os.close(fd)
+                if not data:
+                    return
+                left -= len(data)
+            if refusal:
+                log.warning("refused %s with %s before libvfio-user saw it", _command_name(command), errno.errorcode.get(refusal, refusal))
+                sock.send(HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, refusal), MSG_DONTWAIT)
+        except OSError as e:
+            self._drop(f"refusing a request failed: {e}")
+        finally:
+            sock.detach()
 
     def _partial_received(self) -> None:
         """Part of a message is queued: new bytes are progress; arm the stall check."""
@@ -1072,6 +1163,58 @@ class LibvfioUserServer:
         if self._table is not None:
             self._table.remove_all()
 
+
+def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message brought into this process."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"<{usable // 4}i", data[:usable]))
+    return fds
+
+
+def _command_name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return f"command {command}"
+
+
+def _screen_dma_map(payload: bytes, fds: list[int]) -> int | None:
+    """The DMA_MAP checks libvfio-user lacks: a range that wraps past 2^64 or is not page
+    aligned, more than one fd, or an fd too small for the range (SIGBUS on first touch)."""
+    if len(payload) < 32:
+        return None  # the library refuses a short payload itself
+    _argsz, _flags, offset, iova, size = struct.unpack_from("<IIQQQ", payload)
+    if iova + size > 1 << 64 or (iova | size | offset) % DEFAULT_PGSIZE:
+        return errno.EINVAL
+    if len(fds) > 1:
+        return errno.EINVAL
+    if fds:
+        try:
+            check_dma_fd(fds[0], offset, size)
+        except DmaError as e:
+            return e.errno
+    return None
+
+
+def _screen(command: int, flags: int, payload: bytes, fds: list[int]) -> int | None:
+    """What we answer for a message before libvfio-user sees it: None to hand it over, an
+    errno to refuse it, 0 to drop it unanswered. The library takes any fd on any command, so
+    fds it would keep, or map past their end (SIGBUS), or write interrupts to (a pipe would
+    block), are refused here, with the errnos of the Python backend."""
+    if flags & 0xF != MsgType.REQUEST:
+        return 0  # a reply nobody asked for (DMA replies are read while a DMA call is busy)
+    if command == Command.DMA_MAP:
+        return _screen_dma_map(payload, fds)
+    if not fds:
+        return None
+    if command == Command.DEVICE_SET_IRQS and len(payload) >= 8:
+        irq_flags = struct.unpack_from("<I", payload, 4)[0]
+        if irq_flags & IRQ_DATA_TYPE_MASK == IRQ_DATA_EVENTFD and all(is_eventfd(fd) for fd in fds):
+            return None
+    return errno.EINVAL  # fds on a command that takes none, or not eventfds for interrupts
 
 def _peer_credentials(fd: int) -> tuple[int, int, int] | None:
     import socket

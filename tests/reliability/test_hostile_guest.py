@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
 from ..support.host import Host, IOVA, PAGE, status_name
 from ..support.server import DEADLINE, ServerProcess
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
@@ -37,10 +38,11 @@ def lba_pattern(lba: int, gen: int = 0) -> bytes:
     return struct.pack("<QQ", lba, 0xFEEDC0DE00000000 | gen) * (LBA // 16)
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def rig(request, tmp_path_factory):
+    skip_unless_available(request.param)
     d = tmp_path_factory.mktemp("hostile-guest")
-    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", [f"ram:size={NS_SIZE}"], extra=["--queues", "4"])
+    srv = ServerProcess.serve(str(d / "s.sock"), d / "server.log", [f"ram:size={NS_SIZE}"], backend=request.param, extra=["--queues", "4"])
     srv.settle()
     r = GuestRig(srv)
     yield r

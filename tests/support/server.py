@@ -203,6 +203,12 @@ class ServerProcess:
         with open(f"/proc/{self.pid}/maps") as f:
             return sum(1 for line in f if "memfd:guest" in line or "memfd:hostile" in line)
 
+    @property
+    def mappings_per_dma_map(self) -> int:
+        """``guest_mappings()`` per fd-backed DMA map: libvfio-user maps the fd, and our glue
+        re-maps those pages (``mremap(old, 0, len)``) so a view outlives the library's munmap."""
+        return 2 if self.backend == "libvfio-user" else 1
+
     def rss_kb(self) -> int:
         return self.memory_kb().get("VmRSS", 0)
 

@@ -24,9 +24,10 @@ into libvfio-user calls and runs the context from the asyncio loop through its p
 * reset: ``vfu_setup_device_reset_cb`` -> ``config.reset_registers()`` + ``device.reset``.
 
 libvfio-user has no callback for SET_IRQS (which index the client enabled) nor for
-GET_REGION_IO_FDS; the server peeks at each request header (``recv(MSG_PEEK)``, no fds
-taken) before ``vfu_run_ctx`` processes it, to keep ``active_index()`` and
-``Device.ioeventfds_taken`` working. Where the library's wire behaviour differs from the
+GET_REGION_IO_FDS; the server peeks at each request (``recvmsg(MSG_PEEK)``: the header, the
+first payload bytes, copies of its fds, closed at once) before ``vfu_run_ctx`` processes it,
+to keep ``active_index()`` and ``Device.ioeventfds_taken`` working, and to refuse itself what
+the library would take unchecked (``_screen``). Where the library's wire behaviour differs from the
 Python backend, see docs/libvfio-user.md and tests/libvfio/.
 """
 
@@ -477,7 +478,6 @@ class LibvfioUserServer:
         self._conn_fd = -1
         self._table: ForeignDmaTable | None = None
         self._callbacks: list[Any] = []  # keep every cffi callback alive as long as the ctx
-        self._peek = self._ffi.new("char[]", PEEK_SIZE)
         self._done: asyncio.Future[None] | None = None
         # Calls into libvfio-user that block on the client (accept + VERSION, DMA_READ/WRITE)
         # run one at a time in this thread; while one runs the loop makes no other vfu_* call.

@@ -4,8 +4,9 @@ Servers run as separate processes (:class:`~tests.support.server.ServerProcess`)
 we count is the server's own state: its fds and its guest-memory mappings. Every wait is
 bounded; a test that hits a bound fails rather than hangs. The tests that start their servers
 through ``spawn`` run on both vfio-user backends (libvfio-user skips, saying why, where it is
-not installed); the module-scoped servers of test_hostile_client/_guest and test_fd_kinds are
-still Python-only (libvfio-user answers part of them differently: docs/libvfio-user.md).
+not installed), and so do the module-scoped servers of test_hostile_client/_guest and
+test_fd_kinds (parametrised the same way); where libvfio-user answers differently the test
+asserts each backend's answer (docs/libvfio-user.md).
 """
 
 from __future__ import annotations

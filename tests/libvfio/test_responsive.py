@@ -24,6 +24,7 @@ from vfio_user.sample import REG_DMA_DST, REG_DMA_SRC, REG_ID, REG_SCRATCH, TICK
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 
 from ..support.server import DEADLINE, ServerProcess
+from ..support.wire import read_reply, seconds_until_dropped, version_request
 from .libvfio_helpers import BACKENDS, skip_unless_available
 
 LIB = "libvfio-user"
@@ -63,28 +64,6 @@ def alive(srv: ServerProcess, timeout: float = 2.0) -> bool:
             return False
 
 
-def version_request(msg_id: int = 0) -> bytes:
-    payload = m.VersionPayload.build({"major": 0, "minor": 0, "json": m.encode_version_json({"max_msg_fds": 8})})
-    return encode(msg_id, Command.VERSION, MsgType.REQUEST, payload)
-
-
-def read_reply(s: socket.socket) -> tuple[int, int, bytes]:
-    """One whole message from the server: (id, flags, payload)."""
-    s.settimeout(DEADLINE)
-    buf = b""
-    while len(buf) < HEADER_SIZE:
-        chunk = s.recv(HEADER_SIZE - len(buf))
-        assert chunk, "server closed the connection"
-        buf += chunk
-    msg_id, _cmd, size, flags, _err = m.HEADER.unpack(buf)
-    body = b""
-    while len(body) < size - HEADER_SIZE:
-        chunk = s.recv(size - HEADER_SIZE - len(body))
-        assert chunk, "server closed the connection"
-        body += chunk
-    return msg_id, flags, body
-
-
 def negotiated(srv: ServerProcess) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(srv.path)
@@ -92,19 +71,6 @@ def negotiated(srv: ServerProcess) -> socket.socket:
     msg_id, flags, _ = read_reply(s)
     assert (msg_id, flags & 0xF) == (0, MsgType.REPLY)
     return s
-
-
-def seconds_until_dropped(s: socket.socket, limit: float = DEADLINE) -> float:
-    t0 = time.monotonic()
-    s.settimeout(limit)
-    try:
-        while s.recv(4096):
-            pass
-    except ConnectionResetError:
-        pass
-    except (TimeoutError, socket.timeout):
-        pytest.fail(f"the server kept a stalled client for {limit} s")
-    return time.monotonic() - t0
 
 
 def read_id_request(msg_id: int) -> bytes:

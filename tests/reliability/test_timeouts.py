@@ -16,6 +16,7 @@ import time
 import pytest
 
 from ..support.server import DEADLINE, ServerProcess
+from ..support.wire import read_reply, seconds_until_dropped, version_request
 from vfio_user import messages as m
 from vfio_user.vmm.client import VfioUserClient
 from vfio_user.constants import HEADER_SIZE, Command, MsgType
@@ -38,20 +39,6 @@ def _connect(srv: ServerProcess) -> socket.socket:
     return s
 
 
-def _seconds_until_dropped(s: socket.socket, limit: float = DEADLINE) -> float:
-    """How long until the server closes ``s`` (EOF); fails if it never does within ``limit``."""
-    t0 = time.monotonic()
-    s.settimeout(limit)
-    try:
-        while s.recv(4096):
-            pass
-    except ConnectionResetError:
-        pass
-    except (TimeoutError, socket.timeout):
-        pytest.fail(f"the server kept a stalled client for {limit} s")
-    return time.monotonic() - t0
-
-
 def _slot_is_free(srv: ServerProcess) -> None:
     """Dropped means gone: baseline fds, and a new client negotiates and reads CAP."""
     assert srv.alive(), srv.log()[-3000:]
@@ -60,32 +47,10 @@ def _slot_is_free(srv: ServerProcess) -> None:
     assert srv.answers()
 
 
-def _version(msg_id: int = 0) -> bytes:
-    payload = m.VersionPayload.build({"major": 0, "minor": 0, "json": m.encode_version_json({"max_msg_fds": 8})})
-    return encode(msg_id, Command.VERSION, MsgType.REQUEST, payload)
-
-
-def _read_reply(s: socket.socket) -> tuple[int, int, bytes]:
-    """One whole reply: (id, flags, payload)."""
-    s.settimeout(DEADLINE)
-    buf = b""
-    while len(buf) < HEADER_SIZE:
-        chunk = s.recv(HEADER_SIZE - len(buf))
-        assert chunk, "server closed the connection"
-        buf += chunk
-    msg_id, _cmd, size, flags, _err = m.HEADER.unpack(buf)
-    body = b""
-    while len(body) < size - HEADER_SIZE:
-        chunk = s.recv(size - HEADER_SIZE - len(body))
-        assert chunk, "server closed the connection"
-        body += chunk
-    return msg_id, flags, body
-
-
 def test_silent_client_is_dropped_and_the_slot_freed(server):
     s = _connect(server)
     try:
-        took = _seconds_until_dropped(s)
+        took = seconds_until_dropped(s)
     finally:
         s.close()
     assert TIMEOUT * 0.8 <= took < TIMEOUT + 2.0, took
@@ -96,8 +61,8 @@ def test_silent_client_is_dropped_and_the_slot_freed(server):
 def test_half_a_header_is_dropped(server):
     s = _connect(server)
     try:
-        s.sendall(_version()[:7])
-        took = _seconds_until_dropped(s)
+        s.sendall(version_request()[:7])
+        took = seconds_until_dropped(s)
     finally:
         s.close()
     assert took < TIMEOUT + 2.0, took
@@ -109,11 +74,11 @@ def test_client_stalled_mid_message_after_version_is_dropped(server):
     for cut in (HEADER_SIZE // 2, HEADER_SIZE + 5):
         s = _connect(server)
         try:
-            s.sendall(_version())
-            assert _read_reply(s)[0] == 0
+            s.sendall(version_request())
+            assert read_reply(s)[0] == 0
             req = encode(1, Command.REGION_WRITE, MsgType.REQUEST, m.REGION_ACCESS.pack(0x14, 0, 4) + bytes(4))
             s.sendall(req[:cut])
-            took = _seconds_until_dropped(s)
+            took = seconds_until_dropped(s)
         finally:
             s.close()
         assert TIMEOUT * 0.8 <= took < TIMEOUT + 2.0, (cut, took)
@@ -143,18 +108,18 @@ def test_slow_but_progressing_client_is_kept(server):
     the VERSION is cut after its header; docs/libvfio-user.md.)"""
     s = _connect(server)
     try:
-        v = _version()
+        v = version_request()
         cut = HEADER_SIZE + 4 if server.backend == "libvfio-user" else 10
         s.sendall(v[:cut])
         time.sleep(TIMEOUT * 0.4)
         s.sendall(v[cut:])
-        assert _read_reply(s)[0] == 0
+        assert read_reply(s)[0] == 0
         req = encode(1, Command.REGION_READ, MsgType.REQUEST, m.REGION_ACCESS.pack(0, 0, 8))
         assert len(req) == 32
         for off in range(0, len(req), 4):
             s.sendall(req[off : off + 4])
             time.sleep(TIMEOUT * 0.6)
-        msg_id, flags, body = _read_reply(s)
+        msg_id, flags, body = read_reply(s)
         assert msg_id == 1 and flags == MsgType.REPLY
         assert struct.unpack_from("<Q", body, 16)[0] & 0xFFFF == 4095
     finally:

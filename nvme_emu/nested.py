@@ -45,6 +45,12 @@ _HOST_ROOT = "host-root"
 _PASS_ENV = ("PYTHONHASHSEED", "LANG", "LC_ALL")
 #: Directories L1 mounts fresh tmpfs on, over the host's (nested-init.sh).
 _L1_TMPFS = ("/tmp", "/run", "/dev/shm")
+#: The job's TMPDIR: L1-only, beside (never around) the host directories bound back into
+#: L1's /tmp. The binds' parent directories exist in L1 without the lock files they have on
+#: the host, so a pytest run in L1 with the default temp root took the caller's numbered
+#: ``/tmp/pytest-of-*/pytest-N`` for a stale one and deleted it, host files included,
+#: through the bind.
+L1_JOB_TMPDIR = "/tmp/nvme-emu-l1"
 
 
 def ensure_nested() -> tuple[str, str]:
@@ -79,6 +85,7 @@ def _job_script(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:
     """/job/run.sh: the environment, the working directory, then the command."""
     lines = ["export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines += [f"export TMPDIR={L1_JOB_TMPDIR}", f"mkdir -p {L1_JOB_TMPDIR} || exit 126"]
     lines += [f"cd {shlex.quote(cwd)} || exit 126", "exec " + shlex.join(argv)]
     return ("\n".join(lines) + "\n").encode()
 
@@ -88,9 +95,16 @@ def _hidden_by_tmpfs(paths: Iterable[str]) -> list[str]:
     or an output directory under /tmp): nested-init.sh binds them back in."""
     out: list[str] = []
     for p in paths:
-        if any(p == t or p.startswith(t + "/") for t in _L1_TMPFS) and p not in out:
-            out.append(p)
+        if not any(_is_under(p, t) for t in _L1_TMPFS) or p in out:
+            continue
+        if _is_under(p, L1_JOB_TMPDIR) or _is_under(L1_JOB_TMPDIR, p):
+            raise g.GuestError(f"{p}: a host directory cannot be shared at or around L1's TMPDIR {L1_JOB_TMPDIR}")
+        out.append(p)
     return out
+
+
+def _is_under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _host_root_binds(paths: Iterable[str]) -> list[str]:

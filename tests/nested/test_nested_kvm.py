@@ -220,6 +220,23 @@ def test_rig_returns_status_and_output(tmp_path):
     assert (tmp_path / "out.txt").read_text() == "from-l1\n"
 
 
+def test_rig_job_pytest_spares_host_dirs(tmp_path):
+    """Pytest runs in L1 (the inner suites are four or more of them) must not take the
+    caller's numbered pytest directory, which L1 shows without its lock file, for a stale one
+    and delete it through the bind: the job's TMPDIR is L1's own."""
+    _require_root()
+    (tmp_path / "test_t.py").write_text("def test_t(tmp_path):\n    (tmp_path / 'x').write_text('x')\n")
+    (tmp_path / "keep.txt").write_text("host file\n")
+    job = "; ".join([f"{shlex.quote(sys.executable)} -c 'import tempfile; print(\"tmp=\" + tempfile.gettempdir())'"]
+                    + [f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q test_t.py >/dev/null || exit 3"] * 4
+                    + ["echo done > after.txt"])
+    res = nested.run_nested(["sh", "-c", job], kvm=None, cwd=str(tmp_path), out_dirs=[str(tmp_path)], timeout=600)
+    assert res.returncode == 0, res.describe_failure()
+    assert f"tmp={nested.L1_JOB_TMPDIR}" in res.output.splitlines(), res.output
+    assert (tmp_path / "keep.txt").read_text() == "host file\n"
+    assert (tmp_path / "after.txt").read_text() == "done\n"
+
+
 def test_rig_resumes_after_l1_death(tmp_path):
     """The resume logic on its own, with the real job script run here and a "boot" that dies
     (its shell killed) once the first unit has reported: the second boot runs only the

@@ -400,7 +400,7 @@ def start_servers(paths: list[str], tmp: str, args, tree: str | None = None, tag
             servers[p] = common.serve(os.path.join(tmp, f"{p}@{tag}.sock"), extra, Path(tmp) / f"{p}@{tag}.log", tree=tree)
             continue
         extra = ["--doorbell", SERVER_MODE[p], "--namespace", f"ram:size={NS_SIZE}", "--queues", "4"]
-        if args.spin_us:
+        if args.spin_us is not None:  # else each path's own default (adaptive on shadow)
             extra += ["--spin-us", str(args.spin_us)]
         if args.profile == "cprofile" and p == args.profile_path:
             servers[p] = _profiled_server(p, tmp, extra, args.server_tree)
@@ -472,14 +472,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ios-scale", type=float, default=1.0, help="multiply the I/O count of every point")
     ap.add_argument("--max-seconds", type=float, default=3.0, help="cap per point")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every point; the median round is reported")
-    ap.add_argument("--spin-us", type=float, default=0.0)
+    ap.add_argument("--spin-us", type=float, default=None, help="the servers' --spin-us (default: theirs; not for --compare-tree servers)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin client (CPU 0) and servers (CPU 1)")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--profile", choices=["cprofile"], help="run one path's server under cProfile")
     ap.add_argument("--profile-path", default="trap")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS", help="first wait up to SECONDS for the machine to be idle")
     ap.add_argument("--server-tree", metavar="DIR", help="run the servers from another copy of the code (before/after comparisons)")
-    ap.add_argument("--compare-tree", metavar="LABEL=DIR", help="also run every path from the code in DIR (path@LABEL), interleaved point by point")
+    ap.add_argument("--compare-tree", metavar="LABEL=DIR", action="append", default=[],
+                    help="also run every path from the code in DIR (path@LABEL), interleaved point by point; repeatable")
     ap.add_argument("--label", default="", help="results go to server_throughput[-LABEL].json/png")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
@@ -498,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     servers = start_servers(paths, tmp, args)
     variants = [""]
-    if args.compare_tree:
-        vlabel, _, vdir = args.compare_tree.partition("=")
+    for compare in args.compare_tree:
+        vlabel, _, vdir = compare.partition("=")
         variants.append(vlabel)
         for p, srv in start_servers(paths, tmp, args, vdir, vlabel).items():
             servers[f"{p}@{vlabel}"] = srv

@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")
     s.add_argument("--poll-idle-max-us", type=float, default=None,
                    help="poll path: the idle poller backs off 2, 4, 8 ... us up to this (default 1000); lower = less latency after idle, more CPU")
-    s.add_argument("--spin-us", type=float, default=None, help="keep looking for doorbells this long after work before sleeping (default: 0; 50 in poll mode)")
+    s.add_argument("--spin-us", type=float, default=None, help="keep looking for doorbells this long after work before sleeping; 0: never "
+                   "(default: shadow learns a window of up to 20 us from the host, poll spins 50, the others 0)")
     s.add_argument("--stats", type=float, default=0.0, metavar="SECONDS", help="print per-queue counters every SECONDS (also on SIGUSR1)")
     s.add_argument("--stats-json", metavar="PATH", help="on SIGUSR1 also write the counters as JSON to PATH (benchmarks read it)")
 

@@ -416,7 +416,7 @@ class Controller:
 
     def _doorbell(self, qid: int, is_cq: bool, value: int) -> None:
         state = self.state
-        if not state.ready or state.fatal:
+        if state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:  # not ready, or fatal
             return
         dbbuf = state.dbbuf if qid else None
         if is_cq:
@@ -515,11 +515,14 @@ class Controller:
         """Run every command in [head, tail), post completions, then one interrupt per CQ."""
         state = self.state
         memory = state.memory
-        if memory is None or not state.ready or state.fatal:
+        if memory is None or state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:  # ready, not fatal
             return 0
         cq = sq.cq
-        if self.cq_head_source is not None:
-            self._peek_cq_head(cq)  # lazy CQ head doorbells: an invalid value shows here at the latest
+        source = self.cq_head_source
+        if source is not None:  # lazy CQ head doorbells: an invalid value shows here at the latest
+            head = source.peek_cq_head(cq.qid)
+            if head is not None:
+                self._accept_cq_head(cq, head)
         n = 0
         started = time.perf_counter()
         try:

@@ -68,6 +68,7 @@ class DoorbellStats:
     coalesced: int = 0  # writes that never needed their own wake-up
     spins: int = 0  # scans during a spin window
     spin_hits: int = 0  # spin-window scans that found work
+    spin_misses: int = 0  # adaptive spin windows that closed without work
     polls: int = 0  # poll rounds
     poll_cpu_seconds: float = 0.0  # CPU the poller burned
     lost_values: int = 0  # ioeventfd signals with no way to know the value
@@ -76,6 +77,52 @@ class DoorbellStats:
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
+
+
+#: An adaptive spin window never exceeds this (a host slower than this is not worth waiting
+#: for: the eventfd wakes us for it).
+ADAPTIVE_SPIN_CAP_US = 20.0
+#: The shortest adaptive window worth opening.
+ADAPTIVE_SPIN_FLOOR_US = 2.0
+#: After consecutive misses an adaptive window stays shut for 1, 2, 4 ... up to this many
+#: wake-ups, so a slow host costs at most ``cap / 64`` of spinning per doorbell.
+ADAPTIVE_SPIN_MAX_SKIP = 64
+#: One spin episode yields to the loop after this long, however many hits it has.
+SPIN_EPISODE_MAX_S = 200e-6
+
+
+class AdaptiveSpin:
+    """How long to watch an SQ tail slot after acting on it, learned from the host.
+
+    A QD1 host that submits again a few microseconds after each completion is caught by a
+    window of a few times its usual gap (an average over recent hits), so the server does
+    not sleep and get woken per I/O. A host that does not (deep queues whose doorbells
+    batch, a guest slower than the cap) turns misses into exponentially longer runs of
+    wake-ups without spinning; one hit resets that.
+    """
+
+    def __init__(self, cap_s: float, floor_s: float = ADAPTIVE_SPIN_FLOOR_US * 1e-6) -> None:
+        self.cap_s = cap_s
+        self.floor_s = min(floor_s, cap_s)
+        self.gap_s = cap_s / 4  # a hopeful start: the first window is the whole cap
+        self.backoff = 0  # wake-ups to skip after the next miss (0: none yet)
+        self.skip = 0  # wake-ups left to skip
+
+    def window(self, fresh: bool = True) -> float:
+        """Seconds to spin; ``fresh`` is a new wake-up (which a back-off may skip), not the
+        continuation after a hit."""
+        if fresh and self.skip:
+            self.skip -= 1
+            return 0.0
+        return min(self.cap_s, max(self.floor_s, 4 * self.gap_s))
+
+    def hit(self, waited_s: float) -> None:
+        self.gap_s += (waited_s - self.gap_s) / 8
+        self.backoff = 0
+
+    def miss(self) -> None:
+        self.backoff = min(2 * self.backoff or 1, ADAPTIVE_SPIN_MAX_SKIP)
+        self.skip = self.backoff
 
 
 class DoorbellPage:
@@ -255,7 +302,16 @@ class ShadowPath(SharedPagePath):
     SQ tail eventfds are always watched. CQ head eventfds are watched only while their CQ
     is full (armed by the controller): a host consuming completions does not wake us, and
     a signal that arrived before arming leaves the eventfd readable, so none is lost.
+
+    After an SQ tail the path spins on that slot (:meth:`_spin_slot`): for ``spin_us`` when
+    given, else (``spin_us=None``, the default) for an :class:`AdaptiveSpin` window.
     """
+
+    def __init__(self, *args, spin_us: float | None = None, **kwargs) -> None:
+        self.adaptive = spin_us is None
+        self.adaptive_cap_s = ADAPTIVE_SPIN_CAP_US * 1e-6
+        self._windows: dict[int, AdaptiveSpin] = {}
+        super().__init__(*args, spin_us=spin_us or 0.0, **kwargs)
 
     mode = DoorbellMode.SHADOW
 
@@ -301,26 +357,76 @@ class ShadowPath(SharedPagePath):
             self.stats.wakeups += 1
             self.stats.signals += writes
             self.stats.coalesced += writes - 1  # one wake-up served them all: the last value counts
-            if self._act(slot) and self.spin_s:
+            if self._act(slot) and self._spins_on(slot):
                 self._spin_slot(slot)
         if slot & 1:
             cq = self.ctrl.state.cqs.get(slot >> 1)
             if cq is None or cq.room > 0:
                 self._disarm(slot)
 
+    def _spins_on(self, slot: int) -> bool:
+        """Spinning pays only where the slot's value is the news: not for CQ heads (lazy) and
+        not under shadow doorbell buffers, whose kicks EventIdx already suppresses."""
+        return not slot & 1 and (self.spin_s > 0 or self.adaptive) and (slot < 2 or self.ctrl.state.dbbuf is None)
+
     def _spin_slot(self, slot: int) -> None:
-        """Watch this one slot for ``spin_us`` after work: a host that submits again within the
-        window is served without the loop going to sleep and being woken (its eventfd signal
-        is consumed here). The page's other slots have eventfds of their own."""
-        page, efd, stats = self.page, self.ioeventfds[slot], self.stats
-        deadline = time.perf_counter() + self.spin_s
-        while time.perf_counter() < deadline:
-            stats.spins += 1
-            if page.value_words[slot] != page.last_words[slot]:
+        """Watch this one slot for a short window after work: a host that submits again
+        within it is served without the loop going to sleep and being woken.
+
+        The eventfd is read once, when the spin ends, not per hit: its count then covers the
+        signals of every write served here, and the slot is looked at once more after the
+        read, since a write whose signal that read consumed stored its value before
+        signalling. An episode yields to the loop after :data:`SPIN_EPISODE_MAX_S`, so the
+        other slots, the socket and the completions of other queues keep their turn.
+        """
+        window = self._spin_window(slot)
+        if window <= 0.0:
+            return
+        page, stats, clock = self.page, self.stats, time.perf_counter
+        values, last = page.value_words, page.last_words
+        start = idle_since = clock()
+        deadline, end = start + window, start + SPIN_EPISODE_MAX_S
+        while True:
+            if values[slot] != last[slot]:
+                now = clock()
                 stats.spin_hits += 1
-                stats.signals += efd.drain()
+                self._spin_hit(slot, now - idle_since)
+                fence()  # acquire: the SQEs the tail announces are read after it
                 self._act(slot)
-                deadline = time.perf_counter() + self.spin_s
+                idle_since = clock()
+                if idle_since >= end:
+                    break
+                deadline = idle_since + self._spin_window(slot, fresh=False)
+                continue
+            stats.spins += 1
+            if clock() >= deadline:
+                self._spin_miss(slot)
+                break
+        stats.signals += self.ioeventfds[slot].drain()
+        if values[slot] != last[slot]:
+            self._act(slot)
+
+    # Spin windows: fixed (``spin_us``) or adaptive, per SQ tail slot.
+
+    def _spin_window(self, slot: int, fresh: bool = True) -> float:
+        if not self.adaptive:
+            return self.spin_s
+        return self._adaptive(slot).window(fresh)
+
+    def _spin_hit(self, slot: int, waited_s: float) -> None:
+        if self.adaptive:
+            self._adaptive(slot).hit(waited_s)
+
+    def _spin_miss(self, slot: int) -> None:
+        if self.adaptive:
+            self.stats.spin_misses += 1
+            self._adaptive(slot).miss()
+
+    def _adaptive(self, slot: int) -> "AdaptiveSpin":
+        spin = self._windows.get(slot)
+        if spin is None:
+            spin = self._windows[slot] = AdaptiveSpin(self.adaptive_cap_s)
+        return spin
 
     def _queue_event(self, event: str, qid: int) -> None:
         super()._queue_event(event, qid)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 CLASS_MASS_STORAGE, SUBCLASS_NVM, PROG_IF_NVME = 0x01, 0x08, 0x02
 MSIX_BAR = RegionIndex.BAR4
 MSIX_PBA_OFFSET = 0x1000
+#: Bound once for the per-interrupt path (an IntEnum attribute access costs about 60 ns).
+_MSIX, _INTX = IrqIndex.MSIX, IrqIndex.INTX
 BAR4_SIZE = 0x2000
 
 
@@ -118,12 +120,12 @@ class NvmeFunction(Device):
             return False
         irqs = ctx.irqs
         index = irqs.active_index()
-        if index == IrqIndex.MSIX:
-            return irqs.trigger(IrqIndex.MSIX, vector)
-        if index == IrqIndex.INTX:
+        if index == _MSIX:
+            return irqs.trigger(_MSIX, vector)
+        if index == _INTX:
             if self.controller.intms & 1 or self.config.get(COMMAND, 2) & COMMAND_INTX_DISABLE:
                 return False
-            return irqs.trigger(IrqIndex.INTX, 0)
+            return irqs.trigger(_INTX, 0)
         return False
 
     def irq_unmasked(self, index: IrqIndex, vector: int) -> None:

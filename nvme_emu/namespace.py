@@ -191,6 +191,9 @@ class Backend(ABC):
     blocking: bool = False
     #: opened read-only: the namespace is write protected
     readonly: bool = False
+    #: the bytes themselves when they are plain process memory (RAM); Read and Write of one
+    #: page copy straight to and from them (:meth:`Namespace.read_memory`)
+    memory: memoryview | None = None
     size: int
 
     @abstractmethod
@@ -247,7 +250,7 @@ class RamBackend(Backend):
                 os.close(self._fd)
                 self._fd = -1
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._mv = memoryview(self._mm)
+        self._mv = self.memory = memoryview(self._mm)
 
     def read_into(self, offset: int, views: Buffers) -> None:
         if len(views) == 1 and _is_byte_view(v := views[0]):  # one page or extent: the hot case
@@ -302,7 +305,7 @@ class RamBackend(Backend):
     def close(self) -> None:
         if self._mv is not None:
             self._mv.release()
-            self._mv = None  # type: ignore[assignment]
+            self._mv = self.memory = None  # type: ignore[assignment]
             self._mm.close()
         if self._fd >= 0:
             os.close(self._fd)
@@ -576,6 +579,9 @@ class Namespace:
         self.blocking = backend.blocking
         #: NSATTR bit 0: commands that change blocks fail with Namespace is Write Protected.
         self.write_protected = backend.readonly
+        #: The blocks are process memory (:attr:`Backend.memory`): the per-command fast path
+        #: (:meth:`read_memory`, :meth:`write_memory`) applies.
+        self.in_memory = backend.memory is not None
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -664,6 +670,27 @@ class Namespace:
         self.backend.read_into(off, views)
         self.stats.read_commands += 1
         self.stats.bytes_read += length
+
+    def read_memory(self, slba: int, view: memoryview) -> None:
+        """Read into one byte view from an :attr:`in_memory` namespace, its range checked
+        by the caller: read_lbas less its general cases (the hot command, per call ~40% of
+        the Python read_lbas and the data pointer walk cost)."""
+        n = view.nbytes
+        off = slba << self._lba_shift
+        view[:] = self.backend.memory[off : off + n]  # type: ignore[index]
+        stats = self.stats
+        stats.read_commands += 1
+        stats.bytes_read += n
+
+    def write_memory(self, slba: int, view: memoryview) -> None:
+        """Write from one byte view to an :attr:`in_memory` namespace (see :meth:`read_memory`;
+        process memory is as durable as it gets, so FUA asks nothing more)."""
+        n = view.nbytes
+        off = slba << self._lba_shift
+        self.backend.memory[off : off + n] = view  # type: ignore[index]
+        stats = self.stats
+        stats.write_commands += 1
+        stats.bytes_written += n
 
     def write_lbas(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> None:
         """Write: ``views`` -> backend; ``fua`` makes it durable before returning."""

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 COPY_DESCRIPTOR = struct.Struct("<8xQH14x")  # format 0: SLBA at 8, NLB (0-based) at 16
 DSM_RANGE = struct.Struct("<IIQ")
+#: Bound once for the per-command path: an IntEnum attribute access costs about 60 ns
+#: (CPython 3.11), a tenth of what a whole RAM read costs outside its copy.
+_FLUSH, _SUCCESS = NvmOpcode.FLUSH, Status.SUCCESS
+_NLB_MASK = RwCdw12.NLB_MASK
 
 
 @dataclass(slots=True)
@@ -89,7 +93,7 @@ class NvmCommands:
         try:
             if e[FLAGS] & 0x03:
                 raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
-            if opc == NvmOpcode.FLUSH:
+            if opc == _FLUSH:
                 return self._done_or_start(sq, e, self.flush(e))
             handler = self.handlers.get(opc)
             if handler is None:
@@ -102,7 +106,7 @@ class NvmCommands:
             if ns.blocking:
                 return self._done_or_start(sq, e, handler(ns, e))
             # RAM: always done here (the fast path), so the handler returned an int, not Work
-            return Status.SUCCESS, handler(ns, e)  # type: ignore[return-value]
+            return _SUCCESS, handler(ns, e)  # type: ignore[return-value]
         except Exception as err:
             return self._failed(sq, e, err), 0
 
@@ -179,9 +183,23 @@ class NvmCommands:
 
     # -- commands ------------------------------------------------------------------------------
 
+    def _memory_view(self, e: tuple, length: int, *, to_host: bool) -> memoryview | None:
+        """The data buffer of an in-memory namespace's Read or Write as one view, when PRP1's
+        page holds it all (:func:`prp.single_page_view`); None: take the general path."""
+        memory = self.state.memory
+        if memory is None or e[FLAGS] >> 6:  # SGLs, and a gone client, go the general way
+            return None
+        return prp.single_page_view(memory, e[PRP1], length, write=to_host)
+
     def read(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = self._lba_range(e)
+        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
         ns.check_range(slba, nlb)
+        if ns.in_memory and (view := self._memory_view(e, nlb << ns.lba_shift, to_host=True)) is not None:
+            try:
+                ns.read_memory(slba, view)
+            finally:
+                view.release()
+            return 0
         views = self.views(e, nlb << ns.lba_shift, to_host=True)
         if ns.blocking:
             return self._blocking_read(ns, slba, nlb, views)
@@ -206,8 +224,14 @@ class NvmCommands:
         return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length))
 
     def write(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = self._lba_range(e)
+        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
         ns.check_range(slba, nlb)
+        if ns.in_memory and (view := self._memory_view(e, nlb << ns.lba_shift, to_host=False)) is not None:
+            try:
+                ns.write_memory(slba, view)
+            finally:
+                view.release()
+            return 0
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
         if ns.blocking:

@@ -21,6 +21,9 @@ from vfio_user.dma import DmaError, GuestMemory
 from . import spec
 from .spec import NvmeError, SglType, Status
 
+#: The smallest memory page (CC.MPS = 0): a range inside one is inside a page of any size.
+SMALLEST_PAGE = 1 << spec.MEMORY_PAGE_SHIFT_MIN
+
 # ---------------------------------------------------------------------------------------------
 # Guest memory ranges -> views
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +153,19 @@ def _prp_list_entries(mem: GuestMemory, list_addr: int, needed: int, page_size: 
             list_addr = entries[take]
             if list_addr & mask:
                 raise NvmeError(Status.PRP_OFFSET_INVALID, f"chained PRP list pointer {list_addr:#x} has a page offset")
+
+
+def single_page_view(mem: GuestMemory, prp1: int, length: int, *, write: bool) -> memoryview | None:
+    """The data of a PRP-described transfer as one view when it lies in PRP1's 4 KiB page
+    (the smallest memory page size: so within any CC.MPS page, and within any MDTS), the
+    common case of small I/O. None: anything else, including anything wrong, which
+    :func:`prp_views` then reports exactly."""
+    if 0 < length <= SMALLEST_PAGE - (prp1 & (SMALLEST_PAGE - 1)) and not prp1 & 0x3:
+        try:
+            return mem.view(prp1, length, write=write)
+        except DmaError:
+            return None
+    return None
 
 
 def prp_views(

@@ -336,9 +336,13 @@ class _FdBackend(Backend):
         redone in full by :meth:`read_into`, which also zero-fills past the end."""
         if not self._nowait_ok:
             return False
-        pending = _byte_views(views)
-        if len(pending) > IOV_MAX:
-            return False
+        if len(views) == 1 and _is_byte_view(v := views[0]):
+            pending, want = views, v.nbytes  # one page: the hot case, as handed over
+        else:
+            pending = _byte_views(views)
+            if len(pending) > IOV_MAX:
+                return False
+            want = sum(v.nbytes for v in pending)
         try:
             n = os.preadv(self._fd, pending, offset, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -348,7 +352,7 @@ class _FdBackend(Backend):
                 self._nowait_ok = False
                 return False
             raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
-        return n == sum(len(v) for v in pending)
+        return n == want
 
     def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
         if self.readonly:

@@ -183,9 +183,11 @@ class NvmCommands:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def _memory_view(self, e: tuple, length: int, *, to_host: bool) -> memoryview | None:
-        """The data buffer of an in-memory namespace's Read or Write as one view, when PRP1's
-        page holds it all (:func:`prp.single_page_view`); None: take the general path."""
+    def _page_view(self, e: tuple, length: int, *, to_host: bool) -> memoryview | None:
+        """The data buffer of a Read or Write as one view, when PRP1's page holds it all
+        (:func:`prp.single_page_view`): no data pointer walk, and no buffer checks after it
+        (one page is never past MDTS, and the view is the command's length). None: the
+        general path, which also reports anything wrong."""
         memory = self.state.memory
         if memory is None or e[FLAGS] >> 6:  # SGLs, and a gone client, go the general way
             return None
@@ -194,13 +196,18 @@ class NvmCommands:
     def read(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
         ns.check_range(slba, nlb)
-        if ns.in_memory and (view := self._memory_view(e, nlb << ns.lba_shift, to_host=True)) is not None:
-            try:
-                ns.read_memory(slba, view)
-            finally:
-                view.release()
-            return 0
-        views = self.views(e, nlb << ns.lba_shift, to_host=True)
+        length = nlb << ns.lba_shift
+        view = self._page_view(e, length, to_host=True)
+        if view is not None:
+            if ns.in_memory:
+                try:
+                    ns.read_memory(slba, view)
+                finally:
+                    view.release()
+                return 0
+            if ns.blocking:
+                return self._read_cached_or_work(ns, slba << ns.lba_shift, length, [view])
+        views = [view] if view is not None else self.views(e, length, to_host=True)
         if ns.blocking:
             return self._blocking_read(ns, slba, nlb, views)
         try:
@@ -209,11 +216,19 @@ class NvmCommands:
             prp.release_views(views)
         return 0
 
-    @staticmethod
-    def _blocking_read(ns: Namespace, slba: int, nlb: int, views: list[memoryview]) -> int | Work:
-        """Done at once when the page cache holds the blocks, else Work for the pool."""
+    @classmethod
+    def _blocking_read(cls, ns: Namespace, slba: int, nlb: int, views: list[memoryview]) -> int | Work:
         try:
             off, length = ns.prepare_rw(slba, nlb, views)
+        except BaseException:
+            prp.release_views(views)
+            raise
+        return cls._read_cached_or_work(ns, off, length, views)
+
+    @staticmethod
+    def _read_cached_or_work(ns: Namespace, off: int, length: int, views: list[memoryview]) -> int | Work:
+        """Done at once when the page cache holds the blocks, else Work for the pool."""
+        try:
             if ns.backend.read_into_nowait(off, views):
                 ns.count_read(length)
                 prp.release_views(views)
@@ -226,20 +241,24 @@ class NvmCommands:
     def write(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
         ns.check_range(slba, nlb)
-        if ns.in_memory and (view := self._memory_view(e, nlb << ns.lba_shift, to_host=False)) is not None:
+        length = nlb << ns.lba_shift
+        view = self._page_view(e, length, to_host=False)
+        if view is not None and ns.in_memory:
             try:
                 ns.write_memory(slba, view)
             finally:
                 view.release()
             return 0
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
-        views = self.views(e, nlb << ns.lba_shift, to_host=False)
+        views = [view] if view is not None else self.views(e, length, to_host=False)
         if ns.blocking:
-            try:
-                off, length = ns.prepare_rw(slba, nlb, views)
-            except BaseException:
-                prp.release_views(views)
-                raise
+            off = slba << ns.lba_shift
+            if view is None:
+                try:
+                    off, length = ns.prepare_rw(slba, nlb, views)
+                except BaseException:
+                    prp.release_views(views)
+                    raise
             # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
             # only after run() returned) means durable, as when it ran on the loop.
             return Work(partial(ns.backend.write_from, off, views, fua=fua), views, lambda _r: ns.count_write(length))

@@ -8,6 +8,8 @@ import os
 import random
 import struct
 
+import pytest
+
 from .area_helpers import BUF, Area, KeptPool, sqe, status_of
 
 from nvme_emu import structures as st
@@ -136,9 +138,10 @@ def test_read_only_namespace_is_write_protected(area: Area, tmp_path):
 BLOCKS = random.Random(13).randbytes(16 << 10)
 
 
-def _run_both_ways(guest_factory, cmd: tuple, data: bytes) -> list[tuple]:
-    """Run ``cmd`` on a fresh RAM namespace by the in-memory fast path and by the general
-    data pointer path; per way: status, guest buffer, namespace bytes, counters, views used."""
+def _run_both_ways(guest_factory, cmd: tuple, data: bytes, backend_factory) -> list[tuple]:
+    """Run ``cmd`` on a fresh namespace by the one-page fast path and by the general data
+    pointer path; per way: status, guest buffer, namespace bytes, counters, error entries,
+    whether the general path mapped views."""
     from .area_helpers import make_area
 
     results = []
@@ -146,8 +149,8 @@ def _run_both_ways(guest_factory, cmd: tuple, data: bytes) -> list[tuple]:
         guest = guest_factory()
         try:
             area = make_area(guest)
-            ns = area.state.namespaces[1]
-            ns.in_memory = fast
+            area.state.namespaces[1].close()
+            ns = area.state.namespaces[1] = Namespace(1, backend_factory())
             ns.backend.write_from(0, [memoryview(BLOCKS)])  # 16 KiB, every block different
             guest.write(BUF, data)
             nvm = NvmCommands(area.state, area.hooks)
@@ -158,22 +161,34 @@ def _run_both_ways(guest_factory, cmd: tuple, data: bytes) -> list[tuple]:
                 return _views(*a, **k)
 
             nvm.views = counted  # type: ignore[method-assign]
+            if not fast:
+                nvm._page_view = lambda *a, **k: None  # type: ignore[method-assign]
             status, _ = nvm.execute(area.admin_sq, cmd)
-            st_ = dataclasses.asdict(ns.stats)
+            blocks = bytearray(len(BLOCKS))
+            ns.backend.read_into(0, [memoryview(blocks)])
             errors = [e["status_field"] for e in area.state.error_log.entries]
-            results.append((status, guest.read(BUF, 3 * 4096), ns.backend.memory[: 16 << 10].tobytes(), st_, errors, bool(general)))
+            results.append((status, guest.read(BUF, 3 * 4096), bytes(blocks), dataclasses.asdict(ns.stats), errors, bool(general)))
             ns.close()
         finally:
             guest.close()
     return results
 
 
-def test_in_memory_fast_path_agrees_with_the_general_path():
-    """Read and Write of a RAM namespace whose data lies in PRP1's page skip the data pointer
-    walk (nvm._memory_view, Namespace.read_memory/write_memory). Everything else, and every
-    fault, goes the general way: both ways must give the same status, data, counters and
-    error entries, and the fast one must really be taken where it applies."""
+@pytest.mark.parametrize("kind", ["ram", "file"])
+def test_page_fast_path_agrees_with_the_general_path(kind: str, tmp_path):
+    """Read and Write whose data lies in PRP1's page skip the data pointer walk
+    (nvm._page_view; on RAM also Namespace.read_memory/write_memory, on a file the buffer
+    checks before preadv/pwritev). Everything else, and every fault, goes the general way:
+    both ways must give the same status, data, counters and error entries, and the fast
+    one must really be taken where it applies."""
     from .area_helpers import GUEST_BASE, GUEST_SIZE, Guest
+
+    def backend():
+        if kind == "ram":
+            return RamBackend(1 << 20)
+        path = tmp_path / "disk"
+        path.unlink(missing_ok=True)
+        return FileBackend(str(path), 1 << 20)
 
     data = os.urandom(3 * 4096)
     R, W = NvmOpcode.READ, NvmOpcode.WRITE
@@ -196,12 +211,12 @@ def test_in_memory_fast_path_agrees_with_the_general_path():
         "read out of range": (cmd(R, (1 << 20) // 512, 1, BUF), None),
     }
     for name, (command, fast) in cases.items():
-        by_fast, by_general = _run_both_ways(Guest, command, data)
+        by_fast, by_general = _run_both_ways(Guest, command, data, backend)
         assert by_fast[:5] == by_general[:5], name
         assert by_general[5] is (fast is not None), name  # the general way maps views (unless refused before)
         if fast is not None:
             assert by_fast[5] is (not fast), name
     # the fast path moved the right bytes (not merely the same as the general one)
-    by_fast, _ = _run_both_ways(Guest, cases["read inside a page"][0], data)
+    by_fast, _ = _run_both_ways(Guest, cases["read inside a page"][0], data, backend)
     assert by_fast[1][1024 : 1024 + 1024] == BLOCKS[3 * 512 : 5 * 512]
     assert by_fast[0] == Status.SUCCESS and by_fast[3]["read_commands"] == 1 and by_fast[3]["bytes_read"] == 1024

@@ -2,7 +2,9 @@
 
 Zeroing a RAM namespace is quick and done in place; a file or block device takes as long as
 it takes, so its erase runs on the I/O pool and the command completes later, while every
-other queue keeps being served. The new format applies only once the erase is done.
+other queue keeps being served. The new format applies only once the erase is done; until
+then I/O commands to the namespaces being formatted, and another Format of them, fail with
+Format In Progress (DNR clear: a host retries them after the format).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def format_nvm(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQue
     nsid = e[NSID]
     targets = list(state.namespaces.values()) if nsid == NSID_ALL else [state.active_namespace(nsid)]
     for ns in targets:
+        if ns.formatting:
+            raise NvmeError(Status.FORMAT_IN_PROGRESS, f"namespace {ns.nsid} is being formatted", dnr=False)
         ns.check_format(lbaf, secure_erase=bool(ses))
     pool = hooks.io_pool() if any(ns.blocking for ns in targets) else None
     if pool is None:  # RAM only (or no loop): quick enough to do here
@@ -41,6 +45,8 @@ def format_nvm(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQue
     hooks.begin_request(sq)
 
     def finished(_result: object, error: BaseException | None) -> None:
+        for ns in targets:
+            ns.formatting = False
         status: int = Status.SUCCESS
         if error is None:
             _formatted(state, hooks, targets, lbaf)
@@ -52,6 +58,8 @@ def format_nvm(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQue
             status = Status.INTERNAL_ERROR
         hooks.finish_request(sq, cid, status)
 
+    for ns in targets:  # until finished(): their I/O would race the erase
+        ns.formatting = True
     pool.submit(lambda: _erase(targets), finished)
     return DEFERRED
 

@@ -583,6 +583,9 @@ class Namespace:
         self.blocking = backend.blocking
         #: NSATTR bit 0: commands that change blocks fail with Namespace is Write Protected.
         self.write_protected = backend.readonly
+        #: A Format NVM is erasing it (off the loop): its I/O commands fail with Format In
+        #: Progress, which a host retries, rather than race the erase.
+        self.formatting = False
         #: The blocks are process memory (:attr:`Backend.memory`): the per-command fast path
         #: (:meth:`read_memory`, :meth:`write_memory`) applies.
         self.in_memory = backend.memory is not None

@@ -103,6 +103,8 @@ class NvmCommands:
                 raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {e[NSID]}")
             if ns.write_protected and opc in LBA_CHANGING_OPCODES:
                 raise NvmeError(Status.NAMESPACE_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected")
+            if ns.formatting:
+                raise NvmeError(Status.FORMAT_IN_PROGRESS, f"namespace {ns.nsid} is being formatted", dnr=False)
             if ns.blocking:
                 return self._done_or_start(sq, e, handler(ns, e))
             # RAM: always done here (the fast path), so the handler returned an int, not Work

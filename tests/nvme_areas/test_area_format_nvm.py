@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from .area_helpers import Area, KeptPool, make_area, status_of
+from .area_helpers import BUF, Area, KeptPool, make_area, sqe, status_of
 
 from nvme_emu.format_nvm import format_nvm
-from nvme_emu.spec import NSID_ALL, AdminOpcode, Status
+from nvme_emu.nvm import NvmCommands
+from nvme_emu.spec import NSID_ALL, AdminOpcode, NvmOpcode, Status, status_field
 from nvme_emu.outcome import DEFERRED
 
 LBAF_4K = 1  # LBA formats: 0 = 512 bytes, 1 = 4096 bytes
@@ -62,3 +63,43 @@ def test_blocking_namespace_formats_off_the_loop(area: Area):
     pool.finish_one()
     assert ns.lba_size == 4096
     assert area.record.named("finish_request") == [(area.admin_sq, 1, Status.SUCCESS)]
+
+
+def test_io_to_a_namespace_being_formatted_gets_format_in_progress(guest):
+    """While the erase runs on the pool, I/O to that namespace would race it: it fails with
+    Format In Progress and DNR clear (a host retries), as does a second Format of it. The
+    other namespace is served, and once the format is done so is the first again."""
+    area = make_area(guest, namespaces=2)
+    ns = area.state.namespaces[1]
+    ns.blocking = True  # as a file or block device namespace
+    pool = KeptPool()
+    area.hooks = dataclasses.replace(area.hooks, io_pool=lambda: pool)
+    nvm = NvmCommands(area.state, area.hooks)
+
+    def read(nsid: int) -> int:
+        return nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, nsid=nsid, prp1=BUF))[0]
+
+    assert fmt(area, nsid=1) is DEFERRED
+    busy = status_field(Status.FORMAT_IN_PROGRESS, dnr=False)
+    assert read(1) == busy
+    write = sqe(NvmOpcode.WRITE_ZEROES, nsid=1)
+    assert nvm.execute(area.admin_sq, write)[0] == busy
+    assert status_of(lambda: fmt(area, nsid=1)) == Status.FORMAT_IN_PROGRESS
+    assert read(2) == Status.SUCCESS
+    pool.finish_one()
+    assert area.record.named("finish_request") == [(area.admin_sq, 1, Status.SUCCESS)]
+    ns.blocking = False  # back to RAM for the read below (the kept pool runs nothing by itself)
+    assert read(1) == Status.SUCCESS
+
+
+def test_a_failed_format_also_ends_format_in_progress(area: Area):
+    ns = area.state.namespaces[1]
+    ns.blocking = True
+    pool = KeptPool()
+    area.hooks = dataclasses.replace(area.hooks, io_pool=lambda: pool)
+    assert fmt(area, nsid=1) is DEFERRED
+    assert ns.formatting
+    _erase, finished = pool.jobs.pop(0)
+    finished(None, OSError("the disk went away"))
+    assert not ns.formatting
+    assert area.record.named("finish_request") == [(area.admin_sq, 1, Status.INTERNAL_ERROR)]

@@ -68,7 +68,7 @@ class DoorbellStats:
     coalesced: int = 0  # writes that never needed their own wake-up
     spins: int = 0  # scans during a spin window
     spin_hits: int = 0  # spin-window scans that found work
-    spin_misses: int = 0  # adaptive spin windows that closed without work
+    spin_misses: int = 0  # spin windows that closed without work
     polls: int = 0  # poll rounds
     poll_cpu_seconds: float = 0.0  # CPU the poller burned
     lost_values: int = 0  # ioeventfd signals with no way to know the value
@@ -116,13 +116,31 @@ class AdaptiveSpin:
             return 0.0
         return min(self.cap_s, max(self.floor_s, 4 * self.gap_s))
 
-    def hit(self, waited_s: float) -> None:
-        self.gap_s += (waited_s - self.gap_s) / 8
+    def hit(self, waited_s: float) -> float:
+        """The host came back after ``waited_s``; returns the window to watch for next."""
+        gap = self.gap_s = self.gap_s + (waited_s - self.gap_s) / 8
         self.backoff = 0
+        return min(self.cap_s, max(self.floor_s, 4 * gap))
 
     def miss(self) -> None:
         self.backoff = min(2 * self.backoff or 1, ADAPTIVE_SPIN_MAX_SKIP)
         self.skip = self.backoff
+
+
+class FixedSpin:
+    """``--spin-us N``: the same window after every wake-up and every hit."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+
+    def window(self, fresh: bool = True) -> float:
+        return self.window_s
+
+    def hit(self, waited_s: float) -> float:
+        return self.window_s
+
+    def miss(self) -> None:
+        """Nothing learned: the window stays as given."""
 
 
 class DoorbellPage:
@@ -309,8 +327,7 @@ class ShadowPath(SharedPagePath):
 
     def __init__(self, *args, spin_us: float | None = None, **kwargs) -> None:
         self.adaptive = spin_us is None
-        self.adaptive_cap_s = ADAPTIVE_SPIN_CAP_US * 1e-6
-        self._windows: dict[int, AdaptiveSpin] = {}
+        self._spins: dict[int, AdaptiveSpin | FixedSpin] = {}
         super().__init__(*args, spin_us=spin_us or 0.0, **kwargs)
 
     mode = DoorbellMode.SHADOW
@@ -379,7 +396,8 @@ class ShadowPath(SharedPagePath):
         signalling. An episode yields to the loop after :data:`SPIN_EPISODE_MAX_S`, so the
         other slots, the socket and the completions of other queues keep their turn.
         """
-        window = self._spin_window(slot)
+        policy = self._spin_policy(slot)
+        window = policy.window()
         if window <= 0.0:
             return
         page, stats, clock = self.page, self.stats, time.perf_counter
@@ -388,44 +406,29 @@ class ShadowPath(SharedPagePath):
         deadline, end = start + window, start + SPIN_EPISODE_MAX_S
         while True:
             if values[slot] != last[slot]:
-                now = clock()
                 stats.spin_hits += 1
-                self._spin_hit(slot, now - idle_since)
+                window = policy.hit(clock() - idle_since)
                 fence()  # acquire: the SQEs the tail announces are read after it
                 self._act(slot)
                 idle_since = clock()
                 if idle_since >= end:
                     break
-                deadline = idle_since + self._spin_window(slot, fresh=False)
+                deadline = idle_since + window
                 continue
             stats.spins += 1
             if clock() >= deadline:
-                self._spin_miss(slot)
+                stats.spin_misses += 1
+                policy.miss()
                 break
         stats.signals += self.ioeventfds[slot].drain()
         if values[slot] != last[slot]:
             self._act(slot)
 
-    # Spin windows: fixed (``spin_us``) or adaptive, per SQ tail slot.
-
-    def _spin_window(self, slot: int, fresh: bool = True) -> float:
-        if not self.adaptive:
-            return self.spin_s
-        return self._adaptive(slot).window(fresh)
-
-    def _spin_hit(self, slot: int, waited_s: float) -> None:
-        if self.adaptive:
-            self._adaptive(slot).hit(waited_s)
-
-    def _spin_miss(self, slot: int) -> None:
-        if self.adaptive:
-            self.stats.spin_misses += 1
-            self._adaptive(slot).miss()
-
-    def _adaptive(self, slot: int) -> "AdaptiveSpin":
-        spin = self._windows.get(slot)
+    def _spin_policy(self, slot: int) -> "AdaptiveSpin | FixedSpin":
+        """The slot's spin window: learned per slot, or the fixed ``spin_us``."""
+        spin = self._spins.get(slot)
         if spin is None:
-            spin = self._windows[slot] = AdaptiveSpin(self.adaptive_cap_s)
+            spin = self._spins[slot] = AdaptiveSpin(ADAPTIVE_SPIN_CAP_US * 1e-6) if self.adaptive else FixedSpin(self.spin_s)
         return spin
 
     def _queue_event(self, event: str, qid: int) -> None:

@@ -680,8 +680,8 @@ class Namespace:
 
     def read_memory(self, slba: int, view: memoryview) -> None:
         """Read into one byte view from an :attr:`in_memory` namespace, its range checked
-        by the caller: read_lbas less its general cases (the hot command, per call ~40% of
-        the Python read_lbas and the data pointer walk cost)."""
+        by the caller: :meth:`read_lbas` without the checks and the cases (several views,
+        other formats) that a one-page command never needs."""
         n = view.nbytes
         off = slba << self._lba_shift
         view[:] = self.backend.memory[off : off + n]  # type: ignore[index]

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 COPY_DESCRIPTOR = struct.Struct("<8xQH14x")  # format 0: SLBA at 8, NLB (0-based) at 16
 DSM_RANGE = struct.Struct("<IIQ")
 #: Bound once for the per-command path: an IntEnum attribute access costs about 60 ns
-#: (CPython 3.11), a tenth of what a whole RAM read costs outside its copy.
+#: (CPython 3.11), a plain constant 14 ns, and a whole 4 KiB RAM read now about 1 us.
 _FLUSH, _SUCCESS = NvmOpcode.FLUSH, Status.SUCCESS
 _NLB_MASK = RwCdw12.NLB_MASK
 

@@ -518,11 +518,8 @@ class Controller:
         if memory is None or state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:  # ready, not fatal
             return 0
         cq = sq.cq
-        source = self.cq_head_source
-        if source is not None:  # lazy CQ head doorbells: an invalid value shows here at the latest
-            head = source.peek_cq_head(cq.qid)
-            if head is not None:
-                self._accept_cq_head(cq, head)
+        if self.cq_head_source is not None:
+            self._peek_cq_head(cq)  # lazy CQ head doorbells: an invalid value shows here at the latest
         n = 0
         started = time.perf_counter()
         try:

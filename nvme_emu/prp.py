@@ -155,12 +155,13 @@ def _prp_list_entries(mem: GuestMemory, list_addr: int, needed: int, page_size: 
                 raise NvmeError(Status.PRP_OFFSET_INVALID, f"chained PRP list pointer {list_addr:#x} has a page offset")
 
 
-def single_page_view(mem: GuestMemory, prp1: int, length: int, *, write: bool) -> memoryview | None:
-    """The data of a PRP-described transfer as one view when it lies in PRP1's 4 KiB page
-    (the smallest memory page size: so within any CC.MPS page, and within any MDTS), the
-    common case of small I/O. None: anything else, including anything wrong, which
-    :func:`prp_views` then reports exactly."""
-    if 0 < length <= SMALLEST_PAGE - (prp1 & (SMALLEST_PAGE - 1)) and not prp1 & 0x3:
+def single_page_view(mem: GuestMemory, prp1: int, length: int, page_size: int = SMALLEST_PAGE, *, write: bool) -> memoryview | None:
+    """The data of a PRP-described transfer as one view when it lies in PRP1's page, the
+    common case of small I/O. None: anything else, including anything wrong (unmapped,
+    read-only, a page across two mappings, bad alignment), which :func:`prp_views`'s
+    general path then reports exactly. The default page, the smallest memory page size,
+    lies within any CC.MPS page and within any MDTS."""
+    if 0 < length <= page_size - (prp1 & (page_size - 1)) and not prp1 & 0x3 and page_size > 0 and not page_size & (page_size - 1):
         try:
             return mem.view(prp1, length, write=write)
         except DmaError:
@@ -179,14 +180,9 @@ def prp_views(
     max_list_entries: int = DEFAULT_MAX_PRP_ENTRIES,
 ) -> list[memoryview]:
     """Memoryviews for a PRP-described transfer of ``length`` bytes (see module docstring)."""
-    # Fast path, the common case of small I/O: the data lies in PRP1's page, so it is one
-    # view. Anything unusual (unmapped, read-only, a page across two mappings, bad
-    # alignment) takes the general path below, which reports it exactly as before.
-    if 0 < length <= page_size - (prp1 & (page_size - 1)) and not prp1 & 0x3 and page_size > 0 and not page_size & (page_size - 1):
-        try:
-            return [mem.view(prp1, length, write=write)]
-        except DmaError:
-            pass
+    view = single_page_view(mem, prp1, length, page_size, write=write)
+    if view is not None:
+        return [view]
     ranges = prp_ranges(mem, prp1, prp2, length, page_size, max_list_entries=max_list_entries)
     views: list[memoryview] = []
     _map_ranges(mem, ranges, write, views)

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from .area_helpers import BUF, Area, KeptPool, sqe, status_of
+from .area_helpers import BUF, GUEST_BASE, GUEST_SIZE, Area, Guest, KeptPool, make_area, sqe, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.identify import identify_controller
@@ -138,15 +138,13 @@ def test_read_only_namespace_is_write_protected(area: Area, tmp_path):
 BLOCKS = random.Random(13).randbytes(16 << 10)
 
 
-def _run_both_ways(guest_factory, cmd: tuple, data: bytes, backend_factory) -> list[tuple]:
+def _run_both_ways(cmd: tuple, data: bytes, backend_factory) -> list[tuple]:
     """Run ``cmd`` on a fresh namespace by the one-page fast path and by the general data
     pointer path; per way: status, guest buffer, namespace bytes, counters, error entries,
     whether the general path mapped views."""
-    from .area_helpers import make_area
-
     results = []
     for fast in (True, False):
-        guest = guest_factory()
+        guest = Guest()
         try:
             area = make_area(guest)
             area.state.namespaces[1].close()
@@ -181,8 +179,6 @@ def test_page_fast_path_agrees_with_the_general_path(kind: str, tmp_path):
     checks before preadv/pwritev). Everything else, and every fault, goes the general way:
     both ways must give the same status, data, counters and error entries, and the fast
     one must really be taken where it applies."""
-    from .area_helpers import GUEST_BASE, GUEST_SIZE, Guest
-
     def backend():
         if kind == "ram":
             return RamBackend(1 << 20)
@@ -211,12 +207,12 @@ def test_page_fast_path_agrees_with_the_general_path(kind: str, tmp_path):
         "read out of range": (cmd(R, (1 << 20) // 512, 1, BUF), None),
     }
     for name, (command, fast) in cases.items():
-        by_fast, by_general = _run_both_ways(Guest, command, data, backend)
+        by_fast, by_general = _run_both_ways(command, data, backend)
         assert by_fast[:5] == by_general[:5], name
         assert by_general[5] is (fast is not None), name  # the general way maps views (unless refused before)
         if fast is not None:
             assert by_fast[5] is (not fast), name
     # the fast path moved the right bytes (not merely the same as the general one)
-    by_fast, _ = _run_both_ways(Guest, cases["read inside a page"][0], data, backend)
+    by_fast, _ = _run_both_ways(cases["read inside a page"][0], data, backend)
     assert by_fast[1][1024 : 1024 + 1024] == BLOCKS[3 * 512 : 5 * 512]
     assert by_fast[0] == Status.SUCCESS and by_fast[3]["read_commands"] == 1 and by_fast[3]["bytes_read"] == 1024

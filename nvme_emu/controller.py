@@ -446,6 +446,18 @@ class Controller:
         sq.stats.doorbells += 1
         self.run_sq(sq)
 
+    def sq_tail_doorbell(self, sq: SubmissionQueue, value: int) -> None:
+        """A new tail for an SQ the caller looked up, on a path without shadow doorbell
+        buffers: what :meth:`_doorbell` does for it, minus the lookups."""
+        if self.state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:
+            return
+        if value >= sq.size:
+            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, sq.qid)
+            return
+        sq.tail = value
+        sq.stats.doorbells += 1
+        self.process_sq(sq)
+
     def _accept_cq_head(self, cq: CompletionQueue, value: int) -> bool:
         """Validate and take a CQ head value; an invalid one raises the error event instead."""
         if value >= cq.size:
@@ -518,8 +530,10 @@ class Controller:
         if memory is None or state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:  # ready, not fatal
             return 0
         cq = sq.cq
-        if self.cq_head_source is not None:
-            self._peek_cq_head(cq)  # lazy CQ head doorbells: an invalid value shows here at the latest
+        if self.cq_head_source is not None and (cq.tail - cq.head) % cq.size * 2 >= cq.size:
+            # lazy CQ head doorbells, looked at once the CQ is half full by our count: at QD1
+            # that is once per size/2 commands, not per command; an invalid value shows here
+            self._peek_cq_head(cq)
         n = 0
         started = time.perf_counter()
         try:

@@ -108,19 +108,18 @@ class AdaptiveSpin:
         self.backoff = 0  # wake-ups to skip after the next miss (0: none yet)
         self.skip = 0  # wake-ups left to skip
 
-    def window(self, fresh: bool = True) -> float:
-        """Seconds to spin; ``fresh`` is a new wake-up (which a back-off may skip), not the
-        continuation after a hit."""
-        if fresh and self.skip:
+    def window(self) -> float:
+        """Seconds to spin after a wake-up (0: this one is skipped by the back-off)."""
+        if self.skip:
             self.skip -= 1
             return 0.0
         return min(self.cap_s, max(self.floor_s, 4 * self.gap_s))
 
-    def hit(self, waited_s: float) -> float:
-        """The host came back after ``waited_s``; returns the window to watch for next."""
-        gap = self.gap_s = self.gap_s + (waited_s - self.gap_s) / 8
+    def hit(self, waited_s: float, n: int = 1) -> None:
+        """The host came back ``n`` times, after ``waited_s`` on average: the average gap moves
+        towards it as ``n`` single updates of 1/8 each would move it."""
+        self.gap_s = waited_s + (self.gap_s - waited_s) * 0.875**n
         self.backoff = 0
-        return min(self.cap_s, max(self.floor_s, 4 * gap))
 
     def miss(self) -> None:
         self.backoff = min(2 * self.backoff or 1, ADAPTIVE_SPIN_MAX_SKIP)
@@ -133,11 +132,11 @@ class FixedSpin:
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
 
-    def window(self, fresh: bool = True) -> float:
+    def window(self) -> float:
         return self.window_s
 
-    def hit(self, waited_s: float) -> float:
-        return self.window_s
+    def hit(self, waited_s: float, n: int = 1) -> None:
+        """Nothing learned: the window stays as given."""
 
     def miss(self) -> None:
         """Nothing learned: the window stays as given."""
@@ -390,36 +389,54 @@ class ShadowPath(SharedPagePath):
         """Watch this one slot for a short window after work: a host that submits again
         within it is served without the loop going to sleep and being woken.
 
-        The eventfd is read once, when the spin ends, not per hit: its count then covers the
-        signals of every write served here, and the slot is looked at once more after the
-        read, since a write whose signal that read consumed stored its value before
+        A hit goes straight to the SQ, looked up once per episode: nothing but this loop runs
+        meanwhile, and running a queue never deletes that queue. Counters and the policy are
+        updated once, when the episode ends. The eventfd is read then too, not per hit: its count
+        covers the signals of every write served here, and the slot is looked at once more
+        after the read, since a write whose signal that read consumed stored its value before
         signalling. An episode yields to the loop after :data:`SPIN_EPISODE_MAX_S`, so the
         other slots, the socket and the completions of other queues keep their turn.
         """
         policy = self._spin_policy(slot)
         window = policy.window()
-        if window <= 0.0:
+        ctrl = self.ctrl
+        sq = ctrl.state.sqs.get(slot >> 1)
+        if window <= 0.0 or sq is None:
             return
-        page, stats, clock = self.page, self.stats, time.perf_counter
-        values, last = page.value_words, page.last_words
-        start = idle_since = clock()
-        deadline, end = start + window, start + SPIN_EPISODE_MAX_S
+        submitted = ctrl.sq_tail_doorbell
+        values, last, clock = self.page.value_words, self.page.last_words, time.perf_counter
+        hits = spins = 0
+        waited = 0.0
+        missed = False
+        now = idle_since = clock()
+        deadline, end = now + window, now + SPIN_EPISODE_MAX_S
         while True:
-            if values[slot] != last[slot]:
-                stats.spin_hits += 1
-                window = policy.hit(clock() - idle_since)
+            value = values[slot]
+            if value != last[slot]:
+                last[slot] = value
+                hits += 1
+                waited += now - idle_since  # up to the last look that found nothing
                 fence()  # acquire: the SQEs the tail announces are read after it
-                self._act(slot)
-                idle_since = clock()
-                if idle_since >= end:
+                submitted(sq, value)
+                now = idle_since = clock()
+                if now >= end:
                     break
-                deadline = idle_since + window
+                deadline = now + window
                 continue
-            stats.spins += 1
-            if clock() >= deadline:
-                stats.spin_misses += 1
-                policy.miss()
+            spins += 1
+            now = clock()
+            if now >= deadline:
+                missed = True
                 break
+        stats = self.stats
+        stats.spins += spins
+        stats.spin_hits += hits
+        stats.doorbells += hits
+        if hits:
+            policy.hit(waited / hits, hits)
+        if missed:
+            stats.spin_misses += 1
+            policy.miss()
         stats.signals += self.ioeventfds[slot].drain()
         if values[slot] != last[slot]:
             self._act(slot)

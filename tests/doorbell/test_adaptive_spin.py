@@ -55,12 +55,13 @@ def test_misses_back_off_exponentially_up_to_the_cap_and_a_hit_resets():
     assert spin.window() == 0.0 and spin.window() > 0
 
 
-def test_continuation_after_a_hit_is_never_skipped():
-    spin = AdaptiveSpin(CAP)
-    spin.miss()
-    assert spin.skip == 1
-    assert spin.window(fresh=False) > 0  # inside a spin episode: the back-off is for wake-ups
-    assert spin.skip == 1
+def test_hits_counted_at_once_learn_as_much_as_one_by_one():
+    one, many = AdaptiveSpin(CAP), AdaptiveSpin(CAP)
+    for _ in range(5):
+        one.hit(3e-6)
+    many.hit(3e-6, 5)  # an episode of five hits, updated when it ends
+    assert many.gap_s == pytest.approx(one.gap_s)
+    assert many.window() == pytest.approx(one.window())
 
 
 def test_slow_host_costs_few_spin_windows(serve, session):

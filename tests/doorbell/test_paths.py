@@ -107,16 +107,21 @@ def test_invalid_cq_head_raises_event(serve, session, path):
     s = session(srv.path)
     s.bring_up(kind, depth=16)
     aer = _submit_aer(s)
-    s.host.doorbells.ring(3, 16)  # CQ head == queue size
     if path == "shadow":
         # Lazy CQ heads: nothing wakes the server for a CQ head; it reads the slot when it
-        # next uses the CQ, here for the next command on its SQ (which still completes).
-        cid = s.submit_io(1, NvmOpcode.READ, 0, s.mem.alloc(PAGE), ring=True)
+        # next uses a CQ that is half full by its count, here for the ninth command on the SQ
+        # (which still completes). The host reaps nothing until then.
+        buf = s.mem.alloc(PAGE)
+        cids = [s.submit_io(1, NvmOpcode.READ, 0, buf, ring=True) for _ in range(8)]
+        wait_until(lambda: srv.stats()["queues"]["sq1"]["commands"] == 8, "8 completions (not reaped)")
+        s.host.doorbells.ring(3, 16)  # CQ head == queue size
+        cids.append(s.submit_io(1, NvmOpcode.READ, 0, buf, ring=True))
         _check_invalid_value_event(s, aer)
-        (c,) = s.host.wait(1, 1)
-        assert c.cid == cid and c.status == Status.SUCCESS
+        done = s.host.wait(1, 9)
+        assert [c.cid for c in done] == cids and {c.status for c in done} == {Status.SUCCESS}
         assert srv.stats()["doorbells"]["lazy_cq_heads"] >= 1
     else:
+        s.host.doorbells.ring(3, 16)  # CQ head == queue size
         _check_invalid_value_event(s, aer)
     s.write_read_check(1, 0, 3, qd=3)
 

@@ -106,7 +106,10 @@ class NvmCommands:
             if ns.formatting:
                 raise NvmeError(Status.FORMAT_IN_PROGRESS, f"namespace {ns.nsid} is being formatted", dnr=False)
             if ns.blocking:
-                return self._done_or_start(sq, e, handler(ns, e))
+                dw0 = handler(ns, e)
+                if type(dw0) is int:  # _done_or_start, inlined: a page cache hit is done here
+                    return _SUCCESS, dw0
+                return self._start(sq, e, dw0)  # type: ignore[arg-type]
             # RAM: always done here (the fast path), so the handler returned an int, not Work
             return _SUCCESS, handler(ns, e)  # type: ignore[return-value]
         except Exception as err:
@@ -115,7 +118,7 @@ class NvmCommands:
     def _done_or_start(self, sq: SubmissionQueue, e: tuple, dw0: int | Work) -> tuple[int, int] | Deferred:
         if isinstance(dw0, Work):
             return self._start(sq, e, dw0)
-        return Status.SUCCESS, dw0
+        return _SUCCESS, dw0
 
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
@@ -208,7 +211,14 @@ class NvmCommands:
                     view.release()
                 return 0
             if ns.blocking:
-                return self._read_cached_or_work(ns, slba << ns.lba_shift, length, [view])
+                try:
+                    if ns.read_cached(slba, view):
+                        view.release()
+                        return 0
+                except BaseException:
+                    view.release()
+                    raise
+                return self._read_work(ns, slba << ns.lba_shift, length, [view])
         views = [view] if view is not None else self.views(e, length, to_host=True)
         if ns.blocking:
             return self._blocking_read(ns, slba, nlb, views)
@@ -227,8 +237,8 @@ class NvmCommands:
             raise
         return cls._read_cached_or_work(ns, off, length, views)
 
-    @staticmethod
-    def _read_cached_or_work(ns: Namespace, off: int, length: int, views: list[memoryview]) -> int | Work:
+    @classmethod
+    def _read_cached_or_work(cls, ns: Namespace, off: int, length: int, views: list[memoryview]) -> int | Work:
         """Done at once when the page cache holds the blocks, else Work for the pool."""
         try:
             if ns.backend.read_into_nowait(off, views):
@@ -238,6 +248,11 @@ class NvmCommands:
         except BaseException:
             prp.release_views(views)
             raise
+        return cls._read_work(ns, off, length, views)
+
+    @staticmethod
+    def _read_work(ns: Namespace, off: int, length: int, views: list[memoryview]) -> Work:
+        """A Read for the pool: it owns ``views`` from now on."""
         return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length))
 
     def write(self, ns: Namespace, e: tuple) -> int | Work:

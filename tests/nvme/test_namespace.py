@@ -284,6 +284,49 @@ def test_file_errors_map_to_statuses(tmp_path, monkeypatch):
         assert ei.value.status == Status.UNRECOVERED_READ_ERROR
 
 
+NOWAIT_READS = {  # the general no-wait read, and the one-page fast path's
+    "read_into_nowait": lambda b, off, view: b.read_into_nowait(off, [view]),
+    "read_page_nowait": lambda b, off, view: b.read_page_nowait(off, view),
+}
+
+
+@pytest.mark.parametrize("how", NOWAIT_READS)
+def test_file_nowait_reads_serve_the_page_cache_and_refuse_the_rest(tmp_path, monkeypatch, how):
+    """A cached page is read at once; one the kernel would have to fetch is refused (the
+    pool reads it); a file that cannot do RWF_NOWAIT at all is asked once; a real error
+    is the command's."""
+    read = NOWAIT_READS[how]
+    with FileBackend(str(tmp_path / "d.img"), MiB) as b:
+        b.write_from(0, [memoryview(bytes(range(256)) * 16)])
+        out = memoryview(bytearray(4096))
+        assert read(b, 0, out) is True and out == bytes(range(256)) * 16
+        os.fdatasync(b._fd)  # clean, then out of the page cache: a read would wait for the disk
+        os.posix_fadvise(b._fd, 0, MiB, os.POSIX_FADV_DONTNEED)
+        out[:] = bytes(4096)
+        assert read(b, 0, out) is False
+        b.read_into(0, [out])  # what the pool then does
+        assert out == bytes(range(256)) * 16
+
+        calls = []
+
+        def preadv(fd, bufs, off, flags=0):
+            calls.append(flags)
+            raise OSError(errno.EIO, "io")
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        with pytest.raises(MediumError) as ei:
+            read(b, 0, out)
+        assert ei.value.status == Status.UNRECOVERED_READ_ERROR
+
+        def unsupported(fd, bufs, off, flags=0):
+            calls.append(flags)
+            raise OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")
+
+        monkeypatch.setattr(os, "preadv", unsupported)
+        assert read(b, 0, out) is False and read(b, 0, out) is False
+        assert calls == [os.RWF_NOWAIT] * 2  # the EIO one, then one refusal: not asked again
+
+
 def test_file_read_only(tmp_path):
     path = str(tmp_path / "d.img")
     with open(path, "wb") as f:

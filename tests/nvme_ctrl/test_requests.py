@@ -60,6 +60,9 @@ class GatedFile(FileBackend):
     def read_into_nowait(self, offset, views) -> bool:
         return False
 
+    def read_page_nowait(self, offset, view) -> bool:
+        return False
+
     def read_into(self, offset, views) -> None:
         self._gate("read", offset)
         super().read_into(offset, views)

@@ -434,29 +434,29 @@ class Controller:
         if sq is None:
             self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER, qid)
             return
-        if value >= sq.size:
-            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, qid)
-            return
         if dbbuf is not None:
-            value = dbbuf.sq_tail(qid)
-            if value >= sq.size:
+            if value >= sq.size:  # the kick itself must be a valid tail
                 self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, qid)
                 return
-        sq.tail = value
-        sq.stats.doorbells += 1
-        self.run_sq(sq)
+            value = dbbuf.sq_tail(qid)
+        if self._accept_sq_tail(sq, value):
+            sq.stats.doorbells += 1
+            self.run_sq(sq)
 
     def sq_tail_doorbell(self, sq: SubmissionQueue, value: int) -> None:
         """A new tail for an SQ the caller looked up, on a path without shadow doorbell
         buffers: what :meth:`_doorbell` does for it, minus the lookups."""
-        if self.state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:
-            return
+        if self.state.csts & (Csts.RDY | Csts.CFS) == Csts.RDY and self._accept_sq_tail(sq, value):
+            sq.stats.doorbells += 1
+            self.process_sq(sq)
+
+    def _accept_sq_tail(self, sq: SubmissionQueue, value: int) -> bool:
+        """Validate and take an SQ tail value; an invalid one raises the error event instead."""
         if value >= sq.size:
             self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, sq.qid)
-            return
+            return False
         sq.tail = value
-        sq.stats.doorbells += 1
-        self.process_sq(sq)
+        return True
 
     def _accept_cq_head(self, cq: CompletionQueue, value: int) -> bool:
         """Validate and take a CQ head value; an invalid one raises the error event instead."""
@@ -497,12 +497,8 @@ class Controller:
                 dbbuf.set_sq_eventidx(sq.qid, sq.tail)
                 fence()
                 tail = dbbuf.sq_tail(sq.qid)
-                if tail == sq.tail:
+                if tail == sq.tail or not self._accept_sq_tail(sq, tail):
                     break
-                if tail >= sq.size:
-                    self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, sq.qid)
-                    break
-                sq.tail = tail
                 sq.stats.coalesced += 1
                 total += self.process_sq(sq)
             else:

@@ -349,7 +349,7 @@ class _FdBackend(Backend):
                 return False
             want = sum(v.nbytes for v in pending)
         try:
-            n = os.preadv(self._fd, pending, offset, os.RWF_NOWAIT)
+            n = os.preadv(self._fd, pending, offset, _RWF_NOWAIT)
         except OSError as e:
             return self._nowait_refused(e, offset)
         return n == want

@@ -106,10 +106,10 @@ class NvmCommands:
             if ns.formatting:
                 raise NvmeError(Status.FORMAT_IN_PROGRESS, f"namespace {ns.nsid} is being formatted", dnr=False)
             if ns.blocking:
-                dw0 = handler(ns, e)
-                if type(dw0) is int:  # _done_or_start, inlined: a page cache hit is done here
-                    return _SUCCESS, dw0
-                return self._start(sq, e, dw0)  # type: ignore[arg-type]
+                dw0 = handler(ns, e)  # _done_or_start, inlined: a page cache hit ends here
+                if isinstance(dw0, Work):
+                    return self._start(sq, e, dw0)
+                return _SUCCESS, dw0
             # RAM: always done here (the fast path), so the handler returned an int, not Work
             return _SUCCESS, handler(ns, e)  # type: ignore[return-value]
         except Exception as err:

@@ -272,3 +272,30 @@ def test_shadow_spin_serves_the_next_doorbell_without_a_wakeup(inproc, session):
     # slot that woke it (CQ heads stay lazy; a page scan would act on each of them too)
     assert st["doorbells"] - before["doorbells"] == 12, (before, st)
     s.expect_no_completion(1)
+
+
+def test_shadow_spin_reports_an_invalid_sq_tail(inproc, session):
+    """A tail that the spin catches (not the eventfd) is validated the same way: the error
+    event, nothing fetched, and the queue keeps working with a valid tail."""
+    srv = inproc("shadow", spin_us=50_000)
+    s = session(srv.path)
+    depth = 8
+    s.bring_up("shadow", depth=depth)
+    aer = _submit_aer(s)
+    buf = s.mem.alloc(PAGE)
+    # (the stats come from the server's loop: not while it spins, so read them before)
+    before = srv.doorbell_stats()
+    s.submit_io(1, NvmOpcode.WRITE, 0, buf, ring=True)
+    (c,) = s.host.wait(1, 1)  # the server now watches the SQ tail slot for 50 ms
+    assert c.status == Status.SUCCESS
+    s.submit_io(1, NvmOpcode.READ, 0, buf, ring=False)
+    s.host.doorbells.ring(2, depth)  # tail == queue size: invalid
+    _check_invalid_value_event(s, aer)
+    after = srv.doorbell_stats()
+    # the write woke the server; the bad tail was caught by the spin, not by a wake-up
+    assert after["wakeups"] - before["wakeups"] == 1 and after["spin_hits"] - before["spin_hits"] == 1, (before, after)
+    s.expect_no_completion(1)
+    assert srv.stats()["queues"]["sq1"]["commands"] == 1
+    s.host.ring_sq(1)
+    (c,) = s.host.wait(1, 1)
+    assert c.status == Status.SUCCESS

@@ -378,6 +378,7 @@ def measure(rig: Rig, rw: str, qd: int, ios: int, max_seconds: float, seed: int)
         "wakeups_per_io": (ctx1[0] - ctx0[0]) / done,
         "involuntary_ctx_per_io": (ctx1[1] - ctx0[1]) / done,
         "cmds_per_batch": commands / batches if batches else None,
+        "in_flight_per_io": (q1.get("in_flight", 0) - q0.get("in_flight", 0)) / done,
         "device_batches": batches,
         "device_counters": d,
         "device_wakeups_per_io": d["wakeups"] / done,

@@ -168,6 +168,12 @@ def test_read_data_arrives_through_the_pool(rig: Rig):
     n.write_ok(1, FILE_NSID, 16, data)
     assert n.read_ok(1, FILE_NSID, 16, 8) == data
     assert rig.ctrl.namespaces[FILE_NSID].stats.read_commands == 1
+    # both went to the workers (a write always; this backend never serves a read inline),
+    # and the queue's counter says so; the RAM namespace's commands never do
+    n.write_ok(2, RAM_NSID, 0, data)
+    assert n.read_ok(2, RAM_NSID, 0, 8) == data
+    stats = rig.srv.call(lambda: {q: rig.ctrl.sqs[q].stats.in_flight for q in (1, 2)})
+    assert stats == {1: 2, 2: 0}
 
 
 def test_compare_mismatch_and_counters_through_the_pool(rig: Rig):

@@ -378,7 +378,8 @@ def measure(rig: Rig, rw: str, qd: int, ios: int, max_seconds: float, seed: int)
         "wakeups_per_io": (ctx1[0] - ctx0[0]) / done,
         "involuntary_ctx_per_io": (ctx1[1] - ctx0[1]) / done,
         "cmds_per_batch": commands / batches if batches else None,
-        "in_flight_per_io": (q1.get("in_flight", 0) - q0.get("in_flight", 0)) / done,
+        # None for a tree older than the counter
+        "in_flight_per_io": (q1["in_flight"] - q0.get("in_flight", 0)) / done if "in_flight" in q1 else None,
         "device_batches": batches,
         "device_counters": d,
         "device_wakeups_per_io": d["wakeups"] / done,

@@ -25,6 +25,7 @@ import os
 import random
 import resource
 import time
+from typing import Callable
 
 from common import RESULTS, format_table, machine, percentile, write_json
 
@@ -104,7 +105,12 @@ async def run_pool(w: Workload, qd: int, lat: list[float]) -> None:
     pool = IoPool(asyncio.get_running_loop())
     try:
         fd = w.fd
-        await run_closed_loop(w, qd, lat, lambda s, off, done: pool.submit(lambda: os.preadv(fd, [w.slots[s]], off), lambda r, e: done()) and False)
+
+        def start(s: int, off: int, done) -> bool:
+            pool.submit(lambda: os.preadv(fd, [w.slots[s]], off), lambda r, e: done())
+            return False
+
+        await run_closed_loop(w, qd, lat, start)
     finally:
         pool.close()
 
@@ -154,7 +160,7 @@ async def run_uring(w: Workload, qd: int, lat: list[float]) -> None:
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     L.io_uring_register_eventfd(ring, efd)
     bounce = [bytearray(BLOCK) for _ in range(qd)]
-    waiting: dict[int, object] = {}
+    waiting: dict[int, Callable[[], None]] = {}
 
     def reap() -> None:
         try:
@@ -210,13 +216,15 @@ def measure(loop, path: str, size: int, variant: str, qd: int, ios: int) -> dict
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     finally:
         w.close()
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    assert p50 is not None and p99 is not None  # a latency per read, ios of them
     return {
         "variant": variant,
         "qd": qd,
         "iops": ios / wall,
         "cpu_us_per_io": cpu / ios * 1e6,
-        "lat_p50_us": percentile(lat, 50) * 1e6,
-        "lat_p99_us": percentile(lat, 99) * 1e6,
+        "lat_p50_us": p50 * 1e6,
+        "lat_p99_us": p99 * 1e6,
     }
 
 

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import common
 
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     image = os.path.join(workdir, "disk.raw")
     job = fio_job(args.runtime, args.ramp, not args.no_stall_check)
     timeout = 120 + (len(JOBS) * (args.runtime + args.ramp) + 60) * 6
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     try:
         t = time.monotonic()
         fill(image, FILE_SIZE)

@@ -73,6 +73,7 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
 
     def one(path: str, qd: int) -> dict:
         mode = {"shadow": "shadow", "ioeventfd+dbbuf": "ioeventfd", "trap": "trap", "poll": "poll"}[path]
+        backend: FileBackend | RamBackend
         if namespace == "file":  # its page cache warm: every read is an RWF_NOWAIT hit on the loop
             backend = FileBackend(os.path.join(tmpdir, f"ns-{path}-{qd}.img"), NS_SIZE)
         else:
@@ -128,14 +129,17 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
                     dev.trapped_write(cq_db, cq_head.to_bytes(4, "little"))
                     dev.trapped_write(sq_db, tail.to_bytes(4, "little"))
             elif path == "poll":
+                assert words is not None
 
                 def kick(cq_head: int, tail: int) -> None:
                     words[cq_slot] = cq_head
                     words[sq_slot] = tail
                     dev._run()
             else:
-                efd = dev.ioeventfds[sq_slot]
-                signalled = dev._signalled
+                # a ShadowPath (ioeventfds a list) or an IoEventFdPath (a dict), by slot either way;
+                # not narrowed by class: the harness also runs other trees' nvme_emu (--child)
+                efd = dev.ioeventfds[sq_slot]  # type: ignore[attr-defined]
+                signalled = dev._signalled  # type: ignore[attr-defined]
                 args = (sq_slot,) if path == "shadow" else (sq_slot, efd)
                 # the host's eventfd write is not server CPU: it happens before the clock starts
 
@@ -154,6 +158,7 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
                     sq[tail * 64 : tail * 64 + step] = blob[pos : pos + step]
                     tail = (tail + qd) % qsize
                     if path in ("shadow", "ioeventfd+dbbuf"):
+                        assert words is not None
                         words[cq_slot] = head
                         words[sq_slot] = tail
                         os.eventfd_write(efd.fd, 1)

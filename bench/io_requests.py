@@ -177,8 +177,8 @@ def run_file_vs_ram(trees: dict[str, str | None], tmp: str, paths: list[str], qd
                                 "server_cpu_us_per_io": m["server_cpu_us_per_io"], "lat_p99_us": m["lat_p99_us"],
                                 "in_flight_per_io": m["in_flight_per_io"]})
         ram = {(r["tree"], r["path"], r["qd"]): r["iops"] for r in results if r["namespace"] == "ram"}
-        for r in results:
-            r["vs_ram"] = r["iops"] / ram[(r["tree"], r["path"], r["qd"])]
+        for row in results:
+            row["vs_ram"] = row["iops"] / ram[(row["tree"], row["path"], row["qd"])]
         return results
     finally:
         for rig in rigs.values():

@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nvme_emu.doorbell import ShadowPath  # noqa: E402
 from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.queue import SQE  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
@@ -496,7 +497,7 @@ class PathBench:
         self.server = ServerProcess(workdir, SERVER_MODE.get(mode, mode), spin_us=None, name=mode)
         try:
             self.ram = K.MemfdRegion(RAM_SIZE, "guest-ram")
-            self.client = VfioUserClient(self.server.path, timeout=20)
+            self.client = VfioUserClient(self.server.sock, timeout=20)
         except BaseException:
             self.server.stop()
             raise
@@ -876,7 +877,9 @@ class _InProcServer:
         from nvme_emu.namespace import open_namespace
         from vfio_user.server import Server, new_event_loop
 
-        self.function = NvmeFunction([open_namespace(NAMESPACE, 1)], ControllerConfig(max_io_queues=SERVER_QUEUES), doorbell=mode)
+        # spin_us=0: the floor is the work of one doorbell, not the spin the shadow path
+        # would add after it by default
+        self.function = NvmeFunction([open_namespace(NAMESPACE, 1)], ControllerConfig(max_io_queues=SERVER_QUEUES), doorbell=mode, spin_us=0.0)
         self.server = Server(self.function, path)
         self.loop = new_event_loop()
         started = threading.Event()
@@ -937,7 +940,9 @@ class _ProcessingBench:
                 buf = mem.alloc(4096)
                 mem.write(q.sq + 64 * i, SQE.pack(NvmOpcode.READ, 0, i, 1, 0, 0, 0, buf, 0, i, 0, 0, 0, 0, 0))
             del mem, host
-            self.path = self.srv.function.doorbells
+            doorbells = self.srv.function.doorbells
+            assert isinstance(doorbells, ShadowPath)  # the in-process server runs --doorbell shadow
+            self.path = doorbells
             efds = {e.offset: e for e in self.path.ioeventfds}
             self.sq_efd, self.cq_efd = efds[SQ_DB_OFF], efds[CQ_DB_OFF]
         except BaseException:
@@ -955,11 +960,11 @@ class _ProcessingBench:
                 values[SQ_SLOT] = tail
                 os.eventfd_write(sq_efd.fd, 1)
                 t0 = time.perf_counter_ns()
-                path._signalled(sq_efd)
+                path._signalled(SQ_SLOT)
                 out.append((time.perf_counter_ns() - t0) / 1000)
                 values[CQ_SLOT] = tail  # consumed (completions are in order): CQ head = tail
                 os.eventfd_write(cq_efd.fd, 1)
-                path._signalled(cq_efd)
+                path._signalled(CQ_SLOT)
             self.tail = tail
             return out
 
@@ -983,7 +988,7 @@ class _ProcessingBench:
 # output
 # ----------------------------------------------------------------------------------------
 def print_table(caps: dict, results: list[PathResult], floor: dict, targets: dict, mach: dict, rounds: int) -> str:
-    lines = []
+    lines: list[str] = []
     p = lines.append
     p(f"machine: {mach['cpu']}, {mach['cpus']} CPUs, Python {mach['python']}, {mach['date']}; load average "
       f"{mach['loadavg_before'][0]:.2f} before, {mach['loadavg_after'][0]:.2f} after"
@@ -1382,23 +1387,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not met:
                 excess = v - TARGET_QD1_FLOOR * f
                 text += f"; missed by {excess:.1f} us ({v / (TARGET_QD1_FLOOR * f):.2f}x the allowance)"
-                why = []
+                reasons = []
                 if not post_write:
-                    why.append(f"the emulated POST_WRITE puts a userspace exit (~{by['shadow'].write_cost_us:.1f} us measured "
-                               "above) in front of the wake-up")
-                why.append(f"the guest's poll loop is emulated by PVM (4 instructions per look, ~{4 * caps['emulated_ns_per_insn'] / 1000:.1f} us)"
-                           if caps["pvm"] else "the guest's poll loop adds its own delay")
+                    reasons.append(f"the emulated POST_WRITE puts a userspace exit (~{by['shadow'].write_cost_us:.1f} us measured "
+                                   "above) in front of the wake-up")
+                reasons.append(f"the guest's poll loop is emulated by PVM (4 instructions per look, ~{4 * caps['emulated_ns_per_insn'] / 1000:.1f} us)"
+                               if caps["pvm"] else "the guest's poll loop adds its own delay")
                 if stat == "mean":
-                    why.append("the mean carries scheduler outliers (2 CPUs shared by vCPU, server and any other job)")
-                text += ": " + "; ".join(why)
+                    reasons.append("the mean carries scheduler outliers (2 CPUs shared by vCPU, server and any other job)")
+                text += ": " + "; ".join(reasons)
             else:
                 text += f"; {TARGET_QD1_FLOOR * f - v:.1f} us to spare"
             if "ioeventfd" in by:
                 io = by["ioeventfd"].qd1[stat]
                 text += f" [KVM fast path of this kernel, dbbuf + ioeventfd: {io:.1f} us = {io / f:.2f}x floor]"
             targets[f"qd1_{stat}_vs_floor"] = {"met": met, "value_us": v, "floor_us": f, "ratio": v / f, "text": text}
-    for r in results:
-        r.notes.append(f"QD1 {r.qd1['p50'] / floor['p50']:.2f}x floor (p50)")
+    for res in results:
+        res.notes.append(f"QD1 {res.qd1['p50'] / floor['p50']:.2f}x floor (p50)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,7 @@ class Rig:
 
     def __init__(self, path: str, server: common.ServerProcess) -> None:
         self.path = path
+        self.label = path  # the key in a run with --compare-tree variants (path@LABEL); main sets it
         self.server = server
         self.client = VfioUserClient(server.path, timeout=30)
         self.client.negotiate()
@@ -101,19 +102,22 @@ class Rig:
         self.host = NvmeHost(self.client, self.mem, doorbells=HostDoorbells(self.client, posted=False))
         self.host.enable()
         self.host.set_features(0x07, 0)  # Number of Queues: 1 pair
-        self.shadow = self.eventidx = None
+        self.shadow: int | None = None
+        self.eventidx: int | None = None
         if path.endswith("+dbbuf"):
             self.shadow, self.eventidx = self.mem.alloc(PAGE), self.mem.alloc(PAGE)
             self.host.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=self.shadow, prp2=self.eventidx)
         self.q = self.host.create_io_queue_pair(1, QSIZE)
-        self.sq = self.mem.buf(self.q.sq, QSIZE * 64)
-        self.cq = self.mem.buf(self.q.cq, QSIZE * 16)
-        self.cq_status = np.frombuffer(self.cq, dtype="<u2")[7::8]
+        # None once closed (the views must go before the guest RAM can be closed)
+        self.sq: memoryview | None = self.mem.buf(self.q.sq, QSIZE * 64)
+        self.cq: memoryview | None = self.mem.buf(self.q.cq, QSIZE * 16)
+        self.cq_status: np.ndarray | None = np.frombuffer(self.cq, dtype="<u2")[7::8]
         self.bufs = [self.mem.alloc(PAGE) for _ in range(128)]
         # 128 KiB buffer + PRP list for the prefill writes
         self.big = self.mem.alloc(32 * PAGE)
         self.big_list = self.mem.alloc(PAGE)
         self.mem.write(self.big_list, struct.pack("<31Q", *(self.big + PAGE * i for i in range(1, 32))))
+        self._keep: tuple[object, ...] = ()  # what the doorbell closures use (mmaps, views)
         self.ring = self._make_ring()
         self.tail = self.head = 0
         self.phase = 1
@@ -177,6 +181,7 @@ class Rig:
 
             return ring
         # NVMe shadow doorbell buffer + EventIdx (nvme_dbbuf_need_event as Linux does it)
+        assert self.shadow is not None and self.eventidx is not None
         shadow = self.mem.buf(self.shadow, PAGE).cast("I")
         eventidx = self.mem.buf(self.eventidx, PAGE).cast("I")
         self._keep = (shadow, eventidx)
@@ -188,7 +193,10 @@ class Rig:
 
         elif path == "shadow+dbbuf":
             iofds = {(f.gpa_offset - Reg.DOORBELLS) // 4: f for f in client.region_io_fds(0)}
-            post = {s: (memoryview(f.shadow).cast("I"), f.shadow_offset // 4, f.eventfd) for s, f in iofds.items()}
+            post = {}
+            for s, f in iofds.items():
+                assert f.shadow is not None
+                post[s] = (memoryview(f.shadow).cast("I"), f.shadow_offset // 4, f.eventfd)
             self._keep += tuple(v for v, _, _ in post.values())
             write = os.eventfd_write
 
@@ -215,12 +223,12 @@ class Rig:
             else:
                 stats[1] += 1
 
-        def ring(cq_head, sq_tail):
+        def ring_dbbuf(cq_head, sq_tail):
             if cq_head is not None:
                 update(CQ_SLOT, cq_head)
             update(SQ_SLOT, sq_tail)
 
-        return ring
+        return ring_dbbuf
 
     # -- I/O ---------------------------------------------------------------------------
 
@@ -248,6 +256,7 @@ class Rig:
             k = qd - self.tail % qd
             self.run(self.sqes(NvmOpcode.READ, k, 1, 7), 1, max_seconds=10, lat=None)
         sq, cq, cq_status = self.sq, self.cq, self.cq_status
+        assert sq is not None and cq is not None and cq_status is not None, "rig closed"
         ring = self.ring
         tail, head, phase = self.tail, self.head, self.phase
         step = qd * 64
@@ -298,9 +307,12 @@ class Rig:
     def stall_report(self, head: int, tail: int, qd: int, phase: int) -> str:
         """What the host sees when a batch's completions never arrive (for the bug report)."""
         lines = [f"{self.path}: no completion for {STALL_NS / 1e9:.0f} s: host sq tail {tail}, cq head {head}, qd {qd}, phase {phase}"]
-        posted = sum(1 for i in range(qd) if self.cq[((head + i) % QSIZE) * 16 + 14] & 1 == phase)
+        cq = self.cq
+        assert cq is not None
+        posted = sum(1 for i in range(qd) if cq[((head + i) % QSIZE) * 16 + 14] & 1 == phase)
         lines.append(f"  CQEs of this batch posted: {posted}/{qd}")
         if self.shadow is not None:
+            assert self.eventidx is not None  # set together with the shadow page
             sh = self.mem.buf(self.shadow, 16).cast("I")
             ev = self.mem.buf(self.eventidx, 16).cast("I")
             lines.append(f"  dbbuf shadow sq/cq {sh[SQ_SLOT]}/{sh[CQ_SLOT]}, eventidx sq/cq {ev[SQ_SLOT]}/{ev[CQ_SLOT]}, host kicks/suppressed {self.kicks}")
@@ -545,15 +557,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"server {p} exited {rc}:\n{s.log()[-3000:]}", file=sys.stderr)
         if args.profile:
             for p in servers:
-                out = _profile_path(tmp, p)
-                if os.path.exists(out):
+                prof = _profile_path(tmp, p)
+                if os.path.exists(prof):
                     import pstats
 
                     print(f"\n== cProfile of the {p} server (tottime) ==")
-                    pstats.Stats(out).sort_stats("tottime").print_stats(25)
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
                     dest = Path(args.out) / "tmp"
                     dest.mkdir(parents=True, exist_ok=True)
-                    os.replace(out, dest / f"server-{p}{'-' + args.label if args.label else ''}.prof")
+                    os.replace(prof, dest / f"server-{p}{'-' + args.label if args.label else ''}.prof")
 
     # median round per point
     rows = []

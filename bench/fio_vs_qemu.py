@@ -464,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
         "qd32_iops_ratio": qd32, "qd32_target": 0.90, "qd32_met": bool(qd32 and qd32 >= 0.90),
         "qd1_latency_ratio": qd1, "qd1_target": 1.30, "qd1_met": bool(qd1 and qd1 <= 1.30),
     }
-    print(f"\ntargets: QD32 IOPS {qd32:.2f}x of hw/nvme (>= 0.90: {'met' if targets['qd32_met'] else 'MISSED'}); "
-          f"QD1 mean latency {qd1:.2f}x (<= 1.30: {'met' if targets['qd1_met'] else 'MISSED'})")
+    def ratio(x: float | None) -> str:  # None: the job did no I/O on one side (the JSON is still written)
+        return "-" if x is None else f"{x:.2f}x"
+
+    print(f"\ntargets: QD32 IOPS {ratio(qd32)} of hw/nvme (>= 0.90: {'met' if targets['qd32_met'] else 'MISSED'}); "
+          f"QD1 mean latency {ratio(qd1)} (<= 1.30: {'met' if targets['qd1_met'] else 'MISSED'})")
     name = "fio_vs_qemu" + (f"-{args.label}" if args.label else "")
     out = Path(args.out)
     common.write_json(out / f"{name}.json", {

@@ -175,7 +175,7 @@ def run_file_vs_ram(trees: dict[str, str | None], tmp: str, paths: list[str], qd
                 m = rs[len(rs) // 2]
                 results.append({"tree": label, "namespace": kind, "path": p, "qd": qd, "iops": m["iops"],
                                 "server_cpu_us_per_io": m["server_cpu_us_per_io"], "lat_p99_us": m["lat_p99_us"],
-                                "in_flight_per_io": m["in_flight_per_io"]})
+                                "to_workers_per_io": m["to_workers_per_io"]})
         ram = {(r["tree"], r["path"], r["qd"]): r["iops"] for r in results if r["namespace"] == "ram"}
         for row in results:
             row["vs_ram"] = row["iops"] / ram[(row["tree"], row["path"], row["qd"])]
@@ -238,7 +238,7 @@ def main() -> int:
                         ("server_cpu_us_per_io", "srv CPU us/IO", ".2f"),
                         ("lat_p99_us", "p99 us", ".1f"),
                         ("vs_ram", "vs RAM", ".2f"),
-                        ("in_flight_per_io", "to workers/IO", ".3f"),
+                        ("to_workers_per_io", "to workers/IO", ".3f"),
                     ],
                 ),
                 flush=True,

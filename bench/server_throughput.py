@@ -391,7 +391,7 @@ def measure(rig: Rig, rw: str, qd: int, ios: int, max_seconds: float, seed: int)
         "involuntary_ctx_per_io": (ctx1[1] - ctx0[1]) / done,
         "cmds_per_batch": commands / batches if batches else None,
         # None for a tree older than the counter
-        "in_flight_per_io": (q1["in_flight"] - q0.get("in_flight", 0)) / done if "in_flight" in q1 else None,
+        "to_workers_per_io": (q1["to_workers"] - q0.get("to_workers", 0)) / done if "to_workers" in q1 else None,
         "device_batches": batches,
         "device_counters": d,
         "device_wakeups_per_io": d["wakeups"] / done,

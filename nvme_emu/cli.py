@@ -106,7 +106,7 @@ def format_stats(function: NvmeFunction) -> str:
         per_wake = q["commands"] / q["batches"] if q["batches"] else 0.0
         lines.append(
             f"  {name}: commands={q['commands']} batches={q['batches']} cmds/batch={per_wake:.2f} max_batch={q['max_batch']} "
-            f"completions={q['cq_completions']} interrupts={q['cq_interrupts']} cq_full_stalls={q['cq_full_stalls']} in_flight={q['in_flight']}"
+            f"completions={q['cq_completions']} interrupts={q['cq_interrupts']} cq_full_stalls={q['cq_full_stalls']} to_workers={q['to_workers']}"
         )
     agent = st.get("ioeventfd_agent")
     if agent is not None:

@@ -670,7 +670,7 @@ class Controller:
     def begin_request(self, sq: SubmissionQueue) -> None:
         """A command of ``sq`` goes in flight, holding one slot of its CQ until posted."""
         sq.outstanding += 1
-        sq.stats.in_flight += 1
+        sq.stats.to_workers += 1
         sq.cq.reserved += 1
 
     def finish_request(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:

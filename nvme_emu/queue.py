@@ -40,7 +40,7 @@ class QueueStats:
     completions: int = 0
     interrupts: int = 0
     cq_full_stalls: int = 0
-    in_flight: int = 0  # commands that went to the I/O workers (page cache misses, writes, ...)
+    to_workers: int = 0  # commands that went to the I/O workers (page cache misses, writes, ...)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -172,7 +172,7 @@ def test_read_data_arrives_through_the_pool(rig: Rig):
     # and the queue's counter says so; the RAM namespace's commands never do
     n.write_ok(2, RAM_NSID, 0, data)
     assert n.read_ok(2, RAM_NSID, 0, 8) == data
-    stats = rig.srv.call(lambda: {q: rig.ctrl.sqs[q].stats.in_flight for q in (1, 2)})
+    stats = rig.srv.call(lambda: {q: rig.ctrl.sqs[q].stats.to_workers for q in (1, 2)})
     assert stats == {1: 2, 2: 0}
 
 

@@ -399,9 +399,11 @@ class ShadowPath(SharedPagePath):
         """
         policy = self._spin_policy(slot)
         window = policy.window()
+        if window <= 0.0:
+            return
         ctrl = self.ctrl
         sq = ctrl.state.sqs.get(slot >> 1)
-        if window <= 0.0 or sq is None:
+        if sq is None:
             return
         submitted = ctrl.sq_tail_doorbell
         values, last, clock = self.page.value_words, self.page.last_words, time.perf_counter

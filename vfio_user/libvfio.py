@@ -975,7 +975,7 @@ class LibvfioUserServer:
             if not raw:
                 return None  # EOF
             if len(raw) < HEADER_SIZE:
-                return None if self._peer_closed else _PARTIAL
+                return self._short_header()
             msg_id, command, size, flags = struct.unpack_from("<HHII", raw)
             if HEADER_SIZE < size <= LIB_MAX_MSG_SIZE and not self._peer_closed and self._queued() < size:
                 return _PARTIAL
@@ -994,6 +994,33 @@ class LibvfioUserServer:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _short_header(self) -> object | None:
+        """Less than a header can be peeked: _PARTIAL while more may come; else the fragment
+        is read and its fds closed here, never handed to the library.
+
+        libvfio-user's header read (``get_msg``) returns ECONNRESET on a short read without
+        closing the fds that came with it: a client sending a few header bytes with fds and
+        closing leaked them all (79 such connections exhausted a 20,000-fd limit). A peek
+        also stops at an fd-carrying segment, so a header split there (queued >= a header,
+        peeked < one) would reach the library short too: that client is dropped."""
+        if not self._peer_closed:
+            if self._queued() < HEADER_SIZE:
+                return _PARTIAL
+            self._drop("a message header split at its fds")
+        self._discard_queued()
+        return None  # the library now reads EOF and resets the context
+
+    def _discard_queued(self) -> None:
+        """Read what the client left queued (it is gone, or being dropped), closing its fds."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, self._conn_fd)
+        try:
+            while _recv_closing_fds(sock, PEEK_SIZE):
+                pass
+        except OSError:
+            pass  # nothing more queued (EAGAIN), or the connection is gone with its queue
+        finally:
+            sock.detach()
 
     def _refuse_header(self, msg_id: int, command: int, size: int, flags: int) -> None:
         """A header whose body the library would not read (it takes the body for the next
@@ -1014,12 +1041,10 @@ class LibvfioUserServer:
         try:
             left = size
             while left > 0:
-                data, ancillary, _flags, _addr = sock.recvmsg(left, PEEK_ANCILLARY, MSG_DONTWAIT)
-                for fd in _fds_of(ancillary):
-                    os.close(fd)
-                if not data:
+                got = _recv_closing_fds(sock, left)
+                if not got:
                     return
-                left -= len(data)
+                left -= got
             if refusal:
                 log.warning("refused %s with %s before libvfio-user saw it", _command_name(command), errno.errorcode.get(refusal, refusal))
                 sock.send(HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, refusal), MSG_DONTWAIT)
@@ -1172,6 +1197,14 @@ def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(data) - len(data) % 4
             fds.extend(struct.unpack(f"<{usable // 4}i", data[:usable]))
     return fds
+
+
+def _recv_closing_fds(sock: socket.socket, limit: int) -> int:
+    """Read up to ``limit`` queued bytes past the library, closing the fds they carry; 0 at EOF."""
+    data, ancillary, _flags, _addr = sock.recvmsg(limit, PEEK_ANCILLARY, MSG_DONTWAIT)
+    for fd in _fds_of(ancillary):
+        os.close(fd)
+    return len(data)
 
 
 def _command_name(command: int) -> str:

@@ -15,6 +15,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 import time
 from typing import Callable
@@ -33,6 +34,9 @@ CLOCK_MONOTONIC = 1  # what time.monotonic() reads on Linux
 TFD_TIMER_ABSTIME = 1
 TFD_NONBLOCK = os.O_NONBLOCK
 TFD_CLOEXEC = os.O_CLOEXEC
+#: The longest delay taken as asked; longer ones are clamped to it (a timer a year out does
+#: not fire while anyone waits, and its deadline still fits a timespec).
+MAX_DELAY = 365 * 86400.0
 
 
 class _Libc:
@@ -91,7 +95,12 @@ class FineTimers:
         loop.add_reader(self.fd, self._fired)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> FineTimer:
-        timer = FineTimer(time.monotonic() + max(delay, 0.0), callback)
+        """``callback`` after ``delay`` seconds (0 if negative, at most MAX_DELAY); ValueError
+        for NaN or an infinity, which would break the heap's order (NaN compares false with
+        everything) and could not be armed: every timer behind it would be lost."""
+        if not math.isfinite(delay):
+            raise ValueError(f"timer delay {delay} is not finite")
+        timer = FineTimer(time.monotonic() + min(max(delay, 0.0), MAX_DELAY), callback)
         heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
         self._rearm()
         return timer
@@ -110,12 +119,25 @@ class FineTimers:
 
     def _rearm(self) -> None:
         heap = self._heap
-        while heap and heap[0][2].cancelled:
-            heapq.heappop(heap)
-        deadline = heap[0][0] if heap else None
-        if deadline != self._armed_for:
-            self._libc.arm(self.fd, deadline)
+        while True:
+            while heap and heap[0][2].cancelled:
+                heapq.heappop(heap)
+            deadline = heap[0][0] if heap else None
+            if deadline == self._armed_for:
+                return
+            try:
+                self._libc.arm(self.fd, deadline)
+            except (ValueError, OverflowError, OSError) as e:
+                if not heap:
+                    raise  # disarming failed: the fd itself is broken
+                # an entry the timerfd cannot take must not stay at the top, where it would
+                # fail every re-arm and so every timer behind it: drop it, say so, go on
+                timer = heapq.heappop(heap)[2]
+                timer.cancelled = True
+                log.error("timer %r at %r dropped: cannot arm the timerfd for it: %s", timer.callback, deadline, e)
+                continue
             self._armed_for = deadline
+            return
 
     def _fired(self) -> None:
         try:

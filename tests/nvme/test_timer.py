@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import time
 
+import pytest
 import uvloop
 
 from nvme_emu.timer import FineTimers
@@ -67,3 +70,51 @@ def test_close_releases_the_fd_and_is_idempotent():
 
     before = _run(body)
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_delay_that_is_not_finite_is_refused_and_poisons_nothing():
+    """A NaN or infinite deadline broke the heap (NaN compares false with everything) and the
+    timerfd could not be armed for it, so every later timer's callback was lost (issue 22,
+    finding 9). Such delays are refused; a huge finite one is clamped; a raising callback is
+    logged; a 100 us timer set afterwards fires."""
+    async def body(loop):
+        timers = FineTimers(loop)
+        fired: list[str] = []
+        done = loop.create_future()
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError):
+                timers.call_later(bad, lambda: fired.append("bad"))
+        far = timers.call_later(1e300, lambda: fired.append("far"))
+        assert far.deadline <= time.monotonic() + 366 * 86400
+
+        def boom() -> None:
+            raise RuntimeError("callback bug")
+
+        timers.call_later(50e-6, boom)
+        timers.call_later(100e-6, lambda: fired.append("good"))
+        timers.call_later(200e-6, lambda: done.set_result(None))
+        await asyncio.wait_for(done, 5)
+        timers.close()
+        return fired
+
+    assert _run(body) == ["good"]
+
+
+def test_an_entry_the_timerfd_cannot_take_is_dropped_not_kept(caplog):
+    """Belt and braces: should an entry reach the heap that the timerfd refuses (here forced
+    past the clamp), it is logged and dropped, and the timers behind it still fire."""
+    async def body(loop):
+        timers = FineTimers(loop)
+        fired: list[str] = []
+        done = loop.create_future()
+        timers.call_later(1.0, lambda: fired.append("poison"))  # its deadline is replaced below
+        poisoned = timers._heap[0]
+        timers._heap[0] = (1e300, poisoned[1], poisoned[2])
+        timers.call_later(100e-6, lambda: fired.append("good"))
+        timers.call_later(200e-6, lambda: done.set_result(None))
+        await asyncio.wait_for(done, 5)
+        timers.close()
+        return fired
+
+    assert _run(body) == ["good"]
+    assert "cannot arm" in caplog.text

@@ -19,7 +19,7 @@ import time
 from vfio_user.server import DEFAULT_HANDSHAKE_TIMEOUT
 
 from . import __version__, atomics, identity
-from .control import ControlPlane
+from .control import PARAMS as CONTROL_PARAMS, ControlPlane
 from .controller import ControllerConfig
 from .ctl import default_control_socket
 from .doorbell import DoorbellMode
@@ -78,7 +78,7 @@ async def start_control(function: NvmeFunction, path: str | None, mode: int) -> 
     """Serve the control plane's methods on ``path`` (on this loop), or nothing."""
     if path is None:
         return None
-    server = RpcServer(Dispatcher(ControlPlane(function).methods()), path, mode=mode)
+    server = RpcServer(Dispatcher(ControlPlane(function).methods(), CONTROL_PARAMS), path, mode=mode)
     await server.start()
     return server
 

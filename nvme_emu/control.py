@@ -13,30 +13,38 @@ No socket here: ``nvme-emu serve`` exposes :meth:`ControlPlane.methods` through
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Callable
 
 from . import namespace_management as nsm
+from .faults import FAULT_PARAMS, U64_MAX
 from .function import NvmeFunction
+from .jsonrpc import Param, ParamType, Schema
 from .namespace import Namespace, open_namespace
-from .spec import NvmeError
+from .spec import NSID_ALL, NvmeError
 
 log = logging.getLogger(__name__)
 
-#: The RPC methods, by name (the server's table and the client's vocabulary).
-METHODS = (
-    "controllers",
-    "namespaces",
-    "queues",
-    "stats",
-    "ns_add",
-    "ns_remove",
-    "ns_attach",
-    "ns_detach",
-    "fault_add",
-    "fault_list",
-    "fault_clear",
-    "fatal",
-)
+#: A namespace that exists or may: 1..FFFFFFFEh (0 is none, FFFFFFFFh the broadcast value).
+_NSID = Param(ParamType.INTEGER, required=True, minimum=1, maximum=NSID_ALL - 1)
+
+#: The RPC methods by name, each with its parameters: the server's table (the dispatcher
+#: refuses whatever does not fit, before the method runs) and the client's vocabulary.
+PARAMS: dict[str, Schema] = {
+    "controllers": {},
+    "namespaces": {},
+    "queues": {},
+    "stats": {},
+    "ns_add": {"spec": Param(ParamType.STRING, required=True), "nsid": replace(_NSID, required=False, nullable=True)},
+    "ns_remove": {"nsid": _NSID},
+    "ns_attach": {"nsid": _NSID},
+    "ns_detach": {"nsid": _NSID},
+    "fault_add": FAULT_PARAMS,
+    "fault_list": {},
+    "fault_clear": {"id": Param(ParamType.INTEGER, nullable=True, minimum=1, maximum=U64_MAX)},
+    "fatal": {"reason": Param(ParamType.STRING)},
+}
+METHODS = tuple(PARAMS)
 
 
 def describe_namespace(ns: Namespace, attached: bool) -> dict[str, Any]:

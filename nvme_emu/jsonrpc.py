@@ -7,14 +7,22 @@ The socket transport is :mod:`nvme_emu.rpc_socket`.
 
 A method is called with the request's ``params`` object as keyword arguments; a
 ``ValueError`` or ``KeyError`` it raises becomes an Invalid Params error, so a bad command
-line reads as a message, not a traceback.
+line reads as a message, not a traceback. A method may declare its parameters (a
+:data:`Schema`: name -> :class:`Param`); the dispatcher then checks the request against it
+before the method runs, so a wrong JSON type (``null``, a bool or a list where a string or
+an integer belongs), a number that is not finite (Python's ``json`` reads ``NaN`` and
+``Infinity``) or out of range is Invalid Params in one place, not an exception somewhere in
+the method, or worse, a value it takes.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
-from typing import Any, Callable
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,71 @@ class RpcError(Exception):
         super().__init__(f"{message} (JSON-RPC error {code})")
         self.code = code
         self.message = message
+
+
+class ParamType(enum.Enum):
+    """A parameter's JSON type. A bool is neither an integer nor a number (JSON tells them
+    apart, Python's ``isinstance(True, int)`` does not)."""
+
+    INTEGER = "an integer"
+    NUMBER = "a finite number"
+    STRING = "a string"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: its type, whether it must be given, whether ``null`` stands
+    for "not given", the range of a number and the values a string may take."""
+
+    type: ParamType
+    required: bool = False
+    nullable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise :class:`ValueError` naming ``name`` unless ``value`` fits."""
+        if value is None and self.nullable:
+            return
+        if not _is_type(self.type, value):
+            raise ValueError(f"{name} must be {self.type.value}, not {json.dumps(value)}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{name} must be one of {', '.join(self.choices)}")
+        if self.type is ParamType.STRING:
+            return
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise ValueError(f"{name} must be in {_g(self.minimum)}..{_g(self.maximum)}, not {_g(value)}")
+
+
+#: A method's parameters by name; any name not in it is refused.
+Schema = Mapping[str, Param]
+
+
+def _is_type(kind: ParamType, value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind is ParamType.STRING:
+        return isinstance(value, str)
+    if kind is ParamType.INTEGER:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _g(x: float | None) -> str:
+    return "" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def check_params(schema: Schema, params: Mapping[str, Any]) -> None:
+    """Raise :class:`ValueError` (Invalid Params) unless ``params`` fits ``schema``."""
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} (known: {', '.join(schema) or 'none'})")
+    for name, param in schema.items():
+        if name in params:
+            param.check(name, params[name])
+        elif param.required:
+            raise ValueError(f"{name} is required")
 
 
 class LineBuffer:
@@ -83,10 +156,12 @@ def _error(request_id: Any, code: int, message: str) -> bytes:
 
 
 class Dispatcher:
-    """Request lines to response lines through a table of methods (name -> callable)."""
+    """Request lines to response lines through a table of methods (name -> callable); a
+    method with an entry in ``schemas`` gets only parameters that fit it."""
 
-    def __init__(self, methods: dict[str, Callable[..., Any]]) -> None:
+    def __init__(self, methods: dict[str, Callable[..., Any]], schemas: Mapping[str, Schema] | None = None) -> None:
         self.methods = methods
+        self.schemas: Mapping[str, Schema] = schemas or {}
 
     def handle(self, line: bytes) -> bytes | None:
         """The response to one request line; None for a notification (no ``id``)."""
@@ -108,6 +183,9 @@ class Dispatcher:
         if not isinstance(params, dict):
             return _error(request_id, INVALID_PARAMS, "params must be an object")
         try:
+            schema = self.schemas.get(name)
+            if schema is not None:
+                check_params(schema, params)
             result = method(**params)
         except RpcError as e:
             return _error(request_id, e.code, e.message)

@@ -18,6 +18,8 @@ from nvme_emu.jsonrpc import (
     PARSE_ERROR,
     Dispatcher,
     LineBuffer,
+    Param,
+    ParamType,
     RpcError,
     decode_response,
     encode_request,
@@ -66,6 +68,41 @@ def test_result_round_trip(dispatcher):
 def test_errors(dispatcher, method, params, code):
     answer = call(dispatcher, method, params)
     assert answer["id"] == 7 and answer["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    "params, ok",
+    [
+        ({"a": 2}, True),
+        ({"a": 2, "b": 3.5, "name": "x"}, True),
+        ({"a": 2, "name": None}, True),  # nullable: null is "not given"
+        ({}, False),  # a is required
+        ({"a": True}, False),  # a bool is not an integer
+        ({"a": 2.0}, False),
+        ({"a": "2"}, False),
+        ({"a": 11}, False),  # above the maximum
+        ({"a": 2, "b": float("nan")}, False),
+        ({"a": 2, "b": float("inf")}, False),
+        ({"a": 2, "b": False}, False),
+        ({"a": 2, "name": "y"}, False),  # not a choice
+        ({"a": 2, "name": ["x"]}, False),
+        ({"a": 2, "other": 1}, False),  # not declared
+    ],
+)
+def test_declared_params_are_checked_before_the_method_runs(params, ok):
+    ran: list[dict] = []
+    schema = {
+        "a": Param(ParamType.INTEGER, required=True, minimum=0, maximum=10),
+        "b": Param(ParamType.NUMBER),
+        "name": Param(ParamType.STRING, nullable=True, choices=("x",)),
+    }
+    d = Dispatcher({"m": lambda **kw: ran.append(kw) or len(ran)}, {"m": schema})
+    line = d.handle(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "m", "params": params}).encode())
+    answer = json.loads(line)
+    if ok:
+        assert answer["result"] == 1 and ran == [params]
+    else:
+        assert answer["error"]["code"] == INVALID_PARAMS and not ran, answer
 
 
 def test_malformed_requests(dispatcher):

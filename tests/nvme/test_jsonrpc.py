@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
+import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -152,3 +155,73 @@ def test_server_and_client_over_a_socket(tmp_path, dispatcher):
         server.close()
         loop.close()
     assert not os.path.exists(path)
+
+
+def _serving(tmp_path, dispatcher: Dispatcher, **kw):
+    """An RpcServer on a loop in a thread; returns (path, stop)."""
+    path = str(tmp_path / "ctl.sock")
+    loop = asyncio.new_event_loop()
+    server = RpcServer(dispatcher, path, **kw)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        server.close()
+        loop.close()
+
+    return path, stop
+
+
+def _big(i: int) -> str:
+    return f"{i:08d}" + "x" * 16384
+
+
+def test_replies_a_client_reads_late_all_come_in_order(tmp_path):
+    """Flow control loses nothing: requests whose replies back up wait, then are answered."""
+    path, stop = _serving(tmp_path, Dispatcher({"big": _big}))
+    try:
+        count = 200  # 3.2 MiB of replies: well past the high-water mark
+        with RpcClient(path) as client:
+            client.sock.sendall(b"".join(encode_request(i, "big", {"i": i}) for i in range(count)))
+            time.sleep(0.3)  # the server stops when the replies back up
+            for i in range(count):
+                assert decode_response(client._next_line(), i) == _big(i)
+            assert client.call("big", i=1) == _big(1)
+    finally:
+        stop()
+
+
+def _kib(i: int) -> str:
+    return "y" * 1024
+
+
+def test_a_client_that_does_not_drain_its_replies_is_dropped(tmp_path):
+    """It stops being read, and after ``drain_timeout`` it is dropped (the socket hangs up
+    without the client reading a byte); other clients are served."""
+    path, stop = _serving(tmp_path, Dispatcher({"kib": _kib}), drain_timeout=0.5)
+    try:
+        flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        flood.connect(path)
+        flood.setblocking(False)
+        request = encode_request(1, "kib", {"i": 1})
+        sent = 0
+        while sent < 20_000:  # 20 MiB of replies: the old server buffered them all
+            try:
+                flood.send(request * 100)
+                sent += 100
+            except BlockingIOError:
+                break  # the server no longer reads us
+        assert sent < 20_000, "the server read every request of a client that reads nothing"
+        poller = select.poll()
+        poller.register(flood, select.POLLHUP)
+        started = time.monotonic()
+        assert poller.poll(5000), "not dropped"
+        assert 0.3 < time.monotonic() - started < 5
+        flood.close()
+        with RpcClient(path) as client:  # the server goes on
+            assert client.call("kib", i=2) == _kib(2)
+    finally:
+        stop()

@@ -25,8 +25,9 @@ from .ctl import default_control_socket
 from .doorbell import DoorbellMode
 from .function import NvmeFunction
 from .jsonrpc import Dispatcher
-from .namespace import open_namespace
+from .namespace import open_namespace, parse_size
 from .rpc_socket import RpcServer
+from .state import DEFAULT_NVM_CAPACITY
 
 log = logging.getLogger("nvme_emu")
 
@@ -44,10 +45,19 @@ def qemu_arguments(socket_path: str, memory: str = "1G") -> str:
     )
 
 
+def _size(text: str) -> int:
+    """An argparse type: a size as namespace specs write it (512M, 4G, 4096)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_function(args: argparse.Namespace) -> NvmeFunction:
     seed = identity.controller_seed(args.socket)
     serial = args.serial or identity.controller_serial(seed)
-    config = ControllerConfig(serial=serial, model=args.model, max_io_queues=args.queues, ns_dir=args.ns_dir, identity_seed=seed)
+    config = ControllerConfig(serial=serial, model=args.model, max_io_queues=args.queues, ns_dir=args.ns_dir, identity_seed=seed,
+                              nvm_capacity=args.nvm_capacity)
     specs = args.namespace or [DEFAULT_NAMESPACE]
     namespaces = []
     try:
@@ -262,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                         "created with --socket-mode; 'off' for none")
     s.add_argument("--ns-dir", default=None, metavar="DIR",
                    help="where Namespace Management (nvme create-ns) creates namespace files; default: RAM")
+    s.add_argument("--nvm-capacity", type=_size, default=DEFAULT_NVM_CAPACITY, metavar="SIZE",
+                   help="what the guest may allocate with Namespace Management, all its namespaces together "
+                        "(e.g. 512M, 16G; default 4G); namespaces given here or by the control plane come on top")
     s.add_argument("--serial", default=None, help="serial number (default: derived from the socket path, see README \"Identity\")")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")

@@ -203,7 +203,12 @@ class Controller:
         if self.state.enabled and (self.state.csts >> Csts.SHST_SHIFT) & Csts.SHST_MASK != Shst.COMPLETE:
             self.state.health.unsafe_shutdowns += 1
         self.full_reset()
-        self.state.memory = None
+        memory, self.state.memory = self.state.memory, None
+        if memory is not None and self._pool is not None:
+            # Requests on the workers, or finished and not yet reaped, still hold views of
+            # the guest's memory, so the transport's unmap right after this is deferred:
+            # once they are done, let it happen (else it waits for the next client's unmap).
+            self._pool.when_idle(memory.table.close_deferred)
         self.raise_irq = None
         self.loop = None
         if self.timers is not None:

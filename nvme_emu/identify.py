@@ -133,7 +133,7 @@ def identify_controller(state: ControllerState) -> bytes:
         maxcmd=c.max_queue_entries,
         nn=c.max_namespaces,
         mnan=c.max_namespaces,
-        tnvmcap=c.nvm_capacity,
+        tnvmcap=total_capacity(state),
         unvmcap=unallocated_capacity(state),
         oncs=oncs,
         ocfs=OCFS_FORMAT0,
@@ -143,9 +143,17 @@ def identify_controller(state: ControllerState) -> bytes:
     )
 
 
+def total_capacity(state: ControllerState) -> int:
+    """TNVMCAP in bytes: the host's budget for Namespace Management plus the namespaces the
+    operator gave, so that TNVMCAP - UNVMCAP is what namespaces hold, as the spec has it."""
+    given = sum(ns.size_bytes for nsid, ns in state.allocated.items() if nsid not in state.created)
+    return state.config.nvm_capacity + given
+
+
 def unallocated_capacity(state: ControllerState) -> int:
-    """UNVMCAP: what Namespace Management may still allocate, in bytes."""
-    used = sum(ns.size_bytes for ns in state.allocated.values())
+    """UNVMCAP: what Namespace Management may still allocate, in bytes (the namespaces it
+    created count against it, the operator's do not)."""
+    used = sum(state.allocated[nsid].size_bytes for nsid in state.created)
     return max(0, state.config.nvm_capacity - used)
 
 

@@ -92,6 +92,7 @@ def create(state: ControllerState, nsze: int, ncap: int, flbas: int) -> int:
     c = state.config
     ns = create_namespace(nsid, size, LBA_FORMATS[index].size, directory=c.ns_dir)
     state.allocated[nsid] = ns
+    state.created.add(nsid)
     log.info("namespace %d created: %r", nsid, ns)
     return nsid
 
@@ -130,6 +131,7 @@ def delete(state: ControllerState, hooks: ControllerHooks, nsid: int) -> None:
     if nsid in state.namespaces:
         detach(state, hooks, nsid)
     ns = state.allocated.pop(nsid)
+    state.created.discard(nsid)
     directory = state.config.ns_dir
     pool = hooks.io_pool() if ns.blocking else None
     if pool is None:

@@ -42,6 +42,8 @@ def create_io_sq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
     _check_io_qid(qid, nsq)
     if qid in state.sqs:
         raise NvmeError(Status.INVALID_QUEUE_IDENTIFIER, f"SQ {qid} exists")
+    if _deletion_pending(state, qid):
+        raise NvmeError(Status.INVALID_QUEUE_IDENTIFIER, f"SQ {qid} is still being deleted")
     if cqid == 0 or cqid not in state.cqs:
         raise NvmeError(Status.COMPLETION_QUEUE_INVALID, f"CQ {cqid} does not exist")
     _check_qsize(state, qsize)
@@ -81,7 +83,16 @@ def delete_io_sq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
     return DEFERRED
 
 
+def _deletion_pending(state: ControllerState, qid: int) -> bool:
+    """Is SQ ``qid`` deleted but still waiting for its commands? Its identifier is in use
+    until then (Create I/O SQ gets Invalid Queue Identifier): a new SQ of the same ID would
+    share the CQ's attachment with it, and the old deletion would detach the new queue."""
+    return any(qid in cq.sqs for cq in state.cqs.values())
+
+
 def _finish_delete_sq(hooks: ControllerHooks, victim: SubmissionQueue) -> None:
+    """The SQ is gone: only now does its CQ stop counting it (Delete I/O CQ got Invalid
+    Queue Deletion until here, so the deferred CQEs still had a ring to go to)."""
     victim.cq.sqs.discard(victim.qid)
     hooks.queue_event("delete-sq", victim.qid)
 

@@ -31,6 +31,12 @@ TEMPERATURE_SENSORS = 1
 DEFAULT_TEMP_OVER_KELVIN = 343
 #: A sensor's over threshold starts at the largest value (the spec's default): no warning.
 DEFAULT_SENSOR_OVER_KELVIN = 0xFFFF
+#: What the host may allocate with Namespace Management unless ``serve --nvm-capacity`` says
+#: otherwise. Namespaces it creates live in RAM by default (a memfd that fills as LBAs are
+#: written), so this is host memory a guest can take: 4 GiB is 4 default namespaces, a sixth
+#: of the 23 GiB host an outside fuzz run filled with 31 x 2 GiB under the former 64 GiB.
+#: A fixed figure, not a share of MemAvailable: TNVMCAP should not change from run to run.
+DEFAULT_NVM_CAPACITY = 4 << 30
 
 
 def default_temp_thresholds() -> dict[tuple[int, int], int]:
@@ -68,8 +74,10 @@ class ControllerConfig:
     cntlid: int | None = None
     #: What RAM namespaces added later derive their IDs from (nvme_emu.identity)
     identity_seed: str = ""
-    #: TNVMCAP: bytes Namespace Management may allocate over every namespace together.
-    nvm_capacity: int = 64 << 30
+    #: Bytes Namespace Management may allocate over the namespaces it creates (the host's
+    #: budget, UNVMCAP when none exists). Namespaces the operator gives (command line, control
+    #: plane) bring their own capacity: TNVMCAP is this plus theirs (identify.total_capacity).
+    nvm_capacity: int = DEFAULT_NVM_CAPACITY
     #: Where Namespace Management creates namespace files; None: RAM (gone with the process).
     ns_dir: str | None = None
 
@@ -166,6 +174,8 @@ class ControllerState:
     namespaces: dict[int, "Namespace"]
     #: Every allocated namespace of the subsystem, attached or not (Namespace Management).
     allocated: dict[int, "Namespace"] = field(default_factory=dict)
+    #: The allocated NSIDs Namespace Management created: they draw on ``config.nvm_capacity``.
+    created: set[int] = field(default_factory=set)
     cap: int = 0
     vs: int = NVME_VERSION
     #: Guest memory while a host is attached.

@@ -170,6 +170,12 @@ class DmaTable:
         if not mapping.close():
             log.warning("DMA mapping %#x+%#x still has views; munmap deferred", mapping.iova, mapping.size)
             self._zombies.append(mapping)
+        self.close_deferred()
+
+    def close_deferred(self) -> None:
+        """Retry the munmaps deferred because the device still held views. The device calls
+        it once it dropped them (requests that outlived the client finished): nothing else
+        would, after the last unmap of a client that has gone."""
         self._zombies = [z for z in self._zombies if not z.close()]
 
     def lookup(self, iova: int, length: int = 1) -> DmaMapping:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
+from nvme_emu.identify import identify_controller
 from nvme_emu.namespace import Namespace, RamBackend
 from nvme_emu.namespace_management import add, namespace_attachment, namespace_management
 from nvme_emu.spec import NSID_ALL, AdminOpcode, AsyncEventConfig, Status, flbas_encode
-from nvme_emu.state import ControllerConfig
+from nvme_emu.state import DEFAULT_NVM_CAPACITY, ControllerConfig
 
 CREATE, DELETE = 0, 1
 ATTACH, DETACH = 0, 1
@@ -74,3 +75,42 @@ def test_delete_all_and_runtime_add(area: Area):
     assert delete(area, NSID_ALL) == 0
     assert area.state.allocated == {} and area.state.namespaces == {}
     assert area.state.events.changed_nsids == {1, 5}
+
+
+def _capacities(area: Area) -> tuple[int, int]:
+    idc = st.IdentifyController.parse(identify_controller(area.state))
+    return idc.tnvmcap, idc.unvmcap
+
+
+def test_capacity_is_the_hosts_budget_plus_the_namespaces_given(area: Area):
+    """TNVMCAP: what Namespace Management may allocate (``nvm_capacity``) plus the namespaces
+    the operator gave; UNVMCAP: what is left of the budget. Beyond it, Namespace
+    Insufficient Capacity; a deletion gives its bytes back."""
+    budget = 1 << 20
+    area.state.config = ControllerConfig(nvm_capacity=budget)
+    given = area.state.allocated[1].size_bytes
+    assert _capacities(area) == (given + budget, budget)
+    first = create(area, 1024)  # 512 KiB of 512-byte blocks
+    assert _capacities(area) == (given + budget, budget // 2)
+    assert status_of(lambda: create(area, 1025)) == Status.NAMESPACE_INSUFFICIENT_CAPACITY
+    second = create(area, 128, lbaf=1)  # 512 KiB of 4 KiB blocks: the budget is used up
+    assert _capacities(area) == (given + budget, 0)
+    assert status_of(lambda: create(area, 1)) == Status.NAMESPACE_INSUFFICIENT_CAPACITY
+    assert delete(area, first) == 0
+    assert _capacities(area) == (given + budget, budget // 2)
+    assert create(area, 1024) == first  # the same NSID and bytes again
+    assert _capacities(area) == (given + budget, 0)
+    # the control plane's namespace brings its own capacity: the host's budget is unchanged
+    add(area.state, area.hooks, Namespace(9, RamBackend(1 << 16)))
+    assert _capacities(area) == (given + budget + (1 << 16), 0)
+    # deleting a given namespace takes its capacity away and gives the host nothing more
+    assert delete(area, 1) == 0
+    assert _capacities(area) == (budget + (1 << 16), 0)
+    assert status_of(lambda: create(area, 1)) == Status.NAMESPACE_INSUFFICIENT_CAPACITY
+    assert delete(area, second) == 0
+    assert _capacities(area) == (budget + (1 << 16), budget // 2)
+
+
+def test_default_budget_is_modest():
+    """What a guest may make the server allocate without a --nvm-capacity: 4 GiB, not 64."""
+    assert ControllerConfig().nvm_capacity == DEFAULT_NVM_CAPACITY == 4 << 30

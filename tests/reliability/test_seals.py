@@ -21,7 +21,7 @@ import subprocess
 import pytest
 
 from ..support.host import PAGE, Host, status_name
-from nvme_emu.spec import NvmOpcode, Reg, Status
+from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg, Status
 from vfio_user import messages as m
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE, REGION_FLAG_MMAP, Command
 from vfio_user.memfd import sealed_memfd
@@ -201,6 +201,26 @@ def test_sparse_guest_file_on_a_full_tmpfs_fails_the_read_not_the_server(spawn, 
     try:
         _dma_map_fd(h, IOVA2, EXTRA, fd)
         _fault_then_recover(srv, h, IOVA2 + EXTRA // 2)
+    finally:
+        h.close()
+        os.close(fd)
+
+
+def test_identify_into_shrunk_guest_memory_fails_the_command(spawn):
+    """The admin path too: an Identify whose buffer lies in the lost part of a shrunk memfd
+    completes with Data Transfer Error (not success with the data gone to a scratch page), and
+    the admin queue goes on."""
+    srv = spawn(extra=["--dma-unsealed"])
+    h = Host(srv.path)
+    fd = _unsealed_memfd()
+    try:
+        _dma_map_fd(h, IOVA2, EXTRA, fd)
+        os.ftruncate(fd, PAGE)
+        c = h.admin(AdminOpcode.IDENTIFY, nsid=0, prp1=IOVA2 + EXTRA // 2, cdw10=1)
+        assert c.status == Status.DATA_TRANSFER_ERROR, status_name(c.status)
+        assert srv.alive()
+        c, data = h.identify(1)
+        assert c.status == Status.SUCCESS and data[:2] != b"\xa5\xa5"
     finally:
         h.close()
         os.close(fd)

@@ -23,6 +23,7 @@ The other trees run in child interpreters, interleaved; they need issue 13's int
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -82,11 +83,13 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
         for off in range(0, NS_SIZE, len(chunk)):  # every page in, as a prefilled namespace
             backend.write_from(off, [chunk])
         fn = NvmeFunction([Namespace(1, backend)], doorbell=DoorbellMode(mode), spin_us=0.0)
-        fd = os.memfd_create("hot-path-guest")
+        fd = os.memfd_create("hot-path-guest", os.MFD_ALLOW_SEALING)
         irq_fds: list[int] = []
         loop = None
         try:
             os.ftruncate(fd, ram_size)
+            # sealed as QEMU's guest RAM (the server refuses a memfd it could shrink)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             ram = mmap.mmap(fd, ram_size)
             table = DmaTable()
             table.add(iova, ram_size, DMA_FLAG_READ | DMA_FLAG_WRITE, fd, 0)

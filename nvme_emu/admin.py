@@ -28,6 +28,7 @@ from .spec import AdminOpcode, NvmeError, Status
 from .sqe import CID, FLAGS, NSID, OPC
 from .outcome import DEFERRED
 from .state import ControllerConfig, ControllerHooks, ControllerState
+from vfio_user.dma_guard import FAULTS as _FAULTS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class AdminCommands:
     def execute(self, sq: SubmissionQueue, e: tuple):
         """(status, DW0) of a command that is done, or DEFERRED."""
         handler = self.handlers.get(e[OPC])
+        faults = _FAULTS[0]  # SIGBUSes absorbed in guest memory so far (vfio_user.dma_guard)
         try:
             if handler is None:
                 raise NvmeError(Status.INVALID_OPCODE, f"admin opcode {e[OPC]:#x}")
@@ -79,6 +81,10 @@ class AdminCommands:
             if e[FLAGS] >> 6:
                 raise NvmeError(Status.INVALID_FIELD, "admin commands take PRPs, not SGLs")
             dw0 = handler(self.state, self.hooks, sq, e)
+            if _FAULTS[0] != faults:  # its data went to (or came from) a scratch page
+                if self.state.memory is not None:
+                    self.state.memory.faulted_since(faults)  # withdraws the mappings hit
+                raise NvmeError(Status.DATA_TRANSFER_ERROR, "host memory faulted (SIGBUS) during the data transfer")
         except NvmeError as err:
             self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID])
             log.debug("admin %#x failed: %r", e[OPC], err)

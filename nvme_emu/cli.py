@@ -134,7 +134,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     function = build_function(args)
     try:
-        server = make_server(args.backend, function, args.socket, mode=int(args.socket_mode, 8), handshake_timeout=args.handshake_timeout)
+        server = make_server(args.backend, function, args.socket, mode=int(args.socket_mode, 8), handshake_timeout=args.handshake_timeout,
+                             dma_unsealed=args.dma_unsealed)
     except BaseException:
         function.close()
         raise
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     common(s)
     s.add_argument("--socket", default=DEFAULT_SOCKET)
     s.add_argument("--socket-mode", default="0600", help="permissions of the socket (default owner only)")
+    s.add_argument("--dma-unsealed", action="store_true",
+                   help="accept guest-memory memfds not sealed against shrinking (QEMU seals them unless seal=off); "
+                        "the client can then truncate them under the server, and commands touching the lost pages fail")
     s.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help="drop a client that has not finished VERSION negotiation, or that stops this long in the "
                         f"middle of a message, so it cannot hold the one client slot (default {DEFAULT_HANDSHAKE_TIMEOUT:g}; "

@@ -75,6 +75,8 @@ class MediumError(BackendError):
 def _translate(e: OSError, what: str, *, writing: bool) -> BackendError:
     err = e.errno or errno.EIO
     msg = f"{what}: {e.strerror or e}"
+    if err == errno.EFAULT:  # the host's buffer, not the medium: its memory vanished (see nvm.py)
+        return BackendError(Status.DATA_TRANSFER_ERROR, err, msg)
     if writing and err in (errno.ENOSPC, errno.EDQUOT):
         return NoSpaceError(err, msg)
     if writing and err in (errno.EROFS, errno.EACCES, errno.EPERM):

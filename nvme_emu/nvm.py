@@ -41,6 +41,7 @@ from .spec import (
 )
 from .outcome import DEFERRED, Deferred
 from .state import ControllerHooks, ControllerState
+from vfio_user.dma_guard import FAULTS as _FAULTS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class NvmCommands:
 
     def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int] | Deferred:
         opc = e[OPC]
+        faults = _FAULTS[0]  # SIGBUSes absorbed in guest memory so far (vfio_user.dma_guard)
         try:
             if e[FLAGS] & 0x03:
                 raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
@@ -105,13 +107,12 @@ class NvmCommands:
                 raise NvmeError(Status.NAMESPACE_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected")
             if ns.formatting:
                 raise NvmeError(Status.FORMAT_IN_PROGRESS, f"namespace {ns.nsid} is being formatted", dnr=False)
-            if ns.blocking:
-                dw0 = handler(ns, e)  # _done_or_start, inlined: a page cache hit ends here
-                if isinstance(dw0, Work):
-                    return self._start(sq, e, dw0)
-                return _SUCCESS, dw0
-            # RAM: always done here (the fast path), so the handler returned an int, not Work
-            return _SUCCESS, handler(ns, e)  # type: ignore[return-value]
+            dw0 = handler(ns, e)  # RAM: always done here (the fast path), an int, never Work
+            if ns.blocking and isinstance(dw0, Work):  # _done_or_start, inlined: a page cache hit ends here
+                return self._start(sq, e, dw0)
+            if _FAULTS[0] != faults:  # the data copy may have faulted: no success then
+                self._check_guest_memory(faults)
+            return _SUCCESS, dw0  # type: ignore[return-value]
         except Exception as err:
             return self._failed(sq, e, err), 0
 
@@ -119,6 +120,16 @@ class NvmCommands:
         if isinstance(dw0, Work):
             return self._start(sq, e, dw0)
         return _SUCCESS, dw0
+
+    def _check_guest_memory(self, faults: int) -> None:
+        """A SIGBUS was absorbed while the command ran: its copy may have gone to (or come
+        from) a scratch page instead of the host's memory, so it fails (the fault may have been
+        another thread's: then this command fails needlessly, once, while a client is already
+        breaking its memory). The mappings hit are withdrawn for every later command."""
+        memory = self.state.memory
+        if memory is not None:
+            memory.faulted_since(faults)  # withdraws the mappings hit
+        raise NvmeError(Status.DATA_TRANSFER_ERROR, "host memory faulted (SIGBUS) during the data transfer")
 
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
@@ -144,9 +155,15 @@ class NvmCommands:
             return Status.SUCCESS, 0
         hooks.begin_request(sq)
         cid = e[CID]
+        faults = _FAULTS[0]
 
         def finished(result: Any, error: BaseException | None) -> None:
             prp.release_views(work.views)
+            if error is None and _FAULTS[0] != faults:
+                try:
+                    self._check_guest_memory(faults)
+                except NvmeError as err:
+                    error = err
             if error is None and work.done is not None:
                 try:
                     work.done(result)

@@ -6,12 +6,19 @@ asking the client (DMA_READ/DMA_WRITE messages), which the transport provides th
 :class:`RemoteDma` object. A device never sees a raw address: it asks :class:`GuestMemory` for a
 view of ``[iova, iova + length)`` and gets a memoryview (or numpy array) that cannot reach
 outside the mapping that holds it, or a :class:`DmaError`.
+
+Guest memory must not be able to kill the server. A memfd must be sealed against shrinking
+(``F_SEAL_SHRINK``, as QEMU's ``memory-backend-memfd`` does by default) unless the server was
+told to accept unsealed ones; what can still fault (an opted-in unsealed memfd, a regular file
+the client truncates, a sparse file on a full file system) is caught by :mod:`.dma_guard`, and
+a mapping that faulted is refused from then on (EFAULT).
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -21,6 +28,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from . import dma_guard
 from .constants import DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZE, DMA_FLAG_READ, DMA_FLAG_WRITE
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,13 @@ class DmaMapping:
     file_offset: int = 0
     mm: mmap.mmap | None = None
     view: memoryview | None = field(default=None, repr=False)
+    #: The SIGBUS guard's slot for this mapping's memory (-1: none, e.g. no fd).
+    guard_slot: int = field(default=-1, repr=False)
+    #: Withdraw ``guard_slot`` at :meth:`close` even without ``mm`` (memory someone else
+    #: unmaps right after: libvfio-user's own mapping when the glue cannot map its own).
+    unguard_on_close: bool = field(default=False, repr=False)
+    #: A SIGBUS was absorbed in it (see :meth:`DmaTable.quarantine`): refused from then on.
+    poisoned: bool = False
     #: Derived once (a mapping never changes): every guest-memory access reads them, and
     #: plain attributes cost a third of what properties do there.
     end: int = field(init=False, repr=False)
@@ -67,35 +82,76 @@ class DmaMapping:
             self.view.release()
             self.view = None
         if self.mm is None:
+            if self.unguard_on_close:
+                dma_guard.unguard(self.guard_slot)
+                self.guard_slot = -1
             return True
         try:
             self.mm.close()
         except BufferError:
             return False
         self.mm = None
+        dma_guard.unguard(self.guard_slot)
+        self.guard_slot = -1
         return True
+
+    def withdraw(self) -> None:
+        """Refuse every lookup from now on (a poisoned mapping): ``end`` shrinks to ``iova``;
+        the bounds of the range (overlaps, unmap) are ``iova + size``, which stays."""
+        self.poisoned = True
+        self.end = self.iova
 
 
 UnmapListener = Callable[[int, int], None]
 
 
-def check_dma_fd(fd: int, file_offset: int, size: int) -> None:
+def check_dma_fd(fd: int, file_offset: int, size: int, *, unsealed_ok: bool = False) -> None:
     """Refuse (DmaError) a DMA fd the server cannot map safely: a mapping past the end of a
-    regular file or memfd would SIGBUS the server on first touch. Both backends check here."""
+    regular file or memfd would SIGBUS the server on first touch, and so would one the client
+    can still shrink. Both backends check here.
+
+    A memfd must carry ``F_SEAL_SHRINK`` unless ``unsealed_ok`` (``serve --dma-unsealed``).
+    Other files cannot be sealed (only memfds take seals) and are accepted: QEMU's
+    ``memory-backend-file`` (hugetlbfs, ``/dev/shm``, pmem) is a common, legitimate set-up, and
+    what a truncation or a full file system does to them is caught by :mod:`.dma_guard`."""
     try:
         st = os.fstat(fd)
     except OSError as e:
         raise DmaError(errno.EBADF, f"bad DMA fd: {e}") from None
     if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
         raise DmaError(errno.EINVAL, f"DMA range {file_offset:#x}+{size:#x} lies outside its fd ({st.st_size:#x} bytes)")
+    if not unsealed_ok and is_memfd(fd) and not memfd_seals(fd) & fcntl.F_SEAL_SHRINK:
+        log.warning("DMA_MAP refused: guest memory memfd not sealed against shrinking (F_SEAL_SHRINK), so the "
+                    "client could truncate it under the server; QEMU's memory-backend-memfd seals by default "
+                    "(seal=on); serve --dma-unsealed accepts it")
+        raise DmaError(errno.EPERM, "DMA memfd is not sealed against shrinking (F_SEAL_SHRINK)")
+
+
+def is_memfd(fd: int) -> bool:
+    """Whether ``fd`` is a memfd (its /proc link is ``/memfd:NAME (deleted)``): a tmpfs file
+    answers F_GET_SEALS too, but can never be sealed, so the seals alone cannot tell."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return False
+
+
+def memfd_seals(fd: int) -> int:
+    """The memfd's seals (0 where the file takes none)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return 0
 
 
 class DmaTable:
     """Interval map of DMA mappings, keyed by IOVA, with the limits the server declared."""
 
-    def __init__(self, max_maps: int = DEFAULT_MAX_DMA_MAPS, pgsize: int = DEFAULT_PGSIZE) -> None:
+    def __init__(self, max_maps: int = DEFAULT_MAX_DMA_MAPS, pgsize: int = DEFAULT_PGSIZE, *, unsealed_ok: bool = False) -> None:
         self.max_maps = max_maps
         self.pgsize = pgsize
+        #: Accept memfds not sealed against shrinking (``serve --dma-unsealed``).
+        self.unsealed_ok = unsealed_ok
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._last: DmaMapping | None = None
@@ -113,7 +169,8 @@ class DmaTable:
         self._check_new(iova, size, prot)
         mapping = DmaMapping(iova, size, prot, file_offset)
         if fd is not None:
-            mapping.mm = self._mmap(fd, size, prot, file_offset)
+            mapping.mm = self._mmap(fd, size, prot, file_offset, self.unsealed_ok)
+            mapping.guard_slot = guard_memory(mapping.mm)
             mapping.view = memoryview(mapping.mm)
         i = bisect.bisect_left(self._starts, iova)
         self._starts.insert(i, iova)
@@ -130,16 +187,16 @@ class DmaTable:
         if len(self._maps) >= self.max_maps:
             raise DmaError(errno.ENOSPC, f"too many DMA mappings (max {self.max_maps})")
         i = bisect.bisect_right(self._starts, iova)
-        if i > 0 and self._maps[i - 1].end > iova:
+        if i > 0 and self._maps[i - 1].iova + self._maps[i - 1].size > iova:
             raise DmaError(errno.EEXIST, f"DMA range at {iova:#x} overlaps an existing mapping")
         if i < len(self._maps) and self._maps[i].iova < iova + size:
             raise DmaError(errno.EEXIST, f"DMA range at {iova:#x} overlaps an existing mapping")
 
     @staticmethod
-    def _mmap(fd: int, size: int, prot: int, file_offset: int) -> mmap.mmap:
+    def _mmap(fd: int, size: int, prot: int, file_offset: int, unsealed_ok: bool) -> mmap.mmap:
         if file_offset % mmap.ALLOCATIONGRANULARITY:
             raise DmaError(errno.EINVAL, f"DMA file offset {file_offset:#x} not page aligned")
-        check_dma_fd(fd, file_offset, size)
+        check_dma_fd(fd, file_offset, size, unsealed_ok=unsealed_ok)
         mprot = mmap.PROT_READ | (mmap.PROT_WRITE if prot & DMA_FLAG_WRITE else 0)
         try:
             return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mprot, offset=file_offset)
@@ -189,11 +246,34 @@ class DmaTable:
             if iova + length <= m.end and length >= 0:
                 self._last = m
                 return m
+            if m.poisoned and iova < m.iova + m.size:
+                raise DmaError(errno.EFAULT, f"DMA range {iova:#x}+{length:#x} lies in a mapping that faulted (SIGBUS)")
         raise DmaError(errno.EFAULT, f"DMA range {iova:#x}+{length:#x} is not mapped")
+
+    def quarantine(self) -> list[DmaMapping]:
+        """Withdraw the mappings in which the SIGBUS guard absorbed a fault (the client shrank
+        their file, or it could not be backed): every access to them is refused from now on,
+        until the client unmaps them. Returns the newly withdrawn ones."""
+        hit = [m for m in self._maps if not m.poisoned and dma_guard.poisoned(m.guard_slot)]
+        for m in hit:
+            log.warning("DMA mapping %#x+%#x faulted (SIGBUS: its file shrank or cannot be backed); refusing "
+                        "access to it until it is unmapped", m.iova, m.size)
+            m.withdraw()
+        if hit:
+            self._last = None
+        return hit
 
     def open_count(self) -> int:
         """Mappings still holding an mmap, including deferred ones (for leak tests)."""
         return sum(1 for m in self._maps if m.mm is not None) + len(self._zombies)
+
+
+def guard_memory(buffer: mmap.mmap | memoryview) -> int:
+    """Register a mapping's memory with the SIGBUS guard; its slot (DmaError if it cannot)."""
+    try:
+        return dma_guard.guard(buffer)
+    except dma_guard.DmaGuardUnavailable as e:
+        raise DmaError(errno.ENOSYS, str(e)) from None
 
 
 class GuestMemory:
@@ -202,6 +282,14 @@ class GuestMemory:
     def __init__(self, table: DmaTable, remote: RemoteDma | None = None) -> None:
         self.table = table
         self.remote = remote
+
+    def faulted_since(self, seen: int) -> bool:
+        """Whether a SIGBUS was absorbed since :data:`dma_guard.FAULTS` read ``seen`` (a data
+        copy in between touched memory that vanished); the mappings hit are withdrawn."""
+        if dma_guard.FAULTS[0] == seen:
+            return False
+        self.table.quarantine()
+        return True
 
     def view(self, iova: int, length: int, *, write: bool = False) -> memoryview:
         """A memoryview of ``[iova, iova + length)`` inside one fd-backed mapping."""

@@ -69,7 +69,8 @@ from .constants import (
     MsgType,
 )
 from .device import Device, DeviceContext, Region, ResetKind
-from .dma import DmaError, DmaMapping, DmaTable, GuestMemory, check_dma_fd
+from . import dma_guard
+from .dma import DmaError, DmaMapping, DmaTable, GuestMemory, check_dma_fd, guard_memory
 from .irq import IrqRouting, UnmaskCallback, is_eventfd
 from .messages import HEADER
 from .resources import dma_map_budget
@@ -289,7 +290,7 @@ class ForeignDmaTable(DmaTable):
         i = bisect.bisect_right(self._starts, mapping.iova)
         if i > 0 and self._maps[i - 1].iova == mapping.iova and self._maps[i - 1].size == mapping.size:
             return  # libvfio-user treats an identical DMA_MAP as a no-op
-        if (i > 0 and self._maps[i - 1].end > mapping.iova) or (i < len(self._maps) and self._maps[i].iova < mapping.end):
+        if (i > 0 and self._maps[i - 1].iova + self._maps[i - 1].size > mapping.iova) or (i < len(self._maps) and self._maps[i].iova < mapping.end):
             raise DmaError(errno.EEXIST, f"DMA range at {mapping.iova:#x} overlaps an existing mapping")
         self._starts.insert(i, mapping.iova)
         self._maps.insert(i, mapping)
@@ -448,6 +449,7 @@ class LibvfioUserServer:
         on_disconnect: Callable[[LibvfioClient, str], None] | None = None,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         dma_timeout: float = DEFAULT_DMA_TIMEOUT,
+        dma_unsealed: bool = False,
         **_ignored: Any,
     ) -> None:
         lib = load_library()  # fail early, with the install hint
@@ -466,6 +468,8 @@ class LibvfioUserServer:
         self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
         #: Seconds a client may take to answer a DMA_READ/DMA_WRITE before it is dropped.
         self.dma_timeout = dma_timeout
+        #: Accept memfds not sealed against shrinking (as the Python backend's ServerLimits).
+        self.dma_unsealed = dma_unsealed
         self.client: LibvfioClient | None = None
         self.clients_served = 0
         #: Whether shadow ioeventfds were accepted (library built with -Dshadow-ioeventfd=true).
@@ -518,6 +522,7 @@ class LibvfioUserServer:
         self._blocking_lock = asyncio.Lock()
         refuse_live_socket(self.path)
         remove_stale_socket(self.path)
+        dma_guard.ensure_ready()  # a missing compiler is reported now, not at the first DMA_MAP
         ffi, lib = self._ffi, self._lib
         # libvfio-user keeps each DMA_MAP's fd: bound the maps by what the process can hold
         # (as the Python backend does), or a flood of maps runs the server into EMFILE
@@ -714,15 +719,17 @@ class LibvfioUserServer:
             prot = int(info.prot)
             mapping = DmaMapping(iova, size, prot)
             if info.vaddr != ffi.NULL:
-                mapping.view = self._own_view(info, size, prot)
+                mapping.view, mapping.guard_slot, mapping.unguard_on_close = self._own_view(info, size, prot)
             assert self._table is not None
             self._table.insert(mapping)
         except Exception:
             # libvfio-user has already accepted the map; the device just cannot reach it.
             log.exception("DMA register callback failed")
 
-    def _own_view(self, info: Any, size: int, prot: int) -> memoryview:
-        """A view on a second mapping of the region's pages, unmapped when its last view dies."""
+    def _own_view(self, info: Any, size: int, prot: int) -> tuple[memoryview, int, bool]:
+        """A view on a second mapping of the region's pages, unmapped when its last view dies;
+        with its SIGBUS guard slot (withdrawn right before that munmap) and whether the
+        mapping's close must withdraw it instead (libvfio-user's own mapping, the fallback)."""
         ffi, libc = self._ffi, self._libc
         base = info.mapping.iov_base
         length = int(info.mapping.iov_len)
@@ -731,11 +738,18 @@ class LibvfioUserServer:
         if int(ffi.cast("intptr_t", new)) == -1:
             log.warning("mremap failed (%s): using libvfio-user's mapping directly", os.strerror(ffi.errno))
             view = memoryview(ffi.buffer(ffi.cast("char *", info.vaddr), size))
+            slot, unguard_on_close = guard_memory(view), True
         else:
-            owner = ffi.gc(ffi.cast("char *", new), lambda p, n=length: libc.munmap(p, n))
+            slot, unguard_on_close = dma_guard.guard_range(int(ffi.cast("uintptr_t", new)), length), False
+
+            def unmap(p: Any, n: int = length, s: int = slot) -> None:
+                dma_guard.unguard(s)
+                libc.munmap(p, n)
+
+            owner = ffi.gc(ffi.cast("char *", new), unmap)
             # the buffer must reference ``owner`` itself (``owner + n`` would not keep it alive)
             view = memoryview(ffi.buffer(owner, length))[delta : delta + size]
-        return view if prot & DMA_FLAG_WRITE else view.toreadonly()
+        return (view if prot & DMA_FLAG_WRITE else view.toreadonly()), slot, unguard_on_close
 
     def _dma_unregister(self, _ctx: Any, info: Any) -> None:
         ffi = self._ffi
@@ -986,7 +1000,7 @@ class LibvfioUserServer:
             if msg_flags & socket.MSG_CTRUNC:
                 refusal: int | None = errno.EMFILE  # out of fds: the kernel dropped this message's fds
             else:
-                refusal = _screen(command, flags, raw[HEADER_SIZE:], fds)
+                refusal = _screen(command, flags, raw[HEADER_SIZE:], fds, unsealed_ok=self.dma_unsealed)
             if refusal is None:
                 return command, raw[HEADER_SIZE:]
             self._consume(msg_id, command, size, refusal)
@@ -1214,7 +1228,7 @@ def _command_name(command: int) -> str:
         return f"command {command}"
 
 
-def _screen_dma_map(payload: bytes, fds: list[int]) -> int | None:
+def _screen_dma_map(payload: bytes, fds: list[int], unsealed_ok: bool) -> int | None:
     """The DMA_MAP checks libvfio-user lacks: a range that wraps past 2^64 or is not page
     aligned, more than one fd, or an fd too small for the range (SIGBUS on first touch)."""
     if len(payload) < 32:
@@ -1226,13 +1240,13 @@ def _screen_dma_map(payload: bytes, fds: list[int]) -> int | None:
         return errno.EINVAL
     if fds:
         try:
-            check_dma_fd(fds[0], offset, size)
+            check_dma_fd(fds[0], offset, size, unsealed_ok=unsealed_ok)
         except DmaError as e:
             return e.errno
     return None
 
 
-def _screen(command: int, flags: int, payload: bytes, fds: list[int]) -> int | None:
+def _screen(command: int, flags: int, payload: bytes, fds: list[int], *, unsealed_ok: bool = False) -> int | None:
     """What we answer for a message before libvfio-user sees it: None to hand it over, an
     errno to refuse it, 0 to drop it unanswered. The library takes any fd on any command, so
     fds it would keep, or map past their end (SIGBUS), or write interrupts to (a pipe would
@@ -1240,7 +1254,7 @@ def _screen(command: int, flags: int, payload: bytes, fds: list[int]) -> int | N
     if flags & 0xF != MsgType.REQUEST:
         return 0  # a reply nobody asked for (DMA replies are read while a DMA call is busy)
     if command == Command.DMA_MAP:
-        return _screen_dma_map(payload, fds)
+        return _screen_dma_map(payload, fds, unsealed_ok)
     if not fds:
         return None
     if command == Command.DEVICE_SET_IRQS and len(payload) >= 8:

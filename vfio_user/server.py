@@ -19,6 +19,7 @@ import socket
 import struct
 from typing import Callable
 
+from . import dma_guard
 from . import messages as m
 from .constants import Command
 from .device import Device, DeviceContext
@@ -337,10 +338,13 @@ class Server:
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         on_connect: Callable[[ClientConnection], None] | None = None,
         on_disconnect: Callable[[ClientConnection, str], None] | None = None,
+        dma_unsealed: bool = False,
     ) -> None:
         self.device = device
         self.path = path
         self.limits = limits or ServerLimits()
+        if dma_unsealed:
+            self.limits = dataclasses.replace(self.limits, dma_unsealed=True)
         self.mode = mode
         self.dma_timeout = dma_timeout
         self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
@@ -358,6 +362,7 @@ class Server:
         device is built (each map costs an fd and a memory-map entry)."""
         budget = dma_map_budget(self.limits.max_dma_maps, sum(self.device.irq_counts.values()))
         self.limits = dataclasses.replace(self.limits, max_dma_maps=budget)
+        dma_guard.ensure_ready()  # a missing compiler is reported now, not at the first DMA_MAP
         self._listener = listen_unix(self.path, self.mode)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         log.info("listening on %s (mode %o)", self.path, self.mode)

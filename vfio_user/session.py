@@ -74,6 +74,9 @@ class ServerLimits:
     max_dma_maps: int = DEFAULT_MAX_DMA_MAPS
     pgsize: int = DEFAULT_PGSIZE
     write_multiple: bool = True
+    #: Accept guest-memory memfds not sealed against shrinking (``serve --dma-unsealed``;
+    #: not announced). The client could then truncate them: the SIGBUS guard absorbs that.
+    dma_unsealed: bool = False
 
     def capabilities(self) -> dict[str, Any]:
         caps: dict[str, Any] = {
@@ -117,7 +120,7 @@ class ServerSession:
     def __init__(self, device: Device, limits: ServerLimits | None = None) -> None:
         self.device = device
         self.limits = limits or ServerLimits()
-        self.dma = DmaTable(self.limits.max_dma_maps, self.limits.pgsize)
+        self.dma = DmaTable(self.limits.max_dma_maps, self.limits.pgsize, unsealed_ok=self.limits.dma_unsealed)
         self.dma.unmap_listeners.append(device.dma_unmapping)
         self.irqs = IrqState(device.irq_counts, on_unmask=device.irq_unmasked)
         self.negotiated = False

@@ -11,6 +11,7 @@ import pytest
 from nvme_emu import atomics, cli
 from nvme_emu.queue import CQE, CompletionQueue, Ring
 from vfio_user.dma import DMA_FLAG_READ, DMA_FLAG_WRITE, DmaTable, GuestMemory
+from vfio_user.memfd import sealed_memfd
 
 SIZE = 4096
 FILL = 0xA5
@@ -108,9 +109,8 @@ def test_read_only_buffer_is_refused_for_stores(page):
 
 def test_ring_drop_lets_the_dma_mapping_go():
     """The cached pointer must not keep a DMA-unmapped ring's mmap alive (or block drop)."""
-    fd = os.memfd_create("atomics-test")
+    fd = sealed_memfd("atomics-test", 2 * SIZE)  # as QEMU's guest RAM: the DMA table wants it sealed
     try:
-        os.ftruncate(fd, 2 * SIZE)
         table = DmaTable()
         table.add(0x10000, 2 * SIZE, DMA_FLAG_READ | DMA_FLAG_WRITE, fd)
         memory = GuestMemory(table)

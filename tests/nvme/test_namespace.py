@@ -28,6 +28,7 @@ from nvme_emu.prp import prp_views, release_views
 from nvme_emu.spec import NvmeError, Status
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
 from vfio_user.dma import DmaTable, GuestMemory
+from vfio_user.memfd import sealed_memfd
 
 MiB = 1 << 20
 
@@ -83,11 +84,10 @@ def test_write_read_round_trip(any_ns):
 
 def test_read_write_through_guest_memory(any_ns):
     """Real guest memory: PRP views over a memfd, data checked through our own mmap."""
-    fd = os.memfd_create("guest")
+    fd = sealed_memfd("guest", MiB)  # as QEMU's guest RAM: the DMA table wants it sealed
     table = DmaTable()
     mm = None
     try:
-        os.ftruncate(fd, MiB)
         table.add(0x100000, MiB, DMA_FLAG_READ | DMA_FLAG_WRITE, fd, 0)
         mem = GuestMemory(table)
         mm = mmap.mmap(fd, MiB)

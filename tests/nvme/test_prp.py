@@ -26,6 +26,7 @@ from nvme_emu.prp import (
 from nvme_emu.spec import NvmeError, SglType, Status
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
 from vfio_user.dma import DmaTable, GuestMemory
+from vfio_user.memfd import sealed_memfd
 
 PAGE = 4096
 BASE = 0x10_0000
@@ -47,9 +48,8 @@ class Guest:
         self.ro = self._memfd(RO_BASE, RO_SIZE, DMA_FLAG_READ)
 
     def _memfd(self, iova: int, size: int, prot: int) -> mmap.mmap:
-        fd = os.memfd_create("guest")
+        fd = sealed_memfd("guest", size)  # as QEMU's guest RAM: the DMA table wants it sealed
         self.fds.append(fd)
-        os.ftruncate(fd, size)
         self.table.add(iova, size, prot, fd, 0)
         mm = mmap.mmap(fd, size)
         self.maps.append(mm)
@@ -284,9 +284,8 @@ def test_larger_memory_page_size(guest):
 
 def test_view_across_adjacent_mappings(guest):
     # Add a second memfd right after the hole's start: BASE+RAM_SIZE .. +64K, adjacent to RAM.
-    fd = os.memfd_create("adj")
+    fd = sealed_memfd("adj", 64 << 10)
     try:
-        os.ftruncate(fd, 64 << 10)
         guest.table.add(HOLE, 64 << 10, DMA_FLAG_READ | DMA_FLAG_WRITE, fd, 0)
         views = prp_views(guest.mem, HOLE - PAGE, HOLE, 2 * PAGE, PAGE, write=True)
         assert [len(v) for v in views] == [PAGE, PAGE]

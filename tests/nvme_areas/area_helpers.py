@@ -18,6 +18,7 @@ from nvme_emu.queue import CompletionQueue, SubmissionQueue
 from nvme_emu.spec import CQES_LOG2, SQES_LOG2, Cc, NvmeError, Status
 from nvme_emu.state import ControllerConfig, ControllerHooks, ControllerState
 from vfio_user.dma import DMA_FLAG_READ, DMA_FLAG_WRITE, DmaTable, GuestMemory
+from vfio_user.memfd import sealed_memfd
 
 #: Guest-physical base and size of the memfd the tests map as guest RAM.
 GUEST_BASE = 0x100000
@@ -31,8 +32,7 @@ class Guest:
     """Guest RAM: the GuestMemory handlers use, and our own mmap of it to check data."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("nvme-areas-guest")
-        os.ftruncate(self.fd, GUEST_SIZE)
+        self.fd = sealed_memfd("nvme-areas-guest", GUEST_SIZE)  # as QEMU's: the DMA table wants it sealed
         self.table = DmaTable()
         self.table.add(GUEST_BASE, GUEST_SIZE, DMA_FLAG_READ | DMA_FLAG_WRITE, self.fd, 0)
         self.memory = GuestMemory(self.table)

@@ -31,6 +31,7 @@ from ..support.host import Host, IOVA, PAGE
 from ..support.server import DEADLINE, ServerProcess
 from nvme_emu.spec import Status
 from vfio_user import messages as m
+from vfio_user.memfd import sealed_memfd
 from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError
 from vfio_user.constants import (
     DMA_FLAG_READ,
@@ -48,6 +49,11 @@ MAP_SIZE = 1 << 20
 
 
 def _memfd(size: int) -> int:
+    """Sealed against resizing, as QEMU's guest RAM (``_unsealed_memfd``: the server refuses it)."""
+    return sealed_memfd("hostile", size)
+
+
+def _unsealed_memfd(size: int) -> int:
     fd = os.memfd_create("hostile", os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
     return fd
@@ -85,6 +91,7 @@ def _regular_file(tmp: str) -> int:
 FD_KINDS: dict[str, Callable[[str], int]] = {
     "eventfd": lambda _t: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
     "memfd": lambda _t: _memfd(MAP_SIZE),
+    "memfd-unsealed": lambda _t: _unsealed_memfd(MAP_SIZE),
     "memfd-too-small": lambda _t: _memfd(PAGE),
     "memfd-empty": lambda _t: _memfd(0),
     "pipe-read": lambda _t: _pipe_read(),

@@ -32,6 +32,7 @@ from vfio_user.vmm.client import QEMU_CAPABILITIES
 from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, HEADER_SIZE, Command, MsgType
 from vfio_user.device import DeviceContext
 from vfio_user.dma import GuestMemory
+from vfio_user.memfd import sealed_memfd
 from vfio_user.protocol import Connection, FatalProtocolError, Message, Rejected, encode
 from vfio_user.session import ServerSession
 
@@ -294,8 +295,7 @@ def rig():
 def test_random_message_streams(rig, prologue, msgs, cuts):
     before = _open_fds()
     maps_before = _memfd_maps()
-    ram_fd = os.memfd_create("hostile", os.MFD_CLOEXEC)
-    os.ftruncate(ram_fd, FUZZ_RAM)
+    ram_fd = sealed_memfd("hostile", FUZZ_RAM)  # sealed, as QEMU's guest RAM, so its maps are taken
     stream = b""
     fd_at: dict[int, list[int]] = {}  # stream offset -> fds sent with the chunk starting there
     if prologue:

@@ -41,6 +41,7 @@ from typing import Callable, Literal, Optional, Union
 
 from ._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
 from .x86 import prog_write_loop
+from ..memfd import sealed_memfd
 
 __all__ = [
     "Kvm",
@@ -271,11 +272,10 @@ class MemfdRegion:
             raise ValueError(f"size must be a positive multiple of {mmap.PAGESIZE}, got {size}")
         self.size = size
         self.owns_fd = fd is None
-        self.fd: int = os.memfd_create(name, os.MFD_CLOEXEC) if fd is None else fd
+        # sealed as QEMU seals guest RAM: the server refuses a memfd the VMM could shrink
+        self.fd: int = sealed_memfd(name, size) if fd is None else fd
         self.mmap: Optional[mmap.mmap] = None
         try:
-            if self.owns_fd:
-                os.ftruncate(self.fd, size)
             self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.view: memoryview = memoryview(self.mmap)
             self._cbuf = ffi.from_buffer("uint8_t[]", self.mmap, require_writable=True)

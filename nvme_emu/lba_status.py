@@ -43,6 +43,8 @@ DESCRIPTOR = struct.Struct("<QIxB2x")  # DSLBA, NLB, Status
 LOG_HEADER = struct.Struct("<III2xH")  # LSLPLEN, NLSLNE, ESTULB, LSGC
 LOG_ELEMENT = struct.Struct("<IIB7x")  # NEID, NLRD, RATYPE
 LOG_RANGE = struct.Struct("<QI4x")  # RSLBA, RNLB
+assert (LIST_HEADER.size, DESCRIPTOR.size) == (LBA_STATUS_LIST_HEADER_SIZE, LBA_STATUS_DESCRIPTOR_SIZE)
+assert (LOG_HEADER.size, LOG_ELEMENT.size, LOG_RANGE.size) == (LBA_STATUS_LOG_HEADER_SIZE, LBA_STATUS_LOG_ELEMENT_SIZE, LBA_STATUS_LOG_RANGE_SIZE)
 #: A descriptor's NLB is 32 bits: a longer range is reported in pieces.
 MAX_DESCRIPTOR_NLB = 0xFFFF_FFFF
 #: The Action Types served; 02h (tracked allocated LBAs) needs allocated-LBA tracking.
@@ -115,6 +117,5 @@ def lba_status_log(state: ControllerState) -> bytes:
         if ranges:
             body = b"".join(LOG_RANGE.pack(s, n) for s, n in ranges)
             elements.append(LOG_ELEMENT.pack(nsid, len(ranges), RECOMMENDED_ACTION) + body)
-    length = LBA_STATUS_LOG_HEADER_SIZE + sum(len(x) for x in elements)
-    assert LBA_STATUS_LOG_ELEMENT_SIZE == LOG_ELEMENT.size and LBA_STATUS_LOG_RANGE_SIZE == LOG_RANGE.size
+    length = LOG_HEADER.size + sum(len(x) for x in elements)
     return LOG_HEADER.pack(length, len(elements), 0, state.lba_status.generation) + b"".join(elements)

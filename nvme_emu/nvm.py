@@ -454,7 +454,8 @@ class NvmCommands:
     def _marks_changed(self, *, added: bool) -> None:
         """Read and Write look at marks only while a namespace has some; the tracked LBAs
         changed (LBA Status Information log, and its alert for new ones)."""
-        marked = any(ns.uncorrectable for ns in self.state.namespaces.values())
+        state = self.state  # detached namespaces too: their marks count again once attached
+        marked = any(ns.uncorrectable for ns in (*state.namespaces.values(), *state.allocated.values()))
         self.handlers.update(self._marked if marked else self._unmarked)
         lba_status_changed(self.state, self.hooks, added=added)
 

@@ -281,3 +281,21 @@ def test_lba_ranges_match_a_set_of_lbas():
             assert ranges.first_in(q, qn) == (inside[0] if inside else None)
             assert sorted(lba for s, n in ranges.within(q, qn) for lba in range(s, s + n)) == inside
             assert bool(ranges) == bool(model)
+
+
+def test_marks_of_a_detached_namespace_hold_when_it_is_attached_again(guest):
+    """The Read handler that looks at marks stays while a detached namespace has some."""
+    from .area_helpers import make_area
+
+    area = make_area(guest, namespaces=2)
+    nvm = NvmCommands(area.state, area.hooks)
+    try:
+        assert nvm.execute(area.admin_sq, io(NvmOpcode.WRITE_UNCORRECTABLE, 5, 1, nsid=2)) == (Status.SUCCESS, 0)
+        ns2 = area.state.namespaces.pop(2)  # detached (still allocated)
+        mark(nvm, area, (9, 1))
+        assert write(nvm, area, 9, 1) == (Status.SUCCESS, 0)  # namespace 1 has no marks left
+        area.state.namespaces[2] = ns2  # attached again
+        assert status(nvm.execute(area.admin_sq, io(NvmOpcode.READ, 5, 1, nsid=2))) == Status.UNRECOVERED_READ_ERROR
+    finally:
+        for ns in area.state.allocated.values():
+            ns.close()

@@ -3,7 +3,7 @@
 Handlers live by area (:mod:`~nvme_emu.identify`, :mod:`~nvme_emu.log_page`,
 :mod:`~nvme_emu.features`, :mod:`~nvme_emu.async_event`, :mod:`~nvme_emu.queue_management`,
 :mod:`~nvme_emu.format_nvm`, :mod:`~nvme_emu.dbbuf`, :mod:`~nvme_emu.abort`,
-:mod:`~nvme_emu.namespace_management`). Each takes
+:mod:`~nvme_emu.namespace_management`, :mod:`~nvme_emu.lba_status`). Each takes
 (state, hooks, sq, decoded SQE) and returns DW0, or :data:`~nvme_emu.outcome.DEFERRED`, or
 raises :class:`NvmeError` with the status the spec names. Admin commands move data through
 PRPs only (SGLs are for I/O).
@@ -20,6 +20,7 @@ from .dbbuf import doorbell_buffer_config
 from .features import get_features, set_features
 from .format_nvm import format_nvm
 from .identify import identify
+from .lba_status import get_lba_status
 from .log_page import get_log_page
 from .namespace_management import namespace_attachment, namespace_management
 from .queue import SubmissionQueue
@@ -50,6 +51,7 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.FORMAT_NVM: format_nvm,
     AdminOpcode.NAMESPACE_MANAGEMENT: namespace_management,
     AdminOpcode.NAMESPACE_ATTACHMENT: namespace_attachment,
+    AdminOpcode.GET_LBA_STATUS: get_lba_status,
 }
 
 

@@ -37,6 +37,7 @@ ACKNOWLEDGED_BY_LOG: dict[int, AsyncEventType] = {
     LogPageId.ERROR_INFORMATION: AsyncEventType.ERROR,
     LogPageId.SMART_HEALTH: AsyncEventType.SMART_HEALTH,
     LogPageId.CHANGED_NAMESPACE_LIST: AsyncEventType.NOTICE,
+    LogPageId.LBA_STATUS_INFORMATION: AsyncEventType.NOTICE,
 }
 
 

@@ -10,7 +10,10 @@ What the host sees is what the spec says a device shows:
 
 - ``media``: a Read (Compare, Verify) touching the range completes with Unrecovered Read
   Error, a Write (Write Zeroes) with Write Fault, both with DNR (retrying cannot help); each
-  gets an Error Information entry and counts in SMART Media and Data Integrity Errors.
+  gets an Error Information entry and counts in SMART Media and Data Integrity Errors. While
+  it fails reads, its range is reported as tracked potentially unrecoverable LBAs (Get LBA
+  Status, the LBA Status Information log: :mod:`nvme_emu.lba_status`), next to the marks of
+  Write Uncorrectable.
 - ``latency`` / ``delay``: the command runs as usual, its completion is posted later
   (fixed, or drawn from a distribution); past the host's timeout for ``delay``.
 - ``drop``: the command is fetched and never completed, as if the controller lost it; only
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .jsonrpc import Param, ParamType, Schema, check_params
+from .lba_status import lba_status_changed
 from .nvm import NvmCommands
 from .queue import SubmissionQueue
 from .spec import NSID_ALL, NvmeError, NvmOpcode, RwCdw12, Status
@@ -170,6 +174,9 @@ class FaultInjector:
         fault = parse_fault(next(self._ids), params)
         self.faults[fault.id] = fault
         self._install()
+        if fault.kind == "media" and fault.op in ("read", "rw"):
+            self.state.lba_status.fault_ranges[fault.id] = (fault.nsid, fault.slba, fault.nlb)
+            lba_status_changed(self.state, self._hooks, added=True)
         log.warning("fault %d injected: %s", fault.id, fault.describe())
         return fault
 
@@ -182,9 +189,16 @@ class FaultInjector:
             n = 1 if self.faults.pop(fault_id, None) is not None else 0
             if not n:
                 raise ValueError(f"no fault {fault_id}")
+        self._untrack(*(self.state.lba_status.fault_ranges if fault_id is None else [fault_id]))
         if not self.faults:
             self._uninstall()
         return n
+
+    def _untrack(self, *fault_ids: int) -> None:
+        """These faults no longer fail reads: their LBAs are not reported any more."""
+        ranges = self.state.lba_status.fault_ranges
+        if any([ranges.pop(i, None) is not None for i in fault_ids]):
+            lba_status_changed(self.state, self._hooks, added=False)
 
     def _install(self) -> None:
         self.nvm.execute = self.execute  # type: ignore[method-assign]
@@ -230,6 +244,8 @@ class FaultInjector:
 
     def _media_error(self, sq: SubmissionQueue, e: tuple, fault: Fault, slba: int) -> tuple[int, int]:
         fault.hit()
+        if fault.remaining == 0:  # its count is used up: it fails no more reads
+            self._untrack(fault.id)
         self.counters.media_errors += 1
         status = Status.UNRECOVERED_READ_ERROR if e[OPC] in READ_OPCODES else Status.WRITE_FAULT
         err = NvmeError(status, f"fault {fault.id}", dnr=True)

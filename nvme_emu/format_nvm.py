@@ -73,4 +73,6 @@ def _formatted(state: ControllerState, hooks: ControllerHooks, targets: list[Nam
     """The new format applies; each namespace's change is reported (Changed Namespace List)."""
     for ns in targets:
         ns.lbaf_index = lbaf
+        if ns.uncorrectable.clear():  # the media was erased: nothing is unrecoverable any more
+            state.lba_status.changed()
         namespace_changed(state, hooks, ns.nsid)

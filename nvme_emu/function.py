@@ -27,6 +27,10 @@ MSIX_PBA_OFFSET = 0x1000
 #: Bound once for the per-interrupt path (an IntEnum attribute access costs about 60 ns).
 _MSIX, _INTX = IrqIndex.MSIX, IrqIndex.INTX
 BAR4_SIZE = 0x2000
+#: Windows' NVMe driver masks BAR0's address with 0xFFFFC000, so a smaller BAR0 would put its
+#: registers below the BAR. The doorbells stay in their one page at 1000h (every doorbell path,
+#: the poll path's mmap area and the ioeventfds use that page); the rest reads as zero.
+BAR0_MIN_SIZE = 0x4000
 
 
 def _pow2(n: int) -> int:
@@ -54,7 +58,7 @@ class NvmeFunction(Device):
         if not 1 <= cfg.msix_vectors <= 2048:
             raise ValueError("MSI-X vectors must be 1..2048")
         self._declare_config(cfg)
-        bar0_size = _pow2(Reg.DOORBELLS + max(cfg.doorbell_bytes, 4096))
+        bar0_size = _pow2(max(BAR0_MIN_SIZE, Reg.DOORBELLS + cfg.doorbell_bytes))
         self.bar0 = self.add_region(
             RegionIndex.BAR0,
             Region(bar0_size, read=self._bar0_read, write=self._bar0_write, bits64=True, mmap_areas=bar0_mmap_areas(doorbell)),

@@ -111,8 +111,8 @@ def _identify_namespace(state: ControllerState, nsid: int) -> bytes:
 def identify_controller(state: ControllerState) -> bytes:
     """Identify Controller: what this controller supports, from its configuration."""
     c = state.config
-    oacs = Oacs.FORMAT_NVM | Oacs.NAMESPACE_MANAGEMENT | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
-    oncs = Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.TIMESTAMP | Oncs.VERIFY | Oncs.COPY
+    oacs = Oacs.FORMAT_NVM | Oacs.NAMESPACE_MANAGEMENT | Oacs.GET_LBA_STATUS | (Oacs.DOORBELL_BUFFER_CONFIG if c.shadow_doorbells else 0)
+    oncs = Oncs.COMPARE | Oncs.WRITE_UNCORRECTABLE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.TIMESTAMP | Oncs.VERIFY | Oncs.COPY
     return st.build_identify_controller(
         vid=c.pci_vendor,
         ssvid=c.pci_vendor,
@@ -122,7 +122,7 @@ def identify_controller(state: ControllerState) -> bytes:
         mdts=c.mdts,
         cntlid=c.controller_id,
         ver=state.vs,
-        oaes=Oaes.NAMESPACE_ATTRIBUTE,
+        oaes=Oaes.NAMESPACE_ATTRIBUTE | Oaes.LBA_STATUS,
         oacs=oacs,
         acl=c.acl,
         aerl=c.aerl,

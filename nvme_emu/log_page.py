@@ -1,5 +1,6 @@
 """Get Log Page (admin opcode 02h): Supported Log Pages, Error Information, SMART / Health,
-Firmware Slot, Changed Namespace List and Commands Supported and Effects.
+Firmware Slot, Changed Namespace List, Commands Supported and Effects, Feature Identifiers and
+NVMe-MI Commands Supported and Effects, and LBA Status Information.
 
 Reading a page with RAE (Retain Asynchronous Event) clear acknowledges its event type.
 """
@@ -10,6 +11,7 @@ import time
 
 from . import structures as st
 from .async_event import acknowledge
+from .lba_status import lba_status_log
 from .queue import SubmissionQueue
 from .spec import (
     CSE_SHIFT,
@@ -42,6 +44,7 @@ SUPPORTED_LOG_PAGES = (
     LogPageId.COMMANDS_SUPPORTED_EFFECTS,
     LogPageId.FEATURE_IDS_EFFECTS,
     LogPageId.NVME_MI_COMMANDS_EFFECTS,
+    LogPageId.LBA_STATUS_INFORMATION,
 )
 #: Format NVM changes blocks, capabilities and inventory of the namespace it names, and is
 #: serialised namespace-wide.
@@ -100,6 +103,8 @@ def log_page(state: ControllerState, lid: int, nsid: int, lsp: int, csi: int) ->
         return st.build_feature_ids_effects_log(feature_effects())
     if lid == LogPageId.NVME_MI_COMMANDS_EFFECTS:
         return st.build_nvme_mi_effects_log({})  # no NVMe-MI command is supported in-band
+    if lid == LogPageId.LBA_STATUS_INFORMATION:
+        return lba_status_log(state)
     raise NvmeError(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from . import identity, spec, structures
+from .lba_ranges import LbaRanges
 from .spec import NvmeError, Status
 
 log = logging.getLogger(__name__)
@@ -612,6 +613,9 @@ class Namespace:
         #: The blocks are process memory (:attr:`Backend.memory`): the per-command fast path
         #: (:meth:`read_memory`, :meth:`write_memory`) applies.
         self.in_memory = backend.memory is not None
+        #: LBAs Write Uncorrectable marked: reads fail until they are written again. In memory
+        #: only (a restart forgets them), as the fault injector's faults are.
+        self.uncorrectable = LbaRanges()
 
     # -- geometry ------------------------------------------------------------------------------
 

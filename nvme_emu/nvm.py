@@ -1,5 +1,5 @@
-"""The NVM Command Set: Read, Write, Flush, Write Zeroes, Dataset Management, Compare,
-Verify and Copy, with the statuses the spec names for every failure.
+"""The NVM Command Set: Read, Write, Flush, Write Uncorrectable, Write Zeroes, Dataset
+Management, Compare, Verify and Copy, with the statuses the spec names for every failure.
 
 Data moves zero-copy: the data pointer (PRP or SGL) becomes a list of memoryviews into
 guest memory, and the namespace backend reads into or writes from those views directly.
@@ -11,6 +11,12 @@ blocking namespace (file, block device) a handler returns a :class:`Work`, the b
 part, which runs on the controller's :class:`~nvme_emu.aio.IoPool`; the request completes
 later on the loop thread (``hooks.finish_request``). Reads try the page cache
 without blocking first (``RWF_NOWAIT``) and are done at once on a hit.
+
+Write Uncorrectable marks LBAs (``Namespace.uncorrectable``): reading them (Read, Compare,
+Verify, a Copy source) fails with Unrecovered Read Error until a Write, Write Zeroes, a
+Deallocate, a Copy onto them or a Format NVM replaces their data. Only while some namespace
+has marks do Read and Write go through the handlers that look at them (:meth:`NvmCommands.
+_marks_changed` swaps the table entries), so the one-page fast path pays nothing otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from . import prp
+from .lba_status import lba_status_changed
 from .namespace import Namespace
 from .queue import SubmissionQueue
 from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2
@@ -81,7 +88,11 @@ class NvmCommands:
             NvmOpcode.COMPARE: self.compare,
             NvmOpcode.VERIFY: self.verify,
             NvmOpcode.COPY: self.copy,
+            NvmOpcode.WRITE_UNCORRECTABLE: self.write_uncorrectable,
         }
+        #: Read and Write while no namespace has marks, and while one has.
+        self._unmarked: dict[int, Handler] = {NvmOpcode.READ: self.read, NvmOpcode.WRITE: self.write}
+        self._marked: dict[int, Handler] = {NvmOpcode.READ: self._read_marked, NvmOpcode.WRITE: self._write_marked}
 
     @property
     def opcodes(self) -> frozenset[int]:
@@ -134,7 +145,8 @@ class NvmCommands:
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
         if isinstance(err, NvmeError):
-            self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=e[CDW11] << 32 | e[CDW10])
+            lba = err.lba if isinstance(err, UnrecoveredRead) else e[CDW11] << 32 | e[CDW10]
+            self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=lba)
             return err.status_field
         # a bug must cost one command (Internal Error), not the whole batch
         log.error("I/O opcode %#x (cid %d) failed unexpectedly", e[OPC], e[CID], exc_info=err)
@@ -305,6 +317,7 @@ class NvmCommands:
     def compare(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
+        check_readable(ns, slba, nlb)
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
         if ns.blocking:
             def compared(same: bool) -> None:
@@ -324,6 +337,7 @@ class NvmCommands:
     def verify(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = self._lba_range(e)
         ns.check_range(slba, nlb)
+        check_readable(ns, slba, nlb)
         if ns.blocking:
             return Work(partial(ns.verify, slba, nlb, count=False), done=lambda _r: ns.count_verified(nlb << ns.lba_shift))
         ns.verify(slba, nlb)
@@ -334,9 +348,9 @@ class NvmCommands:
         ns.check_range(slba, nlb)
         zero = partial(ns.write_zeroes, slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
         if ns.blocking:
-            return Work(zero)
+            return self._clearing(ns, [(slba, nlb)], Work(zero))
         zero()
-        return 0
+        return self._clearing(ns, [(slba, nlb)], 0)
 
     def flush(self, e: tuple) -> int | Work:
         """Flush one namespace or all. Off the loop, it still covers every write completed
@@ -370,10 +384,11 @@ class NvmCommands:
                 continue
             ns.check_range(slba, nlb)
             ranges.append((slba, nlb))
-        if attrs & DsmAttr.AD:
+        if attrs & DsmAttr.AD:  # deallocated blocks read as DLFEAT says: no longer unrecoverable
             if ns.blocking:
-                return Work(partial(ns.deallocate, ranges))
+                return self._clearing(ns, ranges, Work(partial(ns.deallocate, ranges)))
             ns.deallocate(ranges)
+            return self._clearing(ns, ranges, 0)
         return 0
 
     def copy(self, ns: Namespace, e: tuple) -> int | Work:
@@ -398,8 +413,81 @@ class NvmCommands:
         if total > COPY_MAX_LBAS:
             raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy of {total} blocks")
         ns.check_range(sdlba, total)
+        for slba, nlb in ranges:
+            check_readable(ns, slba, nlb)
         fua = bool(e[CDW12] & RwCdw12.FUA)
         if ns.blocking:
-            return Work(partial(ns.copy, ranges, sdlba, fua=fua, count=False), done=lambda _r: ns.count_write(total << ns.lba_shift))
+            work = Work(partial(ns.copy, ranges, sdlba, fua=fua, count=False), done=lambda _r: ns.count_write(total << ns.lba_shift))
+            return self._clearing(ns, [(sdlba, total)], work)
         ns.copy(ranges, sdlba, fua=fua)
+        return self._clearing(ns, [(sdlba, total)], 0)
+
+    # -- Write Uncorrectable and its marks ------------------------------------------------------
+
+    def write_uncorrectable(self, ns: Namespace, e: tuple) -> int:
+        """Mark the range; in memory, so done at once on every backend (no data moves)."""
+        slba, nlb = self._lba_range(e)
+        ns.check_range(slba, nlb)
+        if ns.uncorrectable.add(slba, nlb):
+            self._marks_changed(added=True)
         return 0
+
+    def _read_marked(self, ns: Namespace, e: tuple) -> int | Work:
+        """:meth:`read` while some namespace has marks."""
+        if ns.uncorrectable:
+            check_readable(ns, *self._lba_range(e))
+        return self.read(ns, e)
+
+    def _write_marked(self, ns: Namespace, e: tuple) -> int | Work:
+        """:meth:`write` while some namespace has marks: a completed Write clears its range."""
+        result = self.write(ns, e)
+        return self._clearing(ns, [self._lba_range(e)], result) if ns.uncorrectable else result
+
+    def _clearing(self, ns: Namespace, ranges: list[tuple[int, int]], result: int | Work) -> int | Work:
+        """``result``, and the marks on ``ranges`` gone once it succeeded: now, or when its
+        Work is done (a Work that failed leaves them)."""
+        if not ns.uncorrectable:
+            return result
+        if not isinstance(result, Work):
+            self._unmark(ns, ranges)
+            return result
+        done = result.done
+
+        def cleared(r: Any) -> None:
+            if done is not None:
+                done(r)
+            self._unmark(ns, ranges)
+
+        result.done = cleared
+        return result
+
+    def _unmark(self, ns: Namespace, ranges: list[tuple[int, int]]) -> None:
+        changed = False
+        for slba, nlb in ranges:
+            changed |= ns.uncorrectable.remove(slba, nlb)
+        if changed:
+            self._marks_changed(added=False)
+
+    def _marks_changed(self, *, added: bool) -> None:
+        """Read and Write look at marks only while a namespace has some; the tracked LBAs
+        changed (LBA Status Information log, and its alert for new ones)."""
+        state = self.state  # detached namespaces too: their marks count again once attached
+        marked = any(ns.uncorrectable for ns in (*state.namespaces.values(), *state.allocated.values()))
+        self.handlers.update(self._marked if marked else self._unmarked)
+        lba_status_changed(self.state, self.hooks, added=added)
+
+
+class UnrecoveredRead(NvmeError):
+    """Unrecovered Read Error for a marked LBA; its Error Information entry names that LBA."""
+
+    def __init__(self, nsid: int, lba: int) -> None:
+        super().__init__(Status.UNRECOVERED_READ_ERROR, f"namespace {nsid} LBA {lba} is marked uncorrectable")
+        self.lba = lba
+
+
+def check_readable(ns: Namespace, slba: int, nlb: int) -> None:
+    """Unrecovered Read Error if Write Uncorrectable marked an LBA of the range."""
+    if ns.uncorrectable:
+        lba = ns.uncorrectable.first_in(slba, nlb)
+        if lba is not None:
+            raise UnrecoveredRead(ns.nsid, lba)

@@ -534,6 +534,7 @@ class LogPageId(IntEnum):
     PREDICTABLE_LATENCY_AGGREGATE = 0x0B
     ASYMMETRIC_NAMESPACE_ACCESS = 0x0C
     PERSISTENT_EVENT = 0x0D
+    LBA_STATUS_INFORMATION = 0x0E
     ENDURANCE_GROUP_EVENT_AGGREGATE = 0x0F
     MEDIA_UNIT_STATUS = 0x10
     SUPPORTED_CAPACITY_CONFIGURATION = 0x11
@@ -558,6 +559,29 @@ COMMANDS_EFFECTS_LOG_SIZE = 4096
 FEATURE_IDS_EFFECTS_LOG_SIZE = 1024  #: log 12h: one dword per Feature Identifier
 NVME_MI_EFFECTS_LOG_SIZE = 4096  #: log 13h: 256 dwords for NVMe-MI commands, then reserved
 SUPPORTED_LOG_PAGES_SIZE = 1024
+
+
+class LbaStatusAction(IntEnum):
+    """Get LBA Status Action Type (ATYPE, CDW13 bits 31:24)."""
+
+    TRACKED_ALLOCATED = 0x02  # needs allocated-LBA tracking (Track Send): not supported
+    SCAN_UNTRACKED_AND_TRACKED = 0x10
+    TRACKED = 0x11
+
+
+class LbaStatusCompletion(IntEnum):
+    """Completion Condition (CMPC) of the LBA Status Descriptor List."""
+
+    NO_INDICATION = 0
+    MNDW_REACHED = 1  # more descriptors than MNDW dwords hold
+    RANGE_DONE = 2  # every LBA of the range (SLBA, RL) was looked at
+
+
+LBA_STATUS_LIST_HEADER_SIZE = 8  #: NLSD u32, CMPC u8, reserved
+LBA_STATUS_DESCRIPTOR_SIZE = 16  #: DSLBA u64, NLB u32, reserved, Status u8, reserved
+LBA_STATUS_LOG_HEADER_SIZE = 16  #: LSLPLEN, NLSLNE, ESTULB u32, reserved, LSGC u16
+LBA_STATUS_LOG_ELEMENT_SIZE = 16  #: NEID, NLRD u32, RATYPE u8, reserved; then its ranges
+LBA_STATUS_LOG_RANGE_SIZE = 16  #: RSLBA u64, RNLB u32, reserved
 
 
 class FeatureId(IntEnum):
@@ -953,7 +977,9 @@ class DsmAttr(IntFlag):
 
 #: NVM commands that change logical block contents: LBCC in the effects log, and refused
 #: with Namespace is Write Protected on a write-protected namespace.
-LBA_CHANGING_OPCODES = frozenset({NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY})
+LBA_CHANGING_OPCODES = frozenset(
+    {NvmOpcode.WRITE, NvmOpcode.WRITE_UNCORRECTABLE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY}
+)
 #: NSATTR (Identify Namespace byte 99, I/O Command Set Independent byte 8) bit 0.
 NSATTR_WRITE_PROTECTED = 1 << 0
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from vfio_user.dma import DmaError, GuestMemory
 
 from . import identity
+from .lba_ranges import LbaStatusState
 from .spec import HOST_BEHAVIOR_SIZE, NVME_VERSION, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER, Cc, Csts, NvmeError, Status
 
 if TYPE_CHECKING:
@@ -194,6 +195,8 @@ class ControllerState:
     error_log: ErrorLog = field(init=False)
     features: FeatureState = field(init=False)
     events: AsyncEventState = field(default_factory=AsyncEventState)
+    #: Media-error fault ranges and the LBA Status Generation Counter (nvme_emu.lba_status).
+    lba_status: LbaStatusState = field(default_factory=LbaStatusState)
     #: Opcodes the composed controller dispatches (Commands Supported and Effects log).
     admin_opcodes: frozenset[int] = frozenset()
     io_opcodes: frozenset[int] = frozenset()

@@ -105,8 +105,7 @@ def boot(server, **kw) -> guest.GuestResult:
     return result.check()
 
 
-def test_driver_binds_and_admin_tools_answer(server):
-    script = r"""
+ADMIN_TOOLS = r"""
 set -e
 nvme list
 echo ==ID-CTRL; nvme id-ctrl /dev/nvme0
@@ -117,14 +116,42 @@ echo ==FEAT-QUEUES; nvme get-feature /dev/nvme0 -f 7
 echo ==FEAT-VWC; nvme get-feature /dev/nvme0 -f 6
 echo ==FEAT-TEMP; nvme get-feature /dev/nvme0 -f 4
 """
-    out = boot(server, command=script).output
+
+#: Write Uncorrectable on LBAs 2050-2051 (4 KiB block 256): a read fails, Get LBA Status and
+#: the LBA Status Information log report the LBAs, a write clears them, the read succeeds.
+UNCORRECTABLE = r"""
+set +e
+echo ==UNCOR
+printf 'nvme-emu-uncor-ok' > /tmp/u
+dd if=/tmp/u of=/dev/nvme0n1 bs=4096 seek=256 conv=sync oflag=direct 2>/dev/null
+nvme write-uncor /dev/nvme0n1 --namespace-id=1 --start-block=2050 --block-count=1
+echo ==GLS1; nvme get-lba-status /dev/nvme0 --namespace-id=1 --start-lba=2048 --max-dw=15 --action=0x11 --range-len=64
+echo ==LSLOG; nvme lba-status-log /dev/nvme0
+echo ==READ1; dd if=/dev/nvme0n1 of=/dev/null bs=4096 skip=256 count=1 iflag=direct 2>&1 && echo READ1-OK || echo READ1-FAILED
+echo ==SMART; nvme smart-log /dev/nvme0 | grep -i media_errors
+echo ==WRITE; dd if=/tmp/u of=/dev/nvme0n1 bs=4096 seek=256 conv=sync oflag=direct 2>/dev/null && echo WRITE-OK
+echo ==READ2; dd if=/dev/nvme0n1 bs=4096 skip=256 count=1 iflag=direct 2>/dev/null | head -c 17; echo
+echo ==GLS2; nvme get-lba-status /dev/nvme0 --namespace-id=1 --start-lba=2048 --max-dw=15 --action=0x11 --range-len=64
+echo ==END
+"""
+
+
+@pytest.fixture(scope="module")
+def admin_boot(server) -> str:
+    """One boot for the admin tools and the Write Uncorrectable / LBA status round."""
+    return boot(server, command=ADMIN_TOOLS + UNCORRECTABLE).output
+
+
+def test_driver_binds_and_admin_tools_answer(admin_boot):
+    out = admin_boot.split("==UNCOR")[0]
     listing = out.split("==ID-CTRL")[0]
     assert "/dev/nvme0n1" in listing and SERIAL in listing and MODEL in listing
     ctrl = out.split("==ID-CTRL")[1].split("==ID-NS")[0]
     assert re.search(r"^vid\s*:\s*0x4e58", ctrl, re.M)
     assert re.search(r"^mdts\s*:\s*7", ctrl, re.M)
     assert re.search(r"^ver\s*:\s*0x20000", ctrl, re.M)
-    assert re.search(r"^oacs\s*:\s*0x10[8a]", ctrl, re.M)  # Format NVM, Namespace Management, Doorbell Buffer Config
+    assert re.search(r"^oacs\s*:\s*0x30[8a]", ctrl, re.M)  # Format NVM, Namespace Management, Doorbell Buffer Config, Get LBA Status
+    assert re.search(r"^oncs\s*:\s*0x1cf\b", ctrl, re.M)  # with Write Uncorrectable (bit 1)
     ns = out.split("==ID-NS")[1].split("==SMART")[0]
     assert re.search(r"^nsze\s*:\s*0x100000", ns, re.M)  # 512 MiB / 512
     assert "in use" in ns  # the LBA format in use is marked
@@ -135,6 +162,19 @@ echo ==FEAT-TEMP; nvme get-feature /dev/nvme0 -f 4
     assert re.search(r"get-feature:0x0?7 \(Number of Queues\), Current value:0x0*1?[0-9a-f]{4,}", out)
     assert re.search(r"get-feature:0x0?6 \(Volatile Write Cache\), Current value:0x0*1\b", out)
     assert re.search(r"get-feature:0x0?4 \(Temperature Threshold\), Current value:0x0*157\b", out)  # 343 K
+
+
+def test_write_uncorrectable_and_lba_status_in_the_guest(admin_boot):
+    """nvme-cli 2.13's write-uncor, get-lba-status and lba-status-log against the device."""
+    out = admin_boot.split("==UNCOR")[1]
+    assert "==END" in out, out
+    section = {name: out.split(f"=={name}")[1].split("==")[0] for name in ("GLS1", "LSLOG", "READ1", "SMART", "WRITE", "READ2", "GLS2")}
+    assert "READ1-FAILED" in section["READ1"], out  # Unrecovered Read Error reaches dd as EIO
+    assert re.search(r"media_errors\s*:\s*[1-9]", section["SMART"]), out
+    assert re.search(r"NLSD\)?\s*:?\s*1\b", section["GLS1"]) and re.search(r"\b(2050|0x0*802)\b", section["GLS1"]), out
+    assert re.search(r"\b(2050|0x0*802)\b", section["LSLOG"]), out
+    assert "WRITE-OK" in section["WRITE"] and "nvme-emu-uncor-ok" in section["READ2"], out
+    assert re.search(r"NLSD\)?\s*:?\s*0\b", section["GLS2"]), out
 
 
 def test_fio_verify_4k_and_128k(server):

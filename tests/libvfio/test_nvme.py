@@ -16,6 +16,9 @@ from nvme_emu.spec import Reg
 from vfio_user.vmm.client import GuestRam
 from vfio_user.constants import IrqIndex
 
+from ..support.server import ServerProcess
+from .libvfio_helpers import BACKENDS, skip_unless_available
+
 IOVA = 0x1000_0000
 RAM = 16 << 20
 LBA = 512
@@ -119,3 +122,51 @@ def _ready(fd: int, timeout: float = 0.0) -> bool:
     import select
 
     return bool(select.select([fd], [], [], timeout)[0])
+
+
+
+#: Windows' NVMe driver masks BAR0's address with 0xFFFFC000: the BAR must span 16 KiB or more.
+WINDOWS_BAR0_MIN = 0x4000
+
+
+@pytest.fixture(params=[(b, d) for b in BACKENDS for d in ("auto", "poll")], ids=lambda p: f"{p[0]}-{p[1]}")
+def nvme_server_by_doorbell(request, tmp_path):
+    """The NVMe function on each backend with the auto and the poll (mmapped page) doorbells."""
+    backend, doorbell = request.param
+    skip_unless_available(backend)
+    srv = ServerProcess.device(backend, "nvme", str(tmp_path / "nvme.sock"), tmp_path / "server.log", "--doorbell", doorbell)
+    srv.doorbell = doorbell
+    try:
+        yield srv
+        assert srv.alive(), srv.log()[-3000:]
+    finally:
+        srv.kill()
+
+
+def test_bar0_is_16k_with_doorbells_in_place(nvme_server_by_doorbell):
+    """GET_REGION_INFO and the config space's BAR sizing over the socket; the doorbell page's
+    mmap area and ioeventfds stay where the doorbells are, and I/O still works."""
+    srv = nvme_server_by_doorbell
+    client = srv.connect()
+    try:
+        bar0 = client.region_info(0)
+        assert bar0.size >= WINDOWS_BAR0_MIN and bar0.size & (bar0.size - 1) == 0, bar0
+        # BAR sizing as firmware does it: all ones, then the size mask reads back
+        client.region_write(7, 0x10, b"\xff\xff\xff\xff")
+        client.region_write(7, 0x14, b"\xff\xff\xff\xff")
+        low, high = (int.from_bytes(client.region_read(7, off, 4), "little") for off in (0x10, 0x14))
+        size = (~((high << 32 | low) & ~0xF) + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        assert size == bar0.size, (hex(low), hex(high), bar0)
+        if srv.doorbell == "poll":
+            assert bar0.areas == [(Reg.DOORBELLS, 4096)], bar0.areas
+        for efd in client.region_io_fds(0):
+            assert Reg.DOORBELLS <= efd.gpa_offset < Reg.DOORBELLS + 4096, efd
+        with GuestRam(RAM) as ram:
+            client.dma_map(IOVA, RAM, ram)
+            h = NvmeHost(client, HostMemory(ram.view, IOVA))
+            h.enable()
+            h.create_io_queue_pair(1, 8)
+            _io_round_trip(h, 1, blocks=16)
+            assert h.shutdown() == 2
+    finally:
+        client.close()

@@ -20,13 +20,17 @@ from .ctrl_helpers import PAGE
 from nvme_emu import structures as st
 from nvme_emu.ctl import ControlClient, default_control_socket
 from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
+from nvme_emu.host import Completion
 from nvme_emu.spec import (
     AdminOpcode,
     AsyncEventConfig,
+    AsyncEventNotice,
+    AsyncEventType,
     Cns,
     Csts,
     FeatureId,
     LogPageId,
+    NvmOpcode,
     Reg,
     Status,
     async_event_dw0,
@@ -298,3 +302,45 @@ def test_ctl_command_line(server):
     assert json.loads(ctl("fault-clear").stdout) == 2
     refused = ctl("ns-remove", "9")
     assert refused.returncode == 1 and "no namespace 9" in refused.stderr
+
+
+def lba_status(n: Host, nsid: int, slba: int = 0, *, mndw: int = 63, atype: int = 0x11, rl: int = 0) -> tuple[Completion, list[tuple[int, int]]]:
+    """Get LBA Status: the completion and the (DSLBA, NLB) of each descriptor returned."""
+    buf = n.alloc(PAGE)
+    n.write_mem(buf, b"\xa5" * PAGE)
+    c = n.admin(AdminOpcode.GET_LBA_STATUS, nsid=nsid, prp1=buf, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=mndw, cdw13=atype << 24 | rl)
+    raw = n.read_mem(buf, PAGE)
+    nlsd = struct.unpack_from("<I", raw)[0] if c.status == Status.SUCCESS else 0
+    return c, [struct.unpack_from("<QI", raw, 8 + 16 * i) for i in range(nlsd)]
+
+
+def test_write_uncorrectable_and_media_faults_in_lba_status(ctl, io: Host):
+    """A whole controller on each backend: Write Uncorrectable on a RAM and a file namespace,
+    the LBA Status Information Alert, Get LBA Status and the log with a media fault's range
+    among the marks, and writes that clear them."""
+    assert io.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, AsyncEventConfig.LBA_STATUS).status == Status.SUCCESS
+    aer = io.submit(0, AER)
+    data = os.urandom(4096)
+    for nsid in (1, 3):  # RAM, file
+        io.write_ok(1, nsid, 40, data)
+        assert io.io(1, NvmOpcode.WRITE_UNCORRECTABLE, nsid, 42, 2).status == Status.SUCCESS
+        c, _ = io.read(1, nsid, 40, 8)
+        assert c.status == Status.UNRECOVERED_READ_ERROR and c.dnr
+        assert newest_error(io).lba == 42
+    assert io.wait_cid(0, aer).dw0 == async_event_dw0(AsyncEventType.NOTICE, AsyncEventNotice.LBA_STATUS_INFORMATION_ALERT, LogPageId.LBA_STATUS_INFORMATION)
+    fault = ctl.fault_add(kind="media", nsid=1, slba=300, nlb=4, op="read")
+    c, descs = lba_status(io, 1)
+    assert c.status == Status.SUCCESS and descs == [(42, 2), (300, 4)]
+    c, log = io.get_log(LogPageId.LBA_STATUS_INFORMATION, 4096)
+    assert c.status == Status.SUCCESS
+    length, elements = struct.unpack_from("<II", log)
+    assert (length, elements) == (16 + (16 + 2 * 16) + (16 + 16), 2)
+    assert struct.unpack_from("<II", log, 16) == (1, 2) and struct.unpack_from("<II", log, 16 + 48) == (3, 1)
+    for nsid in (1, 3):
+        io.write_ok(1, nsid, 42, data[:1024])
+        assert io.read_ok(1, nsid, 40, 8) == data[:1024] + data[:1024] + data[2048:]
+    assert ctl.fault_clear(id=fault["id"]) == 1
+    for nsid in (1, 3):
+        c, descs = lba_status(io, nsid)
+        assert c.status == Status.SUCCESS and descs == []
+    assert lba_status(io, 7)[0].status == Status.INVALID_NAMESPACE_OR_FORMAT

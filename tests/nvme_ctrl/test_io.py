@@ -172,7 +172,7 @@ def test_invalid_namespace(io: Host, nsid: int):
         assert io.io(1, op, nsid, 0, 1, prp1=buf).status == Status.INVALID_NAMESPACE_OR_FORMAT
 
 
-@pytest.mark.parametrize("opc", [Op.WRITE_UNCORRECTABLE, Op.RESERVATION_REGISTER, 0x7F, 0x80, 0xFF])
+@pytest.mark.parametrize("opc", [Op.RESERVATION_REGISTER, Op.RESERVATION_REPORT, 0x7F, 0x80, 0xFF])
 def test_invalid_io_opcode(io: Host, opc: int):
     c = io.io(1, opc, 1, 0, 1, prp1=io.alloc(4096))
     assert c.status == Status.INVALID_OPCODE

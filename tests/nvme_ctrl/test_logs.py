@@ -16,9 +16,9 @@ def test_supported_log_pages(nvme: Host):
     assert c.status == Status.SUCCESS
     lids = st.SupportedLogPages.parse(data).lids
     for lid in (L.SUPPORTED_LOG_PAGES, L.ERROR_INFORMATION, L.SMART_HEALTH, L.FIRMWARE_SLOT, L.CHANGED_NAMESPACE_LIST, L.COMMANDS_SUPPORTED_EFFECTS,
-                L.FEATURE_IDS_EFFECTS, L.NVME_MI_COMMANDS_EFFECTS):
+                L.FEATURE_IDS_EFFECTS, L.NVME_MI_COMMANDS_EFFECTS, L.LBA_STATUS_INFORMATION):
         assert lids[lid] & 1, lid
-    assert sum(1 for x in lids if x) == 8
+    assert sum(1 for x in lids if x) == 9
 
 
 def error_entries(n: Host) -> list:
@@ -121,7 +121,7 @@ def test_commands_supported_and_effects(nvme: Host):
     assert c.status == Status.SUCCESS
     log = st.CommandsEffectsLog.parse(data)
     for op in (AdminOpcode.IDENTIFY, AdminOpcode.GET_LOG_PAGE, AdminOpcode.CREATE_IO_SQ, AdminOpcode.SET_FEATURES,
-               AdminOpcode.ASYNC_EVENT_REQUEST, AdminOpcode.ABORT, AdminOpcode.DOORBELL_BUFFER_CONFIG):
+               AdminOpcode.ASYNC_EVENT_REQUEST, AdminOpcode.ABORT, AdminOpcode.DOORBELL_BUFFER_CONFIG, AdminOpcode.GET_LBA_STATUS):
         assert log.acs[op] & CommandEffects.CSUPP, op
     fmt = log.acs[AdminOpcode.FORMAT_NVM]
     assert fmt & CommandEffects.CSUPP and fmt & CommandEffects.LBCC and fmt & CommandEffects.NCC and fmt & CommandEffects.NIC
@@ -131,9 +131,9 @@ def test_commands_supported_and_effects(nvme: Host):
         assert log.acs[op] == 0, op
     for op in (NvmOpcode.FLUSH, NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY):
         assert log.iocs[op] == CommandEffects.CSUPP | EffectsScope.NAMESPACE, op
-    for op in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY):
+    for op in (NvmOpcode.WRITE, NvmOpcode.WRITE_UNCORRECTABLE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT, NvmOpcode.COPY):
         assert log.iocs[op] == CommandEffects.CSUPP | CommandEffects.LBCC | EffectsScope.NAMESPACE, op
-    for op in (NvmOpcode.WRITE_UNCORRECTABLE, NvmOpcode.RESERVATION_REGISTER):
+    for op in (NvmOpcode.RESERVATION_REGISTER, NvmOpcode.RESERVATION_REPORT):
         assert log.iocs[op] == 0, op
 
 

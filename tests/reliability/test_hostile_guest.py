@@ -85,14 +85,21 @@ class GuestRig:
         n = len(data) // LBA if data is not None else nlb
         if data is not None:
             h.mem.write(self.io_buf, data)
-        pages = n * LBA // PAGE
+        pages = -(-n * LBA // PAGE)
+        prp2 = self.io_buf + PAGE if pages == 2 else self.plist if pages > 2 else 0
         h.mem.write(self.plist, struct.pack(f"<{pages - 1}Q", *(self.io_buf + PAGE * i for i in range(1, pages))))
-        cid = h.host.submit(1, opc, nsid=1, prp1=self.io_buf, prp2=self.plist, cdw10=slba, cdw12=n - 1)
+        cid = h.host.submit(1, opc, nsid=1, prp1=self.io_buf, prp2=prp2, cdw10=slba, cdw12=n - 1)
         c = h.wait_cid(1, cid)
         assert c.status == Status.SUCCESS, status_name(c.status)
         out = h.mem.read(self.io_buf, n * LBA)
         h.mem.view[self.io_buf - IOVA : self.io_buf - IOVA + (128 << 10)] = bytes([PROTECTED_FILL]) * (128 << 10)
         return out
+
+    def rewrite(self, slba: int, nlb: int) -> None:
+        """Write the expected pattern over [slba, slba + nlb) (clears Write Uncorrectable marks)."""
+        for start in range(slba, slba + nlb, 256):
+            n = min(256, slba + nlb - start)
+            self.io(NvmOpcode.WRITE, start, bytes(self.expected[start * LBA : (start + n) * LBA]))
 
     def write_namespace(self, data: bytes) -> None:
         for off in range(0, NS_SIZE, 128 << 10):
@@ -212,7 +219,7 @@ def _written_lbas(cmd: dict) -> list[tuple[int, int]]:
     opc = cmd["opc"]
     slba = cmd["cdw11"] << 32 | cmd["cdw10"]
     nlb = (cmd["cdw12"] & 0xFFFF) + 1
-    if opc in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES):
+    if opc in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.WRITE_UNCORRECTABLE):
         return [(slba, nlb)]
     if opc == NvmOpcode.DATASET_MANAGEMENT and "ranges" in cmd:
         out = []
@@ -262,10 +269,15 @@ def test_random_io_commands(rig, data):
     cmds = data.draw(st.lists(io_command(rig.window, rig.ranges), min_size=1, max_size=48))
     results = run_batch(rig, cmds)
     changed: list[tuple[int, int]] = []
+    uncorrectable: list[tuple[int, int]] = []
     for cmd, status in results:
         assert status in KNOWN_STATUSES, f"undefined status {status:#x} for {cmd}"
         if status == Status.SUCCESS:
             changed += _written_lbas(cmd)
+            if cmd["opc"] == NvmOpcode.WRITE_UNCORRECTABLE:
+                uncorrectable += _written_lbas(cmd)
+    for slba, nlb in uncorrectable:  # reads of marked LBAs fail until written: write them back
+        rig.rewrite(slba, nlb)
     assert rig.srv.alive()
     assert not rig.host.csts() & 0x2, "I/O commands alone must not make the controller fatal"
     # guest memory outside the window and rings: untouched

@@ -236,7 +236,9 @@ def guest(args: argparse.Namespace) -> int:
     return result.returncode if result.returncode is not None else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of every subcommand (tests parse real ``serve`` arguments with it, so
+    a new option can never be missing from what they build)."""
     parser = argparse.ArgumentParser(prog="nvme-emu", description="An NVMe controller emulator served over vfio-user.")
     parser.add_argument("--version", action="version", version=f"nvme-emu {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -299,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("nested", add_help=False, help="run a command inside a TCG guest with real KVM (stock or POST_WRITE modules); see nvme-emu nested --help")
     sub.add_parser("ctl", add_help=False, help="control a running server: namespaces, faults, counters; see nvme-emu ctl --help")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:1] == ["nested"]:
         from . import nested

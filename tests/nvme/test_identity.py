@@ -6,7 +6,7 @@ import argparse
 import shutil
 
 from nvme_emu import identity, structures as st
-from nvme_emu.cli import build_function
+from nvme_emu.cli import build_function, make_parser
 from nvme_emu.identify import identify_controller
 from nvme_emu.identity import CNTLID_MAX
 from nvme_emu.namespace import create_namespace
@@ -14,8 +14,10 @@ from nvme_emu.namespace import create_namespace
 
 def serve_args(socket: str, *namespaces: str, serial: str | None = None) -> argparse.Namespace:
     """What ``nvme-emu serve`` parses, for build_function."""
-    return argparse.Namespace(socket=socket, serial=serial, model="nvme-emu", queues=4, namespace=list(namespaces) or None,
-                              doorbell="trap", spin_us=None, poll_idle_max_us=None, ns_dir=None)
+    argv = ["serve", "--socket", socket, "--queues", "4", "--doorbell", "trap"]
+    argv += [a for ns in namespaces for a in ("--namespace", ns)]
+    argv += ["--serial", serial] if serial is not None else []
+    return make_parser().parse_args(argv)
 
 
 def identities(args: argparse.Namespace) -> tuple[tuple, list[tuple]]:

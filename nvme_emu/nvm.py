@@ -184,7 +184,7 @@ class NvmCommands:
             status = Status.SUCCESS if error is None else self._failed(sq, e, error)
             hooks.finish_request(sq, cid, status)
 
-        pool.submit(work.run, finished)
+        pool.submit(work.run, finished, work.views)  # views: what a quiesce before an unmap or reset looks at
         return DEFERRED
 
     # -- data pointers ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ gate is really in flight on a worker thread); the host is the real client over a
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from .test_requests import FILE_NSID, Rig
@@ -80,8 +82,14 @@ def test_reset_during_a_pending_deletion_forgets_it(rig: Rig):
     _held_write(rig, 1)
     del_cid = n.submit(0, AdminOpcode.DELETE_IO_SQ, cdw10=1)
     assert n.no_completion(0, del_cid)
-    n.set_reg32(Reg.CC, 0)
-    rig.backend.open_all()
+    # The reset is answered only once no worker can write guest memory (docs/reliability.md,
+    # fix 12), so the held write must be let go while the CC write waits for it.
+    release = threading.Timer(0.2, rig.backend.open_all)
+    release.start()
+    try:
+        n.set_reg32(Reg.CC, 0)
+    finally:
+        release.join()
     n.host.wait_ready(False)
     n.enable()
     n.sync()

@@ -543,8 +543,8 @@ class Controller:
         # Latency anatomy (nvme_emu.latency): one batch in `every` is stamped at each stage,
         # and the one before it stamps its interrupt; the others pay this countdown only.
         lat = state.latency
-        lat.left -= 1
-        sampled = lat.begin(sq.qid) if lat.left <= 0 else None
+        lat.left = left = lat.left - 1
+        sampled = lat.begin(sq.qid) if left <= 0 else None
         started = time.perf_counter_ns()  # also the FETCH and SERVICE stamps
         try:
             if sq.qid:
@@ -563,7 +563,7 @@ class Controller:
             st.batches += 1
             if n > st.max_batch:
                 st.max_batch = n
-            if lat.left > 1:
+            if left > 1:
                 self.signal(cq)
             else:
                 irqs = cq.stats.interrupts

@@ -193,6 +193,8 @@ class DoorbellPath:
         self.nslots = 2 * (ctrl.config.max_io_queues + 1)
         self.spin_s = spin_us * 1e-6
         self.stats = DoorbellStats()
+        #: the controller's latency recorder (it lives as long as the controller)
+        self.latency = ctrl.state.latency
         self.loop: asyncio.AbstractEventLoop | None = None
         self.page = DoorbellPage(ctrl, self._slot_memory())
         ctrl.queue_listeners.append(self._queue_event)
@@ -232,7 +234,7 @@ class DoorbellPath:
             return
         self.stats.trapped += 1
         if not slot & 1:
-            self.ctrl.state.latency.arrive(Via.TRAP)
+            self.latency.arrive(Via.TRAP)
             if slot >= 2:
                 self.stats.trapped_io_sq += 1
         self.page.value_words[slot] = int.from_bytes(data, "little")
@@ -377,8 +379,9 @@ class ShadowPath(SharedPagePath):
             self.stats.wakeups += 1
             self.stats.signals += writes
             self.stats.coalesced += writes - 1  # one wake-up served them all: the last value counts
-            if not slot & 1:
-                self.ctrl.state.latency.arrive(Via.EVENTFD)
+            lat = self.latency
+            if lat.left == 1 and not slot & 1:  # inline arrive(): ~0.1 us less per wake-up
+                lat.arrived, lat.via = clock_ns(), Via.EVENTFD
             if self._act(slot) and self._spins_on(slot):
                 self._spin_slot(slot)
         if slot & 1:
@@ -413,7 +416,7 @@ class ShadowPath(SharedPagePath):
             return
         submitted = ctrl.sq_tail_doorbell
         values, last, clock = self.page.value_words, self.page.last_words, time.perf_counter
-        lat = ctrl.state.latency
+        lat = self.latency
         hits = spins = 0
         waited = 0.0
         missed = False
@@ -529,7 +532,7 @@ class IoEventFdPath(DoorbellPath):
             log.warning("ioeventfd doorbell %d fired but no shadow doorbell buffer holds its value", slot)
             return
         self.stats.doorbells += 1
-        self.ctrl.state.latency.arrive(Via.IOEVENTFD)
+        self.latency.arrive(Via.IOEVENTFD)
         self.ctrl.doorbell(slot >> 1, bool(slot & 1), 0)  # the value is read from dbbuf
 
     def close(self) -> None:

@@ -297,7 +297,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats-json", metavar="PATH", help="on SIGUSR1 also write the counters as JSON to PATH (benchmarks read it)")
     s.add_argument("--latency-sample", type=int, default=DEFAULT_SAMPLE_EVERY, metavar="N",
                    help=f"latency anatomy: stamp every stage of one batch in N (default {DEFAULT_SAMPLE_EVERY}; 1: every batch, "
-                        "~25%% of QD1 IOPS); deferred commands are always stamped")
+                        "~1/3 of QD1 IOPS); deferred commands are always stamped")
 
     g = sub.add_parser("guest", help="serve, boot a QEMU guest against it, run a command or fio job")
     common(g)

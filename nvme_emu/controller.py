@@ -53,6 +53,9 @@ from .timer import FineTimers
 
 log = logging.getLogger(__name__)
 
+#: a module global: an enum member read through its class costs ~70 ns (Python 3.11)
+_DBBUF = Via.DBBUF
+
 IrqRaiser = Callable[[int], bool]
 
 #: Re-exported: their home is nvme_emu.state.
@@ -508,7 +511,7 @@ class Controller:
                 sq.stats.coalesced += 1
                 lat = self.state.latency
                 if lat.left == 1:  # inline arrive(): this is the dbbuf paths' per-I/O route
-                    lat.arrived, lat.via = clock_ns(), Via.DBBUF
+                    lat.arrived, lat.via = clock_ns(), _DBBUF
                 total += self.process_sq(sq)
             else:
                 # Still moving after 64 rounds: EventIdx now lags the tail, so the host will

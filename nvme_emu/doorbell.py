@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 DOORBELL_PAGE = 4096
 
+#: The routes as module globals: an enum member read through its class costs ~70 ns (3.11).
+_TRAP, _EVENTFD, _SPIN, _IOEVENTFD, _POLL = Via.TRAP, Via.EVENTFD, Via.SPIN, Via.IOEVENTFD, Via.POLL
+
 
 class DoorbellMode(str, enum.Enum):
     AUTO = "auto"
@@ -165,7 +168,7 @@ class DoorbellPage:
         """Act on every changed slot; returns how many changed."""
         changed = np.flatnonzero(self.values != self.last)
         if len(changed):
-            self.ctrl.state.latency.arrive(Via.POLL)  # only the poller scans
+            self.ctrl.state.latency.arrive(_POLL)  # only the poller scans
             fence()  # acquire: the SQEs a new tail announces are read after the tail (aarch64)
         # CQ heads (odd slots) first: an SQ processed after its CQ's new head sees the room the
         # host freed instead of stalling on a full CQ that is not full any more.
@@ -234,7 +237,7 @@ class DoorbellPath:
             return
         self.stats.trapped += 1
         if not slot & 1:
-            self.latency.arrive(Via.TRAP)
+            self.latency.arrive(_TRAP)
             if slot >= 2:
                 self.stats.trapped_io_sq += 1
         self.page.value_words[slot] = int.from_bytes(data, "little")
@@ -381,7 +384,7 @@ class ShadowPath(SharedPagePath):
             self.stats.coalesced += writes - 1  # one wake-up served them all: the last value counts
             lat = self.latency
             if lat.left == 1 and not slot & 1:  # inline arrive(): ~0.1 us less per wake-up
-                lat.arrived, lat.via = clock_ns(), Via.EVENTFD
+                lat.arrived, lat.via = clock_ns(), _EVENTFD
             if self._act(slot) and self._spins_on(slot):
                 self._spin_slot(slot)
         if slot & 1:
@@ -430,7 +433,7 @@ class ShadowPath(SharedPagePath):
                 waited += now - idle_since  # up to the last look that found nothing
                 fence()  # acquire: the SQEs the tail announces are read after it
                 if lat.left == 1:  # the batch this hit starts is the sampled one
-                    lat.arrived, lat.via = clock_ns(), Via.SPIN
+                    lat.arrived, lat.via = clock_ns(), _SPIN
                 submitted(sq, value)
                 now = idle_since = clock()
                 if now >= end:
@@ -532,7 +535,7 @@ class IoEventFdPath(DoorbellPath):
             log.warning("ioeventfd doorbell %d fired but no shadow doorbell buffer holds its value", slot)
             return
         self.stats.doorbells += 1
-        self.latency.arrive(Via.IOEVENTFD)
+        self.latency.arrive(_IOEVENTFD)
         self.ctrl.doorbell(slot >> 1, bool(slot & 1), 0)  # the value is read from dbbuf
 
     def close(self) -> None:
@@ -620,7 +623,7 @@ class PollPath(SharedPagePath):
                 if qid and ctrl.dbbuf is dbbuf:
                     tail = dbbuf.sq_tail(qid)
                     if tail != sq.tail and tail < sq.size:  # invalid values: the page scan reports them
-                        ctrl.state.latency.arrive(Via.POLL)
+                        ctrl.state.latency.arrive(_POLL)
                         ctrl.doorbell(qid, False, 0)
                         n += 1
         except RingUnavailable:

@@ -51,15 +51,17 @@ def test_qd1_commands_are_counted_once_each_under_their_path(inproc, session, mo
     assert srv.stats()["queues"]["sq1"]["commands"] == N
 
 
-def test_the_default_samples_one_batch_in_32(inproc, session):
+def test_one_batch_in_n_is_sampled(inproc, session):
     srv = inproc("trap")
     s = session(srv.path)
     s.bring_up("trap", depth=32)
     srv.call(srv.ctrl.state.latency.reset)
-    srv.call(lambda: srv.ctrl.state.latency.set_sampling(32))
+    srv.call(lambda: srv.ctrl.state.latency.set_sampling(16))
     s.write_read_check(1, 0, 32, qd=1, seed=6)  # 64 batches of one command
     vias = per_via(srv.call(srv.ctrl.state.latency.snapshot), 1)
-    assert count(vias["trap"], Stage.SERVICE) == 2
+    assert count(vias["trap"], Stage.SERVICE) == 4
+    # the batch before each sampled one stamps its end: each sample has its host turn
+    assert count(vias["trap"], Stage.HOST_AND_LOOP) == 4
 
 
 def test_file_reads_that_miss_the_page_cache_show_the_worker_stages(inproc, session, tmp_path):

@@ -75,30 +75,36 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per QD, linear: a stacked bar per path of its stages' medians per batch."""
     plt = common.pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 5))
-    labels = [f"{r['path']}\nQD{r['qd']}" for r in rows]
-    bottoms = [0.0] * len(rows)
+    qds = sorted({r["qd"] for r in rows})
+    fig, axes = plt.subplots(1, len(qds), figsize=(5.5 * len(qds), 5), squeeze=False)
     colors = plt.get_cmap("tab10")
-    for i, stage in enumerate(BAR_STAGES):
-        heights = []
-        for r in rows:
-            v = r["stages"].get(stage.name.lower())
-            us = v["p50_ns"] / 1e3 if v else 0.0
-            if stage is Stage.BACKEND:
-                us *= r["cmds_per_batch"] or 1  # once per command of the batch
-            heights.append(us)
-        ax.bar(labels, heights, bottom=bottoms, color=colors(i), label=stage.name.lower() + (" (x cmds/batch)" if stage is Stage.BACKEND else ""))
-        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    host = [(r["stages"].get("host_and_loop") or {}).get("p50_ns", 0.0) / 1e3 for r in rows]
-    ax.scatter(labels, host, marker="_", s=600, color="black", zorder=3, label="host_and_loop p50 (host's turn, not server time)")
-    ax.set_yscale("log")
-    ax.set_ylabel("us per batch (median of each stage)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, qd in zip(axes[0], qds, strict=True):
+        sel = [r for r in rows if r["qd"] == qd]
+        labels = [r["path"] for r in sel]
+        bottoms = [0.0] * len(sel)
+        for i, stage in enumerate(BAR_STAGES):
+            heights = []
+            for r in sel:
+                v = r["stages"].get(stage.name.lower())
+                us = v["p50_ns"] / 1e3 if v else 0.0
+                if stage is Stage.BACKEND:
+                    us *= r["cmds_per_batch"] or 1  # once per command of the batch
+                heights.append(us)
+            name = stage.name.lower() + (" (x cmds/batch)" if stage is Stage.BACKEND else "")
+            ax.bar(labels, heights, bottom=bottoms, color=colors(i), label=name)
+            bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+        host = [(r["stages"].get("host_and_loop") or {}).get("p50_ns", 0.0) / 1e3 for r in sel]
+        ax.scatter(labels, host, marker="_", s=500, color="black", zorder=3, label="host_and_loop p50 (not server time)")
+        ax.set_ylabel("us per batch (median of each stage)")
+        ax.set_title(f"QD{qd}" + (" (a batch is one I/O)" if qd == 1 else f" ({qd} I/Os per batch)"))
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

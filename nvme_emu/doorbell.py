@@ -456,6 +456,8 @@ class ShadowPath(SharedPagePath):
             policy.miss()
         stats.signals += self.ioeventfds[slot].drain()
         if values[slot] != last[slot]:
+            if lat.left == 1:  # the last look of the episode found a tail: a spin hit too
+                lat.arrived, lat.via = clock_ns(), _SPIN
             self._act(slot)
 
     def _spin_policy(self, slot: int) -> "AdaptiveSpin | FixedSpin":

@@ -60,7 +60,7 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
     from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost
     from nvme_emu.namespace import FileBackend, Namespace, RamBackend
     from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
-    from vfio_user.constants import IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IrqIndex
+    from vfio_user.constants import IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IrqIndex, RegionIndex
     from vfio_user.device import DeviceContext
     from vfio_user.dma import DMA_FLAG_READ, DMA_FLAG_WRITE, DmaTable, GuestMemory
     from vfio_user.irq import IrqState
@@ -72,11 +72,18 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
 
         def __init__(self, fn: NvmeFunction) -> None:
             self.fn = fn
+            if fn.config_written not in fn.config.write_hooks:  # as the transport wires it
+                fn.config.write_hooks.append(fn.config_written)
 
         def region_read(self, index: int, offset: int, count: int) -> bytes:
+            if index == RegionIndex.CONFIG:
+                return self.fn.config.read(offset, count)
             return self.fn.regions[index].do_read(offset, count)
 
         def region_write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> None:
+            if index == RegionIndex.CONFIG:
+                self.fn.config.write(offset, data)
+                return
             self.fn.regions[index].do_write(offset, data)
 
     def one(path: str, qd: int) -> dict:

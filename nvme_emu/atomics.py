@@ -11,12 +11,11 @@ Supported architectures: x86-64 and aarch64 (little-endian, where the ``__atomic
 are lock-free for 32-bit words). Anything else is refused at start-up by
 :func:`check_architecture`, in one place, rather than run with unverified ordering.
 
-Build: on first use cffi writes an API-mode extension module's C from ``atomics.c`` and the
-system ``gcc`` compiles it (no setuptools) into ``${NVME_EMU_CACHE:-~/.cache/nvme-emu}/atomics/
-<key>/``, ``<key>`` hashing the source, the flags, the machine and the CPython ABI. API mode
-needs the Python headers (python3-dev) besides gcc, and was chosen over ABI mode (``ffi.dlopen``
-of a plain .so) because bench/atomics.py measured its calls 2-3x cheaper: libffi converting 9
-arguments costs more than the whole plain-Python CQE store did (bench/README.md, "atomics").
+Build: on first use, as a cffi API-mode module (``vfio_user.native``: cached under
+``${NVME_EMU_CACHE:-~/.cache/nvme-emu}/atomics/<key>/``; it needs gcc and the Python headers).
+API mode was chosen over ABI mode (``ffi.dlopen`` of a plain .so) because bench/atomics.py
+measured its calls 2-3x cheaper: libffi converting 9 arguments costs more than the whole
+plain-Python CQE store did (bench/README.md, "atomics").
 There is deliberately no fallback when the compiler or headers are missing: the old lock-based
 fence was only correct on x86, and one code path means the tests exercise what production
 runs. ``./dev serve`` and ``./dev test`` install gcc, libc6-dev and python3-dev.
@@ -24,28 +23,17 @@ runs. ``./dev serve`` and ``./dev test`` install gcc, libc6-dev and python3-dev.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import importlib.machinery
-import importlib.util
-import io
-import os
 import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vfio_user.native import CModule, NativeBuildError, cache_root
 
 #: platform.machine() values we build for and have reasoned about (see the module docstring).
 SUPPORTED_MACHINES: dict[str, str] = {"x86_64": "x86-64", "aarch64": "aarch64"}
 
 SOURCE = Path(__file__).resolve().with_name("atomics.c")
-#: No -Werror: the generated wrapper code is cffi's, and its warnings vary between versions.
-CFLAGS = ("-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall")
 #: The cffi API-mode extension module built from SOURCE.
 MODULE = "_nvme_emu_atomics"
 
@@ -56,6 +44,7 @@ int64_t nvme_emu_load_acquire_u32(const uint8_t *base, size_t len, size_t off);
 int nvme_emu_store_cqe(uint8_t *base, size_t len, size_t off, uint32_t dw0, uint32_t dw1,
                        uint32_t sqhd, uint32_t sqid, uint32_t cid, uint32_t status_phase);
 """
+_MODULE = CModule(MODULE, SOURCE, CDEF, "atomics")
 
 
 class UnsupportedArchitecture(RuntimeError):
@@ -84,84 +73,15 @@ def check_architecture(machine: str | None = None) -> str:
 
 def cache_dir() -> Path:
     """Where build products live (shared with the doorbell agent and the guest images)."""
-    return Path(os.environ.get("NVME_EMU_CACHE") or Path.home() / ".cache" / "nvme-emu")
-
-
-def build_key(compiler: str) -> str:
-    """Source, declarations, flags, compiler, machine and CPython ABI: an edit, a new
-    toolchain or another Python gets a new directory."""
-    h = hashlib.sha256(SOURCE.read_bytes())
-    parts = (CDEF, compiler, *CFLAGS, platform.machine(), sys.implementation.cache_tag, _ext_suffix(), _cffi_version())
-    h.update("\0".join(parts).encode())
-    return h.hexdigest()[:16]
-
-
-def _ext_suffix() -> str:
-    return importlib.machinery.EXTENSION_SUFFIXES[0]
-
-
-def _cffi_version() -> str:
-    import cffi
-
-    return cffi.__version__
-
-
-def _python_include() -> Path:
-    """CPython's headers (Debian: python3-dev), needed to compile the API-mode module."""
-    include = Path(sysconfig.get_paths()["include"])
-    if not (include / "Python.h").is_file():
-        raise AtomicsUnavailable(
-            f"Python headers not found ({include}/Python.h): nvme-emu compiles {SOURCE.name} as a "
-            "cffi module on first use; install them with `apt-get install python3-dev` "
-            "(./dev serve and ./dev test do this)")
-    return include
+    return cache_root()
 
 
 def build() -> Path:
-    """Path of the compiled extension, compiling it once per key (flock + rename: concurrent
-    servers and test workers never see a half-written object)."""
-    cc = os.environ.get("CC", "gcc")
-    compiler = shutil.which(cc)
-    if compiler is None:
-        raise AtomicsUnavailable(
-            f"C compiler {cc!r} not found: nvme-emu compiles {SOURCE.name} (explicit memory ordering "
-            "for shared rings) on first use; install it with `apt-get install gcc libc6-dev` "
-            "(./dev serve and ./dev test do this)")
-    root = cache_dir() / "atomics"
-    so = root / build_key(compiler) / (MODULE + _ext_suffix())
-    if so.is_file():
-        return so
-    include = _python_include()
+    """Path of the compiled extension, compiling it once per key (:class:`CModule`)."""
     try:
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with open(root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not so.is_file():
-                _compile(compiler, include, so)
-    except OSError as e:
-        raise AtomicsUnavailable(f"cannot build {SOURCE.name} under {root}: {e}") from None
-    return so
-
-
-def _compile(compiler: str, include: Path, so: Path) -> None:
-    """cffi writes the module's C (no setuptools involved), gcc compiles it next to ``so``."""
-    import cffi
-
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(MODULE, SOURCE.read_text())
-    gen = so.with_name(f".{MODULE}.{os.getpid()}.c")
-    tmp = so.with_name(f".{so.name}.{os.getpid()}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # cffi prints "generating ..."
-            ffi.emit_c_code(str(gen))
-        proc = subprocess.run([compiler, *CFLAGS, f"-I{include}", "-o", str(tmp), str(gen)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise AtomicsUnavailable(f"compiling {SOURCE} failed:\n{proc.stderr.strip()}")
-        os.replace(tmp, so)
-    finally:
-        tmp.unlink(missing_ok=True)
-        gen.unlink(missing_ok=True)
+        return _MODULE.build()
+    except NativeBuildError as e:
+        raise AtomicsUnavailable(f"{e} (nvme-emu needs it for explicit memory ordering on shared rings)") from None
 
 
 @dataclass(frozen=True)
@@ -181,12 +101,9 @@ def load() -> Native:
         check_architecture()
         path = build()
         try:
-            spec = importlib.util.spec_from_file_location(MODULE, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except ImportError as e:
-            raise AtomicsUnavailable(f"cannot load {path}: {e}") from None
+            module = _MODULE.load()
+        except NativeBuildError as e:
+            raise AtomicsUnavailable(str(e)) from None
         _native = Native(module.ffi, module.lib, path)
     return _native
 

@@ -18,13 +18,13 @@ import logging
 import time
 from functools import partial
 from operator import attrgetter
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from vfio_user.dma import GuestMemory
 
-from . import async_event, features, spec
+from . import async_event, features, prp, spec
 from .admin import AdminCommands
-from .aio import IoPool
+from .aio import IoPool, ViewsPredicate
 from .atomics import fence
 from .coalescing import Coalescing
 from .faults import FaultInjector
@@ -46,6 +46,7 @@ from .spec import (
     Reg,
     Shn,
     Shst,
+    Status,
 )
 from .outcome import DEFERRED
 from .state import ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
@@ -103,6 +104,11 @@ class Controller:
 
     def __init__(self, namespaces: Iterable[Namespace], config: ControllerConfig | None = None) -> None:
         self.state = ControllerState.of(namespaces, config)
+        #: PCI COMMAND.BME as the function last saw it (see :meth:`set_bus_master`). A
+        #: controller used on its own is one whose host enabled bus mastering.
+        self.bus_master = True
+        #: INTMC or an INTx unmask came while BME was clear: look at every CQ when it returns.
+        self._recheck_irqs = False
         self.state.cap = self._capabilities()
         self.raise_irq: IrqRaiser | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -220,9 +226,14 @@ class Controller:
             self.timers = None
 
     def controller_reset(self) -> None:
-        """CC.EN 1 -> 0: queues go away, namespace data and the admin queue registers stay."""
+        """CC.EN 1 -> 0: queues go away, namespace data and the admin queue registers stay.
+
+        Returns only once no worker can touch guest memory for a command from before: the
+        host may reuse its buffers as soon as its register write (or reset) is answered."""
         for sq in self.state.sqs.values():
             sq.live = False  # requests still in flight finish into nothing
+        self._quiesce_io(_any_guest_memory, "controller reset")
+        for sq in self.state.sqs.values():
             sq.ring.drop()
         for cq in self.state.cqs.values():
             cq.ring.drop()
@@ -241,11 +252,68 @@ class Controller:
         self.state.csts |= Csts.CFS
 
     def dma_unmapping(self, iova: int, size: int) -> None:
+        """``[iova, iova + size)`` is about to be unmapped (both backends call this before the
+        munmap and before their reply): no view of it may outlive this call. Queued I/O into
+        it is cancelled (Data Transfer Error, as the data cannot move), running I/O into it
+        is waited for; I/O into other mappings goes on."""
+        memory = self.state.memory
+        if memory is not None:
+            self._quiesce_io(_outside(memory), "DMA unmap")
         for q in list(self.state.sqs.values()) + list(self.state.cqs.values()):
             if q.ring.overlaps(iova, size):
                 q.ring.drop()
         if self.state.dbbuf is not None and self.state.dbbuf.overlaps(iova, size):
             self.state.dbbuf.drop()
+
+    def _quiesce_io(self, touches: ViewsPredicate, why: str) -> None:
+        """No I/O worker touches the guest memory ``touches`` selects once this returns."""
+        if self._pool is not None:
+            self._pool.quiesce(touches, lambda: NvmeError(Status.DATA_TRANSFER_ERROR, f"{why} with the transfer queued"))
+
+    # -- bus mastering -------------------------------------------------------------------
+
+    def set_bus_master(self, enabled: bool) -> None:
+        """PCI COMMAND.BME changed. A function without it issues no memory request (PCI
+        Express Base, Command register: "Bus Master Enable"; MSI-X messages are memory writes
+        too), so while it is clear the controller fetches no SQE, reads no PRP list or
+        shadow doorbell, moves no data, posts no CQE and raises no interrupt.
+
+        Neither spec says what becomes of commands already taken, so, like a device whose
+        DMA engine stalls rather than one that forgets: doorbells are latched (a register
+        write is no DMA; a shadow doorbell is read when BME returns); I/O the workers are
+        running is waited for at the moment BME is cleared, and I/O not yet started is
+        cancelled (Data Transfer Error: its data could not move); completions and interrupts
+        are held and posted when BME is set again. A check per doorbell and per batch, none
+        per command.
+        """
+        if enabled == self.bus_master:
+            return
+        self.bus_master = enabled
+        if self.state.memory is not None:  # not at power-on or after the host left
+            log.info("bus mastering %s", "enabled" if enabled else "disabled: DMA held")
+        if not enabled:
+            self._quiesce_io(_any_guest_memory, "Bus Master Enable cleared")
+            return
+        self._resume_dma()
+
+    def _resume_dma(self) -> None:
+        """BME is back: post the held completions, read the shadow tails, run every SQ, and
+        raise the interrupts that were held."""
+        try:
+            self.drain_completions()
+            dbbuf = self.state.dbbuf
+            for sq in list(self.state.sqs.values()):
+                if dbbuf is not None and sq.qid and self.state.sqs.get(sq.qid) is sq:
+                    self._accept_sq_tail(sq, dbbuf.sq_tail(sq.qid))
+                self._run_sq_if_alive(sq)
+        except RingUnavailable as e:
+            self.set_fatal(f"doorbell buffer memory is gone: {e}")
+        for cq in list(self.state.cqs.values()):
+            self.flush_coalesced(cq)
+        if self._recheck_irqs:  # INTMC or an INTx unmask came meanwhile
+            self._recheck_irqs = False
+            self._signal_all()
+        async_event.deliver_events(self.state, self.hooks)
 
     # -- registers ---------------------------------------------------------------------
 
@@ -257,21 +325,11 @@ class Controller:
         out[Reg.INTMS : Reg.INTMS + 4] = self.state.intms.to_bytes(4, "little")
         out[Reg.INTMC : Reg.INTMC + 4] = self.state.intms.to_bytes(4, "little")
         out[Reg.CC : Reg.CC + 4] = self.state.cc.to_bytes(4, "little")
-        out[Reg.CSTS : Reg.CSTS + 4] = self._host_csts().to_bytes(4, "little")
+        out[Reg.CSTS : Reg.CSTS + 4] = self.state.csts.to_bytes(4, "little")
         out[Reg.AQA : Reg.AQA + 4] = self.state.aqa.to_bytes(4, "little")
         out[Reg.ASQ : Reg.ASQ + 8] = self.state.asq.to_bytes(8, "little")
         out[Reg.ACQ : Reg.ACQ + 8] = self.state.acq.to_bytes(8, "little")
         return bytes(out)
-
-    def _host_csts(self) -> int:
-        """CSTS as the host reads it. After a reset, RDY reads 1 until the I/O pool has no
-        call left: a worker may still be moving data of a request from before the reset into
-        guest memory, and the host must not reuse those buffers until it is done (the reset
-        is complete for the host only when RDY reads 0)."""
-        csts = self.state.csts
-        if not csts & Csts.RDY and self._pool is not None and self._pool.pending:
-            return csts | Csts.RDY
-        return csts
 
     def read_register(self, offset: int, size: int) -> bytes:
         """Register reads of any width inside 0x000-0xFFF; unknown registers read 0."""
@@ -428,6 +486,8 @@ class Controller:
         if state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:  # not ready, or fatal
             return
         dbbuf = state.dbbuf if qid else None
+        if dbbuf is not None and not self.bus_master:
+            return  # the value lives in host memory, read when BME is set again
         if is_cq:
             cq = state.cqs.get(qid)
             if cq is None:
@@ -499,6 +559,8 @@ class Controller:
         dbbuf = self.state.dbbuf
         if dbbuf is None or sq.qid == 0:
             return total
+        if not self.bus_master:
+            return total  # EventIdx is host memory too
         try:
             for _ in range(64):  # bounded: a host that keeps submitting gets a fresh turn
                 if sq.head != sq.tail:
@@ -535,7 +597,7 @@ class Controller:
         """Run every command in [head, tail), post completions, then one interrupt per CQ."""
         state = self.state
         memory = state.memory
-        if memory is None or state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY:  # ready, not fatal
+        if memory is None or state.csts & (Csts.RDY | Csts.CFS) != Csts.RDY or not self.bus_master:  # ready, not fatal
             return 0
         cq = sq.cq
         if self.cq_head_source is not None and (cq.tail - cq.head) % cq.size * 2 >= cq.size:
@@ -662,7 +724,9 @@ class Controller:
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> bool:
         """Complete a deferred command (AER); False when its queues are gone or full."""
         sq = self.state.sqs.get(sqid)
-        if sq is None or self.state.memory is None or (sq.cq.room <= 0 and not self._refresh_cq_head(sq.cq)):
+        if sq is None or self.state.memory is None or not self.bus_master:
+            return False
+        if sq.cq.room <= 0 and not self._refresh_cq_head(sq.cq):
             return False
         try:
             sq.cq.post(self.state.memory, dw0, 0, sq.head, sqid, cid, status)
@@ -717,6 +781,8 @@ class Controller:
         one: a single interrupt makes the host look at all of them); SQs that stalled on a CQ
         without room run again (their slots are now used or free)."""
         self._drain_scheduled = False
+        if not self.bus_master:
+            return  # held until BME is set again (set_bus_master drains)
         cqs, self._ready_cqs = self._ready_cqs, {}
         memory = self.state.memory
         posted: list[tuple[CompletionQueue, tuple[int, int] | None]] = []
@@ -783,18 +849,25 @@ class Controller:
         self._fire(cq)
 
     def flush_coalesced(self, cq: CompletionQueue) -> None:
-        """Coalescing time ran out: deliver what is pending."""
-        if cq.unsignalled and cq.irq_enabled:
+        """Coalescing time ran out: deliver what is pending (held while BME is clear)."""
+        if cq.unsignalled and cq.irq_enabled and self.bus_master:
             self._fire(cq)
 
     def _fire(self, cq: CompletionQueue) -> None:
-        """Raise the CQ's vector; the raiser applies INTMS where the vector is pin-based."""
+        """Raise the CQ's vector; the raiser applies INTMS where the vector is pin-based.
+
+        While BME is clear nothing posts, so :meth:`signal` is not reached; the callers that
+        may run then (a coalescing timer, INTMC, an INTx unmask) check it themselves: an
+        MSI-X message is a memory write."""
         cq.unsignalled = 0
         if self.raise_irq is not None and self.raise_irq(cq.vector):
             cq.stats.interrupts += 1
 
     def _signal_all(self) -> None:
         """INTMC unmasked vectors: re-raise those whose CQs still hold entries."""
+        if not self.bus_master:
+            self._recheck_irqs = True  # done when BME is set again (_resume_dma)
+            return
         for cq in self.state.cqs.values():
             self._peek_cq_head(cq)
             if cq.pending and cq.irq_enabled:
@@ -802,6 +875,9 @@ class Controller:
 
     def intx_unmasked(self) -> None:
         """INTx is level-triggered: while any CQ has unconsumed entries the line stays up."""
+        if not self.bus_master:
+            self._recheck_irqs = True  # like the CQEs behind it, held until BME is set again
+            return
         for cq in self.state.cqs.values():
             self._peek_cq_head(cq)
             if cq.pending and cq.irq_enabled:
@@ -817,3 +893,20 @@ class Controller:
             d.update({f"cq_{k}": v for k, v in sq.cq.stats.as_dict().items() if k in ("completions", "interrupts")})
             out[f"sq{qid}"] = d
         return out
+
+
+def _any_guest_memory(views: Sequence[memoryview]) -> bool:
+    """Jobs that move data to or from the host (an SGL Bit Bucket is no host memory)."""
+    return any(not prp.is_bit_bucket(v) for v in views)
+
+
+def _outside(memory: GuestMemory) -> ViewsPredicate:
+    """Jobs with a view of memory no longer in ``memory``'s table: the mapping being
+    unmapped (the table drops it before it calls the unmap listeners) or one whose munmap
+    was deferred. A view belongs to the mapping whose buffer it was sliced from."""
+    live = {id(m.view.obj) for m in memory.table if m.view is not None}
+
+    def touches(views: Sequence[memoryview]) -> bool:
+        return any(id(v.obj) not in live and not prp.is_bit_bucket(v) for v in views)
+
+    return touches

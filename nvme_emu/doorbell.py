@@ -617,7 +617,7 @@ class PollPath(SharedPagePath):
         """
         ctrl = self.ctrl
         dbbuf = ctrl.dbbuf
-        if dbbuf is None:
+        if dbbuf is None or not ctrl.bus_master:  # host memory: not read while BME is clear
             return 0
         n = 0
         try:

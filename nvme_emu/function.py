@@ -12,7 +12,7 @@ import logging
 
 from vfio_user.constants import IrqIndex, RegionIndex
 from vfio_user.device import Device, DeviceContext, Region, ResetKind
-from vfio_user.pci import COMMAND, COMMAND_INTX_DISABLE
+from vfio_user.pci import COMMAND, COMMAND_INTX_DISABLE, COMMAND_MASTER
 
 from .controller import Controller, ControllerConfig
 from .doorbell import AutoPath, DoorbellMode, DoorbellPath, bar0_mmap_areas, make_path
@@ -72,6 +72,7 @@ class NvmeFunction(Device):
             options["idle_max_us"] = poll_idle_max_us
         self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, **options)
         self.controller.queue_listeners.append(self._queue_event)
+        self._follow_bus_master()  # clear at power-on: no DMA until the host enables it
 
     def _queue_event(self, event: str, qid: int) -> None:
         if event in ("dbbuf", "reset"):  # where a doorbell's value lives has changed
@@ -151,6 +152,14 @@ class NvmeFunction(Device):
     def reset(self, kind: ResetKind) -> None:
         log.info("%s reset", kind.value)
         self.controller.full_reset()
+        self._follow_bus_master()  # the reset cleared COMMAND
+
+    def config_written(self, offset: int, old: int, new: int) -> None:
+        if offset == COMMAND and (old ^ new) & COMMAND_MASTER:
+            self._follow_bus_master()
+
+    def _follow_bus_master(self) -> None:
+        self.controller.set_bus_master(bool(self.config.command & COMMAND_MASTER))
 
     def dma_unmapping(self, iova: int, size: int) -> None:
         self.controller.dma_unmapping(iova, size)

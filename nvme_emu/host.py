@@ -18,6 +18,8 @@ from typing import Callable, Protocol
 from .atomics import fence, load_acquire_u32, store_release_u32
 from .queue import CQE, SQE
 from .spec import CQE_SIZE, SQE_SIZE, AdminOpcode, Cc, CcCss, Cns, Csts, NvmOpcode, Reg, Status
+from vfio_user.constants import RegionIndex
+from vfio_user.pci import COMMAND, COMMAND_MASTER
 
 BAR0 = 0
 PAGE = 4096
@@ -213,7 +215,16 @@ class NvmeHost:
                 raise TimeoutError(f"CSTS.RDY did not become {int(ready)}")
             time.sleep(0.001)
 
+    def set_bus_master(self, enabled: bool = True) -> None:
+        """PCI COMMAND.BME, read-modify-write as Linux's pci_set_master() does before it
+        enables the controller: without it the function may do no DMA (a reset clears it)."""
+        cmd = int.from_bytes(self.bus.region_read(RegionIndex.CONFIG, COMMAND, 2), "little")
+        new = cmd | COMMAND_MASTER if enabled else cmd & ~COMMAND_MASTER
+        if new != cmd:
+            self.bus.region_write(RegionIndex.CONFIG, COMMAND, new.to_bytes(2, "little"))
+
     def enable(self, admin_depth: int = 32) -> None:
+        self.set_bus_master()
         self.set_reg32(Reg.CC, 0)
         self.wait_ready(False)
         q = HostQueue(0, admin_depth, self.mem)

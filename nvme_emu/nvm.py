@@ -197,7 +197,7 @@ class NvmCommands:
             status = Status.SUCCESS if error is None else self._failed(sq, e, error)
             hooks.finish_request(sq, cid, status, 0, stamps)
 
-        pool.submit(timed_run, finished)
+        pool.submit(timed_run, finished, work.views)  # views: what a quiesce before an unmap or reset looks at
         return DEFERRED
 
     # -- data pointers ---------------------------------------------------------------------------

@@ -17,30 +17,19 @@ to fail the command that faulted (nvme_emu/nvm.py: Data Transfer Error). :data:`
 Python memory the handler increments, so that check is one memoryview load, no call.
 
 It costs nothing until a fault: the handler is installed once, registration is one C call per
-DMA_MAP. Build: like ``nvme_emu/atomics.py`` (whose pattern this copies; ``vfio_user`` imports
-nothing of ``nvme_emu``), cffi writes an API-mode module's C on first use and the system gcc
-compiles it into ``${NVME_EMU_CACHE:-~/.cache/nvme-emu}/dma_guard/<key>/``.
+DMA_MAP. Build: a cffi API-mode module compiled on first use (:mod:`vfio_user.native`, as
+``nvme_emu/atomics.c`` is), cached under ``${NVME_EMU_CACHE:-~/.cache/nvme-emu}/dma_guard/<key>/``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import importlib.machinery
-import importlib.util
-import io
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
+from .native import CModule, NativeBuildError
+
 SOURCE = Path(__file__).resolve().with_name("dma_guard.c")
-CFLAGS = ("-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall")
 MODULE = "_vfio_user_dma_guard"
 CDEF = """
 int dma_guard_install(uint64_t *faults);
@@ -48,6 +37,7 @@ int dma_guard_register(uintptr_t start, uintptr_t end);
 void dma_guard_unregister(int slot);
 uint64_t dma_guard_poisoned(int slot);
 """
+_MODULE = CModule(MODULE, SOURCE, CDEF, "dma_guard")
 
 #: SIGBUS faults absorbed in DMA mappings since start (the C handler increments it in place).
 FAULTS = memoryview(bytearray(8)).cast("Q")
@@ -57,66 +47,14 @@ class DmaGuardUnavailable(RuntimeError):
     """The native guard could not be built, loaded or installed."""
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("NVME_EMU_CACHE") or Path.home() / ".cache" / "nvme-emu") / "dma_guard"
-
-
-def _build() -> Path:
-    """The compiled module, built once per source/flags/compiler/ABI (flock + rename)."""
-    import cffi
-
-    compiler = shutil.which(os.environ.get("CC", "gcc"))
-    if compiler is None:
-        raise DmaGuardUnavailable("no C compiler: the SIGBUS guard for guest memory is compiled on first use "
-                                  "(`apt-get install gcc libc6-dev python3-dev`; ./dev does this)")
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update("\0".join((CDEF, compiler, *CFLAGS, platform.machine(), sys.implementation.cache_tag, suffix, cffi.__version__)).encode())
-    so = _cache_dir() / h.hexdigest()[:16] / (MODULE + suffix)
-    if so.is_file():
-        return so
-    try:
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with open(so.parent.parent / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not so.is_file():
-                _compile(compiler, so)
-    except OSError as e:
-        raise DmaGuardUnavailable(f"cannot build {SOURCE.name} under {so.parent}: {e}") from None
-    return so
-
-
-def _compile(compiler: str, so: Path) -> None:
-    import cffi
-
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(MODULE, SOURCE.read_text())
-    gen = so.with_name(f".{MODULE}.{os.getpid()}.c")
-    tmp = so.with_name(f".{so.name}.{os.getpid()}")
-    include = sysconfig.get_paths()["include"]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ffi.emit_c_code(str(gen))
-        proc = subprocess.run([compiler, *CFLAGS, f"-I{include}", "-o", str(tmp), str(gen)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise DmaGuardUnavailable(f"compiling {SOURCE} failed:\n{proc.stderr.strip()}")
-        os.replace(tmp, so)
-    finally:
-        tmp.unlink(missing_ok=True)
-        gen.unlink(missing_ok=True)
-
-
 class _Guard:
     """The loaded module, its handler installed over :data:`FAULTS`."""
 
     def __init__(self) -> None:
-        path = _build()
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        if spec is None or spec.loader is None:
-            raise DmaGuardUnavailable(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            module = _MODULE.load()
+        except NativeBuildError as e:
+            raise DmaGuardUnavailable(f"{e} (the SIGBUS guard for guest memory)") from None
         self.ffi: Any = module.ffi
         self.lib: Any = module.lib
         self._faults_ptr = self.ffi.from_buffer("uint64_t[]", FAULTS.cast("B"), require_writable=True)

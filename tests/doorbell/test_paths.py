@@ -13,6 +13,8 @@ import pytest
 from ..support.server import wait_until
 from .db_helpers import LBA, NS_SIZE, PAGE, PATHS, pattern
 from nvme_emu.spec import AdminOpcode, AsyncEventError, AsyncEventType, LogPageId, NvmOpcode, Status
+from vfio_user.constants import RegionIndex
+from vfio_user.pci import COMMAND, COMMAND_MASTER
 
 PATH_IDS = list(PATHS)
 
@@ -299,3 +301,37 @@ def test_shadow_spin_reports_an_invalid_sq_tail(inproc, session):
     s.host.ring_sq(1)
     (c,) = s.host.wait(1, 1)
     assert c.status == Status.SUCCESS
+
+
+def _bus_master(s, on: bool) -> None:
+    """PCI COMMAND.BME by a config-space REGION_WRITE (read-modify-write)."""
+    cmd = int.from_bytes(s.client.region_read(RegionIndex.CONFIG, COMMAND, 2), "little")
+    cmd = cmd | COMMAND_MASTER if on else cmd & ~COMMAND_MASTER
+    s.client.region_write(RegionIndex.CONFIG, COMMAND, cmd.to_bytes(2, "little"))
+
+
+@pytest.mark.parametrize("path", PATH_IDS)
+def test_bus_master_clear_holds_every_path(serve, session, path):
+    """With PCI COMMAND.BME clear a doorbell on any path fetches nothing, moves no data,
+    posts nothing and (with shadow doorbell buffers) writes no EventIdx; once BME is set
+    again the latched doorbell is served."""
+    mode, kind = PATHS[path]
+    srv = serve(mode)
+    s = session(srv.path)
+    s.bring_up(kind, depth=16)
+    s.write_read_check(1, 0, 2, qd=1, seed=7)  # LBAs 0-15 hold pattern(7, 0..1); tails past 0
+    _bus_master(s, False)
+    eventidx = s.eventidx(2) if s.dbbuf else None
+    buf = s.mem.alloc(PAGE)
+    s.mem.write(buf, b"\xee" * PAGE)
+    cid = s.submit_io(1, NvmOpcode.READ, 0, buf, ring=True)
+    s.host.reg32(0)  # a round trip: a trapped doorbell has been handled
+    s.expect_no_completion(1, settle=0.2)
+    assert s.mem.read(buf, PAGE) == b"\xee" * PAGE, "data moved while Bus Master Enable was clear"
+    if eventidx is not None:
+        assert s.eventidx(2) == eventidx, "EventIdx written while Bus Master Enable was clear"
+    _bus_master(s, True)
+    (c,) = s.host.wait(1, 1)
+    assert (c.cid, c.status) == (cid, Status.SUCCESS)
+    assert s.mem.read(buf, PAGE) == pattern(7, 0)
+    s.write_read_check(1, 64, 4, qd=2, seed=8)  # and the path keeps working

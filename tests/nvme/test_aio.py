@@ -78,3 +78,45 @@ def test_when_idle_waits_for_every_submitted_call(loop):
     loop.run_until_complete(asyncio.wait_for(idle, 10))
     assert order == ["idle-at-once", "call", "idle"]
     pool.close()
+
+
+def test_quiesce_cancels_queued_calls_it_selects_and_waits_for_running_ones(loop):
+    """Two workers: one runs a call on buffer A (held 0.3 s), one a call with no buffer that
+    stays blocked; queued behind them, one more call on A and one on B. quiesce(A) waits for
+    the running A call, takes the queued A call back with the caller's error, leaves B and
+    the blocked call alone, and has delivered every callback it concerns when it returns."""
+    pool = IoPool(loop, workers=2)
+    a, b = bytearray(8), bytearray(8)
+    view_a, view_b = memoryview(a), memoryview(b)
+    release_a, stuck = threading.Event(), threading.Event()
+    started = threading.Semaphore(0)
+    got: dict[str, tuple] = {}
+
+    def run(gate: threading.Event, tag: str):
+        def fn():
+            started.release()
+            gate.wait(10)
+            return tag
+
+        return fn
+
+    def cb(tag: str):
+        return lambda result, error: got.__setitem__(tag, (result, type(error).__name__ if error else None))
+
+    pool.submit(run(release_a, "running-a"), cb("running-a"), [view_a[:4]])
+    pool.submit(run(stuck, "blocked"), cb("blocked"), ())
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)  # both workers busy
+    pool.submit(lambda: a.__setitem__(0, 1), cb("queued-a"), [view_a[4:]])
+    pool.submit(lambda: "b", cb("queued-b"), [view_b])
+    threading.Timer(0.3, release_a.set).start()
+    cancelled = pool.quiesce(lambda views: any(v.obj is a for v in views), lambda: LookupError("gone"))
+    assert cancelled == 1
+    assert got["running-a"] == ("running-a", None) and got["queued-a"] == (None, "LookupError")
+    assert a[0] == 0, "the cancelled call ran"
+    assert "blocked" not in got  # not waited for: it uses no A (queued-b may have run meanwhile)
+    stuck.set()
+    deadline = loop.time() + 10
+    while pool.pending and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert got["blocked"] == ("blocked", None) and got["queued-b"] == ("b", None)
+    pool.close()

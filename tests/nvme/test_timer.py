@@ -72,6 +72,16 @@ def test_close_releases_the_fd_and_is_idempotent():
     assert len(os.listdir("/proc/self/fd")) <= before
 
 
+async def _a_good_timer_still_fires(loop, timers: FineTimers, fired: list[str]) -> list[str]:
+    """After whatever the test did: a 100 us timer fires (then the timers close); what fired."""
+    done = loop.create_future()
+    timers.call_later(100e-6, lambda: fired.append("good"))
+    timers.call_later(200e-6, lambda: done.set_result(None))
+    await asyncio.wait_for(done, 5)
+    timers.close()
+    return fired
+
+
 def test_a_delay_that_is_not_finite_is_refused_and_poisons_nothing():
     """A NaN or infinite deadline broke the heap (NaN compares false with everything) and the
     timerfd could not be armed for it, so every later timer's callback was lost (issue 22,
@@ -80,7 +90,6 @@ def test_a_delay_that_is_not_finite_is_refused_and_poisons_nothing():
     async def body(loop):
         timers = FineTimers(loop)
         fired: list[str] = []
-        done = loop.create_future()
         for bad in (math.nan, math.inf, -math.inf):
             with pytest.raises(ValueError):
                 timers.call_later(bad, lambda: fired.append("bad"))
@@ -91,11 +100,7 @@ def test_a_delay_that_is_not_finite_is_refused_and_poisons_nothing():
             raise RuntimeError("callback bug")
 
         timers.call_later(50e-6, boom)
-        timers.call_later(100e-6, lambda: fired.append("good"))
-        timers.call_later(200e-6, lambda: done.set_result(None))
-        await asyncio.wait_for(done, 5)
-        timers.close()
-        return fired
+        return await _a_good_timer_still_fires(loop, timers, fired)
 
     assert _run(body) == ["good"]
 
@@ -106,15 +111,10 @@ def test_an_entry_the_timerfd_cannot_take_is_dropped_not_kept(caplog):
     async def body(loop):
         timers = FineTimers(loop)
         fired: list[str] = []
-        done = loop.create_future()
         timers.call_later(1.0, lambda: fired.append("poison"))  # its deadline is replaced below
         poisoned = timers._heap[0]
         timers._heap[0] = (1e300, poisoned[1], poisoned[2])
-        timers.call_later(100e-6, lambda: fired.append("good"))
-        timers.call_later(200e-6, lambda: done.set_result(None))
-        await asyncio.wait_for(done, 5)
-        timers.close()
-        return fired
+        return await _a_good_timer_still_fires(loop, timers, fired)
 
     assert _run(body) == ["good"]
     assert "cannot arm" in caplog.text

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from nvme_emu.admin import handlers_for
 from nvme_emu.namespace import Namespace, RamBackend
@@ -100,7 +100,7 @@ class KeptPool:
     def __init__(self) -> None:
         self.jobs: list[tuple[Callable[[], object], Callable[[object, BaseException | None], None]]] = []
 
-    def submit(self, fn: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
+    def submit(self, fn: Callable[[], object], done: Callable[[object, BaseException | None], None], views: Sequence[memoryview] = ()) -> None:
         self.jobs.append((fn, done))
 
     def finish_one(self) -> None:

@@ -9,6 +9,7 @@ closed, so it can only fail if a completion went out before its backend call ret
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -22,6 +23,9 @@ from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
 from nvme_emu.namespace import FileBackend, Namespace, RamBackend
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from vfio_user.constants import RegionIndex
+from vfio_user.pci import COMMAND, COMMAND_MASTER
+from vfio_user.vmm.client import GuestRam
 
 FILE_NSID, RAM_NSID = 1, 2
 NS_SIZE = 16 << 20
@@ -276,29 +280,6 @@ def test_delete_sq_completes_after_its_commands_in_flight(rig: Rig):
     n.ok(0, AdminOpcode.DELETE_IO_CQ, cdw10=1)  # the SQ is detached from its CQ now
 
 
-def test_reset_waits_for_calls_in_flight_and_drops_their_completions(rig: Rig):
-    from nvme_emu.spec import Csts, Reg
-
-    n = rig.nvme
-    rig.backend.hold("read")
-    rig.read_cmd(1, 0)
-    rig.backend.wait_arrived("read")
-    n.set_reg32(Reg.CC, 0)  # reset: every queue is gone
-    # ... but a worker may still write into the read's buffer: the reset is not over yet
-    assert n.reg32(Reg.CSTS) & Csts.RDY, "RDY went 0 while a request could still move data"
-    rig.backend.open_all()
-    n.host.wait_ready(False)
-    assert rig.srv.call(lambda: rig.ctrl._pool.pending) == 0
-    n.enable()
-    n.set_queues(4)
-    n.create_pair(1, 64)
-    n.sync()
-    assert not rig.posted(1), "a request from before the reset posted into the new queue"
-    data = b"\x77" * 4096
-    n.write_ok(1, FILE_NSID, 64, data)
-    assert n.read_ok(1, FILE_NSID, 64, 8) == data
-
-
 def test_fua_write_completes_only_after_the_durable_write_returned(rig: Rig):
     n = rig.nvme
     rig.backend.hold("write")
@@ -391,3 +372,147 @@ def test_one_interrupt_per_vector_for_a_drain_of_cqs_sharing_it(rig: Rig):
         assert c.cid == cid and c.status == Status.SUCCESS
     after = {q: rig.srv.call(lambda q=q: rig.ctrl.state.cqs[q].stats.interrupts) for q in (3, 4)}
     assert sum(after.values()) - sum(before.values()) == 1, (before, after)
+
+
+# -- the host says stop: nothing moves after its answer --------------------------------------
+#
+# Four reads of the file namespace wait at the read gate (the pool's four workers), a fifth
+# is queued behind them. The gate opens 0.3 s after the stop is sent, from a timer thread:
+# the stop's answer may only come once the four running reads are done, and the queued one
+# is never started (its buffer keeps its 0xEE).
+
+OPEN_AFTER = 0.3
+DATA = 0x40000000
+
+
+def _five_held_reads(rig: Rig, bufs: list[int]) -> list[int]:
+    """LBAs 0-39 hold 0x5A; five reads of 4 KiB into ``bufs`` (0xEE), four of them running
+    at the gate and one queued; their cids."""
+    n = rig.nvme
+    n.write_ok(1, FILE_NSID, 0, b"\x5a" * 5 * PAGE)
+    rig.backend.hold("read")
+    cids = [n.submit(1, NvmOpcode.READ, nsid=FILE_NSID, prp1=buf, cdw10=8 * i, cdw12=7, ring=False) for i, buf in enumerate(bufs)]
+    n.host.ring_sq(1)
+    rig.backend.wait_arrived("read", 4)
+    return cids
+
+
+def _answered_after_the_gate(rig: Rig, stop) -> float:
+    """Run ``stop()`` (a request with a reply) with the gate opening OPEN_AFTER s later."""
+    timer = threading.Timer(OPEN_AFTER, rig.backend.open_all)
+    timer.start()
+    try:
+        started = time.monotonic()
+        stop()
+        return time.monotonic() - started
+    finally:
+        timer.join()
+
+
+def _bus_master(n: Host, on: bool) -> None:
+    cmd = int.from_bytes(n.client.region_read(RegionIndex.CONFIG, COMMAND, 2), "little")
+    cmd = cmd | COMMAND_MASTER if on else cmd & ~COMMAND_MASTER
+    n.client.region_write(RegionIndex.CONFIG, COMMAND, cmd.to_bytes(2, "little"))
+
+
+def _irqs(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_reset_answers_only_when_no_worker_can_write_guest_memory(rig: Rig):
+    from nvme_emu.spec import Csts, Reg
+
+    n = rig.nvme
+    bufs = [n.alloc(PAGE) for _ in range(5)]
+    for buf in bufs:
+        n.write_mem(buf, b"\xee" * PAGE)
+    _five_held_reads(rig, bufs)
+    took = _answered_after_the_gate(rig, lambda: n.set_reg32(Reg.CC, 0))
+    assert took >= OPEN_AFTER * 0.8, f"CC.EN=0 answered after {took:.3f} s, while four reads could still write"
+    assert not n.reg32(Reg.CSTS) & Csts.RDY  # the reset is over for the host at once
+    assert [n.read_mem(b, PAGE)[:1] for b in bufs] == [b"\x5a"] * 4 + [b"\xee"], "the queued read ran after the reset"
+    time.sleep(0.1)
+    assert [n.read_mem(b, PAGE) for b in bufs][4] == b"\xee" * PAGE
+    n.enable()
+    n.set_queues(4)
+    n.create_pair(1, 64)
+    n.sync()
+    assert not rig.posted(1), "a request from before the reset posted into the new queue"
+    assert n.read_ok(1, FILE_NSID, 0, 8) == b"\x5a" * PAGE
+
+
+def test_unmap_waits_for_reads_into_it_and_cancels_queued_ones(rig: Rig):
+    """Reads into the unmapped range: running ones finish before the reply, the queued one
+    completes with Data Transfer Error; a read into other memory queued behind is served."""
+    n = rig.nvme
+    data = GuestRam(1 << 20, "hostile-data")
+    try:
+        n.client.dma_map(DATA, 1 << 20, data)
+        data.view[:] = b"\xee" * (1 << 20)
+        other = n.alloc(PAGE)
+        n.write_mem(other, b"\xee" * PAGE)
+        cids = _five_held_reads(rig, [DATA + i * PAGE for i in range(5)])
+        cid_other = n.submit(1, NvmOpcode.READ, nsid=FILE_NSID, prp1=other, cdw10=0, cdw12=7)
+        took = _answered_after_the_gate(rig, lambda: n.client.dma_unmap(DATA, 1 << 20))
+        assert took >= OPEN_AFTER * 0.8, f"DMA_UNMAP answered after {took:.3f} s, while four reads could still write"
+        assert rig.srv.call(lambda: rig.ctrl.memory.table.open_count()) == 1, "the data mapping is not really unmapped"
+        view = data.view
+        assert [bytes(view[i * PAGE : i * PAGE + 1]) for i in range(5)] == [b"\x5a"] * 4 + [b"\xee"]
+        statuses = [n.wait_cid(1, cid).status for cid in cids]
+        assert statuses == [Status.SUCCESS] * 4 + [Status.DATA_TRANSFER_ERROR], [status_name(s) for s in statuses]
+        assert n.wait_cid(1, cid_other).status == Status.SUCCESS
+        assert n.read_mem(other, PAGE) == b"\x5a" * PAGE
+        assert bytes(view[4 * PAGE : 5 * PAGE]) == b"\xee" * PAGE
+    finally:
+        data.close()
+
+
+def test_bus_master_clear_waits_for_running_calls_and_holds_completions(rig: Rig):
+    """BME cleared: the running reads finish before the reply, the queued one is cancelled;
+    no CQE and no interrupt until BME is set again, then all five complete."""
+    n = rig.nvme
+    bufs = [n.alloc(PAGE) for _ in range(5)]
+    for buf in bufs:
+        n.write_mem(buf, b"\xee" * PAGE)
+    cids = _five_held_reads(rig, bufs)
+    took = _answered_after_the_gate(rig, lambda: _bus_master(n, False))
+    assert took >= OPEN_AFTER * 0.8, f"BME clear answered after {took:.3f} s, while four reads could still write"
+    _irqs(n.efds[1])
+    ram = n.submit(1, NvmOpcode.READ, nsid=RAM_NSID, prp1=n.alloc(PAGE), cdw10=0, cdw12=7)  # a doorbell: latched
+    n.sync()
+    time.sleep(0.1)
+    assert not rig.posted(1), "a CQE was posted while Bus Master Enable was clear"
+    assert not _irqs(n.efds[1]), "an interrupt while Bus Master Enable was clear"
+    assert [n.read_mem(b, PAGE)[:1] for b in bufs] == [b"\x5a"] * 4 + [b"\xee"]
+    _bus_master(n, True)
+    statuses = [n.wait_cid(1, cid).status for cid in cids]
+    assert statuses == [Status.SUCCESS] * 4 + [Status.DATA_TRANSFER_ERROR], [status_name(s) for s in statuses]
+    assert n.wait_cid(1, ram).status == Status.SUCCESS
+    assert _irqs(n.efds[1])
+
+
+def test_bus_master_clear_holds_delayed_completions_and_coalesced_interrupts(rig: Rig):
+    """A completion the fault injector delays, and the interrupt a coalescing timer would
+    raise: neither is posted nor raised while BME is clear, both once it is set again."""
+    n = rig.nvme
+    rig.srv.call(lambda: rig.ctrl.faults.add({"kind": "latency", "nsid": RAM_NSID, "us": 200_000, "op": "read", "remaining": 1}))
+    _irqs(n.efds[1])
+    delayed = n.submit(1, NvmOpcode.READ, nsid=RAM_NSID, prp1=n.alloc(PAGE), cdw10=0, cdw12=7)
+    n.sync()
+    _bus_master(n, False)
+    time.sleep(0.4)  # twice the injected latency
+
+    def coalescing_timer_expires() -> None:  # what Coalescing's timer calls, with an entry due
+        cq = rig.ctrl.cqs[2]
+        cq.unsignalled += 1
+        rig.ctrl.flush_coalesced(cq)
+
+    rig.srv.call(coalescing_timer_expires)
+    assert not rig.posted(1), "the delayed completion was posted while Bus Master Enable was clear"
+    assert not _irqs(n.efds[1]) and not _irqs(n.efds[2]), "an interrupt while Bus Master Enable was clear"
+    _bus_master(n, True)
+    assert n.wait_cid(1, delayed).status == Status.SUCCESS
+    assert _irqs(n.efds[1]) and _irqs(n.efds[2]), "the held interrupts are raised when BME is set again"

@@ -11,6 +11,8 @@ asserts each backend's answer (docs/libvfio-user.md).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
@@ -42,3 +44,18 @@ def spawn(request, tmp_path):
         if check and was_running and rc != 0:
             bad.append((srv.log_path.name, rc, srv.log()[-3000:]))
     assert not bad, bad
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped, saying why, where it cannot be mounted), unmounted
+    afterwards: a filesystem a test can fill."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -15,10 +15,8 @@ import os
 import random
 import signal
 import struct
-import subprocess
 import time
 
-import pytest
 
 from .durability import SLOT, AckRecord, WriteRun, check_image, pattern, read_namespace, read_record, slot_order
 from ..support.host import Host, PAGE, status_name
@@ -98,24 +96,10 @@ def test_sigterm_flushes_and_exits_cleanly(spawn, tmp_path):
             assert f.read(SLOT) == pattern(i + 1, i)
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs (root only); unmounted afterwards."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_backing_file_full_gives_capacity_exceeded(spawn, small_fs):
+def test_backing_file_full_gives_capacity_exceeded(spawn, small_tmpfs):
     """A sparse 16 MiB file on a 1 MiB filesystem: writes past the space -> Capacity
     Exceeded; the server keeps serving, earlier data intact, space freed is usable again."""
-    disk = small_fs / "disk.img"
+    disk = small_tmpfs / "disk.img"
     srv = spawn(f"file:{disk},size=16M")
     h = Host(srv.path, ram_size=8 << 20)
     h.set_queues(1)

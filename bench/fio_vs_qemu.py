@@ -1,19 +1,29 @@
-"""fio in a QEMU guest: nvme-emu against QEMU's own ``-device nvme``, same guest, same file.
+"""fio in a QEMU guest: nvme-emu against QEMU's own ``-device nvme``, same guest, same file,
+and against the floor: QEMU's ``-device nvme`` on a ``null-co`` block node (no host I/O).
 
-One run boots the same test guest (nvme_emu.guest: QEMU 11.1, q35, 2 vCPUs, TCG here) twice
-per round: first with QEMU's built-in NVMe controller (hw/nvme) on a raw file, then with
-nvme-emu (vfio-user-pci -> ``nvme-emu serve --namespace file:<the same file>``, default
-doorbell mode ``auto``: upstream QEMU takes no io fds, so trapped writes + shadow doorbells
-with EventIdx). The file is filled with data first, so neither device reads holes.
+Each round boots the same test guest (nvme_emu.guest: QEMU 11.1, q35, 2 vCPUs, TCG here)
+once per device: QEMU's built-in NVMe controller (hw/nvme) on a raw file; hw/nvme on
+``null-co`` (reads return zeroes, writes go nowhere: what the guest, TCG and hw/nvme cost
+with nothing behind them); nvme-emu (vfio-user-pci -> ``nvme-emu serve --namespace
+file:<the same file>``, default doorbell mode ``auto``: upstream QEMU takes no io fds, so
+trapped writes + shadow doorbells with EventIdx); and one more nvme-emu per
+``--emu-variant NAME=SERVE-ARGS`` (the same server with extra ``serve`` arguments). The file
+is filled with data first, so no device reads holes.
 
 Jobs (fio, io_uring, direct=1, time_based, 10 s + 1 s ramp each, one after the other):
 4k randread QD1, 4k randread QD32, 4k randwrite QD1, 128k sequential read QD8, and a short
 stall check (the end-to-end suite's verify job: 4k randwrite QD16 + crc32c verify read-back)
-whose clat max would show multi-100-ms stalls. Rounds alternate the two devices; the median
-round is reported, with the ratio nvme-emu / hw/nvme.
+whose clat max would show multi-100-ms stalls. The floor cannot verify (zeroes come back):
+it runs the same writes and a read-back of the same blocks without the check.
 
-    ./dev bench fio_vs_qemu                 # 2 rounds, ~4-5 minutes under TCG
+The order of the devices rotates from round to round, so none always goes first. Per job the
+table gives each device's figures as the median over the rounds, and each nvme-emu's ratios
+to hw/nvme, to the floor and to the default nvme-emu as the median of the per-round ratios
+with their spread (min..max).
+
+    ./dev bench fio_vs_qemu                 # 3 rounds, ~15 minutes under TCG
     ./dev bench fio_vs_qemu --rounds 1 --runtime 5
+    ./dev bench fio_vs_qemu --emu-variant si100='--switch-interval-us 100'
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -59,8 +71,35 @@ verify_fatal=1
 randrepeat=0
 """
 
+#: The floor (null-co) cannot verify: reads return zeroes. The same I/O without the check: the
+#: 32 MiB of 4k random writes at QD16, then a read-back of those 32 MiB at QD16 in offset order
+#: (what fio's verify phase reads for a random-write job: the written blocks sorted by offset).
+STALL_JOB_NO_VERIFY = """
+[stallcheck-verify-4k-qd16]
+stonewall
+time_based=0
+runtime=0
+ramp_time=0
+rw=randwrite
+bs=4k
+iodepth=16
+size=32m
+offset=512m
+randrepeat=0
+[stallcheck-verify-4k-qd16]
+stonewall
+time_based=0
+runtime=0
+ramp_time=0
+rw=read
+bs=4k
+iodepth=16
+size=32m
+offset=512m
+"""
 
-def fio_job(runtime: float, ramp: float, stall_check: bool) -> str:
+
+def fio_job(runtime: float, ramp: float, stall_check: bool, verify: bool = True) -> str:
     out = [
         "[global]",
         "filename=/dev/nvme0n1",
@@ -79,7 +118,7 @@ def fio_job(runtime: float, ramp: float, stall_check: bool) -> str:
             out.append("stonewall")
         out.append(opts)
     text = "\n".join(out) + "\n"
-    return text + (STALL_JOB if stall_check else "")
+    return text + ((STALL_JOB if verify else STALL_JOB_NO_VERIFY) if stall_check else "")
 
 
 def fill(path: str, size: int) -> None:
@@ -126,7 +165,7 @@ def summarise(fio: dict) -> dict[str, dict]:
     return out
 
 
-def run_builtin(image: str, job: str, timeout: float, **guest_kw) -> dict:
+def run_builtin(image: str | None, job: str, timeout: float, **guest_kw) -> dict:
     t0 = time.monotonic()
     r = guest.run_guest(builtin_image=image, fio_job=job, timeout=timeout, **guest_kw)
     if not r.ok or r.fio is None:
@@ -158,45 +197,131 @@ def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, d
     }
 
 
-COLUMNS = [
-    ("job", "job", ""),
-    ("builtin_iops", "hw/nvme IOPS", ",.0f"),
-    ("emu_iops", "nvme-emu IOPS", ",.0f"),
-    ("iops_ratio", "IOPS ratio", ".2f"),
-    ("builtin_mean_us", "hw/nvme mean us", ".0f"),
-    ("emu_mean_us", "emu mean us", ".0f"),
-    ("lat_ratio", "mean lat ratio", ".2f"),
-    ("builtin_p99_us", "hw/nvme p99 us", ".0f"),
-    ("emu_p99_us", "emu p99 us", ".0f"),
-    ("builtin_max_us", "hw/nvme max us", ",.0f"),
-    ("emu_max_us", "emu max us", ",.0f"),
-]
+#: The devices every round runs, besides the nvme-emu variants: QEMU's own nvme on the backing
+#: file, and on a null-co node (no host I/O at all: the floor of guest + TCG + hw/nvme).
+HW_NVME, FLOOR, EMU = "hw_nvme", "floor", "emu"
+LABELS = {HW_NVME: "hw/nvme (file)", FLOOR: "floor: hw/nvme on null-co"}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``--emu-variant NAME=SERVE-ARGS``: another nvme-emu column, ``nvme-emu serve`` with these
+    extra arguments (shell words) on top of the namespace and ``--doorbell``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or name in (HW_NVME, FLOOR, EMU) or not name.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{text!r}: want NAME=SERVE-ARGS, NAME alphanumeric and not hw_nvme/floor/emu")
+    return name, shlex.split(rest)
+
+
+def run_device(device: str, variants: dict[str, list[str]], image: str, jobs: dict[str, str], timeout: float, workdir: str,
+               rnd: int, doorbell: str) -> dict:
+    if device == HW_NVME:
+        return run_builtin(image, jobs[HW_NVME], timeout)
+    if device == FLOOR:
+        return run_builtin(None, jobs[FLOOR], timeout, builtin_null=FILE_SIZE)
+    return run_nvme_emu(image, jobs[EMU], timeout, workdir, f"{device}-r{rnd}", doorbell, tuple(variants[device]))
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise_rounds(rounds: list[dict], devices: list[str], variants: dict[str, list[str]]) -> list[dict]:
+    """Per job: each device's figures as the median over the rounds, and per nvme-emu variant its
+    ratios to hw/nvme, to the floor and (other variants) to the default nvme-emu: the ratio of
+    each round (both devices of one round), their median and their spread (min, max)."""
+    rows = []
+    names = list(dict.fromkeys(n for r in rounds for d in devices if d in r["devices"] for n in r["devices"][d]["jobs"]))
+    for name in names:
+        row: dict[str, Any] = {"job": name, "devices": {}, "ratios": {}}
+        for d in devices:
+            got = [r["devices"][d]["jobs"][name] for r in rounds if name in r["devices"].get(d, {}).get("jobs", {})]
+            if not got:
+                continue
+            row["devices"][d] = {
+                "rounds": len(got),
+                **{k: _median([g[k] for g in got if g[k] is not None]) for k in
+                   ("iops", "clat_mean_us", "clat_p50_us", "clat_p99_us", "clat_max_us")},
+                "iops_all_rounds": [g["iops"] for g in got],
+                "clat_mean_us_all_rounds": [g["clat_mean_us"] for g in got],
+                "clat_max_us_all_rounds": [g["clat_max_us"] for g in got],
+            }
+        for v in variants:
+            for ref in (HW_NVME, FLOOR, *([EMU] if v != EMU else [])):
+                per: dict[str, list[float]] = {"iops": [], "mean": [], "max": []}
+                for r in rounds:
+                    a = r["devices"].get(v, {}).get("jobs", {}).get(name)
+                    b = r["devices"].get(ref, {}).get("jobs", {}).get(name)
+                    if not a or not b:
+                        continue
+                    for key, field in (("iops", "iops"), ("mean", "clat_mean_us"), ("max", "clat_max_us")):
+                        if b[field]:
+                            per[key].append(a[field] / b[field])
+                row["ratios"][f"{v}/{ref}"] = {k: {"median": _median(vals), "min": min(vals, default=None), "max": max(vals, default=None),
+                                                   "all_rounds": vals} for k, vals in per.items()}
+        rows.append(row)
+    return rows
+
+
+def _ratio_cell(r: dict | None) -> str:
+    if not r or r["median"] is None:
+        return "-"
+    return f"{r['median']:.2f} ({r['min']:.2f}..{r['max']:.2f})"
+
+
+def device_label(device: str, job: str, variants: dict[str, list[str]]) -> str:
+    if device == FLOOR and "stallcheck" in job:
+        return LABELS[FLOOR] + " (no verify)"
+    if device in LABELS:
+        return LABELS[device]
+    return "nvme-emu" + (f" {device}: {' '.join(variants[device])}" if variants[device] else "")
+
+
+def format_tables(rows: list[dict], devices: list[str], variants: dict[str, list[str]]) -> str:
+    abs_rows, ratio_rows = [], []
+    for row in rows:
+        for d in devices:
+            f = row["devices"].get(d)
+            if f is None:
+                continue
+            abs_rows.append({"job": row["job"], "device": device_label(d, row["job"], variants), "iops": f["iops"],
+                             "mean": f["clat_mean_us"], "p99": f["clat_p99_us"], "max": f["clat_max_us"],
+                             "max_rounds": ", ".join(f"{m / 1000:.1f}" for m in f["clat_max_us_all_rounds"])})
+        for v in variants:
+            rr = row["ratios"]
+            ratio_rows.append({"job": row["job"], "variant": v,
+                               "iops_hw": _ratio_cell(rr[f"{v}/{HW_NVME}"]["iops"]), "mean_hw": _ratio_cell(rr[f"{v}/{HW_NVME}"]["mean"]),
+                               "iops_floor": _ratio_cell(rr[f"{v}/{FLOOR}"]["iops"]), "mean_floor": _ratio_cell(rr[f"{v}/{FLOOR}"]["mean"]),
+                               **({"iops_emu": _ratio_cell(rr[f"{v}/{EMU}"]["iops"]), "mean_emu": _ratio_cell(rr[f"{v}/{EMU}"]["mean"]),
+                                   "max_emu": _ratio_cell(rr[f"{v}/{EMU}"]["max"])} if v != EMU else {})})
+    t1 = common.format_table(abs_rows, [("job", "job", ""), ("device", "device", ""), ("iops", "IOPS", ",.0f"), ("mean", "mean us", ",.0f"),
+                                        ("p99", "p99 us", ",.0f"), ("max", "max us", ",.0f"), ("max_rounds", "max ms per round", "")])
+    cols = [("job", "job", ""), ("variant", "nvme-emu", ""), ("iops_hw", "IOPS / hw/nvme", ""), ("mean_hw", "mean / hw/nvme", ""),
+            ("iops_floor", "IOPS / floor", ""), ("mean_floor", "mean / floor", "")]
+    if len(variants) > 1:
+        cols += [("iops_emu", "IOPS / emu", ""), ("mean_emu", "mean / emu", ""), ("max_emu", "max / emu", "")]
+    t2 = common.format_table(ratio_rows, cols)
+    return (f"Per device: median over rounds of each figure\n\n{t1}\n\n"
+            f"Ratios of nvme-emu to the others: median of the per-round ratios (min..max over rounds)\n\n{t2}")
+
+
+def plot(rows: list[dict], devices: list[str], variants: dict[str, list[str]], path: Path, title: str) -> None:
     plt = common.pyplot()
     if plt is None:
         return
-    rows = [r for r in rows if "stallcheck" not in r["job"]]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     x = range(len(rows))
-    w = 0.38
-    a1.bar([i - w / 2 for i in x], [r["builtin_iops"] for r in rows], w, label="QEMU hw/nvme")
-    a1.bar([i + w / 2 for i in x], [r["emu_iops"] for r in rows], w, label="nvme-emu (vfio-user)")
-    for i, r in enumerate(rows):
-        a1.text(i + w / 2, r["emu_iops"], f"{r['iops_ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
-    a1.set_xticks(list(x), [r["job"] for r in rows], rotation=15, fontsize=8)
-    a1.set_ylabel("IOPS")
-    a1.set_title("IOPS (label: nvme-emu / hw/nvme)")
-    a1.legend(fontsize=8)
-    a2.bar([i - w / 2 for i in x], [r["builtin_mean_us"] for r in rows], w, label="QEMU hw/nvme")
-    a2.bar([i + w / 2 for i in x], [r["emu_mean_us"] for r in rows], w, label="nvme-emu (vfio-user)")
-    for i, r in enumerate(rows):
-        a2.text(i + w / 2, r["emu_mean_us"], f"{r['lat_ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
-    a2.set_xticks(list(x), [r["job"] for r in rows], rotation=15, fontsize=8)
-    a2.set_ylabel("mean completion latency (us)")
-    a2.set_title("clat mean (label: nvme-emu / hw/nvme)")
-    a2.legend(fontsize=8)
+    w = 0.8 / len(devices)
+    for k, (ax, field, ylabel) in enumerate(zip(axes, ("iops", "clat_mean_us", "clat_max_us"),
+                                                ("IOPS", "mean completion latency (us)", "max completion latency (us)"), strict=True)):
+        for i, d in enumerate(devices):
+            ys = [r["devices"].get(d, {}).get(field) or 0 for r in rows]
+            ax.bar([j - 0.4 + w * (i + 0.5) for j in x], ys, w, label=device_label(d, "", variants))
+        if k == 2:
+            ax.set_yscale("log")
+        ax.set_xticks(list(x), [r["job"].replace("stallcheck-verify-", "verify-") for r in rows], rotation=20, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel.split(' (')[0]} (median of rounds)", fontsize=9)
+    axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -378,10 +503,14 @@ def nested_main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=float, default=10)
     ap.add_argument("--ramp", type=float, default=1)
     ap.add_argument("--doorbell", default="auto")
+    ap.add_argument("--emu-variant", type=parse_variant, action="append", default=[], metavar="NAME=SERVE-ARGS",
+                    help="one more nvme-emu device per round: `nvme-emu serve` with these extra arguments (repeatable); "
+                         "its ratios to the default nvme-emu ('emu') are reported too, e.g. si100='--switch-interval-us 100'")
+    ap.add_argument("--no-floor", action="store_true", help="leave out the floor (hw/nvme on null-co)")
     ap.add_argument("--no-stall-check", action="store_true")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
     ap.add_argument("--label", default="")
@@ -398,89 +527,75 @@ def main(argv: list[str] | None = None) -> int:
     if args.nested:
         return nested_main(args)
 
+    variants: dict[str, list[str]] = {EMU: []}
+    for name, serve_args in args.emu_variant:
+        if name in variants:
+            ap.error(f"--emu-variant {name} given twice")
+        variants[name] = serve_args
+    devices = [HW_NVME, *([] if args.no_floor else [FLOOR]), *variants]
     mach = common.machine()
     mach["busy_before"] = common.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else common.machine_busy()
     print("machine:", common.describe_machine(mach), f"busy before: {mach['busy_before']:.0%}", flush=True)
     workdir = tempfile.mkdtemp(prefix="nvme-bench-fio-", dir="/tmp")
     image = os.path.join(workdir, "disk.raw")
-    job = fio_job(args.runtime, args.ramp, not args.no_stall_check)
+    jobs = {HW_NVME: fio_job(args.runtime, args.ramp, not args.no_stall_check)}
+    jobs[EMU] = jobs[HW_NVME]
+    jobs[FLOOR] = fio_job(args.runtime, args.ramp, not args.no_stall_check, verify=False)
     timeout = 120 + (len(JOBS) * (args.runtime + args.ramp) + 60) * 6
     rounds: list[dict[str, Any]] = []
+    t_start = time.monotonic()
     try:
         t = time.monotonic()
         fill(image, FILE_SIZE)
         print(f"backing file {image}: {FILE_SIZE >> 20} MiB of data ({time.monotonic() - t:.1f}s)", flush=True)
         for rnd in range(args.rounds):
-            b = run_builtin(image, job, timeout)
-            print(f"[{rnd}] hw/nvme done in {b['elapsed_s']:.0f}s ({b['accel']})", flush=True)
-            for n, j in b["jobs"].items():
-                print(
-                    f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us",
-                    flush=True,
-                )
-            e = run_nvme_emu(image, job, timeout, workdir, f"r{rnd}", args.doorbell)
-            print(f"[{rnd}] nvme-emu done in {e['elapsed_s']:.0f}s, server CPU {e['server_cpu_s']:.1f}s", flush=True)
-            for n, j in e["jobs"].items():
-                print(
-                    f"      {n:34} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} max {j['clat_max_us']:>10,.0f} us",
-                    flush=True,
-                )
-            rounds.append({"round": rnd, "builtin": b, "nvme_emu": e})
+            # every device takes every place in the order in turn (none always goes first)
+            order = devices[rnd % len(devices):] + devices[: rnd % len(devices)]
+            got: dict[str, Any] = {}
+            for d in order:
+                res = run_device(d, variants, image, jobs, timeout, workdir, rnd, args.doorbell)
+                got[d] = res
+                cpu = f", server CPU {res['server_cpu_s']:.1f}s" if "server_cpu_s" in res else ""
+                print(f"[{rnd}] {device_label(d, '', variants)} done in {res['elapsed_s']:.0f}s ({res['accel']}){cpu}; "
+                      f"load {' '.join(common.read_file('/proc/loadavg').split()[:3])}", flush=True)
+                for n, j in res["jobs"].items():
+                    print(f"      {n:38} {j['iops']:>9,.0f} IOPS mean {j['clat_mean_us']:8.0f} us p99 {j['clat_p99_us'] or 0:8.0f} "
+                          f"max {j['clat_max_us']:>10,.0f} us", flush=True)
+            rounds.append({"round": rnd, "order": order, "devices": got})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    rows = []
-    names = list(rounds[0]["builtin"]["jobs"])
-    for name in names:
-        per = []
-        for r in rounds:
-            bj, ej = r["builtin"]["jobs"].get(name), r["nvme_emu"]["jobs"].get(name)
-            if bj and ej:
-                per.append((bj, ej))
-        if not per:
-            continue
-        # the median round by the nvme-emu/hw-nvme IOPS ratio (both devices of one round)
-        per.sort(key=lambda be: be[1]["iops"] / be[0]["iops"] if be[0]["iops"] else 0)
-        bj, ej = per[len(per) // 2]
-        rows.append({
-            "job": name,
-            "builtin_iops": bj["iops"], "emu_iops": ej["iops"], "iops_ratio": ej["iops"] / bj["iops"] if bj["iops"] else None,
-            "builtin_mean_us": bj["clat_mean_us"], "emu_mean_us": ej["clat_mean_us"],
-            "lat_ratio": ej["clat_mean_us"] / bj["clat_mean_us"] if bj["clat_mean_us"] else None,
-            "builtin_p50_us": bj["clat_p50_us"], "emu_p50_us": ej["clat_p50_us"],
-            "builtin_p99_us": bj["clat_p99_us"], "emu_p99_us": ej["clat_p99_us"],
-            "builtin_max_us": bj["clat_max_us"], "emu_max_us": ej["clat_max_us"],
-            "emu_max_us_all_rounds": [e["clat_max_us"] for _b, e in per],
-            "iops_ratio_all_rounds": [e["iops"] / b["iops"] for b, e in per if b["iops"]],
-            "rounds": len(per),
-        })
-    table = common.format_table(rows, COLUMNS)
+    rows = summarise_rounds(rounds, devices, variants)
+    table = format_tables(rows, devices, variants)
     print()
     print(table)
     by = {r["job"]: r for r in rows}
-    qd32 = by.get("randread-4k-qd32", {}).get("iops_ratio")
-    qd1 = by.get("randread-4k-qd1", {}).get("lat_ratio")
+    qd32 = by.get("randread-4k-qd32", {}).get("ratios", {}).get(f"{EMU}/{HW_NVME}", {}).get("iops", {}).get("median")
+    qd1 = by.get("randread-4k-qd1", {}).get("ratios", {}).get(f"{EMU}/{HW_NVME}", {}).get("mean", {}).get("median")
     targets = {
         "qd32_iops_ratio": qd32, "qd32_target": 0.90, "qd32_met": bool(qd32 and qd32 >= 0.90),
         "qd1_latency_ratio": qd1, "qd1_target": 1.30, "qd1_met": bool(qd1 and qd1 <= 1.30),
     }
+
     def ratio(x: float | None) -> str:  # None: the job did no I/O on one side (the JSON is still written)
         return "-" if x is None else f"{x:.2f}x"
 
-    print(f"\ntargets: QD32 IOPS {ratio(qd32)} of hw/nvme (>= 0.90: {'met' if targets['qd32_met'] else 'MISSED'}); "
+    print(f"\ntargets (nvme-emu default): QD32 IOPS {ratio(qd32)} of hw/nvme (>= 0.90: {'met' if targets['qd32_met'] else 'MISSED'}); "
           f"QD1 mean latency {ratio(qd1)} (<= 1.30: {'met' if targets['qd1_met'] else 'MISSED'})")
+    mach["loadavg_at_end"] = common.read_file("/proc/loadavg").split()[:3]
     name = "fio_vs_qemu" + (f"-{args.label}" if args.label else "")
     out = Path(args.out)
     common.write_json(out / f"{name}.json", {
-        "benchmark": "fio_vs_qemu", "machine": mach, "method": __doc__, "fio_job": job,
-        "config": {"rounds": args.rounds, "runtime": args.runtime, "ramp": args.ramp, "doorbell": args.doorbell, "file_size": FILE_SIZE},
-        "targets": targets, "results": rows, "rounds": rounds, "table": table,
+        "benchmark": "fio_vs_qemu", "machine": mach, "method": __doc__, "fio_job": jobs[HW_NVME], "fio_job_floor": jobs[FLOOR],
+        "config": {"rounds": args.rounds, "runtime": args.runtime, "ramp": args.ramp, "doorbell": args.doorbell, "file_size": FILE_SIZE,
+                   "devices": devices, "emu_variants": variants},
+        "targets": targets, "results": rows, "rounds": rounds, "table": table, "elapsed_s": time.monotonic() - t_start,
     })
     plot(
-        rows,
+        rows, devices, variants,
         out / f"{name}.png",
-        f"fio in a QEMU guest ({rounds[0]['builtin']['accel']}): nvme-emu vs QEMU hw/nvme, same guest + file, median of {len(rounds)} "
-        f"round(s)\n{common.describe_machine(mach)}",
+        f"fio in a QEMU guest ({rounds[0]['devices'][HW_NVME]['accel']}): nvme-emu vs QEMU hw/nvme on the file and on null-co (floor), "
+        f"same guest, median of {len(rounds)} round(s)\n{common.describe_machine(mach)}",
     )
     print(f"wrote {out / (name + '.json')} and .png")
     return 0

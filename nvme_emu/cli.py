@@ -54,6 +54,22 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _switch_interval_us(text: str) -> float:
+    """An argparse type: a GIL switch interval in microseconds (> 0)."""
+    try:
+        us = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < us <= 1e6:
+        raise argparse.ArgumentTypeError(f"{text} us: must be > 0 and <= 1000000")
+    return us
+
+
+def process_stats() -> dict[str, float]:
+    """What the process runs with (in the stats JSON next to the device's counters)."""
+    return {"switch_interval_us": round(sys.getswitchinterval() * 1e6, 3)}
+
+
 def build_function(args: argparse.Namespace) -> NvmeFunction:
     seed = identity.controller_seed(args.socket)
     serial = args.serial or identity.controller_serial(seed)
@@ -147,7 +163,8 @@ async def serve(args: argparse.Namespace) -> int:
     agent_path = agent_socket(args)
     export = (IoeventfdExport(function, RegionIndex.BAR0, agent_path, use_post_write=args.agent_post_write == "auto")
               if agent_path else None)
-    print(f"nvme-emu: vfio-user backend {getattr(server, 'backend', 'python')}", flush=True)
+    print(f"nvme-emu: vfio-user backend {getattr(server, 'backend', 'python')}, "
+          f"GIL switch interval {process_stats()['switch_interval_us']:g} us", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -195,7 +212,7 @@ def _report_stats(function: NvmeFunction, json_path: str | None) -> None:
     if json_path:
         tmp = f"{json_path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(function.stats(), f)
+            json.dump({**function.stats(), "process": process_stats()}, f)
         os.replace(tmp, json_path)
 
 
@@ -298,6 +315,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-sample", type=int, default=DEFAULT_SAMPLE_EVERY, metavar="N",
                    help=f"latency anatomy: stamp every stage of one batch in N (default {DEFAULT_SAMPLE_EVERY}; 1: every batch, "
                         "~1/3 of QD1 IOPS); deferred commands are always stamped")
+    s.add_argument("--switch-interval-us", type=_switch_interval_us, default=None, metavar="US",
+                   help="the interpreter's GIL switch interval (sys.setswitchinterval): how long an I/O worker thread may "
+                        "hold the GIL before the event loop gets it back (default: Python's, 5000)")
 
     g = sub.add_parser("guest", help="serve, boot a QEMU guest against it, run a command or fio job")
     common(g)
@@ -338,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return guest(args)
     from vfio_user.server import new_event_loop
 
+    if args.switch_interval_us is not None:
+        sys.setswitchinterval(args.switch_interval_us / 1e6)
     loop = new_event_loop()
     try:
         return loop.run_until_complete(serve(args))

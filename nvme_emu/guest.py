@@ -352,9 +352,11 @@ def build_cmdline(
     accel: str,
     kernel_args: str = "",
     extra_sockets: Sequence[str] = (),
+    builtin_null: int | None = None,
 ) -> list[str]:
     """The QEMU command line; each of ``extra_sockets`` adds one more vfio-user device
-    after the first (a guest with several nvme-emu controllers)."""
+    after the first (a guest with several nvme-emu controllers). ``builtin_null`` (bytes):
+    QEMU's own nvme on a ``null-co`` block node of that size instead of a file."""
     subs = {
         "MEM": f"{memory_mb}M",
         "CPUS": str(cpus),
@@ -368,6 +370,9 @@ def build_cmdline(
         for extra in extra_sockets:
             args += ["-device", vfio_user_device(extra)]
         return args
+    if builtin_null is not None:
+        subs["SIZE"] = str(builtin_null)
+        return load_args("builtin-null-nvme.args", subs, accel)
     assert builtin_image is not None
     subs["IMAGE"] = os.path.abspath(builtin_image)
     return load_args("builtin-nvme.args", subs, accel)
@@ -394,19 +399,21 @@ def run_guest(
     echo_console: bool = False,
     agent: bool | None = None,
     extra_sockets: Sequence[str] = (),
+    builtin_null: int | None = None,
 ) -> GuestResult:
     """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
 
-    Exactly one of ``socket_path`` (vfio-user server socket) or
-    ``builtin_image`` (raw file for QEMU's own nvme) must be given.
+    Exactly one of ``socket_path`` (vfio-user server socket), ``builtin_image`` (raw file
+    for QEMU's own nvme) or ``builtin_null`` (QEMU's own nvme on a ``null-co`` block node
+    of that many bytes: no host I/O, reads return zeroes) must be given.
     QEMU is killed on timeout and on every exit path. ``agent`` (default: whenever the
     accelerator is KVM and the device is ours) preloads the doorbell agent into QEMU,
     listening on ``socket_path + ".agent"``, where ``nvme-emu serve`` looks for it.
     ``extra_sockets`` attach more vfio-user servers as further NVMe controllers (their
     doorbells stay trapped: the agent serves the first socket only).
     """
-    if (socket_path is None) == (builtin_image is None):
-        raise ValueError("give exactly one of socket_path or builtin_image")
+    if sum(x is not None for x in (socket_path, builtin_image, builtin_null)) != 1:
+        raise ValueError("give exactly one of socket_path, builtin_image or builtin_null")
     if command is None and fio_job is None:
         raise ValueError("give command and/or fio_job")
     if builtin_image is not None and not os.path.exists(builtin_image):
@@ -425,7 +432,7 @@ def run_guest(
         args = build_cmdline(
             socket_path=socket_path, builtin_image=builtin_image,
             kernel=kernel, initrd=initrd, cpus=cpus, memory_mb=memory_mb,
-            accel=accel, kernel_args=kernel_args, extra_sockets=extra_sockets,
+            accel=accel, kernel_args=kernel_args, extra_sockets=extra_sockets, builtin_null=builtin_null,
         )
         env = dict(os.environ)
         if socket_path is not None and (agent if agent is not None else accel == "kvm"):

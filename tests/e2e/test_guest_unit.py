@@ -66,6 +66,14 @@ def test_extra_sockets_add_one_device_each_like_the_first():
     assert devices[0] == {**devices[1], "socket": devices[0]["socket"]}  # same options for both
 
 
+def test_builtin_null_is_hw_nvme_on_a_null_co_node_of_that_size():
+    args = guest.build_cmdline(socket_path=None, builtin_image=None, builtin_null=1 << 30, kernel="/k", initrd="/i", cpus=1,
+                               memory_mb=512, accel="tcg")
+    assert args[args.index("-blockdev") + 1] == "driver=null-co,node-name=nvm0,size=1073741824,read-zeroes=on"
+    assert args[args.index("-device") + 1] == "nvme,serial=NVMEEMU-NULL,drive=nvm0"
+    assert "-drive" not in args
+
+
 def test_kill_when_pulls_the_plug_at_a_console_marker():
     """boot() SIGKILLs the whole process group ``delay`` s after the marker line (a shell and
     its child stand in for QEMU: boot() only reads the console), and not before it."""

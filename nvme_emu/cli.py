@@ -25,6 +25,7 @@ from .ctl import default_control_socket
 from .doorbell import DoorbellMode
 from .function import NvmeFunction
 from .jsonrpc import Dispatcher
+from .latency import DEFAULT_SAMPLE_EVERY, format_table
 from .namespace import open_namespace, parse_size
 from .rpc_socket import RpcServer
 from .state import DEFAULT_NVM_CAPACITY
@@ -83,7 +84,9 @@ def build_function(args: argparse.Namespace) -> NvmeFunction:
         for ns in namespaces:
             ns.close()
         raise
-    return NvmeFunction(namespaces, config, doorbell=args.doorbell, spin_us=args.spin_us, poll_idle_max_us=args.poll_idle_max_us)
+    function = NvmeFunction(namespaces, config, doorbell=args.doorbell, spin_us=args.spin_us, poll_idle_max_us=args.poll_idle_max_us)
+    function.controller.state.latency.set_sampling(args.latency_sample)
+    return function
 
 
 def agent_socket(args: argparse.Namespace) -> str | None:
@@ -134,6 +137,8 @@ def format_stats(function: NvmeFunction) -> str:
             f"  {name}: commands={q['commands']} batches={q['batches']} cmds/batch={per_wake:.2f} max_batch={q['max_batch']} "
             f"completions={q['cq_completions']} interrupts={q['cq_interrupts']} cq_full_stalls={q['cq_full_stalls']} to_workers={q['to_workers']}"
         )
+    if st["latency"]["queues"]:
+        lines.append(format_table(st["latency"]))
     agent = st.get("ioeventfd_agent")
     if agent is not None:
         lines.append(f"  ioeventfd agent {agent['agent']}: connected={agent['connected']} post_write={agent['post_write']} "
@@ -307,6 +312,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "(default: shadow learns a window of up to 20 us from the host, poll spins 50, the others 0)")
     s.add_argument("--stats", type=float, default=0.0, metavar="SECONDS", help="print per-queue counters every SECONDS (also on SIGUSR1)")
     s.add_argument("--stats-json", metavar="PATH", help="on SIGUSR1 also write the counters as JSON to PATH (benchmarks read it)")
+    s.add_argument("--latency-sample", type=int, default=DEFAULT_SAMPLE_EVERY, metavar="N",
+                   help=f"latency anatomy: stamp every stage of one batch in N (default {DEFAULT_SAMPLE_EVERY}; 1: every batch, "
+                        "~1/3 of QD1 IOPS); deferred commands are always stamped")
     s.add_argument("--switch-interval-us", type=_switch_interval_us, default=None, metavar="US",
                    help="the interpreter's GIL switch interval (sys.setswitchinterval): how long an I/O worker thread may "
                         "hold the GIL before the event loop gets it back (default: Python's, 5000)")

@@ -35,6 +35,8 @@ PARAMS: dict[str, Schema] = {
     "namespaces": {},
     "queues": {},
     "stats": {},
+    "latency": {},
+    "latency_reset": {},
     "ns_add": {"spec": Param(ParamType.STRING, required=True), "nsid": replace(_NSID, required=False, nullable=True)},
     "ns_remove": {"nsid": _NSID},
     "ns_attach": {"nsid": _NSID},
@@ -102,6 +104,17 @@ class ControlPlane:
     def stats(self) -> dict[str, Any]:
         """Everything ``--stats-json`` dumps, plus the controller and the faults."""
         return {**self.function.stats(), "controllers": self.controllers(), **self.controller.faults.describe()}
+
+    def latency(self) -> dict[str, Any]:
+        """The latency anatomy: per queue and doorbell path, each stage's p50/p99/max."""
+        return self.controller.state.latency.snapshot()
+
+    def latency_reset(self) -> dict[str, Any]:
+        """The latency anatomy so far, then empty histograms (a fresh measurement)."""
+        rec = self.controller.state.latency
+        snapshot = rec.snapshot()
+        rec.reset()
+        return snapshot
 
     # -- namespaces ----------------------------------------------------------------------
 

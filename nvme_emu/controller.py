@@ -28,6 +28,7 @@ from .aio import IoPool, ViewsPredicate
 from .atomics import fence
 from .coalescing import Coalescing
 from .faults import FaultInjector
+from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
 from .nvm import NvmCommands
 from .queue import SQE, CompletionQueue, RingUnavailable, SubmissionQueue
@@ -52,6 +53,9 @@ from .state import ControllerConfig, ControllerHooks, ControllerState, ErrorLog,
 from .timer import FineTimers
 
 log = logging.getLogger(__name__)
+
+#: a module global: an enum member read through its class costs ~70 ns (Python 3.11)
+_DBBUF = Via.DBBUF
 
 IrqRaiser = Callable[[int], bool]
 
@@ -567,6 +571,9 @@ class Controller:
                 if tail == sq.tail or not self._accept_sq_tail(sq, tail):
                     break
                 sq.stats.coalesced += 1
+                lat = self.state.latency
+                if lat.left == 1:  # inline arrive(): this is the dbbuf paths' per-I/O route
+                    lat.arrived, lat.via = clock_ns(), _DBBUF
                 total += self.process_sq(sq)
             else:
                 # Still moving after 64 rounds: EventIdx now lags the tail, so the host will
@@ -598,33 +605,47 @@ class Controller:
             # that is once per size/2 commands, not per command; an invalid value shows here
             self._peek_cq_head(cq)
         n = 0
-        started = time.perf_counter()
+        # Latency anatomy (nvme_emu.latency): one batch in `every` is stamped at each stage,
+        # and the one before it stamps its interrupt; the others pay this countdown only.
+        lat = state.latency
+        lat.left = left = lat.left - 1
+        sampled = lat.begin(sq.qid) if left <= 0 else None
+        started = time.perf_counter_ns()  # also the FETCH and SERVICE stamps
         try:
             if sq.qid:
-                n = self._process_io_sq(sq, cq, memory)
+                n = self._process_io_sq(sq, cq, memory, sampled)
             else:
                 n = self._process_admin_sq(sq, cq, memory)
         except Exception:  # a bug in the queue loop itself: tell the host to reset us
             log.exception("queue %d processing failed", sq.qid)
             self.set_fatal(f"internal error while processing queue {sq.qid}")
             n = 0
-        state.health.busy_seconds += time.perf_counter() - started
+        ended = time.perf_counter_ns()
+        state.health.busy_seconds += (ended - started) * 1e-9
         if n:
             st = sq.stats
             st.commands += n
             st.batches += 1
             if n > st.max_batch:
                 st.max_batch = n
-            self.signal(cq)
+            if left > 1:
+                self.signal(cq)
+            else:
+                irqs = cq.stats.interrupts
+                self.signal(cq)
+                lat.end(sq.qid, sampled, started, ended, n, cq.stats.interrupts != irqs)
+        if sampled is not None:
+            lat.left = lat.every
         return n
 
-    def _process_io_sq(self, sq: SubmissionQueue, cq: CompletionQueue, memory: GuestMemory) -> int:
+    def _process_io_sq(self, sq: SubmissionQueue, cq: CompletionQueue, memory: GuestMemory, sampled: Sampled | None = None) -> int:
         """The I/O queue loop (the hot path): the same steps as :meth:`_process_admin_sq` with
         :meth:`SubmissionQueue.fetch` and :meth:`CompletionQueue.post` inlined; ring views
-        are resolved once per batch (NVM commands never touch queues or mappings)."""
+        are resolved once per batch (NVM commands never touch queues or mappings). A sampled
+        batch runs the same loop with each handler call timed (one branch per batch)."""
         n = 0
         deferred, in_flight = 0, DEFERRED
-        execute = self.nvm.execute
+        execute = self.nvm.execute if sampled is None else self.state.latency.timed(self.nvm.execute, sampled[0])
         try:
             sq_view = sq.ring.view(memory, write=False)
             store_cqe = cq.ring.atomic(memory).store_cqe
@@ -742,13 +763,14 @@ class Controller:
         sq.stats.to_workers += 1
         sq.cq.reserved += 1
 
-    def finish_request(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:
+    def finish_request(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0, stamps: list[int] | None = None) -> None:
         """A request begun with :meth:`begin_request` is done (loop thread only); its CQE goes
-        out with the next drain. Dropped when a reset or detach took its queues away."""
+        out with the next drain. Dropped when a reset or detach took its queues away.
+        ``stamps``: its hand-off times (:meth:`LatencyRecorder.submitted`), if the worker path kept them."""
         if not sq.live:
             return
         cq = sq.cq
-        cq.ready.append((sq, cid, status, dw0))
+        cq.ready.append((sq, cid, status, dw0, stamps))
         self._ready_cqs[cq] = None
         if not self._drain_scheduled:
             self._drain_scheduled = True
@@ -763,33 +785,43 @@ class Controller:
             return  # held until BME is set again (set_bus_master drains)
         cqs, self._ready_cqs = self._ready_cqs, {}
         memory = self.state.memory
-        posted: list[CompletionQueue] = []
+        posted: list[tuple[CompletionQueue, tuple[int, int] | None]] = []
         for cq in cqs:
             if memory is None or self.state.cqs.get(cq.qid) is not cq:
                 cq.ready.clear()
                 continue
             try:
-                self._post_ready(cq, memory)
+                stamped = self._post_ready(cq, memory)
             except RingUnavailable as e:
                 self.set_fatal(f"queue {cq.qid} memory is gone: {e}")
                 return
-            posted.append(cq)
+            posted.append((cq, stamped))
         fired: set[int] = set()
-        for cq in posted:
+        for cq, stamped in posted:
             self.signal(cq, fired)
-        for cq in posted:
+            if stamped is not None:
+                self.state.latency.drain_signalled(*stamped)
+        for cq, _ in posted:
             self._resume_stalled(cq)
 
-    def _post_ready(self, cq: CompletionQueue, memory: GuestMemory) -> None:
+    def _post_ready(self, cq: CompletionQueue, memory: GuestMemory) -> tuple[int, int] | None:
+        """Post the CQ's finished requests; (qid, ns) of the last one whose hand-off was
+        stamped, for its DRAIN_IRQ stage."""
         ready = cq.ready
+        stamped = None
         while ready:
-            sq, cid, status, dw0 = ready.popleft()
+            sq, cid, status, dw0, stamps = ready.popleft()
             cq.reserved -= 1  # the promised slot becomes this entry: room can only grow
             cq.post(memory, dw0, 0, sq.head, sq.qid, cid, status)
+            if stamps is not None:
+                now = clock_ns()
+                self.state.latency.deferred_done(sq.qid, stamps, now)
+                stamped = (sq.qid, now)
             sq.outstanding -= 1
             if not sq.outstanding and sq.on_idle is not None:
                 on_idle, sq.on_idle = sq.on_idle, None
                 on_idle()
+        return stamped
 
     def close(self) -> None:
         """Stop the I/O workers (a call in progress finishes) before namespaces close."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .control import METHODS
 from .faults import DISTRIBUTIONS, OPS
 from .jsonrpc import RpcError
+from .latency import format_table
 from .rpc_socket import RpcClient
 
 
@@ -61,7 +62,7 @@ def _fault_parser(sub: argparse._SubParsersAction) -> None:
 
 
 #: argparse attributes that are not RPC parameters.
-_NOT_PARAMS = {"socket", "ctl_command", "verbose", "command"}
+_NOT_PARAMS = {"socket", "ctl_command", "verbose", "command", "json", "reset"}
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,6 +76,9 @@ def build_parser(default_socket: str) -> argparse.ArgumentParser:
     sub.add_parser("list", help="controllers, namespaces and faults with their counters")
     for name in ("namespaces", "queues", "stats", "fault-list"):
         sub.add_parser(name)
+    lat = sub.add_parser("latency", help="per-stage latency (p50/p99/max) per queue and doorbell path")
+    lat.add_argument("--json", action="store_true", help="the snapshot as JSON instead of a table")
+    lat.add_argument("--reset", action="store_true", help="then empty the histograms")
     a = sub.add_parser("ns-add", help="add a namespace at runtime (the guest rescans)")
     a.add_argument("spec", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X")
     a.add_argument("--nsid", type=int)
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace, client: ControlClient) -> Any:
         return {"controllers": client.controllers(), "namespaces": client.namespaces(), **client.fault_list()}
     if command == "fault":
         return client.fault_add(**params)
+    if command == "latency":
+        return client.latency_reset() if args.reset else client.latency()
     return getattr(client, command.replace("-", "_"))(**params)
 
 
@@ -105,5 +111,8 @@ def main(argv: list[str], default_socket: str) -> int:
     except (OSError, RpcError) as e:
         print(f"nvme-emu ctl: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2))
+    if args.ctl_command == "latency" and not args.json:
+        print(format_table(result))
+    else:
+        print(json.dumps(result, indent=2))
     return 0

@@ -36,6 +36,7 @@ import numpy as np
 from vfio_user.device import IoEventFd, Region, SharedMemory
 
 from .atomics import fence
+from .latency import Via, clock_ns
 from .queue import RingUnavailable
 from .spec import Reg
 from .timer import FineTimers
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DOORBELL_PAGE = 4096
+
+#: The routes as module globals: an enum member read through its class costs ~70 ns (3.11).
+_TRAP, _EVENTFD, _SPIN, _IOEVENTFD, _POLL = Via.TRAP, Via.EVENTFD, Via.SPIN, Via.IOEVENTFD, Via.POLL
 
 
 class DoorbellMode(str, enum.Enum):
@@ -164,6 +168,7 @@ class DoorbellPage:
         """Act on every changed slot; returns how many changed."""
         changed = np.flatnonzero(self.values != self.last)
         if len(changed):
+            self.ctrl.state.latency.arrive(_POLL)  # only the poller scans
             fence()  # acquire: the SQEs a new tail announces are read after the tail (aarch64)
         # CQ heads (odd slots) first: an SQ processed after its CQ's new head sees the room the
         # host freed instead of stalling on a full CQ that is not full any more.
@@ -191,6 +196,8 @@ class DoorbellPath:
         self.nslots = 2 * (ctrl.config.max_io_queues + 1)
         self.spin_s = spin_us * 1e-6
         self.stats = DoorbellStats()
+        #: the controller's latency recorder (it lives as long as the controller)
+        self.latency = ctrl.state.latency
         self.loop: asyncio.AbstractEventLoop | None = None
         self.page = DoorbellPage(ctrl, self._slot_memory())
         ctrl.queue_listeners.append(self._queue_event)
@@ -229,8 +236,10 @@ class DoorbellPath:
             log.debug("ignored doorbell write of %d bytes at %#x", len(data), offset)
             return
         self.stats.trapped += 1
-        if slot >= 2 and not slot & 1:
-            self.stats.trapped_io_sq += 1
+        if not slot & 1:
+            self.latency.arrive(_TRAP)
+            if slot >= 2:
+                self.stats.trapped_io_sq += 1
         self.page.value_words[slot] = int.from_bytes(data, "little")
         self._act(slot)
 
@@ -373,6 +382,9 @@ class ShadowPath(SharedPagePath):
             self.stats.wakeups += 1
             self.stats.signals += writes
             self.stats.coalesced += writes - 1  # one wake-up served them all: the last value counts
+            lat = self.latency
+            if lat.left == 1 and not slot & 1:  # inline arrive(): ~0.1 us less per wake-up
+                lat.arrived, lat.via = clock_ns(), _EVENTFD
             if self._act(slot) and self._spins_on(slot):
                 self._spin_slot(slot)
         if slot & 1:
@@ -407,6 +419,7 @@ class ShadowPath(SharedPagePath):
             return
         submitted = ctrl.sq_tail_doorbell
         values, last, clock = self.page.value_words, self.page.last_words, time.perf_counter
+        lat = self.latency
         hits = spins = 0
         waited = 0.0
         missed = False
@@ -419,6 +432,8 @@ class ShadowPath(SharedPagePath):
                 hits += 1
                 waited += now - idle_since  # up to the last look that found nothing
                 fence()  # acquire: the SQEs the tail announces are read after it
+                if lat.left == 1:  # the batch this hit starts is the sampled one
+                    lat.arrived, lat.via = clock_ns(), _SPIN
                 submitted(sq, value)
                 now = idle_since = clock()
                 if now >= end:
@@ -441,6 +456,8 @@ class ShadowPath(SharedPagePath):
             policy.miss()
         stats.signals += self.ioeventfds[slot].drain()
         if values[slot] != last[slot]:
+            if lat.left == 1:  # the last look of the episode found a tail: a spin hit too
+                lat.arrived, lat.via = clock_ns(), _SPIN
             self._act(slot)
 
     def _spin_policy(self, slot: int) -> "AdaptiveSpin | FixedSpin":
@@ -520,6 +537,7 @@ class IoEventFdPath(DoorbellPath):
             log.warning("ioeventfd doorbell %d fired but no shadow doorbell buffer holds its value", slot)
             return
         self.stats.doorbells += 1
+        self.latency.arrive(_IOEVENTFD)
         self.ctrl.doorbell(slot >> 1, bool(slot & 1), 0)  # the value is read from dbbuf
 
     def close(self) -> None:
@@ -607,6 +625,7 @@ class PollPath(SharedPagePath):
                 if qid and ctrl.dbbuf is dbbuf:
                     tail = dbbuf.sq_tail(qid)
                     if tail != sq.tail and tail < sq.size:  # invalid values: the page scan reports them
+                        ctrl.state.latency.arrive(_POLL)
                         ctrl.doorbell(qid, False, 0)
                         n += 1
         except RingUnavailable:

@@ -252,13 +252,13 @@ class FaultInjector:
         self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=fault.first_lba(slba))
         return err.status_field, 0
 
-    def _finish_late(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:
+    def _finish_late(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0, stamps: list[int] | None = None) -> None:
         """``finish_request`` for the NVM commands while faults are installed."""
         delay = self._late.pop((sq, cid), None)
         if delay is None:
-            self._finish(sq, cid, status, dw0)
+            self._finish(sq, cid, status, dw0, stamps)
         else:
-            self.call_later(delay, lambda: self._finish(sq, cid, status, dw0))
+            self.call_later(delay, lambda: self._finish(sq, cid, status, dw0, stamps))
 
     def describe(self) -> dict[str, Any]:
         return {"faults": [f.describe() for f in self.faults.values()], "counters": dict(self.counters.__dict__)}

@@ -183,5 +183,6 @@ class NvmeFunction(Device):
             "doorbell_mode": self.doorbells.active_mode.value,
             "doorbells": self.doorbells.stats.as_dict(),
             "queues": self.controller.queue_stats(),
+            "latency": self.controller.state.latency.snapshot(),
             **{k: v for o in self.observers for k, v in (o.describe() or {}).items()},
         }

@@ -103,7 +103,7 @@ class CompletionQueue:
         #: command is fetched only while the CQ has room beyond these, so none is ever lost.
         self.reserved = 0
         #: Finished requests waiting to be posted: (sq, cid, status, dw0), one drain per turn.
-        self.ready: deque[tuple["SubmissionQueue", int, int, int]] = deque()
+        self.ready: deque[tuple["SubmissionQueue", int, int, int, list[int] | None]] = deque()
 
     @property
     def room(self) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from vfio_user.dma import DmaError, GuestMemory
 
 from . import identity
+from .latency import LatencyRecorder
 from .lba_ranges import LbaStatusState
 from .spec import HOST_BEHAVIOR_SIZE, NVME_VERSION, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER, Cc, Csts, NvmeError, Status
 
@@ -197,6 +198,9 @@ class ControllerState:
     events: AsyncEventState = field(default_factory=AsyncEventState)
     #: Media-error fault ranges and the LBA Status Generation Counter (nvme_emu.lba_status).
     lba_status: LbaStatusState = field(default_factory=LbaStatusState)
+    #: Per-stage latency histograms per queue and doorbell path (nvme_emu.latency); kept
+    #: across controller resets, like the health counters.
+    latency: LatencyRecorder = field(default_factory=LatencyRecorder)
     #: Opcodes the composed controller dispatches (Commands Supported and Effects log).
     admin_opcodes: frozenset[int] = frozenset()
     io_opcodes: frozenset[int] = frozenset()

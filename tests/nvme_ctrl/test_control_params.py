@@ -33,7 +33,7 @@ NAN, INF = math.nan, math.inf
 #: (method, params) that must be refused: wrong JSON types (bool is not an integer), values
 #: that are not finite, out of range, unknown or missing names.
 BAD: list[tuple[str, dict[str, Any]]] = [
-    *[(name, {"verbose": 1}) for name in ("controllers", "namespaces", "queues", "stats", "fault_list")],
+    *[(name, {"verbose": 1}) for name in ("controllers", "namespaces", "queues", "stats", "latency", "latency_reset", "fault_list")],
     ("ns_add", {}),
     *[("ns_add", {"spec": bad}) for bad in (None, True, False, [], ["ram:size=1M"], {}, 5, 1.5)],
     *[("ns_add", {"spec": "ram:size=1M", "nsid": bad}) for bad in (True, "4", 4.0, [], -1, 0, 0xFFFF_FFFF, 2**32, NAN)],

@@ -54,49 +54,19 @@ JOBS = [
     ("seqread-128k-qd8", "rw=read\nbs=128k\niodepth=8"),
 ]
 
-STALL_JOB = """
-[stallcheck-verify-4k-qd16]
-stonewall
-time_based=0
-runtime=0
-ramp_time=0
-rw=randwrite
-bs=4k
-iodepth=16
-size=32m
-offset=512m
-verify=crc32c
-do_verify=1
-verify_fatal=1
-randrepeat=0
-"""
+def _stall_section(rw: str, *extra: str) -> str:
+    """One section of the stall check: 32 MiB of 4k at QD16 from 512 MiB on, run to the end."""
+    lines = ["[stallcheck-verify-4k-qd16]", "stonewall", "time_based=0", "runtime=0", "ramp_time=0",
+             f"rw={rw}", "bs=4k", "iodepth=16", "size=32m", "offset=512m", *extra]
+    return "\n".join(lines) + "\n"
+
+
+STALL_JOB = "\n" + _stall_section("randwrite", "verify=crc32c", "do_verify=1", "verify_fatal=1", "randrepeat=0")
 
 #: The floor (null-co) cannot verify: reads return zeroes. The same I/O without the check: the
 #: 32 MiB of 4k random writes at QD16, then a read-back of those 32 MiB at QD16 in offset order
 #: (what fio's verify phase reads for a random-write job: the written blocks sorted by offset).
-STALL_JOB_NO_VERIFY = """
-[stallcheck-verify-4k-qd16]
-stonewall
-time_based=0
-runtime=0
-ramp_time=0
-rw=randwrite
-bs=4k
-iodepth=16
-size=32m
-offset=512m
-randrepeat=0
-[stallcheck-verify-4k-qd16]
-stonewall
-time_based=0
-runtime=0
-ramp_time=0
-rw=read
-bs=4k
-iodepth=16
-size=32m
-offset=512m
-"""
+STALL_JOB_NO_VERIFY = "\n" + _stall_section("randwrite", "randrepeat=0") + _stall_section("read")
 
 
 def fio_job(runtime: float, ramp: float, stall_check: bool, verify: bool = True) -> str:

@@ -72,7 +72,11 @@ def test_file_namespace_write_is_a_request_in_flight(area: Area, tmp_path):
     assert nvm.execute(area.admin_sq, rw(NvmOpcode.WRITE, 0, 1, nsid=2, cid=8, cdw12=RwCdw12.FUA)) is DEFERRED
     assert area.record.named("begin_request") == [(area.admin_sq,)]
     pool.finish_one()
-    assert area.record.named("finish_request") == [(area.admin_sq, 8, Status.SUCCESS)]
+    [(sq, cid, status, dw0, stamps)] = area.record.named("finish_request")
+    assert (sq, cid, status, dw0) == (area.admin_sq, 8, Status.SUCCESS, 0)
+    # the hand-off's latency stamps (nvme_emu.latency): submitted, worker start, worker done,
+    # back on the loop, in that order
+    assert len(stamps) == 4 and stamps == sorted(stamps)
     assert (tmp_path / "disk").read_bytes()[:512] == b"\x5a" * 512
     ns.close()
 

@@ -84,9 +84,7 @@ class AdminCommands:
                 raise NvmeError(Status.INVALID_FIELD, "admin commands take PRPs, not SGLs")
             dw0 = handler(self.state, self.hooks, sq, e)
             if _FAULTS[0] != faults:  # its data went to (or came from) a scratch page
-                if self.state.memory is not None:
-                    self.state.memory.faulted_since(faults)  # withdraws the mappings hit
-                raise NvmeError(Status.DATA_TRANSFER_ERROR, "host memory faulted (SIGBUS) during the data transfer")
+                raise self.state.transfer_faulted()
         except NvmeError as err:
             self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID])
             log.debug("admin %#x failed: %r", e[OPC], err)

@@ -123,7 +123,7 @@ class NvmCommands:
             if ns.blocking and isinstance(dw0, Work):  # _done_or_start, inlined: a page cache hit ends here
                 return self._start(sq, e, dw0)
             if _FAULTS[0] != faults:  # the data copy may have faulted: no success then
-                self._check_guest_memory(faults)
+                raise self.state.transfer_faulted()
             return _SUCCESS, dw0  # type: ignore[return-value]
         except Exception as err:
             return self._failed(sq, e, err), 0
@@ -132,16 +132,6 @@ class NvmCommands:
         if isinstance(dw0, Work):
             return self._start(sq, e, dw0)
         return _SUCCESS, dw0
-
-    def _check_guest_memory(self, faults: int) -> None:
-        """A SIGBUS was absorbed while the command ran: its copy may have gone to (or come
-        from) a scratch page instead of the host's memory, so it fails (the fault may have been
-        another thread's: then this command fails needlessly, once, while a client is already
-        breaking its memory). The mappings hit are withdrawn for every later command."""
-        memory = self.state.memory
-        if memory is not None:
-            memory.faulted_since(faults)  # withdraws the mappings hit
-        raise NvmeError(Status.DATA_TRANSFER_ERROR, "host memory faulted (SIGBUS) during the data transfer")
 
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
@@ -185,10 +175,7 @@ class NvmCommands:
             stamps.append(clock_ns())
             prp.release_views(work.views)
             if error is None and _FAULTS[0] != faults:
-                try:
-                    self._check_guest_memory(faults)
-                except NvmeError as err:
-                    error = err
+                error = self.state.transfer_faulted()
             if error is None and work.done is not None:
                 try:
                     work.done(result)

@@ -254,6 +254,17 @@ class ControllerState:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, "no host memory")
         return self.memory
 
+    def transfer_faulted(self) -> NvmeError:
+        """The error for a command during which the SIGBUS guard absorbed a fault
+        (vfio_user.dma_guard: the caller compared its counter around the command): its copy
+        may have gone to, or come from, a scratch page instead of the host's memory. The
+        mappings hit are withdrawn for every later command. (The fault may have been another
+        thread's: then this command fails needlessly, once, while a client is already breaking
+        its memory.) One place for the admin and the NVM commands."""
+        if self.memory is not None:
+            self.memory.table.quarantine()
+        return NvmeError(Status.DATA_TRANSFER_ERROR, "host memory faulted (SIGBUS) during the data transfer")
+
     def dma_check(self, iova: int, length: int) -> None:
         """Raise Data Transfer Error if guest memory does not hold [iova, iova+length)."""
         try:

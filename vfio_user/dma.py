@@ -283,14 +283,6 @@ class GuestMemory:
         self.table = table
         self.remote = remote
 
-    def faulted_since(self, seen: int) -> bool:
-        """Whether a SIGBUS was absorbed since :data:`dma_guard.FAULTS` read ``seen`` (a data
-        copy in between touched memory that vanished); the mappings hit are withdrawn."""
-        if dma_guard.FAULTS[0] == seen:
-            return False
-        self.table.quarantine()
-        return True
-
     def view(self, iova: int, length: int, *, write: bool = False) -> memoryview:
         """A memoryview of ``[iova, iova + length)`` inside one fd-backed mapping."""
         m = self.table.lookup(iova, length)

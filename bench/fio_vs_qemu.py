@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -43,6 +44,7 @@ from typing import Any
 import common
 
 from nvme_emu import guest
+from nvme_emu.rpc_socket import RpcClient
 
 FILE_SIZE = 1 << 30
 
@@ -54,10 +56,22 @@ JOBS = [
     ("seqread-128k-qd8", "rw=read\nbs=128k\niodepth=8"),
 ]
 
+#: Each fio job prints ``@@ANATOMY START|END <job>`` on the guest console just before it starts
+#: and after it ends (fio's exec_prerun/exec_postrun; fio sends their own output to a file, so
+#: a tiny script writes to /dev/console). The nvme-emu runs reset the server's latency
+#: anatomy at START and read it at END, so each job gets its own (ramp included).
+MARK_SCRIPT = "printf '#!/bin/sh\\necho \"@@ANATOMY $1 $2\" > /dev/console\\n' > /tmp/mark && chmod +x /tmp/mark"
+MARK_RE = re.compile(r"@@ANATOMY (START|END) (\S+)")
+
+
+def _marked(name: str) -> list[str]:
+    return [f"exec_prerun=/tmp/mark START {name}", f"exec_postrun=/tmp/mark END {name}"]
+
+
 def _stall_section(rw: str, *extra: str) -> str:
     """One section of the stall check: 32 MiB of 4k at QD16 from 512 MiB on, run to the end."""
     lines = ["[stallcheck-verify-4k-qd16]", "stonewall", "time_based=0", "runtime=0", "ramp_time=0",
-             f"rw={rw}", "bs=4k", "iodepth=16", "size=32m", "offset=512m", *extra]
+             f"rw={rw}", "bs=4k", "iodepth=16", "size=32m", "offset=512m", *extra, *_marked("stallcheck-verify-4k-qd16")]
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +101,7 @@ def fio_job(runtime: float, ramp: float, stall_check: bool, verify: bool = True)
         if i:
             out.append("stonewall")
         out.append(opts)
+        out += _marked(name)
     text = "\n".join(out) + "\n"
     return text + ((STALL_JOB if verify else STALL_JOB_NO_VERIFY) if stall_check else "")
 
@@ -137,10 +152,39 @@ def summarise(fio: dict) -> dict[str, dict]:
 
 def run_builtin(image: str | None, job: str, timeout: float, **guest_kw) -> dict:
     t0 = time.monotonic()
-    r = guest.run_guest(builtin_image=image, fio_job=job, timeout=timeout, **guest_kw)
+    r = guest.run_guest(builtin_image=image, fio_job=job, timeout=timeout, command=MARK_SCRIPT, **guest_kw)
     if not r.ok or r.fio is None:
         raise RuntimeError("built-in nvme run failed:\n" + r.describe_failure())
     return {"jobs": summarise(r.fio), "elapsed_s": time.monotonic() - t0, "accel": r.accel}
+
+
+class AnatomyPerJob:
+    """The server's latency anatomy per fio job: reset at the job's START marker, read at its
+    END marker (``nvme-emu ctl latency``, over the control socket), on the console thread."""
+
+    def __init__(self, ctl_socket: str) -> None:
+        self.ctl_socket = ctl_socket
+        self.jobs: dict[str, dict] = {}
+        self.errors: list[str] = []
+        self._client: RpcClient | None = None
+
+    def on_line(self, line: str) -> None:
+        m = MARK_RE.search(line)
+        if m is None:
+            return
+        try:
+            if self._client is None:
+                self._client = RpcClient(self.ctl_socket)
+            if m.group(1) == "START":
+                self._client.call("latency_reset")
+            else:
+                self.jobs[m.group(2)] = self._client.call("latency")
+        except Exception as e:  # recorded with the results; the fio figures still count
+            self.errors.append(f"{line.strip()}: {e!r}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, doorbell: str,
@@ -148,12 +192,15 @@ def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, d
     sock = os.path.join(workdir, f"emu-{tag}.sock")
     srv = common.serve(sock, ["--namespace", f"file:{image}", "--doorbell", doorbell, *server_args], Path(workdir) / f"emu-{tag}.log")
     t0 = time.monotonic()
+    anatomy = AnatomyPerJob(sock + ".ctl")
     try:
         cpu0 = srv.cpu_seconds()
-        r = guest.run_guest(socket_path=sock, fio_job=job, timeout=timeout, **guest_kw)
+        r = guest.run_guest(socket_path=sock, fio_job=job, timeout=timeout, command=MARK_SCRIPT,
+                            on_console_line=anatomy.on_line, **guest_kw)
         cpu1 = srv.cpu_seconds()
         stats = srv.stats()
     finally:
+        anatomy.close()
         rc = srv.stop()
     if not r.ok or r.fio is None:
         raise RuntimeError(f"nvme-emu run failed (server exit {rc}):\n{r.describe_failure()}\n--- server log ---\n{srv.log()[-4000:]}")
@@ -164,6 +211,8 @@ def run_nvme_emu(image: str, job: str, timeout: float, workdir: str, tag: str, d
         "server_cpu_s": cpu1 - cpu0,
         "server_stats": stats,
         "server_exit": rc,
+        "anatomy": anatomy.jobs,
+        "anatomy_errors": anatomy.errors,
     }
 
 
@@ -299,6 +348,132 @@ def plot(rows: list[dict], devices: list[str], variants: dict[str, list[str]], p
 
 
 # ----------------------------------------------------------------------------------------
+# the server's stages joined to fio's completion latency
+# ----------------------------------------------------------------------------------------
+INLINE_STAGES = ("doorbell", "fetch", "backend", "cqe", "irq")
+DEFERRED_STAGES = ("to_worker", "worker", "to_loop", "to_cqe", "drain_irq")
+
+
+def _weighted_p50(rows: list[dict], stage: str, vias: set[str] | None, exclude: set[str] = frozenset()) -> tuple[float, int]:
+    """The count-weighted mean of one stage's p50 over queues (and vias), in us; its count."""
+    total = weight = 0
+    for row in rows:
+        if (vias is not None and row["via"] not in vias) or row["via"] in exclude:
+            continue
+        st = row["stages"].get(stage)
+        if st and st["count"]:
+            total += st["p50_ns"] * st["count"]
+            weight += st["count"]
+    return (total / weight / 1e3 if weight else 0.0), weight
+
+
+def server_split(snapshot: dict, ios: int) -> dict:
+    """One job's server time per I/O from its anatomy: the inline stages (p50, every command
+    passes them; the backend stage of a deferred one is its hand-off), plus the deferred
+    stages (p50) times the share of commands that went to the workers."""
+    rows = snapshot.get("queues", [])
+    inline = {st: _weighted_p50(rows, st, None, exclude={"worker"})[0] for st in INLINE_STAGES}
+    deferred = {st: _weighted_p50(rows, st, {"worker"})[0] for st in DEFERRED_STAGES}
+    n_deferred = _weighted_p50(rows, "to_worker", {"worker"})[1]
+    share = min(1.0, n_deferred / ios) if ios else 0.0
+    return {"inline_us": inline, "deferred_us": deferred, "deferred_share": share,
+            "server_us": sum(inline.values()) + share * sum(deferred.values())}
+
+
+def anatomy_rows(rounds: list[dict], device: str = EMU) -> list[dict]:
+    """Per job, the median over rounds of: fio's clat p50 on nvme-emu, on the floor and on
+    hw/nvme, the server's time per I/O (:func:`server_split`), and what is left of nvme-emu's
+    clat above the floor and the server: the transport (the doorbell and interrupt hops
+    through QEMU and the socket, and what waiting for them costs the guest). At depth the
+    stages of different commands overlap and clat includes queueing: QD1 is where the
+    split reads directly."""
+    per: dict[str, list[dict]] = {}
+    for r in rounds:
+        dev = r["devices"].get(device) or {}
+        for job, snap in (dev.get("anatomy") or {}).items():
+            names = [n for n in dev["jobs"] if n == job or n.startswith(job + "/")]
+            if not names:
+                continue
+            for name in names:
+                fio = dev["jobs"][name]
+                floor = r["devices"].get(FLOOR, {}).get("jobs", {}).get(name)
+                hw = r["devices"].get(HW_NVME, {}).get("jobs", {}).get(name)
+                ios = sum(dev["jobs"][n]["ios"] for n in names)
+                split = server_split(snap, ios)
+                emu_p50 = fio["clat_p50_us"] or 0.0
+                floor_p50 = (floor or {}).get("clat_p50_us") or 0.0
+                per.setdefault(name, []).append({
+                    "emu_clat_p50_us": emu_p50, "floor_clat_p50_us": floor_p50 if floor else None,
+                    "hw_clat_p50_us": (hw or {}).get("clat_p50_us"),
+                    "server_us": split["server_us"], "deferred_share": split["deferred_share"],
+                    "inline_us": split["inline_us"], "deferred_us": split["deferred_us"],
+                    "transport_us": emu_p50 - floor_p50 - split["server_us"] if floor else None,
+                })
+    out = []
+    for name, got in per.items():
+        row: dict[str, Any] = {"job": name, "rounds": len(got)}
+        for key in ("emu_clat_p50_us", "floor_clat_p50_us", "hw_clat_p50_us", "server_us", "deferred_share", "transport_us"):
+            vals = [g[key] for g in got if g[key] is not None]
+            row[key] = _median(vals)
+        for key in ("inline_us", "deferred_us"):
+            row[key] = {st: _median([g[key][st] for g in got]) for st in got[0][key]}
+        out.append(row)
+    return out
+
+
+def format_anatomy(rows: list[dict]) -> str:
+    table = [{"job": r["job"], "emu": r["emu_clat_p50_us"], "floor": r["floor_clat_p50_us"], "hw": r["hw_clat_p50_us"],
+              "server": r["server_us"], "inline": " + ".join(f"{v:.1f}" for v in r["inline_us"].values()),
+              "share": r["deferred_share"], "deferred": " + ".join(f"{v:.0f}" for v in r["deferred_us"].values()),
+              "transport": r["transport_us"]} for r in rows]
+    return common.format_table(table, [
+        ("job", "job", ""), ("emu", "emu clat p50", ",.0f"), ("floor", "floor clat p50", ",.0f"), ("hw", "hw/nvme clat p50", ",.0f"),
+        ("server", "server us/IO", ",.1f"), ("inline", "doorbell+fetch+backend+cqe+irq", ""), ("share", "to workers", ".0%"),
+        ("deferred", "to_worker+worker+to_loop+to_cqe+drain_irq", ""), ("transport", "transport (rest)", ",.0f")])
+
+
+def plot_anatomy(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per job (each its own scale): nvme-emu's clat p50 as a stacked bar of the
+    floor's clat, the server's stages and the transport, beside hw/nvme's clat p50. Where the
+    floor's clat is above nvme-emu's (deep queues: the guest's own queueing dominates and
+    differs per device), the bar is the server's stages and the rest of nvme-emu's clat."""
+    plt = common.pyplot()
+    if plt is None or not rows:
+        return
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows) + 1, 5), squeeze=False)
+    colors = {"floor": "#7f8c8d", "inline": "#27ae60", "deferred": "#f1c40f", "transport": "#c0392b", "rest": "#95a5a6", "hw": "#2980b9"}
+    labels = {"floor": "floor: guest + TCG + in-process hw/nvme (null-co clat p50)", "inline": "server: doorbell..irq stages (p50)",
+              "deferred": "server: worker hand-off stages x share", "transport": "transport: socket + irq hops through QEMU, the rest",
+              "rest": "rest of clat (at depth: queueing in the guest)", "hw": "hw/nvme on the file: clat p50"}
+    seen: set[str] = set()
+    for ax, r in zip(axes[0], rows, strict=True):
+        inline = sum(r["inline_us"].values())
+        deferred = r["server_us"] - inline
+        clat = r["emu_clat_p50_us"]
+        if r["transport_us"] is not None and r["transport_us"] >= 0:
+            parts = [("floor", r["floor_clat_p50_us"]), ("inline", inline), ("deferred", deferred), ("transport", r["transport_us"])]
+        else:
+            parts = [("inline", inline), ("deferred", deferred), ("rest", max(0.0, clat - r["server_us"]))]
+        bottom = 0.0
+        for key, val in parts:
+            ax.bar(0, val, 0.7, bottom=bottom, color=colors[key], label=None if key in seen else labels[key])
+            seen.add(key)
+            bottom += val
+        ax.bar(1, r["hw_clat_p50_us"] or 0, 0.7, color=colors["hw"], label=None if "hw" in seen else labels["hw"])
+        seen.add("hw")
+        ax.scatter([0], [clat], marker="_", s=500, color="black", zorder=3)
+        ax.set_xticks([0, 1], ["nvme-emu", "hw/nvme"], fontsize=7)
+        ax.set_title(r["job"].replace("stallcheck-verify-", "verify-"), fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0][0].set_ylabel("completion latency p50 (us); black tick: fio's clat p50")
+    fig.legend(loc="lower center", ncol=3, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
 # --nested: under KVM in the nested rig, where QEMU can take the doorbell agent
 # ----------------------------------------------------------------------------------------
 #: name -> (how, server arguments, run_guest keywords). All emu configs use the shadow server;
@@ -325,7 +500,7 @@ def nested_inner(args: argparse.Namespace) -> int:
     head = ["[global]", "filename=/dev/nvme0n1", "ioengine=io_uring", "direct=1", "time_based=1",
             f"runtime={args.runtime:g}", f"ramp_time={args.ramp:g}", "size=256m", "randrepeat=0"]
     job = "\n".join(head + [line for i, (n, o) in enumerate(NESTED_JOBS) for line in
-                            ([f"[{n}]"] + (["stonewall"] if i else []) + [o])]) + "\n"
+                            ([f"[{n}]"] + (["stonewall"] if i else []) + [o] + _marked(n))]) + "\n"
     out: dict = {"rounds": [], "fio_job": job}
     try:
         fill(image, NESTED_FILE)
@@ -358,6 +533,12 @@ def nested_rows(rounds: list[dict]) -> list[dict]:
         qd32 = sorted(r[name]["jobs"]["randread-4k-qd32"]["iops"] for r in have)
         row = {"config": name, "label": NESTED_LABELS[name], "qd1_mean_us": qd1[len(qd1) // 2],
                "qd32_iops": qd32[len(qd32) // 2], "qd1_all": qd1, "qd32_all": qd32}
+        splits = [server_split(r[name]["anatomy"][job], r[name]["jobs"][job]["ios"])
+                  for r in have for job in ("randread-4k-qd1",) if job in (r[name].get("anatomy") or {})]
+        if splits:  # the server's time per QD1 I/O (p50 stages), median over rounds
+            row["qd1_server_us"] = _median([sp["server_us"] for sp in splits])
+            row["qd1_server_stages_us"] = {st: _median([sp["inline_us"][st] for sp in splits]) for st in INLINE_STAGES}
+            row["qd1_deferred_share"] = _median([sp["deferred_share"] for sp in splits])
         st = have[-1][name].get("server_stats") or {}
         if st:
             db = st.get("doorbells", {})
@@ -442,6 +623,10 @@ def nested_main(args: argparse.Namespace) -> int:
                      + (f"trapped {db.get('trapped')} (I/O SQ {db.get('trapped_io_sq')}), signals {db.get('signals')}" if db else "-"))
     lines.append("")
     lines += [f"QD1 mean us per round, {r['config']}: {[round(v) for v in r['qd1_all']]}" for r in rows]
+    lines.append("")
+    lines += [f"QD1 server us per I/O (p50 stages, median of rounds), {r['config']}: {r['qd1_server_us']:.1f} = "
+              + " + ".join(f"{k} {v:.1f}" for k, v in r["qd1_server_stages_us"].items())
+              + f"; to workers {r['qd1_deferred_share']:.0%}" for r in rows if r.get("qd1_server_us") is not None]
     if inner["l1_deaths"]:
         lines.append("L1 deaths: " + ", ".join(f"round {d['round']} (lost {', '.join(d['configs_lost']) or 'nothing'})" for d in inner["l1_deaths"]))
     lines.append("")
@@ -537,21 +722,35 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summarise_rounds(rounds, devices, variants)
     table = format_tables(rows, devices, variants)
+    anatomy = {v: anatomy_rows(rounds, v) for v in variants}
+    anatomy_table = "\n\n".join(f"Where nvme-emu's time goes ({v}; us, p50, median of rounds):\n\n{format_anatomy(a)}"
+                                for v, a in anatomy.items() if a)
     print()
     print(table)
-    by = {r["job"]: r for r in rows}
-    qd32 = by.get("randread-4k-qd32", {}).get("ratios", {}).get(f"{EMU}/{HW_NVME}", {}).get("iops", {}).get("median")
-    qd1 = by.get("randread-4k-qd1", {}).get("ratios", {}).get(f"{EMU}/{HW_NVME}", {}).get("mean", {}).get("median")
-    targets = {
-        "qd32_iops_ratio": qd32, "qd32_target": 0.90, "qd32_met": bool(qd32 and qd32 >= 0.90),
-        "qd1_latency_ratio": qd1, "qd1_target": 1.30, "qd1_met": bool(qd1 and qd1 <= 1.30),
-    }
+    if anatomy_table:
+        print()
+        print(anatomy_table)
+    # issue 23's targets: every job's IOPS at least hw/nvme's, QD1 mean latency at most
+    # hw/nvme's, no max above 3x hw/nvme's for the same job (medians of the per-round ratios)
+    per_job = {}
+    for r in rows:
+        rr = r["ratios"].get(f"{EMU}/{HW_NVME}", {})
+        iops, mean, mx = (rr.get(k, {}).get("median") for k in ("iops", "mean", "max"))
+        qd1 = re.search(r"-qd1(?!\d)", r["job"]) is not None
+        per_job[r["job"]] = {"iops_ratio": iops, "iops_met": bool(iops and iops >= 1.0),
+                             "mean_ratio": mean, "mean_met": (bool(mean and mean <= 1.0) if qd1 else None),
+                             "max_ratio": mx, "max_met": bool(mx and mx <= 3.0)}
+    targets = {"per_job": per_job, "iops_target": 1.0, "qd1_mean_target": 1.0, "max_target": 3.0,
+               "all_met": all(t["iops_met"] and t["max_met"] and t["mean_met"] is not False for t in per_job.values())}
 
     def ratio(x: float | None) -> str:  # None: the job did no I/O on one side (the JSON is still written)
         return "-" if x is None else f"{x:.2f}x"
 
-    print(f"\ntargets (nvme-emu default): QD32 IOPS {ratio(qd32)} of hw/nvme (>= 0.90: {'met' if targets['qd32_met'] else 'MISSED'}); "
-          f"QD1 mean latency {ratio(qd1)} (<= 1.30: {'met' if targets['qd1_met'] else 'MISSED'})")
+    print("\ntargets (nvme-emu default vs hw/nvme; IOPS >= 1.0x, QD1 mean <= 1.0x, max <= 3x):")
+    for job, t in per_job.items():
+        print(f"  {job:38} IOPS {ratio(t['iops_ratio'])} {'met' if t['iops_met'] else 'MISSED'}; "
+              + (f"mean {ratio(t['mean_ratio'])} {'met' if t['mean_met'] else 'MISSED'}; " if t["mean_met"] is not None else "")
+              + f"max {ratio(t['max_ratio'])} {'met' if t['max_met'] else 'MISSED'}")
     mach["loadavg_at_end"] = common.read_file("/proc/loadavg").split()[:3]
     name = "fio_vs_qemu" + (f"-{args.label}" if args.label else "")
     out = Path(args.out)
@@ -559,8 +758,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "fio_vs_qemu", "machine": mach, "method": __doc__, "fio_job": jobs[HW_NVME], "fio_job_floor": jobs[FLOOR],
         "config": {"rounds": args.rounds, "runtime": args.runtime, "ramp": args.ramp, "doorbell": args.doorbell, "file_size": FILE_SIZE,
                    "devices": devices, "emu_variants": variants},
-        "targets": targets, "results": rows, "rounds": rounds, "table": table, "elapsed_s": time.monotonic() - t_start,
+        "targets": targets, "results": rows, "rounds": rounds, "table": table, "anatomy": anatomy,
+        "anatomy_table": anatomy_table, "elapsed_s": time.monotonic() - t_start,
     })
+    for v, a in anatomy.items():
+        plot_anatomy(a, out / f"{name}-anatomy{'' if v == EMU else '-' + v}.png",
+                     f"nvme-emu{'' if v == EMU else ' ' + v}: fio clat p50 split into the floor, the server's stages and the transport "
+                     f"(median of {len(rounds)} round(s))\n{common.describe_machine(mach)}")
     plot(
         rows, devices, variants,
         out / f"{name}.png",

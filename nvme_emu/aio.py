@@ -9,7 +9,9 @@ one wake-up, not one per call.
 
 A thread hand-off costs 10-40 us of CPU per call on this 2-CPU machine, so reads first try
 ``preadv(RWF_NOWAIT)`` on the loop thread (the kernel serves them from the page cache or
-refuses with EAGAIN; it never blocks) and only misses come here. Why not io_uring: the
+refuses with EAGAIN; it never blocks) and only misses come here; and when nothing else is in
+flight (QD1), misses and writes without FUA skip the hand-off too, on a time budget
+(:mod:`nvme_emu.inline_budget`). Why not io_uring: the
 maintained PyPI binding (``liburing``) takes bytearrays only, not memoryviews of guest
 memory, so it needs a bounce copy, and measured 0.56-0.58x of NOWAIT-inline reads
 (bench/README.md, "async_io").

@@ -26,6 +26,7 @@ from .doorbell import DoorbellMode
 from .function import NvmeFunction
 from .jsonrpc import Dispatcher
 from .latency import DEFAULT_SAMPLE_EVERY, format_table
+from .inline_budget import INLINE_BUDGET_NS, default_budget_ns, set_default_budget
 from .namespace import open_namespace, parse_size
 from .rpc_socket import RpcServer
 from .state import DEFAULT_NVM_CAPACITY
@@ -67,7 +68,7 @@ def _switch_interval_us(text: str) -> float:
 
 def process_stats() -> dict[str, float]:
     """What the process runs with (in the stats JSON next to the device's counters)."""
-    return {"switch_interval_us": round(sys.getswitchinterval() * 1e6, 3)}
+    return {"switch_interval_us": round(sys.getswitchinterval() * 1e6, 3), "inline_write_budget_us": default_budget_ns() / 1000}
 
 
 def build_function(args: argparse.Namespace) -> NvmeFunction:
@@ -315,6 +316,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-sample", type=int, default=DEFAULT_SAMPLE_EVERY, metavar="N",
                    help=f"latency anatomy: stamp every stage of one batch in N (default {DEFAULT_SAMPLE_EVERY}; 1: every batch, "
                         "~1/3 of QD1 IOPS); deferred commands are always stamped")
+    s.add_argument("--inline-write-budget-us", type=float, default=None, metavar="US",
+                   help="file and block namespaces: with nothing else in flight, a read the page cache missed or a write "
+                        "without FUA runs on the event loop instead of a worker thread while each takes at most this long; "
+                        f"after one took longer, the next go to workers for a while (default {INLINE_BUDGET_NS // 1000}; "
+                        "0: always workers)")
     s.add_argument("--switch-interval-us", type=_switch_interval_us, default=None, metavar="US",
                    help="the interpreter's GIL switch interval (sys.setswitchinterval): how long an I/O worker thread may "
                         "hold the GIL before the event loop gets it back (default: Python's, 5000)")
@@ -360,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.switch_interval_us is not None:
         sys.setswitchinterval(args.switch_interval_us / 1e6)
+    if args.inline_write_budget_us is not None:
+        if args.inline_write_budget_us < 0:
+            print("nvme-emu: --inline-write-budget-us must be >= 0", file=sys.stderr)
+            return 2
+        set_default_budget(round(args.inline_write_budget_us * 1000))
     loop = new_event_loop()
     try:
         return loop.run_until_complete(serve(args))

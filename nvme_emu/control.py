@@ -58,6 +58,7 @@ def describe_namespace(ns: Namespace, attached: bool) -> dict[str, Any]:
         "size_bytes": ns.size_bytes,
         "lba_size": ns.lba_size,
         "stats": dict(ns.stats.__dict__),
+        **({"inline": dict(budget.stats.__dict__)} if (budget := ns.backend.inline_budget) is not None else {}),
     }
 
 

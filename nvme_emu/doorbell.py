@@ -237,7 +237,9 @@ class DoorbellPath:
             return
         self.stats.trapped += 1
         if not slot & 1:
-            self.latency.arrive(_TRAP)
+            lat = self.latency
+            if lat.left == 1:  # inline arrive(): a method call costs ~70 ns more per doorbell
+                lat.arrived, lat.via = clock_ns(), _TRAP
             if slot >= 2:
                 self.stats.trapped_io_sq += 1
         self.page.value_words[slot] = int.from_bytes(data, "little")

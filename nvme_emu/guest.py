@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "qemu-configs"
 
@@ -400,6 +400,7 @@ def run_guest(
     agent: bool | None = None,
     extra_sockets: Sequence[str] = (),
     builtin_null: int | None = None,
+    on_console_line: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
 
@@ -411,6 +412,8 @@ def run_guest(
     listening on ``socket_path + ".agent"``, where ``nvme-emu serve`` looks for it.
     ``extra_sockets`` attach more vfio-user servers as further NVMe controllers (their
     doorbells stay trapped: the agent serves the first socket only).
+    ``on_console_line`` is called with each console line as it arrives (on a reader
+    thread; the guest does not wait for it), e.g. to act on markers a job prints.
     """
     if sum(x is not None for x in (socket_path, builtin_image, builtin_null)) != 1:
         raise ValueError("give exactly one of socket_path, builtin_image or builtin_null")
@@ -442,7 +445,7 @@ def run_guest(
         if binds:
             env["NVME_EMU_BIND"] = ":".join(filter(None, [env.get("NVME_EMU_BIND", ""), binds]))
         return boot([qemu, *args, *extra_qemu_args], env=env, accel=accel,
-                    timeout=timeout, echo_console=echo_console)
+                    timeout=timeout, echo_console=echo_console, on_console_line=on_console_line)
 
 
 def append_initrd(base: str, dest: str, extra: bytes) -> str:
@@ -456,7 +459,8 @@ def append_initrd(base: str, dest: str, extra: bytes) -> str:
 
 
 def boot(cmd: list[str], *, env: dict[str, str], accel: str, timeout: float,
-         echo_console: bool = False, kill_when: KillWhen | None = None) -> GuestResult:
+         echo_console: bool = False, kill_when: KillWhen | None = None,
+         on_console_line: Callable[[str], None] | None = None) -> GuestResult:
     """Run a QEMU whose guest prints the BEGIN/END markers; kill it on timeout and on
     every exit path, and return what the console said. ``kill_when`` kills it on purpose
     at a console marker (the result's ``killed_at`` says when)."""
@@ -498,6 +502,11 @@ def boot(cmd: list[str], *, env: dict[str, str], accel: str, timeout: float,
                 if echo is not None:
                     echo.write(s.replace("\r", ""))
                     echo.flush()
+                if on_console_line is not None and sink is console_chunks:
+                    try:
+                        on_console_line(s.rstrip("\r\n"))
+                    except Exception as e:  # a watcher's bug must not stop the console pump
+                        stderr_chunks.append(f"on_console_line failed: {e!r}\n")
 
         threads = [
             threading.Thread(target=pump, args=(proc.stdout, console_chunks,

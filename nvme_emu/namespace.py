@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from . import identity, spec, structures
+from .inline_budget import InlineBudget
 from .lba_ranges import LbaRanges
 from .spec import NvmeError, Status
 
@@ -195,6 +196,9 @@ class Backend(ABC):
     blocking: bool = False
     #: opened read-only: the namespace is write protected
     readonly: bool = False
+    #: blocking backends: when one of their calls (a Read the page cache missed, a Write
+    #: without FUA) may run on the loop thread instead of a worker (nvme_emu.inline_budget)
+    inline_budget: InlineBudget | None = None
     #: the bytes themselves when they are plain process memory (RAM); Read and Write of one
     #: page copy straight to and from them (:meth:`Namespace.read_memory`)
     memory: memoryview | None = None
@@ -399,6 +403,7 @@ class FileBackend(_FdBackend):
     def __init__(self, path: str, size: int | None = None, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self.inline_budget = InlineBudget()
         exists = os.path.exists(path)
         if not exists and size is None:
             raise ValueError(f"{path}: file does not exist and no size= was given to create it")
@@ -473,6 +478,7 @@ class BlockBackend(_FdBackend):
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self.inline_budget = InlineBudget()
         self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         try:
             st = os.fstat(self._fd)

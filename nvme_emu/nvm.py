@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from . import prp
 from .latency import LatencyRecorder, clock_ns
+from .inline_budget import InlineBudget
 from .lba_status import lba_status_changed
 from .namespace import Namespace
 from .queue import SubmissionQueue
@@ -69,6 +70,9 @@ class Work:
     run: Callable[[], Any]
     views: Sequence[memoryview] = ()
     done: Callable[[Any], None] | None = None
+    #: set: ``run()`` may run on the loop thread when nothing else waits (:meth:`NvmCommands.
+    #: _start`), as long as this budget admits it; None: always a worker (FUA, Flush, ...)
+    inline: InlineBudget | None = None
 
 
 #: A handler returns dw0 (done) or the Work that finishes it.
@@ -149,13 +153,21 @@ class NvmCommands:
         hooks = self.hooks
         pool = hooks.io_pool()
         if pool is None:
+            return self._run_here(work)
+        budget = work.inline
+        if budget is not None and not pool.pending and sq.head == sq.tail and budget.admit():
+            # Nothing in flight and nothing behind it in its queue (QD1, or the last of a
+            # burst after the pool drained): a hand-off would only add two thread wake-ups
+            # (inline_budget.py has the figures); the budget backs off when calls get slow.
+            faults = _FAULTS[0]
+            t0 = clock_ns()
             try:
-                result = work.run()
+                done = self._run_here(work)
             finally:
-                prp.release_views(work.views)
-            if work.done is not None:
-                work.done(result)
-            return Status.SUCCESS, 0
+                budget.took(clock_ns() - t0)
+            if _FAULTS[0] != faults:
+                raise self.state.transfer_faulted()
+            return done
         hooks.begin_request(sq)
         cid = e[CID]
         faults = _FAULTS[0]
@@ -186,6 +198,17 @@ class NvmCommands:
 
         pool.submit(timed_run, finished, work.views)  # views: what a quiesce before an unmap or reset looks at
         return DEFERRED
+
+    @staticmethod
+    def _run_here(work: Work) -> tuple[int, int]:
+        """Run ``work`` on this thread and finish it (in-process use, and inline Work)."""
+        try:
+            result = work.run()
+        finally:
+            prp.release_views(work.views)
+        if work.done is not None:
+            work.done(result)
+        return Status.SUCCESS, 0
 
     # -- data pointers ---------------------------------------------------------------------------
 
@@ -282,7 +305,7 @@ class NvmCommands:
     @staticmethod
     def _read_work(ns: Namespace, off: int, length: int, views: list[memoryview]) -> Work:
         """A Read for the pool: it owns ``views`` from now on."""
-        return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length))
+        return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length), ns.backend.inline_budget)
 
     def write(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
@@ -307,7 +330,8 @@ class NvmCommands:
                     raise
             # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
             # only after run() returned) means durable, as when it ran on the loop.
-            return Work(partial(ns.backend.write_from, off, views, fua=fua), views, lambda _r: ns.count_write(length))
+            return Work(partial(ns.backend.write_from, off, views, fua=fua), views, lambda _r: ns.count_write(length),
+                        None if fua else ns.backend.inline_budget)
         try:
             ns.write_lbas(slba, nlb, views, fua=fua)
         finally:

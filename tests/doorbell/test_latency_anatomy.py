@@ -64,13 +64,15 @@ def test_one_batch_in_n_is_sampled(inproc, session):
     assert count(vias["trap"], Stage.HOST_AND_LOOP) == 4
 
 
-def test_file_reads_that_miss_the_page_cache_show_the_worker_stages(inproc, session, tmp_path):
+def _evicted_file_server(inproc, session, tmp_path, budget_ns: int | None):
     path = tmp_path / "ns.img"
     with open(path, "wb") as f:
         f.write(os.urandom(NS_SIZE))
         f.flush()
         os.fsync(f.fileno())
     srv = inproc("trap", namespace=f"file:{path}")
+    if budget_ns is not None:  # as `serve --inline-write-budget-us`: 0 sends every call to the workers
+        srv.call(lambda: setattr(srv.ctrl.state.namespaces[1].backend.inline_budget, "budget_ns", budget_ns))
     s = session(srv.path)
     s.bring_up("trap", depth=32)
     fd = os.open(path, os.O_RDONLY)
@@ -79,9 +81,30 @@ def test_file_reads_that_miss_the_page_cache_show_the_worker_stages(inproc, sess
     finally:
         os.close(fd)
     srv.call(srv.ctrl.state.latency.reset)
+    return srv, s
+
+
+def test_at_qd1_page_cache_misses_and_writes_run_inline(inproc, session, tmp_path):
+    """Nothing else in flight: the reads that miss and the writes skip the worker hand-off
+    (nvme_emu.inline_budget) and are stamped as inline backend calls."""
+    srv, s = _evicted_file_server(inproc, session, tmp_path, None)
+    srv.call(lambda: srv.ctrl.state.latency.set_sampling(1))
+    before = srv.stats()["queues"]["sq1"]["to_workers"]
+    s.read_blocks(1, 1024 * (PAGE // LBA), 4)  # 4 MiB in, one command after another: not resident
+    s.write_read_check(1, 0, 4, qd=1, seed=7)
+    assert srv.stats()["queues"]["sq1"]["to_workers"] == before
+    vias = per_via(srv.call(srv.ctrl.state.latency.snapshot), 1)
+    assert Via.WORKER.value not in vias
+    assert sum(count(st, Stage.BACKEND) for st in vias.values()) >= 4 + 8
+    inline = srv.call(lambda: srv.ctrl.state.namespaces[1].backend.inline_budget.stats)
+    assert inline.inline >= 4 + 1 and inline.handed_off == 0  # the writes, and a read at least (readahead takes others)
+
+
+def test_file_reads_that_miss_the_page_cache_show_the_worker_stages(inproc, session, tmp_path):
+    srv, s = _evicted_file_server(inproc, session, tmp_path, 0)
     before = srv.stats()["queues"]["sq1"]["to_workers"]
     s.read_blocks(1, 1024 * (PAGE // LBA), 4)  # 4 MiB in: not resident
-    s.write_read_check(1, 0, 4, qd=1, seed=7)  # writes always go to the workers
+    s.write_read_check(1, 0, 4, qd=1, seed=7)  # with no inline budget, writes go to the workers
     to_workers = srv.stats()["queues"]["sq1"]["to_workers"] - before
     assert to_workers >= 4 + 1, "the evicted reads were served inline"
     worker = per_via(srv.call(srv.ctrl.state.latency.snapshot), 1)[Via.WORKER.value]

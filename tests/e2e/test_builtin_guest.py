@@ -51,6 +51,10 @@ def test_fio_randwrite_verify_no_errors(guest_infra, raw_image):
 
 
 def test_guest_command_failure_is_reported(guest_infra, raw_image):
-    res = guest.run_guest(builtin_image=raw_image, command="echo hello; exit 7", timeout=300)
+    seen: list[str] = []  # on_console_line: each console line as it arrives (the bench's markers)
+    res = guest.run_guest(builtin_image=raw_image, command="echo hello; echo marker > /dev/console; exit 7", timeout=300,
+                          on_console_line=seen.append)
     assert res.returncode == 7
-    assert res.output.strip() == "hello"
+    assert res.output.strip().splitlines()[0] == "hello"
+    assert "hello" in seen and "marker" in seen, seen[-20:]
+    assert seen.index("hello") < seen.index("marker")

@@ -103,6 +103,11 @@ class KeptPool:
     def submit(self, fn: Callable[[], object], done: Callable[[object, BaseException | None], None], views: Sequence[memoryview] = ()) -> None:
         self.jobs.append((fn, done))
 
+    @property
+    def pending(self) -> int:
+        """Submitted and not finished (an inline-capable command runs inline only at 0)."""
+        return len(self.jobs)
+
     def finish_one(self) -> None:
         """Run the oldest job, then its completion callback, as the loop would."""
         fn, done = self.jobs.pop(0)

@@ -39,6 +39,7 @@ class GatedFile(FileBackend):
 
     def __init__(self, path: str, size: int) -> None:
         super().__init__(path, size)
+        self.inline_budget = None  # every call goes to a worker, where its gate can hold it
         self._gates: dict[tuple[str, int | None], threading.Event] = {}
         self._arrived: dict[str, threading.Semaphore] = {k: threading.Semaphore(0) for k in ("read", "write", "zeroes", "flush")}
         self.calls: list[tuple[str, int, bool]] = []

@@ -6,7 +6,6 @@ overran the budget go to the I/O pool; one quick call brings inline calls back."
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from .area_helpers import BUF, Area, KeptPool, sqe
 
 from nvme_emu.inline_budget import MAX_SKIP, InlineBudget
 from nvme_emu.namespace import FileBackend, Namespace
+from nvme_emu import nvm as nvm_module
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.outcome import DEFERRED
 from nvme_emu.spec import NvmOpcode, RwCdw12, Status
@@ -23,20 +23,27 @@ def write(slba: int, *, nsid: int = 2, cdw12: int = 0) -> tuple:
     return sqe(NvmOpcode.WRITE, cid=7, nsid=nsid, prp1=BUF, cdw10=slba, cdw12=cdw12)
 
 
+#: The clock nvm.py times inline calls with, in this test: it moves only when a SlowFile
+#: write says so, so "slow" and "quick" do not depend on how busy the machine is.
+CLOCK = [0]
+
+
 class SlowFile(FileBackend):
-    """A file whose writes take ``delay`` seconds more (a journal commit, dirty throttling)."""
+    """A file whose writes take ``delay`` seconds more (a journal commit, dirty throttling),
+    on the test's clock."""
 
     delay = 0.0
 
     def write_from(self, offset, views, *, fua=False) -> None:
-        time.sleep(self.delay)
+        CLOCK[0] += int(self.delay * 1e9)
         super().write_from(offset, views, fua=fua)
 
 
 @pytest.fixture
-def file_area(area: Area, tmp_path):
+def file_area(area: Area, tmp_path, monkeypatch):
+    monkeypatch.setattr(nvm_module, "clock_ns", lambda: CLOCK[0])
     backend = SlowFile(str(tmp_path / "disk"), 1 << 20)
-    backend.inline_budget.budget_ns = 2_000_000  # 2 ms: a 20 ms write overruns it on any machine
+    backend.inline_budget.budget_ns = 2_000_000  # 2 ms: a 20 ms write overruns it
     ns = area.state.namespaces[2] = Namespace(2, backend)
     pool = KeptPool()
     nvm = NvmCommands(area.state, dataclasses.replace(area.hooks, io_pool=lambda: pool))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # only for annotations: the loader drives a vCPU it is given
-    from .kvm import GuestRam, Vcpu
+    from .kvm import Vcpu
+    from .memory import GuestRam
 
 __all__ = [
     "Asm",

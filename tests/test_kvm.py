@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from nvme_emu import guest_programs
+from nvme_emu.testing import guest_programs
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
 from vfio_user.vmm.memory import MemfdRegion

@@ -33,7 +33,7 @@ from ..support.server import DEADLINE, wait_until
 from .db_helpers import LBA, PAGE, HostSession, pattern
 from nvme_emu.queue import CQE
 from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
-from nvme_emu import guest_programs
+from nvme_emu.testing import guest_programs
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
 from vfio_user.vmm.memory import MemfdRegion

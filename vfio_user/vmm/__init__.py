@@ -7,5 +7,5 @@ minimal KVM VMM (ioctls on ``/dev/kvm``, memfd guest RAM from :mod:`.memory`, io
 POST_WRITE, or its emulation in :mod:`.post_write`); :mod:`.x86` assembles the tiny guest
 programs it runs. The imports run one way: :mod:`.memory` below :mod:`.kvm`, :mod:`.x86`
 above both, :mod:`.post_write` on top. None of it knows NVMe: the NVMe driver loops written
-as guest programs are in :mod:`nvme_emu.guest_programs`.
+as guest programs are in :mod:`nvme_emu.testing.guest_programs`.
 """

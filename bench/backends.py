@@ -2,7 +2,7 @@
 
 4 KiB random reads from a RAM namespace, doorbells trapped (every doorbell is a
 REGION_WRITE message, so the backend's message handling is on the critical path), driven by
-the test host driver (nvme_emu.host.NvmeHost) over our blocking client, at QD1 and QD32.
+the test host driver (nvme_emu.testing.host.NvmeHost) over our blocking client, at QD1 and QD32.
 QD1: one command, ring, wait, reap. QD32: 32 commands, one SQ doorbell, wait for all 32,
 one CQ doorbell. Both backends run in one invocation, interleaved, so they share the
 machine's state; nothing here asserts on speed.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 import common
-from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.testing.host import HostMemory, NvmeHost
 from nvme_emu.spec import NvmOpcode
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.libvfio import unavailable_reason

@@ -57,7 +57,7 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
 
     from nvme_emu.doorbell import DoorbellMode
     from nvme_emu.function import NvmeFunction
-    from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost
+    from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
     from nvme_emu.namespace import FileBackend, Namespace, RamBackend
     from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
     from vfio_user.constants import IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IrqIndex, RegionIndex

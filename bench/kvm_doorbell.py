@@ -69,11 +69,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from nvme_emu.doorbell import ShadowPath  # noqa: E402
-from nvme_emu.host import HostMemory, NvmeHost  # noqa: E402
+from nvme_emu.testing.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.queue import SQE  # noqa: E402
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
 from vfio_user.vmm import kvm as K  # noqa: E402
 from vfio_user.vmm import x86  # noqa: E402
+from vfio_user.vmm.memory import GuestRam, MemfdRegion  # noqa: E402
+from vfio_user.vmm.post_write import PostWriteEmulator, measure_doorbell_exits  # noqa: E402
 from vfio_user.vmm._kvm_cdef import ffi  # noqa: E402
 from vfio_user.vmm.client import IoFd, VfioUserClient  # noqa: E402
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP, IrqIndex  # noqa: E402
@@ -496,14 +498,14 @@ class PathBench:
         self.post_write = post_write and mode == "shadow"
         self.server = ServerProcess(workdir, SERVER_MODE.get(mode, mode), spin_us=None, name=mode)
         try:
-            self.ram = K.MemfdRegion(RAM_SIZE, "guest-ram")
+            self.ram = MemfdRegion(RAM_SIZE, "guest-ram")
             self.client = VfioUserClient(self.server.sock, timeout=20)
         except BaseException:
             self.server.stop()
             raise
         self.exits = 0
-        self.emulator: Optional[K.PostWriteEmulator] = None
-        self.shadow_regions: list[K.MemfdRegion] = []
+        self.emulator: Optional[PostWriteEmulator] = None
+        self.shadow_regions: list[MemfdRegion] = []
         self.mapped: Optional[_MappedArea] = None
         self.kvm = K.Kvm()
         self.vm = self.kvm.create_vm()
@@ -568,17 +570,17 @@ class PathBench:
                     self.vm.add_ioeventfd(gpa, f.size, f.eventfd, post_addr=region.addr + f.shadow_offset)
                 else:
                     if self.emulator is None:
-                        self.emulator = K.PostWriteEmulator()
+                        self.emulator = PostWriteEmulator()
                     self.emulator.add(gpa, f.size, region, f.shadow_offset, f.eventfd)
             elif f.type == IO_FD_TYPE_IOEVENTFD:
                 dm = f.datamatch if f.flags & K.IOEVENTFD_FLAG_DATAMATCH else None
                 self.vm.add_ioeventfd(gpa, f.size, f.eventfd, datamatch=dm)
 
-    def _shadow_region(self, fd: int) -> K.MemfdRegion:
+    def _shadow_region(self, fd: int) -> MemfdRegion:
         for r in self.shadow_regions:
             if r.fd == fd:
                 return r
-        r = K.MemfdRegion(os.fstat(fd).st_size, "shadow", fd=fd)
+        r = MemfdRegion(os.fstat(fd).st_size, "shadow", fd=fd)
         self.shadow_regions.append(r)
         return r
 
@@ -642,7 +644,7 @@ class PathBench:
         return dt
 
     @property
-    def ram_slot(self) -> K.GuestRam:
+    def ram_slot(self) -> GuestRam:
         return self.vm.ram[0]
 
     def drain_irqs(self) -> int:
@@ -836,7 +838,7 @@ loop.run_forever()
 def measure_eventfd_wake(n: int) -> list[float]:
     """One-way eventfd wake-up of a blocked (uvloop) process, seen by a spinning waker: us."""
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    shm = K.MemfdRegion(4096, "wake")
+    shm = MemfdRegion(4096, "wake")
     proc = subprocess.Popen([sys.executable, "-c", _WAKE_CHILD, str(efd), str(shm.fd), str(REPO), str(n)],
                             pass_fds=(efd, shm.fd))
     out: list[float] = []
@@ -922,7 +924,7 @@ class _ProcessingBench:
     def __init__(self, workdir: str) -> None:
         path = os.path.join(workdir, "inproc.sock")
         self.srv = _InProcServer(path, "shadow")
-        self.ram = K.MemfdRegion(RAM_SIZE, "floor-ram")
+        self.ram = MemfdRegion(RAM_SIZE, "floor-ram")
         self.client = VfioUserClient(path, timeout=20)
         self.tail = 0
         self.commands = 0
@@ -1301,7 +1303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     caps = kernel_caps()
     post_write = bool(caps["post_write_supported"])
     # KVM-only micro-measurement (no server): best of 3 calls per component, nets recomputed
-    micro = [K.measure_doorbell_exits(5000, repeat=3) for _ in range(3)]
+    micro = [measure_doorbell_exits(5000, repeat=3) for _ in range(3)]
     emu = {k: min(m[k] for m in micro) for k in micro[0] if not k.endswith("_net")}
     for k in list(emu):
         if k != "ram":

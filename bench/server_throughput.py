@@ -51,7 +51,7 @@ import common
 from tests.support.server import NVME_EMU_READY
 
 from nvme_emu.atomics import fence
-from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost
+from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import common
-from nvme_emu.host import HostMemory, NvmeHost
+from nvme_emu.testing.host import HostMemory, NvmeHost
 from nvme_emu.spec import AdminOpcode, FeatureId, NvmOpcode, Status
 from vfio_user.constants import IrqIndex
 from vfio_user.vmm.client import GuestRam, VfioUserClient

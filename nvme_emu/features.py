@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 
+from .health import check_temperature
 from .identify import IO_COMMAND_SET_COMBINATIONS
-from .log_page import check_temperature
 from .queue import SubmissionQueue
 from .spec import (
     HOST_BEHAVIOR_SIZE,

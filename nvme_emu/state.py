@@ -23,9 +23,8 @@ from .spec import HOST_BEHAVIOR_SIZE, NVME_VERSION, TEMP_COMPOSITE, TEMP_OVER, T
 
 if TYPE_CHECKING:
     from .aio import IoPool
-    from .dbbuf import DoorbellBuffer
     from .namespace import Namespace
-    from .queue import CompletionQueue, SubmissionQueue
+    from .queue import CompletionQueue, DoorbellBuffer, SubmissionQueue
 
 #: Temperature sensors the SMART log reports (besides the composite); each has thresholds.
 TEMPERATURE_SENSORS = 1

@@ -16,9 +16,18 @@ import threading
 
 import pytest
 
-from nvme_emu import guest_programs
+from nvme_emu.testing import guest_programs
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
+from vfio_user.vmm.memory import MemfdRegion
+from vfio_user.vmm.post_write import (
+    EXPECT_POST_WRITE_ENV,
+    PostWriteEmulator,
+    measure_doorbell_exits,
+    post_write_contract_violation,
+    post_write_emulated,
+    post_write_expectation,
+)
 from .support.fds import efd_count
 from vfio_user.vmm._kvm_cdef import EXPECTED_LAYOUT, measured_layout
 
@@ -278,7 +287,7 @@ def test_post_write_probe_is_definite(kvm, vm):
     assert f"KVM_CAP_IOEVENTFD_POST_WRITE={K.KVM_CAP_IOEVENTFD_POST_WRITE}) = {cap_vm}" in reason
     assert "inconsistent" not in reason, reason
     assert bool(cap_vm) == bool(cap_sys) == supported, (cap_vm, cap_sys, reason)
-    violation = K.post_write_contract_violation(supported, reason)
+    violation = post_write_contract_violation(supported, reason)
     if violation:
         pytest.fail(violation)
     if supported:
@@ -311,20 +320,20 @@ def test_post_write_probe_and_capability_must_agree(vm, monkeypatch):
 
 
 def test_post_write_expectation_contract(monkeypatch):
-    monkeypatch.delenv(K.EXPECT_POST_WRITE_ENV, raising=False)
-    assert K.post_write_expectation() is None
-    assert K.post_write_contract_violation(False, "r") is None and K.post_write_contract_violation(True, "r") is None
-    monkeypatch.setenv(K.EXPECT_POST_WRITE_ENV, "1")
-    assert K.post_write_expectation() is True
-    assert K.post_write_contract_violation(True, "r") is None
-    assert "refusing to fall back" in K.post_write_contract_violation(False, "why-not")
-    monkeypatch.setenv(K.EXPECT_POST_WRITE_ENV, "0")
-    assert K.post_write_expectation() is False
-    assert K.post_write_contract_violation(False, "r") is None
-    assert "requires a kernel without" in K.post_write_contract_violation(True, "r")
-    monkeypatch.setenv(K.EXPECT_POST_WRITE_ENV, "yes")
+    monkeypatch.delenv(EXPECT_POST_WRITE_ENV, raising=False)
+    assert post_write_expectation() is None
+    assert post_write_contract_violation(False, "r") is None and post_write_contract_violation(True, "r") is None
+    monkeypatch.setenv(EXPECT_POST_WRITE_ENV, "1")
+    assert post_write_expectation() is True
+    assert post_write_contract_violation(True, "r") is None
+    assert "refusing to fall back" in post_write_contract_violation(False, "why-not")
+    monkeypatch.setenv(EXPECT_POST_WRITE_ENV, "0")
+    assert post_write_expectation() is False
+    assert post_write_contract_violation(False, "r") is None
+    assert "requires a kernel without" in post_write_contract_violation(True, "r")
+    monkeypatch.setenv(EXPECT_POST_WRITE_ENV, "yes")
     with pytest.raises(ValueError):
-        K.post_write_expectation()
+        post_write_expectation()
 
 
 def test_post_write_semantics(guest):
@@ -334,17 +343,17 @@ def test_post_write_semantics(guest):
     traps once and PostWriteEmulator stores, then signals). Never skipped."""
     vm, ram, vcpu = guest
     supported, reason = vm.post_write_supported()
-    violation = K.post_write_contract_violation(supported, reason)
+    violation = post_write_contract_violation(supported, reason)
     if violation:
         pytest.fail(violation)
     if not supported:
         print(f"kernel lacks KVM_IOEVENTFD_FLAG_POST_WRITE ({reason}); falling back to the emulation: "
               f"PostWriteEmulator (the write traps, the VMM stores the value, then signals the eventfd)")
     efd = _efd()
-    shadow = K.MemfdRegion(mmap.PAGESIZE, "shadow")
+    shadow = MemfdRegion(mmap.PAGESIZE, "shadow")
     try:
         post = shadow.addr + 0x10
-        emu = K.PostWriteEmulator()
+        emu = PostWriteEmulator()
         if supported:
             reg = vm.add_ioeventfd(DOORBELL_32, 4, efd, post_addr=post)
         else:
@@ -386,7 +395,7 @@ def test_post_write_semantics(guest):
 def test_emulated_post_write_value_before_signal():
     """The reader, woken by the eventfd, must already see a shadow value at least as new as
     the number of signals it has consumed. It maps the memfd separately, like a server."""
-    shadow = K.MemfdRegion(mmap.PAGESIZE, "shadow")
+    shadow = MemfdRegion(mmap.PAGESIZE, "shadow")
     efd = _efd(nonblock=False)
     n = 3000
     violations: list[tuple[int, int]] = []
@@ -411,9 +420,9 @@ def test_emulated_post_write_value_before_signal():
     try:
         for i in range(1, n + 1):
             if i % 2:
-                K.post_write_emulated(shadow, 0x40, i, 4, efd)
+                post_write_emulated(shadow, 0x40, i, 4, efd)
             else:
-                K.post_write_emulated(shadow.view, 0x40, i, 4, efd)  # memoryview path
+                post_write_emulated(shadow.view, 0x40, i, 4, efd)  # memoryview path
         assert done.wait(30)
     finally:
         t.join(30)
@@ -424,17 +433,17 @@ def test_emulated_post_write_value_before_signal():
 
 @pytest.mark.parametrize("size,value", [(1, 0x1AB), (2, 0x12345), (4, 0x1_2345_6789), (8, 2**64 + 5)])
 def test_emulated_post_write_widths(size, value):
-    with K.MemfdRegion(mmap.PAGESIZE, "shadow") as shadow:
+    with MemfdRegion(mmap.PAGESIZE, "shadow") as shadow:
         shadow.view[0:16] = b"\xff" * 16
         efd = _efd()
         try:
-            K.post_write_emulated(shadow.view, 8, value, size, efd)
+            post_write_emulated(shadow.view, 8, value, size, efd)
             expect = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             assert bytes(shadow.view[8 : 8 + size]) == expect
             assert bytes(shadow.view[8 + size : 16]) == b"\xff" * (8 - size)  # no overrun
             assert efd_count(efd) == 1
             with pytest.raises(ValueError):
-                K.post_write_emulated(shadow, 3, 1, 4, efd)  # misaligned
+                post_write_emulated(shadow, 3, 1, 4, efd)  # misaligned
         finally:
             os.close(efd)
 
@@ -444,8 +453,8 @@ def test_trapped_doorbell_emulated_post_write(guest):
     vm, ram, vcpu = guest
     efd = _efd()
     try:
-        with K.MemfdRegion(mmap.PAGESIZE, "shadow") as shadow:
-            emu = K.PostWriteEmulator()
+        with MemfdRegion(mmap.PAGESIZE, "shadow") as shadow:
+            emu = PostWriteEmulator()
             emu.add(DOORBELL_32, 4, shadow, 8, efd)
             x86.prog_write_loop(DOORBELL_32, 0xCAFE0001, 4).load(vcpu, ram, CODE_GPA)
             assert vcpu.run_until(emu.handle).kind == "HLT"
@@ -576,7 +585,7 @@ def test_fds_and_mappings_are_released(kvm):
 
 
 def test_measure_doorbell_exits_smoke(kvm):
-    r = K.measure_doorbell_exits(300, repeat=1)
+    r = measure_doorbell_exits(300, repeat=1)
     print({k: round(v, 3) for k, v in r.items()})
     assert r["trap"] > r["ioeventfd"] > 0
     assert r["trap_emulated_post"] > r["ioeventfd"]

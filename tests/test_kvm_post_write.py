@@ -7,7 +7,7 @@ The mode is decided at run time, once per module (printed; run with -s to see it
   complete in the kernel: zero MMIO/IO exits for them.
 * ``emulated``: the kernel lacks it (this development machine: PVM, probe EINVAL). The
   same scenarios run with the VMM's fallback: every registered write traps, and
-  :class:`~vfio_user.vmm.kvm.PostWriteEmulator` stores the value then signals; each
+  :class:`~vfio_user.vmm.post_write.PostWriteEmulator` stores the value then signals; each
   registered write must exit exactly once and be posted. Cases that are properties of the
   kernel implementation turn into checks that the flag itself is rejected (the
   detection), or (copy failure) are skipped with the reason.
@@ -32,6 +32,8 @@ import pytest
 
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
+from vfio_user.vmm.memory import GuestRam, MemfdRegion
+from vfio_user.vmm.post_write import EXPECT_POST_WRITE_ENV, PostWriteEmulator, post_write_contract_violation, post_write_expectation
 from .support.fds import efd_count
 
 RAM_GPA = 0
@@ -73,8 +75,8 @@ class Mode:
 def kvm():
     ok, why = K.Kvm.available()
     if not ok:
-        if K.post_write_expectation() is not None:
-            pytest.fail(f"{K.EXPECT_POST_WRITE_ENV} is set but KVM is unusable: {why}")
+        if post_write_expectation() is not None:
+            pytest.fail(f"{EXPECT_POST_WRITE_ENV} is set but KVM is unusable: {why}")
         pytest.skip(f"KVM unusable: {why}")
     with K.Kvm() as k:
         yield k
@@ -85,7 +87,7 @@ def mode(kvm) -> Mode:
     with kvm.create_vm() as vm:
         supported, reason = vm.post_write_supported()
         probe_errno = vm.post_write_errno
-    violation = K.post_write_contract_violation(supported, reason)
+    violation = post_write_contract_violation(supported, reason)
     if supported:
         m = Mode("kernel", f"kernel has KVM_IOEVENTFD_FLAG_POST_WRITE ({reason}): real registrations, "
                            f"registered writes must not exit", violation, probe_errno)
@@ -105,7 +107,7 @@ class Reg:
     target: int
     width: int
     efd: int
-    shadow: K.MemfdRegion
+    shadow: MemfdRegion
     off: int
     datamatch: Optional[int]
     pio: bool
@@ -119,11 +121,11 @@ Exits = list[tuple[K.VcpuExit, bool]]  # (MMIO/IO exit, posted by the emulator)
 class Rig:
     mode: Mode
     vm: K.VirtualMachine
-    ram: K.GuestRam = field(init=False)
+    ram: GuestRam = field(init=False)
     vcpu: K.Vcpu = field(init=False)
-    emu: K.PostWriteEmulator = field(default_factory=K.PostWriteEmulator)
+    emu: PostWriteEmulator = field(default_factory=PostWriteEmulator)
     _fds: list[int] = field(default_factory=list)
-    _regions: list[K.MemfdRegion] = field(default_factory=list)
+    _regions: list[MemfdRegion] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.ram = self.vm.add_memory(RAM_GPA, RAM_SIZE, slot=0)
@@ -139,14 +141,14 @@ class Rig:
         self._fds.append(fd)
         return fd
 
-    def shadow(self) -> K.MemfdRegion:
+    def shadow(self) -> MemfdRegion:
         """A one-page shadow region filled with the canary pattern."""
-        r = K.MemfdRegion(PAGE, "post-write-shadow")
+        r = MemfdRegion(PAGE, "post-write-shadow")
         self._regions.append(r)
         r.view[:] = CANARY * (PAGE // len(CANARY))
         return r
 
-    def register(self, target: int, width: int, efd: int, shadow: K.MemfdRegion, off: int = POST_OFF, *,
+    def register(self, target: int, width: int, efd: int, shadow: MemfdRegion, off: int = POST_OFF, *,
                  datamatch: Optional[int] = None, pio: bool = False) -> Reg:
         self.require()
         reg = Reg(target, width, efd, shadow, off, datamatch, pio)

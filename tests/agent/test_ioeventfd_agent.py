@@ -41,6 +41,7 @@ import pytest
 
 from vfio_user import ioeventfd_agent as A
 from vfio_user.vmm import kvm as K
+from vfio_user.vmm.post_write import EXPECT_POST_WRITE_ENV, post_write_expectation
 
 from ..support.fds import efd_count
 
@@ -570,9 +571,9 @@ def test_post_write(child, agent, efds):
     """ENOTSUP where the kernel lacks KVM_IOEVENTFD_FLAG_POST_WRITE (this host); registered
     with the value landing in the shadow where it has it (the nested rig)."""
     caps = agent.hello()
-    expected = K.post_write_expectation()
+    expected = post_write_expectation()
     if expected is not None:
-        assert caps.post_write == expected, f"{K.EXPECT_POST_WRITE_ENV}={int(expected)} but agent caps {caps}"
+        assert caps.post_write == expected, f"{EXPECT_POST_WRITE_ENV}={int(expected)} but agent caps {caps}"
     print(f"POST_WRITE supported by the kernel: {caps.post_write}")
     fd = efds.new()
     shadow = _memfd(efds)

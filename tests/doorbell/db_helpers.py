@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
-from nvme_emu.host import (
+from nvme_emu.testing.host import (
     HostDoorbells,
     HostMemory,
     MappedDoorbells,

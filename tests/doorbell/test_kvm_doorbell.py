@@ -33,9 +33,11 @@ from ..support.server import DEADLINE, wait_until
 from .db_helpers import LBA, PAGE, HostSession, pattern
 from nvme_emu.queue import CQE
 from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
-from nvme_emu import guest_programs
+from nvme_emu.testing import guest_programs
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86
+from vfio_user.vmm.memory import MemfdRegion
+from vfio_user.vmm.post_write import PostWriteEmulator, post_write_expectation
 
 BAR0_GPA = 0xFEB0_0000  # unbacked: every access is MMIO
 PROBE_GPA = 0xFEBF_E000  # the "separate probe address" (not the kvm module's own probe GPA)
@@ -142,7 +144,7 @@ def _create_vm(kvm: K.Kvm) -> K.VirtualMachine:
 
 
 def _guest_ram(vm: K.VirtualMachine):
-    region = K.MemfdRegion(RAM_SIZE, "kvm-guest-ram")
+    region = MemfdRegion(RAM_SIZE, "kvm-guest-ram")
     ram = vm.add_memory(0, region, slot=0)
     return region, ram
 
@@ -163,11 +165,11 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
             sq_fd, cq_fd = by_slot[2 * QID], by_slot[2 * QID + 1]
             assert sq_fd.shadow_fd is not None and sq_fd.shadow_fd == cq_fd.shadow_fd
             # the server's shadow memfd, mapped here with an address KVM can post to
-            shadow = K.MemfdRegion(os.fstat(sq_fd.shadow_fd).st_size, fd=sq_fd.shadow_fd)
+            shadow = MemfdRegion(os.fstat(sq_fd.shadow_fd).st_size, fd=sq_fd.shadow_fd)
             cids, rbufs = _prepare(s)
 
             supported, why = vm.post_write_supported()
-            expected = K.post_write_expectation()
+            expected = post_write_expectation()
             if expected is not None and expected != supported:
                 pytest.fail(f"NVME_EMU_EXPECT_POST_WRITE={int(expected)} but the kernel says: {why}")
             emulator = None
@@ -187,7 +189,7 @@ def test_guest_doorbell_shadow_ioeventfd(inproc):
                 assert not exits, f"probe writes reached userspace: {exits}"
                 wait_until(lambda: srv.doorbell_stats()["signals"] >= db0["signals"] + 3, "the server to see the 3 KVM-signalled probe writes")
                 vm.remove_ioeventfd(probe)
-                emulator = K.PostWriteEmulator()
+                emulator = PostWriteEmulator()
                 for fd, slot in ((sq_fd, 2 * QID), (cq_fd, 2 * QID + 1)):
                     emulator.add(_db_gpa(slot), 4, shadow, fd.shadow_offset, fd.eventfd)
             q = s.host.queues[QID]

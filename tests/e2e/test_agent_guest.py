@@ -26,6 +26,7 @@ import pytest
 
 from nvme_emu import guest
 from vfio_user.vmm import kvm as K
+from vfio_user.vmm.post_write import post_write_contract_violation, post_write_expectation
 
 from ..support.server import ServerProcess
 
@@ -127,9 +128,9 @@ def server(kvm_guest, tmp_path):
 def _kernel_has_post_write() -> bool:
     with K.Kvm() as kvm, kvm.create_vm() as vm:
         supported, why = vm.post_write_supported()
-    expected = K.post_write_expectation()
+    expected = post_write_expectation()
     if expected is not None and expected != supported:
-        pytest.fail(K.post_write_contract_violation(supported, why))
+        pytest.fail(post_write_contract_violation(supported, why))
     print(f"kernel POST_WRITE: {supported} ({why})")
     return supported
 

@@ -6,7 +6,7 @@ from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.features import get_features, io_queue_limit, reset, set_features
-from nvme_emu.log_page import smart_log
+from nvme_emu.health import smart_log
 from nvme_emu.queue import CompletionQueue
 from nvme_emu.spec import AdminOpcode, AsyncEventSmart, AsyncEventType, CriticalWarning, FeatureId, FeatureSelect, LogPageId, Status
 from nvme_emu.state import ControllerConfig

@@ -10,7 +10,7 @@ import pytest
 from ..support.host import Host
 from .ctrl_helpers import NOOP_ADMIN
 from nvme_emu import structures as st
-from nvme_emu.host import HostDoorbells, ShadowBufferDoorbells
+from nvme_emu.testing.host import HostDoorbells, ShadowBufferDoorbells
 from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0
 
 AER = AdminOpcode.ASYNC_EVENT_REQUEST

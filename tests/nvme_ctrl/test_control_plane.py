@@ -20,7 +20,7 @@ from .ctrl_helpers import PAGE
 from nvme_emu import structures as st
 from nvme_emu.ctl import ControlClient, default_control_socket
 from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
-from nvme_emu.host import Completion
+from nvme_emu.testing.host import Completion
 from nvme_emu.spec import (
     AdminOpcode,
     AsyncEventConfig,

@@ -216,7 +216,7 @@ def test_completions_post_in_the_order_requests_finish(rig: Rig):
 
 def _pair_with_small_cq(n: Host, qid: int, sq_depth: int, cq_depth: int):
     """An SQ deeper than its CQ, so the CQ (not the SQ) limits what may be in flight."""
-    from nvme_emu.host import HostQueue
+    from nvme_emu.testing.host import HostQueue
 
     q = HostQueue(qid, sq_depth, n.mem)  # the host submits with sq_depth; reaping is below
     n.ok(0, AdminOpcode.CREATE_IO_CQ, prp1=q.cq, cdw10=(cq_depth - 1) << 16 | qid, cdw11=qid << 16 | 2 | 1)

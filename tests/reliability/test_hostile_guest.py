@@ -373,7 +373,7 @@ def test_doorbells_beyond_queues_and_full_cq(rig):
         h.client.region_write(bar0, 0x1000 + 4 * slot, struct.pack("<I", value), posted=True)
     assert h.sync() & 1 and not h.csts() & 2
     # CQ full: a second pair with a 4-entry CQ and a 16-entry SQ; submit 15, never reap
-    from nvme_emu.host import HostQueue
+    from nvme_emu.testing.host import HostQueue
 
     h.mem.next = rig.spare
     q = HostQueue(2, 16, h.mem)

@@ -3,7 +3,7 @@
 * :mod:`.server`: a server under test as a separate process (``nvme-emu serve`` on either
   backend, the sample device, ``serve_device.py``): readiness, fds, mappings, log waits, stats;
 * :mod:`.inproc`: the real server on a loop in a thread of this process;
-* :mod:`.host`: the host side, a client + guest RAM + :class:`~nvme_emu.host.NvmeHost` with
+* :mod:`.host`: the host side, a client + guest RAM + :class:`~nvme_emu.testing.host.NvmeHost` with
   completions by command ID, and the PRP builder;
 * :mod:`.fds`: eventfd helpers.
 

@@ -13,7 +13,7 @@ import struct
 import time
 from typing import Any
 
-from nvme_emu.host import Completion, HostMemory, HostQueue, NvmeHost
+from nvme_emu.testing.host import Completion, HostMemory, HostQueue, NvmeHost
 from nvme_emu.spec import CQE_SIZE, AdminOpcode, FeatureId, NvmOpcode, Reg, Status
 from vfio_user.constants import IrqIndex
 from vfio_user.vmm.client import GuestRam, VfioUserClient

@@ -19,13 +19,19 @@ Scope and constraints
 * POST_WRITE is in no released kernel. Support is detected by trying the ioctl and asking
   for :data:`KVM_CAP_IOEVENTFD_POST_WRITE` (:meth:`VirtualMachine.post_write_supported`);
   where it is missing, a VMM traps the MMIO/PIO write and does the same thing in userspace
-  (:class:`PostWriteEmulator`, :func:`post_write_emulated`). Test runs can require one
-  world or the other with ``NVME_EMU_EXPECT_POST_WRITE`` (:func:`post_write_expectation`).
+  (:class:`~vfio_user.vmm.post_write.PostWriteEmulator`,
+  :func:`~vfio_user.vmm.post_write.post_write_emulated`). Test runs can require one world or
+  the other with ``NVME_EMU_EXPECT_POST_WRITE``
+  (:func:`~vfio_user.vmm.post_write.post_write_expectation`).
+
+This module holds the ioctl wrappers (``/dev/kvm``, the VM with its memory slots and
+ioeventfds, the vCPU); the memfd-backed memory they map is :mod:`vfio_user.vmm.memory`'s,
+the userspace POST_WRITE and the micro-measurement are :mod:`vfio_user.vmm.post_write`'s.
 
 Every object owning a file descriptor or a mapping has ``close()`` and is a context manager;
 ``VirtualMachine.close()`` closes its vCPUs, its memory it allocated and its eventfd probes.
 
-Run ``python -m vfio_user.vmm.kvm [N]`` for a micro-measurement of trapped vs ioeventfd doorbells.
+Run ``python -m vfio_user.vmm.post_write [N]`` for a micro-measurement of trapped vs ioeventfd doorbells.
 """
 
 from __future__ import annotations
@@ -34,14 +40,11 @@ import errno as _errno
 import fcntl
 import mmap
 import os
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Optional, Union
 
 from ._kvm_cdef import EXPECTED_LAYOUT, ffi, measured_layout
-from .x86 import prog_write_loop
-from ..memfd import sealed_memfd
+from .memory import GuestRam, MemfdRegion, close_fd
 
 __all__ = [
     "Kvm",
@@ -49,17 +52,9 @@ __all__ = [
     "VirtualMachine",
     "Vcpu",
     "VcpuExit",
-    "MemfdRegion",
-    "GuestRam",
     "IoEventFd",
-    "PostWriteEmulator",
-    "post_write_emulated",
-    "post_write_expectation",
-    "post_write_contract_violation",
-    "measure_doorbell_exits",
     "IOEVENTFD_FLAG_POST_WRITE",
     "KVM_CAP_IOEVENTFD_POST_WRITE",
-    "EXPECT_POST_WRITE_ENV",
 ]
 
 _mismatch = {k: v for k, v in measured_layout().items() if v != EXPECTED_LAYOUT[k]}
@@ -182,14 +177,6 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
             raise KvmError(err, f"{what or hex(request)}: {os.strerror(err)}") from None
 
 
-def _close_fd(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 # --------------------------------------------------------------------------------------
 # /dev/kvm
 # --------------------------------------------------------------------------------------
@@ -242,7 +229,7 @@ class Kvm:
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
-        _close_fd(fd)
+        close_fd(fd)
 
     def __enter__(self) -> "Kvm":
         return self
@@ -252,111 +239,8 @@ class Kvm:
 
 
 # --------------------------------------------------------------------------------------
-# memfd-backed memory
+# VM
 # --------------------------------------------------------------------------------------
-class MemfdRegion:
-    """A memfd + shared mmap + memoryview + userspace address.
-
-    Why a memfd: the same pages must be shareable with another process (a vfio-user
-    server gets guest RAM, and the shadow-doorbell page, by fd via SCM_RIGHTS). Anonymous
-    memory could not be passed on.
-
-    Pitfall handled here: ``ffi.from_buffer(mmap)`` and ``memoryview(mmap)`` both export
-    the mmap's buffer; ``mmap.close()`` raises BufferError while an export is alive. So
-    close() releases the memoryview and the cffi handle (``ffi.release``) before unmapping.
-    Callers that took their own slices/casts of :attr:`view` must release them first.
-    """
-
-    def __init__(self, size: int, name: str = "nvme-emu", *, fd: Optional[int] = None) -> None:
-        if size <= 0 or size % mmap.PAGESIZE:
-            raise ValueError(f"size must be a positive multiple of {mmap.PAGESIZE}, got {size}")
-        self.size = size
-        self.owns_fd = fd is None
-        # sealed as QEMU seals guest RAM: the server refuses a memfd the VMM could shrink
-        self.fd: int = sealed_memfd(name, size) if fd is None else fd
-        self.mmap: Optional[mmap.mmap] = None
-        try:
-            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self.view: memoryview = memoryview(self.mmap)
-            self._cbuf = ffi.from_buffer("uint8_t[]", self.mmap, require_writable=True)
-            #: Host virtual address of byte 0 (what KVM wants as userspace_addr/post_addr).
-            self.addr: int = int(ffi.cast("uintptr_t", self._cbuf))
-        except BaseException:
-            self.close()
-            raise
-
-    def ptr(self, ctype: str, offset: int = 0):  # -> cffi pointer
-        """A typed cffi pointer into the region (single aligned loads/stores)."""
-        if not 0 <= offset < self.size:
-            raise ValueError("offset out of range")
-        return ffi.cast(ctype, self._cbuf + offset)
-
-    def close(self) -> None:
-        view = getattr(self, "view", None)
-        if view is not None:
-            view.release()
-            del self.view
-        cbuf = getattr(self, "_cbuf", None)
-        if cbuf is not None:
-            ffi.release(cbuf)
-            del self._cbuf
-        if self.mmap is not None:
-            self.mmap.close()
-            self.mmap = None
-        if self.owns_fd:
-            fd, self.fd = self.fd, -1
-            _close_fd(fd)
-
-    def __enter__(self) -> "MemfdRegion":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
-class GuestRam:
-    """One KVM memory slot backed by a :class:`MemfdRegion`.
-
-    ``fd``/``view``/``addr`` are the region's; ``owned`` says whether the VM closes the
-    region (True when :meth:`VirtualMachine.add_memory` allocated it).
-    """
-
-    gpa: int
-    slot: int
-    region: MemfdRegion
-    owned: bool
-
-    @property
-    def fd(self) -> int:
-        return self.region.fd
-
-    @property
-    def view(self) -> memoryview:
-        return self.region.view
-
-    @property
-    def size(self) -> int:
-        return self.region.size
-
-    @property
-    def addr(self) -> int:
-        return self.region.addr
-
-    def write(self, gpa: int, data: bytes) -> None:
-        """Copy ``data`` into guest memory at guest-physical ``gpa``."""
-        off = gpa - self.gpa
-        if off < 0 or off + len(data) > self.size:
-            raise ValueError(f"gpa range {gpa:#x}+{len(data)} outside slot {self.slot}")
-        self.view[off : off + len(data)] = data
-
-    def read(self, gpa: int, n: int) -> bytes:
-        off = gpa - self.gpa
-        if off < 0 or off + n > self.size:
-            raise ValueError(f"gpa range {gpa:#x}+{n} outside slot {self.slot}")
-        return bytes(self.view[off : off + n])
-
-
 @dataclass(frozen=True)
 class IoEventFd:
     """What was registered, so that deassign passes exactly the same fields (KVM matches
@@ -370,9 +254,6 @@ class IoEventFd:
     pio: bool
 
 
-# --------------------------------------------------------------------------------------
-# VM
-# --------------------------------------------------------------------------------------
 class VirtualMachine:
     """A KVM VM fd: memory slots, ioeventfds, vCPUs."""
 
@@ -571,7 +452,7 @@ class VirtualMachine:
         try:
             vcpu = Vcpu(self, fd, vcpu_id)
         except BaseException:
-            _close_fd(fd)
+            close_fd(fd)
             raise
         self.vcpus.append(vcpu)
         return vcpu
@@ -586,7 +467,7 @@ class VirtualMachine:
             v.close()
         self.vcpus.clear()
         fd, self.fd = self.fd, -1
-        _close_fd(fd)
+        close_fd(fd)
         self.ioeventfds.clear()
         for ram in self.ram.values():
             if ram.owned:
@@ -803,234 +684,10 @@ class Vcpu:
             self._run_mm.close()
             self._run_mm = None
         fd, self.fd = self.fd, -1
-        _close_fd(fd)
+        close_fd(fd)
 
     def __enter__(self) -> "Vcpu":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------------------
-# Post-write: the userspace fallback
-# --------------------------------------------------------------------------------------
-_CTYPE_FOR_SIZE = {1: "uint8_t *", 2: "uint16_t *", 4: "uint32_t *", 8: "uint64_t *"}
-_FORMAT_FOR_SIZE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-def post_write_emulated(shadow: Union[memoryview, MemfdRegion], offset: int, value: int, size: int,
-                        eventfd: int) -> None:
-    """What KVM's POST_WRITE does, done by a VMM that trapped the MMIO write instead.
-
-    1. store ``value`` into the shadow slot with exactly ``size`` bytes, as ONE aligned
-       store of that width (the reader must never see a torn tail);
-    2. then add 1 to the eventfd.
-
-    Order matters: the server wakes on the eventfd and reads the shadow; the value must be
-    visible first. On x86 stores are not reordered with later stores and the eventfd
-    write(2) is a full barrier, so program order is enough.
-
-    ``shadow`` is a :class:`MemfdRegion` (typed cffi store) or a memoryview over shared
-    memory (cast to the width's format: CPython stores one element with a fixed-size copy).
-    """
-    if size not in _CTYPE_FOR_SIZE:
-        raise ValueError(f"size must be 1, 2, 4 or 8, got {size}")
-    if offset % size:
-        raise ValueError(f"shadow offset {offset:#x} not aligned to {size}")
-    value &= (1 << (8 * size)) - 1
-    if isinstance(shadow, MemfdRegion):
-        shadow.ptr(_CTYPE_FOR_SIZE[size], offset)[0] = value
-    else:
-        with shadow[offset : offset + size] as window, window.cast(_FORMAT_FOR_SIZE[size]) as typed:
-            typed[0] = value
-    os.eventfd_write(eventfd, 1)
-
-
-class PostWriteEmulator:
-    """Table of trapped doorbells for a VMM without POST_WRITE.
-
-    ``add(gpa, size, shadow_region, shadow_offset, eventfd, datamatch=None, pio=False)``;
-    then feed every exit to :meth:`handle`, which returns True when the exit was a write
-    that a kernel POST_WRITE registration with the same fields would have caught (same
-    MMIO address or port, same width, and the datamatch value if one was given), after
-    posting it with :func:`post_write_emulated` (value first, then signal). Anything else
-    (reads, other widths, a datamatch mismatch, string I/O with count > 1) returns False:
-    the exit is the VMM's to handle, as it would be with the kernel flag.
-    :attr:`posted` counts the writes posted so far.
-    """
-
-    def __init__(self) -> None:
-        self._slots: dict[tuple[bool, int], tuple[int, Union[memoryview, MemfdRegion], int, int,
-                                                  Optional[int]]] = {}
-        self.posted = 0
-
-    def add(self, gpa: int, size: int, shadow: Union[memoryview, MemfdRegion], shadow_offset: int,
-            eventfd: int, *, datamatch: Optional[int] = None, pio: bool = False) -> None:
-        """Register ``gpa`` (a port when ``pio``); replaces an earlier entry for it.
-
-        Checks what KVM checks at assign time for POST_WRITE: a width of 1/2/4/8 (no
-        "any length"), and a shadow slot inside the region, aligned to the width.
-        """
-        if size not in _CTYPE_FOR_SIZE:
-            raise ValueError(f"size must be 1, 2, 4 or 8, got {size}")
-        length = shadow.size if isinstance(shadow, MemfdRegion) else shadow.nbytes
-        if shadow_offset % size or not 0 <= shadow_offset <= length - size:
-            raise ValueError(f"shadow offset {shadow_offset:#x} misaligned or out of range for size {size}")
-        self._slots[(pio, gpa)] = (size, shadow, shadow_offset, eventfd, datamatch)
-
-    def remove(self, gpa: int, *, pio: bool = False) -> None:
-        del self._slots[(pio, gpa)]
-
-    def handle(self, ex: VcpuExit) -> bool:
-        if not ex.is_write:
-            return False
-        if ex.kind == "MMIO":
-            slot = self._slots.get((False, ex.phys_addr))
-        elif ex.kind == "IO" and ex.count == 1:
-            slot = self._slots.get((True, ex.port))
-        else:
-            return False
-        if slot is None or slot[0] != ex.length:
-            return False
-        size, shadow, off, efd, datamatch = slot
-        value = ex.value
-        if datamatch is not None and value != datamatch & ((1 << (8 * size)) - 1):
-            return False
-        post_write_emulated(shadow, off, value, size, efd)
-        self.posted += 1
-        return True
-
-
-#: Environment variable of the test contract (see :func:`post_write_expectation`).
-EXPECT_POST_WRITE_ENV = "NVME_EMU_EXPECT_POST_WRITE"
-
-
-def post_write_expectation() -> Optional[bool]:
-    """What the test run demands of the kernel, from ``NVME_EMU_EXPECT_POST_WRITE``.
-
-    ``"1"`` → True: the kernel must implement KVM_IOEVENTFD_FLAG_POST_WRITE; tests that
-    would otherwise fall back to :class:`PostWriteEmulator` must fail instead.
-    ``"0"`` → False: the kernel must lack it (a stock-module run must not silently pick
-    up a patched kernel). Unset or empty → None: adapt to whatever the kernel does.
-    Any other value raises ValueError (a typo must not turn into "adapt").
-    """
-    raw = os.environ.get(EXPECT_POST_WRITE_ENV, "").strip()
-    if raw == "":
-        return None
-    if raw in ("0", "1"):
-        return raw == "1"
-    raise ValueError(f"{EXPECT_POST_WRITE_ENV}={raw!r}: expected '1', '0' or unset")
-
-
-def post_write_contract_violation(supported: bool, reason: str) -> Optional[str]:
-    """The failure message when ``supported`` (from :meth:`VirtualMachine.post_write_supported`)
-    contradicts :func:`post_write_expectation`, else None."""
-    expected = post_write_expectation()
-    if expected is None or expected == supported:
-        return None
-    if expected:
-        return (f"{EXPECT_POST_WRITE_ENV}=1 requires a kernel with KVM_IOEVENTFD_FLAG_POST_WRITE, "
-                f"but this kernel does not have it ({reason}); refusing to fall back to the emulation")
-    return (f"{EXPECT_POST_WRITE_ENV}=0 requires a kernel without KVM_IOEVENTFD_FLAG_POST_WRITE, "
-            f"but this kernel has it ({reason})")
-
-
-# --------------------------------------------------------------------------------------
-# Micro-measurement
-# --------------------------------------------------------------------------------------
-def _drain_eventfd(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
-
-
-def measure_doorbell_exits(n: int = 20_000, *, bits: int = 32, ram_gpa: int = 0,
-                           doorbell_gpa: int = 0xFEB0_1000, repeat: int = 3) -> dict[str, float]:
-    """Per-write cost (microseconds) of a guest doorbell write, by path, in one run.
-
-    Runs program (a) with ``n`` writes four ways (best of ``repeat``):
-
-    * ``ram``: target is guest RAM (no exit): the cost of the emulated loop itself;
-    * ``trap``: target unbacked, no ioeventfd: every write exits to this Python VMM and
-      re-enters (what a VMM without ioeventfds pays, plus Python's per-exit overhead);
-    * ``trap_emulated_post``: same, and the VMM posts the value to a memfd shadow and
-      signals an eventfd (:func:`post_write_emulated`: the no-POST_WRITE fallback);
-    * ``ioeventfd``: KVM completes the write in-kernel (signal only);
-    * ``post_write`` (only where the kernel has it): ioeventfd + shadow copy in-kernel.
-
-    Also returns ``*_net`` = path minus ``ram`` (the doorbell's own cost).
-    """
-    if bits == 16 and doorbell_gpa >= 0x100000:
-        doorbell_gpa = 0xA0000 + (doorbell_gpa & 0xFFF)
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        ram = vm.add_memory(ram_gpa, 0x10000, slot=0)
-        vcpu = vm.create_vcpu(0)
-        code_gpa = ram_gpa + 0x1000
-        scratch_gpa = ram_gpa + 0x8000
-        shadow = MemfdRegion(mmap.PAGESIZE, "shadow-doorbells")
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            def timed(target: int, handler: Optional[Callable[[VcpuExit], bool]] = None) -> float:
-                best = float("inf")
-                prog = prog_write_loop(target, 0xD00DF00D, n, bits=bits)
-                for _ in range(repeat):
-                    prog.load(vcpu, ram, code_gpa)
-                    t0 = time.perf_counter()
-                    vcpu.run_until(handler)
-                    best = min(best, time.perf_counter() - t0)
-                return best / n * 1e6
-
-            out: dict[str, float] = {}
-            out["ram"] = timed(scratch_gpa)
-            writes = 0
-
-            def count(ex: VcpuExit) -> bool:
-                nonlocal writes
-                writes += ex.kind == "MMIO" and ex.is_write
-                return True
-
-            out["trap"] = timed(doorbell_gpa, count)
-            assert writes == n * repeat, (writes, n * repeat)
-            emu = PostWriteEmulator()
-            emu.add(doorbell_gpa, 4, shadow, 0, efd)
-            out["trap_emulated_post"] = timed(doorbell_gpa, emu.handle)
-            assert _drain_eventfd(efd) == n * repeat and shadow.ptr("uint32_t *")[0] == 0xD00DF00D
-            reg = vm.add_ioeventfd(doorbell_gpa, 4, efd)
-            out["ioeventfd"] = timed(doorbell_gpa)
-            vm.remove_ioeventfd(reg)
-            assert _drain_eventfd(efd) == n * repeat
-            if vm.post_write_supported()[0]:
-                reg = vm.add_ioeventfd(doorbell_gpa, 4, efd, post_addr=shadow.addr + 8)
-                out["post_write"] = timed(doorbell_gpa)
-                vm.remove_ioeventfd(reg)
-                _drain_eventfd(efd)
-            for k in list(out):
-                if k != "ram":
-                    out[k + "_net"] = out[k] - out["ram"]
-            return out
-        finally:
-            os.close(efd)
-            shadow.close()
-
-
-def _main(argv: list[str]) -> int:
-    ok, why = Kvm.available()
-    if not ok:
-        print(f"KVM unavailable: {why}")
-        return 1
-    n = int(argv[1]) if len(argv) > 1 else 20_000
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        print(f"POST_WRITE: {vm.post_write_supported()}")
-    for bits in (32, 16):
-        r = measure_doorbell_exits(n, bits=bits)
-        print(f"{bits}-bit guest, {n} writes, us/write (best of 3):")
-        for k, v in r.items():
-            print(f"  {k:24s} {v:8.3f}")
-        print(f"  trap/ioeventfd (gross)   {r['trap'] / r['ioeventfd']:8.2f}x")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv))

@@ -5,7 +5,7 @@ a guest that does exactly one thing per measured event (one MMIO or port write, 
 a word in RAM) with no firmware or kernel around it. The handful of instructions that
 takes is encoded by :class:`Asm`; each ``prog_*`` function documents its bytes.
 
-Nothing here knows NVMe: the NVMe queue-pair loop is :func:`nvme_emu.guest_programs.prog_nvme_qd1`.
+Nothing here knows NVMe: the NVMe queue-pair loop is :func:`nvme_emu.testing.guest_programs.prog_nvme_qd1`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # only for annotations: the loader drives a vCPU it is given
-    from .kvm import GuestRam, Vcpu
+    from .kvm import Vcpu
+    from .memory import GuestRam
 
 __all__ = [
     "Asm",

@@ -5,14 +5,14 @@ queue pair through real doorbell writes (trapped, ioeventfd or POST_WRITE) and p
 completion entries in its RAM, so the doorbell benchmarks and the KVM doorbell tests measure
 a vCPU doing what a driver does. The layouts they rely on (CQE size, phase tag bit) are the
 spec's, from :mod:`nvme_emu.spec`; the rest of the driver work (queue creation, SQE filling)
-is :class:`nvme_emu.host.NvmeHost`'s.
+is :class:`nvme_emu.testing.host.NvmeHost`'s.
 """
 
 from __future__ import annotations
 
 from vfio_user.vmm.x86 import EAX, EBP, ECX, EDI, EDX, ESI, Asm, GuestProgram
 
-from .spec import CQE_SIZE
+from ..spec import CQE_SIZE
 
 __all__ = ["prog_nvme_qd1"]
 

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from .atomics import fence, load_acquire_u32, store_release_u32
-from .queue import CQE, SQE
-from .spec import CQE_SIZE, SQE_SIZE, AdminOpcode, Cc, CcCss, Cns, Csts, NvmOpcode, Reg, Status
+from ..atomics import fence, load_acquire_u32, store_release_u32
+from ..queue import CQE, SQE
+from ..spec import CQE_SIZE, SQE_SIZE, AdminOpcode, Cc, CcCss, Cns, Csts, NvmOpcode, Reg, Status
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER
 

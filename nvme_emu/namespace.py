@@ -1,529 +1,33 @@
-"""Namespaces and the storage behind them; no socket, PCI or queue knowledge.
+"""Namespaces: logical blocks over the storage behind them; no socket, PCI or queue knowledge.
 
-A :class:`Namespace` speaks logical blocks and NVMe statuses; a backend speaks bytes and
-errnos. Data moves between a backend and guest memory through lists of memoryviews (as
-produced by :mod:`nvme_emu.prp`) without intermediate copies: the RAM backend copies slice to
-slice, the file and block backends hand the views to ``preadv``/``pwritev``.
+A :class:`Namespace` speaks logical blocks and NVMe statuses; a backend
+(:mod:`nvme_emu.backends`) speaks bytes and errnos. Data moves between a backend and guest
+memory through lists of memoryviews (as produced by :mod:`nvme_emu.prp`) without intermediate
+copies.
 
-Backend failures become :class:`BackendError` subclasses, which are :class:`spec.NvmeError`
-with the status the I/O layer should report, so a command handler only needs one ``except``.
+Backend failures are :class:`nvme_emu.backends.errors.BackendError` subclasses, which are
+:class:`spec.NvmeError` with the status the I/O layer should report, so a command handler only
+needs one ``except``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
 import hashlib
-import logging
-import mmap
 import os
 import re
-import stat
-import struct
 import uuid as _uuid
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from . import identity, spec, structures
-from .inline_budget import InlineBudget
+from .backends.base import Backend
+from .backends.block import BlockBackend
+from .backends.file import FileBackend
+from .backends.iov import ZERO_CHUNK, Buffers, byte_views, total_bytes
+from .backends.ram import RamBackend
 from .lba_ranges import LbaRanges
 from .spec import NvmeError, Status
-
-log = logging.getLogger(__name__)
-
-Buffers = Sequence[memoryview]
-
-# ---------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------
-
-
-class BackendError(NvmeError):
-    """A backend operation failed; ``errno`` is the OS reason, ``status`` what to report."""
-
-    def __init__(self, status: int, err: int, message: str, *, dnr: bool = True) -> None:
-        super().__init__(status, message, dnr=dnr)
-        self.errno = err
-
-
-class NoSpaceError(BackendError):
-    """ENOSPC/EDQUOT while writing: the (sparse) backing store could not grow."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(Status.CAPACITY_EXCEEDED, err, message)
-
-
-class ReadOnlyError(BackendError):
-    """The backing store refuses writes: EROFS (a read-only namespace, or a file system
-    remounted read-only) -> Namespace is Write Protected, EACCES/EPERM -> Access Denied."""
-
-    def __init__(self, err: int, message: str) -> None:
-        status = Status.NAMESPACE_WRITE_PROTECTED if err == errno.EROFS else Status.ACCESS_DENIED
-        super().__init__(status, err, message)
-
-
-class MediumError(BackendError):
-    """Any other I/O error: Write Fault on writes, Unrecovered Read Error on reads."""
-
-    def __init__(self, err: int, message: str, *, writing: bool) -> None:
-        status = Status.WRITE_FAULT if writing else Status.UNRECOVERED_READ_ERROR
-        super().__init__(status, err, message)
-
-
-def _translate(e: OSError, what: str, *, writing: bool) -> BackendError:
-    err = e.errno or errno.EIO
-    msg = f"{what}: {e.strerror or e}"
-    if err == errno.EFAULT:  # the host's buffer, not the medium: its memory vanished (see nvm.py)
-        return BackendError(Status.DATA_TRANSFER_ERROR, err, msg)
-    if writing and err in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpaceError(err, msg)
-    if writing and err in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ReadOnlyError(err, msg)
-    return MediumError(err, msg, writing=writing)
-
-
-# ---------------------------------------------------------------------------------------------
-# Low-level helpers
-# ---------------------------------------------------------------------------------------------
-
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-_RWF_NOWAIT = os.RWF_NOWAIT
-_ZERO_CHUNK = 1 << 20
-_ZEROS = bytes(_ZERO_CHUNK)
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-# <linux/fs.h> block device ioctls.
-BLKSSZGET = 0x1268  # _IO(0x12, 104)
-BLKZEROOUT = 0x127F  # _IO(0x12, 127)
-BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
-
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) through libc (Python only wraps posix_fallocate); raises OSError."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        _libc.fallocate.restype = ctypes.c_int
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _consume(views: list[memoryview], n: int) -> list[memoryview]:
-    """Drop the first ``n`` bytes from a list of views (after a short preadv/pwritev)."""
-    i = 0
-    while i < len(views) and n >= len(views[i]):
-        n -= len(views[i])
-        i += 1
-    rest = views[i:]
-    if rest and n:
-        rest[0] = rest[0][n:]
-    return rest
-
-
-def _is_byte_view(v: object) -> bool:
-    """What the data pointer code hands over: a flat view of bytes (no cast needed)."""
-    return type(v) is memoryview and v.format == "B" and v.ndim == 1
-
-
-def _byte_views(views: Buffers) -> list[memoryview]:
-    out = []
-    for x in views:
-        v = x if type(x) is memoryview else memoryview(x)  # the hot path hands memoryviews
-        if v.format != "B" or v.ndim != 1:
-            v = v.cast("B")
-        if v.nbytes:
-            out.append(v)
-    return out
-
-
-def _preadv_all(fd: int, views: Buffers, offset: int) -> None:
-    """Fill ``views`` from ``fd`` at ``offset``; bytes past end of file read as zeros."""
-    pending = _byte_views(views)
-    while pending:
-        n = os.preadv(fd, pending[:IOV_MAX], offset)
-        if n == 0:  # the file is shorter than the namespace (truncated behind our back)
-            for v in pending:
-                v[:] = bytes(len(v))
-            return
-        offset += n
-        pending = _consume(pending, n)
-
-
-def _pwritev_all(fd: int, views: Buffers, offset: int) -> None:
-    pending = _byte_views(views)
-    while pending:
-        n = os.pwritev(fd, pending[:IOV_MAX], offset)
-        offset += n
-        pending = _consume(pending, n)
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    """The slow, always-works way to zero a range."""
-    while length:
-        n = min(length, _ZERO_CHUNK)
-        _pwritev_all(fd, [memoryview(_ZEROS)[:n]], offset)
-        offset += n
-        length -= n
-
-
-def _total(views: Buffers) -> int:
-    return sum(v.nbytes if type(v) is memoryview else memoryview(v).nbytes for v in views)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------------
-
-
-class Backend(ABC):
-    """Byte-addressed storage. Offsets and lengths are already range-checked by Namespace."""
-
-    #: a deallocated range reads back as zeros (lets the namespace report DLFEAT = 001b)
-    deallocate_zeroes: bool = True
-    #: calls may wait for a device or a disk (the controller runs them off the event loop);
-    #: False: they only touch process memory, and run inline (the synchronous fast path)
-    blocking: bool = False
-    #: opened read-only: the namespace is write protected
-    readonly: bool = False
-    #: blocking backends: when one of their calls (a Read the page cache missed, a Write
-    #: without FUA) may run on the loop thread instead of a worker (nvme_emu.inline_budget)
-    inline_budget: InlineBudget | None = None
-    #: the bytes themselves when they are plain process memory (RAM); Read and Write of one
-    #: page copy straight to and from them (:meth:`Namespace.read_memory`)
-    memory: memoryview | None = None
-    size: int
-
-    @abstractmethod
-    def read_into(self, offset: int, views: Buffers) -> None: ...
-
-    def read_into_nowait(self, offset: int, views: Buffers) -> bool:
-        """Read only if that cannot block; False: nothing promised, use :meth:`read_into`."""
-        return False
-
-    def read_page_nowait(self, offset: int, view: memoryview) -> bool:
-        """:meth:`read_into_nowait` for the one flat byte view of a one-page command."""
-        return self.read_into_nowait(offset, [view])
-
-    @abstractmethod
-    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None: ...
-
-    @abstractmethod
-    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None: ...
-
-    @abstractmethod
-    def deallocate(self, offset: int, length: int) -> None: ...
-
-    @abstractmethod
-    def flush(self) -> None: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def allocated_bytes(self) -> int:
-        """Bytes actually backed by storage (for NUSE); the whole size if unknown."""
-        return self.size
-
-    def __enter__(self) -> "Backend":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RamBackend(Backend):
-    """Memory that disappears with the process: a memfd mapping, sparse until written.
-
-    memfd gives us hole punching (MADV_REMOVE), so deallocate returns memory to the host; if
-    memfd is unavailable an anonymous private mapping is used and deallocate zeroes slices.
-    """
-
-    def __init__(self, size: int) -> None:
-        if size <= 0:
-            raise ValueError("RAM namespace size must be positive")
-        self.size = size
-        self._fd = -1
-        try:
-            self._fd = os.memfd_create("nvme-emu-ns", os.MFD_CLOEXEC)
-            os.ftruncate(self._fd, size)
-            self._mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (AttributeError, OSError):
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._mv = self.memory = memoryview(self._mm)
-
-    def read_into(self, offset: int, views: Buffers) -> None:
-        if len(views) == 1 and _is_byte_view(v := views[0]):  # one page or extent: the hot case
-            v[:] = self._mv[offset : offset + v.nbytes]
-            return
-        pos = offset
-        for v in _byte_views(views):
-            n = len(v)
-            v[:] = self._mv[pos : pos + n]
-            pos += n
-
-    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
-        if len(views) == 1 and _is_byte_view(v := views[0]):
-            self._mv[offset : offset + v.nbytes] = v
-            return
-        pos = offset
-        for v in _byte_views(views):
-            n = len(v)
-            self._mv[pos : pos + n] = v
-            pos += n
-
-    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
-        self.deallocate(offset, length)
-
-    def deallocate(self, offset: int, length: int) -> None:
-        """Zero the range, giving whole pages back to the kernel where possible."""
-        end = offset + length
-        page = mmap.PAGESIZE
-        lo = -(-offset // page) * page
-        hi = end // page * page
-        if self._fd >= 0 and hi > lo:
-            self._zero_slice(offset, lo)
-            self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
-            self._zero_slice(hi, end)
-        else:
-            self._zero_slice(offset, end)
-
-    def _zero_slice(self, start: int, end: int) -> None:
-        while start < end:
-            n = min(end - start, _ZERO_CHUNK)
-            self._mv[start : start + n] = _ZEROS[:n]
-            start += n
-
-    def flush(self) -> None:
-        """Nothing is volatile beyond process memory itself."""
-
-    def allocated_bytes(self) -> int:
-        if self._fd >= 0:
-            return min(self.size, os.fstat(self._fd).st_blocks * 512)
-        return self.size
-
-    def close(self) -> None:
-        if self._mv is not None:
-            self._mv.release()
-            self._mv = self.memory = None  # type: ignore[assignment]
-            self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class _FdBackend(Backend):
-    """Shared by file and block device backends: vectored I/O on ``_fd`` straight into or out
-    of guest memory, FUA as fdatasync, OS errors translated to NVMe statuses."""
-
-    path: str
-    readonly: bool
-    _fd: int
-    blocking = True
-    #: cleared the first time the kernel refuses RWF_NOWAIT for this file
-    _nowait_ok = True
-
-    def read_into(self, offset: int, views: Buffers) -> None:
-        try:
-            _preadv_all(self._fd, views, offset)
-        except OSError as e:
-            raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
-
-    def read_into_nowait(self, offset: int, views: Buffers) -> bool:
-        """``preadv(RWF_NOWAIT)``: the kernel copies from the page cache or refuses (EAGAIN);
-        it never waits for the disk, so a warm read needs no hand-off to a worker thread
-        (bench/README.md, "async_io"). A short read (a partial hit, or past end of file) is
-        redone in full by :meth:`read_into`, which also zero-fills past the end."""
-        if not self._nowait_ok:
-            return False
-        if len(views) == 1 and _is_byte_view(v := views[0]):
-            pending, want = views, v.nbytes  # one page: the hot case, as handed over
-        else:
-            pending = _byte_views(views)
-            if len(pending) > IOV_MAX:
-                return False
-            want = sum(v.nbytes for v in pending)
-        try:
-            n = os.preadv(self._fd, pending, offset, _RWF_NOWAIT)
-        except OSError as e:
-            return self._nowait_refused(e, offset)
-        return n == want
-
-    def read_page_nowait(self, offset: int, view: memoryview) -> bool:
-        """The one-page fast path's read: :meth:`read_into_nowait` without its view checks
-        (``view`` is one flat byte view of at most a page). Worth it: those checks cost a
-        third as much as the ``preadv`` itself (bench/README.md, "Issue 13, third pass")."""
-        if not self._nowait_ok:
-            return False
-        try:
-            return os.preadv(self._fd, (view,), offset, _RWF_NOWAIT) == len(view)
-        except OSError as e:
-            return self._nowait_refused(e, offset)
-
-    def _nowait_refused(self, e: OSError, offset: int) -> bool:
-        """False for a read the kernel would have to wait for (or cannot do without waiting,
-        which it says once per file); a real error is the command's."""
-        if isinstance(e, BlockingIOError):
-            return False
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            self._nowait_ok = False
-            return False
-        raise _translate(e, f"read {self.path}@{offset}", writing=False) from None
-
-    def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            _pwritev_all(self._fd, views, offset)
-            if fua:
-                os.fdatasync(self._fd)
-        except OSError as e:
-            raise _translate(e, f"write {self.path}@{offset}", writing=True) from None
-
-
-class FileBackend(_FdBackend):
-    """A regular file, read and written with preadv/pwritev straight into guest memory.
-
-    A new file is created sparse (ftruncate) when ``size`` is given; an existing file keeps
-    its size. Write Zeroes/deallocate punch holes, falling back to writing zeros.
-    """
-
-    def __init__(self, path: str, size: int | None = None, *, readonly: bool = False) -> None:
-        self.path = path
-        self.readonly = readonly
-        self.inline_budget = InlineBudget()
-        exists = os.path.exists(path)
-        if not exists and size is None:
-            raise ValueError(f"{path}: file does not exist and no size= was given to create it")
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (0 if exists or readonly else os.O_CREAT)
-        self._fd = os.open(path, flags, 0o644)
-        try:
-            st = os.fstat(self._fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{path}: not a regular file (use blk: for block devices)")
-            if st.st_size == 0 and size:
-                if readonly:
-                    raise ValueError(f"{path}: empty file opened read-only")
-                os.ftruncate(self._fd, size)
-            elif exists and size is not None and size != st.st_size:
-                log.warning("%s: keeping existing size %d (size=%d ignored)", path, st.st_size, size)
-            self.size = os.fstat(self._fd).st_size
-            if self.size <= 0:
-                raise ValueError(f"{path}: file is empty")
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._punch_ok = True
-
-    def _punch(self, offset: int, length: int) -> bool:
-        if not self._punch_ok:
-            return False
-        try:
-            _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            return True
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                self._punch_ok = False  # this filesystem cannot; stop asking
-                return False
-            raise
-
-    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            if not self._punch(offset, length):
-                _write_zeros(self._fd, offset, length)
-        except OSError as e:
-            raise _translate(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
-
-    def deallocate(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length, deallocate=True)
-
-    def flush(self) -> None:
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            raise _translate(e, f"fsync {self.path}", writing=True) from None
-
-    def allocated_bytes(self) -> int:
-        return min(self.size, os.fstat(self._fd).st_blocks * 512)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class BlockBackend(_FdBackend):
-    """A block device: size from BLKGETSIZE64, BLKZEROOUT for deallocate and Write Zeroes.
-
-    BLKDISCARD does not promise zeros afterwards, and a deallocated NVMe block must read
-    zeros here (DLFEAT), so only BLKZEROOUT (which may unmap) is used.
-    """
-
-    deallocate_zeroes = True
-
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
-        self.path = path
-        self.readonly = readonly
-        self.inline_budget = InlineBudget()
-        self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        try:
-            st = os.fstat(self._fd)
-            if not stat.S_ISBLK(st.st_mode):
-                raise ValueError(f"{path}: not a block device")
-            buf = fcntl.ioctl(self._fd, BLKGETSIZE64, b"\0" * 8)
-            self.size = struct.unpack("=Q", buf)[0]
-            self.sector_size = struct.unpack("=i", fcntl.ioctl(self._fd, BLKSSZGET, b"\0" * 4))[0]
-            if self.size <= 0:
-                raise ValueError(f"{path}: block device has no capacity")
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def _range_ioctl(self, request: int, offset: int, length: int) -> bool:
-        try:
-            fcntl.ioctl(self._fd, request, struct.pack("=QQ", offset, length))
-            return True
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
-                return False
-            raise
-
-    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            if not self._range_ioctl(BLKZEROOUT, offset, length):
-                _write_zeros(self._fd, offset, length)
-        except OSError as e:
-            raise _translate(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
-
-    def deallocate(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length, deallocate=True)
-
-    def flush(self) -> None:
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            raise _translate(e, f"fsync {self.path}", writing=True) from None
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,7 +181,7 @@ class Namespace:
     def _check_views(self, views: Buffers, length: int) -> None:
         if len(views) == 1 and type(v := views[0]) is memoryview and v.nbytes == length:
             return  # the hot case, without building a generator
-        total = _total(views)
+        total = total_bytes(views)
         if total != length:
             raise ValueError(f"data buffers hold {total} bytes, the command moves {length}")
 
@@ -781,7 +285,7 @@ class Namespace:
         if count:
             self.count_read(length)
         pos = 0
-        for v in _byte_views(views):
+        for v in byte_views(views):
             if buf[pos : pos + len(v)] != v:
                 return False
             pos += len(v)
@@ -790,7 +294,7 @@ class Namespace:
     def verify(self, slba: int, nlb: int, *, count: bool = True) -> None:
         """Read the blocks and discard them: a failure surfaces as Unrecovered Read Error."""
         off, length = self._byte_range(slba, nlb)
-        chunk = bytearray(min(length, _ZERO_CHUNK))
+        chunk = bytearray(min(length, ZERO_CHUNK))
         pos = 0
         while pos < length:
             n = min(len(chunk), length - pos)
@@ -1016,6 +520,12 @@ def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, contr
     except BaseException:
         backend.close()
         raise
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Namespace Management
+# ---------------------------------------------------------------------------------------------
 
 
 def new_namespace_path(directory: str, nsid: int) -> str:

@@ -11,19 +11,13 @@ import struct
 
 import pytest
 
-from nvme_emu import namespace as nsmod, spec, structures
-from nvme_emu.namespace import (
-    BlockBackend,
-    FileBackend,
-    MediumError,
-    Namespace,
-    NoSpaceError,
-    RamBackend,
-    ReadOnlyError,
-    open_namespace,
-    parse_namespace_spec,
-    parse_size,
-)
+from nvme_emu import spec, structures
+from nvme_emu.backends import file as file_backend, iov
+from nvme_emu.backends.block import BlockBackend
+from nvme_emu.backends.errors import MediumError, NoSpaceError, ReadOnlyError
+from nvme_emu.backends.file import FileBackend
+from nvme_emu.backends.ram import RamBackend
+from nvme_emu.namespace import DEFAULT_RAM_SIZE, Namespace, derive_ids, open_namespace, parse_namespace_spec, parse_size
 from nvme_emu.prp import prp_views, release_views
 from nvme_emu.spec import NvmeError, Status
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
@@ -219,9 +213,9 @@ def test_identify_pages(ram_ns):
 
 
 def test_ids_stable_and_unique():
-    a = nsmod.derive_ids("SER", 1)
-    assert a == nsmod.derive_ids("SER", 1)
-    assert a[0] != nsmod.derive_ids("SER", 2)[0] and a[0] != nsmod.derive_ids("SER2", 1)[0]
+    a = derive_ids("SER", 1)
+    assert a == derive_ids("SER", 1)
+    assert a[0] != derive_ids("SER", 2)[0] and a[0] != derive_ids("SER2", 1)[0]
     assert a[1][0] & 0x03 == 0x02  # locally administered, unicast EUI-64
 
 
@@ -245,7 +239,7 @@ def test_file_punch_fallback_writes_zeros(tmp_path, monkeypatch):
     def no_punch(fd, mode, off, length):
         raise OSError(errno.EOPNOTSUPP, "nope")
 
-    monkeypatch.setattr(nsmod, "_fallocate", no_punch)
+    monkeypatch.setattr(file_backend, "_fallocate", no_punch)
     with Namespace(1, FileBackend(str(tmp_path / "d.img"), MiB)) as ns:
         ns.write_lbas(0, 4, [memoryview(b"\xff" * 2048)])
         ns.write_zeroes(1, 2)
@@ -341,7 +335,7 @@ def test_file_read_only(tmp_path):
 
 
 def test_file_many_small_buffers_exceed_iov_max(tmp_path):
-    n = nsmod.IOV_MAX + 10
+    n = iov.IOV_MAX + 10
     with Namespace(1, FileBackend(str(tmp_path / "d.img"), 4 * MiB)) as ns:
         data = pattern(n * 512, 7)
         ns.write_lbas(0, n, bufs(data, *([512] * n)))
@@ -430,7 +424,7 @@ def test_parse_namespace_spec():
     assert s.size is None
     s = parse_namespace_spec("blk:/dev/loop0,ro")
     assert (s.kind, s.path, s.readonly) == ("blk", "/dev/loop0", True)
-    assert parse_namespace_spec("ram").size == nsmod.DEFAULT_RAM_SIZE
+    assert parse_namespace_spec("ram").size == DEFAULT_RAM_SIZE
 
 
 @pytest.mark.parametrize(
@@ -462,3 +456,4 @@ def test_open_namespace(tmp_path):
         assert ns.nsid == 7 and ns.nsze == 2048
     with pytest.raises(ValueError):
         open_namespace("ram:size=1M")  # no NSID anywhere
+

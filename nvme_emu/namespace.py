@@ -15,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import uuid as _uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from . import identity, spec, structures
 from .backends.base import Backend
-from .backends.block import BlockBackend
 from .backends.file import FileBackend
 from .backends.iov import ZERO_CHUNK, Buffers, byte_views, total_bytes
 from .backends.ram import RamBackend
@@ -406,121 +404,6 @@ class Namespace:
 
     def __repr__(self) -> str:
         return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line spec strings
-# ---------------------------------------------------------------------------------------------
-
-DEFAULT_RAM_SIZE = 1 << 30
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
-NAMESPACE_KINDS = ("ram", "file", "blk")
-
-
-def parse_size(text: str) -> int:
-    """'4096', '512K', '1G', '8GiB' -> bytes (binary multiples)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"bad size {text!r}: expected a number with an optional K/M/G/T suffix")
-    return int(m.group(1)) << _SIZE_UNITS[m.group(2).upper()]
-
-
-@dataclass
-class NamespaceSpec:
-    """A parsed ``kind:[path,]key=value,...`` namespace description."""
-
-    kind: str
-    path: str | None = None
-    size: int | None = None
-    lba_size: int = 512
-    nsid: int | None = None
-    readonly: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def parse_namespace_spec(text: str) -> NamespaceSpec:
-    """Parse ``ram:size=1G,lba=512``, ``file:/path,size=8G,lba=4096``, ``blk:/dev/loop0,nsid=2``.
-
-    Keys: ``size`` (K/M/G/T suffixes), ``lba`` (512 or 4096), ``nsid``, ``ro`` (file/blk).
-    """
-    kind, sep, rest = text.partition(":")
-    kind = kind.strip().lower()
-    if kind not in NAMESPACE_KINDS:
-        raise ValueError(f"namespace spec {text!r}: kind must be one of {', '.join(NAMESPACE_KINDS)}")
-    parts = [p.strip() for p in rest.split(",")] if sep and rest.strip() else []
-    ns = NamespaceSpec(kind)
-    if kind in ("file", "blk"):
-        if not parts or not parts[0] or "=" in parts[0]:
-            raise ValueError(f"namespace spec {text!r}: {kind}: needs a path first, e.g. {kind}:/path")
-        ns.path = parts.pop(0)
-    for p in parts:
-        key, eq, value = p.partition("=")
-        key = key.strip().lower()
-        if key == "ro" and not eq:
-            value, eq = "1", "="
-        if not eq or not value.strip():
-            raise ValueError(f"namespace spec {text!r}: {p!r} is not key=value")
-        value = value.strip()
-        if key == "size":
-            ns.size = parse_size(value)
-            if ns.size <= 0:
-                raise ValueError(f"namespace spec {text!r}: size must be positive")
-        elif key == "lba":
-            try:
-                ns.lba_size = parse_size(value)
-                lba_format_index(ns.lba_size)
-            except ValueError as e:
-                raise ValueError(f"namespace spec {text!r}: {e}") from None
-        elif key == "nsid":
-            if not value.isdigit() or not 0 < int(value) < spec.NSID_ALL:
-                raise ValueError(f"namespace spec {text!r}: nsid must be 1..{spec.NSID_ALL - 1}")
-            ns.nsid = int(value)
-        elif key == "ro":
-            if value.lower() not in ("0", "1", "on", "off", "true", "false", "yes", "no"):
-                raise ValueError(f"namespace spec {text!r}: ro must be a boolean")
-            ns.readonly = value.lower() in ("1", "on", "true", "yes")
-        else:
-            raise ValueError(f"namespace spec {text!r}: unknown key {key!r} (size, lba, nsid, ro)")
-    if kind == "ram":
-        if ns.readonly:
-            raise ValueError(f"namespace spec {text!r}: a RAM namespace cannot be read-only")
-        if ns.size is None:
-            ns.size = DEFAULT_RAM_SIZE
-    if kind == "blk" and ns.size is not None:
-        raise ValueError(f"namespace spec {text!r}: a block device's size comes from the device")
-    if ns.size is not None and ns.size % ns.lba_size:
-        raise ValueError(f"namespace spec {text!r}: size {ns.size} is not a multiple of lba={ns.lba_size}")
-    return ns
-
-
-def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, controller_seed: str = "") -> Namespace:
-    """Create the backend a spec describes and wrap it in a Namespace.
-
-    An ``nsid=`` inside the spec wins; ``nsid`` here is the default the CLI assigns by position.
-    Its IDs derive from the file or device, a RAM namespace's from ``controller_seed``
-    (:func:`nvme_emu.identity.namespace_seed`).
-    """
-    ns_spec = parse_namespace_spec(spec_) if isinstance(spec_, str) else spec_
-    chosen = ns_spec.nsid if ns_spec.nsid is not None else nsid
-    if chosen is None:
-        raise ValueError("no NSID given (add nsid=N to the spec)")
-    backend: Backend
-    if ns_spec.kind == "ram":
-        backend = RamBackend(ns_spec.size or DEFAULT_RAM_SIZE)
-    elif ns_spec.kind == "file":
-        assert ns_spec.path is not None
-        backend = FileBackend(ns_spec.path, ns_spec.size, readonly=ns_spec.readonly)
-    else:
-        assert ns_spec.path is not None
-        backend = BlockBackend(ns_spec.path, readonly=ns_spec.readonly)
-    try:
-        seed = identity.namespace_seed(ns_spec.kind, ns_spec.path, controller_seed)
-        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed)
-    except BaseException:
-        backend.close()
-        raise
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,45 @@
-"""The backend interface: byte-addressed storage behind a namespace."""
+"""The backend interface: byte-addressed storage behind a namespace, and what each kind of
+backend declares for the registry (:mod:`nvme_emu.backends`)."""
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Self
 
 from ..inline_budget import InlineBudget
 from .iov import Buffers
 
 
+class BackendKind(enum.StrEnum):
+    """What a namespace spec names its backend by: the ``kind`` in ``kind:[path,]key=value``."""
+
+    RAM = "ram"
+    FILE = "file"
+    BLOCK = "blk"
+
+
+@dataclass
+class BackendSpec:
+    """The backend's part of a namespace spec: what to open (the namespace's own part, its
+    LBA format and NSID, is :class:`nvme_emu.namespace_spec.NamespaceSpec`)."""
+
+    kind: BackendKind
+    path: str | None = None
+    size: int | None = None
+    readonly: bool = False
+
+
 class Backend(ABC):
     """Byte-addressed storage. Offsets and lengths are already range-checked by Namespace."""
+
+    #: the registry's key: what a spec names this backend by
+    kind: ClassVar[BackendKind]
+    #: a spec of this kind names a path first (``kind:PATH,...``)
+    spec_path: ClassVar[bool] = False
+    #: the size a spec without ``size=`` gets (None: the backend knows it, or must be told)
+    default_size: ClassVar[int | None] = None
 
     #: a deallocated range reads back as zeros (lets the namespace report DLFEAT = 001b)
     deallocate_zeroes: bool = True
@@ -25,6 +55,27 @@ class Backend(ABC):
     #: page copy straight to and from them (:meth:`Namespace.read_memory`)
     memory: memoryview | None = None
     size: int
+
+    # -- the registry's view of a kind ---------------------------------------------------------
+
+    @classmethod
+    def check_spec(cls, spec: BackendSpec) -> None:
+        """Refuse (ValueError: why) a parsed spec this kind cannot open; its keys, the path
+        (:attr:`spec_path`) and :attr:`default_size` are the parser's."""
+        return None  # a kind that takes whatever the parser accepts keeps this one
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        """Open the backend a checked spec describes."""
+
+    @classmethod
+    @abstractmethod
+    def identity_seed(cls, spec: BackendSpec, controller_seed: str) -> str:
+        """What the namespace's NGUID, EUI-64 and UUID derive from (its NSID is added later;
+        the rules are in :mod:`nvme_emu.identity`), for a spec :meth:`from_spec` opened."""
+
+    # -- data ----------------------------------------------------------------------------------
 
     @abstractmethod
     def read_into(self, offset: int, views: Buffers) -> None: ...

@@ -7,8 +7,10 @@ import fcntl
 import os
 import stat
 import struct
+from typing import Self
 
 from ..inline_budget import InlineBudget
+from .base import BackendKind, BackendSpec
 from .errors import ReadOnlyError, translate_os_error
 from .fd import FdBackend
 from .iov import write_zeros
@@ -26,6 +28,8 @@ class BlockBackend(FdBackend):
     zeros here (DLFEAT), so only BLKZEROOUT (which may unmap) is used.
     """
 
+    kind = BackendKind.BLOCK
+    spec_path = True
     deallocate_zeroes = True
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
@@ -45,6 +49,22 @@ class BlockBackend(FdBackend):
         except BaseException:
             os.close(self._fd)
             raise
+
+    @classmethod
+    def check_spec(cls, spec: BackendSpec) -> None:
+        if spec.size is not None:
+            raise ValueError("a block device's size comes from the device")
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        assert spec.path is not None
+        return cls(spec.path, readonly=spec.readonly)
+
+    @classmethod
+    def identity_seed(cls, spec: BackendSpec, controller_seed: str) -> str:
+        """The device path as given, made absolute (``/dev/disk/by-id/...`` stays stable)."""
+        assert spec.path is not None
+        return f"{cls.kind}:{os.path.abspath(spec.path)}"
 
     def _range_ioctl(self, request: int, offset: int, length: int) -> bool:
         try:

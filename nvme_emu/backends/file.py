@@ -8,8 +8,10 @@ import errno
 import logging
 import os
 import stat
+from typing import Self
 
 from ..inline_budget import InlineBudget
+from .base import BackendKind, BackendSpec
 from .errors import ReadOnlyError, translate_os_error
 from .fd import FdBackend
 from .iov import write_zeros
@@ -42,6 +44,8 @@ class FileBackend(FdBackend):
     its size. Write Zeroes/deallocate punch holes, falling back to writing zeros.
     """
 
+    kind = BackendKind.FILE
+    spec_path = True
 
     def __init__(self, path: str, size: int | None = None, *, readonly: bool = False) -> None:
         self.path = path
@@ -69,6 +73,19 @@ class FileBackend(FdBackend):
             os.close(self._fd)
             raise
         self._punch_ok = True
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        assert spec.path is not None
+        return cls(spec.path, spec.size, readonly=spec.readonly)
+
+    @classmethod
+    def identity_seed(cls, spec: BackendSpec, controller_seed: str) -> str:
+        """The file's real path and inode: a copy is a new disk, the same file keeps its IDs
+        whichever socket serves it."""
+        assert spec.path is not None
+        real = os.path.realpath(spec.path)
+        return f"{cls.kind}:{real}:{os.stat(real).st_ino}"
 
     def _punch(self, offset: int, length: int) -> bool:
         if not self._punch_ok:

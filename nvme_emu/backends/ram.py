@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Self
 
-from .base import Backend
+from .base import Backend, BackendKind, BackendSpec
 from .iov import ZERO_CHUNK, ZEROS, Buffers, byte_views, is_byte_view
+
+#: A RAM namespace's size when its spec gives none.
+DEFAULT_RAM_SIZE = 1 << 30
 
 
 class RamBackend(Backend):
@@ -15,6 +19,9 @@ class RamBackend(Backend):
     memfd gives us hole punching (MADV_REMOVE), so deallocate returns memory to the host; if
     memfd is unavailable an anonymous private mapping is used and deallocate zeroes slices.
     """
+
+    kind = BackendKind.RAM
+    default_size = DEFAULT_RAM_SIZE
 
     def __init__(self, size: int) -> None:
         if size <= 0:
@@ -31,6 +38,20 @@ class RamBackend(Backend):
                 self._fd = -1
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mv = self.memory = memoryview(self._mm)
+
+    @classmethod
+    def check_spec(cls, spec: BackendSpec) -> None:
+        if spec.readonly:
+            raise ValueError("a RAM namespace cannot be read-only")
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        return cls(spec.size or DEFAULT_RAM_SIZE)
+
+    @classmethod
+    def identity_seed(cls, spec: BackendSpec, controller_seed: str) -> str:
+        """Its controller's: the data does not outlive the process anyway."""
+        return f"{cls.kind}:{controller_seed}"
 
     def read_into(self, offset: int, views: Buffers) -> None:
         if len(views) == 1 and is_byte_view(v := views[0]):  # one page or extent: the hot case

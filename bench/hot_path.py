@@ -55,10 +55,12 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
     import numpy as np
     import uvloop
 
+    from nvme_emu.backends.file import FileBackend
+    from nvme_emu.backends.ram import RamBackend
     from nvme_emu.doorbell import DoorbellMode
     from nvme_emu.function import NvmeFunction
     from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
-    from nvme_emu.namespace import FileBackend, Namespace, RamBackend
+    from nvme_emu.namespace import Namespace
     from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
     from vfio_user.constants import IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IrqIndex, RegionIndex
     from vfio_user.device import DeviceContext

@@ -876,7 +876,7 @@ class _InProcServer:
     def __init__(self, path: str, mode: str) -> None:
         from nvme_emu.controller import ControllerConfig
         from nvme_emu.function import NvmeFunction
-        from nvme_emu.namespace import open_namespace
+        from nvme_emu.namespace_spec import open_namespace
         from vfio_user.server import Server, new_event_loop
 
         # spin_us=0: the floor is the work of one doorbell, not the spin the shadow path

@@ -27,7 +27,7 @@ from .function import NvmeFunction
 from .jsonrpc import Dispatcher
 from .latency import DEFAULT_SAMPLE_EVERY, format_table
 from .inline_budget import INLINE_BUDGET_NS, default_budget_ns, set_default_budget
-from .namespace import open_namespace, parse_size
+from .namespace_spec import open_namespace, parse_size
 from .rpc_socket import RpcServer
 from .state import DEFAULT_NVM_CAPACITY
 

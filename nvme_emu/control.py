@@ -20,7 +20,8 @@ from . import namespace_management as nsm
 from .faults import FAULT_PARAMS, U64_MAX
 from .function import NvmeFunction
 from .jsonrpc import Param, ParamType, Schema
-from .namespace import Namespace, open_namespace
+from .namespace import Namespace
+from .namespace_spec import open_namespace
 from .spec import NSID_ALL, NvmeError
 
 log = logging.getLogger(__name__)

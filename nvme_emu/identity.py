@@ -17,7 +17,8 @@ something that is unique on the host and stays the same while the device does:
   created. It is a new namespace even where a deleted one had its NSID, and it lives as long
   as the process.
 
-A namespace's seed also includes its NSID.
+A namespace's seed also includes its NSID. Each backend kind computes its namespaces' seed
+(:meth:`nvme_emu.backends.base.Backend.identity_seed`).
 """
 
 from __future__ import annotations
@@ -51,16 +52,6 @@ def controller_id(serial: str) -> int:
     """CNTLID 1..FFEFh from the serial number: distinct serials, distinct CNTLIDs (almost
     always; a clash matters only inside one subsystem, and each serial is its own)."""
     return 1 + int.from_bytes(_digest(f"cntlid:{serial}")[:4], "little") % CNTLID_MAX
-
-
-def namespace_seed(kind: str, path: str | None, controller: str) -> str:
-    """What a namespace's NGUID, EUI-64 and UUID derive from (its NSID is added later)."""
-    if kind == "file" and path is not None:
-        real = os.path.realpath(path)
-        return f"file:{real}:{os.stat(real).st_ino}"
-    if kind == "blk" and path is not None:
-        return f"blk:{os.path.abspath(path)}"
-    return f"ram:{controller}"
 
 
 def created_namespace_seed() -> str:

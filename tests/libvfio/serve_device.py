@@ -25,7 +25,7 @@ def build_device(kind: str, doorbell: str, ns_size: str):
         return Ticker()
     from nvme_emu.controller import ControllerConfig
     from nvme_emu.function import NvmeFunction
-    from nvme_emu.namespace import open_namespace
+    from nvme_emu.namespace_spec import open_namespace
 
     config = ControllerConfig(serial="LIBVFIO0001", model="nvme-emu-test", max_io_queues=8)
     return NvmeFunction([open_namespace(f"ram:size={ns_size}", 1, controller_seed=config.serial)], config, doorbell=doorbell)

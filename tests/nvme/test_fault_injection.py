@@ -7,9 +7,10 @@ import random
 
 import pytest
 
+from nvme_emu.backends.ram import RamBackend
 from nvme_emu.controller import Controller
 from nvme_emu.faults import Fault, parse_fault
-from nvme_emu.namespace import Namespace, RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.spec import NvmOpcode
 

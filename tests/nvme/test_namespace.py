@@ -11,19 +11,15 @@ import struct
 
 import pytest
 
-from nvme_emu import namespace as nsmod, spec, structures
-from nvme_emu.namespace import (
-    BlockBackend,
-    FileBackend,
-    MediumError,
-    Namespace,
-    NoSpaceError,
-    RamBackend,
-    ReadOnlyError,
-    open_namespace,
-    parse_namespace_spec,
-    parse_size,
-)
+from nvme_emu import spec, structures
+from nvme_emu.backends import BACKENDS, BackendKind, backend_class
+from nvme_emu.backends import file as file_backend, iov
+from nvme_emu.backends.block import BlockBackend
+from nvme_emu.backends.errors import MediumError, NoSpaceError, ReadOnlyError
+from nvme_emu.backends.file import FileBackend
+from nvme_emu.backends.ram import DEFAULT_RAM_SIZE, RamBackend
+from nvme_emu.namespace import Namespace, derive_ids
+from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec, parse_size
 from nvme_emu.prp import prp_views, release_views
 from nvme_emu.spec import NvmeError, Status
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
@@ -219,9 +215,9 @@ def test_identify_pages(ram_ns):
 
 
 def test_ids_stable_and_unique():
-    a = nsmod.derive_ids("SER", 1)
-    assert a == nsmod.derive_ids("SER", 1)
-    assert a[0] != nsmod.derive_ids("SER", 2)[0] and a[0] != nsmod.derive_ids("SER2", 1)[0]
+    a = derive_ids("SER", 1)
+    assert a == derive_ids("SER", 1)
+    assert a[0] != derive_ids("SER", 2)[0] and a[0] != derive_ids("SER2", 1)[0]
     assert a[1][0] & 0x03 == 0x02  # locally administered, unicast EUI-64
 
 
@@ -245,7 +241,7 @@ def test_file_punch_fallback_writes_zeros(tmp_path, monkeypatch):
     def no_punch(fd, mode, off, length):
         raise OSError(errno.EOPNOTSUPP, "nope")
 
-    monkeypatch.setattr(nsmod, "_fallocate", no_punch)
+    monkeypatch.setattr(file_backend, "_fallocate", no_punch)
     with Namespace(1, FileBackend(str(tmp_path / "d.img"), MiB)) as ns:
         ns.write_lbas(0, 4, [memoryview(b"\xff" * 2048)])
         ns.write_zeroes(1, 2)
@@ -341,7 +337,7 @@ def test_file_read_only(tmp_path):
 
 
 def test_file_many_small_buffers_exceed_iov_max(tmp_path):
-    n = nsmod.IOV_MAX + 10
+    n = iov.IOV_MAX + 10
     with Namespace(1, FileBackend(str(tmp_path / "d.img"), 4 * MiB)) as ns:
         data = pattern(n * 512, 7)
         ns.write_lbas(0, n, bufs(data, *([512] * n)))
@@ -430,7 +426,7 @@ def test_parse_namespace_spec():
     assert s.size is None
     s = parse_namespace_spec("blk:/dev/loop0,ro")
     assert (s.kind, s.path, s.readonly) == ("blk", "/dev/loop0", True)
-    assert parse_namespace_spec("ram").size == nsmod.DEFAULT_RAM_SIZE
+    assert parse_namespace_spec("ram").size == DEFAULT_RAM_SIZE
 
 
 @pytest.mark.parametrize(
@@ -462,3 +458,72 @@ def test_open_namespace(tmp_path):
         assert ns.nsid == 7 and ns.nsze == 2048
     with pytest.raises(ValueError):
         open_namespace("ram:size=1M")  # no NSID anywhere
+
+
+# ---------------------------------------------------------------------------- backend registry ----
+
+#: What the seeds and IDs were before the backend registry (identity.namespace_seed's string
+#: chain, at 7e5a568), for a controller seeded by the default socket.
+CONTROLLER_SEED = "socket:/tmp/nvme-emu.sock"
+
+
+def test_the_registry_holds_every_kind_under_its_own_name():
+    assert set(BACKENDS) == set(BackendKind)
+    for kind, cls in BACKENDS.items():
+        assert cls.kind is kind and backend_class(kind.value) is cls
+    assert [k.value for k in BackendKind] == ["ram", "file", "blk"]
+
+
+@pytest.mark.parametrize("kind", list(BACKENDS))
+def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
+    text = {
+        BackendKind.RAM: "ram:size=1M",
+        BackendKind.FILE: f"file:{tmp_path / 'k.img'},size=1M",
+        BackendKind.BLOCK: "blk:{loop}",
+    }[kind]
+    if kind is BackendKind.BLOCK:
+        text = text.format(loop=request.getfixturevalue("loop_device"))
+    assert parse_namespace_spec(text).kind is kind
+    with open_namespace(text, 1, controller_seed=CONTROLLER_SEED) as ns:
+        assert type(ns.backend) is BACKENDS[kind]
+        data = pattern(512, 3)
+        ns.write_lbas(1, 1, [memoryview(data)])
+        out = memoryview(bytearray(512))
+        ns.read_lbas(1, 1, [out])
+        assert out == data
+
+
+def test_an_unknown_kind_is_refused_by_name():
+    for call in (lambda: parse_namespace_spec("tape:/dev/st0"), lambda: open_namespace("tape:/dev/st0", 1)):
+        with pytest.raises(ValueError, match=r"namespace spec 'tape:/dev/st0': unknown kind 'tape' \(one of ram, file, blk\)"):
+            call()
+    with pytest.raises(ValueError, match="unknown kind 'nvme'"):
+        backend_class("nvme")
+
+
+def test_identity_seeds_are_what_they_were(tmp_path, monkeypatch):
+    def seed(text: str) -> str:
+        s = parse_namespace_spec(text)
+        return BACKENDS[s.kind].identity_seed(s, CONTROLLER_SEED)
+
+    assert seed("ram:size=1M") == "ram:socket:/tmp/nvme-emu.sock"
+    assert seed("blk:/dev/disk/by-id/nvme-disk0") == "blk:/dev/disk/by-id/nvme-disk0"
+    assert seed("blk:/dev/../dev/loop0,ro") == "blk:/dev/loop0"
+    monkeypatch.chdir("/tmp")
+    assert seed("blk:loop0") == "blk:/tmp/loop0"
+    nguid, eui64, uuid = derive_ids(seed("blk:/dev/disk/by-id/nvme-disk0"), 2)
+    assert (nguid.hex(), eui64.hex(), str(uuid)) == (
+        "a2a18b4a124fde85186e50981c6f4baa", "3647aa6d02972d1b", "933573ed-90c0-5731-98b1-50fd900315a0")
+    for text, ids in [
+        ("ram:size=1M", ("9bd80ecbf259ba247f473ca531a63a89", "5a8a71782af94c9a", "4fe64a7f-db4d-51e9-82e2-ea97a57d4232")),
+        ("ram:size=1M,nsid=5", ("36c86b37f6d8127b7b32b57c25d060dc", "1ec46639b8d4a013", "6ace9415-88cb-5fbd-8d00-a18291ff6120")),
+    ]:
+        with open_namespace(text, 1, controller_seed=CONTROLLER_SEED) as ns:
+            assert (ns.nguid.hex(), ns.eui64.hex(), str(ns.uuid)) == ids
+    # a file's: its real path and inode (the inode is the file system's to choose)
+    real = tmp_path / "disk.img"
+    (tmp_path / "link.img").symlink_to(real)
+    with open_namespace(f"file:{tmp_path / 'link.img'},size=1M", 3, controller_seed=CONTROLLER_SEED) as ns:
+        expected = f"file:{os.path.realpath(real)}:{os.stat(real).st_ino}"
+        assert seed(f"file:{tmp_path / 'link.img'}") == expected
+        assert (ns.nguid, ns.eui64, ns.uuid) == derive_ids(expected, 3)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from nvme_emu.admin import handlers_for
-from nvme_emu.namespace import Namespace, RamBackend
+from nvme_emu.backends.ram import RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.queue import CompletionQueue, SubmissionQueue
 from nvme_emu.spec import CQES_LOG2, SQES_LOG2, Cc, NvmeError, Status

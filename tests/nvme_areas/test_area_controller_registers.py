@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from .area_helpers import ADMIN_CQ, ADMIN_SQ, Guest
+from nvme_emu.backends.ram import RamBackend
 from nvme_emu.controller import Controller
-from nvme_emu.namespace import Namespace, RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.spec import CQES_LOG2, NSSR_RESET_VALUE, SQES_LOG2, AsyncEventError, Cc, Csts, Reg, Shn
 
 AQA_32_32 = 31 << 16 | 31

@@ -9,9 +9,10 @@ import pytest
 from .area_helpers import BUF, Area, make_area, status_of
 
 from nvme_emu import structures as st
+from nvme_emu.backends.ram import RamBackend
 from nvme_emu.identify import identify
 from nvme_emu.spec import NSID_ALL, AdminOpcode, Cns, Csi, Oacs, Status
-from nvme_emu.namespace import Namespace, RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.state import ControllerConfig, ControllerState
 
 

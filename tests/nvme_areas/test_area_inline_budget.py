@@ -11,8 +11,9 @@ import pytest
 
 from .area_helpers import BUF, Area, KeptPool, sqe
 
+from nvme_emu.backends.file import FileBackend
 from nvme_emu.inline_budget import MAX_SKIP, InlineBudget
-from nvme_emu.namespace import FileBackend, Namespace
+from nvme_emu.namespace import Namespace
 from nvme_emu import nvm as nvm_module
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.outcome import DEFERRED

@@ -12,11 +12,12 @@ import pytest
 from .area_helpers import BUF, Area, sqe
 
 from nvme_emu.admin import AdminCommands
+from nvme_emu.backends.file import FileBackend
 from nvme_emu.faults import FaultInjector
 from nvme_emu.health import smart_log
 from nvme_emu.identify import identify_controller
 from nvme_emu.log_page import log_page
-from nvme_emu.namespace import FileBackend, Namespace
+from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.spec import (
     NSID_ALL,

@@ -6,8 +6,9 @@ from __future__ import annotations
 from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
+from nvme_emu.backends.ram import RamBackend
 from nvme_emu.identify import identify_controller
-from nvme_emu.namespace import Namespace, RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.namespace_management import add, namespace_attachment, namespace_management
 from nvme_emu.spec import NSID_ALL, AdminOpcode, AsyncEventConfig, Status, flbas_encode
 from nvme_emu.state import DEFAULT_NVM_CAPACITY, ControllerConfig

@@ -13,9 +13,11 @@ import pytest
 from .area_helpers import BUF, GUEST_BASE, GUEST_SIZE, Area, Guest, KeptPool, make_area, sqe, status_of
 
 from nvme_emu import structures as st
+from nvme_emu.backends.file import FileBackend
+from nvme_emu.backends.ram import RamBackend
 from nvme_emu.health import smart_log
 from nvme_emu.identify import identify_controller
-from nvme_emu.namespace import FileBackend, Namespace, RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.spec import NSID_ALL, CriticalWarning, NvmOpcode, Oncs, RwCdw12, Status
 from nvme_emu.outcome import DEFERRED

@@ -108,7 +108,7 @@ def inproc(tmp_path, disk):
     """Factory for an in-process server on the default namespaces; stopped at teardown."""
     from nvme_emu.controller import ControllerConfig
     from nvme_emu.function import NvmeFunction
-    from nvme_emu.namespace import open_namespace
+    from nvme_emu.namespace_spec import open_namespace
 
     made: list[InProcessServer] = []
 

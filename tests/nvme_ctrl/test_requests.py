@@ -19,9 +19,11 @@ import pytest
 from ..support.host import Host, status_name
 from ..support.inproc import InProcessServer
 from .ctrl_helpers import PAGE
+from nvme_emu.backends.file import FileBackend
+from nvme_emu.backends.ram import RamBackend
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
-from nvme_emu.namespace import FileBackend, Namespace, RamBackend
+from nvme_emu.namespace import Namespace
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER

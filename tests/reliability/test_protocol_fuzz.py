@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.function import NvmeFunction
-from nvme_emu.namespace import open_namespace
+from nvme_emu.namespace_spec import open_namespace
 from vfio_user import messages as m
 from vfio_user.vmm.client import QEMU_CAPABILITIES
 from vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, HEADER_SIZE, Command, MsgType

@@ -75,7 +75,8 @@ from .irq import IrqRouting, UnmaskCallback, is_eventfd
 from .messages import HEADER
 from .resources import dma_map_budget
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import ACCEPT_RETRY, DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
+from .client_watch import ACCEPT_RETRY, PeerCredentials, StallTimer, client_timeout, peer_credentials
+from .server import DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
 from .unix import refuse_live_socket, remove_stale_socket
 
 log = logging.getLogger(__name__)
@@ -426,7 +427,7 @@ class LibvfioClient:
     """The attached client, as far as the server knows it."""
 
     fd: int
-    peer: tuple[int, int, int] | None
+    peer: PeerCredentials | None
     closed: asyncio.Future = field(repr=False)
     memory: GuestMemory = field(repr=False)
     irqs: LibvfioIrqs = field(repr=False)
@@ -465,7 +466,7 @@ class LibvfioUserServer:
         #: Seconds a client may take to finish VERSION, or stay stopped inside a message,
         #: before it is dropped (None or <= 0: never), as on the Python backend: it must not
         #: hold the one client slot.
-        self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
+        self.handshake_timeout = client_timeout(handshake_timeout)
         #: Seconds a client may take to answer a DMA_READ/DMA_WRITE before it is dropped.
         self.dma_timeout = dma_timeout
         #: Accept memfds not sealed against shrinking (as the Python backend's ServerLimits).
@@ -494,8 +495,7 @@ class LibvfioUserServer:
         self._epoll: select.epoll | None = None
         self._peer_closed = False
         self._partial_bytes = -1  # bytes queued of an incomplete message; -1 when none
-        self._last_progress = 0.0
-        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall: StallTimer | None = None  # from start(), on the loop
         self._worker_thread: int | None = None  # its ident, once it has run something
         #: Callbacks libvfio-user made from the worker (a DMA exchange that found the client
         #: gone resets the context there): run on the loop thread once the call returns.
@@ -520,6 +520,12 @@ class LibvfioUserServer:
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         self._blocking_lock = asyncio.Lock()
+        self._stall = StallTimer(
+            self._loop,
+            self.handshake_timeout,
+            in_message=lambda: self.attached and self._partial_bytes >= 0 and self._busy is None,
+            on_stall=self._stalled,
+        )
         refuse_live_socket(self.path)
         remove_stale_socket(self.path)
         dma_guard.ensure_ready()  # a missing compiler is reported now, not at the first DMA_MAP
@@ -836,7 +842,7 @@ class LibvfioUserServer:
         self._table.unmap_listeners.append(self.device.dma_unmapping)
         irqs = LibvfioIrqs(self, self.device.irq_counts, self.device.irq_unmasked)
         memory = GuestMemory(self._table, remote=_SglRemote(self))
-        self.client = LibvfioClient(self._conn_fd, _peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
+        self.client = LibvfioClient(self._conn_fd, peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
         self.clients_served += 1
         log.info("client connected (pid/uid/gid %s)", self.client.peer)
         self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))
@@ -1069,27 +1075,17 @@ class LibvfioUserServer:
 
     def _partial_received(self) -> None:
         """Part of a message is queued: new bytes are progress; arm the stall check."""
-        assert self._loop is not None
+        assert self._stall is not None
         queued = self._queued()
         if queued != self._partial_bytes:
             self._partial_bytes = queued
-            self._last_progress = self._loop.time()
-        if self._stall_timer is None and self.handshake_timeout is not None:
-            self._stall_timer = self._loop.call_later(self.handshake_timeout, self._check_stall)
+            self._stall.progress()
+        else:
+            self._stall.arm()
 
-    def _check_stall(self) -> None:
-        self._stall_timer = None
-        timeout = self.handshake_timeout
-        if timeout is None or not self.attached or self._partial_bytes < 0 or self._busy is not None or self._loop is None:
-            return
-        idle = self._loop.time() - self._last_progress
-        if idle < timeout:
-            self._stall_timer = self._loop.call_later(timeout - idle, self._check_stall)
-            return
-        self._drop_reason = f"stalled mid-message for {idle:.1f} s"
-        log.warning("dropping client: %s", self._drop_reason)
-        self._libc.shutdown(self._conn_fd, SHUT_RDWR)
-        self._peer_closed = True
+    def _stalled(self, reason: str) -> None:
+        """The stall check: the client stopped mid-message; drop it."""
+        self._drop(reason)
         self._readable()  # libvfio-user reads the fragment, fails, and resets the context
 
     def _after_request(self, command: int, payload: bytes) -> None:
@@ -1119,9 +1115,8 @@ class LibvfioUserServer:
 
     def _unwatch_connection(self) -> None:
         """Stop watching the connection: its epoll fd is closed, the stall check cancelled."""
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
+        if self._stall is not None:
+            self._stall.cancel()
         if self._epoll is not None:
             epoll, self._epoll = self._epoll, None
             if self._loop is not None:
@@ -1262,21 +1257,6 @@ def _screen(command: int, flags: int, payload: bytes, fds: list[int], *, unseale
         if irq_flags & IRQ_DATA_TYPE_MASK == IRQ_DATA_EVENTFD and all(is_eventfd(fd) for fd in fds):
             return None
     return errno.EINVAL  # fds on a command that takes none, or not eventfds for interrupts
-
-def _peer_credentials(fd: int) -> tuple[int, int, int] | None:
-    import socket
-
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)
-    except OSError:
-        return None
-    finally:
-        sock.close()
 
 
 def make_server(backend: str, device: Device, path: str, **kwargs: Any) -> Any:

@@ -4,7 +4,7 @@ A server serves one client at a time (:mod:`vfio_user.server`, :mod:`vfio_user.l
 a client that stops in the middle of a message would hold the one client slot forever. Each
 backend notices differently that part of a message is waiting (the Python backend's sans-IO
 ``Connection.partial``, libvfio-user's peek at the socket), but the clock that drops such a
-client, and the peer credentials they log, are the same and live here.
+client, the timeouts both take, and the peer credentials they log are the same and live here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import socket
 import struct
 from typing import Callable
 
+#: A client must finish VERSION within this many seconds of connecting, and may not stop for
+#: longer in the middle of a message: otherwise it could hold the one client slot forever.
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+#: Seconds a client may take to answer the device's DMA_READ/DMA_WRITE before it is dropped.
+DEFAULT_DMA_TIMEOUT = 5.0
 #: After a failed accept() (out of fds), wait this long before the next one.
 ACCEPT_RETRY = 0.1
 

@@ -74,9 +74,17 @@ from .dma import DmaError, DmaMapping, DmaTable, GuestMemory, check_dma_fd, guar
 from .irq import IrqRouting, UnmaskCallback, is_eventfd
 from .messages import HEADER
 from .resources import dma_map_budget
+from .server_api import ServerBackend
 from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .client_watch import ACCEPT_RETRY, PeerCredentials, StallTimer, client_timeout, peer_credentials
-from .server import DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
+from .client_watch import (
+    ACCEPT_RETRY,
+    DEFAULT_DMA_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    PeerCredentials,
+    StallTimer,
+    client_timeout,
+    peer_credentials,
+)
 from .unix import refuse_live_socket, remove_stale_socket
 
 log = logging.getLogger(__name__)
@@ -436,7 +444,7 @@ class LibvfioClient:
 class LibvfioUserServer:
     """Serves one device on a Unix socket path through libvfio-user; one client at a time."""
 
-    backend = "libvfio-user"
+    backend = ServerBackend.LIBVFIO_USER
 
     def __init__(
         self,
@@ -1257,17 +1265,3 @@ def _screen(command: int, flags: int, payload: bytes, fds: list[int], *, unseale
         if irq_flags & IRQ_DATA_TYPE_MASK == IRQ_DATA_EVENTFD and all(is_eventfd(fd) for fd in fds):
             return None
     return errno.EINVAL  # fds on a command that takes none, or not eventfds for interrupts
-
-
-def make_server(backend: str, device: Device, path: str, **kwargs: Any) -> Any:
-    """A server for ``backend`` ("python", "libvfio-user" or "auto": the library when loadable)."""
-    if backend == "auto":
-        backend = "libvfio-user" if available() else "python"
-    if backend == "libvfio-user":
-        return LibvfioUserServer(device, path, **kwargs)
-    if backend == "python":
-        from .server import Server
-
-        kwargs.pop("library_log_level", None)
-        return Server(device, path, **kwargs)
-    raise ValueError(f"unknown backend {backend!r} (python, libvfio-user, auto)")

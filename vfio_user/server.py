@@ -20,12 +20,13 @@ from typing import Callable
 
 from . import dma_guard
 from . import messages as m
-from .client_watch import ACCEPT_RETRY, StallTimer, client_timeout, peer_credentials
+from .client_watch import ACCEPT_RETRY, DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, StallTimer, client_timeout, peer_credentials
 from .constants import Command
 from .device import Device, DeviceContext
 from .dma import DmaError, GuestMemory
 from .protocol import Connection, FatalProtocolError, Message, Rejected, close_fds
 from .resources import dma_map_budget
+from .server_api import ServerBackend
 from .session import Reply, ServerLimits, ServerSession
 from .unix import listen_unix, recv_chunk_checked, remove_stale_socket, send_message
 
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 #: Replies queued for a client that does not read them: above this, stop reading its requests
 #: until it catches up (otherwise a client that never reads grows the server without bound).
 OUT_HIGH_WATER = 8 << 20
-DEFAULT_DMA_TIMEOUT = 5.0
-#: A client must finish VERSION within this many seconds of connecting, and may not stop for
-#: longer in the middle of a message: otherwise it could hold the one client slot forever.
-DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -300,6 +297,8 @@ class ClientConnection:
 
 class Server:
     """Serves one device on a Unix socket path; one client at a time, then the next."""
+
+    backend = ServerBackend.PYTHON
 
     def __init__(
         self,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .device import Device
-from .libvfio import LibvfioUserServer, available
+from .libvfio.library import available
+from .libvfio.server import LibvfioUserServer
 from .server import Server
 from .server_api import ServerBackend, VfioUserServer
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfio_user.libvfio import unavailable_reason
+from vfio_user.libvfio.library import unavailable_reason
 from vfio_user.server_api import ServerBackend
 
 from ..support.server import ServerProcess

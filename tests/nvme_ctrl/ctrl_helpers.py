@@ -45,7 +45,7 @@ def spawn(request, tmp_path):
     on each vfio-user backend in turn."""
     backend = request.param
     if backend != ServerBackend.PYTHON:
-        from vfio_user.libvfio import unavailable_reason
+        from vfio_user.libvfio.library import unavailable_reason
 
         reason = unavailable_reason()
         if reason is not None:

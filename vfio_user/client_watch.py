@@ -43,7 +43,7 @@ def peer_credentials(fd: int) -> PeerCredentials | None:
 
 
 def client_timeout(seconds: float | None) -> float | None:
-    """A handshake/stall timeout as given (``serve --handshake-timeout``): None or <= 0 is never."""
+    """A handshake/stall timeout as a caller gives it: None or <= 0 is never."""
     return seconds if seconds and seconds > 0 else None
 
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 
 class ServerBackend(enum.StrEnum):
-    """A server backend by the name ``serve --backend`` takes."""
+    """A server backend, by the name a command line takes (``--backend``)."""
 
     PYTHON = "python"
     LIBVFIO_USER = "libvfio-user"

@@ -1,5 +1,5 @@
-"""Finding and loading libvfio-user.so.0 through cffi (ABI mode): the declarations nvme-emu
-uses, the library's constants, and the install hint when it is absent.
+"""Finding and loading libvfio-user.so.0 through cffi (ABI mode): the declarations the
+backend uses, the library's constants, and the install hint when it is absent.
 
 Nothing is loaded at import: :func:`load_library` dlopens the library on first use (the
 libvfio-user tests skip, printing :func:`unavailable_reason`, where it cannot be loaded).

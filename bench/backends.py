@@ -28,7 +28,7 @@ import common
 from nvme_emu.testing.host import HostMemory, NvmeHost
 from nvme_emu.spec import NvmOpcode
 from vfio_user.vmm.client import GuestRam, VfioUserClient
-from vfio_user.libvfio import unavailable_reason
+from vfio_user.libvfio.library import unavailable_reason
 
 IOVA = 0x1000_0000
 RAM = 64 << 20
@@ -142,7 +142,7 @@ def main() -> int:
     print(common.format_table(rows, cols))
     lib_version = None
     if reason is None:
-        from vfio_user.libvfio import load_library
+        from vfio_user.libvfio.library import load_library
 
         lib_version = load_library().path
     out = Path(args.out)

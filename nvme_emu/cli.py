@@ -16,7 +16,8 @@ import sys
 import tempfile
 import time
 
-from vfio_user.server import DEFAULT_HANDSHAKE_TIMEOUT
+from vfio_user.client_watch import DEFAULT_HANDSHAKE_TIMEOUT
+from vfio_user.server_api import ServerBackend
 
 from . import __version__, atomics, identity
 from .control import PARAMS as CONTROL_PARAMS, ControlPlane
@@ -149,14 +150,14 @@ def format_stats(function: NvmeFunction) -> str:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from vfio_user.libvfio import make_server
+    from vfio_user.backends import make_server
 
     from vfio_user.constants import RegionIndex
     from vfio_user.ioeventfd_export import IoeventfdExport
 
     function = build_function(args)
     try:
-        server = make_server(args.backend, function, args.socket, mode=int(args.socket_mode, 8), handshake_timeout=args.handshake_timeout,
+        server = make_server(ServerBackend(args.backend), function, args.socket, mode=int(args.socket_mode, 8), handshake_timeout=args.handshake_timeout,
                              dma_unsealed=args.dma_unsealed)
     except BaseException:
         function.close()
@@ -164,7 +165,7 @@ async def serve(args: argparse.Namespace) -> int:
     agent_path = agent_socket(args)
     export = (IoeventfdExport(function, RegionIndex.BAR0, agent_path, use_post_write=args.agent_post_write == "auto")
               if agent_path else None)
-    print(f"nvme-emu: vfio-user backend {getattr(server, 'backend', 'python')}, "
+    print(f"nvme-emu: vfio-user backend {server.backend}, "
           f"GIL switch interval {process_stats()['switch_interval_us']:g} us", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -274,8 +275,8 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--doorbell", default=DoorbellMode.AUTO.value, choices=[m.value for m in DoorbellMode])
         p.add_argument(
             "--backend",
-            default="python",
-            choices=["python", "libvfio-user", "auto"],
+            default=ServerBackend.PYTHON.value,
+            choices=[b.value for b in ServerBackend],
             help="vfio-user server: our Python one, libvfio-user (docs/libvfio-user.md), or auto (libvfio-user when installed)",
         )
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # build-libvfio-user.sh SOURCE - build (once, cached) nutanix/libvfio-user for the
-# libvfio-user backend (vfio_user/libvfio.py), from a source tarball or a source directory.
+# libvfio-user backend (vfio_user/libvfio/), from a source tarball or a source directory.
 #
 # The build is out of tree (the source is never written to), with -Dshadow-ioeventfd=true,
 # into ${NVME_EMU_CACHE:-$HOME/.cache/nvme-emu}/libvfio-user/<key>, where <key> hashes the
 # source (the tarball's bytes, or every file of the directory but .git/) and this script.
 # A second call with the same source only prints the path. The newest build is linked as
-# .../libvfio-user/current, which vfio_user/libvfio.py searches; prints the path of
+# .../libvfio-user/current, which vfio_user/libvfio/library.py searches; prints the path of
 # libvfio-user.so.0 on its last line of stdout.
 #
 # Needs meson, ninja, pkg-config, json-c and cmocka headers (./dev installs the Debian

@@ -127,22 +127,23 @@ class Ticker(Device):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .libvfio import make_server
+    from .backends import make_server
     from .server import new_event_loop
+    from .server_api import ServerBackend
 
     parser = argparse.ArgumentParser(description="Serve the sample Ticker device over vfio-user.")
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--backend", default="python", choices=["python", "libvfio-user", "auto"],
+    parser.add_argument("--backend", default=ServerBackend.PYTHON.value, choices=[b.value for b in ServerBackend],
                         help="vfio-user server: ours (python) or nutanix/libvfio-user (docs/libvfio-user.md)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     device = Ticker()
     loop = new_event_loop()
-    server = make_server(args.backend, device, args.socket)
+    server = make_server(ServerBackend(args.backend), device, args.socket)
     try:
         loop.run_until_complete(server.start())
-        print(f"ticker: serving on {args.socket} (backend {getattr(server, 'backend', 'python')})", flush=True)
+        print(f"ticker: serving on {args.socket} (backend {server.backend})", flush=True)
         loop.run_until_complete(server.serve_forever())
     except KeyboardInterrupt:
         pass

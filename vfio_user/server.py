@@ -16,16 +16,17 @@ import errno
 import logging
 import os
 import socket
-import struct
 from typing import Callable
 
 from . import dma_guard
 from . import messages as m
+from .client_watch import ACCEPT_RETRY, DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, StallTimer, client_timeout, peer_credentials
 from .constants import Command
 from .device import Device, DeviceContext
 from .dma import DmaError, GuestMemory
 from .protocol import Connection, FatalProtocolError, Message, Rejected, close_fds
 from .resources import dma_map_budget
+from .server_api import ServerBackend
 from .session import Reply, ServerLimits, ServerSession
 from .unix import listen_unix, recv_chunk_checked, remove_stale_socket, send_message
 
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 #: Replies queued for a client that does not read them: above this, stop reading its requests
 #: until it catches up (otherwise a client that never reads grows the server without bound).
 OUT_HIGH_WATER = 8 << 20
-DEFAULT_DMA_TIMEOUT = 5.0
-#: A client must finish VERSION within this many seconds of connecting, and may not stop for
-#: longer in the middle of a message: otherwise it could hold the one client slot forever.
-DEFAULT_HANDSHAKE_TIMEOUT = 5.0
-#: After a failed accept() (out of fds), wait this long before the next one.
-ACCEPT_RETRY = 0.1
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -67,10 +62,15 @@ class ClientConnection:
         self._out_bytes = 0
         self._backlog: collections.deque[Message | Rejected] = collections.deque()
         self._paused = False
-        self.peer = _peer_credentials(sock)
+        self.peer = peer_credentials(sock.fileno())
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self._stall_timer: asyncio.TimerHandle | None = None
-        self._last_progress = 0.0  # loop time of the last bytes received while a message was partial
+        self._stall = StallTimer(
+            self.loop,
+            server.handshake_timeout,
+            in_message=lambda: not self.closed.done() and self.conn.partial,
+            held_by_us=lambda: self._paused,
+            on_stall=self.close,
+        )
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -116,27 +116,6 @@ class ClientConnection:
         if not self.closed.done() and not self.session.negotiated:
             self.close(f"no VERSION within {self.server.handshake_timeout:g} s")
 
-    def _partial_received(self) -> None:
-        """Bytes arrived and a message is still incomplete: that is progress; make sure a
-        check comes ``handshake_timeout`` after the last such progress. One timer at most,
-        re-armed lazily, so a stream of whole messages costs nothing here."""
-        self._last_progress = self.loop.time()
-        if self._stall_timer is None and self.server.handshake_timeout is not None:
-            self._stall_timer = self.loop.call_later(self.server.handshake_timeout, self._check_stall)
-
-    def _check_stall(self) -> None:
-        self._stall_timer = None
-        timeout = self.server.handshake_timeout
-        if self.closed.done() or not self.conn.partial or timeout is None:
-            return
-        if self._paused:  # we stopped reading (backpressure): the rest may be waiting on us
-            self._last_progress = self.loop.time()
-        idle = self.loop.time() - self._last_progress
-        if idle >= timeout:
-            self.close(f"stalled mid-message for {idle:.1f} s")
-            return
-        self._stall_timer = self.loop.call_later(timeout - idle, self._check_stall)
-
     # -- receiving -------------------------------------------------------------------
 
     def _readable(self) -> None:
@@ -162,7 +141,7 @@ class ClientConnection:
                 self.close(f"protocol error: {e}")
                 return
             if self.conn.partial:
-                self._partial_received()
+                self._stall.progress()  # a stopped client is dropped handshake_timeout after this
             self._backlog.extend(events)
             if self._drain_backlog():
                 return
@@ -289,10 +268,10 @@ class ClientConnection:
         """Drop the client: release its fds and mappings; the device keeps its state."""
         if self.closed.done():
             return
-        for timer in (self._handshake_timer, self._stall_timer):
-            if timer is not None:
-                timer.cancel()
-        self._handshake_timer = self._stall_timer = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._stall.cancel()
         fileno = self.sock.fileno()
         if fileno >= 0:
             self.loop.remove_reader(fileno)
@@ -316,16 +295,10 @@ class ClientConnection:
             self.closed.set_result(reason)
 
 
-def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    return struct.unpack("3i", raw)
-
-
 class Server:
     """Serves one device on a Unix socket path; one client at a time, then the next."""
+
+    backend = ServerBackend.PYTHON
 
     def __init__(
         self,
@@ -347,7 +320,7 @@ class Server:
             self.limits = dataclasses.replace(self.limits, dma_unsealed=True)
         self.mode = mode
         self.dma_timeout = dma_timeout
-        self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
+        self.handshake_timeout = client_timeout(handshake_timeout)
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.client: ClientConnection | None = None
@@ -378,7 +351,7 @@ class Server:
                 await asyncio.sleep(ACCEPT_RETRY)
                 continue
             if self.client is not None and not self.client.closed.done():
-                log.warning("refused a second client (pid/uid/gid %s): one is attached", _peer_credentials(sock))
+                log.warning("refused a second client (pid/uid/gid %s): one is attached", peer_credentials(sock.fileno()))
                 sock.close()
                 continue
             self._start_client(sock)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from vfio_user.libvfio import unavailable_reason
+from vfio_user.libvfio.library import unavailable_reason
+from vfio_user.server_api import ServerBackend
 
 from ..support.server import ServerProcess
 
-BACKENDS = ["python", "libvfio-user"]
+BACKENDS = [ServerBackend.PYTHON, ServerBackend.LIBVFIO_USER]
 
 
-def skip_unless_available(backend: str) -> None:
-    if backend == "libvfio-user":
+def skip_unless_available(backend: ServerBackend) -> None:
+    if backend == ServerBackend.LIBVFIO_USER:
         reason = unavailable_reason()
         if reason is not None:
             print(f"libvfio-user not installed: {reason}")

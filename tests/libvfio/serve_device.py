@@ -14,8 +14,10 @@ import asyncio
 import logging
 import signal
 
-from vfio_user.libvfio import make_server
+from vfio_user.backends import make_server
+from vfio_user.client_watch import DEFAULT_DMA_TIMEOUT
 from vfio_user.server import new_event_loop
+from vfio_user.server_api import ServerBackend
 
 
 def build_device(kind: str, doorbell: str, ns_size: str):
@@ -52,7 +54,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        print(f"serving on {args.socket} (backend {getattr(server, 'backend', 'python')})", flush=True)
+        print(f"serving on {args.socket} (backend {server.backend})", flush=True)
         await stop.wait()
     finally:
         if probe is not None:
@@ -63,14 +65,14 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--backend", required=True)
+    p.add_argument("--backend", required=True, type=ServerBackend)
     p.add_argument("--device", choices=["ticker", "nvme"], default="ticker")
     p.add_argument("--socket", required=True)
     p.add_argument("--doorbell", default="auto")
     p.add_argument("--ns-size", default="64M")
     p.add_argument("--probe", default=None, help="a Unix socket answering 'alive' from the server's loop")
     p.add_argument("--handshake-timeout", type=float, default=None, help="seconds (libvfio-user backend: a stalled client is dropped)")
-    p.add_argument("--dma-timeout", type=float, default=5.0, help="seconds a client has to answer DMA_READ/DMA_WRITE")
+    p.add_argument("--dma-timeout", type=float, default=DEFAULT_DMA_TIMEOUT, help="seconds a client has to answer DMA_READ/DMA_WRITE")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

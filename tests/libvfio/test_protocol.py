@@ -33,10 +33,11 @@ from vfio_user.constants import (
 )
 from vfio_user.pci import COMMAND, COMMAND_MASTER, COMMAND_MEMORY, EXP_DEVCTL, EXP_DEVCTL_BCR_FLR
 from vfio_user.sample import REG_DMA_DST, REG_DMA_SRC, REG_DOORBELL, REG_ID, REG_RINGS, REG_SCRATCH, TICKER_ID
+from vfio_user.server_api import ServerBackend
 
 from ..support.fds import efd_wait
 
-PY, LIB = "python", "libvfio-user"
+PY, LIB = ServerBackend.PYTHON, ServerBackend.LIBVFIO_USER
 
 
 def err_of(fn) -> int:

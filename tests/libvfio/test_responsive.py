@@ -21,13 +21,14 @@ from vfio_user import messages as m
 from vfio_user.constants import HEADER_SIZE, Command, IrqIndex, MsgType
 from vfio_user.protocol import encode
 from vfio_user.sample import REG_DMA_DST, REG_DMA_SRC, REG_ID, REG_SCRATCH, TICKER_ID
+from vfio_user.server_api import ServerBackend
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 
 from ..support.server import DEADLINE, ServerProcess
 from ..support.wire import read_reply, seconds_until_dropped, version_request
 from .libvfio_helpers import BACKENDS, skip_unless_available
 
-LIB = "libvfio-user"
+LIB = ServerBackend.LIBVFIO_USER
 STALL = 0.5  #: --handshake-timeout of the servers that drop stalled clients
 
 

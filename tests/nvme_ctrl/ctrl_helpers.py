@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nvme_emu.spec import AdminOpcode, FeatureId
+from vfio_user.server_api import ServerBackend
 
 from ..support.host import Host
 from ..support.inproc import InProcessServer
@@ -35,7 +36,7 @@ NS3_SIZE = 64 << 20  # file, 512-byte LBAs
 
 
 #: The suite runs on both vfio-user server backends (libvfio-user where it is installed).
-BACKENDS = ("python", "libvfio-user")
+BACKENDS = (ServerBackend.PYTHON, ServerBackend.LIBVFIO_USER)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -43,8 +44,8 @@ def spawn(request, tmp_path):
     """Factory: ``spawn(*namespace_specs, sock=..., extra=[...])`` starts a server process,
     on each vfio-user backend in turn."""
     backend = request.param
-    if backend != "python":
-        from vfio_user.libvfio import unavailable_reason
+    if backend != ServerBackend.PYTHON:
+        from vfio_user.libvfio.library import unavailable_reason
 
         reason = unavailable_reason()
         if reason is not None:

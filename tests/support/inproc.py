@@ -14,22 +14,23 @@ import contextlib
 import threading
 from typing import Any, Callable, Iterator
 
+from vfio_user.backends import make_server
 from vfio_user.device import Device
-from vfio_user.libvfio import make_server
-from vfio_user.server import Server, new_event_loop
+from vfio_user.server import new_event_loop
+from vfio_user.server_api import ServerBackend
 
 from .server import DEADLINE
 
 
 class InProcessServer:
-    """``make_server(backend, device, path, **options)`` (``Server`` by default) on
+    """``make_server(backend, device, path, **options)`` (the Python ``Server`` by default) on
     ``new_event_loop()`` in a daemon thread; the device is closed with the server."""
 
-    def __init__(self, device: Device, path: str, *, backend: str = "python", **options: Any) -> None:
+    def __init__(self, device: Device, path: str, *, backend: ServerBackend = ServerBackend.PYTHON, **options: Any) -> None:
         self.device = device
         self.path = path
         self.loop = new_event_loop()
-        self.server = Server(device, path, **options) if backend == "python" else make_server(backend, device, path, **options)
+        self.server = make_server(backend, device, path, **options)
         self.error: BaseException | None = None
         started = threading.Event()
 

@@ -20,12 +20,13 @@ from vfio_user.constants import Command, MsgType, FLAG_ERROR
 from vfio_user.dma import DmaError
 from vfio_user.protocol import Message, encode
 from vfio_user.sample import Ticker
+from vfio_user.server_api import ServerBackend
 
 from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
 from ..support.inproc import InProcessServer
 from ..support.server import DEADLINE
 
-LIB = "libvfio-user"
+LIB = ServerBackend.LIBVFIO_USER
 
 
 @pytest.fixture(params=BACKENDS)
@@ -101,7 +102,7 @@ def _serves_next_client(server) -> None:
 @pytest.mark.parametrize("kind", list(BAD_READ_REPLIES))
 def test_malformed_dma_read_reply_is_a_dma_error(inproc, kind):
     server, loop, device = inproc
-    lib = getattr(server, "backend", "python") == LIB
+    lib = server.backend == LIB
     with GuestRam(1 << 20) as ram:
         c = _connected(server, ram)
         try:
@@ -162,7 +163,7 @@ def test_dma_timeout_then_late_reply_is_dropped(inproc):
             with pytest.raises(DmaError) as e:
                 fut.result(DEADLINE)  # the server gives up after its dma_timeout
             assert e.value.errno == errno.ETIMEDOUT
-            if getattr(server, "backend", "python") == LIB:
+            if server.backend == LIB:
                 assert _dropped(c)
                 _serves_next_client(server)
                 return

@@ -1,41 +1,15 @@
-"""A second server backend: nutanix/libvfio-user, loaded at run time through cffi (ABI mode).
+"""The libvfio-user server object: one device on a Unix socket path, one client at a time.
 
-:class:`LibvfioUserServer` serves the same :class:`~vfio_user.device.Device` as
-:class:`vfio_user.server.Server` and offers the same surface (``start``, ``serve_forever``,
-``close``, ``client``, ``on_connect``/``on_disconnect``), so a device runs unchanged on
-either backend. The library does the wire protocol; this module translates the device API
-into libvfio-user calls and runs the context from the asyncio loop through its poll fd:
-
-* config space: region 7 is registered with ``VFU_REGION_FLAG_ALWAYS_CB``, so every access
-  reaches our :class:`~vfio_user.pci.PciConfigSpace` (masks, hooks, FLR) and libvfio-user's
-  own copy is never used;
-* BARs/ROM: ``vfu_setup_region`` with a callback per region (``Region.do_read/do_write``)
-  and the region's sparse mmap areas backed by its memfd;
-* DMA: register/unregister callbacks keep a :class:`~vfio_user.dma.DmaTable`, so the device
-  gets the usual :class:`~vfio_user.dma.GuestMemory`. Each fd-backed region is re-mapped
-  (``mremap(old, 0, ...)`` makes a second mapping of the same shared pages) and that mapping
-  is unmapped only when the last view of it is gone, so a device that keeps a view past
-  ``dma_unmapping`` reads stale memory instead of crashing the process. Regions without an
-  fd go through ``vfu_addr_to_sgl`` + ``vfu_sgl_read/write`` (DMA_READ/DMA_WRITE messages);
-* interrupts: a small adapter with the :class:`~vfio_user.irq.IrqState` methods devices use,
-  firing through ``vfu_irq_trigger``;
-* ioeventfds: ``vfu_create_ioeventfd`` per ``Region.ioeventfds`` entry, shadow ones included
-  when the library was built with ``-Dshadow-ioeventfd=true``;
-* reset: ``vfu_setup_device_reset_cb`` -> ``config.reset_registers()`` + ``device.reset``.
-
-libvfio-user has no callback for SET_IRQS (which index the client enabled) nor for
-GET_REGION_IO_FDS; the server peeks at each request (``recvmsg(MSG_PEEK)``: the header, the
-first payload bytes, copies of its fds, closed at once) before ``vfu_run_ctx`` processes it,
-to keep ``active_index()`` and ``Device.ioeventfds_taken`` working, and to refuse itself what
-the library would take unchecked (``_screen``). Where the library's wire behaviour differs from the
-Python backend, see docs/libvfio-user.md and tests/libvfio/.
+It owns the context and its connection: listening, accept + VERSION and the DMA exchanges in
+a worker thread (both block on the client), and feeding ``vfu_run_ctx`` only whole requests
+that passed :func:`~vfio_user.libvfio.screen.screen`. What the context does with the device
+is :class:`~vfio_user.libvfio.glue.ContextGlue`'s; the package's docstring has the whole picture.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -48,15 +22,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .constants import (
+from .. import dma_guard
+from ..client_watch import (
+    ACCEPT_RETRY,
+    DEFAULT_DMA_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    PeerCredentials,
+    StallTimer,
+    client_timeout,
+    peer_credentials,
+)
+from ..constants import (
     DEFAULT_MAX_DMA_MAPS,
-    DEFAULT_PGSIZE,
-    DMA_FLAG_WRITE,
     HEADER_SIZE,
     IO_FDS_HEADER_SIZE,
     IO_FD_RECORD_SIZE,
-    IOEVENTFD_FLAG_DATAMATCH,
-    IOEVENTFD_FLAG_PIO,
     IRQ_ACTION_TRIGGER,
     IRQ_ACTION_TYPE_MASK,
     IRQ_DATA_EVENTFD,
@@ -68,131 +48,31 @@ from .constants import (
     IrqIndex,
     MsgType,
 )
-from .device import Device, DeviceContext, Region, ResetKind
-from . import dma_guard
-from .dma import DmaError, DmaMapping, DmaTable, GuestMemory, check_dma_fd, guard_memory
-from .irq import IrqRouting, UnmaskCallback, is_eventfd
-from .messages import HEADER
-from .resources import dma_map_budget
-from .pci import EXP_DEVCTL, EXP_DEVCTL_BCR_FLR, REVISION_ID
-from .server import ACCEPT_RETRY, DEFAULT_DMA_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT
-from .unix import refuse_live_socket, remove_stale_socket
+from ..device import Device, DeviceContext
+from ..dma import DmaError, GuestMemory
+from ..irq import IrqRouting, UnmaskCallback
+from ..messages import HEADER
+from ..resources import dma_map_budget
+from ..server_api import ServerBackend
+from ..unix import refuse_live_socket, remove_stale_socket
+from .glue import ContextGlue
+from .library import (
+    LIB_MAX_MSG_SIZE,
+    LIBVFIO_USER_FLAG_ATTACH_NB,
+    LOG_WARNING,
+    MSG_DONTWAIT,
+    MSG_PEEK,
+    PROT_READ,
+    PROT_WRITE,
+    SHUT_RDWR,
+    VFU_DEV_TYPE_PCI,
+    VFU_TRANS_SOCK,
+    load_library,
+)
+from .screen import PEEK_ANCILLARY, PEEK_SIZE, command_name, fds_of, recv_closing_fds, screen
 
 log = logging.getLogger(__name__)
 
-#: Environment variable: path of libvfio-user.so.0 (or of the directory holding it).
-ENV_LIBRARY = "NVME_EMU_LIBVFIO_USER"
-SONAME = "libvfio-user.so.0"
-#: Where an install of the library usually lands (prefix /usr/local or /opt/libvfio-user).
-COMMON_DIRS = (
-    "/usr/local/lib/x86_64-linux-gnu",
-    "/usr/local/lib64",
-    "/usr/local/lib",
-    "/opt/libvfio-user/lib/x86_64-linux-gnu",
-    "/opt/libvfio-user/lib64",
-    "/opt/libvfio-user/lib",
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib64",
-    "/usr/lib",
-)
-
-INSTALL_HINT = (
-    "libvfio-user is not installed: build nutanix/libvfio-user (commit f3742ed of 2026-03 or newer) "
-    "with `./dev libvfio-user TARBALL_OR_SOURCE_DIR` (installs the Debian build packages meson ninja-build "
-    "libjson-c-dev libcmocka-dev pkg-config, builds with -Dshadow-ioeventfd=true into the cache, where it is "
-    f"found), or install it where ldconfig finds it, or set {ENV_LIBRARY}=/path/to/{SONAME}"
-)
-
-
-def cache_dir() -> str:
-    """Where ``./dev libvfio-user`` (vfio_user/build-libvfio-user.sh) links its newest build."""
-    base = os.environ.get("NVME_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nvme-emu")
-    return os.path.join(base, "libvfio-user", "current", "lib")
-
-CDEF = r"""
-typedef struct vfu_ctx vfu_ctx_t;
-typedef struct dma_sg dma_sg_t;
-struct iovec { void *iov_base; size_t iov_len; };
-
-typedef struct vfu_dma_info {
-    struct iovec iova;
-    void *vaddr;
-    struct iovec mapping;
-    size_t page_size;
-    uint32_t prot;
-} vfu_dma_info_t;
-
-typedef void (*vfu_log_fn_t)(vfu_ctx_t *vfu_ctx, int level, const char *msg);
-typedef ssize_t (*vfu_region_access_cb_t)(vfu_ctx_t *vfu_ctx, char *buf, size_t count, int64_t offset, _Bool is_write);
-typedef int (*vfu_reset_cb_t)(vfu_ctx_t *vfu_ctx, int type);
-typedef void (*vfu_dma_register_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
-typedef void (*vfu_dma_unregister_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
-typedef void (*vfu_dev_irq_state_cb_t)(vfu_ctx_t *vfu_ctx, uint32_t start, uint32_t count, _Bool mask);
-
-size_t dma_sg_size(void);
-vfu_ctx_t *vfu_create_ctx(int trans, const char *path, int flags, void *pvt, int dev_type);
-int vfu_realize_ctx(vfu_ctx_t *vfu_ctx);
-int vfu_attach_ctx(vfu_ctx_t *vfu_ctx);
-int vfu_get_poll_fd(vfu_ctx_t *vfu_ctx);
-int vfu_run_ctx(vfu_ctx_t *vfu_ctx);
-void vfu_destroy_ctx(vfu_ctx_t *vfu_ctx);
-int vfu_setup_log(vfu_ctx_t *vfu_ctx, vfu_log_fn_t log, int level);
-int vfu_setup_region(vfu_ctx_t *vfu_ctx, int region_idx, size_t size, vfu_region_access_cb_t region_access,
-                     int flags, struct iovec *mmap_areas, uint32_t nr_mmap_areas, int fd, uint64_t offset);
-int vfu_setup_device_reset_cb(vfu_ctx_t *vfu_ctx, vfu_reset_cb_t reset);
-int vfu_setup_device_dma(vfu_ctx_t *vfu_ctx, size_t max_regions, vfu_dma_register_cb_t dma_register,
-                         vfu_dma_unregister_cb_t dma_unregister);
-int vfu_setup_device_nr_irqs(vfu_ctx_t *vfu_ctx, int type, uint32_t count);
-int vfu_setup_irq_state_callback(vfu_ctx_t *vfu_ctx, int type, vfu_dev_irq_state_cb_t cb);
-int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
-int vfu_addr_to_sgl(vfu_ctx_t *vfu_ctx, void *dma_addr, size_t len, dma_sg_t *sgl, size_t max_nr_sgs, int prot);
-int vfu_sgl_get(vfu_ctx_t *vfu_ctx, dma_sg_t *sgl, struct iovec *iov, size_t cnt, int flags);
-void vfu_sgl_put(vfu_ctx_t *vfu_ctx, dma_sg_t *sgl, struct iovec *iov, size_t cnt);
-int vfu_sgl_read(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t sg_cnt, void *data, int flags);
-int vfu_sgl_write(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t sg_cnt, void *data, int flags);
-int vfu_pci_init(vfu_ctx_t *vfu_ctx, int pci_type, int hdr_type, int revision);
-int vfu_create_ioeventfd(vfu_ctx_t *vfu_ctx, uint32_t region_idx, int fd, size_t gpa_offset, uint32_t size,
-                         uint32_t flags, uint64_t datamatch, int shadow_fd, size_t shadow_offset);
-"""
-
-LIBC_CDEF = r"""
-void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
-int munmap(void *addr, size_t length);
-ssize_t recv(int sockfd, void *buf, size_t len, int flags);
-int shutdown(int sockfd, int how);
-"""
-
-# libvfio-user.h constants
-VFU_TRANS_SOCK = 0
-VFU_DEV_TYPE_PCI = 0
-LIBVFIO_USER_FLAG_ATTACH_NB = 1
-VFU_REGION_FLAG_READ = 1 << 0
-VFU_REGION_FLAG_WRITE = 1 << 1
-VFU_REGION_FLAG_RW = VFU_REGION_FLAG_READ | VFU_REGION_FLAG_WRITE
-VFU_REGION_FLAG_MEM = 1 << 2
-VFU_REGION_FLAG_ALWAYS_CB = 1 << 3
-VFU_REGION_FLAG_64_BITS = 1 << 4
-VFU_REGION_FLAG_PREFETCH = 1 << 5
-VFU_RESET_DEVICE, VFU_RESET_LOST_CONN, VFU_RESET_PCI_FLR = 0, 1, 2
-VFU_PCI_TYPE_CONVENTIONAL, VFU_PCI_TYPE_EXPRESS = 0, 3
-PCI_HEADER_TYPE_NORMAL = 0
-VFU_PCI_DEV_CFG_REGION_IDX = 7
-# syslog levels (vfu_setup_log)
-LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7
-_SYSLOG_TO_LOGGING = {LOG_ERR: logging.ERROR, LOG_WARNING: logging.WARNING, LOG_NOTICE: logging.INFO, LOG_INFO: logging.INFO, LOG_DEBUG: logging.DEBUG}
-
-MREMAP_MAYMOVE = 1
-MSG_PEEK = 0x2
-MSG_DONTWAIT = 0x40
-SHUT_RDWR = 2
-#: libvfio-user's largest request (SERVER_MAX_MSG_SIZE: a 1 MiB REGION_WRITE); it rejects a
-#: header announcing more without reading a body, so such a header is handed over at once.
-LIB_MAX_MSG_SIZE = (1 << 20) + HEADER_SIZE + 16
-PROT_READ, PROT_WRITE = 1, 2
-#: Bytes peeked per request: the 16-byte header and the first 32 payload bytes (DMA_MAP).
-PEEK_SIZE = HEADER_SIZE + 32
-#: Room for the fds a peek may bring along (more than any client may send: MAX_MSG_FDS).
-PEEK_ANCILLARY = socket.CMSG_SPACE(256 * 4)
 #: Requests served per readable event before other fds get their turn.
 RUN_BUDGET = 64
 #: accept/attach failures that pass once fds or memory are free again
@@ -203,97 +83,7 @@ _PARTIAL = object()
 _SCREENED = object()
 
 
-class LibvfioUserUnavailable(OSError):
-    """libvfio-user.so.0 could not be found or loaded; the message says what to install."""
-
-
-@dataclass
-class _Library:
-    ffi: Any
-    lib: Any
-    libc: Any
-    path: str
-
-
-_loaded: _Library | None = None
-
-
-def _candidates() -> list[str]:
-    env = os.environ.get(ENV_LIBRARY)
-    if env:
-        return [os.path.join(env, SONAME) if os.path.isdir(env) else env]
-    out = [os.path.join(cache_dir(), SONAME)]
-    found = ctypes.util.find_library("vfio-user")
-    if found:
-        out.append(found)
-    out.extend(os.path.join(d, SONAME) for d in COMMON_DIRS)
-    return out
-
-
-def load_library() -> _Library:
-    """Find and dlopen libvfio-user (cached); :class:`LibvfioUserUnavailable` if absent."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    try:
-        import cffi
-    except ImportError as e:  # a dependency of the package, but say so plainly
-        raise LibvfioUserUnavailable(f"the cffi module is missing ({e}); pip install cffi") from None
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.cdef(LIBC_CDEF)
-    errors = []
-    for cand in _candidates():
-        if os.path.isabs(cand) and not os.path.exists(cand):
-            continue
-        try:
-            lib = ffi.dlopen(cand)
-            lib.vfu_create_ioeventfd  # noqa: B018 - the newest symbol we need: fail now, not later
-        except (OSError, AttributeError) as e:
-            errors.append(f"{cand}: {e}")
-            continue
-        _loaded = _Library(ffi, lib, ffi.dlopen(None), cand)
-        log.debug("loaded %s", cand)
-        return _loaded
-    detail = ("; tried " + "; ".join(errors)) if errors else ""
-    if os.environ.get(ENV_LIBRARY):
-        raise LibvfioUserUnavailable(f"{ENV_LIBRARY}={os.environ[ENV_LIBRARY]} does not name a loadable {SONAME}{detail}. {INSTALL_HINT}")
-    raise LibvfioUserUnavailable(INSTALL_HINT + detail)
-
-
-def available() -> bool:
-    try:
-        load_library()
-    except LibvfioUserUnavailable:
-        return False
-    return True
-
-
-def unavailable_reason() -> str | None:
-    try:
-        load_library()
-    except LibvfioUserUnavailable as e:
-        return str(e)
-    return None
-
-
 # -- guest memory ---------------------------------------------------------------------------
-
-
-class ForeignDmaTable(DmaTable):
-    """A DMA table whose mappings libvfio-user made: entries come in, never from an fd here."""
-
-    def insert(self, mapping: DmaMapping) -> None:
-        """Add a mapping libvfio-user accepted (it did the alignment checks); overlaps raise."""
-        import bisect
-
-        i = bisect.bisect_right(self._starts, mapping.iova)
-        if i > 0 and self._maps[i - 1].iova == mapping.iova and self._maps[i - 1].size == mapping.size:
-            return  # libvfio-user treats an identical DMA_MAP as a no-op
-        if (i > 0 and self._maps[i - 1].iova + self._maps[i - 1].size > mapping.iova) or (i < len(self._maps) and self._maps[i].iova < mapping.end):
-            raise DmaError(errno.EEXIST, f"DMA range at {mapping.iova:#x} overlaps an existing mapping")
-        self._starts.insert(i, mapping.iova)
-        self._maps.insert(i, mapping)
 
 
 class _SglRemote:
@@ -337,7 +127,7 @@ class _SglRemote:
         out = []
         end = iova + length
         while iova < end:
-            m = self.server._table.lookup(iova, 1) if self.server._table is not None else None
+            m = self.server._glue.table.lookup(iova, 1) if self.server._glue.table is not None else None
             n = (min(end, m.end) - iova) if m is not None else end - iova
             out.append(n)
             iova += n
@@ -426,7 +216,7 @@ class LibvfioClient:
     """The attached client, as far as the server knows it."""
 
     fd: int
-    peer: tuple[int, int, int] | None
+    peer: PeerCredentials | None
     closed: asyncio.Future = field(repr=False)
     memory: GuestMemory = field(repr=False)
     irqs: LibvfioIrqs = field(repr=False)
@@ -435,7 +225,7 @@ class LibvfioClient:
 class LibvfioUserServer:
     """Serves one device on a Unix socket path through libvfio-user; one client at a time."""
 
-    backend = "libvfio-user"
+    backend = ServerBackend.LIBVFIO_USER
 
     def __init__(
         self,
@@ -453,6 +243,7 @@ class LibvfioUserServer:
         **_ignored: Any,
     ) -> None:
         lib = load_library()  # fail early, with the install hint
+        self._library = lib
         self._ffi, self._lib, self._libc = lib.ffi, lib.lib, lib.libc
         self.library_path = lib.path
         self.device = device
@@ -465,23 +256,18 @@ class LibvfioUserServer:
         #: Seconds a client may take to finish VERSION, or stay stopped inside a message,
         #: before it is dropped (None or <= 0: never), as on the Python backend: it must not
         #: hold the one client slot.
-        self.handshake_timeout = handshake_timeout if handshake_timeout and handshake_timeout > 0 else None
+        self.handshake_timeout = client_timeout(handshake_timeout)
         #: Seconds a client may take to answer a DMA_READ/DMA_WRITE before it is dropped.
         self.dma_timeout = dma_timeout
         #: Accept memfds not sealed against shrinking (as the Python backend's ServerLimits).
         self.dma_unsealed = dma_unsealed
         self.client: LibvfioClient | None = None
         self.clients_served = 0
-        #: Whether shadow ioeventfds were accepted (library built with -Dshadow-ioeventfd=true).
-        self.shadow_ioeventfds: bool | None = None
-        self.skipped_ioeventfds = 0
-        self._offered_ioeventfds: dict[int, int] = {}
+        self._glue = ContextGlue(lib, device, lost_connection=self._lost_conn, irq_state=self._irq_state)
         self._vfu = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listen_fd = -1
         self._conn_fd = -1
-        self._table: ForeignDmaTable | None = None
-        self._callbacks: list[Any] = []  # keep every cffi callback alive as long as the ctx
         self._done: asyncio.Future[None] | None = None
         # Calls into libvfio-user that block on the client (accept + VERSION, DMA_READ/WRITE)
         # run one at a time in this thread; while one runs the loop makes no other vfu_* call.
@@ -494,12 +280,7 @@ class LibvfioUserServer:
         self._epoll: select.epoll | None = None
         self._peer_closed = False
         self._partial_bytes = -1  # bytes queued of an incomplete message; -1 when none
-        self._last_progress = 0.0
-        self._stall_timer: asyncio.TimerHandle | None = None
-        self._worker_thread: int | None = None  # its ident, once it has run something
-        #: Callbacks libvfio-user made from the worker (a DMA exchange that found the client
-        #: gone resets the context there): run on the loop thread once the call returns.
-        self._deferred: list[Callable[[], None]] = []
+        self._stall: StallTimer | None = None  # from start(), on the loop
 
     @property
     def attached(self) -> bool:
@@ -507,19 +288,17 @@ class LibvfioUserServer:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _check(self, ret: int, what: str) -> int:
-        if ret is None:
-            return 0
-        if (isinstance(ret, int) and ret < 0) or ret == self._ffi.NULL:
-            err = self._ffi.errno or errno.EIO
-            raise OSError(err, f"libvfio-user {what} failed: {os.strerror(err)}")
-        return ret
-
     async def start(self) -> None:
         """Create, set up and realize the context; the socket exists when this returns."""
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         self._blocking_lock = asyncio.Lock()
+        self._stall = StallTimer(
+            self._loop,
+            self.handshake_timeout,
+            in_message=lambda: self.attached and self._partial_bytes >= 0 and self._busy is None,
+            on_stall=self._stalled,
+        )
         refuse_live_socket(self.path)
         remove_stale_socket(self.path)
         dma_guard.ensure_ready()  # a missing compiler is reported now, not at the first DMA_MAP
@@ -538,171 +317,18 @@ class LibvfioUserServer:
         self._vfu = vfu
         try:
             os.chmod(self.path, self.mode)
-            self._setup()
-            self._check(lib.vfu_realize_ctx(vfu), "vfu_realize_ctx")
+            self._glue.setup(vfu, max_dma_maps=self.max_dma_maps, library_log_level=self.library_log_level)
+            self._library.check(lib.vfu_realize_ctx(vfu), "vfu_realize_ctx")
         except BaseException:
             self._destroy()
             raise
-        self.device.config.write_hooks.append(self._config_hook)
+        self.device.config.write_hooks.append(self._glue.config_hook)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="libvfio-user")
         self._listen_fd = lib.vfu_get_poll_fd(vfu)
         self._loop.add_reader(self._listen_fd, self._try_attach)
         log.info("libvfio-user (%s) listening on %s (mode %o)", self.library_path, self.path, self.mode)
 
-    def _cb(self, ctype: str, fn: Callable) -> Any:
-        cb = self._ffi.callback(ctype, fn)
-        self._callbacks.append(cb)
-        return cb
-
-    def _setup(self) -> None:
-        ffi, lib, vfu, dev = self._ffi, self._lib, self._vfu, self.device
-        self._check(lib.vfu_setup_log(vfu, self._cb("vfu_log_fn_t", self._log), self.library_log_level), "vfu_setup_log")
-        pci_type = VFU_PCI_TYPE_EXPRESS if dev.config.size > 256 else VFU_PCI_TYPE_CONVENTIONAL
-        self._check(lib.vfu_pci_init(vfu, pci_type, PCI_HEADER_TYPE_NORMAL, dev.config.get(REVISION_ID, 1)), "vfu_pci_init")
-        # Config space: always through our callback, so PciConfigSpace stays authoritative.
-        cfg_cb = self._cb("vfu_region_access_cb_t", self._config_access)
-        self._check(
-            lib.vfu_setup_region(vfu, VFU_PCI_DEV_CFG_REGION_IDX, dev.config.size, cfg_cb, VFU_REGION_FLAG_RW | VFU_REGION_FLAG_ALWAYS_CB, ffi.NULL, 0, -1, 0),
-            "vfu_setup_region(config)",
-        )
-        for index, region in sorted(dev.regions.items()):
-            self._setup_region(int(index), region)
-        for index in IrqIndex:
-            count = dev.irq_counts.get(index, 0)
-            self._check(lib.vfu_setup_device_nr_irqs(vfu, int(index), count), f"vfu_setup_device_nr_irqs({index.name})")
-            if count:
-                cb = self._cb("vfu_dev_irq_state_cb_t", lambda _ctx, start, n, mask, index=index: self._irq_state(index, start, n, mask))
-                self._check(lib.vfu_setup_irq_state_callback(vfu, int(index), cb), "vfu_setup_irq_state_callback")
-        self._check(
-            lib.vfu_setup_device_dma(
-                vfu, self.max_dma_maps, self._cb("vfu_dma_register_cb_t", self._dma_register), self._cb("vfu_dma_unregister_cb_t", self._dma_unregister)
-            ),
-            "vfu_setup_device_dma",
-        )
-        self._check(lib.vfu_setup_device_reset_cb(vfu, self._cb("vfu_reset_cb_t", self._reset)), "vfu_setup_device_reset_cb")
-        for index, region in sorted(dev.regions.items()):
-            for efd in region.ioeventfds:
-                self._create_ioeventfd(int(index), efd)
-
-    def _setup_region(self, index: int, region: Region) -> None:
-        ffi, lib = self._ffi, self._lib
-        flags = (VFU_REGION_FLAG_READ if region.readable else 0) | (VFU_REGION_FLAG_WRITE if region.writable else 0)
-        if not flags:
-            log.warning("region %d is neither readable nor writable: not offered", index)
-            return
-        if not region.io:
-            flags |= VFU_REGION_FLAG_MEM
-        if region.bits64:
-            flags |= VFU_REGION_FLAG_64_BITS
-        if region.prefetchable:
-            flags |= VFU_REGION_FLAG_PREFETCH
-        cb = self._cb("vfu_region_access_cb_t", lambda _ctx, buf, count, offset, is_write: self._region_access(region, buf, count, offset, is_write))
-        areas, nr, fd = ffi.NULL, 0, -1
-        if region.mmap_areas and region.memory is not None:
-            nr = len(region.mmap_areas)
-            areas = ffi.new("struct iovec[]", nr)
-            for i, (off, size) in enumerate(region.mmap_areas):
-                areas[i].iov_base = ffi.cast("void *", off)
-                areas[i].iov_len = size
-            fd = region.memory.fd
-        self._check(lib.vfu_setup_region(self._vfu, index, region.size, cb, flags, areas, nr, fd, 0), f"vfu_setup_region({index})")
-
-    def _create_ioeventfd(self, index: int, efd: Any) -> None:
-        flags = (IOEVENTFD_FLAG_DATAMATCH if efd.datamatch is not None else 0) | (IOEVENTFD_FLAG_PIO if efd.pio else 0)
-        shadow_fd = efd.shadow.fd if efd.shadow is not None else -1
-        ret = self._lib.vfu_create_ioeventfd(self._vfu, index, efd.fd, efd.offset, efd.size, flags, efd.datamatch or 0, shadow_fd, efd.shadow_offset)
-        if ret < 0:
-            err = self._ffi.errno
-            if shadow_fd != -1 and err == errno.EINVAL:
-                # Built without -Dshadow-ioeventfd=true: a plain record would signal without the
-                # value, so the device would act on a stale shadow slot. Offer nothing instead:
-                # those writes keep arriving as REGION_WRITEs.
-                if self.shadow_ioeventfds is None:
-                    log.warning("libvfio-user was built without shadow ioeventfd support (-Dshadow-ioeventfd=true): shadow ioeventfds not offered")
-                self.shadow_ioeventfds = False
-                self.skipped_ioeventfds += 1
-                return
-            raise OSError(err, f"vfu_create_ioeventfd(region {index}, offset {efd.offset:#x}) failed: {os.strerror(err)}")
-        if shadow_fd != -1:
-            self.shadow_ioeventfds = True
-        self._offered_ioeventfds[index] = self._offered_ioeventfds.get(index, 0) + 1
-
-    # -- callbacks from libvfio-user (all on the loop thread, inside vfu_run_ctx) ------------
-
-    def _log(self, _ctx: Any, level: int, msg: Any) -> None:
-        log.log(_SYSLOG_TO_LOGGING.get(level, logging.ERROR), "libvfio-user: %s", self._ffi.string(msg).decode(errors="replace"))
-
-    def _fail(self, err: int) -> int:
-        self._ffi.errno = err
-        return -1
-
-    def _region_access(self, region: Region, buf: Any, count: int, offset: int, is_write: bool) -> int:
-        ffi = self._ffi
-        try:
-            if is_write:
-                region.do_write(offset, ffi.unpack(buf, count))
-            else:
-                data = region.do_read(offset, count)
-                if len(data) != count:
-                    log.warning("device returned %d of %d bytes", len(data), count)
-                    return self._fail(errno.EIO)
-                ffi.memmove(buf, data, count)
-            return count
-        except PermissionError:
-            return self._fail(errno.EPERM)
-        except Exception:  # a device bug must not take the server down
-            log.exception("region access failed in the device")
-            return self._fail(errno.EIO)
-
-    def _config_access(self, _ctx: Any, buf: Any, count: int, offset: int, is_write: bool) -> int:
-        ffi = self._ffi
-        try:
-            if is_write:
-                self.device.config.write(offset, ffi.unpack(buf, count))
-            else:
-                ffi.memmove(buf, self.device.config.read(offset, count), count)
-            return count
-        except IndexError:
-            return self._fail(errno.EINVAL)
-        except Exception:
-            log.exception("config access failed in the device")
-            return self._fail(errno.EIO)
-
-    def _config_hook(self, offset: int, old: int, new: int) -> None:
-        exp = self.device.config.exp_offset
-        if exp is not None and offset == exp + EXP_DEVCTL and new & EXP_DEVCTL_BCR_FLR:
-            log.info("function-level reset requested")
-            self._device_reset(ResetKind.FLR)
-            return
-        self.device.config_written(offset, old, new)
-
-    def _device_reset(self, kind: ResetKind) -> None:
-        self.device.config.reset_registers()
-        self.device.reset(kind)
-
-    def _off_loop(self, fn: Callable, *args: Any) -> bool:
-        """Called from the worker thread: queue ``fn(*args)`` for the loop thread (True)."""
-        if threading.get_ident() != self._worker_thread:
-            return False
-        self._deferred.append(lambda: fn(*args))
-        return True
-
-    def _run_deferred(self) -> None:
-        while self._deferred:
-            self._deferred.pop(0)()
-
-    def _reset(self, _ctx: Any, kind: int) -> int:
-        if self._off_loop(self._reset, _ctx, kind):
-            return 0
-        try:
-            if kind == VFU_RESET_LOST_CONN:
-                self._lost_connection(self._drop_reason or "client disconnected")
-            else:
-                self._device_reset(ResetKind.FLR if kind == VFU_RESET_PCI_FLR else ResetKind.DEVICE)
-            return 0
-        except Exception:
-            log.exception("reset failed in the device")
-            return self._fail(errno.EIO)
+    # -- what the glue hears from libvfio-user about the client -----------------------------
 
     def _irq_state(self, index: IrqIndex, start: int, count: int, mask: bool) -> None:
         try:
@@ -711,65 +337,9 @@ class LibvfioUserServer:
         except Exception:
             log.exception("interrupt state change failed in the device")
 
-    def _dma_register(self, _ctx: Any, info: Any) -> None:
-        ffi = self._ffi
-        try:
-            iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
-            size = int(info.iova.iov_len)
-            prot = int(info.prot)
-            mapping = DmaMapping(iova, size, prot)
-            if info.vaddr != ffi.NULL:
-                mapping.view, mapping.guard_slot, mapping.unguard_on_close = self._own_view(info, size, prot)
-            assert self._table is not None
-            self._table.insert(mapping)
-        except Exception:
-            # libvfio-user has already accepted the map; the device just cannot reach it.
-            log.exception("DMA register callback failed")
-
-    def _own_view(self, info: Any, size: int, prot: int) -> tuple[memoryview, int, bool]:
-        """A view on a second mapping of the region's pages, unmapped when its last view dies;
-        with its SIGBUS guard slot (withdrawn right before that munmap) and whether the
-        mapping's close must withdraw it instead (libvfio-user's own mapping, the fallback)."""
-        ffi, libc = self._ffi, self._libc
-        base = info.mapping.iov_base
-        length = int(info.mapping.iov_len)
-        delta = int(ffi.cast("uintptr_t", info.vaddr)) - int(ffi.cast("uintptr_t", base))
-        new = libc.mremap(base, ffi.cast("size_t", 0), ffi.cast("size_t", length), ffi.cast("int", MREMAP_MAYMOVE))
-        if int(ffi.cast("intptr_t", new)) == -1:
-            log.warning("mremap failed (%s): using libvfio-user's mapping directly", os.strerror(ffi.errno))
-            view = memoryview(ffi.buffer(ffi.cast("char *", info.vaddr), size))
-            slot, unguard_on_close = guard_memory(view), True
-        else:
-            slot, unguard_on_close = dma_guard.guard_range(int(ffi.cast("uintptr_t", new)), length), False
-
-            def unmap(p: Any, n: int = length, s: int = slot) -> None:
-                dma_guard.unguard(s)
-                libc.munmap(p, n)
-
-            owner = ffi.gc(ffi.cast("char *", new), unmap)
-            # the buffer must reference ``owner`` itself (``owner + n`` would not keep it alive)
-            view = memoryview(ffi.buffer(owner, length))[delta : delta + size]
-        return (view if prot & DMA_FLAG_WRITE else view.toreadonly()), slot, unguard_on_close
-
-    def _dma_unregister(self, _ctx: Any, info: Any) -> None:
-        ffi = self._ffi
-        try:
-            iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
-            size = int(info.iova.iov_len)
-            if self._off_loop(self._forget_dma, iova, size):
-                return  # our views are our own mappings: libvfio-user may unmap its own now
-            self._forget_dma(iova, size)
-        except Exception:
-            log.exception("DMA unregister callback failed")
-
-    def _forget_dma(self, iova: int, size: int) -> None:
-        try:
-            if self._table is not None:
-                self._table.remove(iova, size)  # listeners (device.dma_unmapping) first
-        except DmaError as e:
-            log.warning("DMA unregister of an unknown range: %s", e)
-        except Exception:
-            log.exception("DMA unregister failed")
+    def _lost_conn(self) -> None:
+        """libvfio-user reset the context for a lost connection (LOST_CONN, through the glue)."""
+        self._lost_connection(self._drop_reason or "client disconnected")
 
     # -- running ----------------------------------------------------------------------------
 
@@ -832,11 +402,10 @@ class LibvfioUserServer:
         lib = self._lib
         assert self._loop is not None
         self._conn_fd = lib.vfu_get_poll_fd(self._vfu)
-        self._table = ForeignDmaTable(self.max_dma_maps)
-        self._table.unmap_listeners.append(self.device.dma_unmapping)
+        table = self._glue.attach_table(self.max_dma_maps)
         irqs = LibvfioIrqs(self, self.device.irq_counts, self.device.irq_unmasked)
-        memory = GuestMemory(self._table, remote=_SglRemote(self))
-        self.client = LibvfioClient(self._conn_fd, _peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
+        memory = GuestMemory(table, remote=_SglRemote(self))
+        self.client = LibvfioClient(self._conn_fd, peer_credentials(self._conn_fd), self._loop.create_future(), memory, irqs)
         self.clients_served += 1
         log.info("client connected (pid/uid/gid %s)", self.client.peer)
         self.device.attached(DeviceContext(memory=memory, irqs=irqs, loop=self._loop))
@@ -858,7 +427,7 @@ class LibvfioUserServer:
         return self._busy
 
     def _in_worker(self, fn: Callable, *args: Any) -> Any:
-        self._worker_thread = threading.get_ident()
+        self._glue.worker_thread = threading.get_ident()
         return fn(*args)
 
     async def _blocking(self, fn: Callable, *args: Any, what: str) -> Any:
@@ -886,7 +455,7 @@ class LibvfioUserServer:
                     self._abort_blocking(f"{what} abandoned")
                     await asyncio.wrap_future(future, loop=self._loop)
                 self._busy = None
-                self._run_deferred()
+                self._glue.run_deferred()
                 if self._drop_reason is not None:
                     self._peer_closed = True
                 self._loop.call_soon(self._readable)  # requests that queued up meanwhile
@@ -973,7 +542,7 @@ class LibvfioUserServer:
     def _peek_request(self) -> tuple[int, bytes] | object | None:
         """(command, first payload bytes) of the next request when all of it is queued;
         _NOTHING when no byte waits, _PARTIAL when only part of a message does, _SCREENED when
-        we consumed the message ourselves (see _screen), None when vfu_run_ctx should look
+        we consumed the message ourselves (see :func:`.screen.screen`), None when vfu_run_ctx should look
         itself (EOF, an error, a header it will refuse)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, self._conn_fd)
         try:
@@ -984,7 +553,7 @@ class LibvfioUserServer:
             return None  # vfu_run_ctx finds out (and resets the context)
         finally:
             sock.detach()
-        fds = _fds_of(ancillary)  # a peek installs copies of the message's fds: ours to close
+        fds = fds_of(ancillary)  # a peek installs copies of the message's fds: ours to close
         try:
             if not raw:
                 return None  # EOF
@@ -1000,7 +569,7 @@ class LibvfioUserServer:
             if msg_flags & socket.MSG_CTRUNC:
                 refusal: int | None = errno.EMFILE  # out of fds: the kernel dropped this message's fds
             else:
-                refusal = _screen(command, flags, raw[HEADER_SIZE:], fds, unsealed_ok=self.dma_unsealed)
+                refusal = screen(command, flags, raw[HEADER_SIZE:], fds, unsealed_ok=self.dma_unsealed)
             if refusal is None:
                 return command, raw[HEADER_SIZE:]
             self._consume(msg_id, command, size, refusal)
@@ -1029,7 +598,7 @@ class LibvfioUserServer:
         """Read what the client left queued (it is gone, or being dropped), closing its fds."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, self._conn_fd)
         try:
-            while _recv_closing_fds(sock, PEEK_SIZE):
+            while recv_closing_fds(sock, PEEK_SIZE):
                 pass
         except OSError:
             pass  # nothing more queued (EAGAIN), or the connection is gone with its queue
@@ -1055,12 +624,12 @@ class LibvfioUserServer:
         try:
             left = size
             while left > 0:
-                got = _recv_closing_fds(sock, left)
+                got = recv_closing_fds(sock, left)
                 if not got:
                     return
                 left -= got
             if refusal:
-                log.warning("refused %s with %s before libvfio-user saw it", _command_name(command), errno.errorcode.get(refusal, refusal))
+                log.warning("refused %s with %s before libvfio-user saw it", command_name(command), errno.errorcode.get(refusal, refusal))
                 sock.send(HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, refusal), MSG_DONTWAIT)
         except OSError as e:
             self._drop(f"refusing a request failed: {e}")
@@ -1069,27 +638,17 @@ class LibvfioUserServer:
 
     def _partial_received(self) -> None:
         """Part of a message is queued: new bytes are progress; arm the stall check."""
-        assert self._loop is not None
+        assert self._stall is not None
         queued = self._queued()
         if queued != self._partial_bytes:
             self._partial_bytes = queued
-            self._last_progress = self._loop.time()
-        if self._stall_timer is None and self.handshake_timeout is not None:
-            self._stall_timer = self._loop.call_later(self.handshake_timeout, self._check_stall)
+            self._stall.progress()
+        else:
+            self._stall.arm()
 
-    def _check_stall(self) -> None:
-        self._stall_timer = None
-        timeout = self.handshake_timeout
-        if timeout is None or not self.attached or self._partial_bytes < 0 or self._busy is not None or self._loop is None:
-            return
-        idle = self._loop.time() - self._last_progress
-        if idle < timeout:
-            self._stall_timer = self._loop.call_later(timeout - idle, self._check_stall)
-            return
-        self._drop_reason = f"stalled mid-message for {idle:.1f} s"
-        log.warning("dropping client: %s", self._drop_reason)
-        self._libc.shutdown(self._conn_fd, SHUT_RDWR)
-        self._peer_closed = True
+    def _stalled(self, reason: str) -> None:
+        """The stall check: the client stopped mid-message; drop it."""
+        self._drop(reason)
         self._readable()  # libvfio-user reads the fragment, fails, and resets the context
 
     def _after_request(self, command: int, payload: bytes) -> None:
@@ -1101,7 +660,7 @@ class LibvfioUserServer:
             client.irqs.saw_set_irqs(flags, index, start, count)
         elif command == Command.DEVICE_GET_REGION_IO_FDS and len(payload) >= 16:
             argsz, flags, index, count = struct.unpack_from("<IIII", payload)
-            offered = self._offered_ioeventfds.get(index, 0)
+            offered = self._glue.offered_ioeventfds.get(index, 0)
             if offered and not flags and not count and argsz >= IO_FDS_HEADER_SIZE + offered * IO_FD_RECORD_SIZE:
                 self.device.ioeventfds_taken(index)
 
@@ -1119,9 +678,8 @@ class LibvfioUserServer:
 
     def _unwatch_connection(self) -> None:
         """Stop watching the connection: its epoll fd is closed, the stall check cancelled."""
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
+        if self._stall is not None:
+            self._stall.cancel()
         if self._epoll is not None:
             epoll, self._epoll = self._epoll, None
             if self._loop is not None:
@@ -1137,8 +695,8 @@ class LibvfioUserServer:
         client = self.client
         self._conn_fd = -1
         self._unwatch_connection()
-        if self._table is not None:
-            self._table.remove_all()  # libvfio-user unregistered them already; belt and braces
+        if self._glue.table is not None:
+            self._glue.table.remove_all()  # libvfio-user unregistered them already; belt and braces
         if client is not None:
             reason = client.closed.result() if client.closed.done() else "client disconnected"
             log.info("client gone: %s", reason)
@@ -1163,14 +721,14 @@ class LibvfioUserServer:
                 pass
         self._unwatch_connection()
         if self._stop_worker():
-            self._run_deferred()
+            self._glue.run_deferred()
             self._destroy()
         else:
             self._vfu = None  # a call still inside the library: leak the context, do not race it
         if self.client is not None and not self.client.closed.done():
             self._lost_connection("server shutting down")
-        if self._config_hook in self.device.config.write_hooks:
-            self.device.config.write_hooks.remove(self._config_hook)
+        if self._glue.config_hook in self.device.config.write_hooks:
+            self.device.config.write_hooks.remove(self._glue.config_hook)
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -1199,95 +757,5 @@ class LibvfioUserServer:
             # touch the table and the device.
             self._lib.vfu_destroy_ctx(vfu)
             self._listen_fd = self._conn_fd = -1
-        if self._table is not None:
-            self._table.remove_all()
-
-
-def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds an SCM_RIGHTS message brought into this process."""
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(struct.unpack(f"<{usable // 4}i", data[:usable]))
-    return fds
-
-
-def _recv_closing_fds(sock: socket.socket, limit: int) -> int:
-    """Read up to ``limit`` queued bytes past the library, closing the fds they carry; 0 at EOF."""
-    data, ancillary, _flags, _addr = sock.recvmsg(limit, PEEK_ANCILLARY, MSG_DONTWAIT)
-    for fd in _fds_of(ancillary):
-        os.close(fd)
-    return len(data)
-
-
-def _command_name(command: int) -> str:
-    try:
-        return Command(command).name
-    except ValueError:
-        return f"command {command}"
-
-
-def _screen_dma_map(payload: bytes, fds: list[int], unsealed_ok: bool) -> int | None:
-    """The DMA_MAP checks libvfio-user lacks: a range that wraps past 2^64 or is not page
-    aligned, more than one fd, or an fd too small for the range (SIGBUS on first touch)."""
-    if len(payload) < 32:
-        return None  # the library refuses a short payload itself
-    _argsz, _flags, offset, iova, size = struct.unpack_from("<IIQQQ", payload)
-    if iova + size > 1 << 64 or (iova | size | offset) % DEFAULT_PGSIZE:
-        return errno.EINVAL
-    if len(fds) > 1:
-        return errno.EINVAL
-    if fds:
-        try:
-            check_dma_fd(fds[0], offset, size, unsealed_ok=unsealed_ok)
-        except DmaError as e:
-            return e.errno
-    return None
-
-
-def _screen(command: int, flags: int, payload: bytes, fds: list[int], *, unsealed_ok: bool = False) -> int | None:
-    """What we answer for a message before libvfio-user sees it: None to hand it over, an
-    errno to refuse it, 0 to drop it unanswered. The library takes any fd on any command, so
-    fds it would keep, or map past their end (SIGBUS), or write interrupts to (a pipe would
-    block), are refused here, with the errnos of the Python backend."""
-    if flags & 0xF != MsgType.REQUEST:
-        return 0  # a reply nobody asked for (DMA replies are read while a DMA call is busy)
-    if command == Command.DMA_MAP:
-        return _screen_dma_map(payload, fds, unsealed_ok)
-    if not fds:
-        return None
-    if command == Command.DEVICE_SET_IRQS and len(payload) >= 8:
-        irq_flags = struct.unpack_from("<I", payload, 4)[0]
-        if irq_flags & IRQ_DATA_TYPE_MASK == IRQ_DATA_EVENTFD and all(is_eventfd(fd) for fd in fds):
-            return None
-    return errno.EINVAL  # fds on a command that takes none, or not eventfds for interrupts
-
-def _peer_credentials(fd: int) -> tuple[int, int, int] | None:
-    import socket
-
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)
-    except OSError:
-        return None
-    finally:
-        sock.close()
-
-
-def make_server(backend: str, device: Device, path: str, **kwargs: Any) -> Any:
-    """A server for ``backend`` ("python", "libvfio-user" or "auto": the library when loadable)."""
-    if backend == "auto":
-        backend = "libvfio-user" if available() else "python"
-    if backend == "libvfio-user":
-        return LibvfioUserServer(device, path, **kwargs)
-    if backend == "python":
-        from .server import Server
-
-        kwargs.pop("library_log_level", None)
-        return Server(device, path, **kwargs)
-    raise ValueError(f"unknown backend {backend!r} (python, libvfio-user, auto)")
+        if self._glue.table is not None:
+            self._glue.table.remove_all()

@@ -31,7 +31,7 @@ from .faults import FaultInjector
 from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
 from .nvm import NvmCommands
-from .queue import SQE, CompletionQueue, RingUnavailable, SubmissionQueue
+from .queue import SQE, CompletionQueue, QueueEvent, RingUnavailable, SubmissionQueue
 from .spec import (
     CQE_PHASE,
     CQE_SIZE,
@@ -115,7 +115,7 @@ class Controller:
         #: Microsecond timers (interrupt coalescing) while a host is attached with a loop.
         self.timers: FineTimers | None = None
         #: Hooks per queue event (doorbell paths, coalescing timers); before the command sets.
-        self.queue_listeners: list[Callable[[str, int], None]] = []
+        self.queue_listeners: list[Callable[[QueueEvent, int], None]] = []
         self.coalescing = Coalescing(self.state, self.flush_coalesced)
         self.queue_listeners.append(self._queue_event)
         self.hooks = ControllerHooks(
@@ -168,16 +168,16 @@ class Controller:
         self.coalescing.cancel_all()
         features.reset(state)
         state.events.reset()
-        self._notify("reset", 0)
+        self._notify(QueueEvent.RESET, 0)
 
-    def _notify(self, event: str, qid: int) -> None:
+    def _notify(self, event: QueueEvent, qid: int) -> None:
         """Tell every queue listener (the ``queue_event`` hook)."""
         for listener in self.queue_listeners:
             listener(event, qid)
 
-    def _queue_event(self, event: str, qid: int) -> None:
+    def _queue_event(self, event: QueueEvent, qid: int) -> None:
         """A deleted CQ takes its coalescing timer along (a new CQ may reuse the QID)."""
-        if event == "delete-cq":
+        if event is QueueEvent.DELETE_CQ:
             self.coalescing.cancel(qid)
 
     def async_event(self, event_type: int, info: int, log_page: int) -> None:
@@ -437,7 +437,7 @@ class Controller:
         cq.sqs.add(0)
         self.state.csts = (self.state.csts & Csts.NSSRO) | Csts.RDY
         log.info("controller enabled: page size %d, admin queues %d/%d", self.state.page_size, asqs, acqs)
-        self._notify("create-sq", 0)
+        self._notify(QueueEvent.CREATE_SQ, 0)
 
     def _shutdown(self, kind: Shn) -> None:
         """Flush every namespace, then report shutdown complete. A file or block flush (fsync)

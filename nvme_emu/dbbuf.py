@@ -12,7 +12,7 @@ read (or overwritten) only after the value itself.
 
 from __future__ import annotations
 
-from .queue import DoorbellBuffer, SubmissionQueue
+from .queue import DoorbellBuffer, QueueEvent, SubmissionQueue
 from .spec import NvmeError, Status
 from .sqe import PRP1, PRP2
 from .state import ControllerHooks, ControllerState
@@ -36,4 +36,4 @@ def configure(state: ControllerState, hooks: ControllerHooks, shadow: int, event
     for qid, sq in state.sqs.items():
         if qid:
             dbbuf.seed(qid, sq.tail, sq.cq.head if sq.cq.qid == qid else 0)
-    hooks.queue_event("dbbuf", 0)
+    hooks.queue_event(QueueEvent.DBBUF, 0)

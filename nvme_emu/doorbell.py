@@ -37,7 +37,7 @@ from vfio_user.device import IoEventFd, Region, SharedMemory
 
 from .atomics import fence
 from .latency import Via, clock_ns
-from .queue import RingUnavailable
+from .queue import QueueEvent, RingUnavailable
 from .spec import Reg
 from .timer import FineTimers
 
@@ -220,11 +220,11 @@ class DoorbellPath:
     def close(self) -> None:
         """Release what setup created (eventfds and shared memory are the region's)."""
 
-    def _queue_event(self, event: str, qid: int) -> None:
-        if event == "reset":
+    def _queue_event(self, event: QueueEvent, qid: int) -> None:
+        if event is QueueEvent.RESET:
             self.page.clear()
-        elif event in ("create-sq", "create-cq", "delete-sq", "delete-cq"):
-            slot = 2 * qid + (1 if event.endswith("cq") else 0)
+        elif event.is_queue:
+            slot = 2 * qid + event.is_cq
             self.page.clear(slice(slot, slot + 1))
 
     # -- trapped writes (every mode) ------------------------------------------------------
@@ -469,11 +469,11 @@ class ShadowPath(SharedPagePath):
             spin = self._spins[slot] = AdaptiveSpin(ADAPTIVE_SPIN_CAP_US * 1e-6) if self.adaptive else FixedSpin(self.spin_s)
         return spin
 
-    def _queue_event(self, event: str, qid: int) -> None:
+    def _queue_event(self, event: QueueEvent, qid: int) -> None:
         super()._queue_event(event, qid)
-        if event in ("reset", "delete-cq", "create-cq"):
+        if event is QueueEvent.RESET or event.is_cq:
             for slot in list(self.armed):
-                if event == "reset" or slot == 2 * qid + 1:
+                if event is QueueEvent.RESET or slot == 2 * qid + 1:
                     self._disarm(slot)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from vfio_user.pci import COMMAND, COMMAND_INTX_DISABLE, COMMAND_MASTER
 from .controller import Controller, ControllerConfig
 from .doorbell import AutoPath, DoorbellMode, DoorbellPath, bar0_mmap_areas, make_path
 from .namespace import Namespace
+from .queue import QueueEvent
 from .spec import Reg
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class NvmeFunction(Device):
         self.controller.queue_listeners.append(self._queue_event)
         self._follow_bus_master()  # clear at power-on: no DMA until the host enables it
 
-    def _queue_event(self, event: str, qid: int) -> None:
-        if event in ("dbbuf", "reset"):  # where a doorbell's value lives has changed
+    def _queue_event(self, event: QueueEvent, qid: int) -> None:
+        if event is QueueEvent.DBBUF or event is QueueEvent.RESET:  # where a doorbell's value lives has changed
             self.ioeventfds_changed(RegionIndex.BAR0)
 
     def exported_ioeventfds(self, index: int, post_write: bool) -> list:

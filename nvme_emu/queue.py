@@ -11,6 +11,7 @@ protocol they serve, and the admin command that configures them, are :mod:`nvme_
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,6 +33,35 @@ assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
 
 class RingUnavailable(Exception):
     """The ring's memory is not (or no longer) mapped: a controller fatal condition."""
+
+
+class QueueEvent(enum.Enum):
+    """What changed about the queues, announced with a QID through the ``queue_event`` hook
+    (:class:`~nvme_emu.state.ControllerHooks`) to the controller's listeners: the doorbell
+    paths (a new or deleted queue's doorbell reads as zero, an armed CQ head eventfd goes
+    with its CQ), the PCI function (where doorbell values live) and the coalescing timers."""
+
+    CREATE_SQ = "create-sq"
+    CREATE_CQ = "create-cq"
+    DELETE_SQ = "delete-sq"
+    DELETE_CQ = "delete-cq"
+    #: Doorbell Buffer Config: I/O doorbells now live in host memory (QID 0)
+    DBBUF = "dbbuf"
+    #: a Controller Level Reset took every queue away (QID 0)
+    RESET = "reset"
+
+    @property
+    def is_queue(self) -> bool:
+        """One queue, the event's QID, was created or deleted."""
+        return self in _ONE_QUEUE
+
+    @property
+    def is_cq(self) -> bool:
+        """A completion queue was created or deleted (its doorbell is the CQ head's)."""
+        return self is QueueEvent.CREATE_CQ or self is QueueEvent.DELETE_CQ
+
+
+_ONE_QUEUE = frozenset({QueueEvent.CREATE_SQ, QueueEvent.CREATE_CQ, QueueEvent.DELETE_SQ, QueueEvent.DELETE_CQ})
 
 
 @dataclass

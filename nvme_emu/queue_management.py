@@ -1,13 +1,14 @@
 """Create and Delete I/O Submission and Completion Queues (admin opcodes 00h, 01h, 04h, 05h).
 
-Every change is announced through ``hooks.queue_event`` ("create-cq", "create-sq",
-"delete-sq", "delete-cq"), so doorbell paths and coalescing timers follow the queues.
+Every change is announced through ``hooks.queue_event`` (:class:`~nvme_emu.queue.QueueEvent`
+CREATE_CQ, CREATE_SQ, DELETE_SQ, DELETE_CQ), so doorbell paths and coalescing timers follow
+the queues.
 """
 
 from __future__ import annotations
 
 from .features import io_queue_limit
-from .queue import CompletionQueue, SubmissionQueue
+from .queue import CompletionQueue, QueueEvent, SubmissionQueue
 from .spec import CQE_SIZE, CQES_LOG2, SQE_SIZE, SQES_LOG2, Cc, NvmeError, Status
 from .sqe import CDW10, CDW11, CID, PRP1
 from .outcome import DEFERRED
@@ -30,7 +31,7 @@ def create_io_cq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
         raise NvmeError(Status.INVALID_INTERRUPT_VECTOR, f"vector {iv}")
     _check_base(state, e[PRP1], qsize, CQE_SIZE)
     state.cqs[qid] = CompletionQueue(qid, e[PRP1], qsize, vector=iv, irq_enabled=ien)
-    hooks.queue_event("create-cq", qid)
+    hooks.queue_event(QueueEvent.CREATE_CQ, qid)
     return 0
 
 
@@ -54,7 +55,7 @@ def create_io_sq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
     cq = state.cqs[cqid]
     state.sqs[qid] = SubmissionQueue(qid, e[PRP1], qsize, cq, priority=qprio)
     cq.sqs.add(qid)
-    hooks.queue_event("create-sq", qid)
+    hooks.queue_event(QueueEvent.CREATE_SQ, qid)
     return 0
 
 
@@ -94,7 +95,7 @@ def _finish_delete_sq(hooks: ControllerHooks, victim: SubmissionQueue) -> None:
     """The SQ is gone: only now does its CQ stop counting it (Delete I/O CQ got Invalid
     Queue Deletion until here, so the deferred CQEs still had a ring to go to)."""
     victim.cq.sqs.discard(victim.qid)
-    hooks.queue_event("delete-sq", victim.qid)
+    hooks.queue_event(QueueEvent.DELETE_SQ, victim.qid)
 
 
 def delete_io_cq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
@@ -105,7 +106,7 @@ def delete_io_cq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
     if state.cqs[qid].sqs:
         raise NvmeError(Status.INVALID_QUEUE_DELETION, f"CQ {qid} still has SQs")
     state.cqs.pop(qid).ring.drop()
-    hooks.queue_event("delete-cq", qid)
+    hooks.queue_event(QueueEvent.DELETE_CQ, qid)
     return 0
 
 

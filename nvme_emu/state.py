@@ -24,7 +24,7 @@ from .spec import HOST_BEHAVIOR_SIZE, NVME_VERSION, TEMP_COMPOSITE, TEMP_OVER, T
 if TYPE_CHECKING:
     from .aio import IoPool
     from .namespace import Namespace
-    from .queue import CompletionQueue, DoorbellBuffer, SubmissionQueue
+    from .queue import CompletionQueue, DoorbellBuffer, QueueEvent, SubmissionQueue
 
 #: Temperature sensors the SMART log reports (besides the composite); each has thresholds.
 TEMPERATURE_SENSORS = 1
@@ -290,7 +290,7 @@ class ControllerHooks:
     - ``io_pool()``: the worker pool for blocking calls, None when there is no event loop
       (then the work runs in place).
     - ``queue_event(event, qid)``: a queue was created or deleted, or doorbells moved
-      ("create-sq", "delete-cq", "dbbuf", ...), for the doorbell paths and timers.
+      (a :class:`~nvme_emu.queue.QueueEvent`), for the doorbell paths and timers.
     - ``call_soon(fn)``: run after the current batch of commands.
     - ``async_event(type, info, log_page)``: post an asynchronous event.
     """
@@ -299,6 +299,6 @@ class ControllerHooks:
     begin_request: Callable[["SubmissionQueue"], None]
     finish_request: Callable[..., None]
     io_pool: Callable[[], "IoPool | None"]
-    queue_event: Callable[[str, int], None]
+    queue_event: Callable[["QueueEvent", int], None]
     call_soon: Callable[[Callable[[], None]], None]
     async_event: Callable[[int, int, int], None]

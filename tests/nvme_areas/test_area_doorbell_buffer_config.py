@@ -8,7 +8,7 @@ import struct
 from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.dbbuf import doorbell_buffer_config
-from nvme_emu.queue import CompletionQueue, SubmissionQueue
+from nvme_emu.queue import CompletionQueue, QueueEvent, SubmissionQueue
 from nvme_emu.spec import AdminOpcode, Status
 
 SHADOW, EVENTIDX = BUF, BUF + 4096
@@ -28,7 +28,7 @@ def test_seeds_io_queue_values_and_announces(area: Area):
     # slot 2*qid: SQ tail, 2*qid+1: CQ head (4-byte slots, DSTRD 0); the admin pair is not shadowed
     assert struct.unpack_from("<4I", area.guest.read(SHADOW, 16)) == (0, 0, 5, 3)
     assert struct.unpack_from("<4I", area.guest.read(EVENTIDX, 16)) == (0, 0, 5, 3)
-    assert area.record.named("queue_event") == [("dbbuf", 0)]
+    assert area.record.named("queue_event") == [(QueueEvent.DBBUF, 0)]
 
 
 def test_reads_the_host_shadow_after_config(area: Area):

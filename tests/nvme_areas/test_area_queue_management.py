@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from .area_helpers import BUF, Area, status_of
 
+from nvme_emu.queue import QueueEvent
 from nvme_emu.queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
 from nvme_emu.spec import AdminOpcode, Cc, Status
 from nvme_emu.outcome import DEFERRED
@@ -32,7 +33,7 @@ def test_create_pair_announces_queues(area: Area):
     cq, sq = area.state.cqs[1], area.state.sqs[1]
     assert (cq.size, cq.vector, cq.irq_enabled) == (16, 1, True)
     assert sq.cq is cq and cq.sqs == {1}
-    assert area.record.named("queue_event") == [("create-cq", 1), ("create-sq", 1)]
+    assert area.record.named("queue_event") == [(QueueEvent.CREATE_CQ, 1), (QueueEvent.CREATE_SQ, 1)]
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,7 @@ def test_delete_cq_with_sq_is_invalid_deletion(area: Area):
     assert delete(area, delete_io_sq, 1) == 0
     assert delete(area, delete_io_cq, 1) == 0
     assert area.state.sqs.keys() == area.state.cqs.keys() == {0}
-    assert area.record.named("queue_event")[-2:] == [("delete-sq", 1), ("delete-cq", 1)]
+    assert area.record.named("queue_event")[-2:] == [(QueueEvent.DELETE_SQ, 1), (QueueEvent.DELETE_CQ, 1)]
 
 
 def test_delete_missing_or_admin_queue(area: Area):
@@ -102,4 +103,4 @@ def test_delete_sq_with_commands_in_flight_completes_after_them(area: Area):
     victim.outstanding = 0
     victim.on_idle()  # the last command in flight was posted
     assert area.record.named("finish_request") == [(area.admin_sq, 9, Status.SUCCESS)]
-    assert ("delete-sq", 1) in area.record.named("queue_event")
+    assert (QueueEvent.DELETE_SQ, 1) in area.record.named("queue_event")

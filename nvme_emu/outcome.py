@@ -10,7 +10,7 @@ state, so that handlers, the dispatcher and the tests share it without importing
 from __future__ import annotations
 
 from enum import Enum
-from typing import Final, Literal, Union
+from typing import Final
 
 
 class Deferred(Enum):
@@ -25,7 +25,4 @@ class Deferred(Enum):
 #: Marks a command that completes later (AER, work on the I/O pool, a Delete I/O SQ waiting).
 DEFERRED: Final = Deferred.DEFERRED
 
-#: A handler's result: the completion's DW0, or DEFERRED.
-Outcome = Union[int, Literal[Deferred.DEFERRED]]
-
-__all__ = ["DEFERRED", "Deferred", "Outcome"]
+__all__ = ["DEFERRED", "Deferred"]

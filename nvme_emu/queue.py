@@ -68,7 +68,6 @@ _ONE_QUEUE = frozenset({QueueEvent.CREATE_SQ, QueueEvent.CREATE_CQ, QueueEvent.D
 class QueueStats:
     doorbells: int = 0
     commands: int = 0
-    wakeups: int = 0
     coalesced: int = 0
     batches: int = 0
     max_batch: int = 0
@@ -146,10 +145,6 @@ class CompletionQueue:
         return (self.head - self.tail - 1) % self.size - self.reserved
 
     @property
-    def full(self) -> bool:
-        return (self.tail + 1) % self.size == self.head
-
-    @property
     def pending(self) -> bool:
         """Entries the host has not consumed yet (the INTx level condition)."""
         return self.head != self.tail
@@ -170,12 +165,11 @@ class CompletionQueue:
 
 
 class SubmissionQueue:
-    def __init__(self, qid: int, base: int, size: int, cq: CompletionQueue, *, priority: int = 0) -> None:
+    def __init__(self, qid: int, base: int, size: int, cq: CompletionQueue) -> None:
         self.qid = qid
         self.ring = Ring(base, size, SQE_SIZE)
         self.size = size
         self.cq = cq
-        self.priority = priority
         self.head = 0
         self.tail = 0
         self.stats = QueueStats()

@@ -38,7 +38,9 @@ def create_io_cq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
 def create_io_sq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
     """A physically contiguous SQ at PRP1 whose completions go to an existing I/O CQ."""
     qid, qsize = e[CDW10] & 0xFFFF, (e[CDW10] >> 16) + 1
-    pc, qprio, cqid = e[CDW11] & 1, (e[CDW11] >> 1) & 3, e[CDW11] >> 16
+    # QPRIO (CDW11 bits 2:1) matters only under weighted round robin arbitration, which
+    # CAP.AMS does not offer: every SQ is served round robin, whatever its priority says.
+    pc, cqid = e[CDW11] & 1, e[CDW11] >> 16
     nsq, _ncq = io_queue_limit(state)
     _check_io_qid(qid, nsq)
     if qid in state.sqs:
@@ -53,7 +55,7 @@ def create_io_sq(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
         raise NvmeError(Status.INVALID_FIELD, "CC.IOSQES is not 6 (64-byte SQEs)")
     _check_base(state, e[PRP1], qsize, SQE_SIZE)
     cq = state.cqs[cqid]
-    state.sqs[qid] = SubmissionQueue(qid, e[PRP1], qsize, cq, priority=qprio)
+    state.sqs[qid] = SubmissionQueue(qid, e[PRP1], qsize, cq)
     cq.sqs.add(qid)
     hooks.queue_event(QueueEvent.CREATE_SQ, qid)
     return 0

@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from .control import METHODS
-from .faults import DISTRIBUTIONS, OPS
+from .faults import DISTRIBUTIONS, OPS, FaultKind
 from .jsonrpc import RpcError
 from .latency import format_table
 from .rpc_socket import RpcClient
@@ -46,8 +46,9 @@ class ControlClient:
 
 
 def _fault_parser(sub: argparse._SubParsersAction) -> None:
-    f = sub.add_parser("fault", help="inject a fault: media | latency | delay | drop")
-    f.add_argument("kind", choices=("media", "latency", "delay", "drop"))
+    kinds = [k.value for k in FaultKind]
+    f = sub.add_parser("fault", help=f"inject a fault: {' | '.join(kinds)}")
+    f.add_argument("kind", choices=kinds)
     f.add_argument("--nsid", type=int, help="only this namespace (default: all)")
     f.add_argument("--slba", type=int, help="first LBA of the range (default 0)")
     f.add_argument("--nlb", type=int, help="blocks in the range (default: to the end)")

@@ -22,6 +22,7 @@ What the host sees is what the spec says a device shows:
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import random
@@ -44,7 +45,19 @@ READ_OPCODES = frozenset({NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY})
 WRITE_OPCODES = frozenset({NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES})
 #: Which commands a fault's ``op`` selects.
 OPS = {"read": READ_OPCODES, "write": WRITE_OPCODES, "rw": READ_OPCODES | WRITE_OPCODES}
-KINDS = ("media", "latency", "delay", "drop")
+
+
+class FaultKind(enum.StrEnum):
+    """What a fault does to the commands it matches (the module docstring says what the host
+    sees). The values are the control plane's vocabulary: ``fault_add``'s ``kind``, ``nvme-emu
+    ctl fault KIND``, and what ``fault_list`` reports."""
+
+    MEDIA = "media"
+    LATENCY = "latency"
+    DELAY = "delay"
+    DROP = "drop"
+
+
 DISTRIBUTIONS = ("fixed", "uniform", "exponential", "normal")
 #: The longest latency or delay a fault may add: far past any host's command timeout
 #: (Linux: 30 s by default), and a deadline every timer can hold. NaN, Infinity and 1e300
@@ -55,7 +68,7 @@ U64_MAX = (1 << 64) - 1
 #: ``fault_add``'s parameters (the control plane declares them with this; parse_fault checks them).
 _LATENCY_US = Param(ParamType.NUMBER, minimum=0, maximum=MAX_FAULT_US)
 FAULT_PARAMS: Schema = {
-    "kind": Param(ParamType.STRING, required=True, choices=KINDS),
+    "kind": Param(ParamType.STRING, required=True, choices=tuple(FaultKind)),
     "nsid": Param(ParamType.INTEGER, minimum=0, maximum=NSID_ALL - 1),  # 0: every namespace
     "slba": Param(ParamType.INTEGER, minimum=0, maximum=U64_MAX),
     "nlb": Param(ParamType.INTEGER, minimum=0, maximum=U64_MAX),  # 0: to the end
@@ -75,7 +88,7 @@ class Fault:
     """One configured fault; ``remaining`` None means every matching command, forever."""
 
     id: int
-    kind: str
+    kind: FaultKind
     nsid: int = 0  # 0: every namespace
     slba: int = 0
     nlb: int = 0  # 0: to the end of the namespace
@@ -116,20 +129,21 @@ class Fault:
         return min(max(us, 0.0), MAX_FAULT_US) / 1e6  # a draw from a wide distribution stays in range too
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        """The fault as the control plane reports it (plain JSON values: ``kind`` its string)."""
+        return {**self.__dict__, "kind": self.kind.value}
 
 
 def parse_fault(fault_id: int, params: dict[str, Any]) -> Fault:
     """A Fault from control-plane parameters (:data:`FAULT_PARAMS`); ValueError names what is wrong."""
     check_params(FAULT_PARAMS, params)
     p = {k: v for k, v in params.items() if v is not None}
-    kind = p.pop("kind")
+    kind = FaultKind(p.pop("kind"))
     if "delay_ms" in p:
         p["us"] = float(p.pop("delay_ms")) * 1000
-    if kind == "delay":
+    if kind is FaultKind.DELAY:
         p.setdefault("remaining", 1)
     fault = Fault(fault_id, kind, **p)
-    if kind in ("latency", "delay") and fault.dist == "uniform" and fault.max_us < fault.min_us:
+    if kind in (FaultKind.LATENCY, FaultKind.DELAY) and fault.dist == "uniform" and fault.max_us < fault.min_us:
         raise ValueError("uniform latency needs min_us <= max_us")
     return fault
 
@@ -174,7 +188,7 @@ class FaultInjector:
         fault = parse_fault(next(self._ids), params)
         self.faults[fault.id] = fault
         self._install()
-        if fault.kind == "media" and fault.op in ("read", "rw"):
+        if fault.kind is FaultKind.MEDIA and fault.op in ("read", "rw"):
             self.state.lba_status.fault_ranges[fault.id] = (fault.nsid, fault.slba, fault.nlb)
             lba_status_changed(self.state, self._hooks, added=True)
         log.warning("fault %d injected: %s", fault.id, fault.describe())
@@ -218,7 +232,7 @@ class FaultInjector:
         for fault in list(self.faults.values()):
             if not fault.matches(opc, nsid, slba, nlb):
                 continue
-            if fault.kind == "media":
+            if fault.kind is FaultKind.MEDIA:
                 if nsid not in self.state.namespaces:
                     break  # not a media error: the command fails as it would anyway
                 return self._media_error(sq, e, fault, slba)
@@ -227,7 +241,7 @@ class FaultInjector:
         if timing is None:
             return self._inner(sq, e)
         timing.hit()
-        if timing.kind == "drop":
+        if timing.kind is FaultKind.DROP:
             self.counters.dropped += 1
             log.info("fault %d: dropped command %d of SQ %d", timing.id, cid, sq.qid)
             return DEFERRED  # no request begun: nothing waits for it but the host

@@ -9,15 +9,15 @@ import pytest
 
 from nvme_emu.backends.ram import RamBackend
 from nvme_emu.controller import Controller
-from nvme_emu.faults import Fault, parse_fault
+from nvme_emu.faults import Fault, FaultKind, parse_fault
 from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.spec import NvmOpcode
 
 
 def test_parse_defaults_and_refusals():
-    f = parse_fault(1, {"kind": "media", "nsid": 2, "slba": 10, "nlb": 4})
-    assert (f.kind, f.op, f.remaining) == ("media", "rw", None)
+    f = parse_fault(1, {"kind": "media", "nsid": 2, "slba": 10, "nlb": 4})  # the control plane's strings
+    assert (f.kind, f.op, f.remaining) == (FaultKind.MEDIA, "rw", None) and f.kind is FaultKind.MEDIA
     assert parse_fault(2, {"kind": "delay", "delay_ms": 40}).us == 40_000
     assert parse_fault(3, {"kind": "delay", "delay_ms": 1}).remaining == 1
     for bad in ({"kind": "x"}, {"kind": "media", "op": "trim"}, {"kind": "latency", "dist": "zipf"},
@@ -27,7 +27,7 @@ def test_parse_defaults_and_refusals():
 
 
 def test_matching_ranges_ops_and_counts():
-    f = Fault(1, "media", nsid=1, slba=100, nlb=8, op="read", remaining=2)
+    f = Fault(1, FaultKind.MEDIA, nsid=1, slba=100, nlb=8, op="read", remaining=2)
     assert f.matches(NvmOpcode.READ, 1, 96, 8) and f.first_lba(96) == 100
     assert f.matches(NvmOpcode.VERIFY, 1, 107, 1)
     assert not f.matches(NvmOpcode.READ, 1, 108, 8)  # just past
@@ -37,7 +37,7 @@ def test_matching_ranges_ops_and_counts():
     f.hit()
     f.hit()
     assert not f.matches(NvmOpcode.READ, 1, 100, 1)  # used up
-    whole = Fault(2, "drop")
+    whole = Fault(2, FaultKind.DROP)
     assert whole.matches(NvmOpcode.WRITE, 5, 1 << 40, 1)
 
 
@@ -58,8 +58,8 @@ def test_dispatch_untouched_without_faults():
     try:
         assert ctrl.nvm.execute.__func__ is NvmCommands.execute
         hooks = ctrl.nvm.hooks
-        first = ctrl.faults.add({"kind": "drop"})
-        second = ctrl.faults.add({"kind": "media", "nsid": 1})
+        first = ctrl.faults.add({"kind": FaultKind.DROP})
+        second = ctrl.faults.add({"kind": FaultKind.MEDIA, "nsid": 1})
         assert ctrl.nvm.execute == ctrl.faults.execute and ctrl.nvm.hooks is not hooks
         ctrl.faults.remove(first.id)
         assert ctrl.nvm.execute == ctrl.faults.execute  # one is left

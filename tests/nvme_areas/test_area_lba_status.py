@@ -13,7 +13,7 @@ from .area_helpers import BUF, Area, sqe
 
 from nvme_emu.admin import AdminCommands
 from nvme_emu.backends.file import FileBackend
-from nvme_emu.faults import FaultInjector
+from nvme_emu.faults import FaultInjector, FaultKind
 from nvme_emu.health import smart_log
 from nvme_emu.identify import identify_controller
 from nvme_emu.log_page import log_page
@@ -170,8 +170,8 @@ def mark(nvm: NvmCommands, area: Area, *ranges: tuple[int, int]) -> None:
 def test_get_lba_status_reports_marks_and_media_faults(area: Area, nvm: NvmCommands):
     mark(nvm, area, (10, 5), (100, 3))
     faults = FaultInjector(area.state, nvm, call_later=lambda s, fn: None)
-    fault = faults.add({"kind": "media", "nsid": 1, "slba": 200, "nlb": 8, "op": "read"})
-    faults.add({"kind": "media", "nsid": 1, "slba": 400, "nlb": 8, "op": "write"})  # reads are fine there
+    fault = faults.add({"kind": FaultKind.MEDIA, "nsid": 1, "slba": 200, "nlb": 8, "op": "read"})
+    faults.add({"kind": FaultKind.MEDIA, "nsid": 1, "slba": 400, "nlb": 8, "op": "write"})  # reads are fine there
     for atype in (ATYPE_TRACKED, ATYPE_SCAN):
         st, nlsd, cmpc, descs, raw = get_lba_status(area, 0, atype=atype, rl=1000)
         assert (st, nlsd, cmpc) == (Status.SUCCESS, 3, 2)

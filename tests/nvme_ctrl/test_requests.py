@@ -22,6 +22,7 @@ from .ctrl_helpers import PAGE
 from nvme_emu.backends.file import FileBackend
 from nvme_emu.backends.ram import RamBackend
 from nvme_emu.controller import ControllerConfig
+from nvme_emu.faults import FaultKind
 from nvme_emu.function import NvmeFunction
 from nvme_emu.namespace import Namespace
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
@@ -501,7 +502,7 @@ def test_bus_master_clear_holds_delayed_completions_and_coalesced_interrupts(rig
     """A completion the fault injector delays, and the interrupt a coalescing timer would
     raise: neither is posted nor raised while BME is clear, both once it is set again."""
     n = rig.nvme
-    rig.srv.call(lambda: rig.ctrl.faults.add({"kind": "latency", "nsid": RAM_NSID, "us": 200_000, "op": "read", "remaining": 1}))
+    rig.srv.call(lambda: rig.ctrl.faults.add({"kind": FaultKind.LATENCY, "nsid": RAM_NSID, "us": 200_000, "op": "read", "remaining": 1}))
     _irqs(n.efds[1])
     delayed = n.submit(1, NvmOpcode.READ, nsid=RAM_NSID, prp1=n.alloc(PAGE), cdw10=0, cdw12=7)
     n.sync()

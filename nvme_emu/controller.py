@@ -132,7 +132,10 @@ class Controller:
         self.state.admin_opcodes = frozenset(self.admin.handlers)
         self.state.io_opcodes = self.nvm.opcodes
         #: Injected faults (the control plane's); out of the I/O path while there are none.
-        self.faults = FaultInjector(self.state, self.nvm, self.call_later)
+        self.faults = FaultInjector(self.state, self.nvm, self.call_later, on_change=self._faults_changed)
+        #: The I/O dispatcher the queue loop calls: the NVM command set, or the fault wrapper
+        #: in front of it while faults are configured (:meth:`_faults_changed`).
+        self.io: NvmCommands | FaultInjector = self.nvm
         #: Set by a doorbell path that shares its doorbell page (shadow, poll).
         self.cq_head_source: CqHeadSource | None = None
         self._reset_state()
@@ -179,6 +182,14 @@ class Controller:
         """A deleted CQ takes its coalescing timer along (a new CQ may reuse the QID)."""
         if event is QueueEvent.DELETE_CQ:
             self.coalescing.cancel(qid)
+
+    def _faults_changed(self) -> None:
+        """The first fault was added or the last removed: I/O goes through the fault wrapper
+        only while there are faults, so a fault-free controller pays nothing for them. The
+        NVM command set's hooks change with it (a delayed request's completion waits)."""
+        active = self.faults.active
+        self.io = self.faults if active else self.nvm
+        self.nvm.hooks = self.faults.hooks if active else self.hooks
 
     def async_event(self, event_type: int, info: int, log_page: int) -> None:
         """Post an asynchronous event (the ``async_event`` hook)."""
@@ -645,7 +656,7 @@ class Controller:
         batch runs the same loop with each handler call timed (one branch per batch)."""
         n = 0
         deferred, in_flight = 0, DEFERRED
-        execute = self.nvm.execute if sampled is None else self.state.latency.timed(self.nvm.execute, sampled[0])
+        execute = self.io.execute if sampled is None else self.state.latency.timed(self.io.execute, sampled[0])
         try:
             sq_view = sq.ring.view(memory, write=False)
             store_cqe = cq.ring.atomic(memory).store_cqe

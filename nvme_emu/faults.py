@@ -1,10 +1,12 @@
 """Fault injection on the NVM I/O path: media errors on LBA ranges, added latency, delayed
 or dropped completions. The control plane configures them (:mod:`nvme_emu.control`).
 
-Without faults the I/O path does not know this module exists: installing the first fault
-puts :meth:`FaultInjector.execute` in front of :meth:`NvmCommands.execute
-<nvme_emu.nvm.NvmCommands.execute>` (an instance attribute the queue loop reads once per
-batch), and removing the last takes it away again, so a fault-free controller pays nothing.
+Without faults the I/O path does not know this module exists: the controller dispatches I/O
+through ``Controller.io``, which is the :class:`~nvme_emu.nvm.NvmCommands` itself while no
+fault is configured and this module's :class:`FaultInjector` (whose :meth:`~FaultInjector.
+execute` wraps :meth:`NvmCommands.execute <nvme_emu.nvm.NvmCommands.execute>`) while one is;
+the first fault added and the last one removed switch it (``on_change``). The queue loop
+reads ``io.execute`` once per batch, so a fault-free controller pays nothing.
 
 What the host sees is what the spec says a device shows:
 
@@ -35,7 +37,7 @@ from .nvm import NvmCommands
 from .queue import SubmissionQueue
 from .spec import NSID_ALL, NvmeError, NvmOpcode, RwCdw12, Status
 from .sqe import CDW10, CDW11, CDW12, CID, NSID, OPC
-from .outcome import DEFERRED
+from .outcome import DEFERRED, Deferred
 from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
@@ -164,11 +166,17 @@ CallLater = Callable[[float, Callable[[], None]], Any]
 
 @dataclass(eq=False)
 class FaultInjector:
-    """The fault table of one controller and the wrapper that applies it to I/O."""
+    """The fault table of one controller and the wrapper that applies it to I/O.
+
+    While :attr:`active`, the controller dispatches I/O through :meth:`execute` instead of
+    ``nvm.execute`` and gives the NVM command set :attr:`hooks`, whose ``finish_request``
+    holds back the completions of delayed requests that ran on the I/O pool; ``on_change``
+    tells it when :attr:`active` changed."""
 
     state: ControllerState
     nvm: NvmCommands
     call_later: CallLater
+    on_change: Callable[[], None] = lambda: None
     rng: random.Random = field(default_factory=random.Random)
     faults: dict[int, Fault] = field(default_factory=dict)
     counters: FaultCounters = field(default_factory=FaultCounters)
@@ -177,17 +185,26 @@ class FaultInjector:
     _late: dict[tuple[SubmissionQueue, int], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._inner = NvmCommands.execute.__get__(self.nvm)
+        self._inner = self.nvm.execute
         self._hooks: ControllerHooks = self.nvm.hooks
         self._finish = self._hooks.finish_request
         self._begin = self._hooks.begin_request
+        #: The NVM command set's hooks while faults are active: finishing a request may wait.
+        self.hooks = replace(self._hooks, finish_request=self._finish_late)
+
+    @property
+    def active(self) -> bool:
+        """Some fault is configured: I/O must go through :meth:`execute`."""
+        return bool(self.faults)
 
     # -- the table ---------------------------------------------------------------------
 
     def add(self, params: dict[str, Any]) -> Fault:
         fault = parse_fault(next(self._ids), params)
+        first = not self.faults
         self.faults[fault.id] = fault
-        self._install()
+        if first:
+            self.on_change()
         if fault.kind is FaultKind.MEDIA and fault.op in ("read", "rw"):
             self.state.lba_status.fault_ranges[fault.id] = (fault.nsid, fault.slba, fault.nlb)
             lba_status_changed(self.state, self._hooks, added=True)
@@ -204,8 +221,8 @@ class FaultInjector:
             if not n:
                 raise ValueError(f"no fault {fault_id}")
         self._untrack(*(self.state.lba_status.fault_ranges if fault_id is None else [fault_id]))
-        if not self.faults:
-            self._uninstall()
+        if n and not self.faults:
+            self.on_change()
         return n
 
     def _untrack(self, *fault_ids: int) -> None:
@@ -214,17 +231,9 @@ class FaultInjector:
         if any([ranges.pop(i, None) is not None for i in fault_ids]):
             lba_status_changed(self.state, self._hooks, added=False)
 
-    def _install(self) -> None:
-        self.nvm.execute = self.execute  # type: ignore[method-assign]
-        self.nvm.hooks = replace(self._hooks, finish_request=self._finish_late)
-
-    def _uninstall(self) -> None:
-        self.nvm.__dict__.pop("execute", None)
-        self.nvm.hooks = self._hooks
-
     # -- the I/O path ------------------------------------------------------------------
 
-    def execute(self, sq: SubmissionQueue, e: tuple):
+    def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int] | Deferred:
         """:meth:`NvmCommands.execute` with the faults that match ``e`` applied."""
         opc, nsid, cid = e[OPC], e[NSID], e[CID]
         slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & RwCdw12.NLB_MASK) + 1

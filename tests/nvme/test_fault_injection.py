@@ -56,16 +56,19 @@ def test_distributions_stay_in_bounds():
 def test_dispatch_untouched_without_faults():
     ctrl = Controller([Namespace(1, RamBackend(1 << 20))])
     try:
-        assert ctrl.nvm.execute.__func__ is NvmCommands.execute
         hooks = ctrl.nvm.hooks
+        assert ctrl.io is ctrl.nvm and not ctrl.faults.active
         first = ctrl.faults.add({"kind": FaultKind.DROP})
         second = ctrl.faults.add({"kind": FaultKind.MEDIA, "nsid": 1})
-        assert ctrl.nvm.execute == ctrl.faults.execute and ctrl.nvm.hooks is not hooks
+        assert ctrl.io is ctrl.faults and ctrl.nvm.hooks is ctrl.faults.hooks is not hooks
         ctrl.faults.remove(first.id)
-        assert ctrl.nvm.execute == ctrl.faults.execute  # one is left
+        assert ctrl.io is ctrl.faults  # one is left
         ctrl.faults.remove(second.id)
-        assert ctrl.nvm.execute.__func__ is NvmCommands.execute and ctrl.nvm.hooks is hooks
+        assert ctrl.io is ctrl.nvm and ctrl.nvm.hooks is hooks
+        assert ctrl.nvm.execute.__func__ is NvmCommands.execute  # never patched
         with pytest.raises(ValueError):
             ctrl.faults.remove(second.id)
+        ctrl.faults.add({"kind": FaultKind.DROP})
+        assert ctrl.faults.remove() == 1 and ctrl.io is ctrl.nvm  # cleared all at once
     finally:
         ctrl.close()

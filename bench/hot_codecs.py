@@ -13,7 +13,8 @@ from common import RESULTS, format_table, machine, write_json
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-from nvme_emu.queue import CQE, SQE
+from nvme_emu.queue import CQE
+from nvme_emu.sqe import SQE
 from vfio_user import messages as m
 
 #: The SQE and CQE as construct would declare them, for the comparison only.

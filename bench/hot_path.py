@@ -129,6 +129,8 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
             nsze = NS_SIZE // 512
             n = max(qd, ios // qd * qd)
             rng = np.random.default_rng(qd)
+            # the SQE layout written out here, not nvme_emu.sqe.SQE_DTYPE: this runs other trees'
+            # nvme_emu too (--child), older ones without it (the layout is the spec's, in every tree)
             dt = np.dtype([("opc", "u1"), ("flags", "u1"), ("cid", "<u2"), ("nsid", "<u4"), ("pad", "<u8"), ("mptr", "<u8"), ("prp1", "<u8"),
                            ("prp2", "<u8"), ("cdw10", "<u4"), ("cdw11", "<u4"), ("cdw12", "<u4"), ("rest", "<u4", 3)])
             a = np.zeros(n, dtype=dt)

@@ -53,6 +53,7 @@ from tests.support.server import NVME_EMU_READY
 from nvme_emu.atomics import fence
 from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
 from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
+from nvme_emu.sqe import SQE_DTYPE
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType
 from vfio_user.messages import HEADER, REGION_ACCESS
@@ -76,13 +77,6 @@ STALL_NS = 10 * 10**9  # a batch whose completions take this long is a stall: re
 
 class Stall(RuntimeError):
     pass
-
-
-SQE_DTYPE = np.dtype(
-    [("opc", "u1"), ("flags", "u1"), ("cid", "<u2"), ("nsid", "<u4"), ("cdw2", "<u4"), ("cdw3", "<u4"), ("mptr", "<u8"), ("prp1", "<u8"), ("prp2", "<u8"),
-     ("cdw10", "<u4"), ("cdw11", "<u4"), ("cdw12", "<u4"), ("cdw13", "<u4"), ("cdw14", "<u4"), ("cdw15", "<u4")]
-)
-assert SQE_DTYPE.itemsize == 64
 
 
 class Rig:

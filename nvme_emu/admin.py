@@ -25,8 +25,8 @@ from .log_page import get_log_page
 from .namespace_management import namespace_attachment, namespace_management
 from .queue import SubmissionQueue
 from .queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
-from .spec import AdminOpcode, NvmeError, Status
-from .sqe import CID, FLAGS, NSID, OPC
+from .spec import AdminOpcode, Fuse, NvmeError, Psdt, Status
+from .sqe import CID, NSID, OPC, fuse, psdt
 from .outcome import DEFERRED
 from .state import ControllerConfig, ControllerHooks, ControllerState
 from vfio_user.dma_guard import FAULTS as _FAULTS
@@ -78,9 +78,9 @@ class AdminCommands:
         try:
             if handler is None:
                 raise NvmeError(Status.INVALID_OPCODE, f"admin opcode {e[OPC]:#x}")
-            if e[FLAGS] & 0x03:
+            if fuse(e) is not Fuse.NORMAL:
                 raise NvmeError(Status.INVALID_FIELD, "fused admin command")
-            if e[FLAGS] >> 6:
+            if psdt(e) is not Psdt.PRP:
                 raise NvmeError(Status.INVALID_FIELD, "admin commands take PRPs, not SGLs")
             dw0 = handler(self.state, self.hooks, sq, e)
             if _FAULTS[0] != faults:  # its data went to (or came from) a scratch page

@@ -31,7 +31,7 @@ from .faults import FaultInjector
 from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
 from .nvm import NvmCommands
-from .queue import SQE, CompletionQueue, QueueEvent, RingUnavailable, SubmissionQueue
+from .queue import CompletionQueue, QueueEvent, RingUnavailable, SubmissionQueue
 from .spec import (
     CQE_PHASE,
     CQE_SIZE,
@@ -49,6 +49,7 @@ from .spec import (
     Status,
 )
 from .outcome import DEFERRED
+from .sqe import SQE
 from .state import ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
 from .timer import FineTimers
 

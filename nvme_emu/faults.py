@@ -35,8 +35,8 @@ from .jsonrpc import Param, ParamType, Schema, check_params
 from .lba_status import lba_status_changed
 from .nvm import NvmCommands
 from .queue import SubmissionQueue
-from .spec import NSID_ALL, NvmeError, NvmOpcode, RwCdw12, Status
-from .sqe import CDW10, CDW11, CDW12, CID, NSID, OPC
+from .spec import NSID_ALL, NvmeError, NvmOpcode, Status
+from .sqe import CID, NSID, OPC, lba_range
 from .outcome import DEFERRED, Deferred
 from .state import ControllerHooks, ControllerState
 
@@ -236,7 +236,7 @@ class FaultInjector:
     def execute(self, sq: SubmissionQueue, e: tuple) -> tuple[int, int] | Deferred:
         """:meth:`NvmCommands.execute` with the faults that match ``e`` applied."""
         opc, nsid, cid = e[OPC], e[NSID], e[CID]
-        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & RwCdw12.NLB_MASK) + 1
+        slba, nlb = lba_range(e)
         timing = None
         for fault in list(self.faults.values()):
             if not fault.matches(opc, nsid, slba, nlb):

@@ -30,7 +30,7 @@ from .spec import (
     NvmeError,
     Status,
 )
-from .sqe import CDW10, CDW11, CDW12, CDW13, NSID
+from .sqe import CDW12, CDW13, NSID, starting_lba
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host
 
@@ -80,7 +80,7 @@ def tracked_ranges(state: ControllerState, ns: "Namespace") -> LbaRanges:
 def get_lba_status(state: ControllerState, hooks: ControllerHooks, sq: "SubmissionQueue", e: tuple) -> int:
     """The LBA Status Descriptor List of [SLBA, SLBA + RL), as much as MNDW + 1 dwords hold."""
     ns = state.active_namespace(e[NSID])  # 0h and FFFFFFFFh included: Invalid Namespace or Format
-    slba, mndw = e[CDW11] << 32 | e[CDW10], e[CDW12]
+    slba, mndw = starting_lba(e), e[CDW12]
     atype, rl = e[CDW13] >> 24, e[CDW13] & 0xFFFF
     if atype not in SERVED_ACTIONS:
         raise NvmeError(Status.INVALID_FIELD, f"Get LBA Status action type {atype:#x}")

@@ -33,7 +33,7 @@ from .inline_budget import InlineBudget
 from .lba_status import lba_status_changed
 from .namespace import Namespace
 from .queue import SubmissionQueue
-from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2
+from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2, lba_range, psdt, starting_lba
 from .spec import (
     COPY_DESCRIPTOR_FORMAT0_SIZE,
     COPY_MAX_LBAS,
@@ -45,6 +45,7 @@ from .spec import (
     DsmAttr,
     NvmeError,
     NvmOpcode,
+    Psdt,
     RwCdw12,
     Status,
 )
@@ -109,7 +110,7 @@ class NvmCommands:
         opc = e[OPC]
         faults = _FAULTS[0]  # SIGBUSes absorbed in guest memory so far (vfio_user.dma_guard)
         try:
-            if e[FLAGS] & 0x03:
+            if e[FLAGS] & 0x03:  # sqe.fuse(e) is not Fuse.NORMAL, inlined
                 raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
             if opc == _FLUSH:
                 return self._done_or_start(sq, e, self.flush(e))
@@ -140,7 +141,7 @@ class NvmCommands:
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
         if isinstance(err, NvmeError):
-            lba = err.lba if isinstance(err, UnrecoveredRead) else e[CDW11] << 32 | e[CDW10]
+            lba = err.lba if isinstance(err, UnrecoveredRead) else starting_lba(e)
             self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=lba)
             return err.status_field
         # a bug must cost one command (Internal Error), not the whole batch
@@ -219,10 +220,10 @@ class NvmCommands:
         memory = self.state.memory
         if memory is None:  # the client went while this command waited
             raise NvmeError(Status.DATA_TRANSFER_ERROR, "no host memory")
-        psdt = e[FLAGS] >> 6
-        if psdt == 0:
+        pointer = psdt(e)
+        if pointer is Psdt.PRP:
             return prp.prp_views(memory, e[PRP1], e[PRP2], length, self.state.page_size, write=to_host)
-        if psdt == 3:
+        if pointer is None:
             raise NvmeError(Status.INVALID_FIELD, "reserved PSDT")
         return prp.sgl_views(memory, struct.pack("<QQ", e[PRP1], e[PRP2]), length, write=to_host)
 
@@ -234,10 +235,6 @@ class NvmCommands:
         finally:
             prp.release_views(views)
 
-    @staticmethod
-    def _lba_range(e: tuple) -> tuple[int, int]:
-        return e[CDW11] << 32 | e[CDW10], (e[CDW12] & RwCdw12.NLB_MASK) + 1
-
     # -- commands ------------------------------------------------------------------------------
 
     def _page_view(self, e: tuple, length: int, *, to_host: bool) -> memoryview | None:
@@ -246,12 +243,12 @@ class NvmCommands:
         (one page is never past MDTS, and the view is the command's length). None: the
         general path, which also reports anything wrong."""
         memory = self.state.memory
-        if memory is None or e[FLAGS] >> 6:  # SGLs, and a gone client, go the general way
+        if memory is None or e[FLAGS] >> 6:  # SGLs (sqe.psdt(e) is not Psdt.PRP, inlined) and a gone client go the general way
             return None
         return prp.single_page_view(memory, e[PRP1], length, write=to_host)
 
     def read(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
+        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # sqe.lba_range(e), inlined
         ns.check_range(slba, nlb)
         length = nlb << ns.lba_shift
         view = self._page_view(e, length, to_host=True)
@@ -308,7 +305,7 @@ class NvmCommands:
         return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length), ns.backend.inline_budget)
 
     def write(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # _lba_range, inlined
+        slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # sqe.lba_range(e), inlined
         ns.check_range(slba, nlb)
         length = nlb << ns.lba_shift
         view = self._page_view(e, length, to_host=False)
@@ -339,7 +336,7 @@ class NvmCommands:
         return 0
 
     def compare(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = self._lba_range(e)
+        slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
@@ -359,7 +356,7 @@ class NvmCommands:
         return 0
 
     def verify(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = self._lba_range(e)
+        slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
         if ns.blocking:
@@ -368,7 +365,7 @@ class NvmCommands:
         return 0
 
     def write_zeroes(self, ns: Namespace, e: tuple) -> int | Work:
-        slba, nlb = self._lba_range(e)
+        slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         zero = partial(ns.write_zeroes, slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
         if ns.blocking:
@@ -416,7 +413,7 @@ class NvmCommands:
         return 0
 
     def copy(self, ns: Namespace, e: tuple) -> int | Work:
-        sdlba = e[CDW11] << 32 | e[CDW10]
+        sdlba = starting_lba(e)  # SDLBA sits where the others' SLBA does
         nr = (e[CDW12] & 0xFF) + 1
         desfmt = (e[CDW12] >> 8) & 0xF
         if desfmt != 0:
@@ -450,7 +447,7 @@ class NvmCommands:
 
     def write_uncorrectable(self, ns: Namespace, e: tuple) -> int:
         """Mark the range; in memory, so done at once on every backend (no data moves)."""
-        slba, nlb = self._lba_range(e)
+        slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         if ns.uncorrectable.add(slba, nlb):
             self._marks_changed(added=True)
@@ -459,13 +456,13 @@ class NvmCommands:
     def _read_marked(self, ns: Namespace, e: tuple) -> int | Work:
         """:meth:`read` while some namespace has marks."""
         if ns.uncorrectable:
-            check_readable(ns, *self._lba_range(e))
+            check_readable(ns, *lba_range(e))
         return self.read(ns, e)
 
     def _write_marked(self, ns: Namespace, e: tuple) -> int | Work:
         """:meth:`write` while some namespace has marks: a completed Write clears its range."""
         result = self.write(ns, e)
-        return self._clearing(ns, [self._lba_range(e)], result) if ns.uncorrectable else result
+        return self._clearing(ns, [lba_range(e)], result) if ns.uncorrectable else result
 
     def _clearing(self, ns: Namespace, ranges: list[tuple[int, int]], result: int | Work) -> int | Work:
         """``result``, and the marks on ``ranges`` gone once it succeeded: now, or when its

@@ -1,7 +1,7 @@
 """Submission and completion queues over DMA-mapped guest memory, and the host's shadow
 doorbell buffer beside them.
 
-Hot path: one ``struct.unpack_from`` per SQE straight out of the guest's ring (no copy)
+Hot path: one ``struct.unpack_from`` per SQE (:data:`nvme_emu.sqe.SQE`) straight out of the guest's ring (no copy)
 and one CQE stored phase-last (a release store, nvme_emu/atomics.py); struct measured faster than numpy record views for single entries
 (bench/README.md, "hot path"). Ring views are resolved lazily and dropped when the client
 unmaps the memory under them. The shadow doorbell and EventIdx pages
@@ -23,12 +23,11 @@ from vfio_user.dma import DmaError, GuestMemory
 
 from .atomics import AtomicBuffer
 from .spec import CQE_PHASE, CQE_SIZE, SQE_SIZE
+from .sqe import SQE
 
-#: opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
-SQE = struct.Struct("<BBHIIIQQQIIIIII")
 #: dw0, dw1, sqhd, sqid, cid, status|phase
 CQE = struct.Struct("<IIHHHH")
-assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
+assert CQE.size == CQE_SIZE
 
 
 class RingUnavailable(Exception):
@@ -185,7 +184,7 @@ class SubmissionQueue:
         return self.head == self.tail
 
     def fetch(self, memory: GuestMemory) -> tuple:
-        """The SQE at head as a tuple (see :data:`SQE`); advances head."""
+        """The SQE at head as a tuple (:data:`nvme_emu.sqe.SQE`); advances head."""
         view = self.ring.view(memory, write=False)
         entry = SQE.unpack_from(view, self.head * SQE_SIZE)
         self.head += 1

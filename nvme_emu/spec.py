@@ -866,46 +866,13 @@ class Aqa:
 
 
 # ---------------------------------------------------------------------------------------------
-# Queue entries (hot path: byte offsets for struct/numpy)
+# Queue entries (their layouts: nvme_emu.sqe.SQE, nvme_emu.queue.CQE)
 # ---------------------------------------------------------------------------------------------
 
-
-class Sqe:
-    """Byte offsets inside a 64-byte Submission Queue Entry."""
-
-    OPC = 0  # u8
-    FLAGS = 1  # u8: FUSE bits 1:0, PSDT bits 7:6 (CDW0 bits 9:8 and 15:14)
-    CID = 2  # u16
-    NSID = 4  # u32
-    CDW2 = 8
-    CDW3 = 12
-    MPTR = 16  # u64
-    DPTR = 24  # 16 bytes: PRP1 + PRP2, or SGL1
-    PRP1 = 24  # u64
-    PRP2 = 32  # u64
-    CDW10 = 40
-    CDW11 = 44
-    CDW12 = 48
-    CDW13 = 52
-    CDW14 = 56
-    CDW15 = 60
-
-
+#: Command Dword 0: FUSE bits 9:8, PSDT bits 15:14, CID bits 31:16 (nvme_emu.sqe decodes them).
 CDW0_FUSE_SHIFT, CDW0_FUSE_MASK = 8, 0x3
 CDW0_PSDT_SHIFT, CDW0_PSDT_MASK = 14, 0x3
 CDW0_CID_SHIFT = 16
-
-
-class Cqe:
-    """Byte offsets inside a 16-byte Completion Queue Entry."""
-
-    DW0 = 0  # u32 command specific
-    DW1 = 4  # u32 command specific
-    SQHD = 8  # u16
-    SQID = 10  # u16
-    CID = 12  # u16
-    STATUS = 14  # u16: phase tag bit 0, Status Field bits 15:1
-
 
 CQE_PHASE = 1  #: phase tag bit in the CQE status word
 

@@ -17,6 +17,7 @@ from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.queue import CompletionQueue, SubmissionQueue
 from nvme_emu.spec import CQES_LOG2, SQES_LOG2, Cc, NvmeError, Status
+from nvme_emu.sqe import SQE
 from nvme_emu.state import ControllerConfig, ControllerHooks, ControllerState
 from vfio_user.dma import DMA_FLAG_READ, DMA_FLAG_WRITE, DmaTable, GuestMemory
 from vfio_user.memfd import sealed_memfd
@@ -131,10 +132,11 @@ class Area:
 
 
 def sqe(opc: int = 0, *, flags: int = 0, cid: int = 1, nsid: int = 0, prp1: int = 0, prp2: int = 0, **cdw: int) -> tuple:
-    """A decoded SQE (the tuple queue.SQE unpacks), from keyword fields; cdw10..cdw15."""
+    """A decoded SQE, from keyword fields; cdw10..cdw15. Packed and unpacked by
+    :data:`nvme_emu.sqe.SQE`, so it is exactly what the queue loop would hand a handler."""
     dws = [cdw.pop(f"cdw{i}", 0) for i in range(10, 16)]
     assert not cdw, f"unknown fields {sorted(cdw)}"
-    return (opc, flags, cid, nsid, 0, 0, 0, prp1, prp2, *dws)
+    return SQE.unpack(SQE.pack(opc, flags, cid, nsid, 0, 0, 0, prp1, prp2, *dws))
 
 
 def make_state(memory: GuestMemory, config: ControllerConfig | None = None, *, namespaces: int = 1) -> ControllerState:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import common
 from nvme_emu.testing.host import HostMemory, NvmeHost
-from nvme_emu.spec import NvmOpcode
+from nvme_emu.spec.commands import NvmOpcode
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.libvfio.library import unavailable_reason
 

@@ -61,7 +61,11 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
     from nvme_emu.function import NvmeFunction
     from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
     from nvme_emu.namespace import Namespace
-    from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
+    try:  # the spec's numbers where this tree keeps them: --child runs other trees' nvme_emu too
+        from nvme_emu.spec.commands import AdminOpcode, NvmOpcode
+        from nvme_emu.spec.registers import Reg
+    except ImportError:  # a tree from before nvme_emu/spec.py became a package (issue 24)
+        from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # type: ignore[attr-defined, no-redef]
     from vfio_user.constants import IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IrqIndex, RegionIndex
     from vfio_user.device import DeviceContext
     from vfio_user.dma import DMA_FLAG_READ, DMA_FLAG_WRITE, DmaTable, GuestMemory

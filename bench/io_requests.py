@@ -30,7 +30,7 @@ import common
 import server_throughput as st
 
 from nvme_emu.testing.host import HostMemory, NvmeHost
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import IrqIndex
 

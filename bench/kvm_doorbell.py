@@ -71,7 +71,8 @@ if str(REPO) not in sys.path:
 from nvme_emu.doorbell import ShadowPath  # noqa: E402
 from nvme_emu.testing.host import HostMemory, NvmeHost  # noqa: E402
 from nvme_emu.sqe import SQE  # noqa: E402
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg  # noqa: E402
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode  # noqa: E402
+from nvme_emu.spec.registers import Reg  # noqa: E402
 from vfio_user.vmm import kvm as K  # noqa: E402
 from vfio_user.vmm import x86  # noqa: E402
 from vfio_user.vmm.memory import GuestRam, MemfdRegion  # noqa: E402

@@ -52,7 +52,8 @@ from tests.support.server import NVME_EMU_READY
 
 from nvme_emu.atomics import fence
 from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode
+from nvme_emu.spec.registers import Reg
 from nvme_emu.sqe import SQE_DTYPE
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 from vfio_user.constants import FLAG_NO_REPLY, Command, IrqIndex, MsgType

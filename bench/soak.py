@@ -31,7 +31,8 @@ from pathlib import Path
 
 import common
 from nvme_emu.testing.host import HostMemory, NvmeHost
-from nvme_emu.spec import AdminOpcode, FeatureId, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.features import FeatureId
 from vfio_user.constants import IrqIndex
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .queue import SubmissionQueue
-from .spec import NvmeError, Status
+from .spec.commands import NvmeError, Status
 from .sqe import CDW10
 from .state import ControllerHooks, ControllerState
 

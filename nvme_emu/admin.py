@@ -25,7 +25,7 @@ from .log_page import get_log_page
 from .namespace_management import namespace_attachment, namespace_management
 from .queue import SubmissionQueue
 from .queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
-from .spec import AdminOpcode, Fuse, NvmeError, Psdt, Status
+from .spec.commands import AdminOpcode, Fuse, NvmeError, Psdt, Status
 from .sqe import CID, NSID, OPC, fuse, psdt
 from .outcome import DEFERRED
 from .state import ControllerConfig, ControllerHooks, ControllerState

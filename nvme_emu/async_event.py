@@ -11,16 +11,9 @@ import logging
 from collections import deque
 
 from .queue import SubmissionQueue
-from .spec import (
-    ERROR_LOG_NOT_SPECIFIC,
-    AsyncEventConfig,
-    AsyncEventNotice,
-    AsyncEventType,
-    LogPageId,
-    NvmeError,
-    Status,
-    async_event_dw0,
-)
+from .spec.commands import NvmeError, Status
+from .spec.events import AsyncEventConfig, AsyncEventNotice, AsyncEventType, async_event_dw0
+from .spec.log_pages import ERROR_LOG_NOT_SPECIFIC, LogPageId
 from .sqe import CID
 from .outcome import DEFERRED
 from .state import ControllerHooks, ControllerState

@@ -22,7 +22,7 @@ from .function import NvmeFunction
 from .jsonrpc import Param, ParamType, Schema
 from .namespace import Namespace
 from .namespace_spec import open_namespace
-from .spec import NSID_ALL, NvmeError
+from .spec.commands import NSID_ALL, NvmeError
 
 log = logging.getLogger(__name__)
 

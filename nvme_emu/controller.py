@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from vfio_user.dma import GuestMemory
 
-from . import async_event, features, prp, spec
+from . import async_event, features, prp
 from .admin import AdminCommands
 from .aio import IoPool, ViewsPredicate
 from .atomics import fence
@@ -32,22 +32,10 @@ from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
 from .nvm import NvmCommands
 from .queue import CompletionQueue, QueueEvent, RingUnavailable, SubmissionQueue
-from .spec import (
-    CQE_PHASE,
-    CQE_SIZE,
-    SQE_SIZE,
-    Aqa,
-    Cap,
-    CapCss,
-    Cc,
-    CcCss,
-    Csts,
-    NvmeError,
-    Reg,
-    Shn,
-    Shst,
-    Status,
-)
+from .spec.commands import CQE_PHASE, CQE_SIZE, SQE_SIZE, NvmeError, Status
+from .spec.events import AsyncEventError
+from .spec.log_pages import ERROR_LOG_NOT_SPECIFIC
+from .spec.registers import NSSR_RESET_VALUE, Aqa, Cap, CapCss, Cc, CcCss, Csts, Reg, Shn, Shst
 from .outcome import DEFERRED
 from .sqe import SQE
 from .state import ControllerConfig, ControllerHooks, ControllerState, ErrorLog, HealthCounters
@@ -370,7 +358,7 @@ class Controller:
         elif offset == Reg.CC:
             self._write_cc(value)
         elif offset == Reg.NSSR:
-            if value == spec.NSSR_RESET_VALUE:
+            if value == NSSR_RESET_VALUE:
                 log.info("NVM subsystem reset")
                 self.full_reset()
                 self.state.csts |= Csts.NSSRO
@@ -503,7 +491,7 @@ class Controller:
         if is_cq:
             cq = state.cqs.get(qid)
             if cq is None:
-                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER)
+                self._bad_doorbell(AsyncEventError.INVALID_DOORBELL_REGISTER)
                 return
             if dbbuf is not None:
                 value = dbbuf.cq_head(qid)
@@ -513,11 +501,11 @@ class Controller:
             return
         sq = state.sqs.get(qid)
         if sq is None:
-            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_REGISTER, qid)
+            self._bad_doorbell(AsyncEventError.INVALID_DOORBELL_REGISTER, qid)
             return
         if dbbuf is not None:
             if value >= sq.size:  # the kick itself must be a valid tail
-                self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, qid)
+                self._bad_doorbell(AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, qid)
                 return
             value = dbbuf.sq_tail(qid)
         if self._accept_sq_tail(sq, value):
@@ -534,7 +522,7 @@ class Controller:
     def _accept_sq_tail(self, sq: SubmissionQueue, value: int) -> bool:
         """Validate and take an SQ tail value; an invalid one raises the error event instead."""
         if value >= sq.size:
-            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, sq.qid)
+            self._bad_doorbell(AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, sq.qid)
             return False
         sq.tail = value
         return True
@@ -542,7 +530,7 @@ class Controller:
     def _accept_cq_head(self, cq: CompletionQueue, value: int) -> bool:
         """Validate and take a CQ head value; an invalid one raises the error event instead."""
         if value >= cq.size:
-            self._bad_doorbell(spec.AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
+            self._bad_doorbell(AsyncEventError.INVALID_DOORBELL_WRITE_VALUE)
             return False
         cq.set_head(value)
         return True
@@ -555,7 +543,7 @@ class Controller:
             if value is not None:
                 self._accept_cq_head(cq, value)
 
-    def _bad_doorbell(self, info: spec.AsyncEventError, sqid: int = spec.ERROR_LOG_NOT_SPECIFIC) -> None:
+    def _bad_doorbell(self, info: AsyncEventError, sqid: int = ERROR_LOG_NOT_SPECIFIC) -> None:
         """A doorbell for a missing queue or beyond its size: an Error Information entry and
         an error event, nothing done."""
         async_event.doorbell_error(self.state, self.hooks, info, sqid)

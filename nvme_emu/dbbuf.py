@@ -13,7 +13,7 @@ read (or overwritten) only after the value itself.
 from __future__ import annotations
 
 from .queue import DoorbellBuffer, QueueEvent, SubmissionQueue
-from .spec import NvmeError, Status
+from .spec.commands import NvmeError, Status
 from .sqe import PRP1, PRP2
 from .state import ControllerHooks, ControllerState
 

@@ -38,7 +38,7 @@ from vfio_user.device import IoEventFd, Region, SharedMemory
 from .atomics import fence
 from .latency import Via, clock_ns
 from .queue import QueueEvent, RingUnavailable
-from .spec import Reg
+from .spec.registers import Reg
 from .timer import FineTimers
 
 if TYPE_CHECKING:

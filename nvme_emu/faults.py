@@ -35,7 +35,7 @@ from .jsonrpc import Param, ParamType, Schema, check_params
 from .lba_status import lba_status_changed
 from .nvm import NvmCommands
 from .queue import SubmissionQueue
-from .spec import NSID_ALL, NvmeError, NvmOpcode, Status
+from .spec.commands import NSID_ALL, NvmOpcode, NvmeError, Status
 from .sqe import CID, NSID, OPC, lba_range
 from .outcome import DEFERRED, Deferred
 from .state import ControllerHooks, ControllerState

@@ -18,17 +18,8 @@ import time
 from .health import check_temperature
 from .identify import IO_COMMAND_SET_COMBINATIONS
 from .queue import SubmissionQueue
-from .spec import (
-    HOST_BEHAVIOR_SIZE,
-    TEMP_ALL_SENSORS,
-    TEMP_COMPOSITE,
-    TEMP_OVER,
-    TEMP_UNDER,
-    FeatureId,
-    FeatureSelect,
-    NvmeError,
-    Status,
-)
+from .spec.commands import NvmeError, Status
+from .spec.features import HOST_BEHAVIOR_SIZE, TEMP_ALL_SENSORS, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER, FeatureId, FeatureSelect
 from .sqe import CDW10, CDW11
 from .state import (
     TEMPERATURE_SENSORS,

@@ -14,7 +14,7 @@ import logging
 from .async_event import namespace_changed
 from .namespace import Namespace
 from .queue import SubmissionQueue
-from .spec import NSID_ALL, NvmeError, Status
+from .spec.commands import NSID_ALL, NvmeError, Status
 from .sqe import CDW10, CID, NSID
 from .outcome import DEFERRED
 from .state import ControllerHooks, ControllerState

@@ -18,7 +18,7 @@ from .controller import Controller, ControllerConfig
 from .doorbell import AutoPath, DoorbellMode, DoorbellPath, bar0_mmap_areas, make_path
 from .namespace import Namespace
 from .queue import QueueEvent
-from .spec import Reg
+from .spec.registers import Reg
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 
 from . import structures as st
-from .spec import TEMP_OVER, TEMP_UNDER, AsyncEventSmart, AsyncEventType, CriticalWarning, LogPageId
+from .spec.events import AsyncEventSmart, AsyncEventType
+from .spec.features import TEMP_OVER, TEMP_UNDER
+from .spec.log_pages import CriticalWarning, LogPageId
 from .state import TEMPERATURE_SENSORS, ControllerHooks, ControllerState
 
 

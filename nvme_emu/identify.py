@@ -9,7 +9,8 @@ from typing import Iterable
 
 from . import structures as st
 from .queue import SubmissionQueue
-from .spec import CQES_LOG2, NSID_ALL, OCFS_FORMAT0, SQES_LOG2, Cns, Csi, IoCommandSetVector, Lpa, NvmeError, Oacs, Oaes, Oncs, Sgls, Status, Vwc
+from .spec.commands import CQES_LOG2, NSID_ALL, SQES_LOG2, NvmeError, Status
+from .spec.identify import OCFS_FORMAT0, Cns, Csi, IoCommandSetVector, Lpa, Oacs, Oaes, Oncs, Sgls, Vwc
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host

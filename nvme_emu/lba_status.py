@@ -15,20 +15,17 @@ import struct
 from typing import TYPE_CHECKING, Iterator
 
 from .lba_ranges import LbaRanges
-from .spec import (
+from .spec.commands import NvmeError, Status
+from .spec.events import AsyncEventConfig, AsyncEventNotice, AsyncEventType
+from .spec.log_pages import (
     LBA_STATUS_DESCRIPTOR_SIZE,
     LBA_STATUS_LIST_HEADER_SIZE,
     LBA_STATUS_LOG_ELEMENT_SIZE,
     LBA_STATUS_LOG_HEADER_SIZE,
     LBA_STATUS_LOG_RANGE_SIZE,
-    AsyncEventConfig,
-    AsyncEventNotice,
-    AsyncEventType,
     LbaStatusAction,
     LbaStatusCompletion,
     LogPageId,
-    NvmeError,
-    Status,
 )
 from .sqe import CDW12, CDW13, NSID, starting_lba
 from .state import ControllerHooks, ControllerState

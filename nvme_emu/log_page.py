@@ -14,19 +14,10 @@ from .features import SUPPORTED as SUPPORTED_FEATURES
 from .health import smart_log
 from .lba_status import lba_status_log
 from .queue import SubmissionQueue
-from .spec import (
-    CSE_SHIFT,
-    LBA_CHANGING_OPCODES,
-    NSID_ALL,
-    AdminOpcode,
-    CommandEffects,
-    Csi,
-    EffectsScope,
-    FeatureId,
-    LogPageId,
-    NvmeError,
-    Status,
-)
+from .spec.commands import LBA_CHANGING_OPCODES, NSID_ALL, AdminOpcode, NvmeError, Status
+from .spec.features import FeatureId
+from .spec.identify import Csi
+from .spec.log_pages import CSE_SHIFT, CommandEffects, EffectsScope, LogPageId
 from .sqe import CDW10, CDW11, CDW12, CDW13, CDW14, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host

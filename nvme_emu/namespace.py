@@ -19,13 +19,14 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from . import identity, spec, structures
+from . import identity, structures
 from .backends.base import Backend
 from .backends.file import FileBackend
 from .backends.iov import ZERO_CHUNK, Buffers, byte_views, total_bytes
 from .backends.ram import RamBackend
 from .lba_ranges import LbaRanges
-from .spec import NvmeError, Status
+from .spec.commands import COPY_MAX_LBAS, COPY_MAX_RANGES, COPY_MAX_RANGE_LBAS, NSID_ALL, NvmeError, Status
+from .spec.identify import DLFEAT_READ_ZEROES, DLFEAT_WRITE_ZEROES_DEAC, NSATTR_WRITE_PROTECTED, Csi, flbas_encode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class Namespace:
         eui64: bytes | None = None,
         uuid: _uuid.UUID | None = None,
     ) -> None:
-        if not 0 < nsid < spec.NSID_ALL:
+        if not 0 < nsid < NSID_ALL:
             raise ValueError(f"invalid NSID {nsid}")
         self.nsid = nsid
         self.backend = backend
@@ -374,15 +375,15 @@ class Namespace:
             ncap=self.ncap,
             nuse=self.nuse,
             nsfeat=0,
-            flbas=spec.flbas_encode(self.lbaf_index),
-            dlfeat=(spec.DLFEAT_READ_ZEROES if self.backend.deallocate_zeroes else 0) | spec.DLFEAT_WRITE_ZEROES_DEAC,
+            flbas=flbas_encode(self.lbaf_index),
+            dlfeat=(DLFEAT_READ_ZEROES if self.backend.deallocate_zeroes else 0) | DLFEAT_WRITE_ZEROES_DEAC,
             nvmcap=self.size_bytes,
-            nsattr=spec.NSATTR_WRITE_PROTECTED if self.write_protected else 0,
+            nsattr=NSATTR_WRITE_PROTECTED if self.write_protected else 0,
             nguid=self.nguid,
             eui64=self.eui64,
-            mssrl=spec.COPY_MAX_RANGE_LBAS,
-            mcl=spec.COPY_MAX_LBAS,
-            msrc=spec.COPY_MAX_RANGES - 1,
+            mssrl=COPY_MAX_RANGE_LBAS,
+            mcl=COPY_MAX_LBAS,
+            msrc=COPY_MAX_RANGES - 1,
             lbaf=[(f.ms, f.lbads, f.rp) for f in LBA_FORMATS],
         )
 
@@ -392,11 +393,11 @@ class Namespace:
 
     def identify_ns_descriptors(self) -> bytes:
         """CNS 03h for this namespace (EUI64, NGUID, UUID, CSI=NVM)."""
-        return structures.build_ns_id_descriptors(eui64=self.eui64, nguid=self.nguid, uuid=self.uuid, csi=spec.Csi.NVM)
+        return structures.build_ns_id_descriptors(eui64=self.eui64, nguid=self.nguid, uuid=self.uuid, csi=Csi.NVM)
 
     def identify_namespace_independent(self) -> bytes:
         """CNS 08h for this namespace."""
-        return structures.build_identify_namespace_independent(nsattr=spec.NSATTR_WRITE_PROTECTED if self.write_protected else 0)
+        return structures.build_identify_namespace_independent(nsattr=NSATTR_WRITE_PROTECTED if self.write_protected else 0)
 
     def identify_namespace_nvm(self) -> bytes:
         """CNS 05h / CSI 00h for this namespace (no protection information: zeros)."""

@@ -16,7 +16,8 @@ from .async_event import namespace_changed
 from .identify import IDENTIFY_SIZE, unallocated_capacity
 from .namespace import LBA_FORMATS, Namespace, create_namespace, destroy_namespace
 from .queue import SubmissionQueue
-from .spec import NSID_ALL, Csi, NvmeError, Status, flbas_decode
+from .spec.commands import NSID_ALL, NvmeError, Status
+from .spec.identify import Csi, flbas_decode
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import from_host

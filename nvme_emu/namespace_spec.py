@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from . import spec
+from .spec.commands import NSID_ALL
 from .backends import backend_class
 from .backends.base import BackendSpec
 from .namespace import Namespace, lba_format_index
@@ -72,8 +72,8 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
             except ValueError as e:
                 raise ValueError(f"namespace spec {text!r}: {e}") from None
         elif key == "nsid":
-            if not value.isdigit() or not 0 < int(value) < spec.NSID_ALL:
-                raise ValueError(f"namespace spec {text!r}: nsid must be 1..{spec.NSID_ALL - 1}")
+            if not value.isdigit() or not 0 < int(value) < NSID_ALL:
+                raise ValueError(f"namespace spec {text!r}: nsid must be 1..{NSID_ALL - 1}")
             ns.nsid = int(value)
         elif key == "ro":
             if value.lower() not in ("0", "1", "on", "off", "true", "false", "yes", "no"):

@@ -34,17 +34,17 @@ from .lba_status import lba_status_changed
 from .namespace import Namespace
 from .queue import SubmissionQueue
 from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2, lba_range, psdt, starting_lba
-from .spec import (
+from .spec.commands import (
     COPY_DESCRIPTOR_FORMAT0_SIZE,
     COPY_MAX_LBAS,
-    COPY_MAX_RANGE_LBAS,
     COPY_MAX_RANGES,
+    COPY_MAX_RANGE_LBAS,
     DSM_RANGE_SIZE,
     LBA_CHANGING_OPCODES,
     NSID_ALL,
     DsmAttr,
-    NvmeError,
     NvmOpcode,
+    NvmeError,
     Psdt,
     RwCdw12,
     Status,

@@ -18,11 +18,11 @@ from typing import Sequence
 
 from vfio_user.dma import DmaError, GuestMemory
 
-from . import spec
-from .spec import NvmeError, SglType, Status
+from .spec.commands import PRP_ENTRY_SIZE, SGL_DESCRIPTOR_SIZE, NvmeError, SglSubtype, SglType, Status
+from .spec.registers import MEMORY_PAGE_SHIFT_MIN
 
 #: The smallest memory page (CC.MPS = 0): a range inside one is inside a page of any size.
-SMALLEST_PAGE = 1 << spec.MEMORY_PAGE_SHIFT_MIN
+SMALLEST_PAGE = 1 << MEMORY_PAGE_SHIFT_MIN
 
 # ---------------------------------------------------------------------------------------------
 # Guest memory ranges -> views
@@ -143,9 +143,9 @@ def _prp_list_entries(mem: GuestMemory, list_addr: int, needed: int, page_size: 
     """Yield ``needed`` data-page entries, following list-page chain pointers."""
     mask = page_size - 1
     while needed:
-        slots = (page_size - (list_addr & mask)) // spec.PRP_ENTRY_SIZE
+        slots = (page_size - (list_addr & mask)) // PRP_ENTRY_SIZE
         take = needed if needed <= slots else slots - 1  # last slot chains to the next page
-        raw = _read_guest(mem, list_addr, (take + (take < needed)) * spec.PRP_ENTRY_SIZE)
+        raw = _read_guest(mem, list_addr, (take + (take < needed)) * PRP_ENTRY_SIZE)
         entries = struct.unpack(f"<{len(raw) // 8}Q", raw)
         yield from entries[:take]
         needed -= take
@@ -258,7 +258,7 @@ def sgl_ranges(
     """
     if length <= 0:
         return []
-    d = sgl1 if isinstance(sgl1, SglDescriptor) else SglDescriptor.parse(bytes(sgl1[: spec.SGL_DESCRIPTOR_SIZE]))
+    d = sgl1 if isinstance(sgl1, SglDescriptor) else SglDescriptor.parse(bytes(sgl1[: SGL_DESCRIPTOR_SIZE]))
     pieces: list[tuple[int | None, int]] = []
     state = _SglWalk(length, write, allow_excess)
     segments = 0
@@ -272,13 +272,13 @@ def sgl_ranges(
             raise NvmeError(Status.INVALID_SGL_SEGMENT_DESCRIPTOR, "Last Segment holds a segment descriptor")
         _check_segment_descriptor(d)
         segments += 1
-        count = d.length // spec.SGL_DESCRIPTOR_SIZE
+        count = d.length // SGL_DESCRIPTOR_SIZE
         descriptors += count
         if segments > max_segments or descriptors > max_descriptors:
             raise NvmeError(Status.INVALID_NUMBER_OF_SGL_DESCRIPTORS, "SGL chain too long (loop?)")
         in_last = d.type == SglType.LAST_SEGMENT
         raw = _read_guest(mem, d.address, d.length)
-        descs = [SglDescriptor.parse(raw, i * spec.SGL_DESCRIPTOR_SIZE) for i in range(count)]
+        descs = [SglDescriptor.parse(raw, i * SGL_DESCRIPTOR_SIZE) for i in range(count)]
         for inner in descs[:-1]:
             if inner.type in (SglType.SEGMENT, SglType.LAST_SEGMENT):
                 raise NvmeError(Status.INVALID_NUMBER_OF_SGL_DESCRIPTORS, "segment descriptor before the end of a segment")
@@ -289,9 +289,9 @@ def sgl_ranges(
 
 
 def _check_segment_descriptor(d: SglDescriptor) -> None:
-    if d.subtype != spec.SglSubtype.ADDRESS:
+    if d.subtype != SglSubtype.ADDRESS:
         raise NvmeError(Status.SGL_DESCRIPTOR_TYPE_INVALID, f"segment descriptor sub type {d.subtype:#x}")
-    if d.length == 0 or d.length % spec.SGL_DESCRIPTOR_SIZE:
+    if d.length == 0 or d.length % SGL_DESCRIPTOR_SIZE:
         raise NvmeError(Status.INVALID_SGL_SEGMENT_DESCRIPTOR, f"segment length {d.length} not a non-zero multiple of 16")
     if d.address & 0x7:
         raise NvmeError(Status.INVALID_SGL_SEGMENT_DESCRIPTOR, f"segment at {d.address:#x} not qword aligned")
@@ -314,7 +314,7 @@ class _SglWalk:
             addr = None
         else:
             raise NvmeError(Status.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL descriptor type {d.type:#x} not supported")
-        if d.subtype != spec.SglSubtype.ADDRESS:
+        if d.subtype != SglSubtype.ADDRESS:
             raise NvmeError(Status.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL descriptor sub type {d.subtype:#x}")
         if d.length == 0:
             return

@@ -22,7 +22,7 @@ import numpy as np
 from vfio_user.dma import DmaError, GuestMemory
 
 from .atomics import AtomicBuffer
-from .spec import CQE_PHASE, CQE_SIZE, SQE_SIZE
+from .spec.commands import CQE_PHASE, CQE_SIZE, SQE_SIZE
 from .sqe import SQE
 
 #: dw0, dw1, sqhd, sqid, cid, status|phase

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .features import io_queue_limit
 from .queue import CompletionQueue, QueueEvent, SubmissionQueue
-from .spec import CQE_SIZE, CQES_LOG2, SQE_SIZE, SQES_LOG2, Cc, NvmeError, Status
+from .spec.commands import CQES_LOG2, CQE_SIZE, SQES_LOG2, SQE_SIZE, NvmeError, Status
+from .spec.registers import Cc
 from .sqe import CDW10, CDW11, CID, PRP1
 from .outcome import DEFERRED
 from .state import ControllerHooks, ControllerState

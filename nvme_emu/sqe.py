@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from .spec import CDW0_FUSE_MASK, CDW0_FUSE_SHIFT, CDW0_PSDT_MASK, CDW0_PSDT_SHIFT, SQE_SIZE, Fuse, Psdt, RwCdw12
+from .spec.commands import CDW0_FUSE_MASK, CDW0_FUSE_SHIFT, CDW0_PSDT_MASK, CDW0_PSDT_SHIFT, SQE_SIZE, Fuse, Psdt, RwCdw12
 
 #: The SQE's fields in order, with their little-endian struct codes: the layout.
 FIELDS = (

@@ -19,7 +19,9 @@ from vfio_user.dma import DmaError, GuestMemory
 from . import identity
 from .latency import LatencyRecorder
 from .lba_ranges import LbaStatusState
-from .spec import HOST_BEHAVIOR_SIZE, NVME_VERSION, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER, Cc, Csts, NvmeError, Status
+from .spec.commands import NvmeError, Status
+from .spec.features import HOST_BEHAVIOR_SIZE, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER
+from .spec.registers import NVME_VERSION, Cc, Csts
 
 if TYPE_CHECKING:
     from .aio import IoPool

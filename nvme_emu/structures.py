@@ -25,7 +25,34 @@ from construct import (
     Struct,
 )
 
-from . import spec
+from .spec.commands import CQES_LOG2, NSID_ALL, SQES_LOG2
+from .spec.identify import (
+    CONTROLLER_LIST_ENTRIES,
+    IDENTIFY_DATA_SIZE,
+    LBA_FORMATS_MAX,
+    NSID_LIST_ENTRIES,
+    NS_ID_LENGTHS,
+    POWER_STATES_MAX,
+    ControllerType,
+    IoCommandSetVector,
+    Lpa,
+    NsIdType,
+    Vwc,
+)
+from .spec.log_pages import (
+    CHANGED_NS_LIST_ENTRIES,
+    CHANGED_NS_LIST_SIZE,
+    COMMANDS_EFFECTS_LOG_SIZE,
+    ERROR_LOG_ENTRY_SIZE,
+    FEATURE_IDS_EFFECTS_LOG_SIZE,
+    FIRMWARE_SLOT_LOG_SIZE,
+    NVME_MI_EFFECTS_LOG_SIZE,
+    SMART_DATA_UNIT,
+    SMART_LOG_SIZE,
+    SUPPORTED_LOG_PAGES_SIZE,
+    LogPageSupport,
+)
+from .spec.registers import NVME_VERSION
 
 # ---------------------------------------------------------------------------------------------
 # Field helpers
@@ -221,7 +248,7 @@ IdentifyController = Struct(
     "msdbd" / Int8ul,  # 1803
     "ofcs" / Int16ul,  # 1804
     Padding(242),  # 1806
-    "psd" / Array(spec.POWER_STATES_MAX, PowerStateDescriptor),  # 2048
+    "psd" / Array(POWER_STATES_MAX, PowerStateDescriptor),  # 2048
     "vs" / Bytes(1024),  # 3072 vendor specific
 )
 
@@ -248,29 +275,29 @@ def build_identify_controller(**fields: Any) -> bytes:
         ieee=b"\x00\x54\x52",
         mdts=7,
         cntlid=0,
-        ver=spec.NVME_VERSION,
-        cntrltype=spec.ControllerType.IO,
+        ver=NVME_VERSION,
+        cntrltype=ControllerType.IO,
         acl=3,
         aerl=3,
         frmw=0b011,  # slot 1 read-only, one slot
-        lpa=spec.Lpa.SMART_PER_NAMESPACE | spec.Lpa.COMMANDS_EFFECTS | spec.Lpa.EXTENDED_DATA,
+        lpa=Lpa.SMART_PER_NAMESPACE | Lpa.COMMANDS_EFFECTS | Lpa.EXTENDED_DATA,
         elpe=63,
         npss=0,
         wctemp=343,  # 70 C; 1.2+ controllers must report non-zero thresholds
         cctemp=373,  # 100 C
-        sqes=(spec.SQES_LOG2 << 4) | spec.SQES_LOG2,
-        cqes=(spec.CQES_LOG2 << 4) | spec.CQES_LOG2,
+        sqes=(SQES_LOG2 << 4) | SQES_LOG2,
+        cqes=(CQES_LOG2 << 4) | CQES_LOG2,
         nn=1,
-        vwc=spec.Vwc.PRESENT | spec.Vwc.FLUSH_BROADCAST_SUPPORTED,
+        vwc=Vwc.PRESENT | Vwc.FLUSH_BROADCAST_SUPPORTED,
         subnqn="nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000000",
     ))
     psd = fields.pop("psd", None)
     c = _merge(IdentifyController, c, fields, "Identify Controller")
     states = [_default_power_state()] if psd is None else [dict(_default_power_state(), **p) for p in psd]
-    if len(states) > spec.POWER_STATES_MAX:
-        raise ValueError(f"at most {spec.POWER_STATES_MAX} power states")
+    if len(states) > POWER_STATES_MAX:
+        raise ValueError(f"at most {POWER_STATES_MAX} power states")
     zero = dict.fromkeys(_default_power_state(), 0)
-    c.psd = states + [dict(zero) for _ in range(spec.POWER_STATES_MAX - len(states))]
+    c.psd = states + [dict(zero) for _ in range(POWER_STATES_MAX - len(states))]
     return IdentifyController.build(c)
 
 
@@ -329,7 +356,7 @@ IdentifyNamespace = Struct(
     "endgid" / Int16ul,  # 102
     "nguid" / Bytes(16),  # 104
     "eui64" / Bytes(8),  # 120
-    "lbaf" / Array(spec.LBA_FORMATS_MAX, LbaFormat),  # 128
+    "lbaf" / Array(LBA_FORMATS_MAX, LbaFormat),  # 128
     "vs" / Bytes(3712),  # 384 vendor specific
 )
 
@@ -343,9 +370,9 @@ def _lbaf_list(lbafs: Iterable[Any]) -> list[dict[str, int]]:
         else:
             ms, lbads, rp = f
             out.append(dict(ms=ms, lbads=lbads, rp=rp))
-    if len(out) > spec.LBA_FORMATS_MAX:
-        raise ValueError(f"at most {spec.LBA_FORMATS_MAX} LBA formats")
-    return out + [dict(ms=0, lbads=0, rp=0) for _ in range(spec.LBA_FORMATS_MAX - len(out))]
+    if len(out) > LBA_FORMATS_MAX:
+        raise ValueError(f"at most {LBA_FORMATS_MAX} LBA formats")
+    return out + [dict(ms=0, lbads=0, rp=0) for _ in range(LBA_FORMATS_MAX - len(out))]
 
 
 def build_identify_namespace(**fields: Any) -> bytes:
@@ -384,22 +411,22 @@ def build_ns_id_descriptors(
     means "not reported", and the host would otherwise see duplicate IDs across namespaces.
     """
     out = bytearray()
-    items: list[tuple[spec.NsIdType, bytes]] = []
+    items: list[tuple[NsIdType, bytes]] = []
     if eui64 is not None:
-        items.append((spec.NsIdType.EUI64, bytes(eui64)))
+        items.append((NsIdType.EUI64, bytes(eui64)))
     if nguid is not None:
-        items.append((spec.NsIdType.NGUID, bytes(nguid)))
+        items.append((NsIdType.NGUID, bytes(nguid)))
     if uuid is not None:
-        items.append((spec.NsIdType.UUID, uuid.bytes if isinstance(uuid, _uuid.UUID) else bytes(uuid)))
+        items.append((NsIdType.UUID, uuid.bytes if isinstance(uuid, _uuid.UUID) else bytes(uuid)))
     if csi is not None:
-        items.append((spec.NsIdType.CSI, bytes([csi])))
+        items.append((NsIdType.CSI, bytes([csi])))
     for nidt, nid in items:
-        if len(nid) != spec.NS_ID_LENGTHS[nidt]:
-            raise ValueError(f"{nidt.name} must be {spec.NS_ID_LENGTHS[nidt]} bytes, got {len(nid)}")
-        if nidt != spec.NsIdType.CSI and not any(nid):
+        if len(nid) != NS_ID_LENGTHS[nidt]:
+            raise ValueError(f"{nidt.name} must be {NS_ID_LENGTHS[nidt]} bytes, got {len(nid)}")
+        if nidt != NsIdType.CSI and not any(nid):
             continue
         out += NsIdDescriptorHeader.build(dict(nidt=nidt, nidl=len(nid))) + nid
-    return bytes(out.ljust(spec.IDENTIFY_DATA_SIZE, b"\0"))
+    return bytes(out.ljust(IDENTIFY_DATA_SIZE, b"\0"))
 
 
 def parse_ns_id_descriptors(data: bytes) -> list[tuple[int, bytes]]:
@@ -472,7 +499,7 @@ IdentifyNamespaceNvm = Struct(
     "lbstm" / Int64ul,  # 0 logical block storage tag mask
     "pic" / Int8ul,  # 8 protection information capabilities
     Padding(3),  # 9
-    "elbaf" / Array(spec.LBA_FORMATS_MAX, Int32ul),  # 12 extended LBA formats
+    "elbaf" / Array(LBA_FORMATS_MAX, Int32ul),  # 12 extended LBA formats
     Padding(3828),  # 268
 )
 
@@ -481,7 +508,7 @@ def build_identify_namespace_nvm(**fields: Any) -> bytes:
     """CNS 05h / CSI 00h data; without protection information it is all zeros."""
     elbaf = list(fields.pop("elbaf", []))
     c = _merge(IdentifyNamespaceNvm, _defaults(IdentifyNamespaceNvm), fields, "CNS 05h")
-    c.elbaf = elbaf + [0] * (spec.LBA_FORMATS_MAX - len(elbaf))
+    c.elbaf = elbaf + [0] * (LBA_FORMATS_MAX - len(elbaf))
     return IdentifyNamespaceNvm.build(c)
 
 
@@ -493,7 +520,7 @@ IO_COMMAND_SET_VECTORS = 512
 IdentifyIoCommandSet = Struct("vectors" / Array(IO_COMMAND_SET_VECTORS, Int64ul))
 
 
-def build_identify_io_command_set(vectors: Iterable[int] = (spec.IoCommandSetVector.NVM,)) -> bytes:
+def build_identify_io_command_set(vectors: Iterable[int] = (IoCommandSetVector.NVM,)) -> bytes:
     """CNS 1Ch: the I/O command set combinations the controller supports, by index."""
     v = [int(x) for x in vectors]
     if len(v) > IO_COMMAND_SET_VECTORS:
@@ -501,28 +528,28 @@ def build_identify_io_command_set(vectors: Iterable[int] = (spec.IoCommandSetVec
     return IdentifyIoCommandSet.build(dict(vectors=v + [0] * (IO_COMMAND_SET_VECTORS - len(v))))
 
 
-NsidList = Struct("nsids" / Array(spec.NSID_LIST_ENTRIES, Int32ul))
+NsidList = Struct("nsids" / Array(NSID_LIST_ENTRIES, Int32ul))
 
 
 def build_nsid_list(nsids: Iterable[int], *, greater_than: int = 0) -> bytes:
     """An NSID list: the active NSIDs above ``greater_than``, ascending, at most 1024."""
-    picked = sorted(n for n in set(nsids) if greater_than < n < spec.NSID_ALL - 1)[: spec.NSID_LIST_ENTRIES]
-    return NsidList.build(dict(nsids=picked + [0] * (spec.NSID_LIST_ENTRIES - len(picked))))
+    picked = sorted(n for n in set(nsids) if greater_than < n < NSID_ALL - 1)[: NSID_LIST_ENTRIES]
+    return NsidList.build(dict(nsids=picked + [0] * (NSID_LIST_ENTRIES - len(picked))))
 
 
-ControllerList = Struct("count" / Int16ul, "ids" / Array(spec.CONTROLLER_LIST_ENTRIES, Int16ul))
+ControllerList = Struct("count" / Int16ul, "ids" / Array(CONTROLLER_LIST_ENTRIES, Int16ul))
 
 
 def build_controller_list(cntlids: Iterable[int], *, at_least: int = 0) -> bytes:
     """A Controller List (CNS 12h/13h, Namespace Attachment): IDs from ``at_least`` up."""
-    picked = sorted(c for c in set(cntlids) if c >= at_least)[: spec.CONTROLLER_LIST_ENTRIES]
-    return ControllerList.build(dict(count=len(picked), ids=picked + [0] * (spec.CONTROLLER_LIST_ENTRIES - len(picked))))
+    picked = sorted(c for c in set(cntlids) if c >= at_least)[: CONTROLLER_LIST_ENTRIES]
+    return ControllerList.build(dict(count=len(picked), ids=picked + [0] * (CONTROLLER_LIST_ENTRIES - len(picked))))
 
 
 def parse_controller_list(data: bytes) -> list[int]:
     """The controller IDs a host's Controller List names (the count bounds the entries)."""
     parsed = ControllerList.parse(data[: ControllerList.sizeof()].ljust(ControllerList.sizeof(), b"\0"))
-    return list(parsed.ids[: min(parsed.count, spec.CONTROLLER_LIST_ENTRIES)])
+    return list(parsed.ids[: min(parsed.count, CONTROLLER_LIST_ENTRIES)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +613,7 @@ SmartLog = Struct(
 
 def smart_data_units(nbytes: int) -> int:
     """Bytes -> SMART data units: thousands of 512-byte units, rounded up."""
-    return -(-nbytes // spec.SMART_DATA_UNIT)
+    return -(-nbytes // SMART_DATA_UNIT)
 
 
 def build_smart_log(**fields: Any) -> bytes:
@@ -618,15 +645,15 @@ def build_firmware_slot_log(*, afi: int = 1, frs: Iterable[str] = ("0.1",)) -> b
     return bytes(data)
 
 
-ChangedNamespaceList = Struct("nsids" / Array(spec.CHANGED_NS_LIST_ENTRIES, Int32ul))
+ChangedNamespaceList = Struct("nsids" / Array(CHANGED_NS_LIST_ENTRIES, Int32ul))
 
 
 def build_changed_ns_list(nsids: Iterable[int]) -> bytes:
     """Changed Namespace List; more than 1024 changes is reported as FFFFFFFFh alone."""
     changed = sorted(set(nsids))
-    if len(changed) > spec.CHANGED_NS_LIST_ENTRIES:
-        changed = [spec.NSID_ALL]
-    return ChangedNamespaceList.build(dict(nsids=changed + [0] * (spec.CHANGED_NS_LIST_ENTRIES - len(changed))))
+    if len(changed) > CHANGED_NS_LIST_ENTRIES:
+        changed = [NSID_ALL]
+    return ChangedNamespaceList.build(dict(nsids=changed + [0] * (CHANGED_NS_LIST_ENTRIES - len(changed))))
 
 
 CommandsEffectsLog = Struct(
@@ -642,7 +669,7 @@ def build_commands_effects_log(admin: Mapping[int, int], io: Mapping[int, int]) 
 
 
 FeatureIdsEffectsLog = Struct("fis" / Array(256, Int32ul))  # by Feature Identifier
-NvmeMiEffectsLog = Struct("mics" / Array(256, Int32ul), Padding(spec.NVME_MI_EFFECTS_LOG_SIZE - 1024))
+NvmeMiEffectsLog = Struct("mics" / Array(256, Int32ul), Padding(NVME_MI_EFFECTS_LOG_SIZE - 1024))
 
 
 def _effects_table(entries: Mapping[int, int]) -> list[int]:
@@ -668,7 +695,7 @@ SupportedLogPages = Struct("lids" / Array(256, Int32ul))
 def build_supported_log_pages(pages: Mapping[int, int] | Iterable[int]) -> bytes:
     """Supported Log Pages (log 00h): LSUPP set for each page, or explicit bits per page."""
     lids = [0] * 256
-    items = pages.items() if isinstance(pages, Mapping) else ((p, spec.LogPageSupport.LSUPP) for p in pages)
+    items = pages.items() if isinstance(pages, Mapping) else ((p, LogPageSupport.LSUPP) for p in pages)
     for lid, bits in items:
         lids[lid] = int(bits)
     return SupportedLogPages.build(dict(lids=lids))
@@ -677,19 +704,19 @@ def build_supported_log_pages(pages: Mapping[int, int] | Iterable[int]) -> bytes
 #: Every layout with its required size; tests walk this to check sizes.
 LAYOUT_SIZES: dict[str, tuple[Struct, int]] = {
     "PowerStateDescriptor": (PowerStateDescriptor, POWER_STATE_DESCRIPTOR_SIZE),
-    "IdentifyController": (IdentifyController, spec.IDENTIFY_DATA_SIZE),
-    "IdentifyNamespace": (IdentifyNamespace, spec.IDENTIFY_DATA_SIZE),
-    "IdentifyNamespaceIndependent": (IdentifyNamespaceIndependent, spec.IDENTIFY_DATA_SIZE),
-    "IdentifyControllerNvm": (IdentifyControllerNvm, spec.IDENTIFY_DATA_SIZE),
-    "IdentifyNamespaceNvm": (IdentifyNamespaceNvm, spec.IDENTIFY_DATA_SIZE),
-    "IdentifyIoCommandSet": (IdentifyIoCommandSet, spec.IDENTIFY_DATA_SIZE),
-    "NsidList": (NsidList, spec.IDENTIFY_DATA_SIZE),
-    "ErrorLogEntry": (ErrorLogEntry, spec.ERROR_LOG_ENTRY_SIZE),
-    "SmartLog": (SmartLog, spec.SMART_LOG_SIZE),
-    "FirmwareSlotLog": (FirmwareSlotLog, spec.FIRMWARE_SLOT_LOG_SIZE),
-    "ChangedNamespaceList": (ChangedNamespaceList, spec.CHANGED_NS_LIST_SIZE),
-    "CommandsEffectsLog": (CommandsEffectsLog, spec.COMMANDS_EFFECTS_LOG_SIZE),
-    "SupportedLogPages": (SupportedLogPages, spec.SUPPORTED_LOG_PAGES_SIZE),
-    "FeatureIdsEffectsLog": (FeatureIdsEffectsLog, spec.FEATURE_IDS_EFFECTS_LOG_SIZE),
-    "NvmeMiEffectsLog": (NvmeMiEffectsLog, spec.NVME_MI_EFFECTS_LOG_SIZE),
+    "IdentifyController": (IdentifyController, IDENTIFY_DATA_SIZE),
+    "IdentifyNamespace": (IdentifyNamespace, IDENTIFY_DATA_SIZE),
+    "IdentifyNamespaceIndependent": (IdentifyNamespaceIndependent, IDENTIFY_DATA_SIZE),
+    "IdentifyControllerNvm": (IdentifyControllerNvm, IDENTIFY_DATA_SIZE),
+    "IdentifyNamespaceNvm": (IdentifyNamespaceNvm, IDENTIFY_DATA_SIZE),
+    "IdentifyIoCommandSet": (IdentifyIoCommandSet, IDENTIFY_DATA_SIZE),
+    "NsidList": (NsidList, IDENTIFY_DATA_SIZE),
+    "ErrorLogEntry": (ErrorLogEntry, ERROR_LOG_ENTRY_SIZE),
+    "SmartLog": (SmartLog, SMART_LOG_SIZE),
+    "FirmwareSlotLog": (FirmwareSlotLog, FIRMWARE_SLOT_LOG_SIZE),
+    "ChangedNamespaceList": (ChangedNamespaceList, CHANGED_NS_LIST_SIZE),
+    "CommandsEffectsLog": (CommandsEffectsLog, COMMANDS_EFFECTS_LOG_SIZE),
+    "SupportedLogPages": (SupportedLogPages, SUPPORTED_LOG_PAGES_SIZE),
+    "FeatureIdsEffectsLog": (FeatureIdsEffectsLog, FEATURE_IDS_EFFECTS_LOG_SIZE),
+    "NvmeMiEffectsLog": (NvmeMiEffectsLog, NVME_MI_EFFECTS_LOG_SIZE),
 }

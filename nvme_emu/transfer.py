@@ -4,7 +4,7 @@ only; SGLs are for I/O, see :mod:`nvme_emu.nvm`)."""
 from __future__ import annotations
 
 from . import prp
-from .spec import NvmeError, Status
+from .spec.commands import NvmeError, Status
 from .sqe import PRP1, PRP2
 from .state import ControllerState
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 
-from ..spec import NvmeError, Status
+from ..spec.commands import NvmeError, Status
 
 
 class BackendError(NvmeError):

@@ -7,5 +7,5 @@
 
 They live apart from the device so that the package's runtime (``nvme-emu serve``) and its
 harness cannot lean on each other by accident: the harness imports the device's layouts
-(:mod:`nvme_emu.spec`, :mod:`nvme_emu.queue`), never the reverse.
+(:mod:`nvme_emu.spec`, :mod:`nvme_emu.sqe`, :mod:`nvme_emu.queue`), never the reverse.
 """

@@ -4,7 +4,7 @@ These are the NVMe half of what :mod:`vfio_user.vmm.x86` assembles: a guest that
 queue pair through real doorbell writes (trapped, ioeventfd or POST_WRITE) and polls real
 completion entries in its RAM, so the doorbell benchmarks and the KVM doorbell tests measure
 a vCPU doing what a driver does. The layouts they rely on (CQE size, phase tag bit) are the
-spec's, from :mod:`nvme_emu.spec`; the rest of the driver work (queue creation, SQE filling)
+spec's, from :mod:`nvme_emu.spec.commands`; the rest of the driver work (queue creation, SQE filling)
 is :class:`nvme_emu.testing.host.NvmeHost`'s.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vfio_user.vmm.x86 import EAX, EBP, ECX, EDI, EDX, ESI, Asm, GuestProgram
 
-from ..spec import CQE_SIZE
+from ..spec.commands import CQE_SIZE
 
 __all__ = ["prog_nvme_qd1"]
 

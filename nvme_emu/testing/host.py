@@ -17,7 +17,9 @@ from typing import Callable, Protocol
 
 from ..atomics import fence, load_acquire_u32, store_release_u32
 from ..queue import CQE
-from ..spec import CQE_SIZE, SQE_SIZE, AdminOpcode, Cc, CcCss, Cns, Csts, NvmOpcode, Reg, Status
+from ..spec.commands import CQE_SIZE, SQE_SIZE, AdminOpcode, NvmOpcode, Status
+from ..spec.identify import Cns
+from ..spec.registers import Cc, CcCss, Csts, Reg
 from ..sqe import SQE
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER

@@ -30,7 +30,8 @@ from nvme_emu.testing.host import (
     ShadowIoEventFdDoorbells,
 )
 from nvme_emu.namespace_spec import open_namespace
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.registers import Reg
 from vfio_user.constants import IO_FD_TYPE_IOEVENTFD, IO_FD_TYPE_IOEVENTFD_SHADOW, REGION_FLAG_MMAP
 from vfio_user.vmm.client import GuestRam, IoFd, VfioUserClient
 

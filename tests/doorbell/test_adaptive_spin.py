@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nvme_emu.doorbell import ADAPTIVE_SPIN_FLOOR_US, ADAPTIVE_SPIN_MAX_SKIP, AdaptiveSpin
-from nvme_emu.spec import NvmOpcode, Status
+from nvme_emu.spec.commands import NvmOpcode, Status
 
 from .db_helpers import PAGE
 

@@ -30,7 +30,7 @@ import pytest
 
 from ..support.server import DEADLINE, wait_until
 from .db_helpers import MAX_IO_QUEUES, PAGE
-from nvme_emu.spec import Reg
+from nvme_emu.spec.registers import Reg
 from vfio_user import ioeventfd_agent as A
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import BAR0, COMMAND, COMMAND_MEMORY

@@ -9,7 +9,8 @@ import pytest
 
 from ..support.server import wait_until
 from .db_helpers import LBA, PAGE, pattern
-from nvme_emu.spec import NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import NvmOpcode, Status
+from nvme_emu.spec.registers import Reg
 
 
 @pytest.mark.parametrize("spin_us", [0, 100])

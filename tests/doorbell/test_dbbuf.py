@@ -14,7 +14,7 @@ import pytest
 
 from ..support.server import DEADLINE
 from .db_helpers import LBA, PAGE, PATHS, Status
-from nvme_emu.spec import NvmOpcode
+from nvme_emu.spec.commands import NvmOpcode
 
 KICKS = ["dbbuf-trap", "dbbuf-ioeventfd", "dbbuf-shadow", "dbbuf-poll"]
 
@@ -168,7 +168,7 @@ def test_unmapped_doorbell_buffer_is_controller_fatal(inproc, session, kind):
     """A kick whose shadow buffer the client unmapped: CSTS.CFS, not an exception in the
     server's loop (the inproc fixture fails on those); a reset with memory back recovers."""
     from .db_helpers import IOVA, RAM_SIZE
-    from nvme_emu.spec import Csts, Reg
+    from nvme_emu.spec.registers import Csts, Reg
 
     mode, _ = PATHS[kind]
     srv = inproc(mode)

@@ -32,7 +32,8 @@ import pytest
 from ..support.server import DEADLINE, wait_until
 from .db_helpers import LBA, PAGE, HostSession, pattern
 from nvme_emu.queue import CQE
-from nvme_emu.spec import CQE_SIZE, NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import CQE_SIZE, NvmOpcode, Status
+from nvme_emu.spec.registers import Reg
 from nvme_emu.testing import guest_programs
 from vfio_user.vmm import kvm as K
 from vfio_user.vmm import x86

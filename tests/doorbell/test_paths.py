@@ -12,7 +12,9 @@ import pytest
 
 from ..support.server import wait_until
 from .db_helpers import LBA, NS_SIZE, PAGE, PATHS, pattern
-from nvme_emu.spec import AdminOpcode, AsyncEventError, AsyncEventType, LogPageId, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.events import AsyncEventError, AsyncEventType
+from nvme_emu.spec.log_pages import LogPageId
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER
 

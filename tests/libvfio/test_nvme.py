@@ -12,7 +12,7 @@ import os
 import pytest
 
 from nvme_emu.testing.host import HostMemory, NvmeHost, ShadowIoEventFdDoorbells
-from nvme_emu.spec import Reg
+from nvme_emu.spec.registers import Reg
 from vfio_user.vmm.client import GuestRam
 from vfio_user.constants import IrqIndex
 

@@ -12,7 +12,7 @@ from nvme_emu.controller import Controller
 from nvme_emu.faults import Fault, FaultKind, parse_fault
 from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
-from nvme_emu.spec import NvmOpcode
+from nvme_emu.spec.commands import NvmOpcode
 
 
 def test_parse_defaults_and_refusals():

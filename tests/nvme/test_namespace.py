@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from nvme_emu import spec, structures
+from nvme_emu import structures
 from nvme_emu.backends import BACKENDS, BackendKind, backend_class
 from nvme_emu.backends import file as file_backend, iov
 from nvme_emu.backends.block import BlockBackend
@@ -21,7 +21,8 @@ from nvme_emu.backends.ram import DEFAULT_RAM_SIZE, RamBackend
 from nvme_emu.namespace import Namespace, derive_ids
 from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec, parse_size
 from nvme_emu.prp import prp_views, release_views
-from nvme_emu.spec import NvmeError, Status
+from nvme_emu.spec.commands import NvmeError, Status
+from nvme_emu.spec.identify import DLFEAT_READ_ZEROES, NsIdType
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
 from vfio_user.dma import DmaTable, GuestMemory
 from vfio_user.memfd import sealed_memfd
@@ -204,12 +205,12 @@ def test_identify_pages(ram_ns):
     assert struct.unpack_from("<QQ", b, 0) == (8192, 8192)
     assert b[25] == 1 and b[26] == 0  # two formats, using index 0
     assert b[128:136] == bytes([0, 0, 9, 0, 0, 0, 12, 0])
-    assert b[33] & 0x7 == spec.DLFEAT_READ_ZEROES
+    assert b[33] & 0x7 == DLFEAT_READ_ZEROES
     assert b[104:120] == ram_ns.nguid and b[120:128] == ram_ns.eui64
     descs = dict(structures.parse_ns_id_descriptors(ram_ns.identify_ns_descriptors()))
-    assert descs[spec.NsIdType.NGUID] == ram_ns.nguid
-    assert descs[spec.NsIdType.UUID] == ram_ns.uuid.bytes
-    assert descs[spec.NsIdType.CSI] == b"\0"
+    assert descs[NsIdType.NGUID] == ram_ns.nguid
+    assert descs[NsIdType.UUID] == ram_ns.uuid.bytes
+    assert descs[NsIdType.CSI] == b"\0"
     assert ram_ns.identify_namespace_independent()[14] == 1
     assert len(ram_ns.identify_namespace_nvm()) == 4096
 

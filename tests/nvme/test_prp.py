@@ -23,7 +23,7 @@ from nvme_emu.prp import (
     scatter,
     sgl_views,
 )
-from nvme_emu.spec import NvmeError, SglType, Status
+from nvme_emu.spec.commands import NvmeError, SglType, Status
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE
 from vfio_user.dma import DmaTable, GuestMemory
 from vfio_user.memfd import sealed_memfd

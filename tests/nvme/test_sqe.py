@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nvme_emu.spec import Fuse, Psdt
+from nvme_emu.spec.commands import Fuse, Psdt
 from nvme_emu.sqe import CDW12, CID, FLAGS, PRP2, SQE, SQE_DTYPE, fuse, lba_range, psdt, starting_lba
 
 

@@ -7,7 +7,12 @@ import uuid
 
 import pytest
 
-from nvme_emu import spec, structures as st
+from nvme_emu import structures as st
+from nvme_emu.spec.commands import NSID_ALL, AdminOpcode, NvmOpcode, NvmeError, Status
+from nvme_emu.spec.events import AsyncEventType, async_event_dw0
+from nvme_emu.spec.identify import Csi, Ctratt, IoCommandSetVector, Oacs, Oaes, flbas_decode, flbas_encode
+from nvme_emu.spec.log_pages import CommandEffects, LogPageId
+from nvme_emu.spec.registers import NVME_VERSION, cq_head_doorbell, sq_tail_doorbell
 
 
 @pytest.mark.parametrize("name", sorted(st.LAYOUT_SIZES))
@@ -32,8 +37,8 @@ def u64(b, off):
 def test_identify_controller_offsets():
     b = st.build_identify_controller(
         vid=0x1234, ssvid=0x5678, sn="SER123", mn="Model X", fr="FW1.0", mdts=5, cntlid=0x42,
-        oaes=int(spec.Oaes.NAMESPACE_ATTRIBUTE), ctratt=int(spec.Ctratt.HOST_ID_128BIT),
-        oacs=int(spec.Oacs.FORMAT_NVM | spec.Oacs.DOORBELL_BUFFER_CONFIG), acl=3, aerl=7,
+        oaes=int(Oaes.NAMESPACE_ATTRIBUTE), ctratt=int(Ctratt.HOST_ID_128BIT),
+        oacs=int(Oacs.FORMAT_NVM | Oacs.DOORBELL_BUFFER_CONFIG), acl=3, aerl=7,
         lpa=0x7, elpe=15, npss=0, wctemp=343, cctemp=373, tnvmcap=1 << 100, kas=10,
         nn=256, oncs=0x1FF, vwc=7, sgls=0x1_0001, subnqn="nqn.2014-08.org.example:sub", cntrltype=1,
         psd=[dict(mp=2500, enlat=10, exlat=20)],
@@ -68,7 +73,7 @@ def test_identify_controller_offsets():
 def test_identify_controller_round_trip_and_unknown_field():
     b = st.build_identify_controller(sn="ABC", nn=3, mdts=6)
     c = st.IdentifyController.parse(b)
-    assert (c.sn, c.nn, c.mdts, c.ver) == ("ABC", 3, 6, spec.NVME_VERSION)
+    assert (c.sn, c.nn, c.mdts, c.ver) == ("ABC", 3, 6, NVME_VERSION)
     assert st.IdentifyController.build(c) == b
     with pytest.raises(TypeError, match="nnn"):
         st.build_identify_controller(nnn=3)
@@ -100,14 +105,14 @@ def test_identify_namespace_offsets():
 
 
 def test_flbas_encoding():
-    assert spec.flbas_encode(1) == 1
-    assert spec.flbas_encode(17) == 0x21
-    assert all(spec.flbas_decode(spec.flbas_encode(i)) == i for i in range(64))
+    assert flbas_encode(1) == 1
+    assert flbas_encode(17) == 0x21
+    assert all(flbas_decode(flbas_encode(i)) == i for i in range(64))
 
 
 def test_ns_id_descriptors():
     u = uuid.UUID("12345678-1234-5678-1234-567812345678")
-    b = st.build_ns_id_descriptors(eui64=b"\x02" * 8, nguid=b"\x11" * 16, uuid=u, csi=spec.Csi.NVM)
+    b = st.build_ns_id_descriptors(eui64=b"\x02" * 8, nguid=b"\x11" * 16, uuid=u, csi=Csi.NVM)
     assert len(b) == 4096
     assert b[0:4] == bytes([1, 8, 0, 0]) and b[4:12] == b"\x02" * 8
     assert b[12:16] == bytes([2, 16, 0, 0]) and b[16:32] == b"\x11" * 16
@@ -133,7 +138,7 @@ def test_independent_and_nvm_specific_pages():
 
 
 def test_io_command_set_and_nsid_list():
-    b = st.build_identify_io_command_set([spec.IoCommandSetVector.NVM, 0b101])
+    b = st.build_identify_io_command_set([IoCommandSetVector.NVM, 0b101])
     assert u64(b, 0) == 1 and u64(b, 8) == 5 and b[16:] == bytes(4080)
     b = st.build_nsid_list([5, 1, 3, 3], greater_than=1)
     assert u32(b, 0) == 3 and u32(b, 4) == 5 and u32(b, 8) == 0
@@ -175,10 +180,10 @@ def test_firmware_slot_changed_ns_effects_supported_logs():
     assert b[0] == 1 and b[8:16] == b"1.0     " and b[16:64] == bytes(48)
     b = st.build_changed_ns_list([4, 2])
     assert u32(b, 0) == 2 and u32(b, 4) == 4 and u32(b, 8) == 0
-    assert u32(st.build_changed_ns_list(range(1, 1100)), 0) == spec.NSID_ALL
+    assert u32(st.build_changed_ns_list(range(1, 1100)), 0) == NSID_ALL
     b = st.build_commands_effects_log(
-        {spec.AdminOpcode.IDENTIFY: spec.CommandEffects.CSUPP},
-        {spec.NvmOpcode.WRITE: spec.CommandEffects.CSUPP | spec.CommandEffects.LBCC},
+        {AdminOpcode.IDENTIFY: CommandEffects.CSUPP},
+        {NvmOpcode.WRITE: CommandEffects.CSUPP | CommandEffects.LBCC},
     )
     assert u32(b, 4 * 6) == 1 and u32(b, 1024 + 4 * 1) == 3 and b[2048:] == bytes(2048)
     b = st.build_supported_log_pages([0, 1, 2])
@@ -186,7 +191,7 @@ def test_firmware_slot_changed_ns_effects_supported_logs():
 
 
 def test_spec_status_values():
-    S = spec.Status
+    S = Status
     assert (S.INVALID_FIELD, S.DATA_TRANSFER_ERROR, S.PRP_OFFSET_INVALID, S.LBA_OUT_OF_RANGE) == (2, 4, 0x13, 0x80)
     assert (S.INVALID_SGL_SEGMENT_DESCRIPTOR, S.INVALID_NUMBER_OF_SGL_DESCRIPTORS, S.DATA_SGL_LENGTH_INVALID) == (0xD, 0xE, 0xF)
     assert (S.SGL_DESCRIPTOR_TYPE_INVALID, S.CAPACITY_EXCEEDED, S.NAMESPACE_NOT_READY, S.FORMAT_IN_PROGRESS) == (0x11, 0x81, 0x82, 0x84)
@@ -194,9 +199,9 @@ def test_spec_status_values():
     assert (S.CONFLICTING_ATTRIBUTES, S.ATTEMPTED_WRITE_TO_READ_ONLY_RANGE) == (0x180, 0x182)
     assert (S.WRITE_FAULT, S.UNRECOVERED_READ_ERROR, S.COMPARE_FAILURE, S.ACCESS_DENIED) == (0x280, 0x281, 0x285, 0x286)
     assert S.COMPARE_FAILURE.sct == 2 and S.COMPARE_FAILURE.sc == 0x85
-    e = spec.NvmeError(S.LBA_OUT_OF_RANGE)
+    e = NvmeError(S.LBA_OUT_OF_RANGE)
     assert e.dnr and e.status_field == 0x80 | (1 << 14)
-    assert spec.NvmeError(S.INTERNAL_ERROR, dnr=False, more=True).status_field == 0x6 | (1 << 13)
-    assert spec.sq_tail_doorbell(0) == 0x1000 and spec.cq_head_doorbell(0) == 0x1004
-    assert spec.sq_tail_doorbell(2, dstrd=1) == 0x1000 + 4 * 8 and spec.cq_head_doorbell(1) == 0x100C
-    assert spec.async_event_dw0(spec.AsyncEventType.NOTICE, 0, spec.LogPageId.CHANGED_NAMESPACE_LIST) == 0x040002
+    assert NvmeError(S.INTERNAL_ERROR, dnr=False, more=True).status_field == 0x6 | (1 << 13)
+    assert sq_tail_doorbell(0) == 0x1000 and cq_head_doorbell(0) == 0x1004
+    assert sq_tail_doorbell(2, dstrd=1) == 0x1000 + 4 * 8 and cq_head_doorbell(1) == 0x100C
+    assert async_event_dw0(AsyncEventType.NOTICE, 0, LogPageId.CHANGED_NAMESPACE_LIST) == 0x040002

@@ -16,7 +16,8 @@ from nvme_emu.backends.ram import RamBackend
 from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.queue import CompletionQueue, SubmissionQueue
-from nvme_emu.spec import CQES_LOG2, SQES_LOG2, Cc, NvmeError, Status
+from nvme_emu.spec.commands import CQES_LOG2, SQES_LOG2, NvmeError, Status
+from nvme_emu.spec.registers import Cc
 from nvme_emu.sqe import SQE
 from nvme_emu.state import ControllerConfig, ControllerHooks, ControllerState
 from vfio_user.dma import DMA_FLAG_READ, DMA_FLAG_WRITE, DmaTable, GuestMemory

@@ -6,7 +6,8 @@ from __future__ import annotations
 from .area_helpers import Area, sqe
 
 from nvme_emu.admin import AdminCommands, handlers_for
-from nvme_emu.spec import STATUS_DNR, AdminOpcode, FeatureId, Status
+from nvme_emu.spec.commands import STATUS_DNR, AdminOpcode, Status
+from nvme_emu.spec.features import FeatureId
 from nvme_emu.state import ControllerConfig
 
 

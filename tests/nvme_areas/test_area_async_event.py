@@ -13,16 +13,9 @@ from nvme_emu.async_event import (
     post_event,
 )
 from nvme_emu.log_page import get_log_page
-from nvme_emu.spec import (
-    AdminOpcode,
-    AsyncEventConfig,
-    AsyncEventError,
-    AsyncEventNotice,
-    AsyncEventType,
-    LogPageId,
-    Status,
-    async_event_dw0,
-)
+from nvme_emu.spec.commands import AdminOpcode, Status
+from nvme_emu.spec.events import AsyncEventConfig, AsyncEventError, AsyncEventNotice, AsyncEventType, async_event_dw0
+from nvme_emu.spec.log_pages import LogPageId
 from nvme_emu.outcome import DEFERRED
 
 ERROR_EVENT = (AsyncEventType.ERROR, AsyncEventError.INVALID_DOORBELL_WRITE_VALUE, LogPageId.ERROR_INFORMATION)

@@ -9,7 +9,9 @@ from .area_helpers import ADMIN_CQ, ADMIN_SQ, Guest
 from nvme_emu.backends.ram import RamBackend
 from nvme_emu.controller import Controller
 from nvme_emu.namespace import Namespace
-from nvme_emu.spec import CQES_LOG2, NSSR_RESET_VALUE, SQES_LOG2, AsyncEventError, Cc, Csts, Reg, Shn
+from nvme_emu.spec.commands import CQES_LOG2, SQES_LOG2
+from nvme_emu.spec.events import AsyncEventError
+from nvme_emu.spec.registers import NSSR_RESET_VALUE, Cc, Csts, Reg, Shn
 
 AQA_32_32 = 31 << 16 | 31
 CC_ENABLE = Cc.EN | SQES_LOG2 << Cc.IOSQES_SHIFT | CQES_LOG2 << Cc.IOCQES_SHIFT

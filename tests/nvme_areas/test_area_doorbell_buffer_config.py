@@ -9,7 +9,7 @@ from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.dbbuf import doorbell_buffer_config
 from nvme_emu.queue import CompletionQueue, QueueEvent, SubmissionQueue
-from nvme_emu.spec import AdminOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, Status
 
 SHADOW, EVENTIDX = BUF, BUF + 4096
 

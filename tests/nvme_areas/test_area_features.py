@@ -8,7 +8,10 @@ from nvme_emu import structures as st
 from nvme_emu.features import get_features, io_queue_limit, reset, set_features
 from nvme_emu.health import smart_log
 from nvme_emu.queue import CompletionQueue
-from nvme_emu.spec import AdminOpcode, AsyncEventSmart, AsyncEventType, CriticalWarning, FeatureId, FeatureSelect, LogPageId, Status
+from nvme_emu.spec.commands import AdminOpcode, Status
+from nvme_emu.spec.events import AsyncEventSmart, AsyncEventType
+from nvme_emu.spec.features import FeatureId, FeatureSelect
+from nvme_emu.spec.log_pages import CriticalWarning, LogPageId
 from nvme_emu.state import ControllerConfig
 
 

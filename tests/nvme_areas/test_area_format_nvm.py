@@ -8,7 +8,7 @@ from .area_helpers import BUF, Area, KeptPool, make_area, sqe, status_of
 
 from nvme_emu.format_nvm import format_nvm
 from nvme_emu.nvm import NvmCommands
-from nvme_emu.spec import NSID_ALL, AdminOpcode, NvmOpcode, Status, status_field
+from nvme_emu.spec.commands import NSID_ALL, AdminOpcode, NvmOpcode, Status, status_field
 from nvme_emu.outcome import DEFERRED
 
 LBAF_4K = 1  # LBA formats: 0 = 512 bytes, 1 = 4096 bytes

@@ -11,7 +11,8 @@ from .area_helpers import BUF, Area, make_area, status_of
 from nvme_emu import structures as st
 from nvme_emu.backends.ram import RamBackend
 from nvme_emu.identify import identify
-from nvme_emu.spec import NSID_ALL, AdminOpcode, Cns, Csi, Oacs, Status
+from nvme_emu.spec.commands import NSID_ALL, AdminOpcode, Status
+from nvme_emu.spec.identify import Cns, Csi, Oacs
 from nvme_emu.namespace import Namespace
 from nvme_emu.state import ControllerConfig, ControllerState
 

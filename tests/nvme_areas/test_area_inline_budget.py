@@ -17,7 +17,7 @@ from nvme_emu.namespace import Namespace
 from nvme_emu import nvm as nvm_module
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.outcome import DEFERRED
-from nvme_emu.spec import NvmOpcode, RwCdw12, Status
+from nvme_emu.spec.commands import NvmOpcode, RwCdw12, Status
 
 
 def write(slba: int, *, nsid: int = 2, cdw12: int = 0) -> tuple:

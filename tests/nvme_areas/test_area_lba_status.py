@@ -19,21 +19,10 @@ from nvme_emu.identify import identify_controller
 from nvme_emu.log_page import log_page
 from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
-from nvme_emu.spec import (
-    NSID_ALL,
-    AdminOpcode,
-    AsyncEventConfig,
-    AsyncEventNotice,
-    AsyncEventType,
-    CommandEffects,
-    DsmAttr,
-    LogPageId,
-    NvmOpcode,
-    Oacs,
-    Oaes,
-    Oncs,
-    Status,
-)
+from nvme_emu.spec.commands import NSID_ALL, AdminOpcode, DsmAttr, NvmOpcode, Status
+from nvme_emu.spec.events import AsyncEventConfig, AsyncEventNotice, AsyncEventType
+from nvme_emu.spec.identify import Oacs, Oaes, Oncs
+from nvme_emu.spec.log_pages import CommandEffects, LogPageId
 
 ATYPE_SCAN, ATYPE_TRACKED = 0x10, 0x11
 SMART_MEDIA_ERRORS = 160  # SMART / Health log: Media and Data Integrity Errors, 16 bytes

@@ -8,8 +8,10 @@ from .area_helpers import BUF, Area, status_of
 
 from nvme_emu import structures as st
 from nvme_emu.log_page import get_log_page
-from nvme_emu.spec import AdminOpcode, CommandEffects, CriticalWarning, Csi, EffectsScope, FeatureId, LogPageId, NvmeError, NvmOpcode, Status
-from nvme_emu.spec import TEMP_OVER
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, NvmeError, Status
+from nvme_emu.spec.features import TEMP_OVER, FeatureId
+from nvme_emu.spec.identify import Csi
+from nvme_emu.spec.log_pages import CommandEffects, CriticalWarning, EffectsScope, LogPageId
 
 
 def read_log(area: Area, lid: int, length: int = 4096, *, offset: int = 0, nsid: int = 0, rae: bool = False, csi: int = 0) -> bytes:

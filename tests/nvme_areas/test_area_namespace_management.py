@@ -10,7 +10,9 @@ from nvme_emu.backends.ram import RamBackend
 from nvme_emu.identify import identify_controller
 from nvme_emu.namespace import Namespace
 from nvme_emu.namespace_management import add, namespace_attachment, namespace_management
-from nvme_emu.spec import NSID_ALL, AdminOpcode, AsyncEventConfig, Status, flbas_encode
+from nvme_emu.spec.commands import NSID_ALL, AdminOpcode, Status
+from nvme_emu.spec.events import AsyncEventConfig
+from nvme_emu.spec.identify import flbas_encode
 from nvme_emu.state import DEFAULT_NVM_CAPACITY, ControllerConfig
 
 CREATE, DELETE = 0, 1

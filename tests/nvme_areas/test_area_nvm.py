@@ -19,7 +19,9 @@ from nvme_emu.health import smart_log
 from nvme_emu.identify import identify_controller
 from nvme_emu.namespace import Namespace
 from nvme_emu.nvm import NvmCommands
-from nvme_emu.spec import NSID_ALL, CriticalWarning, NvmOpcode, Oncs, RwCdw12, Status
+from nvme_emu.spec.commands import NSID_ALL, NvmOpcode, RwCdw12, Status
+from nvme_emu.spec.identify import Oncs
+from nvme_emu.spec.log_pages import CriticalWarning
 from nvme_emu.outcome import DEFERRED
 
 

@@ -8,7 +8,8 @@ from .area_helpers import BUF, Area, status_of
 
 from nvme_emu.queue import QueueEvent
 from nvme_emu.queue_management import create_io_cq, create_io_sq, delete_io_cq, delete_io_sq
-from nvme_emu.spec import AdminOpcode, Cc, Status
+from nvme_emu.spec.commands import AdminOpcode, Status
+from nvme_emu.spec.registers import Cc
 from nvme_emu.outcome import DEFERRED
 
 CQ_BASE, SQ_BASE = BUF, BUF + 0x10000

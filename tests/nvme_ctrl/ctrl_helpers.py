@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nvme_emu.spec import AdminOpcode, FeatureId
+from nvme_emu.spec.commands import AdminOpcode
+from nvme_emu.spec.features import FeatureId
 from vfio_user.server_api import ServerBackend
 
 from ..support.host import Host

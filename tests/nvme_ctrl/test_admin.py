@@ -11,7 +11,12 @@ from ..support.host import Host
 from .ctrl_helpers import NOOP_ADMIN
 from nvme_emu import structures as st
 from nvme_emu.testing.host import HostDoorbells, ShadowBufferDoorbells
-from nvme_emu.spec import AdminOpcode, Cns, FeatureId, LogPageId, NvmOpcode, Reg, Status, async_event_dw0
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.events import async_event_dw0
+from nvme_emu.spec.features import FeatureId
+from nvme_emu.spec.identify import Cns
+from nvme_emu.spec.log_pages import LogPageId
+from nvme_emu.spec.registers import Reg
 
 AER = AdminOpcode.ASYNC_EVENT_REQUEST
 

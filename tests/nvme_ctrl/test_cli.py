@@ -12,7 +12,8 @@ import pytest
 from ..support.host import Host
 from ..support.server import NVME_EMU_READY, ServerProcess, child_env
 from nvme_emu.cli import DEFAULT_SOCKET
-from nvme_emu.spec import Cns, Status
+from nvme_emu.spec.commands import Status
+from nvme_emu.spec.identify import Cns
 from nvme_emu import structures as st
 
 

@@ -26,7 +26,7 @@ from nvme_emu.control import METHODS
 from nvme_emu.ctl import default_control_socket
 from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
 from nvme_emu.rpc_socket import RpcClient
-from nvme_emu.spec import Csts, Reg
+from nvme_emu.spec.registers import Csts, Reg
 
 NAN, INF = math.nan, math.inf
 

@@ -21,21 +21,12 @@ from nvme_emu import structures as st
 from nvme_emu.ctl import ControlClient, default_control_socket
 from nvme_emu.jsonrpc import INVALID_PARAMS, RpcError
 from nvme_emu.testing.host import Completion
-from nvme_emu.spec import (
-    AdminOpcode,
-    AsyncEventConfig,
-    AsyncEventNotice,
-    AsyncEventType,
-    Cns,
-    Csts,
-    FeatureId,
-    LogPageId,
-    NvmOpcode,
-    Reg,
-    Status,
-    async_event_dw0,
-    flbas_encode,
-)
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.events import AsyncEventConfig, AsyncEventNotice, AsyncEventType, async_event_dw0
+from nvme_emu.spec.features import FeatureId
+from nvme_emu.spec.identify import Cns, flbas_encode
+from nvme_emu.spec.log_pages import LogPageId
+from nvme_emu.spec.registers import Csts, Reg
 
 AER = AdminOpcode.ASYNC_EVENT_REQUEST
 NS_ATTRIBUTE_CHANGED = async_event_dw0(2, 0, LogPageId.CHANGED_NAMESPACE_LIST)

@@ -10,8 +10,7 @@ import pytest
 
 from ..support.host import Host
 from .ctrl_helpers import PAGE
-from nvme_emu.spec import NvmOpcode as Op
-from nvme_emu.spec import Status
+from nvme_emu.spec.commands import NvmOpcode as Op, Status
 
 MDTS_BYTES = 512 * 1024
 DATA, BUCKET, SEGMENT, LAST = 0x0, 0x1, 0x2, 0x3

@@ -8,8 +8,8 @@ import pytest
 
 from ..support.host import Host
 from ..support.server import wait_until
-from nvme_emu.spec import FeatureId as F
-from nvme_emu.spec import Status
+from nvme_emu.spec.commands import Status
+from nvme_emu.spec.features import FeatureId as F
 
 
 def get_ok(n: Host, fid: int, cdw11: int = 0, sel: int = 0, **kw) -> int:

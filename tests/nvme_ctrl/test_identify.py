@@ -10,7 +10,8 @@ import pytest
 from ..support.host import Host
 from .ctrl_helpers import NS1_SIZE, NS2_SIZE, NS3_SIZE
 from nvme_emu import identity, structures as st
-from nvme_emu.spec import Cns, NsIdType, Oacs, Oncs, Status
+from nvme_emu.spec.commands import Status
+from nvme_emu.spec.identify import Cns, NsIdType, Oacs, Oncs
 
 
 def nsid_list(data: bytes) -> list[int]:

@@ -7,7 +7,9 @@ import os
 from ..support.fds import efd_count, efd_wait
 from ..support.host import Host
 from .ctrl_helpers import NOOP_ADMIN
-from nvme_emu.spec import Cns, NvmOpcode as Op, Reg, Status
+from nvme_emu.spec.commands import NvmOpcode as Op, Status
+from nvme_emu.spec.identify import Cns
+from nvme_emu.spec.registers import Reg
 
 
 def test_admin_completions_raise_vector_0(nvme: Host):

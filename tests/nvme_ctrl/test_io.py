@@ -9,8 +9,7 @@ import pytest
 
 from ..support.host import Host
 from .ctrl_helpers import IOVA, NS1_SIZE
-from nvme_emu.spec import NvmOpcode as Op
-from nvme_emu.spec import RwCdw12, Status
+from nvme_emu.spec.commands import NvmOpcode as Op, RwCdw12, Status
 from vfio_user.vmm.client import GuestRam
 
 NSZE1 = NS1_SIZE // 512

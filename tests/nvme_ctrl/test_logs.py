@@ -8,7 +8,8 @@ import pytest
 
 from ..support.host import Host
 from nvme_emu import structures as st
-from nvme_emu.spec import AdminOpcode, CommandEffects, EffectsScope, LogPageId as L, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.log_pages import CommandEffects, EffectsScope, LogPageId as L
 
 
 def test_supported_log_pages(nvme: Host):

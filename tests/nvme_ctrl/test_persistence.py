@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from ..support.host import Host
-from nvme_emu.spec import NvmOpcode as Op
-from nvme_emu.spec import Reg, Status
+from nvme_emu.spec.commands import NvmOpcode as Op, Status
+from nvme_emu.spec.registers import Reg
 
 LBA = {1: 512, 2: 4096, 3: 512}
 

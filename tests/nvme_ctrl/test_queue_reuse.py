@@ -14,7 +14,8 @@ import pytest
 
 from .test_requests import FILE_NSID, Rig
 from .test_requests import rig as gated_file_rig  # noqa: F401 (a fixture: pytest finds it by this name)
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.registers import Reg
 
 DEPTH = 64
 

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from ..support.host import Host
-from nvme_emu.spec import AdminOpcode, FeatureId, Status
+from nvme_emu.spec.commands import AdminOpcode, Status
+from nvme_emu.spec.features import FeatureId
 
 CQ, SQ = AdminOpcode.CREATE_IO_CQ, AdminOpcode.CREATE_IO_SQ
 DEL_CQ, DEL_SQ = AdminOpcode.DELETE_IO_CQ, AdminOpcode.DELETE_IO_SQ

@@ -6,7 +6,8 @@ import os
 
 from ..support.host import Host
 from .ctrl_helpers import NOOP_ADMIN
-from nvme_emu.spec import Cap, Cc, Csts, NSSR_RESET_VALUE, Reg, Shst, Status
+from nvme_emu.spec.commands import Status
+from nvme_emu.spec.registers import NSSR_RESET_VALUE, Cap, Cc, Csts, Reg, Shst
 
 
 def test_cap_fields(nvme: Host):

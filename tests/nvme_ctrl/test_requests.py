@@ -25,7 +25,7 @@ from nvme_emu.controller import ControllerConfig
 from nvme_emu.faults import FaultKind
 from nvme_emu.function import NvmeFunction
 from nvme_emu.namespace import Namespace
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER
 from vfio_user.vmm.client import GuestRam
@@ -331,7 +331,7 @@ def test_format_runs_off_the_loop_and_applies_when_done(rig: Rig):
 
 
 def test_shutdown_flush_runs_off_the_loop(rig: Rig):
-    from nvme_emu.spec import Cc, Csts, Reg, Shst
+    from nvme_emu.spec.registers import Cc, Csts, Reg, Shst
 
     n = rig.nvme
     n.write_ok(1, FILE_NSID, 0, b"\x5a" * 4096)
@@ -427,7 +427,7 @@ def _irqs(fd: int) -> int:
 
 
 def test_reset_answers_only_when_no_worker_can_write_guest_memory(rig: Rig):
-    from nvme_emu.spec import Csts, Reg
+    from nvme_emu.spec.registers import Csts, Reg
 
     n = rig.nvme
     bufs = [n.alloc(PAGE) for _ in range(5)]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, TextIO
 
 from ..support.host import Host, PAGE, status_name
-from nvme_emu.spec import NvmOpcode, Status
+from nvme_emu.spec.commands import NvmOpcode, Status
 
 SLOT = 4096  # one write = 8 LBAs of 512 bytes
 LBA = 512

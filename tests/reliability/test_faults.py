@@ -21,7 +21,7 @@ import time
 from .durability import SLOT, AckRecord, WriteRun, check_image, pattern, read_namespace, read_record, slot_order
 from ..support.host import Host, PAGE, status_name
 from ..support.server import DEADLINE
-from nvme_emu.spec import NvmOpcode, Status
+from nvme_emu.spec.commands import NvmOpcode, Status
 
 
 def test_sigkill_mid_write_keeps_every_durable_write(spawn, tmp_path):

@@ -29,7 +29,7 @@ import pytest
 from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
 from ..support.host import Host, IOVA, PAGE
 from ..support.server import DEADLINE, ServerProcess
-from nvme_emu.spec import Status
+from nvme_emu.spec.commands import Status
 from vfio_user import messages as m
 from vfio_user.memfd import sealed_memfd
 from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
 from ..support.host import Host, IOVA, PAGE, status_name
 from ..support.server import DEADLINE
-from nvme_emu.spec import NvmOpcode, Status
+from nvme_emu.spec.commands import NvmOpcode, Status
 from .test_protocol_fuzz import _make_fd, messages
 from vfio_user import messages as m
 from vfio_user.vmm.client import GuestRam, VfioUserClient, VfioUserClientError

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ..libvfio.libvfio_helpers import BACKENDS, skip_unless_available
 from ..support.host import Host, IOVA, PAGE, status_name
 from ..support.server import DEADLINE, ServerProcess
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
 
 NS_SIZE = 4 << 20
 LBA = 512

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..support.host import PAGE, Host
 from ..support.server import ServerProcess
 from nvme_emu import structures as st
-from nvme_emu.spec import AdminOpcode, Cns, NvmOpcode, Status, flbas_encode
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.identify import Cns, flbas_encode
 
 GIVEN = 16 << 20
 NS_MEMFD = "/memfd:nvme-emu-ns"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..support.host import Host, PAGE
 from ..support.server import ServerProcess, wait_until
 from nvme_emu.ctl import ControlClient, default_control_socket
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
 
 LATENCY_S = 2.0
 DEPTH = 64

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 from ..support.host import PAGE, Host, status_name
-from nvme_emu.spec import NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import NvmOpcode, Status
+from nvme_emu.spec.registers import Reg
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER
 from vfio_user.vmm.client import GuestRam

@@ -20,7 +20,8 @@ import struct
 import pytest
 
 from ..support.host import PAGE, Host, status_name
-from nvme_emu.spec import AdminOpcode, NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.registers import Reg
 from vfio_user import messages as m
 from vfio_user.constants import DMA_FLAG_READ, DMA_FLAG_WRITE, REGION_FLAG_MMAP, Command
 from vfio_user.memfd import sealed_memfd

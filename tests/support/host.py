@@ -14,7 +14,9 @@ import time
 from typing import Any
 
 from nvme_emu.testing.host import Completion, HostMemory, HostQueue, NvmeHost
-from nvme_emu.spec import CQE_SIZE, AdminOpcode, FeatureId, NvmOpcode, Reg, Status
+from nvme_emu.spec.commands import CQE_SIZE, AdminOpcode, NvmOpcode, Status
+from nvme_emu.spec.features import FeatureId
+from nvme_emu.spec.registers import Reg
 from vfio_user.constants import IrqIndex
 from vfio_user.vmm.client import GuestRam, VfioUserClient
 

@@ -83,17 +83,3 @@ class BlockBackend(FdBackend):
                 write_zeros(self._fd, offset, length)
         except OSError as e:
             raise translate_os_error(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
-
-    def deallocate(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length, deallocate=True)
-
-    def flush(self) -> None:
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            raise translate_os_error(e, f"fsync {self.path}", writing=True) from None
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

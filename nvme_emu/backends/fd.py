@@ -79,3 +79,19 @@ class FdBackend(Backend):
                 os.fdatasync(self._fd)
         except OSError as e:
             raise translate_os_error(e, f"write {self.path}@{offset}", writing=True) from None
+
+    # Deallocate, Flush and close are the same for a file and a block device; how zeros are
+    # written (hole punch or BLKZEROOUT) is each one's own.
+    def deallocate(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, deallocate=True)
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise translate_os_error(e, f"fsync {self.path}", writing=True) from None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

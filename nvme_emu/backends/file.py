@@ -108,19 +108,5 @@ class FileBackend(FdBackend):
         except OSError as e:
             raise translate_os_error(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
 
-    def deallocate(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length, deallocate=True)
-
-    def flush(self) -> None:
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            raise translate_os_error(e, f"fsync {self.path}", writing=True) from None
-
     def allocated_bytes(self) -> int:
         return min(self.size, os.fstat(self._fd).st_blocks * 512)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

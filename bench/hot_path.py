@@ -55,12 +55,19 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
     import numpy as np
     import uvloop
 
-    from nvme_emu.backends.file import FileBackend
-    from nvme_emu.backends.ram import RamBackend
     from nvme_emu.doorbell import DoorbellMode
     from nvme_emu.function import NvmeFunction
-    from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
     from nvme_emu.namespace import Namespace
+    # --child runs other trees' nvme_emu too: where each tree keeps these (issue 24 moved them)
+    try:
+        from nvme_emu.backends.file import FileBackend
+        from nvme_emu.backends.ram import RamBackend
+    except ImportError:  # a tree from before nvme_emu/backends/
+        from nvme_emu.namespace import FileBackend, RamBackend
+    try:
+        from nvme_emu.testing.host import HostDoorbells, HostMemory, NvmeHost
+    except ImportError:  # a tree from before nvme_emu/testing/
+        from nvme_emu.host import HostDoorbells, HostMemory, NvmeHost  # type: ignore[import-not-found, no-redef]
     try:  # the spec's numbers where this tree keeps them: --child runs other trees' nvme_emu too
         from nvme_emu.spec.commands import AdminOpcode, NvmOpcode
         from nvme_emu.spec.registers import Reg

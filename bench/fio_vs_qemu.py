@@ -232,12 +232,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def run_device(device: str, variants: dict[str, list[str]], image: str, jobs: dict[str, str], timeout: float, workdir: str,
-               rnd: int, doorbell: str) -> dict:
+               rnd: int, doorbell: str, **guest_kw: Any) -> dict:
+    """One device's guest run; ``guest_kw`` goes on to ``run_guest`` (e.g. extra QEMU arguments)."""
     if device == HW_NVME:
-        return run_builtin(image, jobs[HW_NVME], timeout)
+        return run_builtin(image, jobs[HW_NVME], timeout, **guest_kw)
     if device == FLOOR:
-        return run_builtin(None, jobs[FLOOR], timeout, builtin_null=FILE_SIZE)
-    return run_nvme_emu(image, jobs[EMU], timeout, workdir, f"{device}-r{rnd}", doorbell, tuple(variants[device]))
+        return run_builtin(None, jobs[FLOOR], timeout, builtin_null=FILE_SIZE, **guest_kw)
+    return run_nvme_emu(image, jobs[EMU], timeout, workdir, f"{device}-r{rnd}", doorbell, tuple(variants[device]), **guest_kw)
 
 
 def _median(values: list[float]) -> float | None:

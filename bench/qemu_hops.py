@@ -36,7 +36,6 @@ from typing import Any
 import common
 import fio_vs_qemu
 
-from nvme_emu import guest
 
 EVENTS = ("vfio_region_write", "vfio_msi_interrupt", "pci_nvme_mmio_doorbell_sq", "pci_nvme_irq_msix")
 LINE_RE = re.compile(r"^(\S+)Z (\w+) (.*)$")
@@ -88,32 +87,18 @@ def pct(values: list[float]) -> dict[str, float | int | None]:
     return {"n": n, "p10": v[n // 10], "p50": v[n // 2], "p90": v[9 * n // 10], "mean": statistics.fmean(v)}
 
 
-def run_one(device: str, variants: dict[str, list[str]], image: str, rw: str, runtime: float, workdir: str, tag: str) -> dict[str, Any]:
-    trace_path = os.path.join(workdir, f"trace-{tag}.log")
+def run_one(device: str, variants: dict[str, list[str]], image: str, rw: str, runtime: float, workdir: str, rnd: int) -> dict[str, Any]:
+    """One device's QD1 job with QEMU's trace on (the fio bench's device runs, plus the trace)."""
+    trace_path = os.path.join(workdir, f"trace-{device}-{rnd}.log")
     job = "\n".join(["[global]", "filename=/dev/nvme0n1", "ioengine=io_uring", "direct=1", "time_based=1", f"runtime={runtime:g}",
                      "ramp_time=1", "size=1g", "randrepeat=0", "[qd1]", f"rw={rw}", "bs=4k", "iodepth=1"]) + "\n"
     qemu_args = [a for e in EVENTS for a in ("-trace", f"enable={e}")] + ["-msg", "timestamp=on", "-D", trace_path]
-    srv = None
-    if device == fio_vs_qemu.HW_NVME:
-        kw: dict[str, Any] = {"builtin_image": image}
-    elif device == fio_vs_qemu.FLOOR:
-        kw = {"builtin_null": fio_vs_qemu.FILE_SIZE}
-    else:
-        sock = os.path.join(workdir, f"emu-{tag}.sock")
-        srv = common.serve(sock, ["--namespace", f"file:{image}", *variants[device]], Path(workdir) / f"emu-{tag}.log")
-        kw = {"socket_path": sock}
-    try:
-        r = guest.run_guest(fio_job=job, timeout=600, extra_qemu_args=qemu_args, **kw)
-    finally:
-        if srv is not None:
-            srv.stop()
-    if not r.ok or r.fio is None:
-        raise RuntimeError(f"{device}: guest run failed\n{r.describe_failure()}")
-    fio = fio_vs_qemu.summarise(r.fio)["qd1"]
+    jobs = dict.fromkeys((fio_vs_qemu.HW_NVME, fio_vs_qemu.FLOOR, fio_vs_qemu.EMU), job)
+    res = fio_vs_qemu.run_device(device, variants, image, jobs, 600, workdir, rnd, "auto", extra_qemu_args=qemu_args)
     with open(trace_path, errors="replace") as f:
         h = hops(f.read())
     os.unlink(trace_path)
-    return {"fio": fio, **{k: pct(v) for k, v in h.items()}}
+    return {"fio": res["jobs"]["qd1"], **{k: pct(v) for k, v in h.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             order = devices[rnd % len(devices):] + devices[: rnd % len(devices)]
             got = {}
             for d in order:
-                got[d] = res = run_one(d, variants, image, args.rw, args.runtime, workdir, f"{d}-{rnd}")
+                got[d] = res = run_one(d, variants, image, args.rw, args.runtime, workdir, rnd)
                 print(f"[{rnd}] {d:8} clat p50 {res['fio']['clat_p50_us']:6.0f} us; doorbell->irq p50 {res['doorbell_to_irq']['p50'] or 0:6.0f}, "
                       f"irq->doorbell p50 {res['irq_to_doorbell']['p50'] or 0:6.0f} us (n={res['doorbell_to_irq']['n']})", flush=True)
             rounds.append({"round": rnd, "order": order, "devices": got})

@@ -11,9 +11,7 @@ from typing import Self
 
 from ..inline_budget import InlineBudget
 from .base import BackendKind, BackendSpec
-from .errors import ReadOnlyError, translate_os_error
 from .fd import FdBackend
-from .iov import write_zeros
 
 # <linux/fs.h> block device ioctls.
 BLKSSZGET = 0x1268  # _IO(0x12, 104)
@@ -75,11 +73,6 @@ class BlockBackend(FdBackend):
                 return False
             raise
 
-    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            if not self._range_ioctl(BLKZEROOUT, offset, length):
-                write_zeros(self._fd, offset, length)
-        except OSError as e:
-            raise translate_os_error(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
+    def _zero_range(self, offset: int, length: int) -> bool:
+        """Zeros by BLKZEROOUT (which may unmap); False where the device cannot."""
+        return self._range_ioctl(BLKZEROOUT, offset, length)

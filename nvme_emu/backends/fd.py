@@ -7,7 +7,7 @@ import os
 
 from .base import Backend
 from .errors import ReadOnlyError, translate_os_error
-from .iov import IOV_MAX, Buffers, byte_views, is_byte_view, preadv_all, pwritev_all
+from .iov import IOV_MAX, Buffers, byte_views, is_byte_view, preadv_all, pwritev_all, write_zeros
 
 _RWF_NOWAIT = os.RWF_NOWAIT
 
@@ -80,8 +80,21 @@ class FdBackend(Backend):
         except OSError as e:
             raise translate_os_error(e, f"write {self.path}@{offset}", writing=True) from None
 
-    # Deallocate, Flush and close are the same for a file and a block device; how zeros are
-    # written (hole punch or BLKZEROOUT) is each one's own.
+    # Write Zeroes, Deallocate, Flush and close are the same for a file and a block device;
+    # only the quick way to zeros (a hole punch, BLKZEROOUT) is each one's own.
+    def _zero_range(self, offset: int, length: int) -> bool:
+        """Zero ``[offset, offset + length)`` without writing zeros; False: not possible here."""
+        return False
+
+    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
+        try:
+            if not self._zero_range(offset, length):
+                write_zeros(self._fd, offset, length)
+        except OSError as e:
+            raise translate_os_error(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
+
     def deallocate(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length, deallocate=True)
 

@@ -12,9 +12,7 @@ from typing import Self
 
 from ..inline_budget import InlineBudget
 from .base import BackendKind, BackendSpec
-from .errors import ReadOnlyError, translate_os_error
 from .fd import FdBackend
-from .iov import write_zeros
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,8 @@ class FileBackend(FdBackend):
         real = os.path.realpath(spec.path)
         return f"{cls.kind}:{real}:{os.stat(real).st_ino}"
 
-    def _punch(self, offset: int, length: int) -> bool:
+    def _zero_range(self, offset: int, length: int) -> bool:
+        """Zeros as a hole (FALLOC_FL_PUNCH_HOLE); False where the filesystem cannot."""
         if not self._punch_ok:
             return False
         try:
@@ -98,15 +97,6 @@ class FileBackend(FdBackend):
                 self._punch_ok = False  # this filesystem cannot; stop asking
                 return False
             raise
-
-    def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
-        if self.readonly:
-            raise ReadOnlyError(errno.EROFS, f"{self.path} is read-only")
-        try:
-            if not self._punch(offset, length):
-                write_zeros(self._fd, offset, length)
-        except OSError as e:
-            raise translate_os_error(e, f"zero {self.path}@{offset}+{length}", writing=True) from None
 
     def allocated_bytes(self) -> int:
         return min(self.size, os.fstat(self._fd).st_blocks * 512)

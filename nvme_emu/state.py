@@ -183,6 +183,9 @@ class ControllerState:
     vs: int = NVME_VERSION
     #: Guest memory while a host is attached.
     memory: GuestMemory | None = None
+    #: PCI COMMAND.BME as the function last set it: while clear, no DMA (no fetch, no data,
+    #: no CQE, no interrupt). A controller used on its own is one whose host enabled it.
+    bus_master: bool = True
     cc: int = 0
     csts: int = 0
     intms: int = 0

@@ -512,7 +512,7 @@ def test_bus_master_clear_holds_delayed_completions_and_coalesced_interrupts(rig
     def coalescing_timer_expires() -> None:  # what Coalescing's timer calls, with an entry due
         cq = rig.ctrl.cqs[2]
         cq.unsignalled += 1
-        rig.ctrl.flush_coalesced(cq)
+        rig.ctrl.completions.flush_coalesced(cq)
 
     rig.srv.call(coalescing_timer_expires)
     assert not rig.posted(1), "the delayed completion was posted while Bus Master Enable was clear"

@@ -27,6 +27,7 @@ from .admin import AdminCommands
 from .aio import IoPool, ViewsPredicate
 from .atomics import fence
 from .coalescing import Coalescing
+from .command_set import COMMAND_SETS
 from .faults import FaultInjector
 from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
@@ -117,9 +118,11 @@ class Controller:
             async_event=self.async_event,
         )
         self.admin = AdminCommands(self.state, self.hooks)
+        #: The I/O dispatcher and the NVM command set; every command set binds its table to it.
         self.nvm = NvmCommands(self.state, self.hooks)
+        for cs in COMMAND_SETS.values():
+            self.nvm.bind(cs.csi, cs.handlers(self.nvm), frozenset(cs.effects), cs.lba_changing)
         self.state.admin_opcodes = frozenset(self.admin.handlers)
-        self.state.io_opcodes = self.nvm.opcodes
         #: Injected faults (the control plane's); out of the I/O path while there are none.
         self.faults = FaultInjector(self.state, self.nvm, self.call_later, on_change=self._faults_changed)
         #: The I/O dispatcher the queue loop calls: the NVM command set, or the fault wrapper

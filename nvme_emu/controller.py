@@ -29,6 +29,7 @@ from . import async_event, features, prp
 from .admin import AdminCommands
 from .aio import IoPool, ViewsPredicate
 from .atomics import fence
+from .command_set import COMMAND_SETS
 from .completions import CompletionHooks, Completions, CqHeadSource, IrqRaiser
 from .faults import FaultInjector
 from .latency import Sampled, Via, clock_ns
@@ -119,9 +120,11 @@ class Controller:
             async_event=self.async_event,
         )
         self.admin = AdminCommands(self.state, self.hooks)
+        #: The I/O dispatcher and the NVM command set; every command set binds its table to it.
         self.nvm = NvmCommands(self.state, self.hooks)
+        for cs in COMMAND_SETS.values():
+            self.nvm.bind(cs.csi, cs.handlers(self.nvm), frozenset(cs.effects), cs.lba_changing)
         self.state.admin_opcodes = frozenset(self.admin.handlers)
-        self.state.io_opcodes = self.nvm.opcodes
         #: Injected faults (the control plane's); out of the I/O path while there are none.
         self.faults = FaultInjector(self.state, self.nvm, self.call_later, on_change=self._faults_changed)
         #: The I/O dispatcher the queue loop calls: the NVM command set, or the fault wrapper

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from .health import check_temperature
-from .identify import IO_COMMAND_SET_COMBINATIONS
+from .command_set import IO_COMMAND_SET_COMBINATIONS
 from .queue import SubmissionQueue
 from .spec.commands import NvmeError, Status
 from .spec.features import HOST_BEHAVIOR_SIZE, TEMP_ALL_SENSORS, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER, FeatureId, FeatureSelect

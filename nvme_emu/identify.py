@@ -5,20 +5,19 @@ Every CNS returns one 4 KiB data structure through the command's PRPs.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Mapping
 
 from . import structures as st
+from .command_set import IO_COMMAND_SET_COMBINATIONS, command_set
+from .namespace import Namespace
 from .queue import SubmissionQueue
 from .spec.commands import CQES_LOG2, NSID_ALL, SQES_LOG2, NvmeError, Status
-from .spec.identify import OCFS_FORMAT0, Cns, Csi, IoCommandSetVector, Lpa, Oacs, Oaes, Oncs, Sgls, Vwc
+from .spec.identify import OCFS_FORMAT0, Cns, Lpa, Oacs, Oaes, Oncs, Sgls, Vwc
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host
 
 IDENTIFY_SIZE = 4096
-#: Identify CNS 1Ch: the I/O command set combinations, indexed by the I/O Command Set Profile
-#: feature (19h). One: NVM alone.
-IO_COMMAND_SET_COMBINATIONS = (IoCommandSetVector.NVM,)
 
 
 def identify(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
@@ -39,12 +38,9 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: 
     if cns == Cns.NS_ID_DESCRIPTOR_LIST:
         return state.active_namespace(nsid).identify_ns_descriptors()
     if cns == Cns.IOCS_NAMESPACE:
-        ns = state.active_namespace(nsid)
-        _check_nvm_csi(csi)
-        return ns.identify_namespace_nvm()
+        return _iocs_namespace(state.active_namespace(nsid), csi)
     if cns == Cns.IOCS_CONTROLLER:
-        _check_nvm_csi(csi)
-        return _identify_controller_nvm()
+        return command_set(csi).controller_page(state)
     if cns == Cns.IOCS_INDEPENDENT_NAMESPACE:
         return state.active_namespace(nsid).identify_namespace_independent()
     if cns == Cns.IO_COMMAND_SET:
@@ -54,14 +50,25 @@ def identify_data(state: ControllerState, cns: int, nsid: int, csi: int, cntid: 
     raise NvmeError(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
 
 
-def _nsid_list(nsids: Iterable[int], above: int, csi: int | None) -> bytes:
+def _nsid_list(namespaces: Mapping[int, Namespace], above: int, csi: int | None) -> bytes:
     """An active or allocated NSID list above ``above``; ``csi`` for the per-command-set
-    lists (a command set other than NVM is not supported: Invalid Field)."""
+    lists: the namespaces of that set (a set this controller lacks: Invalid Field)."""
     if csi is not None:
-        _check_nvm_csi(csi)
+        command_set(csi)  # one this controller lacks: Invalid Field
     if above in (NSID_ALL, NSID_ALL - 1):
         raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"nsid {above:#x} for a list")
+    nsids = namespaces if csi is None else [nsid for nsid, ns in namespaces.items() if ns.csi == csi]
     return st.build_nsid_list(nsids, greater_than=above)
+
+
+def _iocs_namespace(ns: Namespace, csi: int) -> bytes:
+    """CNS 05h (and 1Bh): the namespace's page for command set ``csi``, which its own set
+    names (Invalid Field for a set the namespace is not associated with, as QEMU's hw/nvme)."""
+    command_set(csi)  # one this controller lacks: Invalid Field
+    page = command_set(ns.csi).namespace_pages.get(csi)
+    if page is None:
+        raise NvmeError(Status.INVALID_FIELD, f"namespace {ns.nsid} has no command set {csi:#x} data")
+    return page(ns)
 
 
 #: The CNS values Namespace Management brings: allocated namespaces and controller lists.
@@ -77,10 +84,10 @@ def _namespace_management_data(state: ControllerState, cns: int, nsid: int, csi:
         return _nsid_list(state.allocated, nsid, csi if cns == Cns.IOCS_ALLOCATED_NSID_LIST else None)
     if cns in (Cns.ALLOCATED_NAMESPACE, Cns.IOCS_ALLOCATED_NAMESPACE):
         if cns == Cns.IOCS_ALLOCATED_NAMESPACE:
-            _check_nvm_csi(csi)
+            command_set(csi)  # before the NSID: an unallocated one reads as zeroes
         ns = state.allocated.get(nsid)
         if ns is not None:
-            return ns.identify_namespace() if cns == Cns.ALLOCATED_NAMESPACE else ns.identify_namespace_nvm()
+            return ns.identify_namespace() if cns == Cns.ALLOCATED_NAMESPACE else _iocs_namespace(ns, csi)
         if 0 < nsid <= state.config.max_namespaces:
             return bytes(IDENTIFY_SIZE)  # an unallocated ID reads as zeroes
         raise NvmeError(Status.INVALID_NAMESPACE_OR_FORMAT, f"namespace {nsid}")
@@ -90,11 +97,6 @@ def _namespace_management_data(state: ControllerState, cns: int, nsid: int, csi:
         cntlids = [state.config.controller_id] if nsid in state.namespaces else []
         return st.build_controller_list(cntlids, at_least=cntid)
     return st.build_controller_list([state.config.controller_id], at_least=cntid)  # CONTROLLER_LIST: the subsystem's
-
-
-def _check_nvm_csi(csi: int) -> None:
-    if csi != Csi.NVM:
-        raise NvmeError(Status.INVALID_FIELD, f"command set {csi}")
 
 
 def _identify_namespace(state: ControllerState, nsid: int) -> bytes:
@@ -156,8 +158,3 @@ def unallocated_capacity(state: ControllerState) -> int:
     created count against it, the operator's do not)."""
     used = sum(state.allocated[nsid].size_bytes for nsid in state.created)
     return max(0, state.config.nvm_capacity - used)
-
-
-def _identify_controller_nvm() -> bytes:
-    # Limits in units of the minimum page size, 2^n; 0 = no limit beyond MDTS.
-    return st.build_identify_controller_nvm(vsl=0, wzsl=0, wusl=0, dmrl=255, dmrsl=0xFFFFFFFF, dmsl=0)

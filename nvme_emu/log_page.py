@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from . import structures as st
 from .async_event import acknowledge
+from .command_set import COMMAND_SETS
 from .features import SUPPORTED as SUPPORTED_FEATURES
 from .health import smart_log
 from .lba_status import lba_status_log
 from .queue import SubmissionQueue
-from .spec.commands import LBA_CHANGING_OPCODES, NSID_ALL, AdminOpcode, NvmeError, Status
+from .spec.commands import NSID_ALL, AdminOpcode, NvmeError, Status
 from .spec.features import FeatureId
-from .spec.identify import Csi
 from .spec.log_pages import CSE_SHIFT, CommandEffects, EffectsScope, LogPageId
 from .sqe import CDW10, CDW11, CDW12, CDW13, CDW14, NSID
 from .state import ControllerHooks, ControllerState
@@ -38,9 +38,9 @@ SUPPORTED_LOG_PAGES = (
 FORMAT_EFFECTS = (
     CommandEffects.CSUPP | CommandEffects.LBCC | CommandEffects.NCC | CommandEffects.NIC | 1 << CSE_SHIFT | EffectsScope.NAMESPACE
 )
-#: Every other admin command acts on this controller; every I/O command on its namespace.
+#: Every other admin command acts on this controller (the I/O commands' entries are their
+#: command set's: nvme_emu.command_set).
 ADMIN_EFFECTS = CommandEffects.CSUPP | EffectsScope.CONTROLLER
-IO_EFFECTS = CommandEffects.CSUPP | EffectsScope.NAMESPACE
 #: Features act on the controller; choosing a command set profile changes its capabilities.
 FEATURE_EFFECTS = CommandEffects.CSUPP | EffectsScope.CONTROLLER
 FEATURE_EFFECTS_BY_FID = {FeatureId.IO_COMMAND_SET_PROFILE: FEATURE_EFFECTS | CommandEffects.CCC}
@@ -105,18 +105,17 @@ def error_information(state: ControllerState) -> bytes:
 
 
 def commands_effects(state: ControllerState, csi: int) -> bytes:
-    """CSUPP and scope for every opcode the controller dispatches; I/O opcodes only for the
-    NVM command set."""
+    """CSUPP and scope for every opcode the controller dispatches: the admin commands, and
+    the I/O commands of the command set CDW14's CSI names. A set this controller lacks has
+    none (as QEMU's hw/nvme answers; the log itself is not refused)."""
     admin = {op: ADMIN_EFFECTS for op in state.admin_opcodes}
     if AdminOpcode.FORMAT_NVM in admin:
         admin[AdminOpcode.FORMAT_NVM] = FORMAT_EFFECTS
     for op in (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.NAMESPACE_ATTACHMENT):
         if op in admin:
             admin[op] = NAMESPACE_INVENTORY_EFFECTS
-    io = {}
-    if csi == Csi.NVM:
-        io = {op: IO_EFFECTS | (CommandEffects.LBCC if op in LBA_CHANGING_OPCODES else 0) for op in state.io_opcodes}
-    return st.build_commands_effects_log(admin, io)
+    command_set = COMMAND_SETS.get(csi)
+    return st.build_commands_effects_log(admin, command_set.effects if command_set is not None else {})
 
 
 def feature_effects() -> dict[int, int]:

@@ -98,6 +98,7 @@ class Namespace:
         nguid: bytes | None = None,
         eui64: bytes | None = None,
         uuid: _uuid.UUID | None = None,
+        csi: Csi = Csi.NVM,
     ) -> None:
         if not 0 < nsid < NSID_ALL:
             raise ValueError(f"invalid NSID {nsid}")
@@ -111,6 +112,10 @@ class Namespace:
         self.eui64 = eui64 if eui64 is not None else d_eui
         self.uuid = uuid if uuid is not None else d_uuid
         self.stats = NamespaceStats()
+        #: Its I/O command set (:mod:`nvme_emu.command_set`): which opcodes its I/O commands
+        #: may use, its Identify pages, its NIDT CSI descriptor (a plain attribute: the I/O
+        #: dispatch reads it per command).
+        self.csi = csi
         #: Its I/O may wait on a device: the controller runs it off the event loop (a plain
         #: attribute: every Read and Write looks at it).
         self.blocking = backend.blocking
@@ -392,8 +397,8 @@ class Namespace:
         return structures.build_identify_namespace(**{**self.identify_fields(), **overrides})
 
     def identify_ns_descriptors(self) -> bytes:
-        """CNS 03h for this namespace (EUI64, NGUID, UUID, CSI=NVM)."""
-        return structures.build_ns_id_descriptors(eui64=self.eui64, nguid=self.nguid, uuid=self.uuid, csi=Csi.NVM)
+        """CNS 03h for this namespace (EUI64, NGUID, UUID, and its command set's CSI)."""
+        return structures.build_ns_id_descriptors(eui64=self.eui64, nguid=self.nguid, uuid=self.uuid, csi=self.csi)
 
     def identify_namespace_independent(self) -> bytes:
         """CNS 08h for this namespace."""
@@ -417,7 +422,7 @@ def new_namespace_path(directory: str, nsid: int) -> str:
     return os.path.join(directory, f"ns{nsid}.img")
 
 
-def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | None = None) -> Namespace:
+def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | None = None, csi: Csi = Csi.NVM) -> Namespace:
     """A fresh, zeroed namespace for Namespace Management: RAM, or a new sparse file in
     ``directory`` (an existing file of that name is a stale one from a deleted namespace of
     an earlier run: it is replaced, since a new namespace must read as zeroes). It is a new
@@ -431,7 +436,7 @@ def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | No
             os.unlink(path)
         backend = FileBackend(path, size)
     try:
-        return Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed())
+        return Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed(), csi=csi)
     except BaseException:
         backend.close()
         raise

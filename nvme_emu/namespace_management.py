@@ -13,6 +13,7 @@ import logging
 
 from . import structures as st
 from .async_event import namespace_changed
+from .command_set import command_set
 from .identify import IDENTIFY_SIZE, unallocated_capacity
 from .namespace import LBA_FORMATS, Namespace, create_namespace, destroy_namespace
 from .queue import SubmissionQueue
@@ -33,13 +34,13 @@ CONTROLLER_LIST_SIZE = 4096
 
 
 def namespace_management(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQueue, e: tuple) -> int:
-    """Create (DW0: the new NSID) from the host's Identify Namespace fields, or delete."""
+    """Create (DW0: the new NSID) from the host's Identify Namespace fields, in the command
+    set CDW11's CSI names, or delete."""
     sel = e[CDW10] & 0xF
     if sel == SEL_CREATE:
-        if e[CDW11] >> 24 != Csi.NVM:
-            raise NvmeError(Status.INVALID_FIELD, f"command set {e[CDW11] >> 24}")
+        cs = command_set(e[CDW11] >> 24, Status.IO_COMMAND_SET_NOT_SUPPORTED)
         fields = st.IdentifyNamespace.parse(from_host(state, e, IDENTIFY_SIZE))
-        return create(state, fields.nsze, fields.ncap, fields.flbas)
+        return create(state, fields.nsze, fields.ncap, fields.flbas, cs.csi)
     if sel == SEL_DELETE:
         nsid = e[NSID]
         targets = sorted(state.allocated) if nsid == NSID_ALL else [nsid]
@@ -77,8 +78,9 @@ def free_nsid(state: ControllerState) -> int:
     raise NvmeError(Status.NAMESPACE_ID_UNAVAILABLE, f"all {state.config.max_namespaces} NSIDs are allocated")
 
 
-def create(state: ControllerState, nsze: int, ncap: int, flbas: int) -> int:
-    """Allocate a zeroed namespace of ``nsze`` blocks in format ``flbas`` (not attached)."""
+def create(state: ControllerState, nsze: int, ncap: int, flbas: int, csi: Csi = Csi.NVM) -> int:
+    """Allocate a zeroed namespace of ``nsze`` blocks in format ``flbas`` and command set
+    ``csi`` (not attached)."""
     index = flbas_decode(flbas)
     if index >= len(LBA_FORMATS):
         raise NvmeError(Status.INVALID_FORMAT, f"LBA format {index} not supported")
@@ -91,7 +93,7 @@ def create(state: ControllerState, nsze: int, ncap: int, flbas: int) -> int:
         raise NvmeError(Status.NAMESPACE_INSUFFICIENT_CAPACITY, f"{size} bytes wanted, {unallocated_capacity(state)} free")
     nsid = free_nsid(state)
     c = state.config
-    ns = create_namespace(nsid, size, LBA_FORMATS[index].size, directory=c.ns_dir)
+    ns = create_namespace(nsid, size, LBA_FORMATS[index].size, directory=c.ns_dir, csi=csi)
     state.allocated[nsid] = ns
     state.created.add(nsid)
     log.info("namespace %d created: %r", nsid, ns)

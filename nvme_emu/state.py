@@ -205,9 +205,9 @@ class ControllerState:
     #: Per-stage latency histograms per queue and doorbell path (nvme_emu.latency); kept
     #: across controller resets, like the health counters.
     latency: LatencyRecorder = field(default_factory=LatencyRecorder)
-    #: Opcodes the composed controller dispatches (Commands Supported and Effects log).
+    #: Admin opcodes the composed controller dispatches (Commands Supported and Effects log;
+    #: the I/O ones are their command set's, nvme_emu.command_set).
     admin_opcodes: frozenset[int] = frozenset()
-    io_opcodes: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         self.error_log = ErrorLog(self.config.error_log_entries)

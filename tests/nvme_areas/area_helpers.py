@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 from nvme_emu.admin import handlers_for
 from nvme_emu.backends.ram import RamBackend
 from nvme_emu.namespace import Namespace
-from nvme_emu.nvm import NvmCommands
 from nvme_emu.queue import CompletionQueue, SubmissionQueue
 from nvme_emu.spec.commands import CQES_LOG2, SQES_LOG2, NvmeError, Status
 from nvme_emu.spec.registers import Cc
@@ -157,14 +156,14 @@ def make_area(guest: Guest, config: ControllerConfig | None = None, *, namespace
     record = RecordingHooks()
     hooks = record.hooks()
     state = make_state(guest.memory, config, namespaces=namespaces)
-    compose_opcodes(state, hooks)
+    compose_opcodes(state)
     return Area(state, hooks, record, guest, state.sqs[0])
 
 
-def compose_opcodes(state: ControllerState, hooks: ControllerHooks) -> None:
-    """Record the dispatched opcodes as the Controller does (Commands Supported log)."""
+def compose_opcodes(state: ControllerState) -> None:
+    """Record the dispatched admin opcodes as the Controller does (Commands Supported log;
+    the I/O ones are their command set's)."""
     state.admin_opcodes = frozenset(handlers_for(state.config))
-    state.io_opcodes = NvmCommands(state, hooks).opcodes
 
 
 def status_of(call: Callable[[], object]) -> int:

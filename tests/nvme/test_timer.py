@@ -26,18 +26,23 @@ def test_timers_fire_in_deadline_order_and_cancelled_ones_never():
         timers = FineTimers(loop)
         fired: list[str] = []
         done = loop.create_future()
-        # gaps of 2 ms: far more than one call_later costs, even the first (cffi warms up)
-        timers.call_later(6e-3, lambda: fired.append("c"))
-        timers.call_later(2e-3, lambda: fired.append("a"))
-        dropped = timers.call_later(3e-3, lambda: fired.append("x"))
-        timers.call_later(4e-3, lambda: fired.append("b"))
+        # Scheduled out of order; each timer's deadline is what its call_later made of its
+        # delay (monotonic time at the call plus the delay), so a busy machine that stalls
+        # between two calls changes the deadlines, not what the test expects of them.
+        deadlines = {}
+        for name, delay in (("c", 6e-3), ("a", 2e-3), ("x", 3e-3), ("b", 4e-3)):
+            timer = timers.call_later(delay, lambda name=name: fired.append(name))
+            deadlines[name] = timer.deadline
+            if name == "x":
+                timer.cancel()
         timers.call_later(8e-3, lambda: done.set_result(None))
-        dropped.cancel()
         await asyncio.wait_for(done, 5)
         timers.close()
-        return fired
+        return fired, sorted((d, n) for n, d in deadlines.items() if n != "x")
 
-    assert _run(body) == ["a", "b", "c"]
+    fired, by_deadline = _run(body)
+    assert fired == [n for _, n in by_deadline]
+    assert "x" not in fired
 
 
 def test_sleep_returns_and_a_failing_callback_does_not_lose_the_others():

@@ -183,7 +183,7 @@ def _run_both_ways(cmd: tuple, data: bytes, backend_factory) -> list[tuple]:
 @pytest.mark.parametrize("kind", ["ram", "file"])
 def test_page_fast_path_agrees_with_the_general_path(kind: str, tmp_path):
     """Read and Write whose data lies in PRP1's page skip the data pointer walk
-    (nvm._page_view; on RAM also Namespace.read_memory/write_memory, on a file the buffer
+    (nvm._page_view, then Namespace.read_page/write_page: on RAM a copy, on a file the buffer
     checks before preadv/pwritev). Everything else, and every fault, goes the general way:
     both ways must give the same status, data, counters and error entries, and the fast
     one must really be taken where it applies."""

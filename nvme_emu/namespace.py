@@ -5,6 +5,10 @@ A :class:`Namespace` speaks logical blocks and NVMe statuses; a backend
 memory through lists of memoryviews (as produced by :mod:`nvme_emu.prp`) without intermediate
 copies.
 
+The namespace is the command handlers' one door to storage: they never touch its backend, so
+range checks, byte offsets and counters are here once each. A blocking backend's call comes
+back as a :class:`~nvme_emu.outcome.Work` for the I/O pool rather than being made here.
+
 Backend failures are :class:`nvme_emu.backends.errors.BackendError` subclasses, which are
 :class:`spec.NvmeError` with the status the I/O layer should report, so a command handler only
 needs one ``except``.
@@ -107,6 +111,7 @@ class Namespace:
             raise ValueError(f"invalid NSID {nsid}")
         self.nsid = nsid
         self.backend = backend
+        lbaf_index = lba_format_index(lba_size)
         if backend.size < lba_size:
             raise ValueError(f"backend of {backend.size} bytes is smaller than one {lba_size}-byte block")
         d_nguid, d_eui, d_uuid = derive_ids(id_seed, nsid)
@@ -128,7 +133,7 @@ class Namespace:
         #: LBAs Write Uncorrectable marked: reads fail until they are written again. In memory
         #: only (a restart forgets them), as the fault injector's faults are.
         self.uncorrectable = LbaRanges()
-        self.apply_format(lba_format_index(lba_size))
+        self.apply_format(lbaf_index)
 
     # -- geometry ------------------------------------------------------------------------------
 

@@ -54,12 +54,11 @@ def describe_namespace(ns: Namespace, attached: bool) -> dict[str, Any]:
     return {
         "nsid": ns.nsid,
         "attached": attached,
-        "backend": type(ns.backend).__name__,
-        "path": getattr(ns.backend, "path", None),
+        **ns.describe_storage(),
         "size_bytes": ns.size_bytes,
         "lba_size": ns.lba_size,
         "stats": dict(ns.stats.__dict__),
-        **({"inline": dict(budget.stats.__dict__)} if (budget := ns.backend.inline_budget) is not None else {}),
+        **({"inline": inline} if (inline := ns.inline_stats()) is not None else {}),
     }
 
 

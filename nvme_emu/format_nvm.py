@@ -72,7 +72,7 @@ def _erase(targets: list[Namespace]) -> None:
 def _formatted(state: ControllerState, hooks: ControllerHooks, targets: list[Namespace], lbaf: int) -> None:
     """The new format applies; each namespace's change is reported (Changed Namespace List)."""
     for ns in targets:
-        ns.lbaf_index = lbaf
+        ns.apply_format(lbaf)
         if ns.uncorrectable.clear():  # the media was erased: nothing is unrecoverable any more
             state.lba_status.changed()
         namespace_changed(state, hooks, ns.nsid)

@@ -5,6 +5,10 @@ A :class:`Namespace` speaks logical blocks and NVMe statuses; a backend
 memory through lists of memoryviews (as produced by :mod:`nvme_emu.prp`) without intermediate
 copies.
 
+The namespace is the command handlers' one door to storage: they never touch its backend, so
+range checks, byte offsets and counters are here once each. A blocking backend's call comes
+back as a :class:`~nvme_emu.outcome.Work` for the I/O pool rather than being made here.
+
 Backend failures are :class:`nvme_emu.backends.errors.BackendError` subclasses, which are
 :class:`spec.NvmeError` with the status the I/O layer should report, so a command handler only
 needs one ``except``.
@@ -17,7 +21,8 @@ import hashlib
 import os
 import uuid as _uuid
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence
 
 from . import identity, structures
 from .backends.base import Backend
@@ -25,6 +30,7 @@ from .backends.file import FileBackend
 from .backends.iov import ZERO_CHUNK, Buffers, byte_views, total_bytes
 from .backends.ram import RamBackend
 from .lba_ranges import LbaRanges
+from .outcome import Work
 from .spec.commands import COPY_MAX_LBAS, COPY_MAX_RANGES, COPY_MAX_RANGE_LBAS, NSID_ALL, NvmeError, Status
 from .spec.identify import DLFEAT_READ_ZEROES, DLFEAT_WRITE_ZEROES_DEAC, NSATTR_WRITE_PROTECTED, Csi, flbas_encode
 
@@ -83,9 +89,11 @@ def derive_ids(seed: str, nsid: int) -> tuple[bytes, bytes, _uuid.UUID]:
 class Namespace:
     """One NVM namespace: LBA arithmetic and range checks over a backend.
 
-    ``nlb`` arguments are block counts (1-based); converting the 0-based NLB of a command is
-    the I/O layer's job. Each public I/O method corresponds to one command, so counters are
-    updated here once per command.
+    It is the one door to storage: command handlers never touch :attr:`backend`, so range
+    checks, byte offsets and counters live here, once each. ``nlb`` arguments are block
+    counts (1-based); converting the 0-based NLB of a command is the I/O layer's job. Each
+    public I/O method corresponds to one command, so counters are updated here once per
+    command.
     """
 
     def __init__(
@@ -104,7 +112,7 @@ class Namespace:
             raise ValueError(f"invalid NSID {nsid}")
         self.nsid = nsid
         self.backend = backend
-        self.lbaf_index = lba_format_index(lba_size)
+        lbaf_index = lba_format_index(lba_size)
         if backend.size < lba_size:
             raise ValueError(f"backend of {backend.size} bytes is smaller than one {lba_size}-byte block")
         d_nguid, d_eui, d_uuid = derive_ids(id_seed, nsid)
@@ -124,12 +132,13 @@ class Namespace:
         #: A Format NVM is erasing it (off the loop): its I/O commands fail with Format In
         #: Progress, which a host retries, rather than race the erase.
         self.formatting = False
-        #: The blocks are process memory (:attr:`Backend.memory`): the per-command fast path
-        #: (:meth:`read_memory`, :meth:`write_memory`) applies.
-        self.in_memory = backend.memory is not None
+        #: The blocks themselves when they are process memory (:attr:`Backend.memory`, RAM):
+        #: the one-page paths copy straight to and from them.
+        self._memory = backend.memory
         #: LBAs Write Uncorrectable marked: reads fail until they are written again. In memory
         #: only (a restart forgets them), as the fault injector's faults are.
         self.uncorrectable = LbaRanges()
+        self.apply_format(lbaf_index)
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -137,19 +146,9 @@ class Namespace:
     def lbaf_index(self) -> int:
         return self._lbaf_index
 
-    @lbaf_index.setter
-    def lbaf_index(self, index: int) -> None:
-        # lba_shift is read several times per I/O command: a plain attribute, kept in step here
-        self._lbaf_index = index
-        self._lba_shift = LBA_FORMATS[index].lbads
-
     @property
     def lba_format(self) -> LbaFormat:
         return LBA_FORMATS[self._lbaf_index]
-
-    @property
-    def lba_shift(self) -> int:
-        return self._lba_shift
 
     @property
     def lba_size(self) -> int:
@@ -172,14 +171,52 @@ class Namespace:
     def size_bytes(self) -> int:
         return self.nsze << self.lba_shift
 
+    # -- the format, and the one fast-path flag it decides --------------------------------------
+
+    def apply_format(self, index: int) -> None:
+        """LBA format ``index`` applies from now on (at creation, and when a Format NVM is done).
+
+        Everything a format decides is computed here, once, into plain attributes, because
+        the I/O path reads them on every command: the shift, the byte end of the exposed
+        blocks, and :attr:`plain_rw`."""
+        self._lbaf_index = index
+        #: log2 of the LBA size: read several times per I/O command, so a plain attribute
+        self.lba_shift = shift = LBA_FORMATS[index].lbads
+        #: the exposed blocks in bytes (NSZE << shift): the one-page paths' range check
+        self._end = self.backend.size >> shift << shift
+        #: A Read or Write is only a range check and a byte copy: no metadata beside the data,
+        #: no protection information to generate or check, no zone rules (a write pointer).
+        #: It gates the one-page fast paths (:meth:`read_page`, :meth:`write_page`), which do
+        #: nothing else; a namespace kind that needs more (metadata and PI, issue 26; zoned,
+        #: issue 25) answers False in :meth:`rw_is_plain` and takes the general path.
+        self.plain_rw = self.rw_is_plain()
+
+    def rw_is_plain(self) -> bool:
+        """The rule behind :attr:`plain_rw`, for the current format: no metadata (and so no
+        protection information, which lives in it)."""
+        return self.lba_format.ms == 0
+
+    # -- the door: range checks, byte offsets and counters ---------------------------------------
+    #
+    # Command handlers reach storage only through the methods below. Each checks its LBA range
+    # (LBA Out of Range), turns LBAs into byte offsets, and counts what the SMART log reports,
+    # once per command. A method returns None when the command is done (on the loop thread,
+    # counted), or the Work that finishes it on the I/O pool (blocking backends: run() does the
+    # backend call, done() counts on the loop thread, since counters are not shared with
+    # workers). The caller keeps the views it passed, except those a Work took: the NVM command
+    # set releases those when the Work is finished.
+
     def check_range(self, slba: int, nlb: int) -> None:
         """LBA Out of Range unless [slba, slba + nlb) lies inside the namespace."""
-        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self.backend.size >> self._lba_shift:
-            raise NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} outside namespace {self.nsid} ({self.nsze} LBAs)")
+        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self.backend.size >> self.lba_shift:
+            raise self._out_of_range(slba, nlb)
+
+    def _out_of_range(self, slba: int, nlb: int) -> NvmeError:
+        return NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} outside namespace {self.nsid} ({self.nsze} LBAs)")
 
     def _byte_range(self, slba: int, nlb: int) -> tuple[int, int]:
         self.check_range(slba, nlb)
-        shift = self._lba_shift
+        shift = self.lba_shift
         return slba << shift, nlb << shift
 
     def _check_views(self, views: Buffers, length: int) -> None:
@@ -188,14 +225,6 @@ class Namespace:
         total = total_bytes(views)
         if total != length:
             raise ValueError(f"data buffers hold {total} bytes, the command moves {length}")
-
-    # -- commands ------------------------------------------------------------------------------
-
-    def prepare_rw(self, slba: int, nlb: int, views: Buffers) -> tuple[int, int]:
-        """Range and buffer checks of a Read or Write: its (byte offset, byte length)."""
-        off, length = self._byte_range(slba, nlb)
-        self._check_views(views, length)
-        return off, length
 
     def count_read(self, length: int) -> None:
         """One Read done (on the loop thread: counters are not shared with workers)."""
@@ -206,132 +235,178 @@ class Namespace:
         self.stats.write_commands += 1
         self.stats.bytes_written += length
 
-    # read_lbas and write_lbas (the RAM path) and the one-page read_memory, read_cached and
-    # write_memory are the fast paths: the steps of prepare_rw and count_* are written out in
-    # them (method calls fewer per command, measurable at QD32).
-
-    def read_lbas(self, slba: int, nlb: int, views: Buffers) -> None:
-        """Read: backend -> ``views`` (writable guest memory)."""
-        self.check_range(slba, nlb)
-        shift = self._lba_shift
-        off, length = slba << shift, nlb << shift
-        self._check_views(views, length)
-        self.backend.read_into(off, views)
-        self.stats.read_commands += 1
-        self.stats.bytes_read += length
-
-    def read_memory(self, slba: int, view: memoryview) -> None:
-        """Read into one byte view from an :attr:`in_memory` namespace, its range checked
-        by the caller: :meth:`read_lbas` without the checks and the cases (several views,
-        other formats) that a one-page command never needs."""
-        n = view.nbytes
-        off = slba << self._lba_shift
-        view[:] = self.backend.memory[off : off + n]  # type: ignore[index]
-        stats = self.stats
-        stats.read_commands += 1
-        stats.bytes_read += n
-
-    def read_cached(self, slba: int, view: memoryview) -> bool:
-        """Read into one byte view from a :attr:`blocking` namespace if that needs no wait
-        (the page cache holds the blocks), its range checked by the caller; False: nothing
-        read, nothing counted (the pool reads it)."""
-        n = view.nbytes
-        if not self.backend.read_page_nowait(slba << self._lba_shift, view):
-            return False
-        stats = self.stats
-        stats.read_commands += 1
-        stats.bytes_read += n
-        return True
-
-    def write_memory(self, slba: int, view: memoryview) -> None:
-        """Write from one byte view to an :attr:`in_memory` namespace (see :meth:`read_memory`;
-        process memory is as durable as it gets, so FUA asks nothing more)."""
-        n = view.nbytes
-        off = slba << self._lba_shift
-        self.backend.memory[off : off + n] = view  # type: ignore[index]
-        stats = self.stats
-        stats.write_commands += 1
-        stats.bytes_written += n
-
-    def write_lbas(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> None:
-        """Write: ``views`` -> backend; ``fua`` makes it durable before returning."""
-        self.check_range(slba, nlb)
-        shift = self._lba_shift
-        off, length = slba << shift, nlb << shift
-        self._check_views(views, length)
-        self.backend.write_from(off, views, fua=fua)
-        self.stats.write_commands += 1
-        self.stats.bytes_written += length
-
-    def write_zeroes(self, slba: int, nlb: int, *, deallocate: bool = False, fua: bool = False) -> None:
-        off, length = self._byte_range(slba, nlb)
-        self.backend.write_zeroes(off, length, deallocate=deallocate)
-        if fua:
-            self.backend.flush()
-
-    def deallocate(self, ranges: Iterable[tuple[int, int]]) -> None:
-        """Dataset Management AD: (slba, nlb) ranges; all are checked before any is touched."""
-        rs = [(s, n) for s, n in ranges if n]
-        for s, n in rs:
-            self.check_range(s, n)
-        for s, n in rs:
-            self.backend.deallocate(s << self.lba_shift, n << self.lba_shift)
-
-    # compare, verify and copy take count=False when they run on a worker thread: the
-    # caller then counts on the loop thread (counters are not shared between threads).
-
-    def compare(self, slba: int, nlb: int, views: Buffers, *, count: bool = True) -> bool:
-        """True when the blocks equal ``views``; the caller reports Compare Failure."""
-        off, length = self._byte_range(slba, nlb)
-        self._check_views(views, length)
-        buf = bytearray(length)
-        self.backend.read_into(off, [memoryview(buf)])
-        if count:
-            self.count_read(length)
-        pos = 0
-        for v in byte_views(views):
-            if buf[pos : pos + len(v)] != v:
-                return False
-            pos += len(v)
-        return True
-
-    def verify(self, slba: int, nlb: int, *, count: bool = True) -> None:
-        """Read the blocks and discard them: a failure surfaces as Unrecovered Read Error."""
-        off, length = self._byte_range(slba, nlb)
-        chunk = bytearray(min(length, ZERO_CHUNK))
-        pos = 0
-        while pos < length:
-            n = min(len(chunk), length - pos)
-            self.backend.read_into(off + pos, [memoryview(chunk)[:n]])
-            pos += n
-        if count:
-            self.count_verified(length)
-
     def count_verified(self, length: int) -> None:
         """Verify reads the media but moves no data to the host: bytes, not a Read command."""
         self.stats.bytes_read += length
 
-    def copy(self, ranges: Sequence[tuple[int, int]], sdlba: int, *, fua: bool = False, count: bool = True) -> None:
+    def _now_or_work(self, run: Callable[[], Any], done: Callable[[Any], None] | None = None, views: Buffers = ()) -> Work | None:
+        """``run`` and then ``done`` here and now, or as the Work of a blocking namespace."""
+        if self.blocking:
+            return Work(run, views, done)
+        result = run()
+        if done is not None:
+            done(result)
+        return None
+
+    # The one-page fast paths: one flat byte view (in one guest page), only while plain_rw.
+    # They are the hottest code of the project (a whole 4 KiB RAM Read is about 1 us), so the
+    # steps of check_range, _byte_range and count_* are written out in them, and the range
+    # check is one comparison against the byte end the format computed (an SQE's SLBA is
+    # never negative nor past 64 bits; a huge one ends past _end all the same).
+
+    def read_page(self, slba: int, view: memoryview) -> Work | None:
+        """Read into one flat byte view: from memory (RAM), from the page cache when that
+        needs no wait (file, block device: ``RWF_NOWAIT``), else the Work that reads it."""
+        n = view.nbytes
+        off = slba << self.lba_shift
+        if off < 0 or off + n > self._end:
+            raise self._out_of_range(slba, n >> self.lba_shift)
+        memory = self._memory
+        if memory is not None:
+            view[:] = memory[off : off + n]
+        elif not self.blocking:
+            self.backend.read_into(off, (view,))
+        elif not self.backend.read_page_nowait(off, view):
+            return self._read_work(off, n, [view])
+        stats = self.stats
+        stats.read_commands += 1
+        stats.bytes_read += n
+        return None
+
+    def write_page(self, slba: int, view: memoryview) -> bool:
+        """Write one flat byte view into memory (RAM: process memory is as durable as it gets,
+        so FUA asks nothing more); False, nothing done, when the blocks are not process
+        memory: such a write waits for the pool, FUA as the command says (:meth:`write`)."""
+        memory = self._memory
+        if memory is None:
+            return False
+        n = view.nbytes
+        off = slba << self.lba_shift
+        if off < 0 or off + n > self._end:
+            raise self._out_of_range(slba, n >> self.lba_shift)
+        memory[off : off + n] = view
+        stats = self.stats
+        stats.write_commands += 1
+        stats.bytes_written += n
+        return True
+
+    # read and write (the general path: several views, SGLs, PRP lists) are hot too at high
+    # queue depths: the steps of _byte_range and count_* are written out in them (method
+    # calls fewer per command, measurable at QD32).
+
+    def read(self, slba: int, nlb: int, views: Buffers) -> Work | None:
+        """Read: the blocks -> ``views`` (writable guest memory). A blocking namespace reads
+        at once when the page cache holds the blocks, else hands back the Work."""
+        self.check_range(slba, nlb)
+        shift = self.lba_shift
+        off, length = slba << shift, nlb << shift
+        self._check_views(views, length)
+        if not self.blocking:
+            self.backend.read_into(off, views)
+        elif not self.backend.read_into_nowait(off, views):
+            return self._read_work(off, length, views)
+        stats = self.stats
+        stats.read_commands += 1
+        stats.bytes_read += length
+        return None
+
+    def _read_work(self, off: int, length: int, views: Buffers) -> Work:
+        """A Read for the pool (the page cache did not hold it): it owns ``views`` from now on."""
+        return Work(partial(self.backend.read_into, off, views), views, lambda _r: self.count_read(length), self.backend.inline_budget)
+
+    def write(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> Work | None:
+        """Write: ``views`` -> the blocks; ``fua`` makes it durable before it is done."""
+        self.check_range(slba, nlb)
+        shift = self.lba_shift
+        off, length = slba << shift, nlb << shift
+        self._check_views(views, length)
+        if self.blocking:
+            # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
+            # only after run() returned) means durable, as when it ran on the loop.
+            return Work(partial(self.backend.write_from, off, views, fua=fua), views, lambda _r: self.count_write(length),
+                        None if fua else self.backend.inline_budget)
+        self.backend.write_from(off, views, fua=fua)
+        stats = self.stats
+        stats.write_commands += 1
+        stats.bytes_written += length
+        return None
+
+    def write_zeroes(self, slba: int, nlb: int, *, deallocate: bool = False, fua: bool = False) -> Work | None:
+        off, length = self._byte_range(slba, nlb)
+
+        def zero() -> None:
+            self.backend.write_zeroes(off, length, deallocate=deallocate)
+            if fua:
+                self.backend.flush()
+
+        return self._now_or_work(zero)
+
+    def deallocate(self, ranges: Iterable[tuple[int, int]]) -> Work | None:
+        """Dataset Management AD: (slba, nlb) ranges; all are checked before any is touched."""
+        extents = [self._byte_range(s, n) for s, n in ranges if n]
+
+        def deallocate() -> None:
+            for off, length in extents:
+                self.backend.deallocate(off, length)
+
+        return self._now_or_work(deallocate)
+
+    def compare(self, slba: int, nlb: int, views: Buffers) -> Work | None:
+        """Compare the blocks with ``views``: Compare Failure when they differ (counted as a
+        Read either way: the media was read)."""
+        off, length = self._byte_range(slba, nlb)
+        self._check_views(views, length)
+
+        def compare() -> bool:
+            buf = bytearray(length)
+            self.backend.read_into(off, [memoryview(buf)])
+            pos = 0
+            for v in byte_views(views):
+                if buf[pos : pos + len(v)] != v:
+                    return False
+                pos += len(v)
+            return True
+
+        def compared(same: bool) -> None:
+            self.count_read(length)
+            if not same:
+                raise NvmeError(Status.COMPARE_FAILURE, f"LBAs {slba}+{nlb} differ")
+
+        return self._now_or_work(compare, compared, views)
+
+    def verify(self, slba: int, nlb: int) -> Work | None:
+        """Read the blocks and discard them: a failure surfaces as Unrecovered Read Error."""
+        off, length = self._byte_range(slba, nlb)
+
+        def verify() -> None:
+            chunk = bytearray(min(length, ZERO_CHUNK))
+            pos = 0
+            while pos < length:
+                n = min(len(chunk), length - pos)
+                self.backend.read_into(off + pos, [memoryview(chunk)[:n]])
+                pos += n
+
+        return self._now_or_work(verify, lambda _r: self.count_verified(length))
+
+    def copy(self, ranges: Sequence[tuple[int, int]], sdlba: int, *, fua: bool = False) -> Work | None:
         """Copy source (slba, nlb) ranges, concatenated, to ``sdlba``; all ranges checked first.
 
         Sources are read in full before writing, so overlapping source and destination behave
         as if the copy were atomic.
         """
-        total = 0
-        for s, n in ranges:
-            self.check_range(s, n)
-            total += n
-        self.check_range(sdlba, total)
-        buf = bytearray(total << self.lba_shift)
-        mv = memoryview(buf)
-        pos = 0
-        for s, n in ranges:
-            length = n << self.lba_shift
-            self.backend.read_into(s << self.lba_shift, [mv[pos : pos + length]])
-            pos += length
-        self.backend.write_from(sdlba << self.lba_shift, [mv], fua=fua)
-        if count:
-            self.count_write(len(buf))
+        sources = [self._byte_range(s, n) for s, n in ranges]
+        total = sum(length for _off, length in sources)
+        dest, _ = self._byte_range(sdlba, total >> self.lba_shift)
+
+        def copy() -> None:
+            mv = memoryview(bytearray(total))
+            pos = 0
+            for off, length in sources:
+                self.backend.read_into(off, [mv[pos : pos + length]])
+                pos += length
+            self.backend.write_from(dest, [mv], fua=fua)
+
+        return self._now_or_work(copy, lambda _r: self.count_write(total))
 
     def flush(self) -> None:
         self.backend.flush()
@@ -344,7 +419,7 @@ class Namespace:
         """
         self.check_format(lbaf_index, secure_erase)
         self.erase()
-        self.lbaf_index = lbaf_index
+        self.apply_format(lbaf_index)
 
     def check_format(self, lbaf_index: int, secure_erase: int = 0) -> None:
         """The checks of :meth:`format`, alone (they run on the loop, :meth:`erase` may not)."""
@@ -407,6 +482,18 @@ class Namespace:
     def identify_namespace_nvm(self) -> bytes:
         """CNS 05h / CSI 00h for this namespace (no protection information: zeros)."""
         return structures.build_identify_namespace_nvm()
+
+    # -- what the control plane reports ----------------------------------------------------------
+
+    def describe_storage(self) -> dict[str, Any]:
+        """The storage behind it: the backend's class and its path (None in memory)."""
+        return {"backend": type(self.backend).__name__, "path": getattr(self.backend, "path", None)}
+
+    def inline_stats(self) -> dict[str, int] | None:
+        """How its blocking calls ran inline or on the pool (:mod:`nvme_emu.inline_budget`);
+        None when it has no inline budget (RAM: every call is inline)."""
+        budget = self.backend.inline_budget
+        return None if budget is None else dict(budget.stats.__dict__)
 
     def __repr__(self) -> str:
         return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size})"

@@ -2,7 +2,10 @@
 Management, Compare, Verify and Copy, with the statuses the spec names for every failure.
 
 Data moves zero-copy: the data pointer (PRP or SGL) becomes a list of memoryviews into
-guest memory, and the namespace backend reads into or writes from those views directly.
+guest memory, and the namespace reads into or writes from those views directly. The
+:class:`~nvme_emu.namespace.Namespace` is the handlers' one door to storage: it checks LBA
+ranges, computes byte offsets and counts for the SMART log; nothing here touches a backend.
+A handler's part is the SQE: its fields, its data pointer, its marks and its statuses.
 
 :class:`NvmCommands` is also the I/O dispatcher of every command set
 (:mod:`nvme_emu.command_set`): a command's opcode means what its namespace's set says
@@ -12,10 +15,15 @@ Flush, every set's, comes first.
 Each command is a request: :meth:`NvmCommands.execute` returns (status, dw0) when it is
 done, or :data:`~nvme_emu.outcome.DEFERRED` when it is in flight. On a RAM namespace
 every command is done at once (the synchronous fast path, no per-command objects). On a
-blocking namespace (file, block device) a handler returns a :class:`Work`, the blocking
-part, which runs on the controller's :class:`~nvme_emu.aio.IoPool`; the request completes
-later on the loop thread (``hooks.finish_request``). Reads try the page cache
-without blocking first (``RWF_NOWAIT``) and are done at once on a hit.
+blocking namespace (file, block device) the namespace hands back a
+:class:`~nvme_emu.outcome.Work`, the blocking part, which runs on the controller's
+:class:`~nvme_emu.aio.IoPool`; the request completes later on the loop thread
+(``hooks.finish_request``). Reads try the page cache without blocking first
+(``RWF_NOWAIT``) and are done at once on a hit.
+
+A Read or Write whose data lies in PRP1's page, on a namespace whose format makes Read and
+Write plain (``Namespace.plain_rw``: no metadata, no protection information, no zone rules),
+takes the one-page fast path: one namespace call that checks, copies and counts.
 
 Write Uncorrectable marks LBAs (``Namespace.uncorrectable``): reading them (Read, Compare,
 Verify, a Copy source) fails with Unrecovered Read Error until a Write, Write Zeroes, a
@@ -28,13 +36,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from . import prp
 from .latency import LatencyRecorder, clock_ns
-from .inline_budget import InlineBudget
 from .lba_status import lba_status_changed
 from .namespace import Namespace
 from .queue import SubmissionQueue
@@ -54,7 +59,7 @@ from .spec.commands import (
     RwCdw12,
     Status,
 )
-from .outcome import DEFERRED, Deferred
+from .outcome import DEFERRED, Deferred, Work
 from .spec.identify import Csi
 from .state import ControllerHooks, ControllerState
 from vfio_user.dma_guard import FAULTS as _FAULTS
@@ -67,19 +72,6 @@ DSM_RANGE = struct.Struct("<IIQ")
 #: (CPython 3.11), a plain constant 14 ns, and a whole 4 KiB RAM read now about 1 us.
 _FLUSH, _SUCCESS = NvmOpcode.FLUSH, Status.SUCCESS
 _NLB_MASK = RwCdw12.NLB_MASK
-
-
-@dataclass(slots=True)
-class Work:
-    """The blocking part of a command: ``run()`` on a worker thread, then on the loop thread
-    the views are released and ``done(result)`` runs (counters; it may raise NvmeError)."""
-
-    run: Callable[[], Any]
-    views: Sequence[memoryview] = ()
-    done: Callable[[Any], None] | None = None
-    #: set: ``run()`` may run on the loop thread when nothing else waits (:meth:`NvmCommands.
-    #: _start`), as long as this budget admits it; None: always a worker (FUA, Flush, ...)
-    inline: InlineBudget | None = None
 
 
 #: A handler returns dw0 (done) or the Work that finishes it.
@@ -271,129 +263,95 @@ class NvmCommands:
 
     def read(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # sqe.lba_range(e), inlined
-        ns.check_range(slba, nlb)
         length = nlb << ns.lba_shift
         view = self._page_view(e, length, to_host=True)
-        if view is not None:
-            if ns.in_memory:
-                try:
-                    ns.read_memory(slba, view)
-                finally:
-                    view.release()
+        if view is not None and ns.plain_rw:  # the one-page fast path: range check, copy, count
+            try:
+                work = ns.read_page(slba, view)
+            except BaseException:
+                view.release()
+                raise
+            if work is None:
+                view.release()
                 return 0
-            if ns.blocking:
-                try:
-                    if ns.read_cached(slba, view):
-                        view.release()
-                        return 0
-                except BaseException:
-                    view.release()
-                    raise
-                return self._read_work(ns, slba << ns.lba_shift, length, [view])
-        views = [view] if view is not None else self.views(e, length, to_host=True)
-        if ns.blocking:
-            return self._blocking_read(ns, slba, nlb, views)
-        try:
-            ns.read_lbas(slba, nlb, views)
-        finally:
-            prp.release_views(views)
-        return 0
-
-    @classmethod
-    def _blocking_read(cls, ns: Namespace, slba: int, nlb: int, views: list[memoryview]) -> int | Work:
-        try:
-            off, length = ns.prepare_rw(slba, nlb, views)
+            return work  # the page cache missed: the pool reads it (the Work owns the view)
+        if view is None:
+            ns.check_range(slba, nlb)  # LBA Out of Range before any walk of the data pointer
+            views = self.views(e, length, to_host=True)
+        else:
+            views = [view]
+        try:  # _done_or_work, inlined (several pages at a high queue depth are hot too)
+            work = ns.read(slba, nlb, views)
         except BaseException:
             prp.release_views(views)
             raise
-        return cls._read_cached_or_work(ns, off, length, views)
-
-    @classmethod
-    def _read_cached_or_work(cls, ns: Namespace, off: int, length: int, views: list[memoryview]) -> int | Work:
-        """Done at once when the page cache holds the blocks, else Work for the pool."""
-        try:
-            if ns.backend.read_into_nowait(off, views):
-                ns.count_read(length)
-                prp.release_views(views)
-                return 0
-        except BaseException:
+        if work is None:
             prp.release_views(views)
-            raise
-        return cls._read_work(ns, off, length, views)
-
-    @staticmethod
-    def _read_work(ns: Namespace, off: int, length: int, views: list[memoryview]) -> Work:
-        """A Read for the pool: it owns ``views`` from now on."""
-        return Work(partial(ns.backend.read_into, off, views), views, lambda _r: ns.count_read(length), ns.backend.inline_budget)
+            return 0
+        return work
 
     def write(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = e[CDW11] << 32 | e[CDW10], (e[CDW12] & _NLB_MASK) + 1  # sqe.lba_range(e), inlined
-        ns.check_range(slba, nlb)
         length = nlb << ns.lba_shift
         view = self._page_view(e, length, to_host=False)
-        if view is not None and ns.in_memory:
+        if view is not None and ns.plain_rw:  # the one-page fast path: range check, copy, count
             try:
-                ns.write_memory(slba, view)
-            finally:
+                written = ns.write_page(slba, view)
+            except BaseException:
                 view.release()
-            return 0
+                raise
+            if written:
+                view.release()
+                return 0
+            views = [view]  # a blocking namespace: the pool writes it, FUA as the command says
+        elif view is None:
+            ns.check_range(slba, nlb)  # LBA Out of Range before any walk of the data pointer
+            views = self.views(e, length, to_host=False)
+        else:
+            views = [view]
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
-        views = [view] if view is not None else self.views(e, length, to_host=False)
-        if ns.blocking:
-            off = slba << ns.lba_shift
-            if view is None:
-                try:
-                    off, length = ns.prepare_rw(slba, nlb, views)
-                except BaseException:
-                    prp.release_views(views)
-                    raise
-            # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
-            # only after run() returned) means durable, as when it ran on the loop.
-            return Work(partial(ns.backend.write_from, off, views, fua=fua), views, lambda _r: ns.count_write(length),
-                        None if fua else ns.backend.inline_budget)
-        try:
-            ns.write_lbas(slba, nlb, views, fua=fua)
-        finally:
+        try:  # _done_or_work, inlined
+            work = ns.write(slba, nlb, views, fua=fua)
+        except BaseException:
             prp.release_views(views)
-        return 0
+            raise
+        if work is None:
+            prp.release_views(views)
+            return 0
+        return work
+
+    @staticmethod
+    def _done_or_work(op: Callable[[int, int, list[memoryview]], Work | None], slba: int, nlb: int,
+                      views: list[memoryview]) -> int | Work:
+        """``op`` (a namespace method that takes views) on ``views``: released here when it is
+        done or failed, or owned by the Work it handed back."""
+        try:
+            work = op(slba, nlb, views)
+        except BaseException:
+            prp.release_views(views)
+            raise
+        if work is None:
+            prp.release_views(views)
+            return 0
+        return work
 
     def compare(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
-        if ns.blocking:
-            def compared(same: bool) -> None:
-                ns.count_read(nlb << ns.lba_shift)
-                if not same:
-                    raise NvmeError(Status.COMPARE_FAILURE, f"LBAs {slba}+{nlb} differ")
-
-            return Work(partial(ns.compare, slba, nlb, views, count=False), views, compared)
-        try:
-            same = ns.compare(slba, nlb, views)
-        finally:
-            prp.release_views(views)
-        if not same:
-            raise NvmeError(Status.COMPARE_FAILURE, f"LBAs {slba}+{nlb} differ")
-        return 0
+        return self._done_or_work(ns.compare, slba, nlb, views)
 
     def verify(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
-        if ns.blocking:
-            return Work(partial(ns.verify, slba, nlb, count=False), done=lambda _r: ns.count_verified(nlb << ns.lba_shift))
-        ns.verify(slba, nlb)
-        return 0
+        return ns.verify(slba, nlb) or 0
 
     def write_zeroes(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)
-        ns.check_range(slba, nlb)
-        zero = partial(ns.write_zeroes, slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
-        if ns.blocking:
-            return self._clearing(ns, [(slba, nlb)], Work(zero))
-        zero()
-        return self._clearing(ns, [(slba, nlb)], 0)
+        work = ns.write_zeroes(slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
+        return self._clearing(ns, [(slba, nlb)], work or 0)
 
     def flush(self, e: tuple) -> int | Work:
         """Flush one namespace or all. Off the loop, it still covers every write completed
@@ -425,13 +383,10 @@ class NvmCommands:
             _ctx, nlb, slba = DSM_RANGE.unpack_from(raw, i * DSM_RANGE_SIZE)
             if nlb == 0:
                 continue
-            ns.check_range(slba, nlb)
+            ns.check_range(slba, nlb)  # every range, also without AD: a bad one fails the command
             ranges.append((slba, nlb))
         if attrs & DsmAttr.AD:  # deallocated blocks read as DLFEAT says: no longer unrecoverable
-            if ns.blocking:
-                return self._clearing(ns, ranges, Work(partial(ns.deallocate, ranges)))
-            ns.deallocate(ranges)
-            return self._clearing(ns, ranges, 0)
+            return self._clearing(ns, ranges, ns.deallocate(ranges) or 0)
         return 0
 
     def copy(self, ns: Namespace, e: tuple) -> int | Work:
@@ -458,12 +413,8 @@ class NvmCommands:
         ns.check_range(sdlba, total)
         for slba, nlb in ranges:
             check_readable(ns, slba, nlb)
-        fua = bool(e[CDW12] & RwCdw12.FUA)
-        if ns.blocking:
-            work = Work(partial(ns.copy, ranges, sdlba, fua=fua, count=False), done=lambda _r: ns.count_write(total << ns.lba_shift))
-            return self._clearing(ns, [(sdlba, total)], work)
-        ns.copy(ranges, sdlba, fua=fua)
-        return self._clearing(ns, [(sdlba, total)], 0)
+        work = ns.copy(ranges, sdlba, fua=bool(e[CDW12] & RwCdw12.FUA))
+        return self._clearing(ns, [(sdlba, total)], work or 0)
 
     # -- Write Uncorrectable and its marks ------------------------------------------------------
 

@@ -5,12 +5,19 @@ DW0 when the command is done, or :data:`DEFERRED` when something else will post 
 completion (an Asynchronous Event Request waiting for an event, work on the I/O pool, a
 Delete I/O SQ waiting for its commands). The marker lives here, apart from the controller
 state, so that handlers, the dispatcher and the tests share it without importing each other.
+
+:class:`Work` is the blocking part of an I/O command that the namespace (the one door to
+storage, :mod:`nvme_emu.namespace`) hands back instead of doing it: the NVM command set
+(:mod:`nvme_emu.nvm`) runs it on the I/O pool, or inline when its budget admits it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Any, Callable, Final, Sequence
+
+from .inline_budget import InlineBudget
 
 
 class Deferred(Enum):
@@ -25,4 +32,29 @@ class Deferred(Enum):
 #: Marks a command that completes later (AER, work on the I/O pool, a Delete I/O SQ waiting).
 DEFERRED: Final = Deferred.DEFERRED
 
-__all__ = ["DEFERRED", "Deferred"]
+
+
+@dataclass(slots=True)
+class Work:
+    """The blocking part of a command: ``run()`` on a worker thread, then on the loop thread
+    the views are released and ``done(result)`` runs (counters; it may raise NvmeError)."""
+
+    run: Callable[[], Any]
+    views: Sequence[memoryview] = ()
+    done: Callable[[Any], None] | None = None
+    #: set: ``run()`` may run on the loop thread when nothing else waits (:meth:`NvmCommands.
+    #: _start <nvme_emu.nvm.NvmCommands._start>`), as long as this budget admits it; None:
+    #: always a worker (FUA, Flush, ...)
+    inline: InlineBudget | None = None
+
+
+def finish_here(work: Work | None) -> None:
+    """Run a namespace's :class:`Work` (if it handed one back) on this thread and finish it;
+    its views stay the caller's. For callers with no I/O pool: tests, tools."""
+    if work is not None:
+        result = work.run()
+        if work.done is not None:
+            work.done(result)
+
+
+__all__ = ["DEFERRED", "Deferred", "Work", "finish_here"]

@@ -52,7 +52,7 @@ class Backend(ABC):
     #: without FUA) may run on the loop thread instead of a worker (nvme_emu.inline_budget)
     inline_budget: InlineBudget | None = None
     #: the bytes themselves when they are plain process memory (RAM); Read and Write of one
-    #: page copy straight to and from them (:meth:`Namespace.read_memory`)
+    #: page copy straight to and from them (:meth:`Namespace.read_page <nvme_emu.namespace.Namespace.read_page>`)
     memory: memoryview | None = None
     size: int
 

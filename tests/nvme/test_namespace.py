@@ -19,6 +19,7 @@ from nvme_emu.backends.errors import MediumError, NoSpaceError, ReadOnlyError
 from nvme_emu.backends.file import FileBackend
 from nvme_emu.backends.ram import DEFAULT_RAM_SIZE, RamBackend
 from nvme_emu.namespace import Namespace, derive_ids
+from nvme_emu.outcome import finish_here
 from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec, parse_size
 from nvme_emu.prp import prp_views, release_views
 from nvme_emu.spec.commands import NvmeError, Status
@@ -67,13 +68,13 @@ def any_ns(request, tmp_path):
 
 def test_write_read_round_trip(any_ns):
     data = pattern(8 * 512, 1)
-    any_ns.write_lbas(10, 8, bufs(data, 100, 3000, 996))
+    finish_here(any_ns.write(10, 8, bufs(data, 100, 3000, 996)))
     out = bufs(bytes(len(data)), 512, 3584)
-    any_ns.read_lbas(10, 8, out)
+    finish_here(any_ns.read(10, 8, out))
     assert b"".join(out) == data
     # untouched blocks read as zeros
     z = [memoryview(bytearray(512))]
-    any_ns.read_lbas(9, 1, z)
+    finish_here(any_ns.read(9, 1, z))
     assert bytes(z[0]) == bytes(512)
     assert any_ns.stats.read_commands == 2 and any_ns.stats.bytes_read == 9 * 512
     assert any_ns.stats.write_commands == 1 and any_ns.stats.bytes_written == 8 * 512
@@ -90,10 +91,10 @@ def test_read_write_through_guest_memory(any_ns):
         mm = mmap.mmap(fd, MiB)
         mm[0x2000:0x3000] = pattern(4096, 2)
         views = prp_views(mem, 0x102000, 0, 4096, 4096, write=False)
-        any_ns.write_lbas(0, 8, views)
+        finish_here(any_ns.write(0, 8, views))
         release_views(views)
         views = prp_views(mem, 0x105000, 0x108000, 4096 + 512, 4096, write=True)
-        any_ns.read_lbas(0, 9, views)
+        finish_here(any_ns.read(0, 9, views))
         release_views(views)
         assert mm[0x5000:0x6000] == pattern(4096, 2)
         assert mm[0x8000:0x8200] == bytes(512)
@@ -108,90 +109,92 @@ def test_read_write_through_guest_memory(any_ns):
 def test_lba_out_of_range(ram_ns, slba, nlb):
     assert ram_ns.nsze == 8192
     with pytest.raises(NvmeError) as ei:
-        ram_ns.read_lbas(slba, nlb, [memoryview(bytearray(nlb * 512))] if nlb * 512 < MiB else [])
+        finish_here(ram_ns.read(slba, nlb, [memoryview(bytearray(nlb * 512))] if nlb * 512 < MiB else []))
     assert ei.value.status == Status.LBA_OUT_OF_RANGE and ei.value.dnr
     with pytest.raises(NvmeError):
-        ram_ns.write_zeroes(slba, nlb)
+        finish_here(ram_ns.write_zeroes(slba, nlb))
     with pytest.raises(NvmeError):
-        ram_ns.verify(slba, nlb)
+        finish_here(ram_ns.verify(slba, nlb))
 
 
 def test_last_block_is_in_range(ram_ns):
-    ram_ns.write_lbas(8191, 1, [memoryview(b"\x01" * 512)])
+    finish_here(ram_ns.write(8191, 1, [memoryview(b"\x01" * 512)]))
 
 
 def test_buffer_length_mismatch_is_a_bug(ram_ns):
     with pytest.raises(ValueError):
-        ram_ns.read_lbas(0, 2, [memoryview(bytearray(512))])
+        finish_here(ram_ns.read(0, 2, [memoryview(bytearray(512))]))
 
 
 def test_write_zeroes_and_deallocate(any_ns):
     data = pattern(64 * 512, 3)
-    any_ns.write_lbas(0, 64, [memoryview(data)])
-    any_ns.write_zeroes(3, 5)
-    any_ns.deallocate([(20, 10), (40, 0), (50, 1)])
+    finish_here(any_ns.write(0, 64, [memoryview(data)]))
+    finish_here(any_ns.write_zeroes(3, 5))
+    finish_here(any_ns.deallocate([(20, 10), (40, 0), (50, 1)]))
     out = memoryview(bytearray(len(data)))
-    any_ns.read_lbas(0, 64, [out])
+    finish_here(any_ns.read(0, 64, [out]))
     expect = bytearray(data)
     for s, n in [(3, 5), (20, 10), (50, 1)]:
         expect[s * 512 : (s + n) * 512] = bytes(n * 512)
     assert out == expect
     with pytest.raises(NvmeError) as ei:
-        any_ns.deallocate([(0, 1), (8192, 1)])
+        finish_here(any_ns.deallocate([(0, 1), (8192, 1)]))
     assert ei.value.status == Status.LBA_OUT_OF_RANGE
     out2 = memoryview(bytearray(512))
-    any_ns.read_lbas(0, 1, [out2])
+    finish_here(any_ns.read(0, 1, [out2]))
     assert out2 == data[:512]  # the valid first range was not touched either
 
 
 def test_deallocate_returns_memory(any_ns):
-    any_ns.write_lbas(0, 2048, [memoryview(b"\xaa" * MiB)])
+    finish_here(any_ns.write(0, 2048, [memoryview(b"\xaa" * MiB)]))
     before = any_ns.backend.allocated_bytes()
     assert before >= MiB
     assert any_ns.nuse >= 2048
-    any_ns.deallocate([(0, 2048)])
+    finish_here(any_ns.deallocate([(0, 2048)]))
     assert any_ns.backend.allocated_bytes() <= before - MiB // 2
 
 
 def test_compare_and_verify(ram_ns):
     data = pattern(4 * 512, 4)
-    ram_ns.write_lbas(100, 4, [memoryview(data)])
-    assert ram_ns.compare(100, 4, bufs(data, 700, 1348))
+    finish_here(ram_ns.write(100, 4, [memoryview(data)]))
+    finish_here(ram_ns.compare(100, 4, bufs(data, 700, 1348)))
     bad = bytearray(data)
     bad[-1] ^= 1
-    assert not ram_ns.compare(100, 4, [memoryview(bad)])
-    ram_ns.verify(0, 8192)
+    with pytest.raises(NvmeError) as ei:
+        finish_here(ram_ns.compare(100, 4, [memoryview(bad)]))
+    assert ei.value.status == Status.COMPARE_FAILURE
+    finish_here(ram_ns.verify(0, 8192))
     assert ram_ns.stats.read_commands == 2
 
 
 def test_copy(ram_ns):
     a, b = pattern(2 * 512, 5), pattern(3 * 512, 6)
-    ram_ns.write_lbas(0, 2, [memoryview(a)])
-    ram_ns.write_lbas(10, 3, [memoryview(b)])
-    ram_ns.copy([(10, 3), (0, 2)], 1)  # overlaps source range (0, 2)
+    finish_here(ram_ns.write(0, 2, [memoryview(a)]))
+    finish_here(ram_ns.write(10, 3, [memoryview(b)]))
+    finish_here(ram_ns.copy([(10, 3), (0, 2)], 1))  # overlaps source range (0, 2)
     out = memoryview(bytearray(5 * 512))
-    ram_ns.read_lbas(1, 5, [out])
+    finish_here(ram_ns.read(1, 5, [out]))
     assert out == b + a
     with pytest.raises(NvmeError) as ei:
-        ram_ns.copy([(0, 2)], 8191)
+        finish_here(ram_ns.copy([(0, 2)], 8191))
     assert ei.value.status == Status.LBA_OUT_OF_RANGE
 
 
 def test_fua_and_flush(any_ns):
-    any_ns.write_lbas(0, 1, [memoryview(b"x" * 512)], fua=True)
-    any_ns.write_zeroes(0, 1, fua=True)
+    finish_here(any_ns.write(0, 1, [memoryview(b"x" * 512)], fua=True))
+    finish_here(any_ns.write_zeroes(0, 1, fua=True))
     any_ns.flush()
 
 
 def test_format_changes_lba_size_and_zeroes(any_ns):
-    any_ns.write_lbas(0, 8, [memoryview(b"\x55" * 4096)])
+    finish_here(any_ns.write(0, 8, [memoryview(b"\x55" * 4096)]))
     any_ns.format(1)
     assert (any_ns.lba_size, any_ns.nsze, any_ns.lbaf_index) == (4096, 1024, 1)
     out = memoryview(bytearray(4096))
-    any_ns.read_lbas(0, 1, [out])
+    finish_here(any_ns.read(0, 1, [out]))
     assert out == bytes(4096)
     with pytest.raises(NvmeError) as ei:
-        any_ns.read_lbas(1024, 1, [out])
+        finish_here(any_ns.read(1024, 1, [out]))
     assert ei.value.status == Status.LBA_OUT_OF_RANGE
     with pytest.raises(NvmeError) as ei:
         any_ns.format(5)
@@ -244,10 +247,10 @@ def test_file_punch_fallback_writes_zeros(tmp_path, monkeypatch):
 
     monkeypatch.setattr(file_backend, "_fallocate", no_punch)
     with Namespace(1, FileBackend(str(tmp_path / "d.img"), MiB)) as ns:
-        ns.write_lbas(0, 4, [memoryview(b"\xff" * 2048)])
-        ns.write_zeroes(1, 2)
+        finish_here(ns.write(0, 4, [memoryview(b"\xff" * 2048)]))
+        finish_here(ns.write_zeroes(1, 2))
         out = memoryview(bytearray(2048))
-        ns.read_lbas(0, 4, [out])
+        finish_here(ns.read(0, 4, [out]))
         assert out == b"\xff" * 512 + bytes(1024) + b"\xff" * 512
 
 
@@ -267,17 +270,17 @@ def test_file_errors_map_to_statuses(tmp_path, monkeypatch):
         ]:
             monkeypatch.setattr(os, "pwritev", fail(err))
             with pytest.raises(cls) as ei:
-                ns.write_lbas(0, 1, [memoryview(bytes(512))])
+                finish_here(ns.write(0, 1, [memoryview(bytes(512))]))
             assert ei.value.status == status and ei.value.errno == err
             assert isinstance(ei.value, NvmeError)
         monkeypatch.undo()
 
-        def bad_read(fd, bufs, off):
+        def bad_read(fd, bufs, off, *flags):  # the no-wait try first, then the read
             raise OSError(errno.EIO, "io")
 
         monkeypatch.setattr(os, "preadv", bad_read)
         with pytest.raises(MediumError) as ei:
-            ns.read_lbas(0, 1, [memoryview(bytearray(512))])
+            finish_here(ns.read(0, 1, [memoryview(bytearray(512))]))
         assert ei.value.status == Status.UNRECOVERED_READ_ERROR
 
 
@@ -330,10 +333,10 @@ def test_file_read_only(tmp_path):
         f.write(b"\x07" * 4096)
     with Namespace(1, FileBackend(path, readonly=True)) as ns:
         out = memoryview(bytearray(512))
-        ns.read_lbas(7, 1, [out])
+        finish_here(ns.read(7, 1, [out]))
         assert out == b"\x07" * 512
         with pytest.raises(ReadOnlyError) as ei:
-            ns.write_lbas(0, 1, [memoryview(bytes(512))])
+            finish_here(ns.write(0, 1, [memoryview(bytes(512))]))
         assert ei.value.status == Status.NAMESPACE_WRITE_PROTECTED
 
 
@@ -341,9 +344,9 @@ def test_file_many_small_buffers_exceed_iov_max(tmp_path):
     n = iov.IOV_MAX + 10
     with Namespace(1, FileBackend(str(tmp_path / "d.img"), 4 * MiB)) as ns:
         data = pattern(n * 512, 7)
-        ns.write_lbas(0, n, bufs(data, *([512] * n)))
+        finish_here(ns.write(0, n, bufs(data, *([512] * n))))
         out = bufs(bytes(len(data)), *([512] * n))
-        ns.read_lbas(0, n, out)
+        finish_here(ns.read(0, n, out))
         assert b"".join(out) == data
 
 
@@ -388,13 +391,13 @@ def test_block_device(loop_device):
         assert isinstance(ns.backend, BlockBackend)
         assert ns.backend.size == 8 * MiB and ns.nsze == 2048
         data = pattern(8192, 8)
-        ns.write_lbas(5, 2, [memoryview(data)], fua=True)
+        finish_here(ns.write(5, 2, [memoryview(data)], fua=True))
         out = memoryview(bytearray(8192))
-        ns.read_lbas(5, 2, [out])
+        finish_here(ns.read(5, 2, [out]))
         assert out == data
-        ns.write_zeroes(6, 1)
-        ns.deallocate([(5, 1)])
-        ns.read_lbas(5, 2, [out])
+        finish_here(ns.write_zeroes(6, 1))
+        finish_here(ns.deallocate([(5, 1)]))
+        finish_here(ns.read(5, 2, [out]))
         assert out == bytes(8192)
         ns.flush()
 
@@ -488,9 +491,9 @@ def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
     with open_namespace(text, 1, controller_seed=CONTROLLER_SEED) as ns:
         assert type(ns.backend) is BACKENDS[kind]
         data = pattern(512, 3)
-        ns.write_lbas(1, 1, [memoryview(data)])
+        finish_here(ns.write(1, 1, [memoryview(data)]))
         out = memoryview(bytearray(512))
-        ns.read_lbas(1, 1, [out])
+        finish_here(ns.read(1, 1, [out]))
         assert out == data
 
 

@@ -183,7 +183,7 @@ def _run_both_ways(cmd: tuple, data: bytes, backend_factory) -> list[tuple]:
 @pytest.mark.parametrize("kind", ["ram", "file"])
 def test_page_fast_path_agrees_with_the_general_path(kind: str, tmp_path):
     """Read and Write whose data lies in PRP1's page skip the data pointer walk
-    (nvm._page_view; on RAM also Namespace.read_memory/write_memory, on a file the buffer
+    (nvm._page_view, then Namespace.read_page/write_page: on RAM a copy, on a file the buffer
     checks before preadv/pwritev). Everything else, and every fault, goes the general way:
     both ways must give the same status, data, counters and error entries, and the fast
     one must really be taken where it applies."""
@@ -224,3 +224,44 @@ def test_page_fast_path_agrees_with_the_general_path(kind: str, tmp_path):
     by_fast, _ = _run_both_ways(cases["read inside a page"][0], data, backend)
     assert by_fast[1][1024 : 1024 + 1024] == BLOCKS[3 * 512 : 5 * 512]
     assert by_fast[0] == Status.SUCCESS and by_fast[3]["read_commands"] == 1 and by_fast[3]["bytes_read"] == 1024
+
+
+class _NotPlain(Namespace):
+    """A namespace whose format makes Read and Write more than a copy (as metadata or zones
+    will): its rule answers False, and nothing else changes."""
+
+    def rw_is_plain(self) -> bool:
+        return False
+
+
+def test_plain_rw_is_decided_by_the_format_and_gates_the_one_page_path(area: Area):
+    """plain_rw is computed when the format is decided (creation, Format NVM), by the
+    namespace's rule; a namespace that clears it takes the general path for one page too,
+    with the same data and counters."""
+    ns = area.state.namespaces[1]
+    assert ns.plain_rw
+    ns.apply_format(1)
+    assert ns.plain_rw and ns.lba_shift == 12
+    ns.apply_format(0)
+    area.state.namespaces[1] = odd = _NotPlain(1, RamBackend(1 << 20))
+    assert not odd.plain_rw
+
+    def not_here(*a: object) -> None:
+        raise AssertionError("the one-page path ran on a namespace that is not plain")
+
+    odd.read_page = odd.write_page = not_here  # type: ignore[method-assign,assignment]
+    nvm = NvmCommands(area.state, area.hooks)
+    general: list[int] = []
+    views = nvm.views
+    nvm.views = lambda *a, **k: general.append(1) or views(*a, **k)  # type: ignore[method-assign]
+    data = os.urandom(4096)
+    area.guest.write(BUF, data)
+    assert nvm.execute(area.admin_sq, rw(NvmOpcode.WRITE, 8, 8)) == (Status.SUCCESS, 0)
+    area.guest.write(BUF, bytes(4096))
+    assert nvm.execute(area.admin_sq, rw(NvmOpcode.READ, 8, 8)) == (Status.SUCCESS, 0)
+    assert area.guest.read(BUF, 4096) == data
+    assert general == [], "one page: the view is PRP1's, the general path reuses it"
+    assert (odd.stats.read_commands, odd.stats.bytes_read, odd.stats.write_commands) == (1, 4096, 1)
+    status, _ = nvm.execute(area.admin_sq, rw(NvmOpcode.READ, odd.nsze, 1))
+    assert status & 0x7FF == Status.LBA_OUT_OF_RANGE
+    odd.close()

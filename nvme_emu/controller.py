@@ -18,7 +18,7 @@ import logging
 import time
 from functools import partial
 from operator import attrgetter
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Sequence
 
 from vfio_user.dma import GuestMemory
 
@@ -27,6 +27,7 @@ from .admin import AdminCommands
 from .aio import IoPool, ViewsPredicate
 from .atomics import fence
 from .coalescing import Coalescing
+from .doorbell_port import CqHeadSource, QueueListener
 from .faults import FaultInjector
 from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
@@ -49,20 +50,7 @@ _DBBUF = Via.DBBUF
 IrqRaiser = Callable[[int], bool]
 
 #: Re-exported: their home is nvme_emu.state.
-__all__ = ["Controller", "ControllerConfig", "CqHeadSource", "ErrorLog", "HealthCounters"]
-
-
-class CqHeadSource(Protocol):
-    """A doorbell path whose CQ head values sit in memory we can read at any time.
-
-    CQ head doorbells need no wake-up of their own: the head matters only when a CQ looks
-    full (or for INTx's level). Such a path lets the controller *peek* at the newest value
-    then, and *arm* a wake-up for the rare CQ that is really full.
-    """
-
-    def peek_cq_head(self, qid: int) -> int | None: ...
-
-    def arm_cq_head(self, qid: int) -> None: ...
+__all__ = ["Controller", "ControllerConfig", "ErrorLog", "HealthCounters"]
 
 
 def _state_view(name: str, doc: str) -> property:
@@ -128,6 +116,26 @@ class Controller:
         #: Set by a doorbell path that shares its doorbell page (shadow, poll).
         self.cq_head_source: CqHeadSource | None = None
         self._reset_state()
+
+    # -- the doorbell port (nvme_emu.doorbell_port.DoorbellPort) -------------------------
+    # What the doorbell paths use of the controller: these, doorbell(), sq_tail_doorbell(),
+    # set_fatal(), bus_master and the sqs/cqs/dbbuf views above, and nothing else.
+
+    latency = _state_view("latency", "The latency anatomy's recorder (it lives as long as the controller).")
+    max_io_queues = _state_view("config.max_io_queues", "I/O queues supported (a doorbell slot pair each).")
+
+    def add_queue_listener(self, listener: QueueListener) -> None:
+        """Call ``listener`` on every queue event, after the listeners before it."""
+        self.queue_listeners.append(listener)
+
+    def register_cq_head_source(self, source: CqHeadSource) -> None:
+        """A doorbell path offers its page's CQ head values (see :attr:`cq_head_source`)."""
+        self.cq_head_source = source
+
+    def unregister_cq_head_source(self, source: CqHeadSource) -> None:
+        """The path goes away; a path registered after it stays."""
+        if self.cq_head_source is source:
+            self.cq_head_source = None
 
     # -- state -------------------------------------------------------------------------
 

@@ -27,31 +27,19 @@ pointer to the controller, and nothing here fetches a command.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 from vfio_user.dma import GuestMemory
 
 from .atomics import fence
 from .coalescing import Coalescing
+from .doorbell_port import CqHeadSource
 from .latency import clock_ns
 from .queue import CompletionQueue, RingUnavailable, SubmissionQueue
 from .state import ControllerState
 from .timer import FineTimers
 
 IrqRaiser = Callable[[int], bool]
-
-
-class CqHeadSource(Protocol):
-    """A doorbell path whose CQ head values sit in memory we can read at any time.
-
-    CQ head doorbells need no wake-up of their own: the head matters only when a CQ looks
-    full (or for INTx's level). Such a path lets the controller *peek* at the newest value
-    then, and *arm* a wake-up for the rare CQ that is really full.
-    """
-
-    def peek_cq_head(self, qid: int) -> int | None: ...
-
-    def arm_cq_head(self, qid: int) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from .admin import AdminCommands
 from .aio import IoPool, ViewsPredicate
 from .atomics import fence
 from .command_set import COMMAND_SETS
-from .completions import CompletionHooks, Completions, CqHeadSource, IrqRaiser
+from .completions import CompletionHooks, Completions, IrqRaiser
+from .doorbell_port import CqHeadSource, QueueListener
 from .faults import FaultInjector
 from .latency import Sampled, Via, clock_ns
 from .namespace import Namespace
@@ -132,14 +133,25 @@ class Controller:
         self.io: NvmCommands | FaultInjector = self.nvm
         self._reset_state()
 
-    @property
-    def cq_head_source(self) -> CqHeadSource | None:
-        """The doorbell path whose page holds CQ heads (shadow, poll), if one does."""
-        return self.completions.cq_head_source
+    # -- the doorbell port (nvme_emu.doorbell_port.DoorbellPort) -------------------------
+    # What the doorbell paths use of the controller: these, doorbell(), sq_tail_doorbell(),
+    # set_fatal(), bus_master and the sqs/cqs/dbbuf views above, and nothing else.
 
-    @cq_head_source.setter
-    def cq_head_source(self, source: CqHeadSource | None) -> None:
+    latency = _state_view("latency", "The latency anatomy's recorder (it lives as long as the controller).")
+    max_io_queues = _state_view("config.max_io_queues", "I/O queues supported (a doorbell slot pair each).")
+
+    def add_queue_listener(self, listener: QueueListener) -> None:
+        """Call ``listener`` on every queue event, after the listeners before it."""
+        self.queue_listeners.append(listener)
+
+    def register_cq_head_source(self, source: CqHeadSource) -> None:
+        """A doorbell path offers its page's CQ head values (:attr:`Completions.cq_head_source`)."""
         self.completions.cq_head_source = source
+
+    def unregister_cq_head_source(self, source: CqHeadSource) -> None:
+        """The path goes away; a path registered after it stays."""
+        if self.completions.cq_head_source is source:
+            self.completions.cq_head_source = None
 
     # -- state -------------------------------------------------------------------------
 

@@ -20,6 +20,10 @@ live and what wakes us up:
 
 Trapped writes work in every mode (a client may always fall back to messages), and shadow
 doorbell buffers (dbbuf) work with trap, shadow and ioeventfd alike.
+
+A path holds no controller: it is given a :class:`~nvme_emu.doorbell_port.DoorbellPort`, the
+few things it may use (deliver a value, look up a queue, register as the CQ head source ...),
+which the controller implements and a test's fake can too.
 """
 
 from __future__ import annotations
@@ -29,20 +33,17 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vfio_user.device import IoEventFd, Region, SharedMemory
 
 from .atomics import fence
+from .doorbell_port import DoorbellPort
 from .latency import Via, clock_ns
 from .queue import QueueEvent, RingUnavailable
 from .spec.registers import Reg
 from .timer import FineTimers
-
-if TYPE_CHECKING:
-    from .controller import Controller
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ class FixedSpin:
 class DoorbellPage:
     """Slot values and what was last acted on; see the module docstring."""
 
-    def __init__(self, ctrl: "Controller", values: np.ndarray) -> None:
-        self.ctrl = ctrl
+    def __init__(self, port: DoorbellPort, values: np.ndarray) -> None:
+        self.port = port
+        #: the controller's latency recorder (it lives as long as the controller)
+        self.latency = port.latency
         self.values = values
         self.last = np.zeros(len(values), dtype=np.uint32)
         # Word views of the same two arrays, for one slot at a time: indexing a memoryview
@@ -168,14 +171,14 @@ class DoorbellPage:
         """Act on every changed slot; returns how many changed."""
         changed = np.flatnonzero(self.values != self.last)
         if len(changed):
-            self.ctrl.state.latency.arrive(_POLL)  # only the poller scans
+            self.latency.arrive(_POLL)  # only the poller scans
             fence()  # acquire: the SQEs a new tail announces are read after the tail (aarch64)
         # CQ heads (odd slots) first: an SQ processed after its CQ's new head sees the room the
         # host freed instead of stalling on a full CQ that is not full any more.
         for slot in sorted(changed.tolist(), key=lambda s: not s & 1):
             value = int(self.values[slot])
             self.last[slot] = value
-            self.ctrl.doorbell(slot >> 1, bool(slot & 1), value)
+            self.port.doorbell(slot >> 1, bool(slot & 1), value)
         return len(changed)
 
     def clear(self, slots: slice | None = None) -> None:
@@ -190,17 +193,27 @@ class DoorbellPath:
 
     mode = DoorbellMode.TRAP
 
-    def __init__(self, ctrl: "Controller", bar0: Region, *, spin_us: float = 0.0) -> None:
-        self.ctrl = ctrl
+    def __init__(self, port: DoorbellPort, bar0: Region, *, spin_us: float = 0.0) -> None:
+        #: all a path uses of the controller (nvme_emu.doorbell_port)
+        self.port = port
         self.bar0 = bar0
-        self.nslots = 2 * (ctrl.config.max_io_queues + 1)
+        self.nslots = 2 * (port.max_io_queues + 1)
         self.spin_s = spin_us * 1e-6
         self.stats = DoorbellStats()
         #: the controller's latency recorder (it lives as long as the controller)
-        self.latency = ctrl.state.latency
+        self.latency = port.latency
+        self._bind_port()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.page = DoorbellPage(ctrl, self._slot_memory())
-        ctrl.queue_listeners.append(self._queue_event)
+        self.page = DoorbellPage(port, self._slot_memory())
+        port.add_queue_listener(self._queue_event)
+
+    def _bind_port(self) -> None:
+        """Bind the port's queues and shadow buffer, which the wake-ups read: the controller
+        replaces them only before a queue event (RESET, DBBUF), where they are bound again.
+        A read through the port's property costs ~35 ns more than one of these (54 vs 18 ns
+        for ``dbbuf is None``; 3.11), on every SQ tail wake-up."""
+        port = self.port
+        self.sqs, self.cqs, self.dbbuf = port.sqs, port.cqs, port.dbbuf
 
     def _slot_memory(self) -> np.ndarray:
         return np.zeros(self.nslots, dtype=np.uint32)
@@ -221,6 +234,7 @@ class DoorbellPath:
         """Release what setup created (eventfds and shared memory are the region's)."""
 
     def _queue_event(self, event: QueueEvent, qid: int) -> None:
+        self._bind_port()
         if event is QueueEvent.RESET:
             self.page.clear()
         elif event.is_queue:
@@ -255,11 +269,11 @@ class DoorbellPath:
         """
         page = self.page
         value = page.value_words[slot]
-        if value == page.last_words[slot] and (slot < 2 or self.ctrl.state.dbbuf is None):
+        if value == page.last_words[slot] and (slot < 2 or self.dbbuf is None):
             return False
         page.last_words[slot] = value
         self.stats.doorbells += 1
-        self.ctrl.doorbell(slot >> 1, bool(slot & 1), value)
+        self.port.doorbell(slot >> 1, bool(slot & 1), value)
         return True
 
     def _run(self) -> int:
@@ -297,7 +311,7 @@ class SharedPagePath(DoorbellPath):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.ctrl.cq_head_source = self
+        self.port.register_cq_head_source(self)
 
     def peek_cq_head(self, qid: int) -> int | None:
         slot = 2 * qid + 1
@@ -318,8 +332,7 @@ class SharedPagePath(DoorbellPath):
         """Something else watches every slot (the poller); nothing to arm."""
 
     def close(self) -> None:
-        if self.ctrl.cq_head_source is self:
-            self.ctrl.cq_head_source = None
+        self.port.unregister_cq_head_source(self)
         self.page.release()
         del self.page
 
@@ -390,14 +403,14 @@ class ShadowPath(SharedPagePath):
             if self._act(slot) and self._spins_on(slot):
                 self._spin_slot(slot)
         if slot & 1:
-            cq = self.ctrl.state.cqs.get(slot >> 1)
+            cq = self.cqs.get(slot >> 1)
             if cq is None or cq.room > 0:
                 self._disarm(slot)
 
     def _spins_on(self, slot: int) -> bool:
         """Spinning pays only where the slot's value is the news: not for CQ heads (lazy) and
         not under shadow doorbell buffers, whose kicks EventIdx already suppresses."""
-        return not slot & 1 and (self.spin_s > 0 or self.adaptive) and (slot < 2 or self.ctrl.state.dbbuf is None)
+        return not slot & 1 and (self.spin_s > 0 or self.adaptive) and (slot < 2 or self.dbbuf is None)
 
     def _spin_slot(self, slot: int) -> None:
         """Watch this one slot for a short window after work: a host that submits again
@@ -415,11 +428,10 @@ class ShadowPath(SharedPagePath):
         window = policy.window()
         if window <= 0.0:
             return
-        ctrl = self.ctrl
-        sq = ctrl.state.sqs.get(slot >> 1)
+        sq = self.sqs.get(slot >> 1)
         if sq is None:
             return
-        submitted = ctrl.sq_tail_doorbell
+        submitted = self.port.sq_tail_doorbell
         values, last, clock = self.page.value_words, self.page.last_words, time.perf_counter
         lat = self.latency
         hits = spins = 0
@@ -533,14 +545,14 @@ class IoEventFdPath(DoorbellPath):
         self.stats.wakeups += 1
         self.stats.signals += writes
         self.stats.coalesced += writes - 1
-        if self.ctrl.state.dbbuf is None:
+        if self.dbbuf is None:
             # Without Doorbell Buffer Config nothing tells us what was written.
             self.stats.lost_values += writes
             log.warning("ioeventfd doorbell %d fired but no shadow doorbell buffer holds its value", slot)
             return
         self.stats.doorbells += 1
         self.latency.arrive(_IOEVENTFD)
-        self.ctrl.doorbell(slot >> 1, bool(slot & 1), 0)  # the value is read from dbbuf
+        self.port.doorbell(slot >> 1, bool(slot & 1), 0)  # the value is read from dbbuf
 
     def close(self) -> None:
         for efd in self.ioeventfds.values():
@@ -600,7 +612,7 @@ class PollPath(SharedPagePath):
                 n = self._run() + self._poll_dbbuf()
             except Exception:
                 log.exception("doorbell poll round failed")
-                self.ctrl.set_fatal("internal error in the doorbell poller")
+                self.port.set_fatal("internal error in the doorbell poller")
                 n = 0
             self.stats.poll_cpu_seconds += time.thread_time() - t0
             if n:
@@ -617,18 +629,18 @@ class PollPath(SharedPagePath):
         The host's kicks land in the mapped page, where a kick repeating the slot's last
         value is invisible (see :meth:`DoorbellPath._act`); the shadow tail is not.
         """
-        ctrl = self.ctrl
-        dbbuf = ctrl.dbbuf
-        if dbbuf is None or not ctrl.bus_master:  # host memory: not read while BME is clear
+        port = self.port
+        dbbuf = self.dbbuf
+        if dbbuf is None or not port.bus_master:  # host memory: not read while BME is clear
             return 0
         n = 0
         try:
-            for qid, sq in list(ctrl.sqs.items()):
-                if qid and ctrl.dbbuf is dbbuf:
+            for qid, sq in list(self.sqs.items()):
+                if qid and self.dbbuf is dbbuf:
                     tail = dbbuf.sq_tail(qid)
                     if tail != sq.tail and tail < sq.size:  # invalid values: the page scan reports them
-                        ctrl.state.latency.arrive(_POLL)
-                        ctrl.doorbell(qid, False, 0)
+                        self.latency.arrive(_POLL)
+                        port.doorbell(qid, False, 0)
                         n += 1
         except RingUnavailable:
             pass  # the buffer was unmapped; the controller notices on its next access
@@ -645,8 +657,8 @@ PATHS: dict[DoorbellMode, type[DoorbellPath]] = {
 }
 
 
-def make_path(mode: DoorbellMode | str, ctrl: "Controller", bar0: Region, **kwargs) -> DoorbellPath:
-    return PATHS[DoorbellMode(mode)](ctrl, bar0, **kwargs)
+def make_path(mode: DoorbellMode | str, port: DoorbellPort, bar0: Region, **kwargs) -> DoorbellPath:
+    return PATHS[DoorbellMode(mode)](port, bar0, **kwargs)
 
 
 def bar0_mmap_areas(mode: DoorbellMode | str) -> list[tuple[int, int]]:

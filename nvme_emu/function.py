@@ -72,7 +72,7 @@ class NvmeFunction(Device):
                 raise ValueError("the poller's idle cap applies to the poll doorbell path only")
             options["idle_max_us"] = poll_idle_max_us
         self.doorbells: DoorbellPath = make_path(doorbell, self.controller, self.bar0, **options)
-        self.controller.queue_listeners.append(self._queue_event)
+        self.controller.add_queue_listener(self._queue_event)
         self._follow_bus_master()  # clear at power-on: no DMA until the host enables it
 
     def _queue_event(self, event: QueueEvent, qid: int) -> None:

@@ -291,6 +291,16 @@ class Status(IntEnum):
     INVALID_PROTECTION_INFORMATION = 0x181
     ATTEMPTED_WRITE_TO_READ_ONLY_RANGE = 0x182
     COMMAND_SIZE_LIMIT_EXCEEDED = 0x183
+    # Command specific, Zoned Namespace Command Set (ZNS 1.1, Figure "Status Code - Command
+    # Specific Status Values"); :mod:`nvme_emu.spec.zns` has the rest of that specification.
+    ZONE_BOUNDARY_ERROR = 0x1B8
+    ZONE_IS_FULL = 0x1B9
+    ZONE_IS_READ_ONLY = 0x1BA
+    ZONE_IS_OFFLINE = 0x1BB
+    ZONE_INVALID_WRITE = 0x1BC
+    TOO_MANY_ACTIVE_ZONES = 0x1BD
+    TOO_MANY_OPEN_ZONES = 0x1BE
+    INVALID_ZONE_STATE_TRANSITION = 0x1BF
 
     # Media and Data Integrity Errors (SCT 2).
     WRITE_FAULT = 0x280

@@ -50,6 +50,7 @@ class AsyncEventNotice(IntEnum):
     LBA_STATUS_INFORMATION_ALERT = 0x05
     ENDURANCE_GROUP_EVENT_AGGREGATE_CHANGE = 0x06
     NORMAL_SUBSYSTEM_SHUTDOWN = 0x07
+    ZONE_DESCRIPTOR_CHANGED = 0xEF  # ZNS 1.1; its log page is the Changed Zone List (BFh)
     DISCOVERY_LOG_PAGE_CHANGE = 0xF0
 
 
@@ -78,3 +79,4 @@ class AsyncEventConfig(IntFlag):
     LBA_STATUS = 1 << 13
     ENDURANCE_GROUP_EVENT = 1 << 14
     NORMAL_SUBSYSTEM_SHUTDOWN = 1 << 15
+    ZONE_DESCRIPTOR_CHANGED = 1 << 27  # ZNS 1.1: Zone Descriptor Changed Notices

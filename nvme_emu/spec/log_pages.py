@@ -43,6 +43,7 @@ class LogPageId(IntEnum):
     DISCOVERY = 0x70
     RESERVATION_NOTIFICATION = 0x80
     SANITIZE_STATUS = 0x81
+    CHANGED_ZONE_LIST = 0xBF  # ZNS 1.1, I/O Command Set specific (CSI 02h)
 
 
 ERROR_LOG_ENTRY_SIZE = 64

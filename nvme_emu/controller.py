@@ -109,8 +109,8 @@ class Controller:
         #: costs a lookup more per call).
         self._signal = self.completions.signal
         self._refresh_cq_head = self.completions.refresh_cq_head
-        #: Hooks per queue event (doorbell paths, coalescing timers); before the command sets.
-        self.queue_listeners: list[Callable[[QueueEvent, int], None]] = [self._queue_event]
+        #: Hooks per queue event (doorbell paths, coalescing timers; add_queue_listener).
+        self._queue_listeners: list[QueueListener] = [self._queue_event]
         self.hooks = ControllerHooks(
             complete=self.completions.complete,
             begin_request=self.completions.begin_request,
@@ -142,7 +142,7 @@ class Controller:
 
     def add_queue_listener(self, listener: QueueListener) -> None:
         """Call ``listener`` on every queue event, after the listeners before it."""
-        self.queue_listeners.append(listener)
+        self._queue_listeners.append(listener)
 
     def register_cq_head_source(self, source: CqHeadSource) -> None:
         """A doorbell path offers its page's CQ head values (:attr:`Completions.cq_head_source`)."""
@@ -171,7 +171,7 @@ class Controller:
 
     def _notify(self, event: QueueEvent, qid: int) -> None:
         """Tell every queue listener (the ``queue_event`` hook)."""
-        for listener in self.queue_listeners:
+        for listener in self._queue_listeners:
             listener(event, qid)
 
     def _queue_event(self, event: QueueEvent, qid: int) -> None:

@@ -7,7 +7,8 @@
 #  1. loads the 9p and overlay modules listed in /etc/nvme-emu/rich-modules;
 #  2. mounts the Debian tree QEMU exports read-only (virtio-9p, tag "richroot") and a
 #     tmpfs overlay on it, so the job may write anywhere (gone at power-off);
-#  3. gives it this guest's /proc, /sys, /dev and fresh tmpfs on /tmp and /run, copies
+#  3. points the kernel's module requests at the tree's modprobe (it has the modules);
+#  4. gives it this guest's /proc, /sys, /dev and fresh tmpfs on /tmp and /run, copies
 #     /job and /opt/fio-zbd (fio's t/zbd scripts, if the build had them) in, and runs
 #     SCRIPT there (chroot, /bin/sh).
 # Its output and exit status are the job's: guest-init.sh prints them between the
@@ -54,6 +55,13 @@ cp -a /job/. "$S/root/job/" || fail "cannot copy /job"
 for f in /opt/fio-zbd /opt/fio-zbd.missing; do
     [ -e "$f" ] && cp -a "$f" "$S/root/opt/"
 done
+
+# The kernel's own module requests (mount -t f2fs, a crypto algorithm) run
+# /proc/sys/kernel/modprobe in the initramfs, which has no module tree: send them
+# to the tree's modprobe, which has the guest kernel's.
+printf '#!/bin/sh\nexec chroot %s /usr/sbin/modprobe "$@"\n' "$S/root" >/usr/sbin/rich-modprobe
+chmod 0755 /usr/sbin/rich-modprobe
+echo /usr/sbin/rich-modprobe >/proc/sys/kernel/modprobe
 
 cd /
 chroot "$S/root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=vt100 LC_ALL=C.UTF-8 \

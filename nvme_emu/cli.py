@@ -245,7 +245,8 @@ def guest(args: argparse.Namespace) -> int:
                     return 1
                 time.sleep(0.05)
             fio_job = open(args.fio).read() if args.fio else None
-            result = guest_runner.run_guest(socket_path=sock, command=args.cmd, fio_job=fio_job, cpus=args.cpus, memory_mb=args.memory_mb, timeout=args.timeout)
+            result = guest_runner.run_guest(socket_path=sock, command=args.cmd, fio_job=fio_job, cpus=args.cpus, memory_mb=args.memory_mb,
+                                            timeout=args.timeout, rich_root=args.rich_root)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -333,6 +334,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus", type=int, default=2)
     g.add_argument("--memory-mb", type=int, default=1024)
     g.add_argument("--timeout", type=float, default=900)
+    g.add_argument("--rich-root", action="store_true",
+                   help="run the job with bash in the rich guest's Debian tree (blkzone, mkfs.btrfs, python3, fio's t/zbd)")
 
     sub.add_parser("nested", add_help=False, help="run a command inside a TCG guest with real KVM (stock or POST_WRITE modules); see nvme-emu nested --help")
     sub.add_parser("ctl", add_help=False, help="control a running server: namespaces, faults, counters; see nvme-emu ctl --help")

@@ -11,8 +11,12 @@ Pieces (all under ``qemu-configs/``):
   cached trixie chroot wrapper);
 * ``build-guest.sh`` prints a cached kernel + initramfs (busybox, fio,
   nvme-cli, nvme modules, ``guest-init.sh`` as /init);
-* ``vfio-user-nvme.args`` / ``builtin-nvme.args`` are the QEMU command lines
-  with ``@PLACEHOLDER@`` words.
+* ``vfio-user-nvme.args`` / ``builtin-nvme.args`` / ``builtin-zoned-nvme.args``
+  are the QEMU command lines with ``@PLACEHOLDER@`` words;
+* ``build-rich-guest.sh`` prints the same kernel, an initramfs with a second
+  stage (``rich-root.sh``) and a Debian tree that QEMU exports over virtio-9p:
+  ``rich_root=True`` runs the job in that tree (bash, blkzone, mkfs.btrfs,
+  python3, fio's t/zbd scripts under /opt/fio-zbd) on a tmpfs overlay.
 
 Per run, the job (``/job/run.sh``, ``/job/cmd.sh``, ``/job/job.fio``) is put
 in a small newc cpio appended to the cached initramfs (Linux unpacks
@@ -119,6 +123,7 @@ def _run_script(name: str | Path, *args: str) -> list[str]:
 
 _qemu_path: str | None = None
 _guest_paths: tuple[str, str] | None = None
+_rich_paths: tuple[str, str, str] | None = None
 
 
 def ensure_qemu() -> str:
@@ -138,6 +143,69 @@ def ensure_guest() -> tuple[str, str]:
             raise GuestError(f"build-guest.sh printed {lines!r}")
         _guest_paths = (lines[-2], lines[-1])
     return _guest_paths
+
+
+def ensure_rich_guest() -> tuple[str, str, str]:
+    """(kernel, initramfs, root tree) of the cached rich guest (built on demand)."""
+    global _rich_paths
+    if _rich_paths is None:
+        lines = _run_script("build-rich-guest.sh")
+        if len(lines) < 3:
+            raise GuestError(f"build-rich-guest.sh printed {lines!r}")
+        _rich_paths = (lines[-3], lines[-2], lines[-1])
+    return _rich_paths
+
+
+#: The rich root's 9p tag (rich-root.sh mounts it).
+RICH_ROOT_TAG = "richroot"
+
+
+def rich_root_args(tree: str) -> list[str]:
+    """QEMU arguments that export the rich guest's tree read-only over virtio-9p."""
+    return ["-virtfs", f"local,path={tree},mount_tag={RICH_ROOT_TAG},security_model=none,readonly=on,multidevs=remap"]
+
+
+@dataclass(frozen=True)
+class ZonedNamespace:
+    """QEMU's own zoned namespace (hw/nvme ``nvme-ns``, ``zoned=on``) for ``builtin_image``:
+    the image's size must be a multiple of ``zone_size``. Sizes in bytes; 0 means QEMU's
+    default (capacity = zone size, no open/active limit). Linux needs a power-of-two zone
+    size. ``zasl``: Zone Append Size Limit of the controller (a power of two in units of
+    the minimum memory page size; 0: MDTS's)."""
+
+    zone_size: int = 4 << 20
+    zone_capacity: int = 0
+    max_open: int = 0
+    max_active: int = 0
+    lba_size: int = 4096
+    cross_read: bool = False
+    zasl: int = 0
+
+    def ns_properties(self) -> str:
+        """The ``-device nvme-ns`` properties after ``drive=``/``bus=``, QEMU 11.1 names."""
+        props = [
+            f"logical_block_size={self.lba_size}", f"physical_block_size={self.lba_size}",
+            "zoned=on", f"zoned.zone_size={self.zone_size}",
+            f"zoned.max_open={self.max_open}", f"zoned.max_active={self.max_active}",
+            f"zoned.cross_read={'on' if self.cross_read else 'off'}",
+        ]
+        if self.zone_capacity:
+            props.append(f"zoned.zone_capacity={self.zone_capacity}")
+        return ",".join(props)
+
+
+def parse_zoned(spec: str) -> ZonedNamespace:
+    """``zone_size=4M,zone_capacity=3M,max_open=8,max_active=10,lba_size=512`` -> ZonedNamespace."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    kw: dict[str, int | bool] = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key == "cross_read":
+            kw[key] = value in ("1", "on", "true", "")
+            continue
+        mult = units.get(value[-1:].upper(), 1)
+        kw[key] = int(value[:-1] if mult > 1 else value) * mult
+    return ZonedNamespace(**kw)  # type: ignore[arg-type]
 
 
 _agent_path: str | None = None
@@ -233,12 +301,16 @@ def make_cpio(files: dict[str, bytes], dirs: Iterable[str] = ()) -> bytes:
     return bytes(out)
 
 
-def _job_files(command: str | None, fio_job: str | None) -> dict[str, bytes]:
+def _job_files(command: str | None, fio_job: str | None, rich_root: bool = False) -> dict[str, bytes]:
+    """The per-run /job: run.sh (what guest-init.sh runs), cmd.sh, job.fio. With
+    ``rich_root`` run.sh hands the job to rich-root.sh, which runs it (inner.sh) in the
+    rich tree, and the command runs with bash."""
     files: dict[str, bytes] = {}
     run = ["#!/bin/sh", "cd /job"]
+    shell = "bash" if rich_root else "sh"
     if command is not None:
         files["job/cmd.sh"] = (command.rstrip("\n") + "\n").encode()
-        run.append("sh /job/cmd.sh || exit $?" if fio_job is not None else "sh /job/cmd.sh")
+        run.append(f"{shell} /job/cmd.sh || exit $?" if fio_job is not None else f"{shell} /job/cmd.sh")
     if fio_job is not None:
         files["job/job.fio"] = fio_job.encode()
         run += [
@@ -250,7 +322,11 @@ def _job_files(command: str | None, fio_job: str | None) -> dict[str, bytes]:
             f"echo {FIO_END}",
             "exit $rc",
         ]
-    files["job/run.sh"] = ("\n".join(run) + "\n").encode()
+    if rich_root:
+        files["job/inner.sh"] = ("\n".join(run) + "\n").encode()
+        files["job/run.sh"] = b"#!/bin/sh\nexec sh /usr/lib/nvme-emu/rich-root.sh /job/inner.sh\n"
+    else:
+        files["job/run.sh"] = ("\n".join(run) + "\n").encode()
     return files
 
 
@@ -353,10 +429,15 @@ def build_cmdline(
     kernel_args: str = "",
     extra_sockets: Sequence[str] = (),
     builtin_null: int | None = None,
+    builtin_zoned: ZonedNamespace | None = None,
+    rich_tree: str | None = None,
 ) -> list[str]:
     """The QEMU command line; each of ``extra_sockets`` adds one more vfio-user device
     after the first (a guest with several nvme-emu controllers). ``builtin_null`` (bytes):
-    QEMU's own nvme on a ``null-co`` block node of that size instead of a file."""
+    QEMU's own nvme on a ``null-co`` block node of that size instead of a file.
+    ``builtin_zoned``: ``builtin_image`` backs a zoned namespace of QEMU's nvme.
+    ``rich_tree``: export that directory over virtio-9p (the rich guest's root)."""
+    tail = rich_root_args(rich_tree) if rich_tree is not None else []
     subs = {
         "MEM": f"{memory_mb}M",
         "CPUS": str(cpus),
@@ -369,13 +450,17 @@ def build_cmdline(
         args = load_args("vfio-user-nvme.args", subs, accel)
         for extra in extra_sockets:
             args += ["-device", vfio_user_device(extra)]
-        return args
+        return args + tail
     if builtin_null is not None:
         subs["SIZE"] = str(builtin_null)
-        return load_args("builtin-null-nvme.args", subs, accel)
+        return load_args("builtin-null-nvme.args", subs, accel) + tail
     assert builtin_image is not None
     subs["IMAGE"] = os.path.abspath(builtin_image)
-    return load_args("builtin-nvme.args", subs, accel)
+    if builtin_zoned is not None:
+        subs["ZONED_NS"] = builtin_zoned.ns_properties()
+        subs["ZASL"] = str(builtin_zoned.zasl)
+        return load_args("builtin-zoned-nvme.args", subs, accel) + tail
+    return load_args("builtin-nvme.args", subs, accel) + tail
 
 
 def vfio_user_device(socket_path: str) -> str:
@@ -401,6 +486,8 @@ def run_guest(
     extra_sockets: Sequence[str] = (),
     builtin_null: int | None = None,
     on_console_line: Callable[[str], None] | None = None,
+    rich_root: bool = False,
+    builtin_zoned: ZonedNamespace | None = None,
 ) -> GuestResult:
     """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
 
@@ -414,6 +501,9 @@ def run_guest(
     doorbells stay trapped: the agent serves the first socket only).
     ``on_console_line`` is called with each console line as it arrives (on a reader
     thread; the guest does not wait for it), e.g. to act on markers a job prints.
+    ``rich_root`` runs the job (command with bash) in the rich guest's Debian tree
+    (build-rich-guest.sh) instead of the busybox initramfs; same markers, same result.
+    ``builtin_zoned`` makes ``builtin_image`` a zoned namespace of QEMU's own nvme.
     """
     if sum(x is not None for x in (socket_path, builtin_image, builtin_null)) != 1:
         raise ValueError("give exactly one of socket_path, builtin_image or builtin_null")
@@ -423,19 +513,26 @@ def run_guest(
         raise FileNotFoundError(builtin_image)
     if agent and socket_path is None:
         raise ValueError("the doorbell agent serves a vfio-user device: give socket_path")
+    if builtin_zoned is not None and builtin_image is None:
+        raise ValueError("builtin_zoned describes builtin_image's namespace: give builtin_image")
 
     qemu = ensure_qemu()
-    kernel, base_initrd = ensure_guest()
+    rich_tree: str | None = None
+    if rich_root:
+        kernel, base_initrd, rich_tree = ensure_rich_guest()
+    else:
+        kernel, base_initrd = ensure_guest()
     accel = detect_accel()
 
     # Under /tmp so the chroot-wrapped QEMU sees the same path.
     with tempfile.TemporaryDirectory(prefix="nvme-emu-guest-", dir="/tmp", ignore_cleanup_errors=True) as tmpdir:
         initrd = append_initrd(base_initrd, os.path.join(tmpdir, "initrd.img"),
-                               make_cpio(_job_files(command, fio_job), dirs=["job"]))
+                               make_cpio(_job_files(command, fio_job, rich_root), dirs=["job"]))
         args = build_cmdline(
             socket_path=socket_path, builtin_image=builtin_image,
             kernel=kernel, initrd=initrd, cpus=cpus, memory_mb=memory_mb,
             accel=accel, kernel_args=kernel_args, extra_sockets=extra_sockets, builtin_null=builtin_null,
+            builtin_zoned=builtin_zoned, rich_tree=rich_tree,
         )
         env = dict(os.environ)
         if socket_path is not None and (agent if agent is not None else accel == "kvm"):
@@ -603,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-args", default="")
     ap.add_argument("--qemu-arg", action="append", default=[], help="extra QEMU argument (repeatable)")
     ap.add_argument("--fio-json", metavar="FILE", help="write the full fio JSON here")
+    ap.add_argument("--rich-root", action="store_true",
+                    help="run the job in the rich guest's Debian tree (bash, blkzone, mkfs.btrfs, /opt/fio-zbd)")
+    ap.add_argument("--builtin-zoned", metavar="SPEC",
+                    help="with --builtin-image: a zoned namespace, e.g. zone_size=4M,max_open=8,max_active=8")
     ap.add_argument("-v", "--verbose", action="store_true", help="echo the serial console to stderr")
     a = ap.parse_args(argv)
     if a.cmd is None and a.fio is None:
@@ -614,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
             socket_path=a.socket, builtin_image=a.builtin_image, command=a.cmd,
             fio_job=fio_job, cpus=a.cpus, memory_mb=a.mem, timeout=a.timeout,
             extra_qemu_args=a.qemu_arg, kernel_args=a.kernel_args,
-            echo_console=a.verbose,
+            echo_console=a.verbose, rich_root=a.rich_root,
+            builtin_zoned=parse_zoned(a.builtin_zoned) if a.builtin_zoned else None,
         )
     except GuestError as e:
         print(f"error: {e}", file=sys.stderr)

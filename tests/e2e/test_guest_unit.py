@@ -105,3 +105,33 @@ def test_nested_disks_are_virtio_blk_in_order():
                     "-drive", "file=/host-root/srv/c.img,format=raw,if=none,id=disk1",
                     "-device", "virtio-blk-pci,drive=disk1,serial=nvme-emu-disk1"]
     assert nested._disk_args(["/srv/c.img"], chroot=None)[1].startswith("file=/srv/c.img,")
+
+
+def test_builtin_zoned_is_a_zoned_nvme_ns_on_the_image():
+    z = guest.parse_zoned("zone_size=4M,zone_capacity=3M,max_open=8,max_active=10,lba_size=512")
+    assert z == guest.ZonedNamespace(zone_size=4 << 20, zone_capacity=3 << 20, max_open=8, max_active=10, lba_size=512)
+    args = guest.build_cmdline(socket_path=None, builtin_image="/tmp/z.raw", builtin_zoned=z, kernel="/k", initrd="/i",
+                               cpus=1, memory_mb=512, accel="tcg")
+    devices = [args[i + 1] for i, w in enumerate(args) if w == "-device"]
+    assert devices[0] == "nvme,id=nvme0,serial=NVMEEMU-ZONED,zoned.zasl=0"
+    ns = dict(p.split("=", 1) for p in devices[1].split(",")[1:])
+    assert devices[1].startswith("nvme-ns,")
+    assert ns["bus"] == "nvme0" and ns["drive"] == "nvm0" and ns["zoned"] == "on"
+    assert ns["zoned.zone_size"] == str(4 << 20) and ns["zoned.zone_capacity"] == str(3 << 20)
+    assert ns["zoned.max_open"] == "8" and ns["zoned.max_active"] == "10" and ns["logical_block_size"] == "512"
+    assert "file=/tmp/z.raw,if=none,id=nvm0,format=raw,discard=unmap" in args
+
+
+def test_rich_tree_is_exported_read_only_over_9p_for_every_device():
+    for kw in ({"socket_path": "/tmp/a.sock", "builtin_image": None}, {"socket_path": None, "builtin_image": "/tmp/d.raw"}):
+        args = guest.build_cmdline(**kw, kernel="/k", initrd="/i", cpus=1, memory_mb=512, accel="tcg", rich_tree="/c/rich-root")
+        virtfs = args[args.index("-virtfs") + 1].split(",")
+        assert virtfs[0] == "local" and "path=/c/rich-root" in virtfs and "readonly=on" in virtfs
+        assert f"mount_tag={guest.RICH_ROOT_TAG}" in virtfs
+
+
+def test_rich_job_hands_the_script_to_the_second_stage():
+    files = guest._job_files("echo $BASH_VERSION", None, rich_root=True)
+    assert files["job/run.sh"] == b"#!/bin/sh\nexec sh /usr/lib/nvme-emu/rich-root.sh /job/inner.sh\n"
+    assert b"bash /job/cmd.sh" in files["job/inner.sh"]
+    assert b"sh /job/cmd.sh" in guest._job_files("true", None)["job/run.sh"]

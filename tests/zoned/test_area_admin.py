@@ -27,7 +27,7 @@ from ..nvme_areas.area_helpers import status_of
 from ..nvme_areas.test_area_identify import run_identify
 from ..nvme_areas.test_area_log_page import read_log
 from ..nvme_areas.test_area_namespace_management import ATTACH, attachment, create
-from .area import GEOMETRY, ZNSID, ZONE_LBAS, ZONES, Zoned, guest, make_zoned, zoned  # noqa: F401
+from .area import GEOMETRY, ZNSID, ZONE_LBAS, ZONES, Zoned, make_zoned
 
 # -- Identify ------------------------------------------------------------------------------------
 

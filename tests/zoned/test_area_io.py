@@ -16,7 +16,7 @@ from nvme_emu.spec.registers import Cc, CcCss
 from nvme_emu.spec.zns import ZnsOpcode, ZoneState
 
 from ..nvme_areas.area_helpers import BUF, KeptPool
-from .area import GEOMETRY, LBA, ZNSID, ZONE_CAP_LBAS, ZONE_LBAS, ZONES, Zoned, ZoneSendAction, guest, make_zoned, zoned  # noqa: F401
+from .area import GEOMETRY, LBA, ZONE_CAP_LBAS, ZONE_LBAS, ZONES, Zoned, ZoneSendAction, make_zoned
 
 
 def test_namespace_is_whole_zones_and_not_plain(zoned: Zoned):

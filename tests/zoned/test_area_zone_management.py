@@ -25,7 +25,7 @@ from nvme_emu.spec.zns import (
 )
 
 from ..nvme_areas.area_helpers import BUF
-from .area import GEOMETRY, LBA, ZONE_CAP_LBAS, ZONE_LBAS, ZONES, Zoned, ZoneSendAction, guest, make_zoned, zoned  # noqa: F401
+from .area import GEOMETRY, LBA, ZONE_CAP_LBAS, ZONE_LBAS, ZONES, Zoned, ZoneSendAction, make_zoned
 
 DESCRIPTOR = struct.Struct("<BBBB4xQQQ32x")  # ZT, ZS, ZA, ZAI, ZCAP, ZSLBA, WP
 

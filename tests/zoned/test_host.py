@@ -14,7 +14,7 @@ from nvme_emu.spec.zns import ZS_SHIFT, ZnsOpcode, ZoneSendAction, ZoneState
 from nvme_emu.zoned.structures import IdentifyControllerZns, IdentifyNamespaceZns
 from nvme_emu import structures as st
 
-from ..nvme_ctrl.ctrl_helpers import RAM_SIZE, spawn  # noqa: F401
+from ..nvme_ctrl.ctrl_helpers import RAM_SIZE
 from ..support.host import PAGE, Host
 
 ZONE = 2048  #: LBAs in a 1 MiB zone of 512-byte blocks
@@ -35,7 +35,7 @@ def report(host: Host, slba: int, size: int = PAGE) -> tuple[int, list[tuple[int
     return count, zones
 
 
-def test_zoned_file_namespace_over_vfio_user(spawn, tmp_path):  # noqa: F811
+def test_zoned_file_namespace_over_vfio_user(spawn, tmp_path):
     image = tmp_path / "zoned.img"
     server = spawn(f"file:{image},size=16M,zoned,zone_size=1M,zone_cap=768K,max_open=4,max_active=6", "ram:size=8M")
     host = Host(server.path, ram_size=RAM_SIZE)

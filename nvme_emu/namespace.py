@@ -517,7 +517,8 @@ class Namespace:
         return None if budget is None else dict(budget.stats.__dict__)
 
     def __repr__(self) -> str:
-        return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size})"
+        zones = "" if self.zones is None else f", zoned {self.zones.num_zones}x{self.zones.zone_size}"
+        return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size}{zones})"
 
 
 # ---------------------------------------------------------------------------------------------

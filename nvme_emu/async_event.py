@@ -31,6 +31,7 @@ ACKNOWLEDGED_BY_LOG: dict[int, AsyncEventType] = {
     LogPageId.SMART_HEALTH: AsyncEventType.SMART_HEALTH,
     LogPageId.CHANGED_NAMESPACE_LIST: AsyncEventType.NOTICE,
     LogPageId.LBA_STATUS_INFORMATION: AsyncEventType.NOTICE,
+    LogPageId.CHANGED_ZONE_LIST: AsyncEventType.NOTICE,  # Zone Descriptor Changed (ZNS 1.1)
 }
 
 

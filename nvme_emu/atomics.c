@@ -57,8 +57,11 @@ EXPORT int64_t nvme_emu_load_acquire_u32(const uint8_t *base, size_t len, size_t
 }
 
 /* One 16-byte CQE: dw0, dw1, SQ head | SQ id << 16 as plain stores, then CID | status-and-
- * phase << 16 as a release store, so the phase is never visible before the rest. */
-EXPORT int nvme_emu_store_cqe(uint8_t *base, size_t len, size_t off, uint32_t dw0, uint32_t dw1,
+ * phase << 16 as a release store, so the phase is never visible before the rest.
+ * `result` is the command's result: DW0, and for a 64-bit one (Zone Append's ALBA, ZNS 1.1
+ * "Zone Append command completion") its upper half is ORed into DW1, so the callers pass
+ * what a handler returned as it is (no split on the hot path). */
+EXPORT int nvme_emu_store_cqe(uint8_t *base, size_t len, size_t off, uint64_t result, uint32_t dw1,
                               uint32_t sqhd, uint32_t sqid, uint32_t cid, uint32_t status_phase)
 {
     uint32_t *e;
@@ -66,8 +69,8 @@ EXPORT int nvme_emu_store_cqe(uint8_t *base, size_t len, size_t off, uint32_t dw
     if (!in_bounds(base, len, off, 16, 4))
         return -1;
     e = (uint32_t *)(base + off);
-    e[0] = dw0;
-    e[1] = dw1;
+    e[0] = (uint32_t)result;
+    e[1] = dw1 | (uint32_t)(result >> 32);
     e[2] = (sqhd & 0xFFFF) | (sqid & 0xFFFF) << 16;
     __atomic_store_n(&e[3], (cid & 0xFFFF) | (status_phase & 0xFFFF) << 16, __ATOMIC_RELEASE);
     return 0;

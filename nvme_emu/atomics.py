@@ -41,7 +41,7 @@ CDEF = """
 void nvme_emu_fence(void);
 int nvme_emu_store_release_u32(uint8_t *base, size_t len, size_t off, uint32_t value);
 int64_t nvme_emu_load_acquire_u32(const uint8_t *base, size_t len, size_t off);
-int nvme_emu_store_cqe(uint8_t *base, size_t len, size_t off, uint32_t dw0, uint32_t dw1,
+int nvme_emu_store_cqe(uint8_t *base, size_t len, size_t off, uint64_t result, uint32_t dw1,
                        uint32_t sqhd, uint32_t sqid, uint32_t cid, uint32_t status_phase);
 """
 _MODULE = CModule(MODULE, SOURCE, CDEF, "atomics")
@@ -192,7 +192,8 @@ class AtomicBuffer:
 
     def store_cqe(self, off: int, dw0: int, dw1: int, sqhd: int, sqid: int, cid: int, status_phase: int) -> None:
         """One 16-byte CQE at ``off``, its last dword (CID, status, phase) stored last with
-        release semantics: a host that sees the new phase sees the whole entry."""
+        release semantics: a host that sees the new phase sees the whole entry. ``dw0`` may be
+        a 64-bit command result (Zone Append's LBA): its upper half goes into DW1 (ORed)."""
         if self._lib.nvme_emu_store_cqe(self.ptr, self._store_size, off, dw0, dw1, sqhd, sqid, cid, status_phase):
             raise IndexError(self._refused(off, 16))
 

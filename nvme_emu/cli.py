@@ -271,7 +271,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--namespace", action="append", metavar="SPEC", help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X (repeatable; default ram:size=1G)"
+            "--namespace", action="append", metavar="SPEC",
+            help="ram:size=1G | file:PATH[,size=8G][,lba=4096] | blk:/dev/X, any of them [,zoned,zone_size=64M[,zone_cap=SIZE]"
+                 "[,max_open=N][,max_active=N][,cross_read]] (repeatable; default ram:size=1G)",
         )
         p.add_argument("--doorbell", default=DoorbellMode.AUTO.value, choices=[m.value for m in DoorbellMode])
         p.add_argument(

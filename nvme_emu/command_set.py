@@ -11,7 +11,10 @@ in every spec area:
 - its Commands Supported and Effects entries (log 05h, by the CSI in CDW14), which also say
   what a write-protected namespace refuses (LBCC);
 - its Identify pages: CNS 05h for a namespace of the set (by the CSI asked: a set built on
-  another, as the Zoned one is on NVM, answers for both) and CNS 06h for the controller.
+  another, as the Zoned one is on NVM, answers for both) and CNS 06h for the controller;
+- its I/O Command Set specific log pages (by the CSI in CDW14) and what it does when one of
+  its namespaces becomes active on a controller (the Zoned set points its zones' change
+  notices at that controller).
 
 :data:`COMMAND_SETS` is the registry every spec area asks: Identify, Get Log Page, Namespace
 Management and the controller's dispatch. A new command set is its module (handlers, pages)
@@ -35,8 +38,10 @@ from .namespace import Namespace
 from .nvm import Handler, NvmCommands
 from .spec.commands import LBA_CHANGING_OPCODES, NvmeError, NvmOpcode, Status
 from .spec.identify import Csi, IoCommandSetVector
-from .spec.log_pages import CommandEffects, EffectsScope
-from .state import ControllerState
+from .spec.log_pages import CommandEffects, EffectsScope, LogPageId
+from .state import ControllerHooks, ControllerState
+from .zoned import events as zoned_events
+from .zoned.commands import ZONED_LBA_CHANGING, ZONED_OPCODES, ZonedCommands, identify_controller_zns, identify_namespace_zns
 
 #: Every I/O command acts on the namespace it names (Flush with NSID FFFFFFFFh on them all).
 IO_EFFECTS = CommandEffects.CSUPP | EffectsScope.NAMESPACE
@@ -69,6 +74,12 @@ class CommandSet:
     #: Flush (NSID FFFFFFFFh included) before any table. The dispatcher holds the returned
     #: dict itself, so a set may swap entries in place (as NVM does for marked LBAs).
     handlers: Callable[[NvmCommands], dict[int, Handler]]
+    #: Its I/O Command Set specific log pages (Get Log Page with this CSI): log identifier ->
+    #: the page for the NSID the command names.
+    log_pages: Mapping[int, Callable[[ControllerState, int], bytes]] = field(default_factory=dict)
+    #: Called when one of its namespaces becomes active on a controller (at the controller's
+    #: start for those it is given, then by Namespace Attachment and the control plane).
+    on_attach: Callable[[ControllerState, ControllerHooks, Namespace], None] | None = None
     #: The opcodes with LBCC: refused with Namespace is Write Protected on such a namespace.
     lba_changing: frozenset[int] = field(init=False)
 
@@ -111,15 +122,40 @@ NVM = CommandSet(
 )
 
 # ---------------------------------------------------------------------------------------------
+# The Zoned Namespace Command Set (CSI 02h): handlers and pages in nvme_emu.zoned.commands,
+# events and the Changed Zone List in nvme_emu.zoned.events
+# ---------------------------------------------------------------------------------------------
+
+ZONED = CommandSet(
+    csi=Csi.ZONED,
+    vector=IoCommandSetVector.ZONED,
+    effects=io_effects(ZONED_OPCODES, ZONED_LBA_CHANGING),
+    # "based on the NVM Command Set": a zoned namespace has the NVM page (CNS 05h, CSI 00h) too
+    namespace_pages={Csi.NVM: Namespace.identify_namespace_nvm, Csi.ZONED: identify_namespace_zns},
+    controller_page=identify_controller_zns,
+    handlers=lambda nvm: ZonedCommands(nvm).handlers,
+    log_pages={LogPageId.CHANGED_ZONE_LIST: zoned_events.changed_zone_list_log},
+    on_attach=zoned_events.attach,
+)
+
+# ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
 
 #: The I/O command sets this controller implements, by CSI.
-COMMAND_SETS: dict[int, CommandSet] = {cs.csi: cs for cs in (NVM,)}
+COMMAND_SETS: dict[int, CommandSet] = {cs.csi: cs for cs in (NVM, ZONED)}
 
 #: Identify CNS 1Ch: the I/O command set combinations, indexed by the I/O Command Set Profile
 #: feature (19h). One: every set this controller implements, together.
 IO_COMMAND_SET_COMBINATIONS: tuple[int, ...] = (functools.reduce(operator.or_, (cs.vector for cs in COMMAND_SETS.values()), 0),)
+
+
+def namespace_attached(state: ControllerState, hooks: ControllerHooks, ns: Namespace) -> None:
+    """``ns`` became active on the controller ``state`` and ``hooks`` are of: its set's
+    :attr:`CommandSet.on_attach`, if it has one."""
+    cs = COMMAND_SETS.get(ns.csi)
+    if cs is not None and cs.on_attach is not None:
+        cs.on_attach(state, hooks, ns)
 
 
 def command_set(csi: int, status: Status = Status.INVALID_FIELD) -> CommandSet:

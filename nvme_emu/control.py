@@ -54,11 +54,27 @@ def describe_namespace(ns: Namespace, attached: bool) -> dict[str, Any]:
     return {
         "nsid": ns.nsid,
         "attached": attached,
+        "csi": int(ns.csi),
         **ns.describe_storage(),
         "size_bytes": ns.size_bytes,
         "lba_size": ns.lba_size,
         "stats": dict(ns.stats.__dict__),
         **({"inline": inline} if (inline := ns.inline_stats()) is not None else {}),
+        **({"zones": describe_zones(ns)} if ns.zones is not None else {}),
+    }
+
+
+def describe_zones(ns: Namespace) -> dict[str, Any]:
+    """A zoned namespace's geometry (bytes, as the spec string gives it) and its zones'
+    counters: per state, open and active, writes, appends, resets, finishes, auto-closes."""
+    zones = ns.zones
+    assert zones is not None
+    shift = ns.lba_shift
+    return {
+        "zone_size_bytes": zones.zone_size << shift,
+        "zone_capacity_bytes": zones.zone_capacity << shift,
+        "cross_read": zones.cross_zone_read,
+        **zones.stats(),
     }
 
 

@@ -29,7 +29,7 @@ from . import async_event, features, prp
 from .admin import AdminCommands
 from .aio import IoPool, ViewsPredicate
 from .atomics import fence
-from .command_set import COMMAND_SETS
+from .command_set import COMMAND_SETS, namespace_attached
 from .completions import CompletionHooks, Completions, IrqRaiser
 from .doorbell_port import CqHeadSource, QueueListener
 from .faults import FaultInjector
@@ -126,6 +126,8 @@ class Controller:
         for cs in COMMAND_SETS.values():
             self.nvm.bind(cs.csi, cs.handlers(self.nvm), frozenset(cs.effects), cs.lba_changing)
         self.state.admin_opcodes = frozenset(self.admin.handlers)
+        for ns in self.state.namespaces.values():  # active from the start: as if attached now
+            namespace_attached(self.state, self.hooks, ns)
         #: Injected faults (the control plane's); out of the I/O path while there are none.
         self.faults = FaultInjector(self.state, self.nvm, self.call_later, on_change=self._faults_changed)
         #: The I/O dispatcher the queue loop calls: the NVM command set, or the fault wrapper

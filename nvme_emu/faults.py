@@ -36,15 +36,17 @@ from .lba_status import lba_status_changed
 from .nvm import NvmCommands
 from .queue import SubmissionQueue
 from .spec.commands import NSID_ALL, NvmOpcode, NvmeError, Status
+from .spec.zns import ZnsOpcode
 from .sqe import CID, NSID, OPC, lba_range
 from .outcome import DEFERRED, Deferred
 from .state import ControllerHooks, ControllerState
 
 log = logging.getLogger(__name__)
 
-#: Commands that read the media, and those that write it.
+#: Commands that read the media, and those that write it. A Zone Append is matched by its
+#: zone's start LBA and length (where it lands, the write pointer, is the zone's to decide).
 READ_OPCODES = frozenset({NvmOpcode.READ, NvmOpcode.COMPARE, NvmOpcode.VERIFY})
-WRITE_OPCODES = frozenset({NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES})
+WRITE_OPCODES = frozenset({NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, ZnsOpcode.ZONE_APPEND})
 #: Which commands a fault's ``op`` selects.
 OPS = {"read": READ_OPCODES, "write": WRITE_OPCODES, "rw": READ_OPCODES | WRITE_OPCODES}
 

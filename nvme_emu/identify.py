@@ -125,7 +125,7 @@ def identify_controller(state: ControllerState) -> bytes:
         mdts=c.mdts,
         cntlid=c.controller_id,
         ver=state.vs,
-        oaes=Oaes.NAMESPACE_ATTRIBUTE | Oaes.LBA_STATUS,
+        oaes=Oaes.NAMESPACE_ATTRIBUTE | Oaes.LBA_STATUS | Oaes.ZONE_DESCRIPTOR_CHANGED,
         oacs=oacs,
         acl=c.acl,
         aerl=c.aerl,

@@ -1,6 +1,8 @@
 """Get Log Page (admin opcode 02h): Supported Log Pages, Error Information, SMART / Health,
 Firmware Slot, Changed Namespace List, Commands Supported and Effects, Feature Identifiers and
-NVMe-MI Commands Supported and Effects, and LBA Status Information.
+NVMe-MI Commands Supported and Effects, and LBA Status Information; and the I/O Command Set
+specific pages of the set CDW14's CSI names (:attr:`nvme_emu.command_set.CommandSet.log_pages`:
+the Zoned set's Changed Zone List).
 
 Reading a page with RAE (Retain Asynchronous Event) clear acknowledges its event type. The
 SMART / Health page's content is :mod:`nvme_emu.health`'s.
@@ -70,8 +72,10 @@ def get_log_page(state: ControllerState, hooks: ControllerHooks, sq: SubmissionQ
 
 def log_page(state: ControllerState, lid: int, nsid: int, lsp: int, csi: int) -> bytes:
     """The whole log page ``lid`` (reading the Changed Namespace List empties it)."""
+    command_set = COMMAND_SETS.get(csi)
+    set_pages = command_set.log_pages if command_set is not None else {}
     if lid == LogPageId.SUPPORTED_LOG_PAGES:
-        return st.build_supported_log_pages(list(SUPPORTED_LOG_PAGES))
+        return st.build_supported_log_pages([*SUPPORTED_LOG_PAGES, *set_pages])
     if lid == LogPageId.ERROR_INFORMATION:
         return error_information(state)
     if lid == LogPageId.SMART_HEALTH:
@@ -92,7 +96,10 @@ def log_page(state: ControllerState, lid: int, nsid: int, lsp: int, csi: int) ->
         return st.build_nvme_mi_effects_log({})  # no NVMe-MI command is supported in-band
     if lid == LogPageId.LBA_STATUS_INFORMATION:
         return lba_status_log(state)
-    raise NvmeError(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
+    page = set_pages.get(lid)
+    if page is not None:
+        return page(state, nsid)
+    raise NvmeError(Status.INVALID_LOG_PAGE, f"log page {lid:#x} (CSI {csi:#x})")
 
 
 def error_information(state: ControllerState) -> bytes:

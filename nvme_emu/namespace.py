@@ -33,6 +33,8 @@ from .lba_ranges import LbaRanges
 from .outcome import Work
 from .spec.commands import COPY_MAX_LBAS, COPY_MAX_RANGES, COPY_MAX_RANGE_LBAS, NSID_ALL, NvmeError, Status
 from .spec.identify import DLFEAT_READ_ZEROES, DLFEAT_WRITE_ZEROES_DEAC, NSATTR_WRITE_PROTECTED, Csi, flbas_encode
+from .zoned.geometry import ZoneGeometry
+from .zoned.zone_set import ZoneSet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +109,7 @@ class Namespace:
         eui64: bytes | None = None,
         uuid: _uuid.UUID | None = None,
         csi: Csi = Csi.NVM,
+        zoned: ZoneGeometry | None = None,
     ) -> None:
         if not 0 < nsid < NSID_ALL:
             raise ValueError(f"invalid NSID {nsid}")
@@ -120,10 +123,20 @@ class Namespace:
         self.eui64 = eui64 if eui64 is not None else d_eui
         self.uuid = uuid if uuid is not None else d_uuid
         self.stats = NamespaceStats()
+        if zoned is not None:
+            csi = Csi.ZONED
+        elif csi == Csi.ZONED:
+            raise ValueError("a zoned namespace needs its zone geometry")
         #: Its I/O command set (:mod:`nvme_emu.command_set`): which opcodes its I/O commands
         #: may use, its Identify pages, its NIDT CSI descriptor (a plain attribute: the I/O
         #: dispatch reads it per command).
         self.csi = csi
+        #: The zone geometry it was made with (None: not zoned), kept for describing it.
+        self.zone_geometry = zoned
+        #: Its zones (Zoned Namespace Command Set), None on a namespace of another set. Made
+        #: once, here: Format NVM is refused on a zoned namespace (:meth:`check_format`), so
+        #: the LBA size and so the zones never change. The namespace is whole zones (NSZE).
+        self.zones: ZoneSet | None = None if zoned is None else zoned.zone_set(backend.size, LBA_FORMATS[lbaf_index].lbads)
         #: Its I/O may wait on a device: the controller runs it off the event loop (a plain
         #: attribute: every Read and Write looks at it).
         self.blocking = backend.blocking
@@ -156,8 +169,9 @@ class Namespace:
 
     @property
     def nsze(self) -> int:
-        """Namespace size in LBAs (a tail smaller than one block is not exposed)."""
-        return self.backend.size >> self.lba_shift
+        """Namespace size in LBAs (a tail smaller than one block is not exposed; on a zoned
+        namespace, a tail smaller than one zone)."""
+        return self._nlbas
 
     @property
     def ncap(self) -> int:
@@ -182,8 +196,11 @@ class Namespace:
         self._lbaf_index = index
         #: log2 of the LBA size: read several times per I/O command, so a plain attribute
         self.lba_shift = shift = LBA_FORMATS[index].lbads
+        #: NSZE: every block of the backend, or its whole zones (zones past the last whole one
+        #: are not exposed, as QEMU drops them)
+        self._nlbas = self.backend.size >> shift if self.zones is None else self.zones.nlbas
         #: the exposed blocks in bytes (NSZE << shift): the one-page paths' range check
-        self._end = self.backend.size >> shift << shift
+        self._end = self._nlbas << shift
         #: A Read or Write is only a range check and a byte copy: no metadata beside the data,
         #: no protection information to generate or check, no zone rules (a write pointer).
         #: It gates the one-page fast paths (:meth:`read_page`, :meth:`write_page`), which do
@@ -193,8 +210,8 @@ class Namespace:
 
     def rw_is_plain(self) -> bool:
         """The rule behind :attr:`plain_rw`, for the current format: no metadata (and so no
-        protection information, which lives in it)."""
-        return self.lba_format.ms == 0
+        protection information, which lives in it), and no zones (a write pointer to check)."""
+        return self.lba_format.ms == 0 and self.zones is None
 
     # -- the door: range checks, byte offsets and counters ---------------------------------------
     #
@@ -208,7 +225,7 @@ class Namespace:
 
     def check_range(self, slba: int, nlb: int) -> None:
         """LBA Out of Range unless [slba, slba + nlb) lies inside the namespace."""
-        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self.backend.size >> self.lba_shift:
+        if slba < 0 or nlb < 0 or slba >= 1 << 64 or slba + nlb > self._nlbas:
             raise self._out_of_range(slba, nlb)
 
     def _out_of_range(self, slba: int, nlb: int) -> NvmeError:
@@ -425,6 +442,10 @@ class Namespace:
         """The checks of :meth:`format`, alone (they run on the loop, :meth:`erase` may not)."""
         if not 0 <= lbaf_index < len(LBA_FORMATS):
             raise NvmeError(Status.INVALID_FORMAT, f"LBA format {lbaf_index} not supported")
+        if self.zones is not None:
+            # As QEMU's hw/nvme (nvme_format_check): zone sizes are in LBAs, and a new LBA
+            # size would need a new zone layout under the host's feet.
+            raise NvmeError(Status.INVALID_FORMAT, f"namespace {self.nsid} is zoned: Format NVM is not supported")
         if secure_erase not in (0, 1, 2):
             raise NvmeError(Status.INVALID_FIELD, f"secure erase setting {secure_erase}")
         if self.backend.size < LBA_FORMATS[lbaf_index].size:
@@ -496,7 +517,8 @@ class Namespace:
         return None if budget is None else dict(budget.stats.__dict__)
 
     def __repr__(self) -> str:
-        return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size})"
+        zones = "" if self.zones is None else f", zoned {self.zones.num_zones}x{self.zones.zone_size}"
+        return f"Namespace(nsid={self.nsid}, {type(self.backend).__name__}, {self.nsze}x{self.lba_size}{zones})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,7 +531,8 @@ def new_namespace_path(directory: str, nsid: int) -> str:
     return os.path.join(directory, f"ns{nsid}.img")
 
 
-def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | None = None, csi: Csi = Csi.NVM) -> Namespace:
+def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | None = None, csi: Csi = Csi.NVM,
+                     zoned: ZoneGeometry | None = None) -> Namespace:
     """A fresh, zeroed namespace for Namespace Management: RAM, or a new sparse file in
     ``directory`` (an existing file of that name is a stale one from a deleted namespace of
     an earlier run: it is replaced, since a new namespace must read as zeroes). It is a new
@@ -523,7 +546,7 @@ def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | No
             os.unlink(path)
         backend = FileBackend(path, size)
     try:
-        return Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed(), csi=csi)
+        return Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed(), csi=csi, zoned=zoned)
     except BaseException:
         backend.close()
         raise

@@ -13,7 +13,7 @@ import logging
 
 from . import structures as st
 from .async_event import namespace_changed
-from .command_set import command_set
+from .command_set import command_set, namespace_attached
 from .identify import IDENTIFY_SIZE, unallocated_capacity
 from .namespace import LBA_FORMATS, Namespace, create_namespace, destroy_namespace
 from .queue import SubmissionQueue
@@ -22,6 +22,7 @@ from .spec.identify import Csi, flbas_decode
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import from_host
+from .zoned.geometry import created_geometry
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def free_nsid(state: ControllerState) -> int:
 
 def create(state: ControllerState, nsze: int, ncap: int, flbas: int, csi: Csi = Csi.NVM) -> int:
     """Allocate a zeroed namespace of ``nsze`` blocks in format ``flbas`` and command set
-    ``csi`` (not attached)."""
+    ``csi`` (not attached). A zoned one gets QEMU's default zone geometry
+    (:func:`nvme_emu.zoned.geometry.created_geometry`): the Create data has no zone fields."""
     index = flbas_decode(flbas)
     if index >= len(LBA_FORMATS):
         raise NvmeError(Status.INVALID_FORMAT, f"LBA format {index} not supported")
@@ -93,7 +95,9 @@ def create(state: ControllerState, nsze: int, ncap: int, flbas: int, csi: Csi = 
         raise NvmeError(Status.NAMESPACE_INSUFFICIENT_CAPACITY, f"{size} bytes wanted, {unallocated_capacity(state)} free")
     nsid = free_nsid(state)
     c = state.config
-    ns = create_namespace(nsid, size, LBA_FORMATS[index].size, directory=c.ns_dir, csi=csi)
+    lba_size = LBA_FORMATS[index].size
+    zoned = created_geometry(size, lba_size) if csi == Csi.ZONED else None
+    ns = create_namespace(nsid, size, lba_size, directory=c.ns_dir, csi=csi, zoned=zoned)
     state.allocated[nsid] = ns
     state.created.add(nsid)
     log.info("namespace %d created: %r", nsid, ns)
@@ -114,7 +118,8 @@ def attach(state: ControllerState, hooks: ControllerHooks, nsid: int) -> None:
     """Make an allocated namespace active here; the host hears of it."""
     if nsid in state.namespaces:
         raise NvmeError(Status.NAMESPACE_ALREADY_ATTACHED, f"namespace {nsid} is attached")
-    state.namespaces[nsid] = state.allocated[nsid]
+    state.namespaces[nsid] = ns = state.allocated[nsid]
+    namespace_attached(state, hooks, ns)
     log.info("namespace %d attached", nsid)
     namespace_changed(state, hooks, nsid)
 

@@ -3,6 +3,11 @@
 The kind picks the backend class from :data:`nvme_emu.backends.BACKENDS`; what a kind takes
 (a path first, a default size, keys it refuses) and what its namespace's IDs derive from are
 that class's (:class:`nvme_emu.backends.base.Backend`).
+
+Any kind may be zoned (the Zoned Namespace Command Set, issue 25): ``zoned`` and its keys
+``zone_size`` (default 128M, a power of two), ``zone_cap`` (default the zone size),
+``max_open`` and ``max_active`` (default 0, no limit) and ``cross_read`` (Read Across Zone
+Boundaries); :mod:`nvme_emu.zoned.geometry` says why each rule is what it is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from .spec.commands import NSID_ALL
 from .backends import backend_class
 from .backends.base import BackendSpec
 from .namespace import Namespace, lba_format_index
+from .zoned.geometry import DEFAULT_ZONE_SIZE, ZoneGeometry
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
@@ -34,13 +40,57 @@ class NamespaceSpec(BackendSpec):
 
     lba_size: int = 512
     nsid: int | None = None
+    #: The zone geometry of a zoned namespace (``zoned``), None for an NVM one.
+    zoned: ZoneGeometry | None = None
     extra: dict = field(default_factory=dict)
+
+
+#: Keys that are flags: ``ro`` alone means ``ro=1``.
+_FLAGS = ("ro", "zoned", "cross_read")
+#: The zoned namespace's keys besides ``zoned`` itself.
+_ZONE_KEYS = ("zone_size", "zone_cap", "max_open", "max_active", "cross_read")
+_BOOLEANS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
+#: Every key, for the error that names them.
+_KEYS = ("size", "lba", "nsid", "ro", "zoned", *_ZONE_KEYS)
+
+
+def _boolean(key: str, value: str) -> bool:
+    try:
+        return _BOOLEANS[value.lower()]
+    except KeyError:
+        raise ValueError(f"{key} must be a boolean") from None
+
+
+def _count(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise ValueError(f"{key} must be a count (0: no limit), not {value!r}")
+    return int(value)
+
+
+def _zone_geometry(zoned: bool, keys: dict[str, str], lba_size: int, size: int | None) -> ZoneGeometry | None:
+    """The geometry the zone keys describe (checked for this LBA size and namespace size,
+    when known: a block device's is only known once it is open)."""
+    if not zoned:
+        if keys:
+            raise ValueError(f"{', '.join(keys)}: only for a zoned namespace (add zoned)")
+        return None
+    geometry = ZoneGeometry(
+        zone_size=parse_size(keys["zone_size"]) if "zone_size" in keys else DEFAULT_ZONE_SIZE,
+        zone_capacity=parse_size(keys["zone_cap"]) if "zone_cap" in keys else None,
+        max_open=_count("max_open", keys["max_open"]) if "max_open" in keys else 0,
+        max_active=_count("max_active", keys["max_active"]) if "max_active" in keys else 0,
+        cross_read=_boolean("cross_read", keys["cross_read"]) if "cross_read" in keys else False,
+    )
+    geometry.check(lba_size, size)
+    return geometry
 
 
 def parse_namespace_spec(text: str) -> NamespaceSpec:
     """Parse ``ram:size=1G,lba=512``, ``file:/path,size=8G,lba=4096``, ``blk:/dev/loop0,nsid=2``.
 
-    Keys: ``size`` (K/M/G/T suffixes), ``lba`` (512 or 4096), ``nsid``, ``ro`` (file/blk).
+    Keys: ``size`` (K/M/G/T suffixes), ``lba`` (512 or 4096), ``nsid``, ``ro`` (file/blk);
+    ``zoned`` with ``zone_size``, ``zone_cap``, ``max_open``, ``max_active``, ``cross_read``
+    (the module docstring).
     """
     kind, sep, rest = text.partition(":")
     try:
@@ -53,10 +103,12 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
         if not parts or not parts[0] or "=" in parts[0]:
             raise ValueError(f"namespace spec {text!r}: {cls.kind}: needs a path first, e.g. {cls.kind}:/path")
         ns.path = parts.pop(0)
+    zoned = False
+    zone_keys: dict[str, str] = {}
     for p in parts:
         key, eq, value = p.partition("=")
         key = key.strip().lower()
-        if key == "ro" and not eq:
+        if key in _FLAGS and not eq:
             value, eq = "1", "="
         if not eq or not value.strip():
             raise ValueError(f"namespace spec {text!r}: {p!r} is not key=value")
@@ -76,11 +128,19 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
                 raise ValueError(f"namespace spec {text!r}: nsid must be 1..{NSID_ALL - 1}")
             ns.nsid = int(value)
         elif key == "ro":
-            if value.lower() not in ("0", "1", "on", "off", "true", "false", "yes", "no"):
-                raise ValueError(f"namespace spec {text!r}: ro must be a boolean")
-            ns.readonly = value.lower() in ("1", "on", "true", "yes")
+            try:
+                ns.readonly = _boolean("ro", value)
+            except ValueError as e:
+                raise ValueError(f"namespace spec {text!r}: {e}") from None
+        elif key == "zoned":
+            try:
+                zoned = _boolean("zoned", value)
+            except ValueError as e:
+                raise ValueError(f"namespace spec {text!r}: {e}") from None
+        elif key in _ZONE_KEYS:
+            zone_keys[key] = value
         else:
-            raise ValueError(f"namespace spec {text!r}: unknown key {key!r} (size, lba, nsid, ro)")
+            raise ValueError(f"namespace spec {text!r}: unknown key {key!r} ({', '.join(_KEYS)})")
     try:
         cls.check_spec(ns)
     except ValueError as e:
@@ -89,6 +149,10 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
         ns.size = cls.default_size
     if ns.size is not None and ns.size % ns.lba_size:
         raise ValueError(f"namespace spec {text!r}: size {ns.size} is not a multiple of lba={ns.lba_size}")
+    try:
+        ns.zoned = _zone_geometry(zoned, zone_keys, ns.lba_size, ns.size)
+    except ValueError as e:
+        raise ValueError(f"namespace spec {text!r}: {e}") from None
     return ns
 
 
@@ -107,7 +171,7 @@ def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, contr
     backend = cls.from_spec(ns_spec)
     try:
         seed = cls.identity_seed(ns_spec, controller_seed)
-        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed)
+        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed, zoned=ns_spec.zoned)
     except BaseException:
         backend.close()
         raise

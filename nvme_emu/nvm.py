@@ -209,7 +209,7 @@ class NvmCommands:
                 except Exception as err:
                     error = err
             status = Status.SUCCESS if error is None else self._failed(sq, e, error)
-            hooks.finish_request(sq, cid, status, 0, stamps)
+            hooks.finish_request(sq, cid, status, work.result if error is None else 0, stamps)
 
         pool.submit(timed_run, finished, work.views)  # views: what a quiesce before an unmap or reset looks at
         return DEFERRED
@@ -223,7 +223,7 @@ class NvmCommands:
             prp.release_views(work.views)
         if work.done is not None:
             work.done(result)
-        return Status.SUCCESS, 0
+        return Status.SUCCESS, work.result
 
     # -- data pointers ---------------------------------------------------------------------------
 
@@ -280,7 +280,7 @@ class NvmCommands:
             views = self.views(e, length, to_host=True)
         else:
             views = [view]
-        try:  # _done_or_work, inlined (several pages at a high queue depth are hot too)
+        try:  # done_or_work, inlined (several pages at a high queue depth are hot too)
             work = ns.read(slba, nlb, views)
         except BaseException:
             prp.release_views(views)
@@ -310,7 +310,7 @@ class NvmCommands:
         else:
             views = [view]
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
-        try:  # _done_or_work, inlined
+        try:  # done_or_work, inlined
             work = ns.write(slba, nlb, views, fua=fua)
         except BaseException:
             prp.release_views(views)
@@ -321,10 +321,10 @@ class NvmCommands:
         return work
 
     @staticmethod
-    def _done_or_work(op: Callable[[int, int, list[memoryview]], Work | None], slba: int, nlb: int,
-                      views: list[memoryview]) -> int | Work:
+    def done_or_work(op: Callable[[int, int, list[memoryview]], Work | None], slba: int, nlb: int,
+                     views: list[memoryview]) -> int | Work:
         """``op`` (a namespace method that takes views) on ``views``: released here when it is
-        done or failed, or owned by the Work it handed back."""
+        done or failed, or owned by the Work it handed back (other command sets' writes use it)."""
         try:
             work = op(slba, nlb, views)
         except BaseException:
@@ -340,7 +340,7 @@ class NvmCommands:
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
-        return self._done_or_work(ns.compare, slba, nlb, views)
+        return self.done_or_work(ns.compare, slba, nlb, views)
 
     def verify(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)
@@ -390,6 +390,15 @@ class NvmCommands:
         return 0
 
     def copy(self, ns: Namespace, e: tuple) -> int | Work:
+        sdlba, ranges, total = self.copy_ranges(ns, e)
+        for slba, nlb in ranges:
+            check_readable(ns, slba, nlb)
+        work = ns.copy(ranges, sdlba, fua=bool(e[CDW12] & RwCdw12.FUA))
+        return self._clearing(ns, [(sdlba, total)], work or 0)
+
+    def copy_ranges(self, ns: Namespace, e: tuple) -> tuple[int, list[tuple[int, int]], int]:
+        """A Copy's destination, its source ranges and their total of blocks, every field and
+        range checked with the status the spec names (the Zoned set's Copy adds its rules)."""
         sdlba = starting_lba(e)  # SDLBA sits where the others' SLBA does
         nr = (e[CDW12] & 0xFF) + 1
         desfmt = (e[CDW12] >> 8) & 0xF
@@ -411,10 +420,7 @@ class NvmCommands:
         if total > COPY_MAX_LBAS:
             raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy of {total} blocks")
         ns.check_range(sdlba, total)
-        for slba, nlb in ranges:
-            check_readable(ns, slba, nlb)
-        work = ns.copy(ranges, sdlba, fua=bool(e[CDW12] & RwCdw12.FUA))
-        return self._clearing(ns, [(sdlba, total)], work or 0)
+        return sdlba, ranges, total
 
     # -- Write Uncorrectable and its marks ------------------------------------------------------
 

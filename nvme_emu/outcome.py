@@ -46,6 +46,9 @@ class Work:
     #: _start <nvme_emu.nvm.NvmCommands._start>`), as long as this budget admits it; None:
     #: always a worker (FUA, Flush, ...)
     inline: InlineBudget | None = None
+    #: The completion's command result once the work succeeded: DW0, or a 64-bit value whose
+    #: upper half goes into DW1 (Zone Append's LBA, known before the data moves).
+    result: int = 0
 
 
 def finish_here(work: Work | None) -> None:

@@ -50,6 +50,12 @@ class Completion:
     cid: int
     status: int  # 11-bit status (SCT << 8 | SC)
     dnr: bool
+    dw1: int = 0
+
+    @property
+    def result64(self) -> int:
+        """DW1:DW0, a 64-bit command result (Zone Append's LBA)."""
+        return self.dw1 << 32 | self.dw0
 
 
 class HostDoorbells:
@@ -295,8 +301,8 @@ class NvmeHost:
             # Phase first with an acquire load, the rest after (as Linux does with dma_rmb()).
             if self.mem.load_acquire_u32(entry + 12) >> 16 & 1 != q.phase:
                 break
-            dw0, _dw1, sqhd, sqid, cid, sf = CQE.unpack_from(self.mem.view, entry - self.mem.iova)
-            out.append(Completion(dw0, sqhd, sqid, cid, (sf >> 1) & 0x7FF, bool(sf & (1 << 15))))
+            dw0, dw1, sqhd, sqid, cid, sf = CQE.unpack_from(self.mem.view, entry - self.mem.iova)
+            out.append(Completion(dw0, sqhd, sqid, cid, (sf >> 1) & 0x7FF, bool(sf & (1 << 15)), dw1))
             q.head += 1
             if q.head == q.depth:
                 q.head = 0

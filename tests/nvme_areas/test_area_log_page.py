@@ -86,7 +86,7 @@ def test_commands_effects(area: Area):
     assert log.iocs[NvmOpcode.READ] == CommandEffects.CSUPP | EffectsScope.NAMESPACE
     assert log.iocs[NvmOpcode.FLUSH] == CommandEffects.CSUPP | EffectsScope.NAMESPACE
     assert log.iocs[NvmOpcode.WRITE] == CommandEffects.CSUPP | CommandEffects.LBCC | EffectsScope.NAMESPACE
-    other = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=2))
+    other = st.CommandsEffectsLog.parse(read_log(area, LogPageId.COMMANDS_SUPPORTED_EFFECTS, csi=1))
     assert not any(other.iocs) and other.acs[AdminOpcode.IDENTIFY]
 
 

@@ -129,7 +129,9 @@ def test_identify_iocs_active_list_cns07(nvme: Host):
     c, data = nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=0, csi=0)
     assert c.status == Status.SUCCESS and nsid_list(data) == [1, 2, 3]
     assert nsid_list(nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=2, csi=0)[1]) == [3]
-    c, data = nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=0, csi=2)  # zoned: not supported
+    c, data = nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=0, csi=2)  # zoned: none of these
+    assert c.status == Status.SUCCESS and nsid_list(data) == []
+    c, data = nvme.identify(Cns.IOCS_ACTIVE_NSID_LIST, nsid=0, csi=1)  # key value: not supported
     assert c.status == Status.INVALID_FIELD
 
 
@@ -144,7 +146,7 @@ def test_identify_io_command_set_cns1c(nvme: Host):
     c, data = nvme.identify(Cns.IO_COMMAND_SET)
     assert c.status == Status.SUCCESS
     vectors = st.IdentifyIoCommandSet.parse(data).vectors
-    assert vectors[0] == 1 and not any(vectors[1:])
+    assert vectors[0] == 0b101 and not any(vectors[1:])  # NVM and Zoned, together
 
 
 @pytest.mark.parametrize("cns", [0x04, 0x14, 0x15, 0x1D, 0xFF])

@@ -95,8 +95,12 @@ head -n 2 /tmp/zones
 
 step zbd
 if [ -x /opt/fio-zbd/t/zbd/test-zbd-support ]; then
-    echo "fio=$(fio --version) script=$(sed -n 's/^DEF_VER=//p' /opt/fio-zbd/FIO-VERSION-GEN)"
+    # the fio the script runs ($(dirname $0)/../../fio), its scripts' version, where both came from
+    echo "fio=$(/opt/fio-zbd/fio --version)"
+    echo "script=$(sed -n 's/^DEF_VER=//p' /opt/fio-zbd/FIO-VERSION-GEN)"
+    echo "source=$(cat /opt/fio-zbd/SOURCE)"
     cd /opt/fio-zbd/t/zbd
+    echo "tests="{tests}
     for t in {tests}; do
         s=$(cut -d' ' -f1 /proc/uptime)
         ./test-zbd-support -r -t "$t" $dev 2>&1 | grep '^Running test'

@@ -23,10 +23,11 @@
 #   * checks: configure must report zoned block device support and libaio, and the
 #     built fio's --version (run in the overlaid tree) must be its FIO-VERSION-GEN.
 #
-# Measured on the 2-CPU machine, loaded (load average 4-5.5: other builds and guests
-# running), three builds: 79-140 s in all: apt-get update + build tools 25-36 s, source
-# 0-1 s, configure 5-9 s, `make -j2 fio` 48-96 s.  Once per tree (a fresh machine
-# builds once), then cached: the next call prints the directory at once.
+# Measured on the 2-CPU machine, four builds: 79-140 s in all while loaded (load average
+# 4-5.5: other builds and guests running): apt-get update + build tools 25-36 s, source
+# 0-1 s, configure 5-9 s, `make -j2 fio` 48-96 s; 37 s on the machine at rest (11, 1, 2,
+# 23 s).  Once per tree (a fresh machine builds once), then cached: the next call prints
+# the directory at once.
 #
 # Prints one line on stdout: a directory holding fio, t/zbd/, FIO-VERSION-GEN and
 # SOURCE (one line: what it was built from and how).

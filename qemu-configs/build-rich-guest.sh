@@ -13,10 +13,10 @@
 #     /init) followed by a second cpio with the 9p and overlay modules, rich-root.sh,
 #     which nvme_emu.guest's job runs (run_guest(rich_root=True)): it mounts the tree
 #     over 9p (tag "richroot"), puts a tmpfs overlay on it and runs the job in there
-#     with chroot; and fio's zoned test scripts (t/zbd, ~100 KB), which rich-root.sh
-#     copies to /opt/fio-zbd, when a fio source matching the tree's fio is at hand (see
-#     fio_source below).  They are not in the tree so that bringing them rebuilds
-#     seconds of initramfs, not minutes of tree.
+#     with chroot; and fio's zoned test scripts (t/zbd, ~100 KB) with the fio they
+#     belong to (the tree's, or one built from the same source: 1.7 MB), which
+#     rich-root.sh copies to /opt/fio-zbd (see fio_source below).  They are not in
+#     the tree so that bringing them rebuilds seconds of initramfs, not minutes of tree.
 #
 # Why a tree of its own and not the provide-qemu.sh chroot with a few more packages:
 # that chroot is QEMU's (its stamp keys every other image; changing it rebuilds them
@@ -28,14 +28,19 @@
 # Prints three lines on stdout: the kernel, the initramfs, the root tree.
 # Cache: ${NVME_EMU_CACHE:-$HOME/.cache/nvme-emu}/rich-guest, .../rich-root; the root's
 # key is RICH_KEY below (packages, kernel), the initramfs's a hash of this script,
-# rich-root.sh, build-common.sh, the base guest and the fio source's name; flock.
+# rich-root.sh, build-common.sh, build-fio-zbd.sh, the base guest and the fio source's
+# name; flock.
 #
 # fio's source (for t/zbd), in this order:
 #   1. NVME_EMU_FIO_SRC: a fio source tarball or directory (its fio version must be the
 #      tree's, checked against the FIO-VERSION-GEN file);
 #   2. shared/vendor/fio-VERSION.tar.* beside the checkout (as for libvfio-user);
 #   3. `apt-get source --download-only fio=DEBIAN_VERSION` from the host's Debian mirror
-#      (a deb-src entry in a private apt state, nothing of the chroots changes).
+#      (a deb-src entry in a private apt state, nothing of the chroots changes);
+#   4. otherwise (CI's mirror serves no trixie fio source: 404) build-fio-zbd.sh builds
+#      bookworm's fio 3.33 from the mirror's source in the tree and /opt/fio-zbd gets
+#      that fio with ITS OWN t/zbd (once per tree, ~2 min, cached with its own stamp).
+# 1-3 link /opt/fio-zbd/fio to the tree's fio; /opt/fio-zbd/SOURCE says which it is.
 # Without any, the guest has no /opt/fio-zbd and /opt/fio-zbd.missing says why (the
 # tests that need it skip, printing that reason).
 set -euo pipefail
@@ -65,10 +70,10 @@ KVER="$("$HERE/kernel-version.sh")" || die "kernel-version.sh failed"
 fio_src_hint() {   # what the caller gave us, for the key: a changed hint rebuilds
     local v="${NVME_EMU_FIO_SRC:-}"
     [ -n "$v" ] || v="$(ls "$HERE"/../../shared/vendor/fio-*.tar.* 2>/dev/null | sort | tail -n1 || true)"
-    echo "${v:-apt-get-source}"
+    echo "${v:-mirror}"
 }
 RICH_KEY="v1 trixie minbase +$RICH_PACKAGES kernel=$KVER"
-INIT_KEY="$(cat "$0" "$HERE/build-common.sh" "$STAGE2_SRC" "$CACHE/guest.stamp" | sha256sum | cut -c1-16) $RICH_KEY fio-src=$(fio_src_hint)"
+INIT_KEY="$(cat "$0" "$HERE/build-common.sh" "$HERE/build-fio-zbd.sh" "$STAGE2_SRC" "$CACHE/guest.stamp" | sha256sum | cut -c1-16) $RICH_KEY fio-src=$(fio_src_hint)"
 
 tree_ok() { [ -f "$TREE_STAMP" ] && [ "$(cat "$TREE_STAMP")" = "$RICH_KEY" ] && [ -x "$TREE/usr/bin/fio" ]; }
 image_ok() { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$INIT_KEY" ] && [ -f "$OUT/initramfs.img" ] && tree_ok; }
@@ -116,27 +121,35 @@ kernel_modules() {   # unpacks linux-image-$KVER into $W/kpkg and depmods it
     inch depmod -b "$W/kpkg" "$KVER"
 }
 
-# --- fio source -> DIR/fio-zbd (t/zbd + a ../../fio link) ---------------------------
-fio_source() {   # $1 = Debian version of fio in the tree; leaves $W/fio-src or a reason in $W/fio-missing
-    local deb="$1" upstream="${1%-*}" src="${NVME_EMU_FIO_SRC:-}" got
+# --- fio for t/zbd -> $W/fio-zbd: t/zbd/, FIO-VERSION-GEN, SOURCE and ./fio ----------
+fio_source() {   # $1 = Debian version of fio in the tree; leaves $W/fio-zbd or a reason in $W/fio-missing
+    local deb="$1" upstream="${1%-*}" src="${NVME_EMU_FIO_SRC:-}" from got
     [ -n "$src" ] || src="$(ls "$HERE"/../../shared/vendor/fio-"$upstream".tar.* 2>/dev/null | tail -n1 || true)"
     mkdir -p "$W/fio-src"
     if [ -n "$src" ]; then
         if [ -d "$src" ]; then cp -a "$src/." "$W/fio-src/"; else tar -xf "$src" -C "$W/fio-src" --strip-components=1; fi
+        from="$src"
+    elif fio_apt_source "$deb"; then
+        from="Debian trixie fio $deb source ($MIRROR)"
     else
-        fio_apt_source "$deb" || return 0
+        fio_mirror_build "$deb"
+        return 0
     fi
     got="$(sed -n 's/^DEF_VER=fio-//p' "$W/fio-src/FIO-VERSION-GEN" 2>/dev/null || true)"
     if [ "$got" != "$upstream" ]; then
-        echo "fio source ${src:-from apt} is fio ${got:-?}, the guest's fio is $upstream" >"$W/fio-missing"
-        rm -rf "$W/fio-src"
+        echo "fio source $from is fio ${got:-?}, the guest's fio is $upstream" >"$W/fio-missing"
     elif [ ! -f "$W/fio-src/t/zbd/test-zbd-support" ]; then
         echo "fio $upstream source has no t/zbd/test-zbd-support" >"$W/fio-missing"
-        rm -rf "$W/fio-src"
+    else
+        mkdir -p "$W/fio-zbd/t"
+        cp -a "$W/fio-src/t/zbd" "$W/fio-zbd/t/zbd"
+        cp "$W/fio-src/FIO-VERSION-GEN" "$W/fio-zbd/"
+        echo "$from, run with the tree's fio $deb" >"$W/fio-zbd/SOURCE"
+        ln -s /usr/bin/fio "$W/fio-zbd/fio"   # test-zbd-support runs $(dirname $0)/../../fio
     fi
 }
 
-fio_apt_source() {   # $1 = Debian version; apt-get source into $W/fio-src, or a reason
+fio_apt_source() {   # $1 = Debian version; apt-get source into $W/fio-src, or 1 (logged)
     local a="$W/apt" opts
     mkdir -p "$a/lists/partial" "$a/cache/archives/partial" "$a/parts" "$W/fio-dl"
     printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
@@ -144,24 +157,29 @@ fio_apt_source() {   # $1 = Debian version; apt-get source into $W/fio-src, or a
     opts="-o Dir::Etc::SourceList=$a/src.sources -o Dir::Etc::SourceParts=$a/parts -o Dir::State::Lists=$a/lists -o Dir::Cache=$a/cache"
     inch apt-get $opts update
     if ! "$RUN" sh -c "cd '$W/fio-dl' && apt-get $opts source --download-only fio=$1" >>"$LOGF" 2>&1; then
-        echo "apt-get source fio=$1 failed: $(grep -m1 '^E: ' "$LOGF" | cut -c1-200)" >"$W/fio-missing"
-        log "no fio $1 source from the mirror; /opt/fio-zbd left out (see $LOGF)"
+        log "no fio $1 source from the mirror ($(grep -m1 '^E: ' "$LOGF" | cut -c1-160)); building fio from its bookworm source instead"
         return 1
     fi
     tar -xf "$(ls "$W"/fio-dl/fio_*.orig.tar.* | grep -v '\.asc$' | head -n1)" -C "$W/fio-src" --strip-components=1
 }
 
-install_fio_zbd() {   # $1 = initramfs tree: /opt/fio-zbd/t/zbd, fio at ../../fio as the script expects
-    local d="$1/opt/fio-zbd"
-    rm -rf "$d" "$1/opt/fio-zbd.missing"
+fio_mirror_build() {   # $1 = the tree's fio version, which has no source here: a fio and its t/zbd from one the mirror serves
+    local dir
+    if dir="$("$HERE/build-fio-zbd.sh" "$TREE" "$MIRROR" | tail -n1)"; then
+        cp -a "$dir" "$W/fio-zbd"
+    else
+        echo "no fio $1 source, and building fio from the mirror's bookworm source failed" \
+            "(see $CACHE/build-fio-zbd.log)" >"$W/fio-missing"
+    fi
+}
+
+install_fio_zbd() {   # $1 = initramfs tree: /opt/fio-zbd (t/zbd, and fio at ../../fio as the script expects)
+    rm -rf "$1/opt/fio-zbd" "$1/opt/fio-zbd.missing"
     if [ -f "$W/fio-missing" ]; then
         cp "$W/fio-missing" "$1/opt/fio-zbd.missing"
-        return 0
+    else
+        cp -a "$W/fio-zbd" "$1/opt/fio-zbd"
     fi
-    mkdir -p "$d/t"
-    cp -a "$W/fio-src/t/zbd" "$d/t/zbd"
-    cp "$W/fio-src/FIO-VERSION-GEN" "$d/"
-    ln -s /usr/bin/fio "$d/fio"   # test-zbd-support runs $(dirname $0)/../../fio
 }
 
 build_tree() {
@@ -229,7 +247,7 @@ build_initramfs() {
     cat "$BASE_INITRD" "$W/stage2.img" >"$OUT.tmp/initramfs.img"
     cp "$r/etc/nvme-emu/rich-modules" "$OUT.tmp/modules"
     if [ -f "$r/opt/fio-zbd.missing" ]; then cp "$r/opt/fio-zbd.missing" "$OUT.tmp/fio-zbd"
-    else sed -n 's/^DEF_VER=//p' "$r/opt/fio-zbd/FIO-VERSION-GEN" >"$OUT.tmp/fio-zbd"; fi
+    else echo "$(sed -n 's/^DEF_VER=//p' "$r/opt/fio-zbd/FIO-VERSION-GEN") from $(cat "$r/opt/fio-zbd/SOURCE")" >"$OUT.tmp/fio-zbd"; fi
     rm -rf "$OUT"
     mv "$OUT.tmp" "$OUT"
 }

@@ -110,9 +110,14 @@ def test_fio_zbd_support_subset(zoned_boot):
     print(out)
     if out.startswith("missing:"):
         pytest.skip(f"fio's t/zbd is not in the rich guest: {out[len('missing:'):].strip()}")
-    results = zc.zbd_results(out)
+    kv = zc.key_values(out)
+    print(f"t/zbd ran with fio {kv['fio']} and its scripts {kv['script']}: {kv['source']}")
+    assert kv["fio"] == kv["script"], out     # the scripts belong to the fio they run
+    listed = [int(t) for t in kv["tests"].split()]
     wanted = zc.zbd_tests_from_env()
-    assert len(results) >= 70 if wanted is None else sorted(results) == sorted(wanted), out
+    assert listed and (wanted is None or listed == list(wanted)), out
+    results = zc.zbd_results(out)
+    assert sorted(results) == sorted(listed), out
     failed = {t: r for t, r in results.items() if r[0] == "FAIL"}
     assert not failed, out
 

@@ -40,7 +40,7 @@ Layout: a 64-byte header, then one u64 record per zone::
     | zeros to 64
     record: write pointer offset (bits 47:0) | state (55:48) | attributes (63:56)
 
-The header is written once, when the file is made (in a temporary file, fsynced, then renamed
+The header is written once, when the file is made (in a temporary file, fsynced, then linked
 into place, so a crash while making it leaves no sidecar or a whole one) and never again.
 Opening refuses, with the path and what is wrong: a torn or damaged header (CRC, magic,
 version, a size that does not fit the zone count), a geometry other than the namespace's
@@ -158,9 +158,11 @@ def decode(data: bytes | mmap.mmap, where: str = "zone state") -> ZoneImage:
     return ZoneImage(zone_size, zone_capacity, tuple(zones))
 
 
-def _create(path: str, zone_set: ZoneSet) -> None:
+def _create(path: str, zone_set: ZoneSet) -> bool:
     """Write a new sidecar for ``zone_set`` at ``path`` whole or not at all: a temporary
-    file, fsynced, renamed into place, and the rename fsynced with its directory."""
+    file, fsynced, linked into place (a link, not a rename: if another process made one
+    meanwhile, that one stays and is the one both open, whose lock then decides), and the
+    link fsynced with its directory. False if another process made it first."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -171,16 +173,18 @@ def _create(path: str, zone_set: ZoneSet) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    return True
 
 
 class ZoneSidecar:
@@ -210,8 +214,7 @@ class ZoneSidecar:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            _create(path, zone_set)
-            created = True
+            created = _create(path, zone_set)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             try:

@@ -299,3 +299,13 @@ def test_one_store_per_zone_changed_and_none_for_a_refused_command():
     zs.send(ZoneSendAction.CLOSE, 0)  # already Closed: nothing changes
     zs.send(ZoneSendAction.RESET, 2 * ZONE_SIZE)  # already Empty
     assert rec.changed == []
+
+
+def test_making_a_sidecar_another_process_made_first_keeps_theirs(path):
+    theirs = fresh()
+    theirs.write(0, 3)
+    assert sc._create(path, theirs) is True
+    before = open(path, "rb").read()
+    assert sc._create(path, fresh()) is False  # lost the race: theirs stays, no temporary left
+    assert open(path, "rb").read() == before
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]

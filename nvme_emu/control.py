@@ -2,8 +2,8 @@
 
 Listing controllers, namespaces, queues and counters; adding and removing namespaces at
 runtime (the host hears of it by a Namespace Attribute Changed notice and the Changed
-Namespace List, as with Namespace Management); faults (:mod:`nvme_emu.faults`) and
-controller fatal status. The methods run on the device's event loop thread, between
+Namespace List, as with Namespace Management); faults (:mod:`nvme_emu.faults`), zone faults
+of zoned namespaces (a zone made Read Only or Offline) and controller fatal status. The methods run on the device's event loop thread, between
 commands, so they see and change the controller like a command handler would.
 
 No socket here: ``nvme-emu serve`` exposes :meth:`ControlPlane.methods` through
@@ -23,11 +23,18 @@ from .jsonrpc import Param, ParamType, Schema
 from .namespace import Namespace
 from .namespace_spec import open_namespace
 from .spec.commands import NSID_ALL, NvmeError
+from .zoned.zone_set import ZoneSet
 
 log = logging.getLogger(__name__)
 
 #: A namespace that exists or may: 1..FFFFFFFEh (0 is none, FFFFFFFFh the broadcast value).
 _NSID = Param(ParamType.INTEGER, required=True, minimum=1, maximum=NSID_ALL - 1)
+
+#: What ``zone_fault`` may make of a zone: the states only the controller enters on its own.
+ZONE_FAULTS: dict[str, Callable[[ZoneSet, int], bool]] = {
+    "read_only": ZoneSet.make_read_only,
+    "offline": ZoneSet.make_offline,
+}
 
 #: The RPC methods by name, each with its parameters: the server's table (the dispatcher
 #: refuses whatever does not fit, before the method runs) and the client's vocabulary.
@@ -45,6 +52,11 @@ PARAMS: dict[str, Schema] = {
     "fault_add": FAULT_PARAMS,
     "fault_list": {},
     "fault_clear": {"id": Param(ParamType.INTEGER, nullable=True, minimum=1, maximum=U64_MAX)},
+    "zone_fault": {
+        "nsid": _NSID,
+        "zone": Param(ParamType.INTEGER, required=True, minimum=0, maximum=U64_MAX),
+        "state": Param(ParamType.STRING, required=True, choices=tuple(ZONE_FAULTS)),
+    },
     "fatal": {"reason": Param(ParamType.STRING)},
 }
 METHODS = tuple(PARAMS)
@@ -179,6 +191,26 @@ class ControlPlane:
     def fault_clear(self, id: int | None = None) -> int:  # noqa: A002 (the RPC parameter's name)
         """Remove fault ``id``, or all; how many were removed."""
         return self.controller.faults.remove(id)
+
+    def zone_fault(self, nsid: int, zone: int, state: str) -> dict[str, Any]:
+        """Make zone ``zone`` (its index, from 0) of zoned namespace ``nsid`` Read Only or
+        Offline, as a failing medium would: the zone set frees its resources, stores the new
+        state (a sidecar keeps it across restarts), lists the zone in the Changed Zone List
+        and calls its descriptor-changed hook, which raises the Zone Descriptor Changed notice.
+        ``changed`` is False if the zone already was in that state; an Offline zone cannot be
+        made Read Only (no transition leaves Offline)."""
+        ns = self.state.allocated.get(nsid)
+        if ns is None:
+            raise ValueError(f"no namespace {nsid}")
+        # Namespace.zones: the zone set of a zoned namespace, None for any other (issue 25).
+        zones: ZoneSet | None = getattr(ns, "zones", None)
+        if zones is None:
+            raise ValueError(f"namespace {nsid} is not zoned")
+        if zone >= zones.num_zones:
+            raise ValueError(f"zone {zone}: namespace {nsid} has zones 0..{zones.num_zones - 1}")
+        changed = ZONE_FAULTS[state](zones, zone)
+        z = zones.zones[zone]
+        return {"nsid": nsid, "zone": zone, "zslba": z.zslba, "state": z.state.name, "wp": z.wp, "changed": changed}
 
     def fatal(self, reason: str = "injected by the control plane") -> dict[str, Any]:
         """Controller Fatal Status: nothing is processed until the host resets the controller."""

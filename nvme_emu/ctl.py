@@ -87,6 +87,12 @@ def build_parser(default_socket: str) -> argparse.ArgumentParser:
         sub.add_parser(name).add_argument("nsid", type=int)
     _fault_parser(sub)
     sub.add_parser("fault-clear", help="remove one fault, or all").add_argument("id", type=int, nargs="?")
+    z = sub.add_parser("zone", help="make a zone of a zoned namespace Read Only or Offline (the host is told)")
+    z.add_argument("--nsid", type=int, required=True)
+    z.add_argument("--zone", type=int, required=True, help="the zone's index, from 0 (its first LBA / the zone size)")
+    fault = z.add_mutually_exclusive_group(required=True)
+    fault.add_argument("--read-only", dest="state", action="store_const", const="read_only")
+    fault.add_argument("--offline", dest="state", action="store_const", const="offline")
     sub.add_parser("fatal", help="set CSTS.CFS: the host must reset the controller").add_argument("reason", nargs="?")
     return p
 
@@ -99,6 +105,8 @@ def run(args: argparse.Namespace, client: ControlClient) -> Any:
         return {"controllers": client.controllers(), "namespaces": client.namespaces(), **client.fault_list()}
     if command == "fault":
         return client.fault_add(**params)
+    if command == "zone":
+        return client.zone_fault(**params)
     if command == "latency":
         return client.latency_reset() if args.reset else client.latency()
     return getattr(client, command.replace("-", "_"))(**params)

@@ -75,17 +75,26 @@ def decode(data: bytes) -> ZoneImage:
 
 
 def load(zone_set: ZoneSet, data: bytes) -> None:
-    """Restore ``zone_set`` from :func:`encode`'s bytes (see :meth:`ZoneSet.restore`: no zone
-    stays open). ValueError, leaving ``zone_set`` as it was, if the bytes are damaged or
-    describe another zone layout."""
-    image = decode(data)
+    """Restore ``zone_set`` from :func:`encode`'s bytes (see :func:`apply`). ValueError,
+    leaving ``zone_set`` as it was, if the bytes are damaged or describe another zone layout."""
+    apply(zone_set, decode(data))
+
+
+def apply(zone_set: ZoneSet, image: ZoneImage) -> None:
+    """Restore ``zone_set`` from decoded zone state, whichever store it came from (these bytes
+    or :mod:`~nvme_emu.zoned.sidecar`'s file): see :meth:`ZoneSet.restore`, no zone stays
+    open. ValueError, leaving ``zone_set`` as it was, if the image describes another zone
+    layout or a zone no transition could leave (an Empty zone with data, a Full one short of
+    its capacity)."""
     geometry = (image.zone_size, image.zone_capacity, len(image.zones))
     if geometry != (zone_set.zone_size, zone_set.zone_capacity, zone_set.num_zones):
         raise ValueError(
             f"zone state for {geometry[2]} zones of {geometry[0]} LBAs (capacity {geometry[1]}), "
             f"the namespace has {zone_set.num_zones} of {zone_set.zone_size} (capacity {zone_set.zone_capacity})"
         )
-    for zone, (_state, _attrs, offset) in zip(zone_set.zones, image.zones, strict=True):
+    for zone, (state, _attrs, offset) in zip(zone_set.zones, image.zones, strict=True):
         if offset > zone.zcap:
             raise ValueError(f"zone {zone.index}: write pointer offset {offset} past its capacity {zone.zcap}")
+        if (state == ZoneState.EMPTY and offset) or (state == ZoneState.FULL and offset != zone.zcap):
+            raise ValueError(f"zone {zone.index}: {state.name} with write pointer offset {offset}")
     zone_set.restore((state, attrs, zone.zslba + offset) for zone, (state, attrs, offset) in zip(zone_set.zones, image.zones, strict=True))

@@ -28,7 +28,7 @@ has to start deallocated for the same to hold of zones never written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 from ..spec.commands import NvmeError, Status
 from ..spec.zns import (
@@ -80,6 +80,20 @@ class Zone:
         return self.wp if self.state in WP_VALID_STATES else WP_INVALID
 
 
+class ZoneStore(Protocol):
+    """Where a zone set's state is kept across restarts (:mod:`nvme_emu.zoned.sidecar`).
+
+    :meth:`zone_changed` is called after every change of a zone's state, attributes or write
+    pointer, before the command that made it completes, so what the store holds is never
+    behind what the host was told; it must be cheap (the write path calls it per command).
+    :meth:`sync` makes what it holds durable (Flush, FUA, shutdown); the zone set never calls
+    it, as it does no I/O."""
+
+    def zone_changed(self, zone: Zone) -> None: ...
+
+    def sync(self) -> None: ...
+
+
 @dataclass(slots=True)
 class ZoneStats:
     """Counters since the namespace was made; the zones per state are counted on demand."""
@@ -109,6 +123,7 @@ class ZoneSet:
     the controller changes a zone on its own (:meth:`make_read_only`, :meth:`make_offline`,
     :meth:`finish_by_controller`): the caller raises the Zone Descriptor Changed notice, which
     the Asynchronous Event Configuration may mask. Such zones also go to :attr:`changed`.
+    ``store`` (:class:`ZoneStore`), when set, hears of every change of a zone.
     """
 
     def __init__(
@@ -122,6 +137,7 @@ class ZoneSet:
         auto_transition: bool = True,
         cross_zone_read: bool = False,
         on_descriptor_changed: Callable[[], None] | None = None,
+        store: ZoneStore | None = None,
     ) -> None:
         cap = zone_size if zone_capacity is None else zone_capacity
         if zone_size <= 0 or not 0 < cap <= zone_size:
@@ -141,6 +157,7 @@ class ZoneSet:
         self.auto_transition = auto_transition
         self.cross_zone_read = cross_zone_read
         self.on_descriptor_changed = on_descriptor_changed
+        self.store = store
         self.zones = [Zone(i, i * zone_size, cap, i * zone_size) for i in range(nlbas // zone_size)]
         self.open_count = 0
         self.active_count = 0
@@ -163,6 +180,11 @@ class ZoneSet:
         if not 0 <= lba < self.nlbas:
             raise NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {lba} past {self.nlbas} LBAs")
         return self.zones[lba // self.zone_size]
+
+    def _save(self, zone: Zone) -> None:
+        """Tell the store (if any) that ``zone`` changed; called once its change is whole."""
+        if self.store is not None:
+            self.store.zone_changed(zone)
 
     def _check_range(self, slba: int, nlb: int) -> None:
         if nlb < 1 or slba < 0 or slba + nlb > self.nlbas:
@@ -199,6 +221,7 @@ class ZoneSet:
             self.active_count += 1  # it stays active, Closed
             victim.state = ZoneState.CLOSED
             self.counters.auto_closes += 1
+            self._save(victim)
         self.open_count += 1
         if new_active:
             self.active_count += 1
@@ -234,6 +257,10 @@ class ZoneSet:
         zone.wp += nlb
         if zone.wp == zone.write_boundary:
             self._to_full(zone)
+        # Once per write, after the state and the write pointer both moved: the store keeps
+        # them as one record, so it never holds one without the other.
+        if self.store is not None:
+            self.store.zone_changed(zone)
 
     def write(self, slba: int, nlb: int) -> int:
         """A Write of ``nlb`` LBAs at ``slba`` (also Write Zeroes and a Copy's destination):
@@ -330,6 +357,9 @@ class ZoneSet:
             zone.state = ZoneState.EXPLICITLY_OPENED
         elif zone.state != ZoneState.EXPLICITLY_OPENED:
             raise self._invalid(zone, "open")
+        else:
+            return []
+        self._save(zone)
         return []
 
     def close(self, zone: Zone) -> list[LbaRange]:
@@ -338,6 +368,7 @@ class ZoneSet:
             self._release(zone)
             self.active_count += 1  # a Closed zone stays active
             zone.state = ZoneState.CLOSED
+            self._save(zone)
         elif zone.state != ZoneState.CLOSED:
             raise self._invalid(zone, "close")
         return []
@@ -348,6 +379,7 @@ class ZoneSet:
         if zone.state in ACTIVE_STATES or zone.state == ZoneState.EMPTY:
             self._to_full(zone)
             self.counters.finishes += 1
+            self._save(zone)
         elif zone.state != ZoneState.FULL:
             raise self._invalid(zone, "finish")
         return []
@@ -366,12 +398,14 @@ class ZoneSet:
         zone.wp = zone.zslba
         zone.attrs &= ~_CLEARED_BY_RESET
         self.counters.resets += 1
+        self._save(zone)
         return [(zone.zslba, written)] if written else []
 
     def offline(self, zone: Zone) -> list[LbaRange]:
         """Offline Zone: Read Only -> Offline (the only way the host may take a zone offline)."""
         if zone.state == ZoneState.READ_ONLY:
             zone.state = ZoneState.OFFLINE
+            self._save(zone)
         elif zone.state != ZoneState.OFFLINE:
             raise self._invalid(zone, "offline")
         return []
@@ -412,6 +446,7 @@ class ZoneSet:
     # -----------------------------------------------------------------------------------------
 
     def _changed_by_controller(self, zone: Zone) -> None:
+        self._save(zone)
         if self.changed.add(zone.zslba) and self.on_descriptor_changed is not None:
             self.on_descriptor_changed()
 
@@ -464,6 +499,7 @@ class ZoneSet:
                 else:
                     zone.state = ZoneState.CLOSED
                     self.active_count += 1
+                self._save(zone)
 
     def restore(self, zones: Iterable[tuple[ZoneState, ZoneAttribute, int]]) -> None:
         """Set each zone's (state, attributes, write pointer) as saved, then :meth:`shutdown`:
@@ -487,6 +523,8 @@ class ZoneSet:
             if zone.state in ACTIVE_STATES:
                 self.active_count += 1
         self.shutdown()
+        for zone in self.zones:
+            self._save(zone)
 
     def zones_per_state(self) -> dict[ZoneState, int]:
         counts = dict.fromkeys(ZoneState, 0)

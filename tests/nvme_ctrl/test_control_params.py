@@ -54,6 +54,14 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     *[("fault_add", {"kind": "drop", key: bad}) for key in ("op", "dist") for bad in (1, None, True, "sideways")],
     *[("fault_clear", {"id": bad}) for bad in (True, "1", 1.0, [], 0, -1, 2**64, NAN)],
     *[("fatal", {"reason": bad}) for bad in (5, True, None, [], {"why": "x"})],
+    ("zone_fault", {}),
+    ("zone_fault", {"nsid": 1, "zone": 0}),
+    *[("zone_fault", {"nsid": bad, "zone": 0, "state": "offline"}) for bad in (True, "1", 1.0, None, 0, 2**32, NAN)],
+    *[("zone_fault", {"nsid": 1, "zone": bad, "state": "offline"}) for bad in (True, "0", 0.0, None, -1, 2**64, INF)],
+    *[("zone_fault", {"nsid": 1, "zone": 0, "state": bad}) for bad in (None, 1, True, "full", "READ_ONLY", ["offline"])],
+    ("zone_fault", {"nsid": 1, "zone": 0, "state": "offline", "count": 2}),
+    ("zone_fault", {"nsid": 1, "zone": 0, "state": "offline"}),  # not a zoned namespace
+    ("zone_fault", {"nsid": 9, "zone": 0, "state": "read_only"}),  # no such namespace
 ]
 
 

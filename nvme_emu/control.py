@@ -203,7 +203,7 @@ class ControlPlane:
         if ns is None:
             raise ValueError(f"no namespace {nsid}")
         # Namespace.zones: the zone set of a zoned namespace, None for any other (issue 25).
-        zones: ZoneSet | None = getattr(ns, "zones", None)
+        zones = ns.zones
         if zones is None:
             raise ValueError(f"namespace {nsid} is not zoned")
         if zone >= zones.num_zones:

@@ -34,6 +34,7 @@ from .outcome import Work
 from .spec.commands import COPY_MAX_LBAS, COPY_MAX_RANGES, COPY_MAX_RANGE_LBAS, NSID_ALL, NvmeError, Status
 from .spec.identify import DLFEAT_READ_ZEROES, DLFEAT_WRITE_ZEROES_DEAC, NSATTR_WRITE_PROTECTED, Csi, flbas_encode
 from .zoned.geometry import ZoneGeometry
+from .zoned.sidecar import ZoneSidecar
 from .zoned.zone_set import ZoneSet
 
 
@@ -137,6 +138,8 @@ class Namespace:
         #: once, here: Format NVM is refused on a zoned namespace (:meth:`check_format`), so
         #: the LBA size and so the zones never change. The namespace is whole zones (NSZE).
         self.zones: ZoneSet | None = None if zoned is None else zoned.zone_set(backend.size, LBA_FORMATS[lbaf_index].lbads)
+        #: Where the zones outlive the process (a file or block namespace): :meth:`keep_zones_in`.
+        self._zone_sidecar: ZoneSidecar | None = None
         #: Its I/O may wait on a device: the controller runs it off the event loop (a plain
         #: attribute: every Read and Write looks at it).
         self.blocking = backend.blocking
@@ -339,8 +342,10 @@ class Namespace:
         self._check_views(views, length)
         if self.blocking:
             # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
-            # only after run() returned) means durable, as when it ran on the loop.
-            return Work(partial(self.backend.write_from, off, views, fua=fua), views, lambda _r: self.count_write(length),
+            # only after run() returned) means durable, as when it ran on the loop; a zoned
+            # namespace's sidecar follows the data (its write pointer must not be lost either).
+            write = self._write_durable if fua and self._zone_sidecar is not None else self.backend.write_from
+            return Work(partial(write, off, views, fua=fua), views, lambda _r: self.count_write(length),
                         None if fua else self.backend.inline_budget)
         self.backend.write_from(off, views, fua=fua)
         stats = self.stats
@@ -355,6 +360,7 @@ class Namespace:
             self.backend.write_zeroes(off, length, deallocate=deallocate)
             if fua:
                 self.backend.flush()
+                self._sync_zones()
 
         return self._now_or_work(zero)
 
@@ -422,11 +428,44 @@ class Namespace:
                 self.backend.read_into(off, [mv[pos : pos + length]])
                 pos += length
             self.backend.write_from(dest, [mv], fua=fua)
+            if fua:
+                self._sync_zones()
 
         return self._now_or_work(copy, lambda _r: self.count_write(total))
 
     def flush(self) -> None:
         self.backend.flush()
+        self._sync_zones()
+
+    # -- zone state that outlives the process ----------------------------------------------------
+
+    def keep_zones_in(self, path: str | None) -> None:
+        """Keep this zoned namespace's zones in the sidecar at ``path`` (None: in memory, as a
+        RAM namespace's: they need not outlive the process). Restores them from it; a new
+        sidecar means every zone is Empty, so the blocks are deallocated to match (an Empty
+        zone reads zeros; an image that held data under another geometry would otherwise show
+        it). ValueError for a sidecar that cannot be trusted (:class:`ZoneSidecar`)."""
+        if path is None or self.zones is None:
+            return
+        sidecar = ZoneSidecar.open(path, self.zones)
+        try:
+            if sidecar.created:
+                self.backend.write_zeroes(0, self.backend.size, deallocate=True)
+                self.backend.flush()
+        except BaseException:
+            sidecar.close(sync=False)
+            raise
+        self._zone_sidecar = sidecar
+
+    def _sync_zones(self) -> None:
+        """Make the sidecar durable (msync) once the data it describes is: Flush and FUA."""
+        if self._zone_sidecar is not None:
+            self._zone_sidecar.sync()
+
+    def _write_durable(self, off: int, views: Buffers, *, fua: bool) -> None:
+        """A FUA write of a zoned namespace with a sidecar: the data, then the zones."""
+        self.backend.write_from(off, views, fua=fua)
+        self._sync_zones()
 
     def format(self, lbaf_index: int, secure_erase: int = 0) -> None:
         """Format NVM: switch LBA format (byte capacity kept) and zero all user data.
@@ -459,6 +498,10 @@ class Namespace:
         self.backend.flush()
 
     def close(self) -> None:
+        sidecar, self._zone_sidecar = self._zone_sidecar, None
+        if sidecar is not None and self.zones is not None:
+            self.zones.shutdown()  # open zones are stored Closed (or Empty), as QEMU does
+            sidecar.close()
         self.backend.close()
 
     def __enter__(self) -> "Namespace":

@@ -20,6 +20,7 @@ from .backends import backend_class
 from .backends.base import BackendSpec
 from .namespace import Namespace, lba_format_index
 from .zoned.geometry import DEFAULT_ZONE_SIZE, ZoneGeometry
+from .zoned.sidecar import sidecar_path
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
@@ -171,7 +172,13 @@ def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, contr
     backend = cls.from_spec(ns_spec)
     try:
         seed = cls.identity_seed(ns_spec, controller_seed)
-        return Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed, zoned=ns_spec.zoned)
+        ns = Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed, zoned=ns_spec.zoned)
     except BaseException:
         backend.close()
         raise
+    try:
+        ns.keep_zones_in(sidecar_path(ns_spec.kind, ns_spec.path))
+    except BaseException:
+        ns.close()
+        raise
+    return ns

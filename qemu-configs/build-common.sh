@@ -1,5 +1,5 @@
 # build-common.sh - shell functions the guest builders share (sourced, not run):
-# build-guest.sh, build-nested.sh and kvm-post-write/build-kvm.sh.
+# build-guest.sh, build-rich-guest.sh, build-nested.sh and kvm-post-write/build-kvm.sh.
 # The sourcing script sets NAME (its name, for messages) first; RUN (the
 # chroot-run wrapper) and LOGF (its build log) before calling inch.
 # The image builders' cache keys include this file, so editing it rebuilds the
@@ -32,6 +32,27 @@ unpack_module() {   # $1 = module file of a kernel package (.ko[.xz|.zst|.gz]), 
         *.ko)     cp "$1" "$2" ;;
         *) die "unexpected module file $1" ;;
     esac
+}
+
+pack_modules() {   # $1 = depmod'd kernel package tree, $2 = its version, $3 = destination dir,
+    # $4 = list file, $5... = modules: each module and what it depends on (modprobe
+    # --show-depends; what the kernel has built in is not listed) unpacked once into $3, and
+    # named in $4 in load order (appended: a module already listed is skipped).
+    local kpkg="$1" kver="$2" dest="$3" list="$4" deps verb path name m
+    shift 4
+    deps="$(mktemp)"
+    for m in "$@"; do
+        "$RUN" modprobe -d "$kpkg" -S "$kver" --show-depends "$m" 2>>"$LOGF" \
+            || die "modprobe --show-depends $m failed (log: $LOGF)"
+    done >"$deps"
+    while read -r verb path _; do
+        [ "$verb" = insmod ] || continue
+        name="$(basename "$path")"; name="${name%.ko*}.ko"
+        grep -qx "$name" "$list" && continue
+        unpack_module "$path" "$dest/$name"
+        echo "$name" >>"$list"
+    done <"$deps"
+    rm -f "$deps"
 }
 
 install_busybox() {   # $1 = chroot dir, $2 = initramfs tree: static busybox + applet links

@@ -62,17 +62,7 @@ for l in bin sbin lib; do ln -s "usr/$l" "$R/$l"; done
 # Dependency-ordered 9p, virtio-blk and ext4 modules -> /etc/nvme-emu/modules (loaded
 # first, in order; whatever the kernel has built in is not listed by --show-depends).
 : >"$R/etc/nvme-emu/modules"
-for m in 9pnet_virtio 9p virtio_blk ext4; do
-    "$RUN" modprobe -d "$W/kpkg" -S "$KVER" --show-depends "$m" 2>>"$LOGF" \
-        || die "modprobe --show-depends $m failed (log: $LOGF)"
-done >"$W/deps"
-while read -r verb path _; do
-    [ "$verb" = insmod ] || continue
-    name="$(basename "$path")"; name="${name%.ko*}.ko"
-    grep -qx "$name" "$R/etc/nvme-emu/modules" && continue
-    unpack_module "$path" "$R/usr/lib/modules/$name"
-    echo "$name" >>"$R/etc/nvme-emu/modules"
-done <"$W/deps"
+pack_modules "$W/kpkg" "$KVER" "$R/usr/lib/modules" "$R/etc/nvme-emu/modules" 9pnet_virtio 9p virtio_blk ext4
 # KVM: the helpers both module sets share at the top, kvm/kvm-amd/kvm-intel under stock/.
 KDIR="$W/kpkg/usr/lib/modules/$KVER/kernel"
 for m in virt/lib/irqbypass drivers/crypto/ccp/ccp; do

@@ -223,20 +223,10 @@ in_tree_out() {   # like in_tree, but prints the command's stdout
 
 # --- the initramfs: base image + 9p/overlay modules + rich-root.sh -----------------
 build_initramfs() {
-    local r="$W/stage2" verb path name
+    local r="$W/stage2"
     mkdir -p "$r/usr/lib/modules/rich" "$r/usr/lib/nvme-emu" "$r/etc/nvme-emu"
     : >"$r/etc/nvme-emu/rich-modules"
-    for m in 9pnet_virtio 9p overlay; do
-        "$RUN" modprobe -d "$W/kpkg" -S "$KVER" --show-depends "$m" 2>>"$LOGF" \
-            || die "modprobe --show-depends $m failed (log: $LOGF)"
-    done >"$W/deps"
-    while read -r verb path _; do
-        [ "$verb" = insmod ] || continue
-        name="$(basename "$path")"; name="${name%.ko*}.ko"
-        grep -qx "$name" "$r/etc/nvme-emu/rich-modules" && continue
-        unpack_module "$path" "$r/usr/lib/modules/rich/$name"
-        echo "$name" >>"$r/etc/nvme-emu/rich-modules"
-    done <"$W/deps"
+    pack_modules "$W/kpkg" "$KVER" "$r/usr/lib/modules/rich" "$r/etc/nvme-emu/rich-modules" 9pnet_virtio 9p overlay
     install -m 0755 "$STAGE2_SRC" "$r/usr/lib/nvme-emu/rich-root.sh"
     mkdir -p "$r/opt"
     fio_source "$(in_tree_out "$TREE" dpkg-query -W -f '${Version}' fio)"

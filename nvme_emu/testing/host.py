@@ -20,7 +20,10 @@ from ..queue import CQE
 from ..spec.commands import CQE_SIZE, SQE_SIZE, AdminOpcode, NvmOpcode, Status
 from ..spec.identify import Cns
 from ..spec.registers import Cc, CcCss, Csts, Reg
+from ..spec.zns import ZMR_PARTIAL_REPORT, ZMS_SELECT_ALL, ZONE_DESCRIPTOR_SIZE, ZONE_REPORT_HEADER_SIZE, ZRASF_SHIFT, ZS_SHIFT
+from ..spec.zns import ZnsOpcode, ZoneReceiveAction, ZoneReportOption, ZoneSendAction, ZoneState
 from ..sqe import SQE
+from ..zoned.structures import ZoneDescriptor, ZoneReportHeader, report_zones_capacity
 from vfio_user.constants import RegionIndex
 from vfio_user.pci import COMMAND, COMMAND_MASTER
 
@@ -56,6 +59,25 @@ class Completion:
     def result64(self) -> int:
         """DW1:DW0, a 64-bit command result (Zone Append's LBA)."""
         return self.dw1 << 32 | self.dw0
+
+
+@dataclass(frozen=True)
+class ReportedZone:
+    """One zone descriptor of a Report Zones answer (the fields a host acts on)."""
+
+    state: ZoneState
+    zslba: int
+    wp: int  #: all ones where the state has no valid write pointer (Full, Read Only, Offline)
+    zcap: int
+    attrs: int
+
+
+@dataclass(frozen=True)
+class ZoneReportData:
+    """A Report Zones answer: the header's Number of Zones and the descriptors that fit."""
+
+    nr_zones: int
+    zones: list[ReportedZone]
 
 
 class HostDoorbells:
@@ -200,6 +222,7 @@ class NvmeHost:
         self.irq_fd = irq_fd
         self.queues: dict[int, HostQueue] = {}
         self.scratch = mem.alloc(PAGE * 4)
+        self._scratch_list: int | None = None  # a PRP list for all of scratch, made on first use
 
     # -- registers -------------------------------------------------------------------------
 
@@ -410,3 +433,50 @@ class NvmeHost:
 
     def read(self, qid: int, nsid: int, slba: int, nlb: int, buf: int, length: int, **kw) -> Completion:
         return self.io(qid, NvmOpcode.READ, nsid, slba, nlb, buf, length, **kw)
+
+    # -- the Zoned Namespace Command Set (ZNS 1.1) --------------------------------------------
+
+    def scratch_prps(self, length: int) -> tuple[int, int]:
+        """PRP1/PRP2 for the first ``length`` bytes of the scratch buffer (4 pages), with one
+        PRP list kept for it (so repeated large transfers do not use up host memory)."""
+        if length > 4 * PAGE:
+            raise ValueError("the scratch buffer holds 4 pages")
+        if length <= 2 * PAGE:
+            return self.scratch, self.scratch + PAGE if length > PAGE else 0
+        if self._scratch_list is None:
+            self._scratch_list = self.mem.alloc(PAGE)
+            self.mem.write(self._scratch_list, struct.pack("<3Q", *(self.scratch + PAGE * i for i in range(1, 4))))
+        return self.scratch, self._scratch_list
+
+    def zone_append(self, qid: int, nsid: int, zslba: int, nlb: int, buf: int, length: int, *, fua: bool = False,
+                    prps: tuple[int, int] | None = None) -> int:
+        """Zone Append of ``nlb`` blocks from ``buf`` to the zone starting at ``zslba``; the LBA
+        the controller wrote them at (ALBA: CQE DW1:DW0)."""
+        return self.io(qid, ZnsOpcode.ZONE_APPEND, nsid, zslba, nlb, buf, length, fua=fua, prps=prps).result64
+
+    def zone_management_send(self, qid: int, nsid: int, slba: int, action: ZoneSendAction, *, select_all: bool = False) -> Completion:
+        """Zone Management Send: ``action`` on the zone holding ``slba``, or with Select All on
+        every zone in the states the action lists (then SLBA is ignored)."""
+        return self.command(qid, ZnsOpcode.ZONE_MANAGEMENT_SEND, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
+                            cdw13=action | (ZMS_SELECT_ALL if select_all else 0))
+
+    def zone_reset(self, qid: int, nsid: int, slba: int = 0, *, select_all: bool = False) -> Completion:
+        """Reset the zone holding ``slba`` (or every Opened, Closed and Full zone): Empty again."""
+        return self.zone_management_send(qid, nsid, slba, ZoneSendAction.RESET, select_all=select_all)
+
+    def report_zones(self, qid: int, nsid: int, slba: int = 0, *, size: int = PAGE, option: ZoneReportOption = ZoneReportOption.ALL,
+                     partial: bool = False) -> ZoneReportData:
+        """Report Zones (Zone Management Receive, ZRA 0h) from the zone holding ``slba`` into a
+        ``size``-byte buffer (at most 4 pages: the header and up to 255 descriptors)."""
+        prp1, prp2 = self.scratch_prps(size)
+        self.command(qid, ZnsOpcode.ZONE_MANAGEMENT_RECEIVE, nsid=nsid, prp1=prp1, prp2=prp2, cdw10=slba & 0xFFFFFFFF,
+                     cdw11=slba >> 32, cdw12=size // 4 - 1,
+                     cdw13=ZoneReceiveAction.REPORT_ZONES | option << ZRASF_SHIFT | (ZMR_PARTIAL_REPORT if partial else 0))
+        data = self.mem.read(self.scratch, size)
+        nr_zones = ZoneReportHeader.parse(data[:ZONE_REPORT_HEADER_SIZE]).nr_zones
+        zones = []
+        for i in range(min(nr_zones, report_zones_capacity(size))):
+            off = ZONE_REPORT_HEADER_SIZE + i * ZONE_DESCRIPTOR_SIZE
+            d = ZoneDescriptor.parse(data[off : off + ZONE_DESCRIPTOR_SIZE])
+            zones.append(ReportedZone(ZoneState(d.zs >> ZS_SHIFT), d.zslba, d.wp, d.zcap, d.za))
+        return ZoneReportData(nr_zones, zones)

@@ -45,3 +45,19 @@ def guest_infra():
             skip(f"no network to build the QEMU chroot: {msg.splitlines()[-1]}")
         raise
     return {"qemu": qemu, "kernel": kernel, "initrd": initrd}
+
+
+@pytest.fixture(scope="session")
+def rich_infra(guest_infra):
+    """The rich guest (tree ~2 min to build the first time, then cached), or skip as guest_infra does."""
+    from nvme_emu import guest
+
+    try:
+        return guest.ensure_rich_guest()
+    except guest.GuestError as e:
+        if os.environ.get("NVME_EMU_E2E_REQUIRED") == "1":
+            raise
+        msg = str(e)
+        if "needs root" in msg or "Could not resolve" in msg or "Failed to fetch" in msg:
+            pytest.skip(f"cannot build the rich guest here: {msg.splitlines()[-1]}")
+        raise

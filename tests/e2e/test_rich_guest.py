@@ -14,8 +14,6 @@ ONE boot per device, shared by the checks of this module (CI's time allows few b
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from nvme_emu import guest
@@ -40,20 +38,6 @@ echo "python=$(python3 -c 'import sys; print(sys.version_info[0])')"
 for t in blkzone mkfs.btrfs mkfs.f2fs fio nvme gawk modprobe; do command -v $t >/dev/null && echo "has=$t"; done
 modprobe btrfs && echo modprobe_btrfs=ok
 """
-
-
-@pytest.fixture(scope="module")
-def rich_infra(guest_infra):
-    """The rich guest (tree ~2 min to build the first time, then cached), or skip as guest_infra does."""
-    try:
-        return guest.ensure_rich_guest()
-    except guest.GuestError as e:
-        if os.environ.get("NVME_EMU_E2E_REQUIRED") == "1":
-            raise
-        msg = str(e)
-        if "needs root" in msg or "Could not resolve" in msg or "Failed to fetch" in msg:
-            pytest.skip(f"cannot build the rich guest here: {msg.splitlines()[-1]}")
-        raise
 
 
 @pytest.fixture(scope="module")

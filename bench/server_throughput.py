@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -418,6 +419,20 @@ def start_servers(paths: list[str], tmp: str, args, tree: str | None = None, tag
     return servers
 
 
+def close_all(rigs: dict[str, Any], servers: dict[str, common.ServerProcess]) -> None:
+    """End a run: every host rig closed, every server stopped, and the log tail of any
+    server that did not exit cleanly printed (a bench run's teardown, zone_append's too)."""
+    for rig in rigs.values():
+        try:
+            rig.close()
+        except Exception as e:
+            print(f"close: {e}", file=sys.stderr)
+    for key, server in servers.items():
+        rc = server.stop()
+        if rc not in (0, None):
+            print(f"server {key} exited {rc}:\n{server.log()[-3000:]}", file=sys.stderr)
+
+
 def _profile_path(tmp: str, p: str) -> str:
     return os.path.join(tmp, f"{p}.prof")
 
@@ -541,15 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
     finally:
-        for rig in rigs.values():
-            try:
-                rig.close()
-            except Exception as e:
-                print(f"close: {e}", file=sys.stderr)
-        for p, s in servers.items():
-            rc = s.stop()
-            if rc not in (0, None):
-                print(f"server {p} exited {rc}:\n{s.log()[-3000:]}", file=sys.stderr)
+        close_all(rigs, servers)
         if args.profile:
             for p in servers:
                 prof = _profile_path(tmp, p)

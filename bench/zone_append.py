@@ -579,15 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"runq srv/client {r['server_runq_fraction']:.2f}/{r['client_runq_fraction']:.2f}  "
                               f"checked {r['chunks_read_back']} chunks", flush=True)
     finally:
-        for zr in rigs.values():
-            try:
-                zr.close()
-            except Exception as e:
-                print(f"close: {e}", file=sys.stderr)
-        for key, s in servers.items():
-            rc = s.stop()
-            if rc not in (0, None):
-                print(f"server {key} exited {rc}:\n{s.log()[-3000:]}", file=sys.stderr)
+        st.close_all(rigs, servers)
 
     rows = summarize(rows_all, list(specs), sizes, vs)
     text = table(rows)

@@ -5,8 +5,8 @@
 # mkfs.f2fs, python3, fio's t/zbd/test-zbd-support).
 #
 #   * the root tree $CACHE/rich-root: debootstrap --variant=minbase trixie, plus fio,
-#     nvme-cli, btrfs-progs, f2fs-tools, python3, gawk, kmod, sg3-utils (the packages
-#     are RICH_PACKAGES below); the guest kernel's whole module tree (from the same
+#     nvme-cli, btrfs-progs, f2fs-tools, zonefs-tools (mkzonefs), python3, gawk, kmod,
+#     sg3-utils (the packages are RICH_PACKAGES below); the guest kernel's whole module tree (from the same
 #     linux-image package build-guest.sh boots, depmod'd) so that `modprobe btrfs` works
 #     in the guest.
 #   * the initramfs: build-guest.sh's image (busybox, nvme modules, guest-init.sh as
@@ -56,7 +56,7 @@ TREE_STAMP="$CACHE/rich-root.stamp"
 STAGE2_SRC="$HERE/rich-root.sh"
 [ -f "$STAGE2_SRC" ] || die "missing $STAGE2_SRC"
 
-RICH_PACKAGES="fio nvme-cli btrfs-progs f2fs-tools python3 gawk kmod sg3-utils procps"
+RICH_PACKAGES="fio nvme-cli btrfs-progs f2fs-tools zonefs-tools python3 gawk kmod sg3-utils procps"
 
 CHROOT="$("$HERE/provide-qemu.sh" --chroot | tail -n1)" || die "provide-qemu.sh failed"
 RUN="$CACHE/bin/chroot-run"

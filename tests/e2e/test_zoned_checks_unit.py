@@ -26,15 +26,16 @@ def steps_of(**outputs: str) -> dict[str, zc.Step]:
 
 def test_scripts_are_bash():
     for script in (zc.zns_guest_script(GEO), zc.zns_guest_script(GEO, zbd_tests=None),
-                   zc.fs_verify_script(["0" * 64 + "  f1"])):
+                   zc.fs_verify_script(["0" * 64 + "  f1"], then=zc.zone_fault_step(GEO))):
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
-def test_the_zbd_runner_is_zoned_scripts():
+def test_the_zbd_step_runs_the_tests_asked_for():
     script = zc.zns_guest_script(GEO, zbd_tests=(1, 5))
-    step = zc.script_step(zc.zoned_script(zbd_tests=(1, 5)), "zbd")
-    assert step.startswith("step zbd\n") and "test-zbd-support" in step and "step fs" not in step
+    step = zc.zbd_step((1, 5))
+    assert step.startswith("step zbd\n") and 'for t in 1 5; do' in step and "test-zbd-support -r" in step
     assert step in script
+    assert "sed -n 's/^test" in zc.zbd_step(None)    # all: the script's own list
 
 
 def test_nvme_cli_lines():
@@ -131,3 +132,48 @@ def test_judge_restart_wants_open_zones_closed_and_the_rest_unchanged():
     assert judge(left)                                   # still open after a restart
     assert judge([zj.BlkZone(0, 8, 6, 1, ZoneState.CLOSED, 2), *restored[1:]])     # write pointer behind
     assert judge(restored, fs_ok.replace("verify=0", "verify=1"))
+
+
+def zfault_output(**changes: str) -> str:
+    """zone_fault_step's output on a device and a Linux that do what they should; a change
+    replaces the line that starts with its key (``after_read_only``: ``after read_only ...``)."""
+    mib = zc.ZoneFaultPlan().mib << 20
+    lines = ["mkzonefs=0", "mount=0", "seq_files=7", *(f"write {k} rc=0" for k in ("read_only", "offline", "good")),
+             *(f"before {k} mode=640 size={mib} zcond=2" for k in ("read_only", "offline", "good")),
+             "seen_after=0.51",
+             "append read_only rc=1 out=[dd: error writing: Input/output error]",
+             "append offline rc=1 out=[dd: error writing: Input/output error]",
+             "append good rc=0 out=[]",
+             f"after read_only mode=440 size={mib} zcond=13", "after offline mode=0 size=0 zcond=15",
+             f"after good mode=640 size={2 * mib} zcond=2",
+             f"read read_only rc=0 same=once bytes={mib} out=[]", "read offline rc=0 same=no bytes=0 out=[]",
+             f"read good rc=0 same=twice bytes={2 * mib} out=[]",
+             "kernel: zonefs (nvme0n1) WARNING: inode 42: write access disabled",
+             "kernel: zonefs (nvme0n1) WARNING: inode 43: read/write access disabled",
+             "umount=0", "remount=0",
+             "remounted read_only mode=440 size=0 zcond=13", "remounted offline mode=0 size=0 zcond=15",
+             f"remounted good mode=640 size={2 * mib} zcond=4"]
+    for key, line in changes.items():
+        prefix = key.replace("_", " ", 1) + " " if key.split("_", 1)[0] in ("before", "after", "remounted", "append", "read") else key
+        lines = [line if entry.startswith(prefix) else entry for entry in lines]
+    return "\n".join(lines)
+
+
+def test_judge_zone_faults():
+    plan = zc.ZoneFaultPlan()
+    assert zj.judge_zone_faults(steps_of(zfault=zfault_output()), plan) == []
+    mib = plan.mib << 20
+    wrong = {
+        "the zone report missed Read Only": {"after_read_only": f"after read_only mode=440 size={mib} zcond=2"},
+        "the Read Only file still writable": {"after_read_only": f"after read_only mode=640 size={mib} zcond=13"},
+        "the append to the Read Only zone went through": {"append_read_only": "append read_only rc=0 out=[]"},
+        "the Read Only zone's data lost": {"read_read_only": "read read_only rc=1 same=no bytes=0 out=[]"},
+        "the Offline file still has its size": {"after_offline": f"after offline mode=0 size={mib} zcond=15"},
+        "the Offline file readable": {"after_offline": "after offline mode=440 size=0 zcond=15"},
+        "the good file hurt": {"append_good": "append good rc=1 out=[EIO]"},
+        "no mkzonefs": {"mkzonefs=": "mkzonefs=127"},
+        "zonefs said nothing": {"kernel: zonefs (nvme0n1) WARNING: inode 42": "kernel: other"},
+        "a remount forgot the Offline zone": {"remounted_offline": "remounted offline mode=640 size=0 zcond=1"},
+    }
+    for what, change in wrong.items():
+        assert zj.judge_zone_faults(steps_of(zfault=zfault_output(**change)), plan), what

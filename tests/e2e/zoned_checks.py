@@ -1,6 +1,6 @@
 """Zoned-device checks for one rich-guest boot (``run_guest(rich_root=True)``), written
-once and run against any device that gives the guest a zoned ``/dev/nvme0n1``: QEMU's
-own ``nvme-ns zoned=on`` (tests/e2e/test_rich_guest.py) and nvme-emu's zoned namespaces.
+once and run against any device that gives the guest a zoned disk: QEMU's own
+``nvme-ns zoned=on`` and nvme-emu's zoned namespaces (tests/e2e/test_zoned_guest.py).
 
 The job is one bash script of steps; each step prints ``=====STEP name uptime=====``
 first, so that a single boot serves several checks (the CI budget allows few boots:
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 
 from nvme_emu import guest
@@ -78,30 +77,12 @@ def zbd_tests_from_env(default: tuple[int, ...] = ZBD_TESTS) -> tuple[int, ...] 
     return None if v == "all" else tuple(int(t) for t in v.split(","))
 
 
-def zoned_script(dev: str = "/dev/nvme0n1", zbd_tests: tuple[int, ...] | None = ZBD_TESTS, fs: str = "btrfs") -> str:
-    """The bash job: sysfs, blkzone, test-zbd-support's tests (``None``: all; each timed),
-    and a zoned filesystem (``btrfs`` -O zoned) made, mounted, written, remounted and read back."""
-    name = dev.rsplit("/", 1)[-1]
+def zbd_step(zbd_tests: tuple[int, ...] | None = ZBD_TESTS) -> str:
+    """The step ``zbd``: test-zbd-support's tests on ``$dev`` (``None``: all; each timed),
+    with the fio it runs, its scripts' version and where both came from."""
     tests = ("$(sed -n 's/^test\\([0-9][0-9]*\\)() {$/\\1/p' test-zbd-support)" if zbd_tests is None
              else " ".join(str(t) for t in zbd_tests))
     return f"""\
-set -u
-dev={shlex.quote(dev)}
-q=/sys/block/{name}/queue
-step() {{ echo "=====STEP $1 $(cut -d' ' -f1 /proc/uptime)====="; }}
-
-step sysfs
-for f in zoned nr_zones chunk_sectors max_open_zones max_active_zones zone_append_max_bytes \\
-         logical_block_size; do
-    echo "$f=$(cat $q/$f 2>/dev/null)"
-done
-echo "size_sectors=$(cat /sys/block/{name}/size)"
-
-step blkzone
-blkzone report $dev > /tmp/zones; echo "rc=$?"
-echo "zones=$(grep -c 'start:' /tmp/zones)"
-head -n 2 /tmp/zones
-
 step zbd
 if [ -x /opt/fio-zbd/t/zbd/test-zbd-support ]; then
     # the fio the script runs ($(dirname $0)/../../fio), its scripts' version, where both came from
@@ -120,22 +101,6 @@ if [ -x /opt/fio-zbd/t/zbd/test-zbd-support ]; then
 else
     echo "missing: $(cat /opt/fio-zbd.missing 2>/dev/null || echo 'no /opt/fio-zbd')"
 fi
-
-step fs
-blkzone reset $dev
-mkdir -p /mnt/z
-case {shlex.quote(fs)} in
-btrfs) mkfs.btrfs -q -f -O zoned -d single -m single $dev && echo mkfs=ok
-       mount -t btrfs $dev /mnt/z && echo mount=ok ;;
-esac
-head -c 24M /dev/urandom > /tmp/data
-cp /tmp/data /mnt/z/data && sync && echo write=ok
-umount /mnt/z && echo umount=ok
-mount -t {shlex.quote(fs)} $dev /mnt/z && cmp /tmp/data /mnt/z/data && echo verify=ok
-umount /mnt/z
-blkzone report $dev | grep -vc 'zcond: 1(em)' | sed 's/^/nonempty_zones=/'
-
-step end
 """
 
 
@@ -354,14 +319,6 @@ FS_FILES_MIB = (1, 3, 5, 8)
 APPENDS = 32
 
 
-def script_step(script: str, name: str) -> str:
-    """One ``step NAME`` block of a generated script, up to the next step (to run the same
-    commands in another script: :func:`zoned_script`'s t/zbd runner)."""
-    start = script.index(f"\nstep {name}\n") + 1
-    end = script.find("\nstep ", start + 1)
-    return script[start:end + 1 if end >= 0 else len(script)]
-
-
 #: Every zns script's start: the step marker, then the zoned disk found by what it is
 #: (Linux names disks in probe order), its passthrough node, and the helpers.
 FIND = """\
@@ -390,10 +347,11 @@ umount /mnt/z; echo "umount_again=$?"
 """
 
 
-def fs_verify_script(manifest: list[str]) -> str:
+def fs_verify_script(manifest: list[str], then: str = "") -> str:
     """A job for a boot after a restart: the zones as they are (before anything mounts),
     then the zoned filesystem the fs step made, mounted and its files checked against
-    ``manifest`` (zoned_judges.fs_manifest of that boot); zoned_judges.judge_restart judges it."""
+    ``manifest`` (zoned_judges.fs_manifest of that boot); zoned_judges.judge_restart judges it.
+    ``then``: more steps for the same boot (:func:`zone_fault_step`)."""
     lines = "\n".join(manifest)
     return FIND + f"""
 step zones_now
@@ -403,13 +361,96 @@ step fs
 cat > /tmp/manifest <<'EOF'
 {lines}
 EOF
-""" + FS_VERIFY + "\nstep end\n"
+""" + FS_VERIFY + then + "\nstep end\n"
+
+
+#: The line a job prints when its zones are ready for the host's faults (the host's
+#: on_console_line acts on it).
+ZONE_FAULT_MARK = "ZONE-FAULT-REQUEST"
+ZONE_FAULT_RE = re.compile(ZONE_FAULT_MARK + r" read_only=(\d+) offline=(\d+)")
+
+
+@dataclass(frozen=True)
+class ZoneFaultPlan:
+    """Three zonefs files written with 1 MiB each, on three zones: the host makes one Read
+    Only and one Offline at run time (``nvme-emu ctl zone``); the third is the control.
+    zonefs keeps zone 0 for its superblock and numbers the other zones' files from 0, so
+    the file ``seq/N`` is zone N+1."""
+
+    read_only: int = 41
+    offline: int = 42
+    good: int = 43
+    mib: int = 1
+
+    @property
+    def zones(self) -> dict[str, int]:
+        return {"read_only": self.read_only, "offline": self.offline, "good": self.good}
+
+
+def zone_fault_step(g: Geometry, plan: ZoneFaultPlan = ZoneFaultPlan()) -> str:
+    """The step ``zfault`` (issue 25: a zone made Read Only or Offline at run time, which
+    Linux must see and act on). zonefs is the consumer that acts: its files are zones, and
+    on an I/O error it reads the zone's condition and takes write access (Read Only) or all
+    access (Offline) from the file. It is mounted with ``errors=repair`` so that only the
+    device's conditions change a file's rights (the default remounts the whole fs read-only).
+    The step writes the three files, asks the host for the faults, waits until ``blkzone
+    report`` shows them (Linux's own view of the zones), then appends to each file, reads
+    each back, prints their modes, sizes and zonefs's kernel warnings, and mounts again
+    (zonefs then finds the conditions at mount). zoned_judges.judge_zone_faults reads it.
+    It reformats the namespace: it runs after the filesystem's last check."""
+    zs = g.zone_size // 512
+    files = " ".join(f"{k}:{z}" for k, z in plan.zones.items())
+    return f"""
+step zfault
+blkzone reset $dev
+mkzonefs -f $dev > /tmp/mkzonefs 2>&1; echo "mkzonefs=$?"
+sed 's/^/mkzonefs: /' /tmp/mkzonefs | tail -n 3
+mkdir -p /mnt/zfs
+mount -t zonefs -o errors=repair $dev /mnt/zfs; echo "mount=$?"
+echo "seq_files=$(ls /mnt/zfs/seq | wc -l)"
+zcond() {{ blkzone report -o $(($1 * {zs})) -c 1 $dev | sed -n 's/.*zcond: *\\([0-9]*\\).*/\\1/p'; }}
+each() {{  # each FUNC: FUNC KIND FILE ZONE for the plan's three files
+    local kz
+    for kz in {files}; do "$1" "${{kz%%:*}}" "/mnt/zfs/seq/$((${{kz#*:}} - 1))" "${{kz#*:}}"; done
+}}
+first_write() {{ head -c {plan.mib}M /dev/urandom > /tmp/zf_$1
+    dd if=/tmp/zf_$1 of=$2 bs=64k oflag=direct conv=notrunc 2>/dev/null; echo "write $1 rc=$?"; }}
+show() {{ echo "$WHEN $1 mode=$(stat -c %a $2) size=$(stat -c %s $2) zcond=$(zcond $3)"; }}
+append() {{ local out rc
+    out=$(dd if=/tmp/zf_$1 of=$2 bs=64k oflag=direct,append conv=notrunc 2>&1); rc=$?
+    echo "append $1 rc=$rc out=[${{out//$'\\n'/ }}]"; }}
+read_back() {{ local out rc same
+    out=$(cat $2 2>&1 >/tmp/back_$1); rc=$?
+    # what the file holds: its first write (once), or the first write and the append (twice)
+    if cmp -s /tmp/back_$1 /tmp/zf_$1; then same=once
+    elif cat /tmp/zf_$1 /tmp/zf_$1 | cmp -s - /tmp/back_$1; then same=twice
+    else same=no; fi
+    echo "read $1 rc=$rc same=$same bytes=$(stat -c %s /tmp/back_$1) out=[${{out//$'\\n'/ }}]"; }}
+each first_write
+WHEN=before each show
+dmesg -C
+echo "{ZONE_FAULT_MARK} read_only={plan.read_only} offline={plan.offline}"
+t0=$(cut -d' ' -f1 /proc/uptime)
+for i in $(seq 1 240); do
+    [ "$(zcond {plan.read_only})" = 13 ] && [ "$(zcond {plan.offline})" = 15 ] && break
+    sleep 0.25
+done
+echo "seen_after=$(awk -v s="$t0" '{{print $1 - s}}' /proc/uptime)"
+each append
+WHEN=after each show
+each read_back
+dmesg | grep -i zonefs | sed 's/^/kernel: /'
+umount /mnt/zfs; echo "umount=$?"
+mount -t zonefs -o errors=repair $dev /mnt/zfs; echo "remount=$?"
+WHEN=remounted each show
+umount /mnt/zfs
+"""
 
 
 def zns_guest_script(g: Geometry, zbd_tests: tuple[int, ...] | None = ZBD_TESTS) -> str:
     """The bash job of test_zoned_guest.py: find the host-managed disk, then one step per
     check, each printing what zoned_judges reads. Nothing here decides pass or fail."""
-    zbd = script_step(zoned_script(zbd_tests=zbd_tests), "zbd")
+    zbd = zbd_step(zbd_tests)
     fio = "\n".join(f"""\
 step fio_{j.name}
 blkzone reset -o {j.first * g.zone_size // 512} -c {j.zones} $dev

@@ -14,7 +14,8 @@ from typing import Callable
 from nvme_emu.spec.zns import ZoneState
 
 from .zoned_checks import (
-    APPENDS, FIO_JOBS, FS_FILES_MIB, Geometry, Step, ZoneCount, ZoneOp, fio_jobs, key_values, zone_ops,
+    APPENDS, FIO_JOBS, FS_FILES_MIB, Geometry, Step, ZoneCount, ZoneFaultPlan, ZoneOp, fio_jobs, key_values,
+    zone_ops,
 )
 
 #: blkzone report: ``start: 0x000004000, len 0x002000, cap 0x001800, wptr 0x000002 ...,
@@ -306,3 +307,65 @@ def judge_restart(before: dict[str, Step], after: dict[str, Step], g: Geometry) 
     kv = key_values(after["fs"].output)
     problems += [f"{k}={kv.get(k)}" for k in ("remount", "verify", "umount_again") if kv.get(k) != "0"]
     return problems if not problems else problems + [after["fs"].output[-2000:]]
+
+
+#: zone_fault_step's per-file lines: ``after read_only mode=440 size=1048576 zcond=13``
+FILE_STATE_RE = re.compile(r"^(before|after|remounted) (\w+) mode=(\d+) size=(\d+) zcond=(\d*)$", re.M)
+FILE_IO_RE = re.compile(r"^(write|append|read) (\w+) rc=(\d+)(?: same=(\w+))?", re.M)
+
+
+def judge_zone_faults(steps: dict[str, Step], plan: ZoneFaultPlan) -> list[str]:
+    """A zone made Read Only and one made Offline at run time (the host's ``zone_fault``
+    between ``before`` and ``after``): Linux's zone report shows both conditions; zonefs's
+    append to each fails, and zonefs takes write access from the Read Only zone's file,
+    keeping its size and its data readable, and all access from the Offline zone's file
+    (size 0, nothing to read); the control file on a good zone takes its append and reads
+    back whole; after a remount zonefs finds both conditions again."""
+    out = steps["zfault"].output
+    kv = key_values(out)
+    size = plan.mib << 20
+    problems = [f"{k}={kv.get(k)}" for k in ("mkzonefs", "mount", "umount", "remount") if kv.get(k) != "0"]
+    state = {(m[0], m[1]): (m[2], int(m[3]), int(m[4] or -1)) for m in FILE_STATE_RE.findall(out)}
+    io = {(m[0], m[1]): (int(m[2]), m[3]) for m in FILE_IO_RE.findall(out)}
+    S = ZoneState
+    want_state = {
+        ("before", "read_only"): (None, size, S.IMPLICITLY_OPENED), ("before", "offline"): (None, size, S.IMPLICITLY_OPENED),
+        ("before", "good"): (None, size, S.IMPLICITLY_OPENED),
+        # zonefs_inode_update_mode: Read Only drops the write bits, Offline every bit (and
+        # an Offline file is empty); a good file is untouched and grew by the append
+        ("after", "read_only"): ("no-write", size, S.READ_ONLY), ("after", "offline"): ("000", 0, S.OFFLINE),
+        ("after", "good"): (None, 2 * size, S.IMPLICITLY_OPENED),
+        ("remounted", "read_only"): ("no-write", None, S.READ_ONLY), ("remounted", "offline"): ("000", 0, S.OFFLINE),
+        ("remounted", "good"): (None, 2 * size, None),
+    }
+    for key, (mode, want_size, cond) in want_state.items():
+        if key not in state:
+            problems.append(f"no line for {' '.join(key)}")
+            continue
+        got_mode, got_size, got_cond = state[key]
+        if mode == "000" and got_mode != "0":
+            problems.append(f"{' '.join(key)}: mode {got_mode}, want 0 (no access)")
+        if mode == "no-write" and int(got_mode, 8) & 0o222:
+            problems.append(f"{' '.join(key)}: mode {got_mode} still lets it be written")
+        if mode is None and key[0] != "before" and got_mode != state.get(("before", key[1]), ("",))[0]:
+            problems.append(f"{' '.join(key)}: mode {got_mode}, was {state.get(('before', key[1]))}")
+        if want_size is not None and got_size != want_size:
+            problems.append(f"{' '.join(key)}: size {got_size}, want {want_size}")
+        if cond is not None and got_cond != cond:
+            problems.append(f"{' '.join(key)}: zone condition {got_cond}, want {int(cond)} ({cond.name})")
+    want_io = {("write", k): (0, "") for k in plan.zones} | {
+        ("append", "read_only"): (1, ""), ("append", "offline"): (1, ""), ("append", "good"): (0, ""),
+        # root reads past the cleared mode bits: the Offline file has nothing to give
+        ("read", "read_only"): (0, "once"), ("read", "offline"): (None, "no"), ("read", "good"): (0, "twice"),
+    }
+    for key, (rc, same) in want_io.items():
+        got = io.get(key)
+        if got is None or (rc is not None and (got[0] != 0) != (rc != 0)) or (same and got[1] != same):
+            problems.append(f"{' '.join(key)}: {got}, want rc {rc} {same}")
+    kernel = "\n".join(line for line in out.splitlines() if line.startswith("kernel: "))
+    # zonefs_handle_io_error's warnings: "inode N: write access disabled" (Read Only) and
+    # "inode N: read/write access disabled" (Offline)
+    for what in ("write", "read/write"):
+        if not re.search(rf"inode \d+: {what} access disabled", kernel):
+            problems.append(f"zonefs did not say {what} access disabled")
+    return problems if not problems else problems + [out[-3000:]]

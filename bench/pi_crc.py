@@ -28,6 +28,7 @@ import statistics
 import sys
 import timeit
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 from common import RESULTS, describe_machine, format_table, machine, pyplot, write_json
@@ -111,18 +112,16 @@ def variants(data: bytes, found: dict[str, dict[str, Callable[[bytes], int]]], *
         bulk, dtype = bulks[name]
         guards = np.zeros(8, dtype)  # sized once, reused by every I/O (as the engine would)
         for shape, (n, b) in SHAPES.items():
-            out.append(Variant(name, shape, "C bulk (one call)", lambda bulk=bulk, n=n, b=b, g=guards: bulk(mv, n, b, g)))
+            out.append(Variant(name, shape, "C bulk (one call)", partial(bulk, mv, n, b, guards)))
             if n > 1:
                 out.append(Variant(name, shape, f"C bulk, extended LBA (stride {b + EXT_MS})",
-                                   lambda bulk=bulk, n=n, b=b, g=guards: bulk(ext, n, b, g, stride=b + EXT_MS)))
+                                   partial(bulk, ext, n, b, guards, stride=b + EXT_MS)))
             out.append(Variant(name, shape, "C per block (Python loop)", _per_block(singles[name], mv, n, b)))
             for pkg, fns in found.items():
                 if name in fns:
                     out.append(Variant(name, shape, f"{pkg} per block", _per_block(fns[name], mv, n, b)))
             if bitwise:
-                model = models[name]
-                out.append(Variant(name, shape, "python bitwise (reference)",
-                                   lambda model=model, n=n, b=b: [crc.reference(model, mv[i * b:(i + 1) * b]) for i in range(n)]))
+                out.append(Variant(name, shape, "python bitwise (reference)", _per_block(partial(crc.reference, models[name]), mv, n, b)))
     return out
 
 
@@ -186,7 +185,8 @@ def plot(result: dict[str, Any], path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("us per 4 KiB I/O (log scale; median of rounds, min-max bars)")
     ax.axvline(rows[0]["us_per_io"], color="0.5", ls=":", lw=1)
-    ax.set_title(f"guard CRC per 4 KiB I/O, {result['rounds']} rounds\n{describe_machine(result['machine'])}", fontsize=7)
+    m = describe_machine(result["machine"]).split(", Python")
+    ax.set_title(f"guard CRC per 4 KiB I/O, {result['rounds']} rounds\n{m[0]}\nPython{m[1] if len(m) > 1 else ''}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -1,0 +1,1 @@
+"""End-to-end data protection: protection information formats, checks and guard CRCs."""

@@ -46,6 +46,18 @@ from .format import APPTAG_ESCAPE, PI_DTYPES, GuardKind, Guards, PiCommand, PiFo
 Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 U8 = npt.NDArray[np.uint8]
 U64 = npt.NDArray[np.uint64]
+_BE64 = np.dtype(">u8")
+_U64 = np.uint64
+# PRINFO bits as plain ints: an IntFlag operation costs about 0.5 us in CPython 3.11, and the
+# hot path makes several per command.
+_PRCHK_REF, _PRCHK_APP, _PRCHK_GUARD, _PRCHK_ALL = int(Prinfo.PRCHK_REF), int(Prinfo.PRCHK_APP), int(Prinfo.PRCHK_GUARD), int(Prinfo.PRCHK_ALL)
+
+
+def _to_medium(words: U64) -> U64:
+    """Native 64-bit words -> the same values in the medium's big-endian byte order, as
+    native-typed raw words: compared and stored against :attr:`_Blocks.raw` with plain
+    native operations (a ufunc over a byte-swapped dtype sets up a cast: 0.6 us a call)."""
+    return words.astype(_BE64).view(np.uint64)
 
 
 class PiField(Enum):
@@ -79,6 +91,7 @@ class _Blocks:
     data: U8  # (count, lbads)
     meta: U8  # (count, ms)
     pi: np.ndarray  # (count,) of PI16_DTYPE / PI64_DTYPE
+    raw: U64  # the same bytes as (count, 1 or 2) 64-bit words, not byte swapped (see _to_medium)
 
 
 def _u8(buf: Buffer) -> U8:
@@ -100,6 +113,7 @@ class PiEngine:
         self._dtype = PI_DTYPES[fmt.guard]
         self._mask = fmt.guard.reftag_mask
         self._guard_ones = int(np.iinfo(fmt.guard.guard_dtype).max)  # a guard with every bit set
+        self._masks: dict[tuple[int, int], U64] = {}
 
     # -- views ------------------------------------------------------------------------------
 
@@ -120,8 +134,8 @@ class PiEngine:
                 raise ValueError(f"{flat.size} data bytes and {m.size} metadata bytes are not whole {fmt.lbads}+{fmt.ms}-byte blocks")
             data, md = flat.reshape(count, fmt.lbads), m.reshape(count, fmt.ms)
         off = fmt.pi_offset
-        pi = md[:, off : off + fmt.pi_size].view(self._dtype)[:, 0]
-        return _Blocks(count, flat, meta is None, data, md, pi)
+        pi_bytes = md[:, off : off + fmt.pi_size]
+        return _Blocks(count, flat, meta is None, data, md, pi_bytes.view(self._dtype)[:, 0], pi_bytes.view(np.uint64))
 
     # -- the fields, as whole arrays --------------------------------------------------------
 
@@ -141,11 +155,13 @@ class PiEngine:
 
     def expected_reftags(self, cmd: PiCommand, count: int) -> U64:
         """The reference tags blocks ``cmd.slba ..`` carry (insert) or must carry (check)."""
-        mask = np.uint64(self._mask)
         if self.fmt.pi_type is ProtectionType.TYPE3:
             return np.full(count, cmd.ilbrt & self._mask, dtype=np.uint64)
-        start = cmd.slba if self.fmt.pi_type is ProtectionType.TYPE1 else cmd.ilbrt
-        return (np.arange(count, dtype=np.uint64) + np.uint64(start & self._mask)) & mask
+        start = (cmd.slba if self.fmt.pi_type is ProtectionType.TYPE1 else cmd.ilbrt) & self._mask
+        tags = np.arange(start, start + count, dtype=np.uint64)
+        if start + count - 1 > self._mask:  # wraps to 0 past 32/48 bits
+            tags &= _U64(self._mask)
+        return tags
 
     def compute_guards(self, b: _Blocks) -> npt.NDArray[np.unsignedinteger]:
         """The guard each block should carry: CRC of its data, then (PI last) of the
@@ -168,6 +184,37 @@ class PiEngine:
             self.guards.compute(run.reshape(-1).data, covered, b.count, covered, out)
         return out
 
+    def pi_words(self, guards: npt.NDArray[np.unsignedinteger], lbat: int, reftags: U64) -> U64:
+        """PI records as native 64-bit words, shaped like :attr:`_Blocks.raw`: 16b Guard,
+        guard 63:48 | application tag 47:32 | reference tag 31:0; 64b Guard, word 0 the
+        guard, word 1 application tag 63:48 | reference tag 47:0. Whole records in one or two
+        words let insert store, and check compare, all fields with one operation each."""
+        if self.fmt.guard is GuardKind.GUARD_16:
+            word = guards.astype(np.uint64)
+            word <<= _U64(48)
+            word |= reftags
+            word |= _U64(lbat << 32)
+            return word.reshape(-1, 1)
+        out = np.empty((guards.size, 2), dtype=np.uint64)
+        out[:, 0] = guards
+        np.bitwise_or(reftags, _U64(lbat << 48), out=out[:, 1])
+        return out
+
+    def _word_mask(self, prchk: int, lbatm: int) -> U64:
+        """Which bits of the PI words the PRCHK bits (and LBATM) ask to compare, in the
+        medium's byte order. Cached: a host sends few distinct (PRCHK, LBATM) pairs."""
+        key = (prchk, lbatm)
+        if (cached := self._masks.get(key)) is not None:
+            return cached
+        g64 = self.fmt.guard is GuardKind.GUARD_64
+        guard = ((1 << 64) - 1 if g64 else 0xFFFF << 48) if prchk & _PRCHK_GUARD else 0
+        app = (lbatm & 0xFFFF) << (48 if g64 else 32) if prchk & _PRCHK_APP else 0
+        ref = self._mask if prchk & _PRCHK_REF and self.fmt.pi_type is not ProtectionType.TYPE3 else 0
+        mask = _to_medium(np.array([guard, app | ref] if g64 else [guard | app | ref], dtype=np.uint64))
+        if len(self._masks) < 64:
+            self._masks[key] = mask
+        return mask
+
     # -- operations -------------------------------------------------------------------------
 
     def validate(self, cmd: PiCommand) -> PiError | None:
@@ -175,7 +222,7 @@ class PiEngine:
         equal to the SLBA's low 32/48 bits (else Invalid Protection Information)."""
         if (
             self.fmt.pi_type is ProtectionType.TYPE1
-            and cmd.prinfo & Prinfo.PRCHK_REF
+            and cmd.prinfo & _PRCHK_REF
             and (cmd.slba & self._mask) != (cmd.ilbrt & self._mask)
         ):
             return PiError(cmd.slba, Status.INVALID_PROTECTION_INFORMATION)
@@ -191,9 +238,7 @@ class PiEngine:
         if (err := self.validate(cmd)) is not None:
             return err
         b = self.blocks(buf, meta)
-        b.pi["apptag"] = cmd.lbat
-        self._store_reftags(b, self.expected_reftags(cmd, b.count))
-        b.pi["guard"] = self.compute_guards(b)
+        b.raw[...] = _to_medium(self.pi_words(self.compute_guards(b), cmd.lbat & 0xFFFF, self.expected_reftags(cmd, b.count)))
         return None
 
     def check(self, cmd: PiCommand, buf: Buffer, meta: Buffer | None = None) -> PiError | None:
@@ -201,10 +246,24 @@ class PiEngine:
         first failing block's LBA and its status."""
         if (err := self.validate(cmd)) is not None:
             return err
-        prchk = cmd.prinfo & Prinfo.PRCHK_ALL
+        prchk = int(cmd.prinfo) & _PRCHK_ALL
         if not prchk:
             return None
-        b = self.blocks(buf, meta)
+        return self._check(cmd, prchk, self.blocks(buf, meta))
+
+    def _check(self, cmd: PiCommand, prchk: int, b: _Blocks) -> PiError | None:
+        # Fast path, every block passing (the common case): build the PI every block should
+        # hold and compare whole words under the PRCHK/LBATM mask, one comparison for all
+        # fields of all blocks. Measured on a 4 KiB read (8 x 512 B, Type 1, a no-op CRC, so
+        # the engine alone): 13 us against 18 us field by field. Escapes can only turn a mismatch into a pass, so
+        # equal words are a pass whatever the tags; a mismatch goes to the field-by-field
+        # diagnosis below, which applies the escapes and finds the first failing block.
+        computed = self.compute_guards(b) if prchk & _PRCHK_GUARD else np.zeros(b.count, self.fmt.guard.guard_dtype)
+        expected = _to_medium(self.pi_words(computed, cmd.lbat & 0xFFFF, self.expected_reftags(cmd, b.count)))
+        expected ^= b.raw
+        expected &= self._word_mask(prchk, cmd.lbatm)
+        if not expected.any():
+            return None
         apptag = b.pi["apptag"]
         if self.fmt.pi_type is ProtectionType.TYPE3:
             stored_ref = self.stored_reftags(b)
@@ -212,17 +271,15 @@ class PiEngine:
         else:
             live = apptag != APPTAG_ESCAPE
         failed: list[tuple[Status, npt.NDArray[np.bool_]]] = []
-        if prchk & Prinfo.PRCHK_GUARD:
-            failed.append((Status.END_TO_END_GUARD_CHECK_ERROR, (b.pi["guard"] != self.compute_guards(b)) & live))
-        if prchk & Prinfo.PRCHK_APP:
+        if prchk & _PRCHK_GUARD:
+            failed.append((Status.END_TO_END_GUARD_CHECK_ERROR, (b.pi["guard"] != computed) & live))
+        if prchk & _PRCHK_APP:
             mask = cmd.lbatm & 0xFFFF
             failed.append((Status.END_TO_END_APPLICATION_TAG_CHECK_ERROR, ((apptag & mask) != (cmd.lbat & mask)) & live))
-        if prchk & Prinfo.PRCHK_REF and self.fmt.pi_type is not ProtectionType.TYPE3:
+        if prchk & _PRCHK_REF and self.fmt.pi_type is not ProtectionType.TYPE3:
             bad = self.stored_reftags(b) != self.expected_reftags(cmd, b.count)
             failed.append((Status.END_TO_END_REFERENCE_TAG_CHECK_ERROR, bad & live))
-        if not failed:
-            return None
-        any_bad = failed[0][1]
+        any_bad = failed[0][1]  # not empty: a PRCHK bit with nothing to compare passed above
         for _, bad in failed[1:]:
             any_bad = any_bad | bad
         if not any_bad.any():
@@ -236,9 +293,12 @@ class PiEngine:
         the data alone for the host (a view for the separate layout, a copy for extended)."""
         if not self.fmt.metadata_is_pi:
             raise ValueError(f"strip needs MS == PI size ({self.fmt.pi_size}), not {self.fmt.ms}: larger metadata goes to the host")
-        if (err := self.check(cmd, buf, meta)) is not None:
+        if (err := self.validate(cmd)) is not None:
             return err
         b = self.blocks(buf, meta)
+        prchk = int(cmd.prinfo) & _PRCHK_ALL
+        if prchk and (err := self._check(cmd, prchk, b)) is not None:
+            return err
         return b.flat if not b.extended else np.ascontiguousarray(b.data).reshape(-1)
 
     # -- deallocated blocks, fault injection -----------------------------------------------

@@ -309,6 +309,7 @@ def test_reference_tags_and_their_wrap(pi_type: ProtectionType, guard: GuardKind
     cmd = PiCommand(slba=slba, prinfo=Prinfo.PRACT | Prinfo.PRCHK_REF, lbat=0, ilbrt=ilbrt)
     assert eng.insert(cmd, buf, meta) is None
     assert [case.get_field(buf, meta, i, PiField.REFTAG) for i in range(N)] == tags
+    assert [case.get_field(buf, meta, i, PiField.APPTAG) for i in range(N)] == [0] * N  # no carry out of the wrap
     assert eng.check(PiCommand(slba=slba, prinfo=Prinfo.PRCHK_ALL, lbat=0, ilbrt=ilbrt), buf, meta) is None
     if pi_type is T2:  # a read expecting another initial tag fails at the first block
         wrong = PiCommand(slba=slba, prinfo=Prinfo.PRCHK_REF, ilbrt=ilbrt - 1)

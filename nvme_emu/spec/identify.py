@@ -188,8 +188,16 @@ class Nsfeat(IntFlag):
     OPTIMAL_PERFORMANCE = 1 << 4
 
 
+#: DLFEAT bits 2:0, the read behaviour of a deallocated logical block: 000b not reported,
+#: 001b all bytes 0h, 010b all bytes FFh (data and metadata but the PI, see DLFEAT_GUARD_CRC).
+DLFEAT_READ_BEHAVIOUR_MASK = 0b111
 #: DLFEAT bits 2:0 = 001b: a deallocated logical block reads as all zeroes.
 DLFEAT_READ_ZEROES = 0b001
+#: DLFEAT bits 2:0 = 010b: a deallocated logical block reads as all bytes FFh.
+DLFEAT_READ_ONES = 0b010
+#: DLFEAT bit 4: a deallocated block's PI Guard is the CRC of what it reads as (data and the
+#: metadata the guard covers); clear: the Guard has every bit set.
+DLFEAT_GUARD_CRC = 1 << 4
 #: DLFEAT bit 3: Write Zeroes honours its DEAC bit.
 DLFEAT_WRITE_ZEROES_DEAC = 1 << 3
 #: FLBAS: bits 3:0 are the low bits of the format index, bits 6:5 the high bits, bit 4 extended LBA.

@@ -1,0 +1,58 @@
+"""Test-only, deliberately slow reference guard CRCs: bit by bit, straight from the
+parameters, so that they can be read against the definitions and trusted as an oracle.
+
+CRC-16/T10-DIF: width 16, poly 8BB7h, init 0, not reflected, no final XOR; check value
+(CRC of b"123456789") D0DBh. CRC-64/NVME: width 64, poly AD93D23594C93659h (reflected:
+9A6C9329AC4BC9B5h), init and final XOR all ones, reflected in and out; check value
+AE8B14860A799888h. Never use these outside tests: about 1 ms per 512-byte block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from nvme_emu.pi.format import GuardKind
+
+T10DIF_POLY = 0x8BB7
+NVME64_POLY_REFLECTED = 0x9A6C9329AC4BC9B5
+MASK64 = (1 << 64) - 1
+
+
+def crc16_t10dif(data: bytes | memoryview) -> int:
+    crc = 0
+    for byte in bytes(data):
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ T10DIF_POLY) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def crc64_nvme(data: bytes | memoryview) -> int:
+    crc = MASK64
+    for byte in bytes(data):
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ NVME64_POLY_REFLECTED if crc & 1 else crc >> 1
+    return crc ^ MASK64
+
+
+class ReferenceGuards:
+    """The engine's :class:`~nvme_emu.pi.format.Guards`, one block at a time in Python."""
+
+    def __init__(self, kind: GuardKind) -> None:
+        self._kind = kind
+        self._crc = crc16_t10dif if kind is GuardKind.GUARD_16 else crc64_nvme
+        self.calls = 0  # how many compute() calls: the engine makes one per operation
+
+    @property
+    def kind(self) -> GuardKind:
+        return self._kind
+
+    def compute(self, data: memoryview, block: int, count: int, stride: int, out: npt.NDArray[np.unsignedinteger]) -> None:
+        self.calls += 1
+        assert out.dtype == self._kind.guard_dtype and out.size >= count
+        assert (count - 1) * stride + block <= len(data) if count else True
+        for i in range(count):
+            out[i] = self._crc(data[i * stride : i * stride + block])

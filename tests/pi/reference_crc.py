@@ -1,5 +1,6 @@
-"""Test-only, deliberately slow reference guard CRCs: bit by bit, straight from the
-parameters, so that they can be read against the definitions and trusted as an oracle.
+"""Test-only, deliberately slow reference guards for the PI engine: bit by bit, straight
+from the parameters (nvme_emu.pi.crc.reference, the definition the C is tested against), so
+that they can be read against the definitions and trusted as an oracle.
 
 CRC-16/T10-DIF: width 16, poly 8BB7h, init 0, not reflected, no final XOR; check value
 (CRC of b"123456789") D0DBh. CRC-64/NVME: width 64, poly AD93D23594C93659h (reflected:
@@ -12,30 +13,16 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from nvme_emu.pi import crc
 from nvme_emu.pi.format import GuardKind
-
-T10DIF_POLY = 0x8BB7
-NVME64_POLY_REFLECTED = 0x9A6C9329AC4BC9B5
-MASK64 = (1 << 64) - 1
 
 
 def crc16_t10dif(data: bytes | memoryview) -> int:
-    crc = 0
-    for byte in bytes(data):
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ T10DIF_POLY) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
+    return crc.reference(crc.CRC16_T10DIF, data)
 
 
 def crc64_nvme(data: bytes | memoryview) -> int:
-    crc = MASK64
-    for byte in bytes(data):
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ NVME64_POLY_REFLECTED if crc & 1 else crc >> 1
-    return crc ^ MASK64
+    return crc.reference(crc.CRC64_NVME, data)
 
 
 class ReferenceGuards:

@@ -32,9 +32,9 @@ STEP_RE = re.compile(r"^=====STEP (\S+) ([0-9.]+)=====$", re.M)
 #: With fio 3.33 and ITS scripts (build-fio-zbd.sh: the source CI's mirror serves) the
 #: subset passes too, 3.9-7.2 s each, 57 s together; all 58 tests of 3.33's script: 46
 #: pass, 11 skip (the same kinds), test 54 (randrw + verify) FAILS: fio 3.33 gets EIO
-#: on a read in zone 0 with nothing in the guest kernel's log (2 of 2 runs; 3.39 passes
-#: it), 437 s, 30-32, 48, 57, 58 32-35 s each. Each test runs with -r (all zones
-#: reset first): without it
+#: on a read in zone 0 with nothing in the guest kernel's log (3 of 3 runs on QEMU's
+#: device, and the same on ours; 3.39 passes it), 289-437 s, 30-32, 48, 57, 58 31-36 s
+#: each. Each test runs with -r (all zones reset first): without it
 #: tests 25, 54, 55, 57 and 59 failed on QEMU's device with max_active=8, from zones
 #: the previous tests left open.
 ZBD_TESTS = (1, 2, 5, 6, 7, 8, 11, 12, 13)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from nvme_emu import guest
 from nvme_emu.pi import crc
@@ -255,7 +256,31 @@ class CorruptPlan:
     margin: int = 8
 
 
-def corrupt_step(plan: CorruptPlan = CorruptPlan()) -> str:
+def guard_corruption_on_request(corrupt: Callable[[int, int, int], object],
+                                errors: list[str]) -> Callable[[str], None]:
+    """The host side of the ``corrupt`` step, for run_guest's ``on_console_line``: on the
+    job's :data:`pi_checks.CORRUPT_MARK` line, ``corrupt(nsid, slba, nlb)`` (the nvme-emu
+    boot passes its control plane's guard corruption of that range); what goes wrong is
+    appended to ``errors`` (the console reader thread must not raise), for the test to
+    report. The guest polls its read of the range until it fails."""
+
+    def on_line(line: str) -> None:
+        m = CORRUPT_RE.search(line)
+        if m is None:
+            return
+        try:
+            corrupt(*(int(v) for v in m.groups()))
+        except Exception as e:  # noqa: BLE001 (reported by the test, not lost on the reader thread)
+            errors.append(repr(e))
+
+    return on_line
+
+
+#: The corruption the nvme-emu boot asks for.
+CORRUPT = CorruptPlan()
+
+
+def corrupt_step(plan: CorruptPlan = CORRUPT) -> str:
     """The step ``corrupt`` (issue 26: a ctl-injected guard corruption fails the guest's read
     of exactly that range, the rest of the disk reads fine). It writes the range and its
     margins, asks the host, waits until a read of the range fails (the guest cannot see the

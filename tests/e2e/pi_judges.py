@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .pi_checks import (
-    FIO_JOBS, NAMESPACES, PATTERN, CorruptPlan, FioJob, PiNamespace, PiOp, Step, guard16, key_values, pi16, pi_ops,
+    CORRUPT, FIO_JOBS, NAMESPACES, PATTERN, CorruptPlan, FioJob, PiNamespace, PiOp, Step, guard16, key_values, pi16, pi_ops,
 )
 
 #: nvme-cli's ``NVMe status: End-to-end Reference Tag Check Error: ...(0x284)``: the status
@@ -152,7 +152,7 @@ LBA_RE = re.compile(r"^lba (\d+) rc=(\d+) same=(\w+) err=\[(.*)\]$", re.M)
 EILSEQ_TEXT = "Invalid or incomplete multibyte or wide character"
 
 
-def judge_corrupt(steps: dict[str, Step], plan: CorruptPlan = CorruptPlan()) -> list[str]:
+def judge_corrupt(steps: dict[str, Step], plan: CorruptPlan = CORRUPT) -> list[str]:
     """A guard corruption by the host over ``plan``'s range: each block in it fails alone
     with EILSEQ, each block of the margins reads back what was written, and the namespace
     before and after the range reads whole."""

@@ -13,7 +13,6 @@ from nvme_emu.spec.commands import Status
 
 from . import pi_checks as pc
 from . import pi_judges as pj
-from .test_pi_guest import guard_corruption_on_request
 
 #: nvme-cli 2.13's status words (the judges read only the number in brackets).
 STATUS_TEXT = {
@@ -186,7 +185,7 @@ def test_every_check_fails_on_no_output():
 def test_the_host_corrupts_what_the_guest_asks_for():
     calls: list[tuple[int, int, int]] = []
     errors: list[str] = []
-    on_line = guard_corruption_on_request(lambda *a: calls.append(a), errors)
+    on_line = pc.guard_corruption_on_request(lambda *a: calls.append(a), errors)
     on_line("nothing here")
     on_line(f"{pc.CORRUPT_MARK} nsid=1 slba=20000 nlb=8")
     assert calls == [(1, 20000, 8)] and errors == []
@@ -194,7 +193,7 @@ def test_the_host_corrupts_what_the_guest_asks_for():
     def refuse(*_: int) -> None:
         raise RuntimeError("no such namespace")
 
-    guard_corruption_on_request(refuse, errors)(f"{pc.CORRUPT_MARK} nsid=9 slba=1 nlb=1")
+    pc.guard_corruption_on_request(refuse, errors)(f"{pc.CORRUPT_MARK} nsid=9 slba=1 nlb=1")
     assert errors and "no such namespace" in errors[0]
     step = pc.corrupt_step(pc.CorruptPlan())
     assert f"{pc.CORRUPT_MARK} nsid=1 slba=20000 nlb=8" in step

@@ -22,7 +22,7 @@ peer is right alone:
   guest's reads fail on exactly the corrupted range (pi_checks.corrupt_step).
 
 Adding nvme-emu is one fixture (boot with ``SCRIPT_WITH_CORRUPTION``, its server's
-on_console_line from :func:`guard_corruption_on_request`) and its name in PEERS.
+on_console_line from :func:`pi_checks.guard_corruption_on_request`) and its name in PEERS.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
-
 import pytest
 
 from nvme_emu import guest
@@ -45,7 +43,7 @@ PEERS = ("qemu",)
 #: The boot on QEMU's device took 39 s, its job 27 s (2 vCPUs, TCG).
 TIMEOUT = 900
 SCRIPT = pc.pi_guest_script()
-SCRIPT_WITH_CORRUPTION = pc.pi_guest_script(corrupt=pc.CorruptPlan())
+SCRIPT_WITH_CORRUPTION = pc.pi_guest_script(corrupt=pc.CORRUPT)
 
 
 @dataclass
@@ -86,26 +84,6 @@ def test_check(peer: str, check: str, request: pytest.FixtureRequest) -> None:
     run: Run = request.getfixturevalue(peer)
     problems = pj.CHECKS[check](run.steps)
     assert not problems, "\n".join(problems)
-
-
-def guard_corruption_on_request(corrupt: Callable[[int, int, int], object],
-                                errors: list[str]) -> Callable[[str], None]:
-    """The host side of the ``corrupt`` step, for run_guest's ``on_console_line``: on the
-    job's :data:`pi_checks.CORRUPT_MARK` line, ``corrupt(nsid, slba, nlb)`` (the nvme-emu
-    boot passes its control plane's guard corruption of that range); what goes wrong is
-    appended to ``errors`` (the console reader thread must not raise), for the test to
-    report. The guest polls its read of the range until it fails."""
-
-    def on_line(line: str) -> None:
-        m = pc.CORRUPT_RE.search(line)
-        if m is None:
-            return
-        try:
-            corrupt(*(int(v) for v in m.groups()))
-        except Exception as e:  # noqa: BLE001 (reported by the test, not lost on the reader thread)
-            errors.append(repr(e))
-
-    return on_line
 
 
 def test_one_boot_serves_every_format(qemu: Run) -> None:

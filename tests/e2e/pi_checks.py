@@ -237,6 +237,43 @@ def _op_lines() -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# the PI Linux generates, as the device stored it
+
+#: The block the host_pi step writes through the block layer on each namespace.
+HOST_PI_LBA = 90_000
+
+
+def host_pi(ns: PiNamespace, lba: int = HOST_PI_LBA) -> bytes:
+    """The PI Linux's block integrity generates for :data:`PATTERN` written at ``lba``
+    (t10_pi_generate, ext_pi_crc64_generate): the guard over the data, Application Tag 0,
+    Reference Tag the LBA for Type 1 and 0 for Type 3; the 64b Guard's PI is the 8-byte
+    guard, the Application Tag and a 48-bit Reference Tag, big-endian."""
+    ref = 0 if ns.pi is ProtectionType.TYPE3 else lba
+    if ns.guard is GuardKind.GUARD_16:
+        return pi16(guard16(PATTERN), 0, ref & 0xFFFF_FFFF)
+    return (crc.reference(crc.CRC64_NVME, PATTERN).to_bytes(8, "big") + (0).to_bytes(2, "big")
+            + (ref & GuardKind.GUARD_64.reftag_mask).to_bytes(6, "big"))
+
+
+def host_pi_step(namespaces: tuple[PiNamespace, ...]) -> str:
+    """The step ``host_pi``: one block written through the block layer (Linux generates its
+    PI) on each namespace, then read back with nvme-cli and no PRINFO bit: the data and the
+    metadata the device stored, which must be Linux's PI unchanged."""
+    lines = ["step host_pi"]
+    for ns in namespaces:
+        n, d = ns.name, f"${{dev[{ns.nsid}]}}"
+        lines += [
+            f"dd if=/tmp/pattern of={d} bs={ns.lba} seek={HOST_PI_LBA} count=1 oflag=direct 2>/dev/null; "
+            f'echo "{n}.write=$?"',
+            f"nvme read {d} -s {HOST_PI_LBA} -c 0 -z {ns.lba} -d /tmp/hp_{n} -y {ns.ms} -M /tmp/hpm_{n} -p 0 "
+            f'>/dev/null 2>&1; echo "{n}.read=$?"',
+            f"cmp -s /tmp/hp_{n} /tmp/pattern; echo \"{n}.data=$?\"",
+            f"echo \"{n}.md=$(od -An -tx1 -v /tmp/hpm_{n} | tr -d ' \\n')\"",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
 # the host's guard corruption (nvme-emu only: the control plane)
 
 #: The line a job prints when the range is written and the host may corrupt its guards
@@ -406,13 +443,13 @@ step {j.name}
 echo "rc=$?"
 fio_summary /tmp/{j.name}.json
 """ for j in FIO_JOBS if j.ns in namespaces)
-    return FIND + f"""
+    return FIND + f"""printf '%s' '{PATTERN.decode()}' > /tmp/pattern
+
 step integrity
 {integrity}
-
+{host_pi_step(namespaces)}
 {fio}
 step ops
-printf '%s' '{PATTERN.decode()}' > /tmp/pattern
 {_op_lines()}
 {corrupt_step(corrupt) if corrupt is not None else ""}
 {format_step()}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .pi_checks import (
-    CORRUPT, FIO_JOBS, NAMESPACES, PATTERN, CorruptPlan, FioJob, PiNamespace, PiOp, Step, guard16, key_values, pi16, pi_ops,
+    CORRUPT, FIO_JOBS, HOST_PI_LBA, NAMESPACES, PATTERN, CorruptPlan, FioJob, PiNamespace, PiOp, Step, guard16, host_pi, key_values, pi16, pi_ops,
 )
 
 #: nvme-cli's ``NVMe status: End-to-end Reference Tag Check Error: ...(0x284)``: the status
@@ -103,6 +103,21 @@ def judge_integrity(steps: dict[str, Step], namespaces: tuple[PiNamespace, ...] 
     return problems
 
 
+def judge_host_pi(steps: dict[str, Step], namespaces: tuple[PiNamespace, ...] = NAMESPACES) -> list[str]:
+    """A block written through the block layer reads back with its data and, in its
+    metadata, the PI Linux generated (guard, Application Tag 0, Reference Tag the LBA for
+    Type 1): the device stores the host's PI unchanged, in the layout of its guard format."""
+    kv = key_values(steps["host_pi"].output)
+    problems = []
+    for ns in namespaces:
+        problems += [f"{ns.name}: {k}={kv.get(f'{ns.name}.{k}')}" for k in ("write", "read", "data")
+                     if kv.get(f"{ns.name}.{k}") != "0"]
+        want = host_pi(ns, HOST_PI_LBA).hex()
+        if kv.get(f"{ns.name}.md") != want:
+            problems.append(f"{ns.name}: metadata {kv.get(f'{ns.name}.md')}, want Linux's PI {want}")
+    return problems
+
+
 def judge_fio(job: FioJob) -> Callable[[dict[str, Step]], list[str]]:
     """A fio job wrote its whole size and read it all back with every crc32c right and no
     error (with pi_act: the device inserted or checked the PI, fio checked it on reads)."""
@@ -177,6 +192,7 @@ def judge_corrupt(steps: dict[str, Step], plan: CorruptPlan = CORRUPT) -> list[s
 #: judge_corrupt, for a peer whose script has that step.
 CHECKS: dict[str, Callable[[dict[str, Step]], list[str]]] = {
     "integrity": judge_integrity,
+    "host_pi": judge_host_pi,
     **{j.name: judge_fio(j) for j in FIO_JOBS},
     **{f"op_{o.label}": judge_op_named(o.label) for o in pi_ops()},
     "format": judge_format,

@@ -178,7 +178,7 @@ def test_judge_corrupt():
 
 def test_every_check_fails_on_no_output():
     for name, judge in pj.CHECKS.items():
-        steps = steps_of(**{s: "" for s in ("integrity", "ops", "format", *(j.name for j in pc.FIO_JOBS))})
+        steps = steps_of(**{s: "" for s in ("integrity", "host_pi", "ops", "format", *(j.name for j in pc.FIO_JOBS))})
         assert judge(steps), name
 
 
@@ -197,3 +197,30 @@ def test_the_host_corrupts_what_the_guest_asks_for():
     assert errors and "no such namespace" in errors[0]
     step = pc.corrupt_step(pc.CorruptPlan())
     assert f"{pc.CORRUPT_MARK} nsid=1 slba=20000 nlb=8" in step
+
+
+def host_pi_output(**changes: str) -> str:
+    kv: dict[str, str] = {}
+    for ns in pc.NAMESPACES:
+        kv |= {f"{ns.name}.write": "0", f"{ns.name}.read": "0", f"{ns.name}.data": "0",
+               f"{ns.name}.md": pc.host_pi(ns).hex()}
+    return "\n".join(f"{k}={v}" for k, v in (kv | changes).items())
+
+
+def test_judge_host_pi():
+    """Linux's PI as stored: 16b Guard PI with the LBA (Type 1) or 0 (Type 3) as the
+    reference tag; the 64b Guard's 16 bytes with the CRC-64/NVME guard and a 48-bit tag."""
+    from nvme_emu.pi import crc
+
+    assert crc.reference(crc.CRC64_NVME, b"123456789") == 0xAE8B14860A799888
+    assert pc.host_pi(pc.TYPE1)[4:] == pc.HOST_PI_LBA.to_bytes(4, "big") and pc.host_pi(pc.TYPE3)[4:] == bytes(4)
+    g64 = pc.host_pi(pc.GUARD64)
+    assert len(g64) == 16 and g64[8:10] == bytes(2) and g64[10:] == pc.HOST_PI_LBA.to_bytes(6, "big")
+    assert pj.judge_host_pi(steps_of(host_pi=host_pi_output())) == []
+    for ns in pc.NAMESPACES:
+        md = pc.host_pi(ns)
+        for i in range(len(md)):
+            bad = md[:i] + bytes([md[i] ^ 0x80]) + md[i + 1:]
+            assert pj.judge_host_pi(steps_of(host_pi=host_pi_output(**{f"{ns.name}.md": bad.hex()}))), (ns.name, i)
+        for k in ("write", "read", "data"):
+            assert pj.judge_host_pi(steps_of(host_pi=host_pi_output(**{f"{ns.name}.{k}": "1"}))), (ns.name, k)

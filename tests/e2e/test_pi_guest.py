@@ -91,5 +91,5 @@ def test_one_boot_serves_every_format(qemu: Run) -> None:
     missing: a silent skip would pass the checks that look for nothing)."""
     found = dict(re.findall(r"^ns (\d+) dev=(\S+)", qemu.steps["find"].output, re.M))
     assert sorted(int(n) for n in found) == [ns.nsid for ns in pc.NAMESPACES], qemu.steps["find"].output
-    want = ["find", "integrity", *(j.name for j in pc.FIO_JOBS), "ops", "format", "end"]
+    want = ["find", "integrity", "host_pi", *(j.name for j in pc.FIO_JOBS), "ops", "format", "end"]
     assert list(qemu.steps) == want

@@ -145,11 +145,22 @@ def pi16(guard: int, apptag: int, reftag: int) -> bytes:
     return guard.to_bytes(2, "big") + apptag.to_bytes(2, "big") + reftag.to_bytes(4, "big")
 
 
+def guard64(data: bytes) -> int:
+    return crc.reference(crc.CRC64_NVME, data)
+
+
+def pi64(guard: int, apptag: int, reftag: int) -> bytes:
+    """16 bytes of 64b-Guard PI: the guard, the Application Tag and, with no storage tag,
+    a 48-bit Reference Tag filling the Storage and Reference Space; big-endian."""
+    return guard.to_bytes(8, "big") + apptag.to_bytes(2, "big") + reftag.to_bytes(6, "big")
+
+
 @dataclass(frozen=True)
 class PiOp:
     """One nvme-cli command on one block of a namespace and what the spec makes of it:
     ``status`` None for success. ``metadata``: the PI a write hands over (PRACT 0), written
-    to a file for ``--metadata``; a read with ``read_back`` prints the metadata it got."""
+    to a file for ``--metadata``; a read with ``read_back`` prints the metadata it got, which
+    must be ``expect`` when it succeeds."""
 
     label: str
     ns: PiNamespace
@@ -162,6 +173,7 @@ class PiOp:
     apptag_mask: int = 0xFFFF
     metadata: bytes | None = None
     read_back: bool = False
+    expect: bytes | None = None
     #: other outcomes the spec allows (None: success)
     or_status: tuple[Status | None, ...] = ()
 
@@ -190,15 +202,17 @@ def pi_ops() -> tuple[PiOp, ...]:
     mask, Type 1's ILBRT rule, the escape values of Type 1 and Type 3, Type 3's Reference Tag
     check bit."""
     P, S = Prinfo, Status
-    s, g = OP_LBA, guard16(PATTERN)
+    s, g, g64 = OP_LBA, guard16(PATTERN), guard64(PATTERN)
     ref_all = P.PRCHK_ALL
+    inserted = pi16(g, APPTAG, s)   # PRACT's PI: the data's guard, LBAT, ILBRT
+    escape = pi16(g ^ 0xFFFF, 0xFFFF, s + 7)
     return (
         PiOp("pract_write", TYPE1, True, s, P.PRACT | ref_all, s, None),
-        PiOp("read_pi", TYPE1, False, s, ref_all, s, None, read_back=True),
+        PiOp("read_pi", TYPE1, False, s, ref_all, s, None, read_back=True, expect=inserted),
         PiOp("read_wrong_apptag", TYPE1, False, s, P.PRCHK_APP, s, S.END_TO_END_APPLICATION_TAG_CHECK_ERROR,
              apptag=OTHER_APPTAG, read_back=True),
         PiOp("read_apptag_masked", TYPE1, False, s, P.PRCHK_APP, s, None, apptag=OTHER_APPTAG, apptag_mask=0,
-             read_back=True),
+             read_back=True, expect=inserted),
         # the issue's check: the PI carries a wrong Reference Tag (ILBRT is right)
         PiOp("write_wrong_reftag", TYPE1, True, s, P.PRCHK_REF, s, S.END_TO_END_REFERENCE_TAG_CHECK_ERROR,
              metadata=pi16(g, APPTAG, s + 1)),
@@ -210,8 +224,9 @@ def pi_ops() -> tuple[PiOp, ...]:
         # (QEMU's nvme_check_prinfo does the same before it looks at any block)
         PiOp("write_ilbrt_not_slba", TYPE1, True, s, P.PRACT | P.PRCHK_REF, s + 5, S.INVALID_PROTECTION_INFORMATION),
         # Type 1: an Application Tag of FFFFh turns every check of that block off
-        PiOp("write_escape", TYPE1, True, s, ref_all, s, None, metadata=pi16(g ^ 0xFFFF, 0xFFFF, s + 7)),
-        PiOp("read_escape", TYPE1, False, s, ref_all, s, None, read_back=True),
+        # (the controller stores the PI it did not check, as it came)
+        PiOp("write_escape", TYPE1, True, s, ref_all, s, None, metadata=escape),
+        PiOp("read_escape", TYPE1, False, s, ref_all, s, None, read_back=True, expect=escape),
         # Type 3 and PRCHK's Reference Tag bit: the controller should not compare the tag and
         # may ignore EILBRT; if it aborts for the bit, Invalid Protection Information, or
         # Invalid Field in Command (NVM Command Set; QEMU aborts: Invalid Protection Information)
@@ -223,6 +238,13 @@ def pi_ops() -> tuple[PiOp, ...]:
              S.END_TO_END_GUARD_CHECK_ERROR, apptag=0xFFFF, metadata=pi16(g ^ 0xFFFF, 0xFFFF, s)),
         PiOp("type3_escape", TYPE3, True, s, P.PRCHK_GUARD | P.PRCHK_APP, 0, None, apptag=0xFFFF,
              metadata=pi16(g ^ 0xFFFF, 0xFFFF, 0xFFFF_FFFF)),
+        # the 64b Guard: PRACT's 16 bytes (CRC-64/NVME, 48-bit Reference Tag), its check errors
+        PiOp("guard64_pract_write", GUARD64, True, s, P.PRACT | ref_all, s, None),
+        PiOp("guard64_read_pi", GUARD64, False, s, ref_all, s, None, read_back=True, expect=pi64(g64, APPTAG, s)),
+        PiOp("guard64_wrong_reftag", GUARD64, True, s, P.PRCHK_REF, s, S.END_TO_END_REFERENCE_TAG_CHECK_ERROR,
+             metadata=pi64(g64, APPTAG, s + (1 << 32))),
+        PiOp("guard64_wrong_guard", GUARD64, True, s, P.PRCHK_GUARD, s, S.END_TO_END_GUARD_CHECK_ERROR,
+             metadata=pi64(g64 ^ (1 << 63), APPTAG, s)),
     )
 
 
@@ -251,8 +273,7 @@ def host_pi(ns: PiNamespace, lba: int = HOST_PI_LBA) -> bytes:
     ref = 0 if ns.pi is ProtectionType.TYPE3 else lba
     if ns.guard is GuardKind.GUARD_16:
         return pi16(guard16(PATTERN), 0, ref & 0xFFFF_FFFF)
-    return (crc.reference(crc.CRC64_NVME, PATTERN).to_bytes(8, "big") + (0).to_bytes(2, "big")
-            + (ref & GuardKind.GUARD_64.reftag_mask).to_bytes(6, "big"))
+    return pi64(guard64(PATTERN), 0, ref & GuardKind.GUARD_64.reftag_mask)
 
 
 def host_pi_step(namespaces: tuple[PiNamespace, ...]) -> str:

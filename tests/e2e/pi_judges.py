@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .pi_checks import (
-    CORRUPT, FIO_JOBS, HOST_PI_LBA, NAMESPACES, PATTERN, CorruptPlan, FioJob, PiNamespace, PiOp, Step, guard16, host_pi, key_values, pi16, pi_ops,
+    CORRUPT, FIO_JOBS, HOST_PI_LBA, NAMESPACES, CorruptPlan, FioJob, PiNamespace, PiOp, Step, host_pi, key_values, pi_ops,
 )
 
 #: nvme-cli's ``NVMe status: End-to-end Reference Tag Check Error: ...(0x284)``: the status
@@ -50,15 +50,8 @@ def parse_ops(text: str) -> dict[str, OpResult]:
 
 
 def expected_metadata(op: PiOp) -> bytes | None:
-    """What a successful read with ``read_back`` must return: the PI of the block as the
-    rows before it left it (PRACT's insert: the guard of the data, LBAT, the LBA; the escape
-    row: its PI as written, for the controller stores PI it did not check)."""
-    if not op.read_back:
-        return None
-    escape = next(o for o in pi_ops() if o.label == "write_escape")
-    if op.label == "read_escape":
-        return escape.metadata
-    return pi16(guard16(PATTERN), 0x1234, op.slba)
+    """What a successful read with ``read_back`` must return (the row's ``expect``)."""
+    return op.expect if op.read_back else None
 
 
 def judge_op(row: PiOp, got: OpResult | None) -> list[str]:

@@ -115,10 +115,10 @@ def test_judge_op(op: pc.PiOp):
             assert judge(steps_of(ops=op_line(op.label, st))) == []
         wrong = next(s for s in STATUS_TEXT if s not in op.allowed)
         assert judge(steps_of(ops=op_line(op.label, wrong)))
-    if op.read_back:
+    if op.read_back and op.status is None:
         md = pj.expected_metadata(op)
-        assert md is not None and len(md) == 8
-        for i in range(0, 8, 2):   # the guard, the application tag, each half of the reference tag
+        assert md is not None and len(md) == op.ns.ms
+        for i in range(0, op.ns.ms, 2):   # every 16-bit piece of the guard and the tags
             bad = md[:i] + bytes([md[i] ^ 1]) + md[i + 1:]
             assert judge(steps_of(ops=op_line(op.label, None, bad)))
     assert judge(steps_of(ops=""))
@@ -131,6 +131,9 @@ def test_read_pi_wants_the_spec_guard():
     read_pi = next(o for o in pc.pi_ops() if o.label == "read_pi")
     assert pj.expected_metadata(read_pi) == pc.pi16(pc.guard16(pc.PATTERN), 0x1234, pc.OP_LBA)
     assert pc.pi16(0xABCD, 0x1234, 0x01020304) == bytes.fromhex("abcd123401020304")
+    assert pc.pi64(0x0102030405060708, 0x1234, 0xA0B0C0D0E0F0) == bytes.fromhex("01020304050607081234a0b0c0d0e0f0")
+    g64 = next(o for o in pc.pi_ops() if o.label == "guard64_read_pi")
+    assert pj.expected_metadata(g64) == pc.pi64(pc.guard64(pc.PATTERN), 0x1234, pc.OP_LBA)
 
 
 def format_output(**changes: str) -> str:

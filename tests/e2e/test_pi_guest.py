@@ -10,19 +10,26 @@ step and pi_judges holds them to the spec's values, so a check passes on a peer 
 peer is right alone:
 
 * integrity: /sys/block/*/integrity: T10-DIF-TYPE1-CRC, T10-DIF-TYPE3-CRC, EXT-DIF-TYPE1-CRC64;
+* host_pi: a block written through the block layer holds, as the device stored it, the PI
+  Linux generated (16b and 64b Guard layouts);
 * fio write + crc32c verify through the block layer (psync, libaio, io_uring; O_DIRECT),
   where Linux generates and checks the PI, on each namespace;
 * fio io_uring_cmd on /dev/ngXnY with a metadata buffer, pi_act=1 and pi_act=0 with every
   PRCHK bit (Type 1, and the 64b Guard with pi_act=0);
 * ops: nvme-cli writes and reads of one block: PRACT's PI read back, each End-to-end Check
   Error from a PI wrong in one field (the Reference Tag one is the issue's), LBATM, Type 1's
-  ILBRT rule, the escape values of Types 1 and 3;
+  ILBRT rule, the escape values of Types 1 and 3, Type 3's Reference Tag check bit, the 64b
+  Guard's PI and check errors. The judges want the status's SCT/SC and leave DNR to the
+  controller (the spec does not require it there; QEMU sets it on none of the End-to-end
+  errors);
 * format: Format NVM to the plain LBA format and back, Linux's integrity after each;
 * corrupt (a device whose host can corrupt stored guards: nvme-emu's control plane): the
   guest's reads fail on exactly the corrupted range (pi_checks.corrupt_step).
 
-Adding nvme-emu is one fixture (boot with ``SCRIPT_WITH_CORRUPTION``, its server's
-on_console_line from :func:`pi_checks.guard_corruption_on_request`) and its name in PEERS.
+Adding nvme-emu is one fixture and its name in PEERS: serve ``[ns.nvme_emu_spec(path) for ns
+in pi_checks.NAMESPACES]``, ``boot("nvme_emu", SCRIPT_WITH_CORRUPTION, socket_path=...,
+on_console_line=pi_checks.guard_corruption_on_request(CTL_CORRUPT_GUARDS, errors))``; then
+one test holds its ``corrupt`` step to ``pi_judges.judge_corrupt`` (QEMU cannot corrupt PI).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+
 import pytest
 
 from nvme_emu import guest

@@ -235,8 +235,9 @@ class ProtectedNamespace:
 def pi_namespace_args(image: str, namespaces: Sequence[ProtectedNamespace]) -> list[str]:
     """One raw node per namespace over one file node of ``image``, packed from offset 0, and
     its ``nvme-ns`` (nsid 1, 2...). share-rw: the raw nodes are siblings on one file, each
-    writable, so each device must let the others write (they never overlap)."""
-    args = ["-blockdev", f"driver=file,filename={image},node-name=img,discard=unmap"]
+    writable, so each device must let the others write (they never overlap). A comma in
+    the path is doubled (QEMU's key=value escape)."""
+    args = ["-blockdev", f"driver=file,filename={image.replace(',', ',,')},node-name=img,discard=unmap"]
     offset = 0
     for i, ns in enumerate(namespaces, 1):
         args += ["-blockdev", f"driver=raw,file=img,offset={offset},size={ns.size},node-name=pi{i}",

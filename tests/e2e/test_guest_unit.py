@@ -158,6 +158,8 @@ def test_builtin_pi_carves_the_image_into_namespaces_with_metadata():
     want = [("8", "0", "1", "0", "0"), ("8", "0", "3", "1", "0"), ("16", "1", "1", "0", "2")]
     assert [(p["ms"], p["mset"], p["pi"], p["pil"], p["pif"]) for p in props] == want
     assert all(p["logical_block_size"] == "512" and p["share-rw"] == "on" for p in props)
+    odd = guest.pi_namespace_args("/tmp/a,b.raw", nss[:1])
+    assert odd[1] == "driver=file,filename=/tmp/a,,b.raw,node-name=img,discard=unmap"
 
 
 def test_builtin_pi_needs_an_image_and_no_zones():

@@ -11,7 +11,8 @@ Pieces (all under ``qemu-configs/``):
   cached trixie chroot wrapper);
 * ``build-guest.sh`` prints a cached kernel + initramfs (busybox, fio,
   nvme-cli, nvme modules, ``guest-init.sh`` as /init);
-* ``vfio-user-nvme.args`` / ``builtin-nvme.args`` / ``builtin-zoned-nvme.args``
+* ``vfio-user-nvme.args`` / ``builtin-nvme.args`` / ``builtin-zoned-nvme.args`` /
+  ``builtin-pi-nvme.args``
   are the QEMU command lines with ``@PLACEHOLDER@`` words;
 * ``build-rich-guest.sh`` prints the same kernel, an initramfs with a second
   stage (``rich-root.sh``) and a Debian tree that QEMU exports over virtio-9p:
@@ -206,6 +207,43 @@ def parse_zoned(spec: str) -> ZonedNamespace:
         mult = units.get(value[-1:].upper(), 1)
         kw[key] = int(value[:-1] if mult > 1 else value) * mult
     return ZonedNamespace(**kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ProtectedNamespace:
+    """A namespace of QEMU's own nvme with metadata and end-to-end protection (hw/nvme
+    ``nvme-ns`` ms/mset/pi/pil/pif, QEMU 11.1 names) for ``builtin_pi``: the next ``size``
+    bytes of ``builtin_image`` (a raw node at an offset; hw/nvme keeps the metadata behind
+    the data in those bytes). ``pi``: Protection Information Type (0: none); ``pil``: 1 PI
+    in the first bytes of the metadata, 0 (QEMU's default) the last; ``mset``: 1 extended
+    LBAs, 0 a separate buffer; ``pif``: 0 16b Guard, 2 64b Guard (ELBAF PIF)."""
+
+    size: int
+    ms: int = 8
+    pi: int = 1
+    pil: int = 0
+    mset: int = 0
+    pif: int = 0
+    lba_size: int = 512
+
+    def ns_properties(self) -> str:
+        """The ``-device nvme-ns`` properties after ``drive=``/``bus=``/``nsid=``."""
+        return (f"logical_block_size={self.lba_size},physical_block_size={self.lba_size},ms={self.ms},"
+                f"mset={self.mset},pi={self.pi},pil={self.pil},pif={self.pif}")
+
+
+def pi_namespace_args(image: str, namespaces: Sequence[ProtectedNamespace]) -> list[str]:
+    """One raw node per namespace over one file node of ``image``, packed from offset 0, and
+    its ``nvme-ns`` (nsid 1, 2...). share-rw: the raw nodes are siblings on one file, each
+    writable, so each device must let the others write (they never overlap). A comma in
+    the path is doubled (QEMU's key=value escape)."""
+    args = ["-blockdev", f"driver=file,filename={image.replace(',', ',,')},node-name=img,discard=unmap"]
+    offset = 0
+    for i, ns in enumerate(namespaces, 1):
+        args += ["-blockdev", f"driver=raw,file=img,offset={offset},size={ns.size},node-name=pi{i}",
+                 "-device", f"nvme-ns,bus=nvme0,drive=pi{i},nsid={i},share-rw=on,{ns.ns_properties()}"]
+        offset += ns.size
+    return args
 
 
 _agent_path: str | None = None
@@ -431,11 +469,13 @@ def build_cmdline(
     builtin_null: int | None = None,
     builtin_zoned: ZonedNamespace | None = None,
     rich_tree: str | None = None,
+    builtin_pi: Sequence[ProtectedNamespace] = (),
 ) -> list[str]:
     """The QEMU command line; each of ``extra_sockets`` adds one more vfio-user device
     after the first (a guest with several nvme-emu controllers). ``builtin_null`` (bytes):
     QEMU's own nvme on a ``null-co`` block node of that size instead of a file.
     ``builtin_zoned``: ``builtin_image`` backs a zoned namespace of QEMU's nvme.
+    ``builtin_pi``: ``builtin_image`` backs these namespaces with metadata, in order.
     ``rich_tree``: export that directory over virtio-9p (the rich guest's root)."""
     tail = rich_root_args(rich_tree) if rich_tree is not None else []
     subs = {
@@ -460,6 +500,8 @@ def build_cmdline(
         subs["ZONED_NS"] = builtin_zoned.ns_properties()
         subs["ZASL"] = str(builtin_zoned.zasl)
         return load_args("builtin-zoned-nvme.args", subs, accel) + tail
+    if builtin_pi:
+        return load_args("builtin-pi-nvme.args", subs, accel) + pi_namespace_args(subs["IMAGE"], builtin_pi) + tail
     return load_args("builtin-nvme.args", subs, accel) + tail
 
 
@@ -488,6 +530,7 @@ def run_guest(
     on_console_line: Callable[[str], None] | None = None,
     rich_root: bool = False,
     builtin_zoned: ZonedNamespace | None = None,
+    builtin_pi: Sequence[ProtectedNamespace] = (),
 ) -> GuestResult:
     """Boot the test guest, run ``command`` and/or ``fio_job`` (file *contents*).
 
@@ -503,7 +546,8 @@ def run_guest(
     thread; the guest does not wait for it), e.g. to act on markers a job prints.
     ``rich_root`` runs the job (command with bash) in the rich guest's Debian tree
     (build-rich-guest.sh) instead of the busybox initramfs; same markers, same result.
-    ``builtin_zoned`` makes ``builtin_image`` a zoned namespace of QEMU's own nvme.
+    ``builtin_zoned`` makes ``builtin_image`` a zoned namespace of QEMU's own nvme;
+    ``builtin_pi`` makes it namespaces with metadata and PI (their sizes in a row).
     """
     if sum(x is not None for x in (socket_path, builtin_image, builtin_null)) != 1:
         raise ValueError("give exactly one of socket_path, builtin_image or builtin_null")
@@ -515,6 +559,8 @@ def run_guest(
         raise ValueError("the doorbell agent serves a vfio-user device: give socket_path")
     if builtin_zoned is not None and builtin_image is None:
         raise ValueError("builtin_zoned describes builtin_image's namespace: give builtin_image")
+    if builtin_pi and (builtin_image is None or builtin_zoned is not None):
+        raise ValueError("builtin_pi carves builtin_image (and is not zoned): give builtin_image alone")
 
     qemu = ensure_qemu()
     rich_tree: str | None = None
@@ -532,7 +578,7 @@ def run_guest(
             socket_path=socket_path, builtin_image=builtin_image,
             kernel=kernel, initrd=initrd, cpus=cpus, memory_mb=memory_mb,
             accel=accel, kernel_args=kernel_args, extra_sockets=extra_sockets, builtin_null=builtin_null,
-            builtin_zoned=builtin_zoned, rich_tree=rich_tree,
+            builtin_zoned=builtin_zoned, rich_tree=rich_tree, builtin_pi=builtin_pi,
         )
         env = dict(os.environ)
         if socket_path is not None and (agent if agent is not None else accel == "kvm"):

@@ -135,3 +135,38 @@ def test_rich_job_hands_the_script_to_the_second_stage():
     assert files["job/run.sh"] == b"#!/bin/sh\nexec sh /usr/lib/nvme-emu/rich-root.sh /job/inner.sh\n"
     assert b"bash /job/cmd.sh" in files["job/inner.sh"]
     assert b"sh /job/cmd.sh" in guest._job_files("true", None)["job/run.sh"]
+
+
+def test_builtin_pi_carves_the_image_into_namespaces_with_metadata():
+    """Each ProtectedNamespace is a raw node at its offset in the one image (packed in order)
+    and an nvme-ns with its nsid and QEMU's ms/mset/pi/pil/pif; the controller has no
+    namespace of its own."""
+    nss = [guest.ProtectedNamespace(64 << 20), guest.ProtectedNamespace(32 << 20, pi=3, pil=1),
+           guest.ProtectedNamespace(16 << 20, ms=16, pif=2, mset=1)]
+    args = guest.build_cmdline(socket_path=None, builtin_image="/tmp/p.raw", builtin_pi=nss, kernel="/k", initrd="/i",
+                               cpus=1, memory_mb=512, accel="tcg")
+    devices = [args[i + 1] for i, w in enumerate(args) if w == "-device"]
+    nodes = [dict(p.split("=", 1) for p in args[i + 1].split(",")) for i, w in enumerate(args) if w == "-blockdev"]
+    assert devices[0] == "nvme,id=nvme0,serial=NVMEEMU-PI" and "-drive" not in args
+    assert nodes[0] == {"driver": "file", "filename": "/tmp/p.raw", "node-name": "img", "discard": "unmap"}
+    assert [(n["file"], int(n["offset"]), int(n["size"])) for n in nodes[1:]] == [
+        ("img", 0, 64 << 20), ("img", 64 << 20, 32 << 20), ("img", 96 << 20, 16 << 20)]
+    props = [dict(p.split("=", 1) for p in d.split(",")[1:]) for d in devices[1:]]
+    assert [d.split(",")[0] for d in devices[1:]] == ["nvme-ns"] * 3
+    assert [(p["nsid"], p["drive"], p["bus"]) for p in props] == [("1", "pi1", "nvme0"), ("2", "pi2", "nvme0"),
+                                                                  ("3", "pi3", "nvme0")]
+    want = [("8", "0", "1", "0", "0"), ("8", "0", "3", "1", "0"), ("16", "1", "1", "0", "2")]
+    assert [(p["ms"], p["mset"], p["pi"], p["pil"], p["pif"]) for p in props] == want
+    assert all(p["logical_block_size"] == "512" and p["share-rw"] == "on" for p in props)
+    odd = guest.pi_namespace_args("/tmp/a,b.raw", nss[:1])
+    assert odd[1] == "driver=file,filename=/tmp/a,,b.raw,node-name=img,discard=unmap"
+
+
+def test_builtin_pi_needs_an_image_and_no_zones():
+    import pytest
+
+    with pytest.raises(ValueError):
+        guest.run_guest(builtin_null=1 << 30, builtin_pi=[guest.ProtectedNamespace(1 << 20)], command="true")
+    with pytest.raises(ValueError):
+        guest.run_guest(builtin_image="/tmp", builtin_pi=[guest.ProtectedNamespace(1 << 20)],
+                        builtin_zoned=guest.ZonedNamespace(), command="true")

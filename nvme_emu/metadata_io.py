@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from .pi.format import GuardKind, PiCommand, PiFormat, Prinfo
 from .spec.commands import (
     COPY_DESCRIPTOR_FORMAT0_SIZE,
     COPY_DESCRIPTOR_FORMAT1_SIZE,
+    COPY_MAX_LBAS,
+    COPY_MAX_RANGE_LBAS,
+    COPY_MAX_RANGES,
     CopyCdw12,
     NvmeError,
     Psdt,
@@ -57,8 +60,11 @@ from .spec.commands import (
     SglType,
     Status,
 )
-from .sqe import CDW3, CDW12, CDW14, CDW15, MPTR, psdt, starting_lba
+from .sqe import CDW3, CDW12, CDW14, CDW15, MPTR, lba_range, psdt, starting_lba
 from vfio_user.dma import DmaError, GuestMemory
+
+if TYPE_CHECKING:
+    from .state import ControllerState
 
 _PRACT = int(Prinfo.PRACT)
 _PRCHK = int(Prinfo.PRCHK_ALL)
@@ -95,6 +101,8 @@ class MetadataNamespace(Protocol):
     def zero_meta(self, slba: int, nlb: int) -> Any: ...
 
     def verify(self, slba: int, nlb: int) -> Work | None: ...
+
+    def check_range(self, slba: int, nlb: int) -> None: ...
 
 
 class PiCheckError(NvmeError):
@@ -533,3 +541,115 @@ def copy(ns: MetadataNamespace, sources: Sequence[CopySource], dest: PiCommand, 
         steps.run(ns.write_meta(dest.slba, meta))
 
     return _then(ns, started, after, ())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The NVM handlers' side: decode the SQE, map the host's buffers, call the door
+# ---------------------------------------------------------------------------------------------
+
+
+#: What the NVM handlers pass: a :class:`~nvme_emu.namespace.Namespace`, which is a
+#: :class:`MetadataNamespace` once the namespace side of issue 26 gives it ``ms``, ``pi``,
+#: ``read_meta``...; typed loosely here so that both sides can land in either order.
+AnyNamespace = Any
+
+
+def has_metadata(ns: object) -> bool:
+    """Whether a namespace's current format has metadata, so that its commands come here.
+    The NVM handlers ask only once ``plain_rw`` said no, so a plain namespace never pays."""
+    return getattr(ns, "ms", 0) != 0  # a namespace kind without the attribute has none
+
+
+class MetadataHandlers:
+    """Read, Write, Compare, Verify, Write Zeroes and Copy of a namespace with metadata, for
+    :class:`~nvme_emu.nvm.NvmCommands`: each returns DW0 (0, done) or the Work that finishes
+    it, raising NvmeError (PiCheckError with its LBA) as the plain handlers do.
+
+    Given the controller's state and two of the NVM handlers' own hooks, never the handlers:
+    ``data_views(e, length, to_host=...)`` maps the data pointer (PRP or SGL, MDTS checked),
+    ``read_buffer(e, length)`` copies a small host buffer (Copy's descriptors)."""
+
+    def __init__(self, state: ControllerState, data_views: Callable[..., list[memoryview]],
+                 read_buffer: Callable[[tuple, int], bytes]) -> None:
+        self.state = state
+        self.data_views = data_views
+        self.read_buffer = read_buffer
+
+    def _host(self, ns: AnyNamespace, e: tuple, layout: HostLayout, *, to_host: bool) -> tuple[list[memoryview], list[memoryview]]:
+        data = self.data_views(e, layout.data_len, to_host=to_host)
+        if not layout.meta_len:
+            return data, []
+        try:
+            return data, metadata_views(self.state.host_memory(), e, layout.meta_len, to_host=to_host)
+        except BaseException:
+            prp.release_views(data)
+            raise
+
+    @staticmethod
+    def _owned(call: Callable[[], Work | None], views: Sequence[memoryview]) -> int | Work:
+        """The views released here when ``call`` is done or failed; a Work owns them."""
+        try:
+            work = call()
+        except BaseException:
+            prp.release_views(views)
+            raise
+        if work is None:
+            prp.release_views(views)
+            return 0
+        return work
+
+    def _transfer(self, ns: AnyNamespace, e: tuple, *, to_host: bool) -> tuple[PiCommand, int, HostLayout, list[memoryview], list[memoryview]]:
+        slba, nlb = lba_range(e)
+        ns.check_range(slba, nlb)  # LBA Out of Range before any walk of the host's pointers
+        cmd = pi_command(ns, e)
+        layout = host_layout(ns, nlb, cmd.prinfo)
+        data, meta = self._host(ns, e, layout, to_host=to_host)
+        return cmd, nlb, layout, data, meta
+
+    def read(self, ns: AnyNamespace, e: tuple) -> int | Work:
+        cmd, nlb, layout, data, meta = self._transfer(ns, e, to_host=True)
+        return self._owned(lambda: read(ns, cmd, nlb, layout, data, meta), [*data, *meta])
+
+    def write(self, ns: AnyNamespace, e: tuple) -> int | Work:
+        cmd, nlb, layout, data, meta = self._transfer(ns, e, to_host=False)
+        fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
+        return self._owned(lambda: write(ns, cmd, nlb, layout, data, meta, fua=fua), [*data, *meta])
+
+    def compare(self, ns: AnyNamespace, e: tuple) -> int | Work:
+        _no_pract(ns, pi_command(ns, e), "compare")  # before the host's buffers are mapped
+        cmd, nlb, layout, data, meta = self._transfer(ns, e, to_host=False)
+        return self._owned(lambda: compare(ns, cmd, nlb, layout, data, meta), [*data, *meta])
+
+    def verify(self, ns: AnyNamespace, e: tuple) -> int | Work:
+        slba, nlb = lba_range(e)
+        ns.check_range(slba, nlb)
+        return verify(ns, pi_command(ns, e), nlb) or 0
+
+    def write_zeroes(self, ns: AnyNamespace, e: tuple) -> int | Work:
+        slba, nlb = lba_range(e)
+        ns.check_range(slba, nlb)
+        cdw12 = e[CDW12]
+        return write_zeroes(ns, pi_command(ns, e), nlb, deallocate=bool(cdw12 & RwCdw12.DEAC), fua=bool(cdw12 & RwCdw12.FUA)) or 0
+
+    def copy_command(self, ns: AnyNamespace, e: tuple) -> tuple[list[CopySource], PiCommand, int]:
+        """A Copy's source ranges, its destination's PI fields and its total of blocks, every
+        field and range checked as the plain Copy checks them (NvmCommands.copy_ranges)."""
+        nr = (e[CDW12] & CopyCdw12.NR_MASK) + 1
+        _desfmt, size = copy_descriptor_format(ns, e)
+        if nr > COPY_MAX_RANGES:
+            raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"{nr} source ranges")
+        sources = copy_sources(ns, e, self.read_buffer(e, nr * size), nr)
+        total = 0
+        for src in sources:
+            if src.nlb > COPY_MAX_RANGE_LBAS:
+                raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy source range of {src.nlb} blocks")
+            ns.check_range(src.slba, src.nlb)
+            total += src.nlb
+        if total > COPY_MAX_LBAS:
+            raise NvmeError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"copy of {total} blocks")
+        dest = copy_write_command(ns, e)
+        ns.check_range(dest.slba, total)
+        return sources, dest, total
+
+    def copy(self, ns: AnyNamespace, sources: Sequence[CopySource], dest: PiCommand, e: tuple) -> int | Work:
+        return copy(ns, sources, dest, fua=bool(e[CDW12] & RwCdw12.FUA)) or 0

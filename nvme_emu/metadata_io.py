@@ -1,7 +1,7 @@
 """The command side of metadata and end-to-end data protection: what Read, Write, Compare,
 Verify, Write Zeroes and Copy do with a namespace's metadata and its protection information.
 
-Three layers, each usable alone (NVM Command Set 1.0, "End-to-end Data Protection" and each
+Four layers, each usable alone (NVM Command Set 1.0, "End-to-end Data Protection" and each
 command's section; where the spec leaves a choice, what QEMU's hw/nvme does, said where):
 
 1. **The host's buffers** (:func:`host_layout`, :func:`metadata_views`): how many bytes a
@@ -25,10 +25,21 @@ command's section; where the spec leaves a choice, what QEMU's hw/nvme does, sai
    :class:`~nvme_emu.outcome.Work` of a blocking namespace. The PI checks run where both
    buffers are: after the reads, in the Work's ``run`` on the I/O pool, which also copies to
    the host (the dispatcher releases the host's views before ``done`` runs).
+4. **The handlers' side** (:class:`MetadataHandlers`): decodes the SQE, maps the data
+   pointer and MPTR, calls the door; :class:`~nvme_emu.nvm.NvmCommands` reaches it only where
+   ``plain_rw`` is False and :func:`has_metadata` says yes.
 
-PRINFO on a namespace without PI is ignored, as the spec says of the field ("if the namespace
-is not formatted with protection information, this field is ignored") and as QEMU does: no
-Invalid Field. Metadata without PI still travels: extended in the data buffer, else via MPTR.
+The choices taken from QEMU's hw/nvme (dif.c, ctrl.c), where the spec leaves one: Compare and
+Verify with PRACT = 1 fail with Invalid Protection Information; Write Zeroes with a PRCHK bit
+fails the same way, and with PRACT = 1 writes its blocks (no deallocation) with generated PI;
+the End-to-end check errors complete without DNR; a Copy within one namespace needs the same
+PRACT in PRINFOR and PRINFOW (Invalid Field); descriptor format 0h goes with no PI or 16b
+Guard, 1h with 64b Guard (Invalid Format otherwise), its 80-bit tag field read big-endian.
+
+PRINFO on a namespace without PI is ignored, not Invalid Field: the field's actions and checks
+are defined on protection information, and QEMU's hw/nvme looks at PRINFO only when DPS names
+a type (nvme_read, nvme_do_write). So PRACT there does not drop the metadata from the host's
+buffers either: metadata without PI always travels, extended in the data buffer, else via MPTR.
 
 The namespace is duck-typed (:class:`MetadataNamespace`), so that this module does not
 import :mod:`nvme_emu.namespace` and its tests use a small fake.

@@ -458,7 +458,11 @@ def _then(ns: MetadataNamespace, started: Sequence[Work | None], after: Callable
             steps.run(w)
         after(steps)
 
-    return Work(run, tuple(views), steps.done)
+    # One blocking call (a Read or Write) keeps its inline budget: at QD1 the dispatcher may
+    # run the whole command on the loop, the metadata and PI part included, as it would the
+    # plain one; the budget times it all.
+    inline = started[0].inline if len(started) == 1 and isinstance(started[0], Work) else None
+    return Work(run, tuple(views), steps.done, inline)
 
 
 def read(ns: MetadataNamespace, cmd: PiCommand, nlb: int, layout: HostLayout,

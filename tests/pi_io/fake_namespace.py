@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from nvme_emu import prp
+from nvme_emu.inline_budget import InlineBudget
 from nvme_emu.lba_ranges import LbaRanges
 from nvme_emu.outcome import Work
 from nvme_emu.pi.engine import PiEngine
@@ -25,6 +26,8 @@ class FakeNamespace:
         self.pi = pi
         self.pi_engine = None if pi is None else PiEngine(pi, native_guards(pi.guard))
         self.blocking = blocking
+        #: what a file namespace's Read and Write Work carry: they may run inline at QD1
+        self.inline_budget = InlineBudget()
         self.dlfeat = dlfeat
         self.nlbas = nlbas
         self.data = bytearray(nlbas * lbads)
@@ -47,7 +50,8 @@ class FakeNamespace:
 
     def _now_or_work(self, name: str, run: Callable[[], Any], views: Sequence[memoryview] = ()) -> Work | None:
         if self.blocking:
-            return Work(run, views, lambda _r: self.counted.append(name))
+            inline = self.inline_budget if name in ("read", "write") else None
+            return Work(run, views, lambda _r: self.counted.append(name), inline)
         run()
         self.counted.append(name)
         return None

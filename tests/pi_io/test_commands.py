@@ -285,3 +285,27 @@ def test_copy_without_pi_moves_metadata() -> None:
     assert ns.block_meta(DEST) + ns.block_meta(DEST + 1) == b"\x42" * 32
     assert ns.block_data(DEST) == b"\x99" * 512
 
+
+
+def test_blocking_work_keeps_the_inline_budget_of_one_call() -> None:
+    """A Read's or Write's Work may run inline at QD1 as the plain one may; a Copy (several
+    calls) and Write Zeroes (none admitted) always go to the pool."""
+    case = CASES[0]
+    ns = case.ns(blocking=True)
+    data, meta = blocks(case, 13)
+    layout = mio.host_layout(ns, NLB, PRACT)
+    area = bytearray(host_area(case, layout, data, meta)[0])
+    work = mio.write(ns, case.cmd(PRACT), NLB, layout, views_of(area))
+    assert work is not None and work.inline is ns.inline_budget
+    assert ns.calls == [("write", SLBA, NLB, False)]  # the data is stored only when the Work runs
+    finish(work)
+    assert ("write_meta", SLBA, NLB) in ns.calls and ns.counted == ["write"]
+    out = bytearray(layout.data_len)
+    work = mio.read(ns, case.cmd(PRACT | CHK), NLB, layout, views_of(out))
+    assert work is not None and work.inline is ns.inline_budget and bytes(out) == bytes(len(out))
+    finish(work)
+    assert bytes(out) == b"".join(data)
+    raw = descriptor(case, SLBA, 1, source_tag(case, SLBA)) + descriptor(case, SLBA + 1, 1, source_tag(case, SLBA + 1))
+    e = copy_sqe(case, PRACT, PRACT, 2, ilbrt=DEST)
+    work = mio.copy(ns, mio.copy_sources(ns, e, raw, 2), mio.copy_write_command(ns, e))
+    assert work is not None and work.inline is None

@@ -41,6 +41,7 @@ from typing import Any, Callable
 from . import prp
 from .latency import LatencyRecorder, clock_ns
 from .lba_status import lba_status_changed
+from .metadata_io import MetadataHandlers, PiCheckError, has_metadata
 from .namespace import Namespace
 from .queue import SubmissionQueue
 from .sqe import CDW10, CDW11, CDW12, CID, FLAGS, NSID, OPC, PRP1, PRP2, lba_range, psdt, starting_lba
@@ -103,6 +104,9 @@ class NvmCommands:
         self.tables: dict[int, dict[int, Handler]] = {Csi.NVM: self.handlers}
         #: Each set's opcodes that change logical blocks (a write-protected namespace refuses them).
         self.lba_changing: dict[int, frozenset[int]] = {Csi.NVM: LBA_CHANGING_OPCODES}
+        #: The commands of a namespace with metadata (and PI): reached only where ``plain_rw``
+        #: is False, so a namespace without metadata never looks (issue 26).
+        self.metadata = MetadataHandlers(state, self.views, self.read_buffer)
 
     @property
     def opcodes(self) -> frozenset[int]:
@@ -155,7 +159,7 @@ class NvmCommands:
     def _failed(self, sq: SubmissionQueue, e: tuple, err: BaseException) -> int:
         """The status of a failed command, with its Error Information entry."""
         if isinstance(err, NvmeError):
-            lba = err.lba if isinstance(err, UnrecoveredRead) else starting_lba(e)
+            lba = err.lba if isinstance(err, (UnrecoveredRead, PiCheckError)) else starting_lba(e)
             self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=lba)
             return err.status_field
         # a bug must cost one command (Internal Error), not the whole batch
@@ -275,6 +279,10 @@ class NvmCommands:
                 view.release()
                 return 0
             return work  # the page cache missed: the pool reads it (the Work owns the view)
+        if not ns.plain_rw and has_metadata(ns):  # metadata and PI: its own buffers (issue 26)
+            if view is not None:
+                view.release()
+            return self.metadata.read(ns, e)
         if view is None:
             ns.check_range(slba, nlb)  # LBA Out of Range before any walk of the data pointer
             views = self.views(e, length, to_host=True)
@@ -304,6 +312,10 @@ class NvmCommands:
                 view.release()
                 return 0
             views = [view]  # a blocking namespace: the pool writes it, FUA as the command says
+        elif not ns.plain_rw and has_metadata(ns):  # metadata and PI: its own buffers (issue 26)
+            if view is not None:
+                view.release()
+            return self.metadata.write(ns, e)
         elif view is None:
             ns.check_range(slba, nlb)  # LBA Out of Range before any walk of the data pointer
             views = self.views(e, length, to_host=False)
@@ -339,6 +351,8 @@ class NvmCommands:
         slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
+        if not ns.plain_rw and has_metadata(ns):
+            return self.metadata.compare(ns, e)
         views = self.views(e, nlb << ns.lba_shift, to_host=False)
         return self.done_or_work(ns.compare, slba, nlb, views)
 
@@ -346,10 +360,14 @@ class NvmCommands:
         slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)
         check_readable(ns, slba, nlb)
+        if not ns.plain_rw and has_metadata(ns):
+            return self.metadata.verify(ns, e)
         return ns.verify(slba, nlb) or 0
 
     def write_zeroes(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)
+        if not ns.plain_rw and has_metadata(ns):
+            return self._clearing(ns, [(slba, nlb)], self.metadata.write_zeroes(ns, e))
         work = ns.write_zeroes(slba, nlb, deallocate=bool(e[CDW12] & RwCdw12.DEAC), fua=bool(e[CDW12] & RwCdw12.FUA))
         return self._clearing(ns, [(slba, nlb)], work or 0)
 
@@ -390,6 +408,11 @@ class NvmCommands:
         return 0
 
     def copy(self, ns: Namespace, e: tuple) -> int | Work:
+        if not ns.plain_rw and has_metadata(ns):  # descriptor formats 0h/1h with PI fields
+            sources, dest, total = self.metadata.copy_command(ns, e)
+            for src in sources:
+                check_readable(ns, src.slba, src.nlb)
+            return self._clearing(ns, [(dest.slba, total)], self.metadata.copy(ns, sources, dest, e))
         sdlba, ranges, total = self.copy_ranges(ns, e)
         for slba, nlb in ranges:
             check_readable(ns, slba, nlb)

@@ -167,6 +167,19 @@ LBA_CHANGING_OPCODES = frozenset(
 DSM_RANGE_SIZE = 16  #: context attributes u32, length in LBAs u32 (1-based), SLBA u64
 DSM_MAX_RANGES = 256
 COPY_DESCRIPTOR_FORMAT0_SIZE = 32  #: SLBA at byte 8, NLB (0-based) u16 at byte 16
+#: Source Range Entries Descriptor Format 1h (namespaces with 32b/64b Guard PI): as format 0h
+#: but the expected tags move up: ELBST/EILBRT in bytes 35:26, ELBAT 37:36, ELBATM 39:38.
+COPY_DESCRIPTOR_FORMAT1_SIZE = 40
+
+
+class CopyCdw12:
+    """Copy CDW12 fields (NVM Command Set, "Copy command"): the number of ranges, the
+    descriptor format, and one PRINFO for reading the sources, one for writing the destination."""
+
+    NR_MASK = 0xFF  # 0-based number of source ranges
+    DESFMT_SHIFT, DESFMT_MASK = 8, 0xF
+    PRINFOR_SHIFT = 12  # Protection Information Field Read, bits 15:12 (mask: RwCdw12.PRINFO_MASK)
+    PRINFOW_SHIFT = 26  # Protection Information Field Write, bits 29:26 (where Read/Write have PRINFO)
 #: Our Copy limits, enforced by the Copy command and advertised in Identify Namespace:
 #: MSSRL (blocks in one source range; the field is 16 bits), MCL (blocks in one command)
 #: and MSRC + 1 (source ranges in one command).

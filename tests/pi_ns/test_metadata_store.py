@@ -169,3 +169,31 @@ def test_created_namespaces_keep_and_drop_their_sidecar(tmp_path):
     assert ns.pi is not None and os.path.exists(tmp_path / "ns3.img.meta")
     destroy_namespace(ns, directory=str(tmp_path))
     assert not os.path.exists(tmp_path / "ns3.img") and not os.path.exists(tmp_path / "ns3.img.meta")
+
+
+def test_acknowledged_metadata_survives_sigkill(tmp_path):
+    """A store into the mapped sidecar is in the page cache when write_meta returns (before
+    the command completes): a killed serve loses none of it, with no Flush or close."""
+    img = tmp_path / "k.img"
+    spec = f"file:{img},size=1M,ms=8,pi=1"
+    ready_r, ready_w = os.pipe()  # child -> parent: written
+    hold_r, hold_w = os.pipe()  # never written: the child waits on it until killed
+    pid = os.fork()
+    if pid == 0:  # the "server": write, say so, then wait to be killed
+        try:
+            ns = open_namespace(spec, 1)
+            ns.write_meta(7, b"\xab" * 16)
+            os.write(ready_w, b"k")
+            os.read(hold_r, 1)
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(ready_r, 1) == b"k"
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, hold_r, hold_w):
+            os.close(fd)
+    with open_namespace(spec, 1) as ns:
+        assert bytes(ns.read_meta(7, 2)) == b"\xab" * 16
+        assert bytes(ns.read_meta(6, 1)) == b"\xff" * 8

@@ -53,9 +53,6 @@ from .zoned.zone_set import ZoneSet
 
 log = logging.getLogger(__name__)
 
-
-log = logging.getLogger(__name__)
-
 __all__ = ["LBA_FORMATS", "SUPPORTED_LBA_SIZES", "SUPPORTED_METADATA_SIZES", "LbaFormat", "Namespace", "NsFormat", "lba_format_index"]
 
 
@@ -228,14 +225,13 @@ class Namespace:
         if ms and fmt.pi_type is not ProtectionType.NONE:
             self.pi = PiFormat(1 << shift, ms, fmt.pif(ms), fmt.pi_type, fmt.pil)
             self.pi_engine = PiEngine(self.pi, native_guards(self.pi.guard))
-        template = self._meta_template(fmt)
         store = self._meta
-        if store is None or (store.ms, store.nlbas, store.template) != (ms, self._nlbas, template.tobytes()):
-            # not the store :meth:`erase` or :meth:`keep_meta_in` made for this format: a
-            # fresh one (in memory: a file namespace's sidecar is replaced by erase first)
-            if store is not None:
-                store.close()
-            self._meta = MetadataStore(ms, self._nlbas, template)
+        if store is None:
+            self._meta = MetadataStore(ms, self._nlbas, self._meta_template(fmt))
+        elif (store.ms, store.nlbas, store.template) != (ms, self._nlbas, self._meta_template(fmt).tobytes()):
+            # not the store :meth:`erase` or :meth:`keep_meta_in` made for this format (a
+            # format applied without an erase, as tests do): a fresh one, all deallocated
+            self._replace_meta(fmt, replace=True)
         #: A Read or Write is only a range check and a byte copy: no metadata beside the data,
         #: no protection information to generate or check, no zone rules (a write pointer).
         #: It gates the one-page fast paths (:meth:`read_page`, :meth:`write_page`), which do
@@ -578,7 +574,7 @@ class Namespace:
         (where there is a path and either metadata to keep or a sidecar already recording
         the format)."""
         lbaf = LBA_FORMATS[fmt.lbaf]
-        nlbas = self.backend.size >> lbaf.lbads
+        nlbas = self.backend.size >> lbaf.lbads if self.zones is None else self.zones.nlbas
         template = self._meta_template(fmt)
         old = self._meta
         store: MetadataStore

@@ -9,10 +9,10 @@ from typing import Mapping
 
 from . import structures as st
 from .command_set import IO_COMMAND_SET_COMBINATIONS, command_set
-from .namespace import Namespace
+from .namespace import LBA_FORMATS, Namespace
 from .queue import SubmissionQueue
 from .spec.commands import CQES_LOG2, NSID_ALL, SQES_LOG2, NvmeError, Status
-from .spec.identify import OCFS_FORMAT0, Cns, Lpa, Oacs, Oaes, Oncs, Sgls, Vwc
+from .spec.identify import OCFS_FORMAT0, Cns, Ctratt, Dpc, Lpa, Mc, Oacs, Oaes, Oncs, Sgls, Vwc
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import to_host
@@ -102,7 +102,8 @@ def _namespace_management_data(state: ControllerState, cns: int, nsid: int, csi:
 def _identify_namespace(state: ControllerState, nsid: int) -> bytes:
     if nsid == NSID_ALL:
         # The format common to all namespaces: what a new namespace would get.
-        return st.build_identify_namespace(lbaf=[(0, 9, 0), (0, 12, 0)], flbas=0)
+        return st.build_identify_namespace(lbaf=[(f.ms, f.lbads, f.rp) for f in LBA_FORMATS], flbas=0,
+                                           mc=Mc.EXTENDED | Mc.SEPARATE, dpc=Dpc.ALL)
     ns = state.namespaces.get(nsid)
     if ns is None:
         if 0 < nsid <= state.config.max_namespaces:
@@ -125,6 +126,9 @@ def identify_controller(state: ControllerState) -> bytes:
         mdts=c.mdts,
         cntlid=c.controller_id,
         ver=state.vs,
+        # Extended LBA Formats Supported: the host reads each namespace's ELBAF (CNS 05h), where
+        # Linux learns a format's guard (nvme_init_ms: without it, it assumes 16b Guard PI)
+        ctratt=Ctratt.EXTENDED_LBA_FORMATS,
         oaes=Oaes.NAMESPACE_ATTRIBUTE | Oaes.LBA_STATUS | Oaes.ZONE_DESCRIPTOR_CHANGED,
         oacs=oacs,
         acl=c.acl,

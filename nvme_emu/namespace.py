@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import uuid as _uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from . import identity, structures
 from .backends.base import Backend
@@ -30,9 +33,14 @@ from .backends.file import FileBackend
 from .backends.iov import ZERO_CHUNK, Buffers, byte_views, total_bytes
 from .backends.ram import RamBackend
 from .lba_ranges import LbaRanges
+from .metadata_store import SUFFIX as META_SUFFIX, FileMetadataStore, MetadataStore, StoredFormat
+from .ns_format import LBA_FORMATS, SUPPORTED_LBA_SIZES, SUPPORTED_METADATA_SIZES, LbaFormat, NsFormat, check_ns_format, elbaf_list, lba_format_index
 from .outcome import Work
+from .pi.engine import PiEngine
+from .pi.format import GuardKind, PiFormat, PiLocation, ProtectionType
+from .pi.guards import native_guards
 from .spec.commands import COPY_MAX_LBAS, COPY_MAX_RANGES, COPY_MAX_RANGE_LBAS, NSID_ALL, NvmeError, Status
-from .spec.identify import DLFEAT_READ_ZEROES, DLFEAT_WRITE_ZEROES_DEAC, NSATTR_WRITE_PROTECTED, Csi, flbas_encode
+from .spec.identify import DLFEAT_READ_ZEROES, DLFEAT_WRITE_ZEROES_DEAC, FLBAS_EXTENDED_METADATA, NSATTR_WRITE_PROTECTED, Csi, Dpc, Mc, flbas_encode
 from .zoned.geometry import ZoneGeometry
 from .zoned.sidecar import ZoneSidecar
 from .zoned.zone_set import ZoneSet
@@ -43,29 +51,9 @@ from .zoned.zone_set import ZoneSet
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LbaFormat:
-    """One supported LBA format; we offer no metadata and no protection information."""
+log = logging.getLogger(__name__)
 
-    lbads: int  # log2 of the data size
-    ms: int = 0
-    rp: int = 0
-
-    @property
-    def size(self) -> int:
-        return 1 << self.lbads
-
-
-#: The formats every namespace advertises: index 0 = 512-byte, index 1 = 4096-byte blocks.
-LBA_FORMATS: tuple[LbaFormat, ...] = (LbaFormat(9), LbaFormat(12, rp=0))
-SUPPORTED_LBA_SIZES = tuple(f.size for f in LBA_FORMATS)
-
-
-def lba_format_index(lba_size: int) -> int:
-    for i, f in enumerate(LBA_FORMATS):
-        if f.size == lba_size:
-            return i
-    raise ValueError(f"unsupported LBA size {lba_size} (choose from {', '.join(map(str, SUPPORTED_LBA_SIZES))})")
+__all__ = ["LBA_FORMATS", "SUPPORTED_LBA_SIZES", "SUPPORTED_METADATA_SIZES", "LbaFormat", "Namespace", "NsFormat", "lba_format_index"]
 
 
 @dataclass
@@ -111,12 +99,17 @@ class Namespace:
         uuid: _uuid.UUID | None = None,
         csi: Csi = Csi.NVM,
         zoned: ZoneGeometry | None = None,
+        ms: int = 0,
+        extended: bool = False,
+        pi_type: ProtectionType = ProtectionType.NONE,
+        pil: PiLocation = PiLocation.LAST,
+        guard: GuardKind = GuardKind.GUARD_16,
     ) -> None:
         if not 0 < nsid < NSID_ALL:
             raise ValueError(f"invalid NSID {nsid}")
         self.nsid = nsid
         self.backend = backend
-        lbaf_index = lba_format_index(lba_size)
+        lbaf_index = lba_format_index(lba_size, ms)
         if backend.size < lba_size:
             raise ValueError(f"backend of {backend.size} bytes is smaller than one {lba_size}-byte block")
         d_nguid, d_eui, d_uuid = derive_ids(id_seed, nsid)
@@ -154,7 +147,16 @@ class Namespace:
         #: LBAs Write Uncorrectable marked: reads fail until they are written again. In memory
         #: only (a restart forgets them), as the fault injector's faults are.
         self.uncorrectable = LbaRanges()
-        self.apply_format(lbaf_index)
+        #: The metadata of every block (:mod:`nvme_emu.metadata_store`): in memory until
+        #: :meth:`keep_meta_in` gives it a sidecar; replaced by every Format.
+        self._meta: MetadataStore | None = None
+        #: Where a file or block namespace keeps its metadata and format (None: RAM).
+        self._meta_path: str | None = None
+        try:
+            fmt = check_ns_format(NsFormat(lbaf_index, extended, pi_type, pil, guard), zoned=zoned is not None)
+        except NvmeError as e:
+            raise ValueError(str(e)) from None
+        self.apply_format(fmt)
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -190,12 +192,19 @@ class Namespace:
 
     # -- the format, and the one fast-path flag it decides --------------------------------------
 
-    def apply_format(self, index: int) -> None:
-        """LBA format ``index`` applies from now on (at creation, and when a Format NVM is done).
+    def apply_format(self, fmt: NsFormat | int) -> None:
+        """Format ``fmt`` applies from now on (at creation, and when a Format NVM is done);
+        an index alone is that LBA format with this namespace's guard, no MSET and no PI.
+        ``fmt`` is checked (:func:`check_ns_format`) by the caller.
 
         Everything a format decides is computed here, once, into plain attributes, because
         the I/O path reads them on every command: the shift, the byte end of the exposed
-        blocks, and :attr:`plain_rw`."""
+        blocks, :attr:`plain_rw`, and the metadata and protection information of the format."""
+        if isinstance(fmt, int):
+            fmt = NsFormat(fmt, guard=self.ns_format.guard)
+        index = fmt.lbaf
+        #: the whole format (FLBAS, DPS and the guard), as a sidecar records it
+        self.ns_format: NsFormat = fmt
         self._lbaf_index = index
         #: log2 of the LBA size: read several times per I/O command, so a plain attribute
         self.lba_shift = shift = LBA_FORMATS[index].lbads
@@ -204,12 +213,47 @@ class Namespace:
         self._nlbas = self.backend.size >> shift if self.zones is None else self.zones.nlbas
         #: the exposed blocks in bytes (NSZE << shift): the one-page paths' range check
         self._end = self._nlbas << shift
+        #: MS: metadata bytes per block (0: none; then everything below is off)
+        self.ms = ms = LBA_FORMATS[index].ms
+        #: FLBAS bit 4 (MSET): the host moves metadata inside extended LBAs, else through MPTR
+        self.extended = fmt.extended
+        #: the protection information format, None without PI (DPS type 0, or no metadata)
+        self.pi: PiFormat | None = None
+        #: the engine that inserts, checks and strips :attr:`pi` (native guard CRCs), built
+        #: once per format
+        self.pi_engine: PiEngine | None = None
+        if ms and fmt.pi_type is not ProtectionType.NONE:
+            self.pi = PiFormat(1 << shift, ms, fmt.pif(ms), fmt.pi_type, fmt.pil)
+            self.pi_engine = PiEngine(self.pi, native_guards(self.pi.guard))
+        store = self._meta
+        if store is None:
+            self._meta = MetadataStore(ms, self._nlbas, self._meta_template(fmt))
+        elif (store.ms, store.nlbas, store.template) != (ms, self._nlbas, self._meta_template(fmt).tobytes()):
+            # not the store :meth:`erase` or :meth:`keep_meta_in` made for this format (a
+            # format applied without an erase, as tests do): a fresh one, all deallocated
+            self._replace_meta(fmt, replace=True)
         #: A Read or Write is only a range check and a byte copy: no metadata beside the data,
         #: no protection information to generate or check, no zone rules (a write pointer).
         #: It gates the one-page fast paths (:meth:`read_page`, :meth:`write_page`), which do
         #: nothing else; a namespace kind that needs more (metadata and PI, issue 26; zoned,
         #: issue 25) answers False in :meth:`rw_is_plain` and takes the general path.
         self.plain_rw = self.rw_is_plain()
+
+    def _meta_template(self, fmt: NsFormat) -> np.ndarray:
+        """What a deallocated block's metadata reads as under ``fmt`` (DLFEAT; with PI, the
+        escape values: :meth:`PiEngine.fill_deallocated`): the store's XOR template."""
+        lbaf = LBA_FORMATS[fmt.lbaf]
+        meta = np.zeros(lbaf.ms, dtype=np.uint8)
+        if lbaf.ms and fmt.pi_type is not ProtectionType.NONE:
+            pi = PiFormat(lbaf.size, lbaf.ms, fmt.pif(lbaf.ms), fmt.pi_type, fmt.pil)
+            PiEngine(pi, native_guards(pi.guard)).fill_deallocated(self.dlfeat, np.zeros(lbaf.size, np.uint8), meta)
+        return meta
+
+    @property
+    def dlfeat(self) -> int:
+        """DLFEAT: deallocated blocks read as zeroes (where the backend's do), PI Guard all
+        ones (bit 4 clear, as QEMU's hw/nvme), and Write Zeroes honours DEAC."""
+        return (DLFEAT_READ_ZEROES if self.backend.deallocate_zeroes else 0) | DLFEAT_WRITE_ZEROES_DEAC
 
     def rw_is_plain(self) -> bool:
         """The rule behind :attr:`plain_rw`, for the current format: no metadata (and so no
@@ -436,6 +480,112 @@ class Namespace:
     def flush(self) -> None:
         self.backend.flush()
         self._sync_zones()
+        if self._meta is not None:
+            self._meta.sync()
+
+    # -- metadata: the one door to it -------------------------------------------------------------
+    #
+    # The data methods above move data only. On a namespace with metadata (ms > 0) the command
+    # set moves each command's metadata through these three, in the same Work as its data (a
+    # file namespace's are stores into a mapped sidecar, which may wait for the disk: call them
+    # from the Work's run on a blocking namespace), so metadata is stored before the command
+    # completes. Write Zeroes, Deallocate and Copy destinations are the command set's to
+    # follow with zero_meta/write_meta too: the data methods never touch metadata.
+
+    def read_meta(self, slba: int, nlb: int) -> memoryview:
+        """The metadata of blocks ``slba .. slba + nlb``: ``nlb * ms`` bytes, a writable copy
+        (the caller's: the PI engine may check or strip in place). Deallocated blocks' read
+        as DLFEAT says, with PI escape values (:mod:`nvme_emu.metadata_store`)."""
+        self.check_range(slba, nlb)
+        assert self._meta is not None
+        return self._meta.read(slba, nlb)
+
+    def write_meta(self, slba: int, data: Any, *, fua: bool = False) -> None:
+        """Store whole blocks of metadata (``data``: any bytes-like, ``nlb * ms`` bytes) from
+        ``slba`` on; ``fua``: durable before it returns (``msync`` of its pages)."""
+        ms = self.ms
+        nbytes = memoryview(data).nbytes if not isinstance(data, np.ndarray) else data.nbytes
+        if not ms or nbytes % ms:
+            raise ValueError(f"{nbytes} bytes are not whole blocks of {ms}-byte metadata")
+        nlb = nbytes // ms
+        self.check_range(slba, nlb)
+        assert self._meta is not None
+        self._meta.write(slba, data)
+        if fua:
+            self._meta.sync(slba, nlb)
+
+    def zero_meta(self, slba: int, nlb: int, *, fua: bool = False) -> None:
+        """Blocks ``slba ..``'s metadata reads as a deallocated block's from now on (Write
+        Zeroes without PRACT, Deallocate): what DLFEAT says, PI with every check escaped."""
+        self.check_range(slba, nlb)
+        assert self._meta is not None
+        self._meta.deallocate(slba, nlb)
+        if fua:
+            self._meta.sync(slba, nlb)
+
+    def keep_meta_in(self, path: str | None) -> None:
+        """Keep this namespace's metadata and format in the sidecar at ``path`` (None: RAM,
+        in memory). A sidecar there wins over the format the namespace was opened with (the
+        command line): a drive keeps the format its host last chose; the difference is
+        logged. Without one, it is made now if the format has metadata, else at the first
+        Format that chooses metadata. ValueError for a sidecar that cannot be trusted, does
+        not fit the image, or belongs to a zoned namespace."""
+        if path is None:
+            return
+        opened = FileMetadataStore.read_format(path)
+        if opened is None:
+            self._meta_path = path
+            if self.ms:
+                self._replace_meta(self.ns_format, replace=False)
+            return
+        fd, stored = opened
+        try:
+            fmt = self._check_stored(path, stored)
+        except BaseException:
+            os.close(fd)
+            raise
+        if fmt != self.ns_format:
+            log.warning("namespace %d: %s holds format %s, which wins over the one asked for (%s)", self.nsid, path, fmt, self.ns_format)
+        store = FileMetadataStore.attach(path, fd, stored, self._meta_template(fmt))
+        old, self._meta, self._meta_path = self._meta, store, path
+        if old is not None:
+            old.close()
+        self.apply_format(fmt)
+
+    def _check_stored(self, path: str, stored: StoredFormat) -> NsFormat:
+        """The format a sidecar records, if this namespace can be in it."""
+        if self.zones is not None:
+            raise ValueError(f"{path}: metadata of a zoned namespace (zoned namespaces have none: delete it)")
+        try:
+            fmt = check_ns_format(stored.fmt)
+        except NvmeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        lbaf = LBA_FORMATS[fmt.lbaf]
+        if (stored.lbads, stored.ms) != (lbaf.lbads, lbaf.ms) or fmt != stored.fmt:
+            raise ValueError(f"{path}: LBA format {fmt.lbaf} recorded as {1 << stored.lbads}+{stored.ms}, "
+                             f"this build's is {lbaf.size}+{lbaf.ms}")
+        if stored.nlbas != self.backend.size >> lbaf.lbads:
+            raise ValueError(f"{path}: made for {stored.nlbas} blocks, the image holds {self.backend.size >> lbaf.lbads} "
+                             "(resized? delete the sidecar to start with every block's metadata deallocated)")
+        return fmt
+
+    def _replace_meta(self, fmt: NsFormat, *, replace: bool) -> None:
+        """A fresh store for ``fmt``, every block deallocated: in memory, or a new sidecar
+        (where there is a path and either metadata to keep or a sidecar already recording
+        the format)."""
+        lbaf = LBA_FORMATS[fmt.lbaf]
+        nlbas = self.backend.size >> lbaf.lbads if self.zones is None else self.zones.nlbas
+        template = self._meta_template(fmt)
+        old = self._meta
+        store: MetadataStore
+        if self._meta_path is not None and (lbaf.ms or isinstance(old, FileMetadataStore)):
+            stored = StoredFormat(fmt, lbaf.lbads, lbaf.ms, nlbas)
+            store = FileMetadataStore.create(self._meta_path, stored, template, replace=replace and isinstance(old, FileMetadataStore))
+        else:
+            store = MetadataStore(lbaf.ms, nlbas, template)
+        self._meta = store
+        if old is not None:
+            old.close(sync=False)  # its blocks are erased: nothing of it needs to be durable
 
     # -- zone state that outlives the process ----------------------------------------------------
 
@@ -467,18 +617,22 @@ class Namespace:
         self.backend.write_from(off, views, fua=fua)
         self._sync_zones()
 
-    def format(self, lbaf_index: int, secure_erase: int = 0) -> None:
-        """Format NVM: switch LBA format (byte capacity kept) and zero all user data.
+    def format(self, lbaf_index: int, secure_erase: int = 0, *, mset: bool = False,
+               pi_type: ProtectionType = ProtectionType.NONE, pil: PiLocation = PiLocation.LAST) -> None:
+        """Format NVM: switch LBA format (byte capacity kept), metadata and protection
+        information, and zero all user data and metadata.
 
         Every Secure Erase Setting (0 none, 1 user data, 2 cryptographic) zeroes the media:
         with no encryption that is the strongest erase we have and the cheapest to reason about.
         """
-        self.check_format(lbaf_index, secure_erase)
-        self.erase()
-        self.apply_format(lbaf_index)
+        fmt = self.check_format(lbaf_index, secure_erase, mset=mset, pi_type=pi_type, pil=pil)
+        self.erase(fmt)
+        self.apply_format(fmt)
 
-    def check_format(self, lbaf_index: int, secure_erase: int = 0) -> None:
-        """The checks of :meth:`format`, alone (they run on the loop, :meth:`erase` may not)."""
+    def check_format(self, lbaf_index: int, secure_erase: int = 0, *, mset: bool = False,
+                     pi_type: ProtectionType = ProtectionType.NONE, pil: PiLocation = PiLocation.LAST) -> NsFormat:
+        """The checks of :meth:`format`, alone (they run on the loop, :meth:`erase` may not):
+        the format to erase into and apply."""
         if not 0 <= lbaf_index < len(LBA_FORMATS):
             raise NvmeError(Status.INVALID_FORMAT, f"LBA format {lbaf_index} not supported")
         if self.zones is not None:
@@ -489,19 +643,28 @@ class Namespace:
             raise NvmeError(Status.INVALID_FIELD, f"secure erase setting {secure_erase}")
         if self.backend.size < LBA_FORMATS[lbaf_index].size:
             raise NvmeError(Status.INVALID_FORMAT, "namespace smaller than one block of that format")
+        fmt = check_ns_format(NsFormat(lbaf_index, mset, pi_type, pil, self.ns_format.guard))
         if self.write_protected:
             raise NvmeError(Status.NAMESPACE_WRITE_PROTECTED, f"namespace {self.nsid} is write protected")
+        return fmt
 
-    def erase(self) -> None:
-        """Zero (deallocate) all user data and make that durable: the slow part of Format."""
+    def erase(self, fmt: NsFormat | None = None) -> None:
+        """Zero (deallocate) all user data and metadata and make that durable: the slow part
+        of Format. ``fmt`` (default: the current one) is the format the metadata is made for;
+        on a file or block namespace its sidecar now records it (data first: a crash between
+        the two leaves the old format over erased data, never the new one over old data)."""
         self.backend.write_zeroes(0, self.backend.size, deallocate=True)
         self.backend.flush()
+        self._replace_meta(self.ns_format if fmt is None else fmt, replace=True)
 
     def close(self) -> None:
         sidecar, self._zone_sidecar = self._zone_sidecar, None
         if sidecar is not None and self.zones is not None:
             self.zones.shutdown()  # open zones are stored Closed (or Empty), as QEMU does
             sidecar.close()
+        meta, self._meta = self._meta, None
+        if meta is not None:
+            meta.close()
         self.backend.close()
 
     def __enter__(self) -> "Namespace":
@@ -519,8 +682,12 @@ class Namespace:
             ncap=self.ncap,
             nuse=self.nuse,
             nsfeat=0,
-            flbas=flbas_encode(self.lbaf_index),
-            dlfeat=(DLFEAT_READ_ZEROES if self.backend.deallocate_zeroes else 0) | DLFEAT_WRITE_ZEROES_DEAC,
+            flbas=flbas_encode(self.lbaf_index) | (FLBAS_EXTENDED_METADATA if self.extended else 0),
+            # a zoned namespace has no metadata formats to choose (check_ns_format)
+            mc=0 if self.zones is not None else Mc.EXTENDED | Mc.SEPARATE,
+            dpc=0 if self.zones is not None else Dpc.ALL,
+            dps=0 if self.pi is None else self.pi.dps,
+            dlfeat=self.dlfeat,
             nvmcap=self.size_bytes,
             nsattr=NSATTR_WRITE_PROTECTED if self.write_protected else 0,
             nguid=self.nguid,
@@ -544,14 +711,22 @@ class Namespace:
         return structures.build_identify_namespace_independent(nsattr=NSATTR_WRITE_PROTECTED if self.write_protected else 0)
 
     def identify_namespace_nvm(self) -> bytes:
-        """CNS 05h / CSI 00h for this namespace (no protection information: zeros)."""
-        return structures.build_identify_namespace_nvm()
+        """CNS 05h / CSI 00h for this namespace: no storage tag (LBSTM 0, PIC 0: its bits are
+        storage tag capabilities; the guards are told per format), and each LBA format's PI
+        format in ELBAF (STS 0, PIF: the namespace's guard where its metadata can hold it,
+        16b Guard elsewhere). All zeros for a 16b Guard namespace, as before."""
+        return structures.build_identify_namespace_nvm(elbaf=elbaf_list(self.ns_format.guard))
 
     # -- what the control plane reports ----------------------------------------------------------
 
     def describe_storage(self) -> dict[str, Any]:
-        """The storage behind it: the backend's class and its path (None in memory)."""
-        return {"backend": type(self.backend).__name__, "path": getattr(self.backend, "path", None)}
+        """The storage behind it: the backend's class and its path (None in memory), and the
+        format's metadata and protection information with where the metadata is kept."""
+        pi = self.pi
+        return {"backend": type(self.backend).__name__, "path": getattr(self.backend, "path", None),
+                "ms": self.ms, "extended": self.extended, "pi": 0 if pi is None else int(pi.pi_type),
+                "pil": None if pi is None else pi.location.name.lower(), "guard": 16 if self.ns_format.guard is GuardKind.GUARD_16 else 64,
+                "meta_path": None if self._meta is None else self._meta.path}
 
     def inline_stats(self) -> dict[str, int] | None:
         """How its blocking calls ran inline or on the pool (:mod:`nvme_emu.inline_budget`);
@@ -575,24 +750,38 @@ def new_namespace_path(directory: str, nsid: int) -> str:
 
 
 def create_namespace(nsid: int, size: int, lba_size: int, *, directory: str | None = None, csi: Csi = Csi.NVM,
-                     zoned: ZoneGeometry | None = None) -> Namespace:
+                     zoned: ZoneGeometry | None = None, fmt: NsFormat | None = None) -> Namespace:
     """A fresh, zeroed namespace for Namespace Management: RAM, or a new sparse file in
-    ``directory`` (an existing file of that name is a stale one from a deleted namespace of
-    an earlier run: it is replaced, since a new namespace must read as zeroes). It is a new
-    namespace, so it gets new IDs (:func:`nvme_emu.identity.created_namespace_seed`)."""
+    ``directory`` (an existing file of that name, and its metadata sidecar, are stale ones
+    from a deleted namespace of an earlier run: they are replaced, since a new namespace must
+    read as zeroes). ``fmt``: its metadata and protection information (``lba_size`` must be
+    its LBA format's). It is a new namespace, so it gets new IDs
+    (:func:`nvme_emu.identity.created_namespace_seed`)."""
     backend: Backend
+    path = None
     if directory is None:
         backend = RamBackend(size)
     else:
         path = new_namespace_path(directory, nsid)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        for stale in (path, path + META_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
         backend = FileBackend(path, size)
+    f = NsFormat(lba_format_index(lba_size)) if fmt is None else fmt
+    ms = LBA_FORMATS[f.lbaf].ms
     try:
-        return Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed(), csi=csi, zoned=zoned)
+        ns = Namespace(nsid, backend, lba_size=lba_size, id_seed=identity.created_namespace_seed(), csi=csi, zoned=zoned, ms=ms,
+                       extended=f.extended, pi_type=f.pi_type, pil=f.pil, guard=f.guard)
     except BaseException:
         backend.close()
         raise
+    if path is not None:
+        try:
+            ns.keep_meta_in(path + META_SUFFIX)
+        except BaseException:
+            ns.close()
+            raise
+    return ns
 
 
 def destroy_namespace(ns: Namespace, *, directory: str | None = None) -> None:
@@ -600,5 +789,6 @@ def destroy_namespace(ns: Namespace, *, directory: str | None = None) -> None:
     path = getattr(ns.backend, "path", None)
     ns.close()
     if directory is not None and path == new_namespace_path(directory, ns.nsid):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        for created in (path, path + META_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(created)

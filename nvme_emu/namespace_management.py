@@ -16,9 +16,11 @@ from .async_event import namespace_changed
 from .command_set import command_set, namespace_attached
 from .identify import IDENTIFY_SIZE, unallocated_capacity
 from .namespace import LBA_FORMATS, Namespace, create_namespace, destroy_namespace
+from .ns_format import NsFormat, check_ns_format
+from .pi.format import DPS_PIP_SHIFT, DPS_PIT_MASK, PiLocation, ProtectionType
 from .queue import SubmissionQueue
 from .spec.commands import NSID_ALL, NvmeError, Status
-from .spec.identify import Csi, flbas_decode
+from .spec.identify import FLBAS_EXTENDED_METADATA, Csi, flbas_decode
 from .sqe import CDW10, CDW11, NSID
 from .state import ControllerHooks, ControllerState
 from .transfer import from_host
@@ -41,7 +43,7 @@ def namespace_management(state: ControllerState, hooks: ControllerHooks, sq: Sub
     if sel == SEL_CREATE:
         cs = command_set(e[CDW11] >> 24, Status.IO_COMMAND_SET_NOT_SUPPORTED)
         fields = st.IdentifyNamespace.parse(from_host(state, e, IDENTIFY_SIZE))
-        return create(state, fields.nsze, fields.ncap, fields.flbas, cs.csi)
+        return create(state, fields.nsze, fields.ncap, fields.flbas, cs.csi, dps=fields.dps)
     if sel == SEL_DELETE:
         nsid = e[NSID]
         targets = sorted(state.allocated) if nsid == NSID_ALL else [nsid]
@@ -79,13 +81,16 @@ def free_nsid(state: ControllerState) -> int:
     raise NvmeError(Status.NAMESPACE_ID_UNAVAILABLE, f"all {state.config.max_namespaces} NSIDs are allocated")
 
 
-def create(state: ControllerState, nsze: int, ncap: int, flbas: int, csi: Csi = Csi.NVM) -> int:
-    """Allocate a zeroed namespace of ``nsze`` blocks in format ``flbas`` and command set
-    ``csi`` (not attached). A zoned one gets QEMU's default zone geometry
-    (:func:`nvme_emu.zoned.geometry.created_geometry`): the Create data has no zone fields."""
+def create(state: ControllerState, nsze: int, ncap: int, flbas: int, csi: Csi = Csi.NVM, *, dps: int = 0) -> int:
+    """Allocate a zeroed namespace of ``nsze`` blocks in format ``flbas`` (with MSET, bit 4),
+    protection ``dps`` and command set ``csi`` (not attached). A zoned one gets QEMU's
+    default zone geometry (:func:`nvme_emu.zoned.geometry.created_geometry`): the Create data
+    has no zone fields. Its guard is 16b: the Create data chooses none."""
     index = flbas_decode(flbas)
-    if index >= len(LBA_FORMATS):
-        raise NvmeError(Status.INVALID_FORMAT, f"LBA format {index} not supported")
+    if dps & DPS_PIT_MASK > ProtectionType.TYPE3:
+        raise NvmeError(Status.INVALID_FIELD, f"DPS {dps:#x}: reserved protection information type")
+    fmt = check_ns_format(NsFormat(index, bool(flbas & FLBAS_EXTENDED_METADATA), ProtectionType(dps & DPS_PIT_MASK),
+                                   PiLocation((dps >> DPS_PIP_SHIFT) & 1)), zoned=csi == Csi.ZONED)
     if nsze == 0:
         raise NvmeError(Status.INVALID_FIELD, "namespace size 0")
     if ncap != nsze:
@@ -97,7 +102,7 @@ def create(state: ControllerState, nsze: int, ncap: int, flbas: int, csi: Csi = 
     c = state.config
     lba_size = LBA_FORMATS[index].size
     zoned = created_geometry(size, lba_size) if csi == Csi.ZONED else None
-    ns = create_namespace(nsid, size, lba_size, directory=c.ns_dir, csi=csi, zoned=zoned)
+    ns = create_namespace(nsid, size, lba_size, directory=c.ns_dir, csi=csi, zoned=zoned, fmt=fmt)
     state.allocated[nsid] = ns
     state.created.add(nsid)
     log.info("namespace %d created: %r", nsid, ns)

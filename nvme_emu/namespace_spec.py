@@ -8,6 +8,14 @@ Any kind may be zoned (the Zoned Namespace Command Set, issue 25): ``zoned`` and
 ``zone_size`` (default 128M, a power of two), ``zone_cap`` (default the zone size),
 ``max_open`` and ``max_active`` (default 0, no limit) and ``cross_read`` (Read Across Zone
 Boundaries); :mod:`nvme_emu.zoned.geometry` says why each rule is what it is.
+
+Any kind but a zoned one may have metadata (issue 26): ``ms`` (8, 16 or 64 bytes per block),
+``ext`` (extended LBAs, FLBAS bit 4: metadata interleaved with the data in the host's buffers;
+default separate, through MPTR, which is what Linux's block layer uses), ``pi`` (protection
+information type 0-3), ``pil`` (``first`` or ``last``, default last: where the PI sits in the
+metadata) and ``guard`` (16 or 64: CRC-16 T10-DIF or the 64b CRC; 64 needs 16 or more bytes of
+metadata). On ``file:`` and ``blk:`` the metadata and the format live in a sidecar
+(:mod:`nvme_emu.metadata_store`), whose format wins over these keys at a restart.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from dataclasses import dataclass, field
 from .spec.commands import NSID_ALL
 from .backends import backend_class
 from .backends.base import BackendSpec
-from .namespace import Namespace, lba_format_index
+from .metadata_store import meta_path
+from .namespace import SUPPORTED_METADATA_SIZES, Namespace, lba_format_index
+from .pi.format import GuardKind, PiLocation, ProtectionType
 from .zoned.geometry import DEFAULT_ZONE_SIZE, ZoneGeometry
 from .zoned.sidecar import sidecar_path
 
@@ -43,16 +53,26 @@ class NamespaceSpec(BackendSpec):
     nsid: int | None = None
     #: The zone geometry of a zoned namespace (``zoned``), None for an NVM one.
     zoned: ZoneGeometry | None = None
+    #: Metadata bytes per block (0: none), FLBAS bit 4, and the protection information.
+    ms: int = 0
+    extended: bool = False
+    pi: ProtectionType = ProtectionType.NONE
+    pil: PiLocation = PiLocation.LAST
+    guard: GuardKind = GuardKind.GUARD_16
     extra: dict = field(default_factory=dict)
 
 
 #: Keys that are flags: ``ro`` alone means ``ro=1``.
-_FLAGS = ("ro", "zoned", "cross_read")
+_FLAGS = ("ro", "zoned", "cross_read", "ext")
 #: The zoned namespace's keys besides ``zoned`` itself.
 _ZONE_KEYS = ("zone_size", "zone_cap", "max_open", "max_active", "cross_read")
+#: The metadata and protection information keys (the module docstring).
+_META_KEYS = ("ms", "ext", "pi", "pil", "guard")
+_PIL = {"first": PiLocation.FIRST, "last": PiLocation.LAST}
+_GUARDS = {"16": GuardKind.GUARD_16, "64": GuardKind.GUARD_64}
 _BOOLEANS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
 #: Every key, for the error that names them.
-_KEYS = ("size", "lba", "nsid", "ro", "zoned", *_ZONE_KEYS)
+_KEYS = ("size", "lba", "nsid", "ro", "zoned", *_ZONE_KEYS, *_META_KEYS)
 
 
 def _boolean(key: str, value: str) -> bool:
@@ -86,6 +106,38 @@ def _zone_geometry(zoned: bool, keys: dict[str, str], lba_size: int, size: int |
     return geometry
 
 
+def _metadata(ns: NamespaceSpec, keys: dict[str, str]) -> None:
+    """Set the metadata and PI keys on ``ns``, refusing what cannot be (ValueError: why)."""
+    if "ms" in keys:
+        if not keys["ms"].isdigit() or (ms := int(keys["ms"])) not in (0, *SUPPORTED_METADATA_SIZES):
+            raise ValueError(f"ms must be one of {', '.join(map(str, SUPPORTED_METADATA_SIZES))} (bytes of metadata per block)")
+        ns.ms = ms
+    if "ext" in keys:
+        ns.extended = _boolean("ext", keys["ext"])
+        if ns.extended and not ns.ms:
+            raise ValueError("ext: extended LBAs need metadata (add ms=)")
+    if "pi" in keys:
+        if keys["pi"] not in ("0", "1", "2", "3"):
+            raise ValueError("pi must be 0 (none), 1, 2 or 3 (the protection information type)")
+        ns.pi = ProtectionType(int(keys["pi"]))
+        if ns.pi is not ProtectionType.NONE and not ns.ms:
+            raise ValueError("pi: protection information lives in metadata (add ms=8, 16 or 64)")
+    if "pil" in keys:
+        if keys["pil"].lower() not in _PIL:
+            raise ValueError("pil must be first or last (where the PI sits in the metadata)")
+        if ns.pi is ProtectionType.NONE:
+            raise ValueError("pil: only with protection information (add pi=1, 2 or 3)")
+        ns.pil = _PIL[keys["pil"].lower()]
+    if "guard" in keys:
+        if keys["guard"] not in _GUARDS:
+            raise ValueError("guard must be 16 (CRC-16 T10-DIF) or 64 (the 64b CRC)")
+        ns.guard = _GUARDS[keys["guard"]]
+        if ns.ms and ns.ms < ns.guard.pi_size:
+            raise ValueError(f"guard=64: its {ns.guard.pi_size}-byte PI does not fit ms={ns.ms}")
+    if ns.zoned is not None and ns.ms:
+        raise ValueError("a zoned namespace has no metadata (QEMU allows it, nvme-emu does not)")
+
+
 def parse_namespace_spec(text: str) -> NamespaceSpec:
     """Parse ``ram:size=1G,lba=512``, ``file:/path,size=8G,lba=4096``, ``blk:/dev/loop0,nsid=2``.
 
@@ -106,6 +158,7 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
         ns.path = parts.pop(0)
     zoned = False
     zone_keys: dict[str, str] = {}
+    meta_keys: dict[str, str] = {}
     for p in parts:
         key, eq, value = p.partition("=")
         key = key.strip().lower()
@@ -140,6 +193,8 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
                 raise ValueError(f"namespace spec {text!r}: {e}") from None
         elif key in _ZONE_KEYS:
             zone_keys[key] = value
+        elif key in _META_KEYS:
+            meta_keys[key] = value
         else:
             raise ValueError(f"namespace spec {text!r}: unknown key {key!r} ({', '.join(_KEYS)})")
     try:
@@ -152,6 +207,7 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
         raise ValueError(f"namespace spec {text!r}: size {ns.size} is not a multiple of lba={ns.lba_size}")
     try:
         ns.zoned = _zone_geometry(zoned, zone_keys, ns.lba_size, ns.size)
+        _metadata(ns, meta_keys)
     except ValueError as e:
         raise ValueError(f"namespace spec {text!r}: {e}") from None
     return ns
@@ -172,12 +228,14 @@ def open_namespace(spec_: str | NamespaceSpec, nsid: int | None = None, *, contr
     backend = cls.from_spec(ns_spec)
     try:
         seed = cls.identity_seed(ns_spec, controller_seed)
-        ns = Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed, zoned=ns_spec.zoned)
+        ns = Namespace(chosen, backend, lba_size=ns_spec.lba_size, id_seed=seed, zoned=ns_spec.zoned, ms=ns_spec.ms,
+                       extended=ns_spec.extended, pi_type=ns_spec.pi, pil=ns_spec.pil, guard=ns_spec.guard)
     except BaseException:
         backend.close()
         raise
     try:
         ns.keep_zones_in(sidecar_path(ns_spec.kind, ns_spec.path))
+        ns.keep_meta_in(meta_path(ns_spec.kind, ns_spec.path))
     except BaseException:
         ns.close()
         raise

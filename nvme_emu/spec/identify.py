@@ -204,6 +204,31 @@ DLFEAT_WRITE_ZEROES_DEAC = 1 << 3
 FLBAS_EXTENDED_METADATA = 1 << 4
 
 
+class Mc(IntFlag):
+    """Metadata Capabilities (Identify Namespace byte 27): how metadata may be transferred."""
+
+    EXTENDED = 1 << 0  # as part of an extended data LBA (FLBAS bit 4 set)
+    SEPARATE = 1 << 1  # in a separate buffer (MPTR)
+
+
+class Dpc(IntFlag):
+    """End-to-end Data Protection Capabilities (Identify Namespace byte 28)."""
+
+    TYPE1 = 1 << 0
+    TYPE2 = 1 << 1
+    TYPE3 = 1 << 2
+    FIRST = 1 << 3  # PI in the first bytes of the metadata
+    LAST = 1 << 4  # PI in the last bytes of the metadata
+    ALL = TYPE1 | TYPE2 | TYPE3 | FIRST | LAST
+
+
+#: ELBAF (NVM Command Set Identify Namespace, one dword per LBA format) bits 6:0: Storage Tag
+#: Size (STS), bits 8:7: Protection Information Format (PIF, :class:`nvme_emu.pi.format.GuardKind`).
+ELBAF_STS_MASK = 0x7F
+ELBAF_PIF_SHIFT = 7
+ELBAF_PIF_MASK = 0b11
+
+
 def flbas_encode(index: int) -> int:
     """FLBAS for an LBA format index 0..63 (no extended metadata)."""
     return (index & 0xF) | ((index >> 4) & 0x3) << 5

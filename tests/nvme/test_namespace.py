@@ -197,7 +197,7 @@ def test_format_changes_lba_size_and_zeroes(any_ns):
         finish_here(any_ns.read(1024, 1, [out]))
     assert ei.value.status == Status.LBA_OUT_OF_RANGE
     with pytest.raises(NvmeError) as ei:
-        any_ns.format(5)
+        any_ns.format(8)  # one past the last LBA format
     assert ei.value.status == Status.INVALID_FORMAT
     any_ns.format(0, secure_erase=1)
     assert any_ns.nsze == 8192
@@ -206,8 +206,8 @@ def test_format_changes_lba_size_and_zeroes(any_ns):
 def test_identify_pages(ram_ns):
     b = ram_ns.identify_namespace()
     assert struct.unpack_from("<QQ", b, 0) == (8192, 8192)
-    assert b[25] == 1 and b[26] == 0  # two formats, using index 0
-    assert b[128:136] == bytes([0, 0, 9, 0, 0, 0, 12, 0])
+    assert b[25] == 7 and b[26] == 0  # eight formats, using index 0
+    assert b[128:136] == bytes([0, 0, 9, 0, 0, 0, 12, 0])  # 512 and 4096 without metadata first
     assert b[33] & 0x7 == DLFEAT_READ_ZEROES
     assert b[104:120] == ram_ns.nguid and b[120:128] == ram_ns.eui64
     descs = dict(structures.parse_ns_id_descriptors(ram_ns.identify_ns_descriptors()))

@@ -29,9 +29,15 @@ def test_format_erases_and_applies_the_new_format(area: Area):
     assert area.state.events.changed_nsids == {1}
 
 
-def test_metadata_and_protection_information_refused(area: Area):
-    for cdw10 in (1 << 4, 1 << 5, 1 << 8):  # MSET, PI, PIL
-        assert status_of(lambda cdw10=cdw10: fmt(area, cdw10=cdw10)) == Status.INVALID_FORMAT
+def test_protection_information_needs_metadata(area: Area):
+    """PI on a format without metadata cannot be (Invalid Format), a reserved PI type is an
+    invalid field; MSET and PIL alone on it mean nothing and are dropped (tests/pi_ns has the
+    metadata formats)."""
+    assert status_of(lambda: fmt(area, cdw10=1 << 5)) == Status.INVALID_FORMAT  # PI type 1, LBAF 0
+    assert status_of(lambda: fmt(area, cdw10=4 << 5 | 2)) == Status.INVALID_FIELD  # PI type 4
+    assert fmt(area, cdw10=1 << 4 | 1 << 8) == 0  # MSET, PIL
+    ns = area.state.namespaces[1]
+    assert (ns.extended, ns.pi, ns.plain_rw) == (False, None, True)
 
 
 def test_secure_erase_settings(area: Area):

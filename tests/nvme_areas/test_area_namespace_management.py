@@ -54,7 +54,7 @@ def test_create_attach_detach_delete(area: Area):
 def test_refusals(area: Area):
     assert status_of(lambda: create(area, 0)) == Status.INVALID_FIELD
     assert status_of(lambda: create(area, 8, ncap=4)) == Status.THIN_PROVISIONING_NOT_SUPPORTED
-    assert status_of(lambda: create(area, 8, lbaf=2)) == Status.INVALID_FORMAT
+    assert status_of(lambda: create(area, 8, lbaf=8)) == Status.INVALID_FORMAT  # past the last of eight
     assert status_of(lambda: create(area, 8, csi=1)) == Status.IO_COMMAND_SET_NOT_SUPPORTED
     assert status_of(lambda: create(area, 1 << 40)) == Status.NAMESPACE_INSUFFICIENT_CAPACITY
     assert status_of(lambda: attachment(area, 1, ATTACH)) == Status.NAMESPACE_ALREADY_ATTACHED

@@ -163,11 +163,10 @@ def test_format_all_namespaces(io: Host):
 @pytest.mark.parametrize(
     "cdw10,status",
     [
-        (1 << 5, Status.INVALID_FORMAT),  # PI type 1
-        (3 << 5, Status.INVALID_FORMAT),  # PI type 3
-        (1 << 4, Status.INVALID_FORMAT),  # MSET: extended metadata
-        (1 << 8, Status.INVALID_FORMAT),  # PIL
-        (2, Status.INVALID_FORMAT),  # LBA format 2 does not exist
+        (1 << 5, Status.INVALID_FORMAT),  # PI type 1 on LBA format 0: no metadata to hold it
+        (3 << 5 | 1, Status.INVALID_FORMAT),  # PI type 3 on LBA format 1 (4096+0)
+        (4 << 5 | 2, Status.INVALID_FIELD),  # PI type 4 is reserved (LBA format 2 is 512+8)
+        (8, Status.INVALID_FORMAT),  # LBA format 8 does not exist (eight formats: 0-7)
         (1 << 12, Status.INVALID_FORMAT),  # LBA format 16 (upper bits)
         (2 << 9, Status.INVALID_FIELD),  # cryptographic erase
     ],

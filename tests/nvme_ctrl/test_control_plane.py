@@ -182,7 +182,7 @@ def test_namespace_management_and_attachment(ctl, io: Host):
 def test_namespace_management_refusals(io: Host):
     assert create_ns(io, 100, ncap=50).status == Status.THIN_PROVISIONING_NOT_SUPPORTED
     assert create_ns(io, 1 << 40).status == Status.NAMESPACE_INSUFFICIENT_CAPACITY
-    assert create_ns(io, 100, lbaf=5).status == Status.INVALID_FORMAT
+    assert create_ns(io, 100, lbaf=8).status == Status.INVALID_FORMAT  # past the last of eight
     c, ctrl = io.identify(Cns.CONTROLLER)
     idc = st.IdentifyController.parse(ctrl)
     assert 0 < idc.unvmcap < idc.tnvmcap

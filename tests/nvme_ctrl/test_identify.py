@@ -50,7 +50,7 @@ def test_identify_namespace(nvme: Host):
     ns = st.IdentifyNamespace.parse(data)
     assert ns.nsze == ns.ncap == NS1_SIZE // 512
     assert ns.flbas == 0
-    assert ns.nlbaf == 1 and ns.lbaf[0].lbads == 9 and ns.lbaf[1].lbads == 12
+    assert ns.nlbaf == 7 and ns.lbaf[0].lbads == 9 and ns.lbaf[1].lbads == 12  # 512 and 4096 (+0) first
     assert ns.dlfeat & 0b111 == 1
     _, data = nvme.identify(Cns.NAMESPACE, nsid=2)
     ns2 = st.IdentifyNamespace.parse(data)

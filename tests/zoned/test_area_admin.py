@@ -13,6 +13,7 @@ from nvme_emu.command_set import IO_COMMAND_SET_COMBINATIONS
 from nvme_emu.control import ControlPlane, describe_namespace
 from nvme_emu.controller import ControllerConfig
 from nvme_emu.format_nvm import format_nvm
+from nvme_emu.namespace import LBA_FORMATS
 from nvme_emu.function import NvmeFunction
 from nvme_emu.namespace_spec import open_namespace
 from nvme_emu.spec.commands import AdminOpcode, NvmOpcode, Status
@@ -36,7 +37,8 @@ def test_identify_namespace_zns(zoned: Zoned):
     page = IdentifyNamespaceZns.parse(run_identify(zoned.area, Cns.IOCS_NAMESPACE, nsid=ZNSID, csi=Csi.ZONED))
     assert (page.zoc, page.ozcs) == (0, 0)
     assert page.mar == page.mor == RESOURCES_NO_LIMIT
-    assert [f.zsze for f in page.lbafe[:2]] == [ZONE_LBAS, ZONE_LBAS] and page.lbafe[2].zsze == 0
+    n = len(LBA_FORMATS)  # one extension per LBA format the namespace lists
+    assert [f.zsze for f in page.lbafe[:n]] == [ZONE_LBAS] * n and page.lbafe[n].zsze == 0
     assert all(f.zdes == 0 for f in page.lbafe)
     # the NVM page too (CSI 00h): the set is built on NVM
     assert run_identify(zoned.area, Cns.IOCS_NAMESPACE, nsid=ZNSID, csi=Csi.NVM) == st.build_identify_namespace_nvm()

@@ -22,6 +22,7 @@ from .function import NvmeFunction
 from .jsonrpc import Param, ParamType, Schema
 from .namespace import Namespace
 from .namespace_spec import open_namespace
+from .pi_faults import PI_FIELDS, corrupt_pi
 from .spec.commands import NSID_ALL, NvmeError
 from .zoned.zone_set import ZoneSet
 
@@ -56,6 +57,12 @@ PARAMS: dict[str, Schema] = {
         "nsid": _NSID,
         "zone": Param(ParamType.INTEGER, required=True, minimum=0, maximum=U64_MAX),
         "state": Param(ParamType.STRING, required=True, choices=tuple(ZONE_FAULTS)),
+    },
+    "pi_corrupt": {
+        "nsid": _NSID,
+        "slba": Param(ParamType.INTEGER, required=True, minimum=0, maximum=U64_MAX),
+        "nlb": Param(ParamType.INTEGER, required=True, minimum=1, maximum=U64_MAX),
+        "field": Param(ParamType.STRING, required=True, choices=tuple(PI_FIELDS)),
     },
     "fatal": {"reason": Param(ParamType.STRING)},
 }
@@ -211,6 +218,16 @@ class ControlPlane:
         changed = ZONE_FAULTS[state](zones, zone)
         z = zones.zones[zone]
         return {"nsid": nsid, "zone": zone, "zslba": z.zslba, "state": z.state.name, "wp": z.wp, "changed": changed}
+
+    def pi_corrupt(self, nsid: int, slba: int, nlb: int, field: str) -> dict[str, Any]:
+        """Damage the stored guard, application tag or reference tag of blocks ``slba ..
+        slba + nlb - 1`` of namespace ``nsid`` (:mod:`nvme_emu.pi_faults`): a host's check of
+        that field fails there, and a Write of those blocks repairs them."""
+        ns = self.state.allocated.get(nsid)
+        if ns is None:
+            raise ValueError(f"no namespace {nsid}")
+        corrupt_pi(ns, PI_FIELDS[field], slba, nlb)
+        return {"nsid": nsid, "slba": slba, "nlb": nlb, "field": field}
 
     def fatal(self, reason: str = "injected by the control plane") -> dict[str, Any]:
         """Controller Fatal Status: nothing is processed until the host resets the controller."""

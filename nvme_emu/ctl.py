@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable
 
 from .control import METHODS
+from .pi_faults import PI_FIELDS
 from .faults import DISTRIBUTIONS, OPS, FaultKind
 from .jsonrpc import RpcError
 from .latency import format_table
@@ -93,6 +94,11 @@ def build_parser(default_socket: str) -> argparse.ArgumentParser:
     fault = z.add_mutually_exclusive_group(required=True)
     fault.add_argument("--read-only", dest="state", action="store_const", const="read_only")
     fault.add_argument("--offline", dest="state", action="store_const", const="offline")
+    c = sub.add_parser("pi-corrupt", help="damage the stored PI of an LBA range: the host's check of that field fails there")
+    c.add_argument("--nsid", type=int, required=True)
+    c.add_argument("--slba", type=int, required=True)
+    c.add_argument("--nlb", type=int, default=1, help="how many blocks (default 1)")
+    c.add_argument("--field", choices=tuple(PI_FIELDS), default="guard")
     sub.add_parser("fatal", help="set CSTS.CFS: the host must reset the controller").add_argument("reason", nargs="?")
     return p
 

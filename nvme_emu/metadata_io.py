@@ -94,7 +94,10 @@ class MetadataNamespace(Protocol):
 
     ms: int  # metadata bytes per block of the current format (0: none)
     extended: bool  # FLBAS bit 4: metadata interleaved with the data in the host's buffer
-    lba_size: int
+
+    @property
+    def lba_size(self) -> int: ...
+
     pi: PiFormat | None
     pi_engine: PiEngine | None
     blocking: bool  # its calls hand back Work for the I/O pool
@@ -569,10 +572,10 @@ def copy(ns: MetadataNamespace, sources: Sequence[CopySource], dest: PiCommand, 
 AnyNamespace = Any
 
 
-def has_metadata(ns: object) -> bool:
+def has_metadata(ns: MetadataNamespace) -> bool:
     """Whether a namespace's current format has metadata, so that its commands come here.
     The NVM handlers ask only once ``plain_rw`` said no, so a plain namespace never pays."""
-    return getattr(ns, "ms", 0) != 0  # a namespace kind without the attribute has none
+    return ns.ms != 0
 
 
 class MetadataHandlers:

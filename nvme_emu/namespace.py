@@ -410,11 +410,15 @@ class Namespace:
 
     def deallocate(self, ranges: Iterable[tuple[int, int]]) -> Work | None:
         """Dataset Management AD: (slba, nlb) ranges; all are checked before any is touched."""
-        extents = [self._byte_range(s, n) for s, n in ranges if n]
+        ranges = [(s, n) for s, n in ranges if n]
+        extents = [self._byte_range(s, n) for s, n in ranges]
+        meta = self._meta  # a deallocated block's metadata reads as DLFEAT says, PI escaped
 
         def deallocate() -> None:
-            for off, length in extents:
+            for (slba, nlb), (off, length) in zip(ranges, extents, strict=True):
                 self.backend.deallocate(off, length)
+                if meta is not None:
+                    meta.deallocate(slba, nlb)
 
         return self._now_or_work(deallocate)
 

@@ -62,6 +62,12 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("zone_fault", {"nsid": 1, "zone": 0, "state": "offline", "count": 2}),
     ("zone_fault", {"nsid": 1, "zone": 0, "state": "offline"}),  # not a zoned namespace
     ("zone_fault", {"nsid": 9, "zone": 0, "state": "read_only"}),  # no such namespace
+    *[("pi_corrupt", {"nsid": 1, "slba": bad, "nlb": 1, "field": "guard"}) for bad in (True, "0", None, -1, 2**64, INF)],
+    *[("pi_corrupt", {"nsid": 1, "slba": 0, "nlb": bad, "field": "guard"}) for bad in (0, True, None, -1)],
+    *[("pi_corrupt", {"nsid": 1, "slba": 0, "nlb": 1, "field": bad}) for bad in (None, 1, "GUARD", "crc", ["guard"])],
+    ("pi_corrupt", {"nsid": 1, "slba": 0, "nlb": 1}),
+    ("pi_corrupt", {"nsid": 1, "slba": 0, "nlb": 1, "field": "guard"}),  # no protection information
+    ("pi_corrupt", {"nsid": 9, "slba": 0, "nlb": 1, "field": "guard"}),  # no such namespace
 ]
 
 

@@ -36,18 +36,21 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import pytest
 
 from nvme_emu import guest
+from nvme_emu.ctl import ControlClient, default_control_socket
 
+from ..support.server import ServerProcess
 from . import pi_checks as pc
 from . import pi_judges as pj
 
 pytestmark = pytest.mark.e2e
 
-PEERS = ("qemu",)
+PEERS = ("qemu", "nvme_emu")
 #: The boot on QEMU's device took 39 s, its job 27 s (2 vCPUs, TCG).
 TIMEOUT = 900
 SCRIPT = pc.pi_guest_script()
@@ -61,6 +64,8 @@ class Run:
     peer: str
     result: guest.GuestResult
     steps: dict[str, pc.Step]
+    #: what went wrong on the host side of the corrupt step (nvme-emu: the ctl call)
+    errors: list[str] = field(default_factory=list)
 
 
 def boot(peer: str, command: str, **target) -> Run:
@@ -86,6 +91,29 @@ def qemu(rich_infra, tmp_path_factory) -> Run:
     return boot("qemu", SCRIPT, builtin_image=str(image), builtin_pi=[ns.qemu() for ns in pc.NAMESPACES])
 
 
+@pytest.fixture(scope="module")
+def nvme_emu(rich_infra, tmp_path_factory) -> Iterator[Run]:
+    """The boot on nvme-emu with the same three namespaces (file namespaces, their metadata
+    in sidecars), and the corrupt step: on its marker the host damages the stored guards of
+    the range through the control plane (``pi_corrupt``)."""
+    d = tmp_path_factory.mktemp("pi-nvme-emu")
+    srv = ServerProcess.serve(str(d / "nvme.sock"), d / "server.log",
+                              [ns.nvme_emu_spec(str(d / f"{ns.name}.img")) for ns in pc.NAMESPACES], doorbell="auto")
+    errors: list[str] = []
+
+    def corrupt(nsid: int, slba: int, nlb: int) -> None:
+        with ControlClient(default_control_socket(srv.path)) as ctl:
+            ctl.pi_corrupt(nsid=nsid, slba=slba, nlb=nlb, field="guard")
+
+    try:
+        run = boot("nvme-emu", SCRIPT_WITH_CORRUPTION, socket_path=srv.path,
+                   on_console_line=pc.guard_corruption_on_request(corrupt, errors))
+        run.errors = errors
+        yield run
+    finally:
+        srv.stop_clean()
+
+
 @pytest.mark.parametrize("check", list(pj.CHECKS))
 @pytest.mark.parametrize("peer", PEERS)
 def test_check(peer: str, check: str, request: pytest.FixtureRequest) -> None:
@@ -94,10 +122,38 @@ def test_check(peer: str, check: str, request: pytest.FixtureRequest) -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_one_boot_serves_every_format(qemu: Run) -> None:
+@pytest.mark.parametrize("peer", PEERS)
+def test_one_boot_serves_every_format(peer: str, request: pytest.FixtureRequest) -> None:
     """The three namespaces were found by NSID and each ran its steps (no step of the script
     missing: a silent skip would pass the checks that look for nothing)."""
-    found = dict(re.findall(r"^ns (\d+) dev=(\S+)", qemu.steps["find"].output, re.M))
-    assert sorted(int(n) for n in found) == [ns.nsid for ns in pc.NAMESPACES], qemu.steps["find"].output
-    want = ["find", "integrity", "host_pi", *(j.name for j in pc.FIO_JOBS), "ops", "format", "end"]
-    assert list(qemu.steps) == want
+    run: Run = request.getfixturevalue(peer)
+    found = dict(re.findall(r"^ns (\d+) dev=(\S+)", run.steps["find"].output, re.M))
+    assert sorted(int(n) for n in found) == [ns.nsid for ns in pc.NAMESPACES], run.steps["find"].output
+    corrupt = ["corrupt"] if peer == "nvme_emu" else []
+    want = ["find", "integrity", "host_pi", *(j.name for j in pc.FIO_JOBS), "ops", *corrupt, "format", "end"]
+    assert list(run.steps) == want
+
+
+def test_guard_corruption_fails_exactly_that_range(nvme_emu: Run) -> None:
+    """The issue's "a ctl-injected guard corruption makes the guest's read of that range fail
+    with an integrity error, while the rest of the disk reads fine". nvme-emu only: QEMU has
+    no way to corrupt stored PI."""
+    assert not nvme_emu.errors, nvme_emu.errors
+    print(f"\ncorrupt: {nvme_emu.steps['corrupt'].seconds:.1f} s; the guest saw it after "
+          f"{pc.key_values(nvme_emu.steps['corrupt'].output).get('seen_after')} s")
+    problems = pj.judge_corrupt(nvme_emu.steps)
+    assert not problems, "\n".join(problems)
+
+
+def test_nvme_emu_passes_what_qemu_passes(qemu: Run, nvme_emu: Run) -> None:
+    """Every check on both peers, with its step's time: whatever passes on QEMU's device
+    passes on ours."""
+    print(f"\n{'check':<28} {'qemu':>9} {'nvme-emu':>9}")
+    regressed = []
+    for check, judge in pj.CHECKS.items():
+        ok = {r.peer: not judge(r.steps) for r in (qemu, nvme_emu)}
+        secs = {r.peer: r.steps[check].seconds if check in r.steps else 0.0 for r in (qemu, nvme_emu)}
+        print(f"{check:<28} " + " ".join(f"{'pass' if ok[p] else 'FAIL':>4} {secs[p]:4.0f}s" for p in ("qemu", "nvme-emu")))
+        if ok["qemu"] and not ok["nvme-emu"]:
+            regressed.append(check)
+    assert not regressed, f"pass on QEMU, not on nvme-emu: {regressed}"

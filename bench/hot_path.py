@@ -48,7 +48,21 @@ CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 _CLOCK = ["wall"]
 
 
-def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, namespace: str = "ram") -> list[dict]:
+#: ``--format``: the namespace's LBA format and what each command's PRINFO asks (issue 26;
+#: bench/pi_io.py compares them). ``plain``: 512-byte blocks, no metadata, the only one the
+#: other trees (--compare-tree) know. The others: 512 + MS bytes of metadata with Type 1 PI;
+#: ``pract`` = the controller inserts (write) or strips (read) the PI, so the host moves no
+#: metadata; ``pract0`` = the host's metadata goes through MPTR; every PRCHK bit is set.
+FORMATS: dict[str, dict] = {
+    "plain": {},
+    "pi16-pract": {"ms": 8, "guard": 16, "pract": True},
+    "pi16-pract0": {"ms": 8, "guard": 16, "pract": False},
+    "pi64-pract": {"ms": 16, "guard": 64, "pract": True},
+}
+
+
+def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, namespace: str = "ram", fmt: str = "plain",
+                  rw: str = "read") -> list[dict]:
     """Run every (path, QD) point with the code this interpreter imports."""
     import mmap
 
@@ -109,7 +123,9 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
         chunk = memoryview(bytes(range(256)) * 4096)
         for off in range(0, NS_SIZE, len(chunk)):  # every page in, as a prefilled namespace
             backend.write_from(off, [chunk])
-        fn = NvmeFunction([Namespace(1, backend)], doorbell=DoorbellMode(mode), spin_us=0.0)
+        pi = FORMATS[fmt]
+        ns = Namespace(1, backend) if not pi else _pi_namespace(Namespace, backend, pi)
+        fn = NvmeFunction([ns], doorbell=DoorbellMode(mode), spin_us=0.0)
         fd = os.memfd_create("hot-path-guest", os.MFD_ALLOW_SEALING)
         irq_fds: list[int] = []
         loop = None
@@ -145,10 +161,16 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
             dt = np.dtype([("opc", "u1"), ("flags", "u1"), ("cid", "<u2"), ("nsid", "<u4"), ("pad", "<u8"), ("mptr", "<u8"), ("prp1", "<u8"),
                            ("prp2", "<u8"), ("cdw10", "<u4"), ("cdw11", "<u4"), ("cdw12", "<u4"), ("rest", "<u4", 3)])
             a = np.zeros(n, dtype=dt)
-            a["opc"], a["cid"], a["nsid"] = NvmOpcode.READ, np.arange(n) & 0xFFFF, 1
+            a["opc"], a["cid"], a["nsid"] = NvmOpcode.READ if rw == "read" else NvmOpcode.WRITE, np.arange(n) & 0xFFFF, 1
             a["prp1"] = bufs[np.arange(n) % qd]
             slba = rng.integers(0, nsze // 8, n, dtype=np.uint64) * 8
             a["cdw10"], a["cdw11"], a["cdw12"] = slba & 0xFFFFFFFF, slba >> 32, 7
+            if pi:  # PRINFO: every PRCHK bit, PRACT as the format says; Type 1's ILBRT is the SLBA
+                a["cdw12"] |= (0b1111 if pi["pract"] else 0b0111) << 26
+                a["rest"][:, 1] = slba & 0xFFFFFFFF
+                if not pi["pract"]:  # the host's metadata buffer, one per command slot
+                    metas = np.asarray([mem.alloc(page) for _ in range(qd)], dtype=np.uint64)
+                    a["mptr"] = metas[np.arange(n) % qd]
             blob = a.tobytes()
             dev = fn.doorbells
             sq_slot, cq_slot = 2, 3
@@ -200,6 +222,10 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
                     last = ((head + qd - 1) % qsize) * 16 + 14
                     if cq[last] & 1 != phase:
                         raise RuntimeError(f"{path} QD{qd}: the batch did not complete in the call")
+                    for i in range(head, head + qd):  # every status Success (outside the clock)
+                        status = int.from_bytes(cq[(i % qsize) * 16 + 14 : (i % qsize) * 16 + 16], "little") >> 1
+                        if status:
+                            raise RuntimeError(f"{path} QD{qd} {fmt} {rw}: a command completed with status {status:#x}")
                     head = (head + qd) % qsize
                     if head == 0:
                         phase ^= 1
@@ -212,7 +238,7 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
                 return spent
 
             best = min(run() for _ in range(repeat))
-            return {"path": path, "qd": qd, "namespace": namespace, "ios": n, "server_us_per_io": best / n * 1e6}
+            return {"path": path, "qd": qd, "namespace": namespace, "format": fmt, "rw": rw, "ios": n, "server_us_per_io": best / n * 1e6}
         finally:
             if loop is not None:
                 fn.detached()
@@ -226,10 +252,31 @@ def _measure_here(paths: list[str], qds: list[int], ios: int, repeat: int, names
         return [one(p, q) for p in paths for q in qds]
 
 
-def _measure_tree(tree: str, paths: list[str], qds: list[int], ios: int, repeat: int, namespace: str) -> list[dict]:
+def _pi_namespace(namespace_cls, backend, pi: dict):
+    """A Type 1 PI namespace over the prefilled ``backend`` whose stored PI is real (generated
+    as a PRACT write would: guard of each block's data, application tag 0, reference tag the
+    LBA), so that every read checks a computed guard, not an escape."""
+    from nvme_emu.pi.format import GuardKind, PiCommand, Prinfo, ProtectionType
+
+    guard = GuardKind.GUARD_16 if pi["guard"] == 16 else GuardKind.GUARD_64
+    ns = namespace_cls(1, backend, ms=pi["ms"], pi_type=ProtectionType.TYPE1, guard=guard)
+    step = 4096  # blocks per insert
+    for first in range(0, ns.nsze, step):
+        count = min(step, ns.nsze - first)
+        data = bytes(backend.memory[first * 512 : (first + count) * 512])
+        meta = bytearray(count * pi["ms"])
+        assert ns.pi_engine.insert(PiCommand(slba=first, prinfo=Prinfo.PRACT, ilbrt=first), data, meta) is None
+        ns.write_meta(first, meta)
+    return ns
+
+
+def _measure_tree(tree: str, paths: list[str], qds: list[int], ios: int, repeat: int, namespace: str, fmt: str = "plain",
+                  rw: str = "read") -> list[dict]:
     """The same measurement with another copy of the code, in a child interpreter."""
     argv = [sys.executable, str(HERE), "--child", tree, "--paths", ",".join(paths), "--qd", ",".join(map(str, qds)), "--ios", str(ios), "--repeat", str(repeat),
             "--namespace", namespace, "--clock", _CLOCK[0]]
+    if fmt != "plain" or rw != "read":  # only trees with issue 26 know these
+        argv += ["--format", fmt, "--rw", rw]
     out = subprocess.run(argv, cwd=tree, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{tree}: the measurement failed (the harness needs this tree's NvmeFunction API, issue 13's):\n{out.stderr[-2000:]}")
@@ -248,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", metavar="TREE", help=argparse.SUPPRESS)
     ap.add_argument("--label", default="")
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="time the server's calls by wall clock or by this thread's CPU time")
+    ap.add_argument("--format", choices=list(FORMATS), default="plain", help="the namespace's metadata and PI (bench/pi_io.py)")
+    ap.add_argument("--rw", choices=["read", "write"], default="read")
     args = ap.parse_args(argv)
     _CLOCK[0] = args.clock
     paths, qds = args.paths.split(","), [int(q) for q in args.qd.split(",")]
     if args.child:
         sys.path.insert(0, args.child)  # before common's REPO: nvme_emu and vfio_user from that tree
-        print(json.dumps(_measure_here(paths, qds, args.ios, args.repeat, args.namespace)))
+        print(json.dumps(_measure_here(paths, qds, args.ios, args.repeat, args.namespace, args.format, args.rw)))
         return 0
     trees = [("", str(common.REPO))] + [tuple(c.split("=", 1)) for c in args.compare_tree]
     best: dict[tuple[str, int, str], dict] = {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from typing import Any
 
 import common
 from common import RESULTS, format_table, machine, write_json
@@ -50,8 +51,8 @@ def measure(rounds: int, ios: int, repeat: int, path: str) -> dict[tuple[str, st
     return out
 
 
-def summarize(per_round: dict[tuple[str, str, int], list[float]]) -> list[dict]:
-    rows = []
+def summarize(per_round: dict[tuple[str, str, int], list[float]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for (fmt, rw, qd), values in per_round.items():
         base = per_round[("plain", rw, qd)]
         ratios = sorted(v / b for v, b in zip(values, base, strict=True))

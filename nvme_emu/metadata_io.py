@@ -603,19 +603,6 @@ class MetadataHandlers:
             prp.release_views(data)
             raise
 
-    @staticmethod
-    def _owned(call: Callable[[], Work | None], views: Sequence[memoryview]) -> int | Work:
-        """The views released here when ``call`` is done or failed; a Work owns them."""
-        try:
-            work = call()
-        except BaseException:
-            prp.release_views(views)
-            raise
-        if work is None:
-            prp.release_views(views)
-            return 0
-        return work
-
     def _transfer(self, ns: AnyNamespace, e: tuple, *, to_host: bool) -> tuple[PiCommand, int, HostLayout, list[memoryview], list[memoryview]]:
         slba, nlb = lba_range(e)
         ns.check_range(slba, nlb)  # LBA Out of Range before any walk of the host's pointers
@@ -626,17 +613,17 @@ class MetadataHandlers:
 
     def read(self, ns: AnyNamespace, e: tuple) -> int | Work:
         cmd, nlb, layout, data, meta = self._transfer(ns, e, to_host=True)
-        return self._owned(lambda: read(ns, cmd, nlb, layout, data, meta), [*data, *meta])
+        return prp.done_or_owned(lambda: read(ns, cmd, nlb, layout, data, meta), [*data, *meta])
 
     def write(self, ns: AnyNamespace, e: tuple) -> int | Work:
         cmd, nlb, layout, data, meta = self._transfer(ns, e, to_host=False)
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
-        return self._owned(lambda: write(ns, cmd, nlb, layout, data, meta, fua=fua), [*data, *meta])
+        return prp.done_or_owned(lambda: write(ns, cmd, nlb, layout, data, meta, fua=fua), [*data, *meta])
 
     def compare(self, ns: AnyNamespace, e: tuple) -> int | Work:
         _no_pract(ns, pi_command(ns, e), "compare")  # before the host's buffers are mapped
         cmd, nlb, layout, data, meta = self._transfer(ns, e, to_host=False)
-        return self._owned(lambda: compare(ns, cmd, nlb, layout, data, meta), [*data, *meta])
+        return prp.done_or_owned(lambda: compare(ns, cmd, nlb, layout, data, meta), [*data, *meta])
 
     def verify(self, ns: AnyNamespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)

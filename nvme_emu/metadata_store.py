@@ -43,10 +43,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -58,7 +56,7 @@ import numpy.typing as npt
 from .backends.base import BackendKind
 from .ns_format import NsFormat
 from .pi.format import GuardKind, PiLocation, ProtectionType
-from .zoned.sidecar import state_dir
+from .state_files import state_file
 
 MAGIC = b"NVMEMETA"
 VERSION = 1
@@ -82,16 +80,9 @@ class StoredFormat:
 
 def meta_path(kind: BackendKind | str, path: str | None) -> str | None:
     """Where a namespace of backend ``kind`` on ``path`` keeps its metadata (module
-    docstring); None for RAM, whose metadata dies with its data."""
-    kind = BackendKind(kind)
-    if kind == BackendKind.RAM or path is None:
-        return None
-    if kind == BackendKind.FILE:
-        return os.path.realpath(path) + SUFFIX
-    given = os.path.abspath(path)
-    digest = hashlib.sha256(f"nvme-emu:meta:{kind}:{given}".encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(given))[:64]
-    return str(state_dir() / "meta" / f"{kind}-{name}-{digest}{SUFFIX}")
+    docstring; :mod:`nvme_emu.state_files` has the rule); None for RAM, whose metadata dies
+    with its data."""
+    return state_file(kind, path, "meta", SUFFIX)
 
 
 def encode_header(stored: StoredFormat) -> bytes:

@@ -288,7 +288,7 @@ class NvmCommands:
             views = self.views(e, length, to_host=True)
         else:
             views = [view]
-        try:  # done_or_work, inlined (several pages at a high queue depth are hot too)
+        try:  # prp.done_or_owned, inlined (several pages at a high queue depth are hot too)
             work = ns.read(slba, nlb, views)
         except BaseException:
             prp.release_views(views)
@@ -322,7 +322,7 @@ class NvmCommands:
         else:
             views = [view]
         fua = bool(e[CDW12] & RwCdw12.FUA) or not self.state.features.write_cache
-        try:  # done_or_work, inlined
+        try:  # prp.done_or_owned, inlined
             work = ns.write(slba, nlb, views, fua=fua)
         except BaseException:
             prp.release_views(views)
@@ -337,15 +337,7 @@ class NvmCommands:
                      views: list[memoryview]) -> int | Work:
         """``op`` (a namespace method that takes views) on ``views``: released here when it is
         done or failed, or owned by the Work it handed back (other command sets' writes use it)."""
-        try:
-            work = op(slba, nlb, views)
-        except BaseException:
-            prp.release_views(views)
-            raise
-        if work is None:
-            prp.release_views(views)
-            return 0
-        return work
+        return prp.done_or_owned(lambda: op(slba, nlb, views), views)
 
     def compare(self, ns: Namespace, e: tuple) -> int | Work:
         slba, nlb = lba_range(e)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from vfio_user.dma import DmaError, GuestMemory
 
 from .spec.commands import PRP_ENTRY_SIZE, SGL_DESCRIPTOR_SIZE, NvmeError, SglSubtype, SglType, Status
 from .spec.registers import MEMORY_PAGE_SHIFT_MIN
+
+if TYPE_CHECKING:
+    from .outcome import Work
 
 #: The smallest memory page (CC.MPS = 0): a range inside one is inside a page of any size.
 SMALLEST_PAGE = 1 << MEMORY_PAGE_SHIFT_MIN
@@ -64,6 +67,21 @@ def release_views(views: Sequence[memoryview]) -> None:
     (the transport cannot munmap it), so error paths and completions should call this."""
     for v in views:
         v.release()
+
+
+def done_or_owned(call: Callable[[], Work | None], views: Sequence[memoryview]) -> int | Work:
+    """Run a storage call on ``views``: they are released here when it is done (0) or failed,
+    or owned by the Work it handed back (released when that Work ends). The one copy of this
+    rule; ``NvmCommands.read``/``write`` inline it on their hot path."""
+    try:
+        work = call()
+    except BaseException:
+        release_views(views)
+        raise
+    if work is None:
+        release_views(views)
+        return 0
+    return work
 
 
 def _map_ranges(mem: GuestMemory, ranges: list[tuple[int, int]], write: bool, views: list[memoryview]) -> None:

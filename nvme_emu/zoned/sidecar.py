@@ -65,16 +65,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
-import re
 import struct
 import sys
 import zlib
-from pathlib import Path
 
 from ..backends.base import BackendKind
+from ..state_files import state_file
 from ..spec.zns import ZoneAttribute, ZoneState
 from .persist import ZoneImage, apply
 from .zone_set import Zone, ZoneSet
@@ -94,26 +92,10 @@ STATE_SHIFT = 48
 ATTRS_SHIFT = 56
 
 
-def state_dir() -> Path:
-    """Where state that is not next to its data lives (a ``blk:`` namespace's zones)."""
-    if explicit := os.environ.get("NVME_EMU_STATE_DIR"):
-        return Path(explicit)
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "nvme-emu"
-
-
 def sidecar_path(kind: BackendKind | str, path: str | None) -> str | None:
     """Where a namespace of backend ``kind`` on ``path`` keeps its zones (see the module
-    docstring); None for RAM, whose zones need not outlive the process."""
-    kind = BackendKind(kind)
-    if kind == BackendKind.RAM or path is None:
-        return None
-    if kind == BackendKind.FILE:
-        return os.path.realpath(path) + SUFFIX
-    given = os.path.abspath(path)
-    digest = hashlib.sha256(f"nvme-emu:zones:{kind}:{given}".encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(given))[:64]
-    return str(state_dir() / "zones" / f"{kind}-{name}-{digest}{SUFFIX}")
+    docstring; :mod:`nvme_emu.state_files` has the rule); None for RAM."""
+    return state_file(kind, path, "zones", SUFFIX)
 
 
 def record(zone: Zone) -> int:

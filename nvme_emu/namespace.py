@@ -412,7 +412,7 @@ class Namespace:
         """Dataset Management AD: (slba, nlb) ranges; all are checked before any is touched."""
         ranges = [(s, n) for s, n in ranges if n]
         extents = [self._byte_range(s, n) for s, n in ranges]
-        meta = self._meta  # a deallocated block's metadata reads as DLFEAT says, PI escaped
+        meta = self._meta if self.ms else None  # a deallocated block's metadata reads as DLFEAT says, PI escaped
 
         def deallocate() -> None:
             for (slba, nlb), (off, length) in zip(ranges, extents, strict=True):
@@ -493,8 +493,8 @@ class Namespace:
     # set moves each command's metadata through these three, in the same Work as its data (a
     # file namespace's are stores into a mapped sidecar, which may wait for the disk: call them
     # from the Work's run on a blocking namespace), so metadata is stored before the command
-    # completes. Write Zeroes, Deallocate and Copy destinations are the command set's to
-    # follow with zero_meta/write_meta too: the data methods never touch metadata.
+    # completes. Write Zeroes and Copy destinations are the command set's to follow with
+    # zero_meta/write_meta too; of the data methods only deallocate touches metadata.
 
     def read_meta(self, slba: int, nlb: int) -> memoryview:
         """The metadata of blocks ``slba .. slba + nlb``: ``nlb * ms`` bytes, a writable copy

@@ -4,7 +4,6 @@ guard format, metadata size, PI position and buffer layout, plus known-answer PI
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from nvme_emu.pi.format import (
 )
 from nvme_emu.spec.commands import Status
 from nvme_emu.spec.identify import DLFEAT_GUARD_CRC, DLFEAT_READ_ONES, DLFEAT_READ_ZEROES
+from tests.pi.cases import PiCase
 from tests.pi.reference_crc import ReferenceGuards, crc16_t10dif, crc64_nvme
 
 LBADS = 512
@@ -38,14 +38,7 @@ FIELD_BYTES = {
 }
 
 
-@dataclass(frozen=True)
-class Case:
-    fmt: PiFormat
-    extended: bool
-
-    def __str__(self) -> str:
-        f = self.fmt
-        return f"t{int(f.pi_type)}-g{16 if f.guard is G16 else 64}-ms{f.ms}-{f.location.name.lower()}-{'ext' if self.extended else 'sep'}"
+class Case(PiCase):
 
     def engine(self) -> tuple[PiEngine, ReferenceGuards]:
         guards = ReferenceGuards(self.fmt.guard)

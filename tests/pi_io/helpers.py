@@ -5,12 +5,12 @@ buffers split into several views, and the door's calls run to the end as a host 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from nvme_emu import metadata_io as mio
 from nvme_emu.outcome import Work, finish_here
 from nvme_emu.pi.format import GuardKind, PiCommand, PiFormat, PiLocation, Prinfo, ProtectionType
 from nvme_emu.sqe import FIELDS
+from tests.pi.cases import PiCase
 from tests.pi.reference_crc import crc16_t10dif, crc64_nvme
 from tests.pi_io.fake_namespace import FakeNamespace
 
@@ -29,14 +29,7 @@ ILBRT = {G16: 0x1234_5678, G64: 0x9876_1234_5678}
 FIELDS_AT = {G16: {"guard": (0, 2), "apptag": (2, 2), "reftag": (4, 4)}, G64: {"guard": (0, 8), "apptag": (8, 2), "reftag": (10, 6)}}
 
 
-@dataclass(frozen=True)
-class Case:
-    fmt: PiFormat
-    extended: bool
-
-    def __str__(self) -> str:
-        f = self.fmt
-        return f"t{int(f.pi_type)}-g{16 if f.guard is G16 else 64}-ms{f.ms}-{f.location.name.lower()}-{'ext' if self.extended else 'sep'}"
+class Case(PiCase):
 
     def ns(self, *, blocking: bool = False) -> FakeNamespace:
         return FakeNamespace(lbads=self.fmt.lbads, ms=self.fmt.ms, pi=self.fmt, extended=self.extended, blocking=blocking)

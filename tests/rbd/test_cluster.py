@@ -4,11 +4,16 @@ process groups and are gone, with the directory, after stop()."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from ..support.ceph import CephCluster, missing
+from ..support.server import REPO, child_env, wait_until
 
 
 def test_image_write_read_back(ceph_cluster: CephCluster) -> None:
@@ -62,3 +67,38 @@ def test_start_stop(auth: str) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_daemons_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """A test process SIGKILLed mid-session runs no finalizer: its daemons still die with it
+    (PR_SET_PDEATHSIG), so no cluster outlives a crashed pytest."""
+    why = missing()
+    if why:
+        pytest.skip(f"no Ceph cluster: {why}")
+    script = (
+        "import json, time\n"
+        "from pathlib import Path\n"
+        "from tests.support.ceph import CephCluster\n"
+        f"c = CephCluster(image_size=4 << 20, base=Path({str(tmp_path / 'ceph')!r})).start()\n"
+        "print(json.dumps(c.pids()), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
+    try:
+        assert parent.stdout is not None
+        pids = json.loads(parent.stdout.readline() or "{}")
+        assert set(pids) == {"mon", "osd"}
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def gone() -> bool:
+        for pid in pids.values():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
+
+    wait_until(gone, "the daemons to die with their parent")

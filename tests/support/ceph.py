@@ -144,6 +144,7 @@ class CephCluster:
 
     def write_conf(self) -> None:
         b = self.base
+        b.mkdir(parents=True, exist_ok=True)
         for d in ("mon", "osd", "run", "log"):
             (b / d).mkdir(exist_ok=True)
         auth = "cephx" if self.auth == "cephx" else "none"

@@ -25,7 +25,21 @@ and the image created, which waits for the pool's PGs to be active on the OSD.
 Measured on this machine (2 shared vCPUs, Debian 12, 2026-12-07), ``python -m
 tests.support.ceph --runs 3`` (start = mkfs of both daemons + OSD up + pool + image):
 
-MEASUREMENTS
+| what | cephx (the default) | auth none |
+|---|---|---|
+| start to a pool and an image, 3 runs | 0.80, 0.78, 0.72 s: median 0.78 s, spread 0.07 s | 0.70, 0.69, 0.70 s: median 0.70 s, spread 0.01 s |
+| its steps: mon mkfs / mon answers / OSD mkfs / OSD up / pool / image | 0.05 / 0.22 / 0.06 / 0.22 / 0.12 / 0.11 s | 0.04 / 0.21 / 0.04 / 0.21 / 0.08 / 0.11 s |
+| idle, 30 s after the start: CPU of mon / OSD | 0.1 % / 0.1 % of one CPU | 0.13 % / 0.1 % |
+| idle RSS: mon / OSD | 36.5 / 41.9 MiB | 33.5 / 39.2 MiB |
+| stop (SIGKILL both groups, reap, remove the dir) | 7-14 ms | 5-15 ms |
+
+With Ceph's default ``paxos_propose_interval`` (1 s: the monitor batches map updates), each
+step that changes a map waits for it: 7.31, 7.30, 7.29 s (OSD up 3.0 s, pool 2.0 s, image
+2.0 s); ``paxos_propose_interval = 0.05`` here makes it 0.7-0.8 s. ``pg_num`` 1, 8 or 32 makes
+no difference (0.70-0.71 s median). Memstore keeps the data in the OSD's RAM, about twice over:
+256 MiB written to a 1 GiB image (0.42 s) took the OSD from 42 to 555 MiB RSS, so size images
+for a test by what it writes. The start is well under a second against CI's 90 minutes; this is
+already the smallest configuration (no manager, one OSD on memstore, size-1 pools).
 """
 
 from __future__ import annotations

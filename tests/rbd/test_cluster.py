@@ -16,29 +16,34 @@ from ..support.ceph import CephCluster, missing
 from ..support.server import REPO, child_env, wait_until
 
 
-def test_image_write_read_back(ceph_cluster: CephCluster) -> None:
+def write_read_back(ceph: CephCluster) -> None:
+    """librbd writes the image (across an object boundary, at its end) and reads it back;
+    unwritten and discarded ranges read as zeros."""
     import rbd
 
-    cluster = ceph_cluster.rados()
+    cluster = ceph.rados()
     try:
-        assert ceph_cluster.pool in cluster.list_pools()
-        with cluster.open_ioctx(ceph_cluster.pool) as ioctx:
-            assert ceph_cluster.image in rbd.RBD().list(ioctx)
-            with rbd.Image(ioctx, ceph_cluster.image) as image:
-                assert image.size() == ceph_cluster.image_size
-                pattern = os.urandom(4096) * 64  # 256 KiB, across an object boundary below
-                offsets = [0, (4 << 20) - (128 << 10), ceph_cluster.image_size - len(pattern)]
+        assert ceph.pool in cluster.list_pools()
+        with cluster.open_ioctx(ceph.pool) as ioctx:
+            assert ceph.image in rbd.RBD().list(ioctx)
+            with rbd.Image(ioctx, ceph.image) as image:
+                assert image.size() == ceph.image_size
+                pattern = os.urandom(4096) * 64  # 256 KiB
+                offsets = [0, (4 << 20) - (128 << 10), ceph.image_size - len(pattern)]
                 for off in offsets:
                     assert image.write(pattern, off) == len(pattern)
                 image.flush()
                 for off in offsets:
                     assert image.read(off, len(pattern)) == pattern
-                # never written: zeros
                 assert image.read(1 << 20, 4096) == bytes(4096)
                 image.discard(0, len(pattern))
                 assert image.read(0, 4096) == bytes(4096)
     finally:
         cluster.shutdown()
+
+
+def test_image_write_read_back(ceph_cluster: CephCluster) -> None:
+    write_read_back(ceph_cluster)
 
 
 def test_daemons_own_process_groups(ceph_cluster: CephCluster) -> None:
@@ -49,13 +54,19 @@ def test_daemons_own_process_groups(ceph_cluster: CephCluster) -> None:
         assert os.getpgid(pid) != os.getpgrp()
 
 
-@pytest.mark.parametrize("auth", ["none", "cephx"])
-def test_start_stop(auth: str) -> None:
-    """A second cluster beside the session's (own port, fsid, dir), with either auth; stop() leaves nothing."""
+@pytest.mark.parametrize(("auth", "objectstore"), [("none", "memstore"), ("cephx", "memstore"), ("cephx", "bluestore")])
+def test_start_stop(auth: str, objectstore: str) -> None:
+    """A second cluster beside the session's (own port, fsid, dir), with either auth and either
+    object store, serves the image; stop() leaves nothing."""
     why = missing()
     if why:
         pytest.skip(f"no Ceph cluster: {why}")
-    c = CephCluster(auth=auth, image_size=4 << 20).start()
+    c = CephCluster(auth=auth, objectstore=objectstore, image_size=8 << 20).start()
+    try:
+        write_read_back(c)
+    except BaseException:
+        c.stop()
+        raise
     pids = list(c.pids().values())
     base = c.base
     try:
@@ -102,3 +113,16 @@ def test_daemons_die_with_a_killed_parent(tmp_path: Path) -> None:
         return True
 
     wait_until(gone, "the daemons to die with their parent")
+
+
+def test_failed_start_tears_down(tmp_path: Path) -> None:
+    """A start that fails (here the OSD's mkfs: its data directory cannot be made) raises with
+    the daemons' logs and leaves no daemon and no directory behind."""
+    why = missing()
+    if why:
+        pytest.skip(f"no Ceph cluster: {why}")
+    c = CephCluster(base=tmp_path / "ceph", extra_conf={"osd_data": "/proc/no-such-dir"})
+    with pytest.raises(RuntimeError, match="ceph-osd") as failure:
+        c.start()
+    assert "mon.a.log" in str(failure.value)
+    assert not c.procs and not c.base.exists()

@@ -8,7 +8,7 @@ directory, ``osd_pool_default_size = 1`` with ``mon_allow_pool_size_one``, a poo
 Nothing goes to /etc/ceph or /var/lib/ceph, and no systemd unit runs: each daemon is started in
 the foreground (``-f``) in its own process group (session), with the parent-death signal set to
 SIGKILL, and :meth:`CephCluster.stop` kills the groups and removes the directory. The fixture
-(``tests/rbd/conftest.py``) stops it on every exit path; an ``atexit`` hook and the death signal
+:func:`ceph_cluster` (session scope; ``tests/rbd/conftest.py`` imports it) stops it on every exit path; an ``atexit`` hook and the death signal
 cover a test process that ends without running its finalizers.
 
 No manager daemon: the monitor creates pools and their PGs by itself, and librbd's image
@@ -69,7 +69,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import pytest
 
 #: Daemons and the bindings the cluster needs (Debian packages ceph-mon, ceph-osd, python3-rados,
 #: python3-rbd; ./dev installs them and links the two bindings into the venv).
@@ -373,6 +375,21 @@ class CephCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """The session's cluster (cephx, memstore, pool ``rbd``, a 256 MiB image ``img``), stopped at
+    the end of the session whatever happens; a suite's conftest imports it to use it. Skips,
+    saying why, where the machine lacks the daemons or the bindings."""
+    why = missing()
+    if why:
+        pytest.skip(f"no Ceph cluster: {why}")
+    cluster = CephCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def measure(runs: int, idle: float, **kwargs: Any) -> dict[str, Any]:

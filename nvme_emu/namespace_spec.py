@@ -139,7 +139,8 @@ def _metadata(ns: NamespaceSpec, keys: dict[str, str]) -> None:
 
 
 def parse_namespace_spec(text: str) -> NamespaceSpec:
-    """Parse ``ram:size=1G,lba=512``, ``file:/path,size=8G,lba=4096``, ``blk:/dev/loop0,nsid=2``.
+    """Parse ``ram:size=1G,lba=512``, ``file:/path,size=8G,lba=4096``, ``blk:/dev/loop0,nsid=2``,
+    ``nbd:nbd://host:10809/export,lba=4096``, ``nbd:nbd+unix:///export?socket=/run/nbd.sock``.
 
     Keys: ``size`` (K/M/G/T suffixes), ``lba`` (512 or 4096), ``nsid``, ``ro`` (file/blk);
     ``zoned`` with ``zone_size``, ``zone_cap``, ``max_open``, ``max_active``, ``cross_read``
@@ -153,7 +154,8 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
     parts = [p.strip() for p in rest.split(",")] if sep and rest.strip() else []
     ns = NamespaceSpec(cls.kind)
     if cls.spec_path:
-        if not parts or not parts[0] or "=" in parts[0]:
+        # a URI path (nbd:) may hold "=" in its query; a key=value pair never holds "://"
+        if not parts or not parts[0] or ("=" in parts[0] and "://" not in parts[0]):
             raise ValueError(f"namespace spec {text!r}: {cls.kind}: needs a path first, e.g. {cls.kind}:/path")
         ns.path = parts.pop(0)
     zoned = False

@@ -6,7 +6,8 @@ speaks bytes and errnos (:mod:`.base`). Backend failures become NVMe statuses in
 
 - ``ram`` (:mod:`.ram`): process memory;
 - ``file`` (:mod:`.file`) and ``blk`` (:mod:`.block`): a regular file or a block device, by
-  ``preadv``/``pwritev`` on a file descriptor (:mod:`.fd`).
+  ``preadv``/``pwritev`` on a file descriptor (:mod:`.fd`);
+- ``nbd`` (:mod:`.nbd`): an export of an NBD server, through libnbd (imported on first use).
 
 Each backend class declares its :class:`BackendKind`, how a namespace spec opens it and what
 its namespace's IDs derive from; :data:`BACKENDS` maps each kind to its class, so a new kind
@@ -18,16 +19,17 @@ from __future__ import annotations
 from .base import Backend, BackendKind
 from .block import BlockBackend
 from .file import FileBackend
+from .nbd import NbdBackend
 from .ram import RamBackend
 
 __all__ = ["BACKENDS", "BackendKind", "backend_class"]
 
 #: Every backend a namespace spec can name, by kind.
-BACKENDS: dict[BackendKind, type[Backend]] = {cls.kind: cls for cls in (RamBackend, FileBackend, BlockBackend)}
+BACKENDS: dict[BackendKind, type[Backend]] = {cls.kind: cls for cls in (RamBackend, FileBackend, BlockBackend, NbdBackend)}
 
 
 def backend_class(kind: str) -> type[Backend]:
-    """The backend class of ``kind`` (``ram``, ``file``, ``blk``); ValueError for another."""
+    """The backend class of ``kind`` (``ram``, ``file``, ``blk``, ``nbd``); ValueError for another."""
     try:
         return BACKENDS[BackendKind(kind)]
     except ValueError:

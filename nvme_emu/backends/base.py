@@ -18,6 +18,7 @@ class BackendKind(enum.StrEnum):
     RAM = "ram"
     FILE = "file"
     BLOCK = "blk"
+    NBD = "nbd"
 
 
 @dataclass

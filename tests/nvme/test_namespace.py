@@ -11,6 +11,8 @@ import struct
 
 import pytest
 
+from ..nbd.nbd_servers import nbdkit, need_libnbd
+
 from nvme_emu import structures
 from nvme_emu.backends import BACKENDS, BackendKind, backend_class
 from nvme_emu.backends import file as file_backend, iov
@@ -475,7 +477,7 @@ def test_the_registry_holds_every_kind_under_its_own_name():
     assert set(BACKENDS) == set(BackendKind)
     for kind, cls in BACKENDS.items():
         assert cls.kind is kind and backend_class(kind.value) is cls
-    assert [k.value for k in BackendKind] == ["ram", "file", "blk"]
+    assert [k.value for k in BackendKind] == ["ram", "file", "blk", "nbd"]
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
@@ -484,9 +486,15 @@ def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
         BackendKind.RAM: "ram:size=1M",
         BackendKind.FILE: f"file:{tmp_path / 'k.img'},size=1M",
         BackendKind.BLOCK: "blk:{loop}",
+        BackendKind.NBD: "nbd:{uri}",
     }[kind]
     if kind is BackendKind.BLOCK:
         text = text.format(loop=request.getfixturevalue("loop_device"))
+    if kind is BackendKind.NBD:  # a real server: nbdkit's memory plugin (tests/nbd has the rest)
+        need_libnbd()
+        server = nbdkit(tmp_path, "memory", "1M").start()
+        request.addfinalizer(server.kill)
+        text = text.format(uri=server.uri)
     assert parse_namespace_spec(text).kind is kind
     with open_namespace(text, 1, controller_seed=CONTROLLER_SEED) as ns:
         assert type(ns.backend) is BACKENDS[kind]
@@ -499,7 +507,7 @@ def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
 
 def test_an_unknown_kind_is_refused_by_name():
     for call in (lambda: parse_namespace_spec("tape:/dev/st0"), lambda: open_namespace("tape:/dev/st0", 1)):
-        with pytest.raises(ValueError, match=r"namespace spec 'tape:/dev/st0': unknown kind 'tape' \(one of ram, file, blk\)"):
+        with pytest.raises(ValueError, match=r"namespace spec 'tape:/dev/st0': unknown kind 'tape' \(one of ram, file, blk, nbd\)"):
             call()
     with pytest.raises(ValueError, match="unknown kind 'nvme'"):
         backend_class("nvme")
@@ -515,6 +523,9 @@ def test_identity_seeds_are_what_they_were(tmp_path, monkeypatch):
     assert seed("blk:/dev/../dev/loop0,ro") == "blk:/dev/loop0"
     monkeypatch.chdir("/tmp")
     assert seed("blk:loop0") == "blk:/tmp/loop0"
+    # an NBD export's: its URI, normalised (tests/nbd/test_nbd_backend.py: test_uri_normalised)
+    assert seed("nbd:nbd://Storage.Example/vol1") == "nbd:nbd://storage.example:10809/vol1"
+    assert seed("nbd:nbd+unix:///vol1?socket=nbd.sock") == "nbd:nbd+unix:///vol1?socket=/tmp/nbd.sock"
     nguid, eui64, uuid = derive_ids(seed("blk:/dev/disk/by-id/nvme-disk0"), 2)
     assert (nguid.hex(), eui64.hex(), str(uuid)) == (
         "a2a18b4a124fde85186e50981c6f4baa", "3647aa6d02972d1b", "933573ed-90c0-5731-98b1-50fd900315a0")

@@ -1,0 +1,328 @@
+"""The nbd: backend against real servers (nbdkit's memory plugin, qemu-nbd serving a file):
+data round trips through a Namespace, the export's flags honoured, a server killed and
+stopped mid-run (a retryable status within a bounded time, never a hang) and restarted (I/O
+resumes, flushed data is there), and IDs that follow the export."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .nbd_servers import NbdServer, nbdkit, need_libnbd
+
+from ..nvme_areas.area_helpers import BUF, Guest, make_area, sqe
+from nvme_emu.backends.errors import BackendError
+from nvme_emu.backends.nbd import COMMAND_TIMEOUT_S, NbdBackend, normalise_uri
+from nvme_emu.namespace import Namespace
+from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec
+from nvme_emu.nvm import NvmCommands
+from nvme_emu.outcome import finish_here
+from nvme_emu.spec.commands import NvmOpcode, NvmeError, RwCdw12, Status
+from nvme_emu.spec.identify import DLFEAT_READ_ZEROES
+
+#: A command against a dead server must fail within this (it fails at once: EOF or refused).
+FAIL_WITHIN_S = 5.0
+
+
+def server_bytes(uri: str, offset: int, length: int) -> bytes:
+    """What the server holds, through a connection of its own (not the backend's)."""
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return bytes(h.pread(length, offset))
+    finally:
+        h.shutdown()
+
+
+def read(ns: Namespace, slba: int, nlb: int, *, pages: int = 1) -> bytes:
+    """Read through the namespace's door, into ``pages`` views (a PRP list's worth)."""
+    length = nlb * ns.lba_size
+    buf = memoryview(bytearray(length))
+    step = length // pages
+    views = [buf[i * step : (i + 1) * step if i < pages - 1 else length] for i in range(pages)]
+    finish_here(ns.read(slba, nlb, views))
+    return bytes(buf)
+
+
+def write(ns: Namespace, slba: int, data: bytes, *, fua: bool = False, pages: int = 1) -> None:
+    step = len(data) // pages
+    views = [memoryview(data)[i * step : (i + 1) * step if i < pages - 1 else len(data)] for i in range(pages)]
+    finish_here(ns.write(slba, len(data) // ns.lba_size, views, fua=fua))
+
+
+@pytest.fixture(params=["memory_server", "file_server"])
+def server(request: pytest.FixtureRequest) -> NbdServer:
+    return request.getfixturevalue(request.param)
+
+
+# -- the spec and the URI ---------------------------------------------------------------------------
+
+
+def test_spec_names_the_export_by_uri():
+    spec = parse_namespace_spec("nbd:nbd+unix:///disk?socket=/run/x.sock,lba=4096,ro")
+    assert (spec.kind, spec.path, spec.lba_size, spec.readonly) == ("nbd", "nbd+unix:///disk?socket=/run/x.sock", 4096, True)
+    assert parse_namespace_spec("nbd:nbd://10.0.0.1:10810/vol").path == "nbd://10.0.0.1:10810/vol"
+    for bad in ("nbd:http://host/x", "nbd:nbd+unix:///x", "nbd:nbd:///x", "nbd:nbd://h/x,size=1G", "nbd:nbd://h:port/x"):
+        with pytest.raises(ValueError):
+            parse_namespace_spec(bad)
+
+
+def test_uri_normalised():
+    assert normalise_uri("NBD://Host.Example") == "nbd://host.example:10809/"
+    assert normalise_uri("nbd://h:10809/a%20b") == normalise_uri("nbd://h/a b") == "nbd://h:10809/a%20b"
+    rel = normalise_uri("nbd+unix:///e?socket=x.sock&tls=off")
+    assert rel == f"nbd+unix:///e?socket={os.path.abspath('x.sock')}"
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def test_round_trips(server: NbdServer):
+    ns = open_namespace(f"nbd:{server.uri}", 1)
+    try:
+        assert ns.blocking and not ns.write_protected
+        assert ns.backend.inline_budget is None  # never on the loop: a stopped server would freeze it
+        one = os.urandom(4096)
+        write(ns, 8, one)
+        assert read(ns, 8, 8) == one == server_bytes(server.uri, 8 * 512, 4096)
+        several = os.urandom(16 * 4096)
+        write(ns, 1024, several, pages=16, fua=True)  # a PRP list: one NBD write with FUA
+        assert read(ns, 1024, 128, pages=16) == several == server_bytes(server.uri, 1024 * 512, len(several))
+        ns.flush()
+        finish_here(ns.write_zeroes(1024, 8))  # no DEAC: NO_HOLE
+        finish_here(ns.write_zeroes(1032, 8, deallocate=True, fua=True))
+        assert read(ns, 1024, 16) == bytes(8192)
+        assert read(ns, 1040, 8) == several[8192:12288]
+        finish_here(ns.deallocate([(1040, 8), (1056, 8)]))
+        assert ns.dlfeat & DLFEAT_READ_ZEROES  # both servers zero: Deallocate is a zeroing NBD_CMD_WRITE_ZEROES
+        assert read(ns, 1040, 8) == bytes(4096) and read(ns, 1056, 8) == bytes(4096)
+        assert read(ns, 1048, 8) == several[3 * 4096 : 4 * 4096]
+        finish_here(ns.compare(8, 8, [memoryview(one)]))
+        with pytest.raises(NvmeError) as e:
+            finish_here(ns.compare(8, 8, [memoryview(bytes(4096))]))
+        assert e.value.status == Status.COMPARE_FAILURE
+        finish_here(ns.verify(0, 2048))
+        finish_here(ns.copy([(8, 8)], 4096))
+        assert read(ns, 4096, 8) == one
+        assert ns.nsze == ns.backend.size // 512
+        with pytest.raises(NvmeError) as e:
+            read(ns, ns.nsze, 1)
+        assert e.value.status == Status.LBA_OUT_OF_RANGE
+        stats = ns.backend.describe()
+        assert (stats["in_flight"], stats["errors"], stats["transient_errors"]) == (0, 0, 0)
+    finally:
+        ns.close()
+
+
+def test_connections_follow_multi_conn(tmp_path: Path, memory_server: NbdServer, file_server: NbdServer):
+    """A connection per worker where the server offers multi-conn (nbdkit's memory plugin;
+    qemu-nbd with --shared above 1), else one the workers share."""
+    single = nbdkit(tmp_path, "--filter=multi-conn", "memory", "16M", "multi-conn-mode=disable", name="single").start()
+    errors: list[BaseException] = []
+    data = os.urandom(4096)
+
+    def io(b: NbdBackend, i: int) -> None:
+        try:
+            for j in range(50):
+                b.write_from((i * 50 + j) * 4096, [memoryview(data)])
+                out = memoryview(bytearray(4096))
+                b.read_into((i * 50 + j) * 4096, [out])
+                assert bytes(out) == data
+        except BaseException as e:  # noqa: B036 - reported below
+            errors.append(e)
+
+    for server, conns in ((memory_server, 4), (file_server, 4), (single, 1)):
+        b = NbdBackend(server.uri)
+        try:
+            assert b.connections == conns
+            threads = [threading.Thread(target=io, args=(b, i)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not errors
+            assert b.stats.connects <= conns  # a connection per worker at most, kept between calls
+        finally:
+            b.close()
+    single.kill()
+
+
+def test_flags_taken_away_are_emulated_or_declared(tmp_path: Path):
+    """No zero, no FUA, no multi-conn (nbdkit's filters): Write Zeroes writes zeros, FUA is a
+    write then a flush, Deallocate is a trim and DLFEAT no longer promises zeros."""
+    need_libnbd()
+    server = nbdkit(tmp_path, "--filter=nozero", "--filter=fua", "--filter=multi-conn",
+                    "memory", "16M", "multi-conn-mode=disable").start()
+    try:
+        ns = open_namespace(f"nbd:{server.uri}", 1)
+        try:
+            flags = ns.backend.flags
+            assert (flags.zero, flags.fua, flags.multi_conn, flags.trim, flags.flush) == (False, False, False, True, True)
+            assert ns.backend.connections == 1
+            assert not ns.dlfeat & DLFEAT_READ_ZEROES
+            data = os.urandom(8192)
+            write(ns, 0, data, fua=True)
+            assert server_bytes(server.uri, 0, 8192) == data
+            finish_here(ns.write_zeroes(0, 8))
+            assert read(ns, 0, 16) == bytes(4096) + data[4096:]
+            finish_here(ns.deallocate([(8, 8)]))  # a trim: advisory, whatever it reads now
+        finally:
+            ns.close()
+    finally:
+        server.kill()
+
+
+def test_read_only_export_is_write_protected(tmp_path: Path, memory_server: NbdServer):
+    server = nbdkit(tmp_path, "-r", "memory", "1M", name="ro").start()
+    guest = Guest()
+    area = make_area(guest)
+    try:
+        ns = open_namespace(f"nbd:{server.uri}", 2)
+        area.state.namespaces[2] = ns
+        # a writable export opened with ro: the same
+        area.state.namespaces[3] = open_namespace(f"nbd:{memory_server.uri},ro", 3)
+        nvm = NvmCommands(area.state, area.hooks)
+        for nsid in (2, 3):
+            assert area.state.namespaces[nsid].write_protected
+            for opc in (NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES):
+                status, _ = nvm.execute(area.admin_sq, sqe(opc, nsid=nsid, prp1=BUF, cdw12=0))
+                assert status & 0x7FF == Status.NAMESPACE_WRITE_PROTECTED, (nsid, opc)
+            assert nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, nsid=nsid, prp1=BUF)) == (Status.SUCCESS, 0)
+        with pytest.raises(BackendError) as e:
+            ns.backend.write_from(0, [memoryview(bytes(512))])
+        assert e.value.status == Status.NAMESPACE_WRITE_PROTECTED
+    finally:
+        for ns in area.state.namespaces.values():
+            ns.close()
+        guest.close()
+        server.kill()
+
+
+def test_nvm_write_fua_through_the_dispatch(memory_server: NbdServer):
+    guest = Guest()
+    area = make_area(guest)
+    try:
+        area.state.namespaces[2] = open_namespace(f"nbd:{memory_server.uri}", 2)
+        nvm = NvmCommands(area.state, area.hooks)
+        data = os.urandom(4096)
+        guest.write(BUF, data)
+        rw = dict(nsid=2, prp1=BUF, prp2=BUF + 4096, cdw10=64, cdw11=0)
+        assert nvm.execute(area.admin_sq, sqe(NvmOpcode.WRITE, **rw, cdw12=7 | RwCdw12.FUA)) == (Status.SUCCESS, 0)
+        guest.write(BUF, bytes(4096))
+        assert nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, **rw, cdw12=7)) == (Status.SUCCESS, 0)
+        assert guest.read(BUF, 4096) == data == server_bytes(memory_server.uri, 64 * 512, 4096)
+        assert nvm.execute(area.admin_sq, sqe(NvmOpcode.FLUSH, nsid=2)) == (Status.SUCCESS, 0)
+    finally:
+        for ns in area.state.namespaces.values():
+            ns.close()
+        guest.close()
+
+
+# -- a server that goes away --------------------------------------------------------------------------
+
+
+def assert_not_ready(call, within: float = FAIL_WITHIN_S) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(NvmeError) as e:
+        call()
+    assert time.monotonic() - t0 < within
+    assert e.value.status == Status.NAMESPACE_NOT_READY and not e.value.dnr, e.value  # the host retries
+
+
+def test_server_killed_then_restarted(file_server: NbdServer):
+    """qemu-nbd on a file: SIGKILL between commands and under four threads' I/O; every command
+    fails at once with Namespace Not Ready (DNR clear); after a restart on the same socket I/O
+    resumes on a new connection and what was flushed before the kill reads back."""
+    ns = open_namespace(f"nbd:{file_server.uri}", 1)
+    try:
+        flushed = os.urandom(8192)
+        write(ns, 0, flushed)
+        ns.flush()
+        file_server.kill()
+        assert_not_ready(lambda: read(ns, 0, 16))  # the connection's EOF
+        assert_not_ready(lambda: write(ns, 16, bytes(512)))  # refused: nobody listens
+        assert_not_ready(ns.flush)
+        file_server.start()
+        assert read(ns, 0, 16) == flushed
+        write(ns, 16, b"\x01" * 512, fua=True)
+        stats = ns.backend.describe()
+        assert stats["reconnects"] >= 1 and stats["transient_errors"] == 3 and stats["in_flight"] == 0
+
+        # now under load: four threads in a loop, the server killed under them
+        failures: list[BaseException] = []
+        done = threading.Event()
+
+        def io(i: int) -> None:
+            data = os.urandom(4096)
+            try:
+                while not done.is_set():
+                    write(ns, 64 + 8 * i, data)
+                    assert read(ns, 64 + 8 * i, 8) == data
+            except NvmeError as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=io, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        file_server.kill()
+        for t in threads:
+            t.join(FAIL_WITHIN_S)
+        done.set()
+        assert not any(t.is_alive() for t in threads), "a command hung on a dead server"
+        assert len(failures) == 4 and all(f.status == Status.NAMESPACE_NOT_READY and not f.dnr for f in failures)
+        file_server.start()
+        assert read(ns, 0, 16) == flushed
+        assert ns.backend.describe()["in_flight"] == 0
+    finally:
+        ns.close()
+
+
+def test_stopped_server_times_out(memory_server: NbdServer):
+    """A server that stops answering (SIGSTOP) fails the command at its deadline, not never;
+    the connection is dropped, and once the server goes on the next command connects again."""
+    b = NbdBackend(memory_server.uri, timeout=1.0)
+    assert b.timeout < COMMAND_TIMEOUT_S
+    ns = Namespace(1, b, id_seed="x")
+    try:
+        write(ns, 0, b"\x07" * 512)
+        memory_server.stop()
+        try:
+            assert_not_ready(lambda: read(ns, 0, 1), within=3.0)
+        finally:
+            memory_server.cont()
+        assert read(ns, 0, 1) == b"\x07" * 512
+        assert b.stats.reconnects == 1
+    finally:
+        ns.close()
+
+
+def test_unreachable_export_refuses_to_open(tmp_path: Path):
+    need_libnbd()
+    with pytest.raises(ValueError, match="cannot open"):
+        open_namespace(f"nbd:nbd+unix:///?socket={tmp_path}/nobody.sock", 1)
+
+
+# -- identity -----------------------------------------------------------------------------------------
+
+
+def test_identity_follows_the_export(memory_server: NbdServer, file_server: NbdServer, monkeypatch: pytest.MonkeyPatch):
+    """The same export, opened twice (another controller, a relative socket path), has the
+    same IDs; another export has others."""
+    first = open_namespace(f"nbd:{memory_server.uri}", 1, controller_seed="socket:/a")
+    monkeypatch.chdir(memory_server.socket.parent)
+    again = open_namespace(f"nbd:nbd+unix:///?socket={memory_server.socket.name}", 1, controller_seed="socket:/b")
+    other = open_namespace(f"nbd:{file_server.uri}", 1, controller_seed="socket:/a")
+    try:
+        ids = (first.nguid, first.eui64, first.uuid)
+        assert (again.nguid, again.eui64, again.uuid) == ids
+        assert other.nguid != first.nguid and other.eui64 != first.eui64 and other.uuid != first.uuid
+    finally:
+        for ns in (first, again, other):
+            ns.close()

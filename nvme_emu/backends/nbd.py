@@ -14,18 +14,19 @@ controller's I/O pool (:mod:`nvme_emu.aio`), never on the loop (:attr:`inline_bu
 a server that stops answering would freeze every queue for the command timeout). Each call
 takes a connection from a small pool: one per worker thread (:data:`CONNECTIONS`) when the
 server offers multi-conn (its flush then covers writes acknowledged on every connection),
-else one connection the workers take in turn. Inside a call, commands go through libnbd's
-aio API and ``poll`` with a deadline: a Read of one flat view lands straight in guest memory
-(``nbd.Buffer.from_buffer``), a call of several chunks is pipelined on the connection, and no
-command waits longer than :data:`COMMAND_TIMEOUT_S`.
+else one connection the workers take in turn. Commands are libnbd's synchronous calls; a
+watchdog thread shuts down the socket of a call past :data:`COMMAND_TIMEOUT_S`, which ends it.
 
-Measured against nbdkit's memory plugin over a Unix socket (libnbd 1.14.2, this 2-CPU
-machine, one handle, QD1): a 4 KiB read 27 us, a write 10 us, the same whether synchronous
-(``pread``, which returns a new ``bytes``) or aio into the caller's buffer; eight reads
-pipelined on one handle 10.4 us each. The I/O pool's hand-off costs 10-40 us, so on a local
-server it is about as much again as the command itself: tests/nbd/test_nbd_bench.py measures
-the QD1 and QD4 figures through a Namespace, the basis for deciding whether driving libnbd's
-aio from the event loop's fd is worth it (README).
+Why synchronous, not libnbd's aio into guest memory: with Debian 12's binding (libnbd
+1.14.2) ``aio_pread`` leaks the buffer it reads into, ``nbd.Buffer(n)`` and
+``nbd.Buffer.from_buffer(view)`` alike: +80 MiB of RSS per 20,000 4 KiB reads. Without a
+completion callback it also never releases the buffer's export, so a guest memory mmap read
+into once can no longer be closed ("exported pointers exist"), which a DMA unmap needs; with
+one the export is released and the object still never freed. ``pread`` returns a new ``bytes`` (one copy into guest memory, ~0.3 us per 4 KiB) and
+leaks nothing; ``pwrite`` takes the views as they are. Measured against nbdkit's memory
+plugin over a Unix socket, one handle, QD1, this 2-CPU machine: a 4 KiB ``pread`` 12-27 us,
+``aio_pread`` + ``poll`` the same, ``pwrite`` 10 us; eight reads pipelined by aio on one handle
+10.4 us each. bench/nbd_io.py compares this design with a loop-driven aio prototype.
 
 Flags: the export's size and flags are read at connection time (:class:`NbdFlags`) and
 decide what each NVMe operation becomes:
@@ -50,9 +51,11 @@ errno is (:func:`~nvme_emu.backends.errors.translate_os_error`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -170,50 +173,42 @@ class _Timeout(Exception):
 
 
 class _Conn:
-    """One libnbd handle and the flags its export gave it."""
+    """One libnbd handle, the flags its export gave it, and a duplicate of its socket for the
+    watchdog: shutting that down ends a call blocked in the handle (whose lock the call holds)."""
 
-    __slots__ = ("h", "flags")
+    __slots__ = ("h", "flags", "sock", "deadline", "expired")
 
     def __init__(self, h: Any, flags: NbdFlags) -> None:
         self.h = h
         self.flags = flags
+        self.sock: socket.socket | None = None
+        #: when the call running on it must have ended (0: no call)
+        self.deadline = 0.0
+        #: the watchdog shut it down: the call's failure is a timeout, the connection must go
+        self.expired = False
 
     def usable(self) -> bool:
         """Connected, handshake done, no failure on the wire."""
         h = self.h
-        return bool(h.aio_is_ready() or h.aio_is_processing())
+        return not self.expired and bool(h.aio_is_ready() or h.aio_is_processing())
+
+    def cut(self) -> None:
+        """The watchdog's: end the call blocked on this connection (it sees EOF)."""
+        self.expired = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        """Close the handle now (libnbd retires its commands: no buffer is used after this);
-        the binding only closes in ``__del__``, which a traceback may postpone."""
+        """Close the handle now; the binding only closes in ``__del__``, which a traceback
+        may postpone."""
         h, self.h = self.h, None
         if h is not None and hasattr(h, "_o"):
             h.__del__()
             del h._o
-
-    def wait(self, cookies: list[int], deadline: float) -> None:
-        """Until every command is retired (none may still use a buffer when this returns);
-        the first command error is raised then. :class:`_Timeout` past ``deadline``."""
-        h = self.h
-        error: BaseException | None = None
-        pending = cookies
-        while True:
-            left = []
-            for c in pending:
-                try:
-                    if not h.aio_command_completed(c):
-                        left.append(c)
-                except Exception as e:  # nbd.Error: this command failed (the others go on)
-                    error = error or e
-            pending = left
-            if not pending:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Timeout(f"{len(pending)} NBD command(s) unanswered after {COMMAND_TIMEOUT_S:g} s")
-            h.poll(int(remaining * 1000) + 1)
-        if error is not None:
-            raise error
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def connect(uri: str, deadline: float) -> _Conn:
@@ -233,6 +228,7 @@ def connect(uri: str, deadline: float) -> _Conn:
                 raise _Timeout(f"connect {uri}: no handshake after {COMMAND_TIMEOUT_S:g} s")
             h.poll(int(remaining * 1000) + 1)
         conn.flags = NbdFlags.of(h)
+        conn.sock = socket.socket(fileno=os.dup(h.aio_get_fd()))
     except BaseException:
         conn.close()
         raise
@@ -253,8 +249,48 @@ class NbdStats:
     reconnects: int = 0
     #: commands failed with Namespace Not Ready (connection refused, lost, timed out)
     transient_errors: int = 0
+    #: of those, calls the watchdog cut at their deadline
+    timeouts: int = 0
     #: commands the server answered with an error
     errors: int = 0
+
+
+class _Watchdog:
+    """One thread per backend that ends calls past their deadline (:meth:`_Conn.cut`).
+
+    It costs nothing per call but a dict store and delete: it sleeps one timeout when no call
+    is running and until the earliest deadline otherwise, and a call's deadline is always at
+    least one timeout after it started, so it is never woken to learn of a new call and still
+    cuts each one at its deadline."""
+
+    def __init__(self, timeout: float, on_cut: Callable[[], None]) -> None:
+        self.timeout = timeout
+        self.running: dict[_Conn, None] = {}
+        self._on_cut = on_cut
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="nvme-nbd-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                nearest = now + self.timeout
+                for conn in list(self.running):
+                    if conn.deadline <= now:
+                        del self.running[conn]
+                        conn.cut()
+                        self._on_cut()
+                    else:
+                        nearest = min(nearest, conn.deadline)
+                self._cond.wait(nearest - now)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
 
 
 class NbdBackend(Backend):
@@ -290,6 +326,7 @@ class NbdBackend(Backend):
         self._slots = threading.BoundedSemaphore(self.connections)
         self._idle.append(first)
         self._closed = False
+        self._watchdog = _Watchdog(timeout, self._count_timeout)
 
     # -- the registry's view ----------------------------------------------------------------------
 
@@ -314,9 +351,9 @@ class NbdBackend(Backend):
 
     # -- connections ------------------------------------------------------------------------------
 
-    def _call(self, what: str, op: Callable[[_Conn, float], T], *, writing: bool) -> T:
-        """Run ``op(conn, deadline)`` on a pooled connection (a new one when none is idle);
-        failures become the command's status (the module docstring)."""
+    def _call(self, what: str, op: Callable[[_Conn], T], *, writing: bool) -> T:
+        """Run ``op(conn)`` on a pooled connection (a new one when none is idle), under the
+        watchdog; failures become the command's status (the module docstring)."""
         self._slots.acquire()  # held by at most :attr:`connections` calls, each bounded by its deadline
         try:
             deadline = time.monotonic() + self.timeout
@@ -328,27 +365,36 @@ class NbdBackend(Backend):
             try:
                 if conn is None:
                     conn = self._reconnect(what, deadline)
+                watched = self._watchdog.running
+                conn.deadline = deadline
+                watched[conn] = None  # a dict store: atomic under the GIL
                 try:
-                    result = op(conn, deadline)
-                except _Timeout as e:
-                    self._lost(conn, what, str(e))
-                    raise NotReadyError(f"{what}: {e}") from None
+                    result = op(conn)
                 except self._error_type as e:
                     if not conn.usable():
-                        self._lost(conn, what, str(e))
+                        self._lost(conn, what, f"no answer in {self.timeout:g} s" if conn.expired else str(e))
                         raise NotReadyError(f"{what}: {self.uri}: {e}") from None
                     self._give_back(conn)
                     with self._lock:
                         self.stats.errors += 1
                     err: Any = e
                     raise translate_os_error(OSError(err.errnum or errno.EIO, err.string), f"{what} {self.uri}", writing=writing) from None
-                self._give_back(conn)
+                finally:
+                    watched.pop(conn, None)
+                if conn.expired:  # answered, but the watchdog cut it meanwhile
+                    self._lost(conn, what, "cut at its deadline")
+                else:
+                    self._give_back(conn)
                 return result
             finally:
                 with self._lock:
                     self.stats.in_flight -= 1
         finally:
             self._slots.release()
+
+    def _count_timeout(self) -> None:
+        with self._lock:
+            self.stats.timeouts += 1
 
     def _reconnect(self, what: str, deadline: float) -> _Conn:
         try:
@@ -385,25 +431,27 @@ class NbdBackend(Backend):
 
     def read_into(self, offset: int, views: Buffers) -> None:
         if len(views) == 1 and is_byte_view(v := views[0]):
-            self._call(f"read {offset}+{v.nbytes}", lambda c, d: self._pread(c, d, v, offset), writing=False)
+            flat = [v]
+            total = v.nbytes
+        else:
+            flat = byte_views(views)
+            total = sum(len(v) for v in flat)
+        data = self._call(f"read {offset}+{total}", lambda c: self._pread(c, total, offset), writing=False)
+        if len(flat) == 1:
+            flat[0][:] = data
             return
-        flat = byte_views(views)
-        total = sum(len(v) for v in flat)
-        buf = memoryview(bytearray(total))  # one NBD read, then scattered: one command, not one per page
-
-        self._call(f"read {offset}+{total}", lambda c, d: self._pread(c, d, buf, offset), writing=False)
         pos = 0
-        for v in flat:
-            v[:] = buf[pos : pos + len(v)]
+        src = memoryview(data)
+        for v in flat:  # one NBD read, scattered: one command, not one per page
+            v[:] = src[pos : pos + len(v)]
             pos += len(v)
 
     @staticmethod
-    def _pread(conn: _Conn, deadline: float, view: memoryview, offset: int) -> None:
-        nbd = _libnbd()
+    def _pread(conn: _Conn, total: int, offset: int) -> bytes:
         h = conn.h
-        cookies = [h.aio_pread(nbd.Buffer.from_buffer(view[pos : pos + MAX_REQUEST]), offset + pos)
-                   for pos in range(0, len(view), MAX_REQUEST)]
-        conn.wait(cookies, deadline)
+        if total <= MAX_REQUEST:
+            return bytes(h.pread(total, offset))
+        return b"".join(h.pread(min(MAX_REQUEST, total - pos), offset + pos) for pos in range(0, total, MAX_REQUEST))
 
     def write_from(self, offset: int, views: Buffers, *, fua: bool = False) -> None:
         if self.readonly:
@@ -412,44 +460,35 @@ class NbdBackend(Backend):
             data = views[0]
         else:
             data = memoryview(b"".join(byte_views(views)))  # one NBD write (one copy), not one per page
-        self._call(f"write {offset}+{len(data)}", lambda c, d: self._pwrite(c, d, data, offset, fua), writing=True)
+        self._call(f"write {offset}+{len(data)}", lambda c: self._pwrite(c, data, offset, fua), writing=True)
 
     @staticmethod
-    def _pwrite(conn: _Conn, deadline: float, data: memoryview, offset: int, fua: bool) -> None:
+    def _pwrite(conn: _Conn, data: memoryview, offset: int, fua: bool) -> None:
         nbd = _libnbd()
         h, flags = conn.h, conn.flags
         flag = nbd.CMD_FLAG_FUA if fua and flags.fua else 0
-        cookies = [h.aio_pwrite(data[pos : pos + MAX_REQUEST], offset + pos, flags=flag)
-                   for pos in range(0, len(data), MAX_REQUEST)]
-        conn.wait(cookies, deadline)
+        for pos in range(0, len(data), MAX_REQUEST):
+            h.pwrite(data[pos : pos + MAX_REQUEST], offset + pos, flag)
         if fua and not flags.fua and flags.flush:
-            conn.wait([h.aio_flush()], deadline)
+            h.flush()
 
     def write_zeroes(self, offset: int, length: int, *, deallocate: bool = False) -> None:
         if self.readonly:
             raise ReadOnlyError(errno.EROFS, f"{self.uri} is read-only")
-        self._call(f"zero {offset}+{length}", lambda c, d: self._zero(c, d, offset, length, may_trim=deallocate), writing=True)
+        self._call(f"zero {offset}+{length}", lambda c: self._zero(c, offset, length, may_trim=deallocate), writing=True)
 
     @staticmethod
-    def _zero(conn: _Conn, deadline: float, offset: int, length: int, *, may_trim: bool) -> None:
+    def _zero(conn: _Conn, offset: int, length: int, *, may_trim: bool) -> None:
         nbd = _libnbd()
         h = conn.h
-        cookies = []
         if conn.flags.zero:
             flag = 0 if may_trim else nbd.CMD_FLAG_NO_HOLE
             for pos in range(0, length, MAX_ZERO_REQUEST):
-                cookies.append(h.aio_zero(min(MAX_ZERO_REQUEST, length - pos), offset + pos, flags=flag))
-                if len(cookies) >= 8:  # a whole-device erase: a bounded pipeline
-                    conn.wait(cookies, deadline)
-                    cookies = []
-        else:
-            zeros = memoryview(ZEROS)
-            for pos in range(0, length, ZERO_CHUNK):
-                cookies.append(h.aio_pwrite(zeros[: min(ZERO_CHUNK, length - pos)], offset + pos))
-                if len(cookies) >= 8:
-                    conn.wait(cookies, deadline)
-                    cookies = []
-        conn.wait(cookies, deadline)
+                h.zero(min(MAX_ZERO_REQUEST, length - pos), offset + pos, flag)
+            return
+        zeros = memoryview(ZEROS)
+        for pos in range(0, length, ZERO_CHUNK):
+            h.pwrite(zeros[: min(ZERO_CHUNK, length - pos)], offset + pos)
 
     def deallocate(self, offset: int, length: int) -> None:
         if self.readonly:
@@ -458,18 +497,18 @@ class NbdBackend(Backend):
         if flags.zero:
             self.write_zeroes(offset, length, deallocate=True)
         elif flags.trim:
-            self._call(f"trim {offset}+{length}", lambda c, d: self._trim(c, d, offset, length), writing=True)
+            self._call(f"trim {offset}+{length}", lambda c: self._trim(c, offset, length), writing=True)
 
     @staticmethod
-    def _trim(conn: _Conn, deadline: float, offset: int, length: int) -> None:
-        h = conn.h
+    def _trim(conn: _Conn, offset: int, length: int) -> None:
         if conn.flags.trim:
-            conn.wait([h.aio_trim(min(MAX_ZERO_REQUEST, length - pos), offset + pos) for pos in range(0, length, MAX_ZERO_REQUEST)], deadline)
+            for pos in range(0, length, MAX_ZERO_REQUEST):
+                conn.h.trim(min(MAX_ZERO_REQUEST, length - pos), offset + pos)
 
     def flush(self) -> None:
-        def flush(conn: _Conn, deadline: float) -> None:
+        def flush(conn: _Conn) -> None:
             if conn.flags.flush:
-                conn.wait([conn.h.aio_flush()], deadline)
+                conn.h.flush()
 
         self._call("flush", flush, writing=True)
 
@@ -479,6 +518,7 @@ class NbdBackend(Backend):
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        self._watchdog.close()
 
     # -- what the control plane reports -------------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""nbd: namespaces: what the I/O pool costs, and what driving libnbd's aio from the event loop
+would buy instead (issue 27 asks for the latter; nvme_emu/backends/nbd.py built the former).
+
+4 KiB random reads and writes against nbdkit's memory plugin (started here, Unix socket), into
+an mmapped "guest memory" region, on the server's event loop (uvloop), closed loop at QD1 and
+QD16:
+
+- ``inline``: :class:`~nvme_emu.backends.nbd.NbdBackend` called on the loop thread (the floor:
+  what one NBD round trip costs through the backend, and what nvme-emu must not do in
+  production: a stopped server would freeze the loop for the command timeout);
+- ``pool``: the backend on :class:`nvme_emu.aio.IoPool` (4 workers, 4 connections with
+  multi-conn): what nvme-emu does;
+- ``aio-loop``: a prototype of the other design, not the backend: one libnbd handle whose fd
+  the loop watches (``aio_get_fd``, ``aio_notify_read``/``write``), ``aio_pwrite`` from the
+  slot, ``aio_pread`` into an ``nbd.Buffer`` copied into the slot, completions checked on each
+  wake-up, no thread. With libnbd 1.14.2 every ``aio_pread`` leaks its buffer (the backend's
+  docstring), so this variant's reads leak 4 KiB each: fine for a measurement, not a server.
+
+Usage: ``./dev bench nbd_io [--ios N]``. Writes ``results/nbd_io.json``. Server CPU is this
+process's (workers included); nbdkit's is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import mmap
+import random
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from common import RESULTS, format_table, machine, percentile, write_json
+
+from nvme_emu.aio import IoPool
+from nvme_emu.backends.nbd import NbdBackend
+from vfio_user.server import new_event_loop
+
+BLOCK = 4096
+SIZE = 256 << 20
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Workload:
+    def __init__(self, ios: int, qd: int) -> None:
+        rng = random.Random(qd)
+        self.offsets = [rng.randrange(SIZE // BLOCK) * BLOCK for _ in range(ios)]
+        self.mm = mmap.mmap(-1, qd * BLOCK)
+        self.mv = memoryview(self.mm)
+        self.slots = [self.mv[i * BLOCK : (i + 1) * BLOCK] for i in range(qd)]
+
+    def close(self) -> None:
+        self.slots.clear()
+        self.mv.release()
+        self.mm.close()
+
+
+async def closed_loop(w: Workload, qd: int, lat: list[float], start_one: Callable[[int, int, Callable[[], None]], bool]) -> None:
+    """Keep ``qd`` I/Os in flight; ``start_one(slot, offset, done)`` returns True when done inline."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    it = iter(w.offsets)
+    outstanding = [0]
+
+    def launch(slot: int) -> None:
+        while True:
+            off = next(it, None)
+            if off is None:
+                if outstanding[0] == 0 and not finished.done():
+                    finished.set_result(None)
+                return
+            t = time.perf_counter()
+
+            def done(t: float = t) -> None:
+                lat.append(time.perf_counter() - t)
+                outstanding[0] -= 1
+                launch(slot)
+
+            outstanding[0] += 1
+            if not start_one(slot, off, done):
+                return
+            lat.append(time.perf_counter() - t)
+            outstanding[0] -= 1
+
+    for s in range(qd):
+        launch(s)
+    await finished
+
+
+async def run_inline(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:
+    b = NbdBackend(uri)
+    try:
+        op = b.read_into if rw == "read" else b.write_from
+        await closed_loop(w, qd, lat, lambda s, off, done: op(off, [w.slots[s]]) or True)
+    finally:
+        b.close()
+
+
+async def run_pool(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:
+    b = NbdBackend(uri)
+    pool = IoPool(asyncio.get_running_loop())
+    try:
+        op = b.read_into if rw == "read" else b.write_from
+
+        def start(s: int, off: int, done: Callable[[], None]) -> bool:
+            pool.submit(lambda: op(off, [w.slots[s]]), lambda r, e: done(), [w.slots[s]])
+            return False
+
+        await closed_loop(w, qd, lat, start)
+    finally:
+        pool.close()
+        b.close()
+
+
+async def run_aio_loop(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:
+    import nbd
+
+    loop = asyncio.get_running_loop()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    fd = h.aio_get_fd()
+    waiting: dict[int, tuple[int, Any, Callable[[], None]]] = {}  # cookie -> (slot, read buffer, done)
+    writer = [False]
+
+    def want_write() -> None:
+        wants = bool(h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE)
+        if wants and not writer[0]:
+            loop.add_writer(fd, on_write)
+        elif not wants and writer[0]:
+            loop.remove_writer(fd)
+        writer[0] = wants
+
+    def reap() -> None:
+        for cookie in [c for c in waiting if h.aio_command_completed(c)]:
+            slot, buf, done = waiting.pop(cookie)
+            if buf is not None:
+                w.slots[slot][:] = buf.to_buffer()
+            done()
+        want_write()
+
+    def on_read() -> None:
+        h.aio_notify_read()
+        reap()
+
+    def on_write() -> None:
+        h.aio_notify_write()
+        reap()
+
+    def start(s: int, off: int, done: Callable[[], None]) -> bool:
+        buf = None
+        if rw == "read":  # into a buffer of libnbd's, then copied (what it would cost without the leak)
+            buf = nbd.Buffer(BLOCK)
+            cookie = h.aio_pread(buf, off)
+        else:
+            cookie = h.aio_pwrite(w.slots[s], off)
+        waiting[cookie] = (s, buf, done)
+        want_write()
+        return False
+
+    loop.add_reader(fd, on_read)
+    try:
+        await closed_loop(w, qd, lat, start)
+    finally:
+        loop.remove_reader(fd)
+        if writer[0]:
+            loop.remove_writer(fd)
+        h.shutdown()
+
+
+VARIANTS = {"inline": run_inline, "pool": run_pool, "aio-loop": run_aio_loop}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ios", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every variant, interleaved; the best round is reported")
+    args = ap.parse_args()
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise SystemExit("nbdkit is not installed (./dev test installs it)")
+    tmp = Path(tempfile.mkdtemp(prefix="nbd-bench-"))
+    sock = tmp / "m.sock"
+    proc = subprocess.Popen([nbdkit, "--foreground", "--exit-with-parent", "-U", str(sock), "memory", str(SIZE)])
+    try:
+        while not sock.exists():
+            time.sleep(0.01)
+        uri = f"nbd+unix:///?socket={sock}"
+        rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+        for _round in range(args.rounds):
+            for rw in ("read", "write"):
+                for qd in (1, 16):
+                    for name, fn in VARIANTS.items():
+                        w = Workload(args.ios, qd)
+                        lat: list[float] = []
+                        loop = new_event_loop()
+                        c0, t0 = cpu_seconds(), time.perf_counter()
+                        loop.run_until_complete(fn(uri, w, qd, rw, lat))
+                        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+                        loop.close()
+                        w.close()
+                        p50, p99 = percentile(lat, 50) or 0.0, percentile(lat, 99) or 0.0
+                        row = {"rw": rw, "qd": qd, "variant": name, "iops": round(args.ios / wall),
+                               "p50_us": round(p50 * 1e6, 1), "p99_us": round(p99 * 1e6, 1),
+                               "cpu_us_per_io": round(cpu / args.ios * 1e6, 1)}
+                        best = rows.get((rw, name, qd))
+                        if best is None or row["iops"] > best["iops"]:
+                            rows[(rw, name, qd)] = row
+        table = list(rows.values())
+        print(format_table(table, [("rw", "rw", "s"), ("qd", "QD", "d"), ("variant", "variant", "s"), ("iops", "IOPS", "d"),
+                                   ("p50_us", "p50 us", ".1f"), ("p99_us", "p99 us", ".1f"), ("cpu_us_per_io", "CPU us/IO", ".1f")]))
+        print("wrote", write_json(RESULTS / "nbd_io.json", {"machine": machine(), "ios": args.ios, "rows": table}))
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -732,6 +732,11 @@ class Namespace:
                 "pil": None if pi is None else pi.location.name.lower(), "guard": 16 if self.ns_format.guard is GuardKind.GUARD_16 else 64,
                 "meta_path": None if self._meta is None else self._meta.path}
 
+    def storage_stats(self) -> dict[str, Any] | None:
+        """The backend's way to its storage (:meth:`Backend.storage_stats`): an NBD
+        namespace's connections, in-flight calls, errors and reconnects; None for others."""
+        return self.backend.storage_stats()
+
     def inline_stats(self) -> dict[str, int] | None:
         """How its blocking calls ran inline or on the pool (:mod:`nvme_emu.inline_budget`);
         None when it has no inline budget (RAM: every call is inline)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from ..inline_budget import InlineBudget
 from .iov import Buffers
@@ -107,6 +107,11 @@ class Backend(ABC):
     def allocated_bytes(self) -> int:
         """Bytes actually backed by storage (for NUSE); the whole size if unknown."""
         return self.size
+
+    def storage_stats(self) -> dict[str, Any] | None:
+        """What the control plane shows of the way to the storage (a network backend's
+        connections, in-flight calls, errors and reconnects); None: nothing to show."""
+        return None
 
     def __enter__(self) -> "Backend":
         return self

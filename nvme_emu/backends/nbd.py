@@ -240,7 +240,7 @@ def connect(uri: str, deadline: float) -> _Conn:
 
 @dataclass
 class NbdStats:
-    """The backend's counters (:meth:`NbdBackend.describe`)."""
+    """The backend's counters (:meth:`NbdBackend.storage_stats`)."""
 
     #: calls running now (on pool workers)
     in_flight: int = 0
@@ -522,6 +522,6 @@ class NbdBackend(Backend):
 
     # -- what the control plane reports -------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        """The export's flags, the connections allowed, and the counters."""
+    def storage_stats(self) -> dict[str, Any]:
+        """The export's URI and flags, the connections allowed, and the counters."""
         return {"uri": self.uri, "flags": dict(self.flags.__dict__), "connections": self.connections, **self.stats.__dict__}

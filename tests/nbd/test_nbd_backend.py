@@ -15,14 +15,18 @@ import pytest
 
 from .nbd_servers import NbdServer, nbdkit, need_libnbd
 
-from ..nvme_areas.area_helpers import BUF, Guest, make_area, sqe
+import dataclasses
+
+from ..nvme_areas.area_helpers import BUF, Guest, KeptPool, make_area, sqe
+from nvme_emu.control import describe_namespace
 from nvme_emu.backends.errors import BackendError
 from nvme_emu.backends.nbd import COMMAND_TIMEOUT_S, NbdBackend, normalise_uri
 from nvme_emu.namespace import Namespace
 from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.outcome import finish_here
-from nvme_emu.spec.commands import NvmOpcode, NvmeError, RwCdw12, Status
+from nvme_emu.outcome import DEFERRED
+from nvme_emu.spec.commands import STATUS_DNR, NvmOpcode, NvmeError, RwCdw12, Status
 from nvme_emu.spec.identify import DLFEAT_READ_ZEROES
 
 #: A command against a dead server must fail within this (it fails at once: EOF or refused).
@@ -115,7 +119,7 @@ def test_round_trips(server: NbdServer):
         with pytest.raises(NvmeError) as e:
             read(ns, ns.nsze, 1)
         assert e.value.status == Status.LBA_OUT_OF_RANGE
-        stats = ns.backend.describe()
+        stats = ns.storage_stats()
         assert (stats["in_flight"], stats["errors"], stats["transient_errors"]) == (0, 0, 0)
     finally:
         ns.close()
@@ -273,7 +277,7 @@ def test_server_killed_then_restarted(file_server: NbdServer):
         file_server.start()
         assert read(ns, 0, 16) == flushed
         write(ns, 16, b"\x01" * 512, fua=True)
-        stats = ns.backend.describe()
+        stats = ns.storage_stats()
         assert stats["reconnects"] >= 1 and stats["transient_errors"] == 3 and stats["in_flight"] == 0
 
         # now under load: four threads in a loop, the server killed under them
@@ -301,9 +305,56 @@ def test_server_killed_then_restarted(file_server: NbdServer):
         assert len(failures) == 4 and all(f.status == Status.NAMESPACE_NOT_READY and not f.dnr for f in failures)
         file_server.start()
         assert read(ns, 0, 16) == flushed
-        assert ns.backend.describe()["in_flight"] == 0
+        assert ns.storage_stats()["in_flight"] == 0
     finally:
         ns.close()
+
+
+class FailingPool(KeptPool):
+    """KeptPool whose jobs may fail: the error goes to the completion, as IoPool's workers do."""
+
+    def finish_one(self) -> None:
+        fn, done = self.jobs.pop(0)
+        try:
+            result = fn()
+        except Exception as e:
+            done(None, e)
+        else:
+            done(result, None)
+
+
+def test_killed_server_completes_in_flight_commands_retryably(file_server: NbdServer):
+    """Through the NVM dispatch and an I/O pool: Reads in flight when the server dies complete
+    with Namespace Not Ready, DNR clear in the CQE's status field, each with its Error
+    Information entry; the control plane shows the transient errors and the reconnect."""
+    guest = Guest()
+    area = make_area(guest)
+    try:
+        area.state.namespaces[2] = ns = open_namespace(f"nbd:{file_server.uri}", 2)
+        pool = FailingPool()
+        nvm = NvmCommands(area.state, dataclasses.replace(area.hooks, io_pool=lambda: pool))
+        rw = dict(nsid=2, prp1=BUF, prp2=BUF + 4096, cdw10=0, cdw11=0, cdw12=7)
+        for cid in (1, 2):
+            assert nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, cid=cid, **rw)) is DEFERRED
+        file_server.kill()
+        t0 = time.monotonic()
+        pool.finish_one()
+        pool.finish_one()
+        assert time.monotonic() - t0 < FAIL_WITHIN_S
+        finished = area.record.named("finish_request")
+        assert [(cid, status) for _sq, cid, status, _dw0, _stamps in finished] == [(1, Status.NAMESPACE_NOT_READY), (2, Status.NAMESPACE_NOT_READY)]
+        assert not any(status & STATUS_DNR for _sq, _cid, status, _dw0, _stamps in finished)
+        assert [e["cid"] for e in area.state.error_log.entries][:2] in ([2, 1], [1, 2])
+        file_server.start()
+        assert nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, cid=3, **rw)) is DEFERRED
+        pool.finish_one()
+        assert area.record.named("finish_request")[-1][1:3] == (3, Status.SUCCESS)
+        storage = describe_namespace(ns, True)["storage"]
+        assert (storage["transient_errors"], storage["reconnects"], storage["in_flight"], storage["connections"]) == (2, 1, 0, 4)
+    finally:
+        for ns in area.state.namespaces.values():
+            ns.close()
+        guest.close()
 
 
 def test_stopped_server_times_out(memory_server: NbdServer):

@@ -4,7 +4,9 @@
 One rule for both: a ``file:`` namespace keeps them next to its image (``IMAGE`` + suffix,
 so they move and are deleted with it); a ``blk:`` device cannot have a file next to it, so its
 state goes under the state directory, named by the device path as given (``/dev/disk/by-id/...``
-keeps a name across reboots, ``/dev/sdb`` does not) plus a hash of it; RAM keeps none.
+keeps a name across reboots, ``/dev/sdb`` does not) plus a hash of it; an ``nbd:`` export's
+too, named by its normalised URI (it is not a path: made absolute, it would follow the working
+directory); RAM keeps none.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from pathlib import Path
 
 from .backends.base import BackendKind
+from .backends.nbd import normalise_uri
 
 
 def state_dir() -> Path:
@@ -35,7 +38,7 @@ def state_file(kind: BackendKind | str, path: str | None, area: str, suffix: str
         return None
     if kind == BackendKind.FILE:
         return os.path.realpath(path) + suffix
-    given = os.path.abspath(path)
+    given = normalise_uri(path) if kind == BackendKind.NBD else os.path.abspath(path)
     digest = hashlib.sha256(f"nvme-emu:{area}:{kind}:{given}".encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(given))[:64]
     return str(state_dir() / area / f"{kind}-{name}-{digest}{suffix}")

@@ -415,10 +415,15 @@ class NbdBackend(Backend):
         return conn
 
     def _lost(self, conn: _Conn, what: str, why: str) -> None:
+        """One connection failed: it goes, and so do the idle ones. They were opened to the
+        same server, which most likely went away with it (killed, restarted, the network
+        down): each would fail one more command, even after the server is back."""
         log.warning("nbd: %s: connection to %s lost (%s); the next command connects again", what, self.uri, why)
-        conn.close()
         with self._lock:
             self.stats.transient_errors += 1
+            idle, self._idle = self._idle, []
+        for c in (conn, *idle):
+            c.close()
 
     def _give_back(self, conn: _Conn) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from ..nvme_areas.area_helpers import BUF, Guest, KeptPool, make_area, sqe
 from nvme_emu.control import describe_namespace
 from nvme_emu.backends.errors import BackendError
 from nvme_emu.backends.nbd import COMMAND_TIMEOUT_S, NbdBackend, normalise_uri
+from nvme_emu.metadata_store import meta_path
 from nvme_emu.namespace import Namespace
 from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec
 from nvme_emu.nvm import NvmCommands
@@ -380,6 +381,23 @@ def test_unreachable_export_refuses_to_open(tmp_path: Path):
     need_libnbd()
     with pytest.raises(ValueError, match="cannot open"):
         open_namespace(f"nbd:nbd+unix:///?socket={tmp_path}/nobody.sock", 1)
+
+
+def test_metadata_and_pi_keep_a_sidecar_by_uri(memory_server: NbdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Metadata (here Type 1 PI) on an NBD namespace: the sidecar lives in the state
+    directory, named by the normalised URI whatever the working directory."""
+    monkeypatch.setenv("NVME_EMU_STATE_DIR", str(tmp_path / "state"))
+    uri = memory_server.uri
+    first = meta_path("nbd", uri)
+    monkeypatch.chdir(memory_server.socket.parent)
+    assert meta_path("nbd", f"nbd+unix:///?socket={memory_server.socket.name}") == first
+    assert first is not None and first.startswith(str(tmp_path / "state" / "meta" / "nbd-"))
+    ns = open_namespace(f"nbd:{uri},ms=8,pi=1", 1)
+    try:
+        assert ns.describe_storage()["meta_path"] == first and os.path.exists(first)
+        assert ns.pi is not None and not ns.plain_rw
+    finally:
+        ns.close()
 
 
 # -- identity -----------------------------------------------------------------------------------------

@@ -79,7 +79,6 @@ def describe_namespace(ns: Namespace, attached: bool) -> dict[str, Any]:
         "lba_size": ns.lba_size,
         "stats": dict(ns.stats.__dict__),
         **({"inline": inline} if (inline := ns.inline_stats()) is not None else {}),
-        **({"storage": storage} if (storage := ns.storage_stats()) is not None else {}),
         **({"zones": describe_zones(ns)} if ns.zones is not None else {}),
     }
 

@@ -724,18 +724,15 @@ class Namespace:
     # -- what the control plane reports ----------------------------------------------------------
 
     def describe_storage(self) -> dict[str, Any]:
-        """The storage behind it: the backend's class and its path (None in memory), and the
-        format's metadata and protection information with where the metadata is kept."""
-        pi = self.pi
+        """The storage behind it: the backend's class and its path (None in memory), the
+        format's metadata and protection information with where the metadata is kept, and the
+        backend's way to its storage where it has one (``storage``: an NBD namespace's
+        connections, in-flight calls, errors and reconnects, :meth:`Backend.storage_stats`)."""
+        pi, stats = self.pi, self.backend.storage_stats()
         return {"backend": type(self.backend).__name__, "path": getattr(self.backend, "path", None),
                 "ms": self.ms, "extended": self.extended, "pi": 0 if pi is None else int(pi.pi_type),
                 "pil": None if pi is None else pi.location.name.lower(), "guard": 16 if self.ns_format.guard is GuardKind.GUARD_16 else 64,
-                "meta_path": None if self._meta is None else self._meta.path}
-
-    def storage_stats(self) -> dict[str, Any] | None:
-        """The backend's way to its storage (:meth:`Backend.storage_stats`): an NBD
-        namespace's connections, in-flight calls, errors and reconnects; None for others."""
-        return self.backend.storage_stats()
+                "meta_path": None if self._meta is None else self._meta.path, **({"storage": stats} if stats is not None else {})}
 
     def inline_stats(self) -> dict[str, int] | None:
         """How its blocking calls ran inline or on the pool (:mod:`nvme_emu.inline_budget`);

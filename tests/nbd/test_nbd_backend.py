@@ -120,7 +120,7 @@ def test_round_trips(server: NbdServer):
         with pytest.raises(NvmeError) as e:
             read(ns, ns.nsze, 1)
         assert e.value.status == Status.LBA_OUT_OF_RANGE
-        stats = ns.storage_stats()
+        stats = ns.describe_storage()["storage"]
         assert (stats["in_flight"], stats["errors"], stats["transient_errors"]) == (0, 0, 0)
     finally:
         ns.close()
@@ -278,7 +278,7 @@ def test_server_killed_then_restarted(file_server: NbdServer):
         file_server.start()
         assert read(ns, 0, 16) == flushed
         write(ns, 16, b"\x01" * 512, fua=True)
-        stats = ns.storage_stats()
+        stats = ns.describe_storage()["storage"]
         assert stats["reconnects"] >= 1 and stats["transient_errors"] == 3 and stats["in_flight"] == 0
 
         # now under load: four threads in a loop, the server killed under them
@@ -306,7 +306,7 @@ def test_server_killed_then_restarted(file_server: NbdServer):
         assert len(failures) == 4 and all(f.status == Status.NAMESPACE_NOT_READY and not f.dnr for f in failures)
         file_server.start()
         assert read(ns, 0, 16) == flushed
-        assert ns.storage_stats()["in_flight"] == 0
+        assert ns.describe_storage()["storage"]["in_flight"] == 0
     finally:
         ns.close()
 

@@ -25,7 +25,7 @@ import os
 import random
 import resource
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 from common import RESULTS, format_table, machine, percentile, write_json
 
@@ -38,6 +38,12 @@ BLOCK = 4096
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+class HasOffsets(Protocol):
+    """What the closed loop needs of a workload (this one, bench/nbd_io.py's)."""
+
+    offsets: list[int]
 
 
 class Workload:
@@ -68,7 +74,7 @@ async def run_sync(w: Workload, qd: int, lat: list[float]) -> None:
     await run_closed_loop(w, qd, lat, start)
 
 
-async def run_closed_loop(w: Workload, qd: int, lat: list[float], start_one) -> None:
+async def run_closed_loop(w: HasOffsets, qd: int, lat: list[float], start_one: Callable[[int, int, Callable[[], None]], bool]) -> None:
     """Keep ``qd`` reads in flight. ``start_one(slot, offset, done)`` returns True when the
     read completed inline, else it calls ``done()`` later on the loop thread."""
     loop = asyncio.get_running_loop()

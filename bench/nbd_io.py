@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import mmap
 import random
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from async_io import cpu_seconds, run_closed_loop as closed_loop
 from common import RESULTS, format_table, machine, percentile, write_json
 
 from nvme_emu.aio import IoPool
@@ -42,11 +42,6 @@ from vfio_user.server import new_event_loop
 
 BLOCK = 4096
 SIZE = 256 << 20
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class Workload:
@@ -61,38 +56,6 @@ class Workload:
         self.slots.clear()
         self.mv.release()
         self.mm.close()
-
-
-async def closed_loop(w: Workload, qd: int, lat: list[float], start_one: Callable[[int, int, Callable[[], None]], bool]) -> None:
-    """Keep ``qd`` I/Os in flight; ``start_one(slot, offset, done)`` returns True when done inline."""
-    loop = asyncio.get_running_loop()
-    finished = loop.create_future()
-    it = iter(w.offsets)
-    outstanding = [0]
-
-    def launch(slot: int) -> None:
-        while True:
-            off = next(it, None)
-            if off is None:
-                if outstanding[0] == 0 and not finished.done():
-                    finished.set_result(None)
-                return
-            t = time.perf_counter()
-
-            def done(t: float = t) -> None:
-                lat.append(time.perf_counter() - t)
-                outstanding[0] -= 1
-                launch(slot)
-
-            outstanding[0] += 1
-            if not start_one(slot, off, done):
-                return
-            lat.append(time.perf_counter() - t)
-            outstanding[0] -= 1
-
-    for s in range(qd):
-        launch(s)
-    await finished
 
 
 async def run_inline(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:

@@ -46,11 +46,11 @@ class HasOffsets(Protocol):
     offsets: list[int]
 
 
-class Workload:
-    """Precomputed offsets and per-slot guest buffers, shared by every variant."""
+class Slots:
+    """Precomputed random offsets into ``size`` bytes and one guest buffer per slot (QD of
+    them), shared by every variant (bench/nbd_io.py's too)."""
 
-    def __init__(self, path: str, size: int, ios: int, qd: int) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, size: int, ios: int, qd: int) -> None:
         rng = random.Random(qd)
         self.offsets = [rng.randrange(size // BLOCK) * BLOCK for _ in range(ios)]
         self.mm = mmap.mmap(-1, qd * BLOCK)
@@ -61,6 +61,17 @@ class Workload:
         self.slots.clear()
         self.mv.release()
         self.mm.close()
+
+
+class Workload(Slots):
+    """:class:`Slots` over a file, opened for the variants that read it by fd."""
+
+    def __init__(self, path: str, size: int, ios: int, qd: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        super().__init__(size, ios, qd)
+
+    def close(self) -> None:
+        super().close()
         os.close(self.fd)
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import mmap
-import random
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from async_io import cpu_seconds, run_closed_loop as closed_loop
+from async_io import Slots, cpu_seconds, run_closed_loop as closed_loop
 from common import RESULTS, format_table, machine, percentile, write_json
 
 from nvme_emu.aio import IoPool
@@ -44,21 +42,7 @@ BLOCK = 4096
 SIZE = 256 << 20
 
 
-class Workload:
-    def __init__(self, ios: int, qd: int) -> None:
-        rng = random.Random(qd)
-        self.offsets = [rng.randrange(SIZE // BLOCK) * BLOCK for _ in range(ios)]
-        self.mm = mmap.mmap(-1, qd * BLOCK)
-        self.mv = memoryview(self.mm)
-        self.slots = [self.mv[i * BLOCK : (i + 1) * BLOCK] for i in range(qd)]
-
-    def close(self) -> None:
-        self.slots.clear()
-        self.mv.release()
-        self.mm.close()
-
-
-async def run_inline(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:
+async def run_inline(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
     b = NbdBackend(uri)
     try:
         op = b.read_into if rw == "read" else b.write_from
@@ -67,7 +51,7 @@ async def run_inline(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) 
         b.close()
 
 
-async def run_pool(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:
+async def run_pool(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
     b = NbdBackend(uri)
     pool = IoPool(asyncio.get_running_loop())
     try:
@@ -83,7 +67,7 @@ async def run_pool(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) ->
         b.close()
 
 
-async def run_aio_loop(uri: str, w: Workload, qd: int, rw: str, lat: list[float]) -> None:
+async def run_aio_loop(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
     import nbd
 
     loop = asyncio.get_running_loop()
@@ -161,7 +145,7 @@ def main() -> None:
             for rw in ("read", "write"):
                 for qd in (1, 16):
                     for name, fn in VARIANTS.items():
-                        w = Workload(args.ios, qd)
+                        w = Slots(SIZE, args.ios, qd)
                         lat: list[float] = []
                         loop = new_event_loop()
                         c0, t0 = cpu_seconds(), time.perf_counter()

@@ -21,9 +21,9 @@ from nvme_emu.pi import crc
 from nvme_emu.pi.format import GuardKind, Prinfo, ProtectionType
 from nvme_emu.spec.commands import Status
 
-from .zoned_checks import Step, key_values, parse_steps
+from .zoned_checks import Step, boot_rich, key_values, parse_steps
 
-__all__ = ["Step", "key_values", "parse_steps"]
+__all__ = ["Step", "boot_rich", "key_values", "parse_steps"]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ one test holds its ``corrupt`` step to ``pi_judges.judge_corrupt`` (QEMU cannot 
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -69,17 +68,7 @@ class Run:
 
 
 def boot(peer: str, command: str, **target) -> Run:
-    """Boot the rich guest on ``target`` (run_guest's device arguments), print the boot's
-    and each step's time, and fail unless the job ran to its end."""
-    t0 = time.monotonic()
-    res = guest.run_guest(rich_root=True, command=command, timeout=TIMEOUT, **target)
-    steps = pc.parse_steps(res.output)
-    print(f"\n{peer}: boot {time.monotonic() - t0:.1f} s in all, the job began at uptime "
-          f"{steps['find'].started if 'find' in steps else '?'} s")
-    for s in steps.values():
-        print(f"  step {s.name:<28} {s.seconds:6.1f} s")
-    assert res.returncode == 0 and "end" in steps, res.describe_failure()
-    return Run(peer, res, steps)
+    return Run(peer, *pc.boot_rich(peer, command, timeout=TIMEOUT, **target))
 
 
 @pytest.fixture(scope="module")

@@ -78,14 +78,7 @@ class Run:
 
 
 def _boot(peer: str, command: str, **target) -> Run:
-    res = guest.run_guest(rich_root=True, command=command, timeout=TIMEOUT, memory_mb=MEMORY_MB, **target)
-    steps = zc.parse_steps(res.output)
-    print(f"\n{peer}: {res.elapsed:.1f} s in all, the job began at uptime "
-          f"{steps['find'].started if 'find' in steps else '?'} s")
-    for s in steps.values():
-        print(f"  step {s.name:<12} {s.seconds:6.1f} s")
-    assert res.returncode == 0 and "end" in steps, res.describe_failure()
-    return Run(peer, res, steps)
+    return Run(peer, *zc.boot_rich(peer, command, timeout=TIMEOUT, memory_mb=MEMORY_MB, **target))
 
 
 @pytest.fixture(scope="module")
@@ -216,12 +209,7 @@ def restarted(nvme_emu: Run) -> Restarted:
             errors.append(repr(e))
 
     script = zc.fs_verify_script(zj.fs_manifest(nvme_emu.steps), then=zc.zone_fault_step(GEO, FAULTS))
-    res = guest.run_guest(rich_root=True, command=script, timeout=TIMEOUT, memory_mb=MEMORY_MB, socket_path=srv.path,
-                          on_console_line=on_line)
-    steps = zc.parse_steps(res.output)
-    print(f"\nnvme-emu after SIGKILL: {res.elapsed:.1f} s; " + ", ".join(f"{s.name} {s.seconds:.1f} s" for s in steps.values()))
-    assert res.returncode == 0 and "end" in steps, res.describe_failure()
-    return Restarted(Run("nvme-emu after SIGKILL", res, steps), faults, errors)
+    return Restarted(_boot("nvme-emu after SIGKILL", script, socket_path=srv.path, on_console_line=on_line), faults, errors)
 
 
 def test_btrfs_and_zones_survive_a_server_kill(nvme_emu: Run, restarted: Restarted) -> None:

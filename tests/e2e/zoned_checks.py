@@ -104,6 +104,21 @@ fi
 """
 
 
+def boot_rich(peer: str, command: str, **run_guest_args) -> tuple[guest.GuestResult, dict[str, Step]]:
+    """Boot the rich guest with the step-script ``command`` (``run_guest_args``: the device,
+    timeout, memory...), print the boot's and each step's time, and fail unless the job ran to
+    its ``step end``: the one boot of every zoned and PI guest module."""
+    res = guest.run_guest(rich_root=True, command=command, **run_guest_args)
+    steps = parse_steps(res.output)
+    print(f"\n{peer}: {res.elapsed:.1f} s in all, the job began at uptime "
+          f"{steps['find'].started if 'find' in steps else '?'} s")
+    width = max((len(s.name) for s in steps.values()), default=0)
+    for s in steps.values():
+        print(f"  step {s.name:<{width}} {s.seconds:6.1f} s")
+    assert res.returncode == 0 and "end" in steps, res.describe_failure()
+    return res, steps
+
+
 def key_values(text: str) -> dict[str, str]:
     """``key=value`` lines -> dict (the first ``=`` splits)."""
     out: dict[str, str] = {}

@@ -7,28 +7,18 @@ from __future__ import annotations
 import os
 import struct
 
-import pytest
 
 from nvme_emu.nvm import NvmCommands
 from nvme_emu.pi.format import GuardKind, PiFormat, PiLocation, Prinfo, ProtectionType
 from nvme_emu.spec.commands import STATUS_DNR, CopyCdw12, NvmOpcode, RwCdw12, Status
 from nvme_emu.sqe import SQE
-from tests.nvme_areas.area_helpers import BUF, Area, Guest, make_area
+from tests.nvme_areas.area_helpers import BUF, Area
 from tests.pi.reference_crc import crc16_t10dif
 from tests.pi_io.fake_namespace import FakeNamespace
 
 META = BUF + 0x10000  # the separate metadata buffer (MPTR)
 DESC = BUF + 0x20000  # Copy's descriptors
 SLBA, NLB = 16, 8
-
-
-@pytest.fixture
-def area():
-    guest = Guest()
-    try:
-        yield make_area(guest, namespaces=2)
-    finally:
-        guest.close()
 
 
 def cmd(opc: int, slba: int, nlb: int, *, prinfo: int = 0, nsid: int = 1, cdw12: int = 0, cdw14: int = 0, cdw15: int = 0,

@@ -17,20 +17,11 @@ from nvme_emu.pi.format import Prinfo
 from nvme_emu.pi_faults import corrupt_pi
 from nvme_emu.spec.commands import NvmOpcode, Status
 from nvme_emu.sqe import SQE
-from tests.nvme_areas.area_helpers import BUF, Area, Guest, make_area
+from tests.nvme_areas.area_helpers import BUF, Area
 from tests.pi_io.test_nvm_hooks import cmd
 
 SLBA, NLB = 16, 8
 DSM_RANGES = BUF + 0x30000
-
-
-@pytest.fixture
-def area():
-    guest = Guest()
-    try:
-        yield make_area(guest, namespaces=2)
-    finally:
-        guest.close()
 
 
 @pytest.fixture

@@ -689,6 +689,8 @@ static void *agent_thread(void *unused)
     return NULL;
 }
 
+/* The listener is bound under socket_path + SIDE_SUFFIX, then renamed to socket_path. */
+#define SIDE_SUFFIX ".new"
 static char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 
 __attribute__((constructor)) static void agent_init(void)
@@ -710,10 +712,18 @@ static void start_listener(void)
 {
     if (socket_path[0] == '\0')
         return;
+    /* Bind, chmod and listen under a side name, then rename it into place: the final path
+     * appears only once it accepts connections and is already 0600, because nvme-emu takes
+     * the path's existence to mean "connect now" (a bind-then-listen window there gave a
+     * CI run ECONNREFUSED). rename() keeps the inode, which is what a Unix socket is bound to. */
     struct sockaddr_un sa;
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
-    strcpy(sa.sun_path, socket_path);
+    if (snprintf(sa.sun_path, sizeof sa.sun_path, "%s%s", socket_path, SIDE_SUFFIX)
+        >= (int)sizeof sa.sun_path) {
+        agent_log("socket path too long: %s; agent disabled", socket_path);
+        return;
+    }
 
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0) {
@@ -721,19 +731,22 @@ static void start_listener(void)
         return;
     }
     struct stat st;
+    if (lstat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode))
+        unlink(socket_path); /* stale socket from an earlier run */
     if (lstat(sa.sun_path, &st) == 0 && S_ISSOCK(st.st_mode))
-        unlink(sa.sun_path); /* stale socket from an earlier run */
+        unlink(sa.sun_path);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         agent_log("bind %s: %s; agent disabled", sa.sun_path, strerror(errno));
         close(fd);
         return;
     }
-    if (chmod(sa.sun_path, 0600) < 0 || listen(fd, 4) < 0) {
-        agent_log("chmod/listen %s: %s; agent disabled", sa.sun_path, strerror(errno));
+    if (chmod(sa.sun_path, 0600) < 0 || listen(fd, 4) < 0 || rename(sa.sun_path, socket_path) < 0) {
+        agent_log("chmod/listen/rename %s: %s; agent disabled", sa.sun_path, strerror(errno));
         close(fd);
         unlink(sa.sun_path);
         return;
     }
+    strcpy(sa.sun_path, socket_path);
     listen_fd = fd;
 
     pthread_attr_t attr;

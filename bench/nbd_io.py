@@ -122,14 +122,43 @@ async def run_aio_loop(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -
         h.shutdown()
 
 
-VARIANTS = {"inline": run_inline, "pool": run_pool, "aio-loop": run_aio_loop}
+async def run_link(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
+    from nvme_emu.backends.libnbd_ffi import ffi
+    from nvme_emu.backends.nbd_link import NbdLink, Op, buffer
+
+    link = NbdLink(uri, asyncio.get_running_loop(), timeout=20.0, on_ready=lambda flags: None, lost=OSError)
+
+    def start(s: int, off: int, done: Callable[[], None]) -> bool:
+        slot = w.slots[s]
+        buf = buffer(BLOCK)  # the link's own buffer, copied to or from the slot as the backend does
+        if rw == "read":
+            def read_done(err: BaseException | None) -> None:
+                assert err is None, err
+                slot[:] = ffi.buffer(buf, BLOCK)
+                done()
+
+            link.submit(Op.READ, off, BLOCK, buf, read_done)
+        else:
+            ffi.memmove(buf, slot, BLOCK)
+            link.submit(Op.WRITE, off, BLOCK, buf, lambda err: done())
+        return False
+
+    try:
+        await closed_loop(w, qd, lat, start)
+    finally:
+        link.close()
+
+
+VARIANTS = {"inline": run_inline, "pool": run_pool, "aio-loop": run_aio_loop, "link": run_link}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ios", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every variant, interleaved; the best round is reported")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     args = ap.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise SystemExit("nbdkit is not installed (./dev test installs it)")
@@ -144,7 +173,7 @@ def main() -> None:
         for _round in range(args.rounds):
             for rw in ("read", "write"):
                 for qd in (1, 16):
-                    for name, fn in VARIANTS.items():
+                    for name, fn in variants.items():
                         w = Slots(SIZE, args.ios, qd)
                         lat: list[float] = []
                         loop = new_event_loop()

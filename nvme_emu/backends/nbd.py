@@ -162,10 +162,11 @@ class NbdFlags:
 class NotReadyError(BackendError):
     """The export cannot be reached now (connection refused or lost, a command past its
     deadline): Namespace Not Ready with DNR clear, so the host retries; the next command
-    connects again."""
+    connects again. CRD = 1: a host that enabled Advanced Command Retry waits CRDT1 before
+    each retry (ControllerConfig.command_retry_delay_100ms), time for the server to return."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(Status.NAMESPACE_NOT_READY, errno.ENOTCONN, message, dnr=False)
+        super().__init__(Status.NAMESPACE_NOT_READY, errno.ENOTCONN, message, dnr=False, crd=1)
 
 
 class _Timeout(Exception):

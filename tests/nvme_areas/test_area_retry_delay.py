@@ -131,3 +131,24 @@ def test_a_command_in_flight_gets_the_delay_when_it_completes(gone: Area):
         pytest.fail("the gone backend's write succeeded")
     [(_sq, _cid, st_field, _dw0, _stamps)] = gone.record.named("finish_request")
     assert st_field == NOT_READY_CRD1
+
+
+def test_serve_crdt1_option(tmp_path: Path):
+    """``nvme-emu serve --crdt1 N`` is what Identify Controller reports; out of 16 bits it is
+    refused at parse time."""
+    from nvme_emu.cli import build_function, make_parser
+
+    def crdt1(*extra: str) -> int:
+        args = make_parser().parse_args(["serve", "--socket", str(tmp_path / "s.sock"), "--namespace", "ram:size=1M", *extra])
+        function = build_function(args)
+        try:
+            return st.IdentifyController.parse(identify_controller(function.controller.state)).crdt1
+        finally:
+            for ns in function.controller.state.namespaces.values():
+                ns.close()
+
+    assert crdt1() == ControllerConfig.command_retry_delay_100ms
+    assert crdt1("--crdt1", "0") == 0
+    assert crdt1("--crdt1", "0x20") == 32
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["serve", "--crdt1", "65536"])

@@ -146,7 +146,8 @@ until [ $tries -ge 1 ] && [ "$read_rc" = 0 ]; do
     [ "$(awk -v a=$t_restart -v b=$(now) 'BEGIN {{print (b - a > {RESUME_POLL_S})}}')" = 1 ] && break
     sleep 0.5
 done
-echo "resume_tries=$tries resume_read_rc=$read_rc"
+echo "resume_tries=$tries"
+echo "resume_read_rc=$read_rc"
 echo "resumed_after_s=$(awk -v a=$t_restart -v b=$(now) 'BEGIN {{print b - a}}')"
 cmp -s /tmp/back /tmp/pattern; echo "pattern_intact=$([ $? = 0 ] && echo yes || echo no)"
 head -c 65536 /dev/urandom > /tmp/new

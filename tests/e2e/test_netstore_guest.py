@@ -18,8 +18,8 @@ client), the peer. Checks:
 
 An ``rbd:`` namespace on the Ceph fixture (tests/support/ceph.py) is one more entry of
 ``network_namespaces``: ``NetworkNamespace("rbd", <the cluster's rbd: spec>, 3, SERIAL)``
-(no killable server) and ``"rbd"`` in ``test_fio_verify``'s labels; its fio step then runs
-in the same boot.
+(no killable server; an image of at least 32 MiB, fio's two regions) and ``"rbd"`` in
+``LABELS``; its fio step then runs in the same boot.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ SERIAL = "NVMEEMUNETSTORE"
 #: The second nvme-emu, CRDT1 = 0.
 SERIAL_NOCRDT = "NVMEEMUNOCRDT"
 VICTIM, VICTIM_NOCRDT = "qemu_nbd", "qemu_nbd_nocrdt"
-#: The module took 56-59 s here, its guest 55-57 s (2 vCPUs, TCG, 3 runs); a hang must not
-#: take the suite with it.
+#: The labels of ``network_namespaces``, in order (the fio checks' parameters).
+LABELS = ("nbdkit", VICTIM)
+#: The module took 37-59 s here, its guest 36-57 s (2 vCPUs, TCG, 4 runs, as loaded as the
+#: shared machine was); a hang must not take the suite with it.
 TIMEOUT = 900
 #: fio's error must end its run within this after the kill: Linux's five retries 1 s apart,
 #: plus the guest's clock and fio's own exit (well below the run's 90 s and Linux's 30 s I/O
@@ -126,7 +128,7 @@ def boot(guest_infra, tmp_path_factory) -> Iterator[Boot]:
         steps = parse_steps(res.output)
         (d / "guest-output.txt").write_text(res.output)  # kept with the temp dir, for a look at every step
         run = Boot(res, steps, ours, switch, 0.0)
-        run.server_log = "".join(emu.stop_clean(bad=r"\b(CRITICAL)\b|Traceback") for emu in emus)
+        run.server_log = "".join(emu.stop_clean() for emu in emus)  # no ERROR: a lost server is a WARNING
         emus.clear()
         run.seconds = time.monotonic() - t0
         print(f"\nnetstore: module boot {run.seconds:.1f} s (guest {res.elapsed:.1f} s, accel {res.accel})")
@@ -159,13 +161,14 @@ def fio_problems(step: Step) -> list[str]:
 
 
 def test_every_namespace_found(boot: Boot):
+    assert tuple(labels(boot)) == LABELS  # every network namespace has its fio check
     v = nc.values(boot.steps["find"])
     for label in (*labels(boot), nc.PEER):
         assert v.get(label, "").startswith("/dev/nvme"), boot.steps["find"].output
     assert f"serial={SERIAL}" in boot.steps["find"].output
 
 
-@pytest.mark.parametrize("label", ["nbdkit", VICTIM, nc.PEER])
+@pytest.mark.parametrize("label", [*LABELS, nc.PEER])
 def test_fio_verify(boot: Boot, label: str):
     problems = fio_problems(boot.steps[f"fio_{label}"])
     assert not problems, boot.steps[f"fio_{label}"].output

@@ -72,11 +72,19 @@ def process_stats() -> dict[str, float]:
     return {"switch_interval_us": round(sys.getswitchinterval() * 1e6, 3), "inline_write_budget_us": default_budget_ns() / 1000}
 
 
+def _crdt(value: str) -> int:
+    """A Command Retry Delay Time: 16 bits, in 100 ms."""
+    n = int(value, 0)
+    if not 0 <= n <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"{value}: 0 to 65535 (units of 100 ms)")
+    return n
+
+
 def build_function(args: argparse.Namespace) -> NvmeFunction:
     seed = identity.controller_seed(args.socket)
     serial = args.serial or identity.controller_serial(seed)
     config = ControllerConfig(serial=serial, model=args.model, max_io_queues=args.queues, ns_dir=args.ns_dir, identity_seed=seed,
-                              nvm_capacity=args.nvm_capacity)
+                              nvm_capacity=args.nvm_capacity, command_retry_delay_100ms=args.crdt1)
     specs = args.namespace or [DEFAULT_NAMESPACE]
     namespaces = []
     try:
@@ -308,6 +316,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--nvm-capacity", type=_size, default=DEFAULT_NVM_CAPACITY, metavar="SIZE",
                    help="what the guest may allocate with Namespace Management, all its namespaces together "
                         "(e.g. 512M, 16G; default 4G); namespaces given here or by the control plane come on top")
+    s.add_argument("--crdt1", type=_crdt, default=ControllerConfig.command_retry_delay_100ms, metavar="N",
+                   help="Identify Controller CRDT1 (Command Retry Delay Time 1, in 100 ms; default %(default)s): how long a "
+                        "host waits before retrying a command its storage server could not take; 0: no delay, retries at once")
     s.add_argument("--serial", default=None, help="serial number (default: derived from the socket path, see README \"Identity\")")
     s.add_argument("--model", default="nvme-emu")
     s.add_argument("--queues", type=int, default=64, help="maximum I/O queue pairs")

@@ -147,6 +147,8 @@ def identify_controller(state: ControllerState) -> bytes:
         vwc=(Vwc.PRESENT | Vwc.FLUSH_BROADCAST_SUPPORTED) if c.volatile_write_cache else 0,
         sgls=Sgls.SUPPORTED_NO_ALIGNMENT | Sgls.BIT_BUCKET,
         subnqn=st.subsystem_nqn(c.serial),
+        # CRD = 1 in a transient failure's status means this delay (features.py: ACRE)
+        crdt1=c.command_retry_delay_100ms,
     )
 
 

@@ -161,7 +161,7 @@ class NvmCommands:
         if isinstance(err, NvmeError):
             lba = err.lba if isinstance(err, (UnrecoveredRead, PiCheckError)) else starting_lba(e)
             self.state.record_error(sq.qid, e[CID], err, nsid=e[NSID], lba=lba)
-            return err.status_field
+            return err.status_for(acre=self.state.features.acre)  # a retry delay where the host enabled them
         # a bug must cost one command (Internal Error), not the whole batch
         log.error("I/O opcode %#x (cid %d) failed unexpectedly", e[OPC], e[CID], exc_info=err)
         return Status.INTERNAL_ERROR

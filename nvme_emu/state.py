@@ -20,7 +20,7 @@ from . import identity
 from .latency import LatencyRecorder
 from .lba_ranges import LbaStatusState
 from .spec.commands import NvmeError, Status
-from .spec.features import HOST_BEHAVIOR_SIZE, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER
+from .spec.features import ACRE_ENABLED, HOST_BEHAVIOR_ACRE_BYTE, HOST_BEHAVIOR_SIZE, TEMP_COMPOSITE, TEMP_OVER, TEMP_UNDER
 from .spec.registers import NVME_VERSION, Cc, Csts
 
 if TYPE_CHECKING:
@@ -83,6 +83,14 @@ class ControllerConfig:
     nvm_capacity: int = DEFAULT_NVM_CAPACITY
     #: Where Namespace Management creates namespace files; None: RAM (gone with the process).
     ns_dir: str | None = None
+    #: Identify Controller CRDT1, in 100 ms: how long a host that enabled Advanced Command
+    #: Retry waits before retrying a command failed with CRD = 1 (a namespace whose storage
+    #: server is unreachable: Namespace Not Ready). Linux retries five times, so 1 s rides
+    #: out 5 s without the server: a qemu-nbd or nbdkit restart (60 ms / 20 ms to listen
+    #: here) and the backend's reconnect (one handshake, ~1 ms) fit many times over, while a
+    #: server that is really gone fails the guest's I/O after ~5 s, far below Linux's 30 s
+    #: I/O timeout. Without the delay, the five retries are spent in about a millisecond.
+    command_retry_delay_100ms: int = 10
 
     @property
     def max_transfer(self) -> int:
@@ -145,6 +153,12 @@ class FeatureState:
     timestamp_base_ms: int = 0
     timestamp_set_at: float = field(default_factory=time.monotonic)
     timestamp_synced: bool = False
+
+    @property
+    def acre(self) -> bool:
+        """The host enabled Advanced Command Retry (Host Behavior Support): a transient
+        failure's completion may carry a Command Retry Delay (CRD)."""
+        return bool(self.host_behavior[HOST_BEHAVIOR_ACRE_BYTE] & ACRE_ENABLED)
 
 
 @dataclass
@@ -247,7 +261,7 @@ class ControllerState:
 
     def record_error(self, sqid: int, cid: int, err: NvmeError, *, nsid: int = 0, lba: int = 0) -> None:
         """An Error Information entry for a failed command; media errors count in SMART."""
-        self.error_log.add(sqid=sqid, cid=cid, status_field=err.status_field, nsid=nsid, lba=lba)
+        self.error_log.add(sqid=sqid, cid=cid, status_field=err.status_for(acre=self.features.acre), nsid=nsid, lba=lba)
         if err.status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
             self.health.media_errors += 1
 

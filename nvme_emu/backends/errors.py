@@ -14,8 +14,8 @@ from ..spec.commands import NvmeError, Status
 class BackendError(NvmeError):
     """A backend operation failed; ``errno`` is the OS reason, ``status`` what to report."""
 
-    def __init__(self, status: int, err: int, message: str, *, dnr: bool = True) -> None:
-        super().__init__(status, message, dnr=dnr)
+    def __init__(self, status: int, err: int, message: str, *, dnr: bool = True, crd: int = 0) -> None:
+        super().__init__(status, message, dnr=dnr, crd=crd)
         self.errno = err
 
 

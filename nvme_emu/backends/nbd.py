@@ -44,7 +44,7 @@ decide what each NVMe operation becomes:
 Failures: a connection that fails (refused, reset, the server killed) or a command past its
 deadline fails the command with Namespace Not Ready and DNR clear (:class:`NotReadyError`):
 the spec's "re-issuing the command at a later time may succeed", which a host retries (Linux
-five times, then an I/O error). The broken connection is closed, and the next command
+five times, then an I/O error), CRDT1 apart where it enabled Advanced Command Retry (CRD = 1). The broken connection is closed, and the next command
 connects again. An error the server answers a command with is the command's, as a file's
 errno is (:func:`~nvme_emu.backends.errors.translate_os_error`).
 """
@@ -162,10 +162,11 @@ class NbdFlags:
 class NotReadyError(BackendError):
     """The export cannot be reached now (connection refused or lost, a command past its
     deadline): Namespace Not Ready with DNR clear, so the host retries; the next command
-    connects again."""
+    connects again. CRD = 1: a host that enabled Advanced Command Retry waits CRDT1 before
+    each retry (ControllerConfig.command_retry_delay_100ms), time for the server to return."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(Status.NAMESPACE_NOT_READY, errno.ENOTCONN, message, dnr=False)
+        super().__init__(Status.NAMESPACE_NOT_READY, errno.ENOTCONN, message, dnr=False, crd=1)
 
 
 class _Timeout(Exception):

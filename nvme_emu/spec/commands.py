@@ -367,17 +367,29 @@ class NvmeError(Exception):
 
     ``dnr`` defaults to True because almost every failure we detect (bad fields, bad pointers,
     out-of-range LBAs) would fail identically on retry.
+
+    ``crd``: the Command Retry Delay a transient failure asks the host to wait before its
+    retry (1-3: Identify Controller CRDT1-3; 0: none), reported only to a host that enabled
+    Advanced Command Retry (:meth:`status_for`).
     """
 
-    def __init__(self, status: int, message: str = "", *, dnr: bool = True, more: bool = False) -> None:
+    def __init__(self, status: int, message: str = "", *, dnr: bool = True, more: bool = False, crd: int = 0) -> None:
         self.status = Status(status)
         self.dnr = dnr
         self.more = more
+        self.crd = crd
         super().__init__(message or self.status.name)
 
     @property
     def status_field(self) -> int:
+        """The Status Field without a retry delay (the host did not ask for one)."""
         return status_field(self.status, dnr=self.dnr, more=self.more)
+
+    def status_for(self, *, acre: bool) -> int:
+        """The Status Field for a host with Advanced Command Retry enabled (``acre``, Host
+        Behavior Support) or not: CRD is set only where the host enabled it; the spec has
+        the controller clear it otherwise."""
+        return status_field(self.status, dnr=self.dnr, more=self.more, crd=self.crd if acre else 0)
 
     def __repr__(self) -> str:
         return f"NvmeError({self.status.name}, dnr={self.dnr}, more={self.more}, {str(self)!r})"

@@ -61,3 +61,7 @@ TEMP_OVER, TEMP_UNDER = 0, 1
 TEMP_COMPOSITE, TEMP_ALL_SENSORS = 0, 0xF
 #: Host Behavior Support feature (FID 16h): the size of its data structure.
 HOST_BEHAVIOR_SIZE = 512
+#: Its byte 0, Advanced Command Retry Enable (ACRE): 1 lets the controller ask for a delay
+#: before a retry (the CQE's CRD, Identify Controller CRDT1-3). Linux sets it when CRDT1 != 0.
+HOST_BEHAVIOR_ACRE_BYTE = 0
+ACRE_ENABLED = 0x01

@@ -343,8 +343,15 @@ class CephCluster:
     def resume(self, name: str = "osd") -> None:
         os.killpg(self.procs[name].pid, signal.SIGCONT)
 
+    def kill(self, name: str = "osd") -> None:
+        """SIGKILL the daemon's group (if it still runs) and reap it."""
+        p = self.procs[name]
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+
     def restart(self, name: str = "osd") -> float:
-        """SIGKILL the daemon's group and start it again on the same data; for the OSD, wait
+        """SIGKILL the daemon's group (unless it is dead already) and start it again on the same data; for the OSD, wait
         until the monitor has it up again. Seconds until then. Only a ``bluestore`` OSD keeps
         its objects: memstore's are in the killed process's RAM (and a clean stop keeps only
         its superblock: measured, the restarted OSD loaded 0 PGs), so the pool is gone."""
@@ -358,9 +365,7 @@ class CephCluster:
         # the monitor may never mark the killed OSD down (no peer reports it): its restart
         # shows as a new up_from
         before = up_from() if cluster is not None else None
-        p = self.procs[name]
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=10)
+        self.kill(name)
         t0 = time.monotonic()
         self._spawn(name, *self.argv[name])
         if cluster is not None:

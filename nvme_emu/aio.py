@@ -50,25 +50,23 @@ class Inbox:
     watches, so a burst of results costs one wake-up. ``reap`` (the owner's) runs on the loop
     thread when the eventfd fires; it calls :meth:`acknowledge` and empties :attr:`items`.
 
-    Two ways in: :meth:`signal` after appending to :attr:`items` yourself, lock-free, for
+    Two ways in: append to :attr:`items` and write 1 to :attr:`efd` yourself, lock-free, for
     threads that are joined before :meth:`close` (the pool's workers: the hot path of file
-    I/O, kept as it was); :meth:`post`, under a lock, for threads nobody can join (a storage
-    library's callback threads), which may still complete a call after :meth:`close`: the
-    item is dropped then, and the closed eventfd's number, perhaps reused, is never written."""
+    I/O, kept as it was, with no call added); :meth:`post`, under a lock, for threads nobody
+    can join (a storage library's callback threads), which may still complete a call after
+    :meth:`close`: the item is dropped then, and the closed eventfd's number, perhaps reused,
+    is never written."""
 
-    __slots__ = ("loop", "items", "_efd", "_lock", "_closed")
+    __slots__ = ("loop", "items", "efd", "_lock", "_closed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reap: Callable[[], None]) -> None:
         self.loop = loop
         self.items: deque = deque()
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: the eventfd the loop watches (OSError to a writer once closed: the class docstring)
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
         self._closed = False
-        loop.add_reader(self._efd, reap)
-
-    def signal(self) -> None:
-        """Wake the loop for items appended (OSError once closed: see the class docstring)."""
-        os.eventfd_write(self._efd, 1)
+        loop.add_reader(self.efd, reap)
 
     def post(self, item: Any) -> None:
         """Append ``item`` and wake the loop, from any thread, also after :meth:`close`."""
@@ -76,12 +74,12 @@ class Inbox:
             if self._closed:
                 return
             self.items.append(item)  # deque.append is atomic under the GIL
-            os.eventfd_write(self._efd, 1)
+            os.eventfd_write(self.efd, 1)
 
     def acknowledge(self) -> None:
         """The loop woke (or drains anyway): reset the eventfd before emptying :attr:`items`."""
         try:
-            os.eventfd_read(self._efd)
+            os.eventfd_read(self.efd)
         except BlockingIOError:
             pass
 
@@ -91,8 +89,8 @@ class Inbox:
                 return
             self._closed = True
             if not self.loop.is_closed():
-                self.loop.remove_reader(self._efd)
-            os.close(self._efd)
+                self.loop.remove_reader(self.efd)
+            os.close(self.efd)
             self.items.clear()
 
 
@@ -183,8 +181,8 @@ class IoPool:
             complete(None, e)
 
     def _work(self) -> None:
-        jobs, inbox, claim = self._jobs, self._inbox, self._unclaimed.pop
-        done = inbox.items
+        jobs, claim = self._jobs, self._unclaimed.pop
+        done, efd = self._inbox.items, self._inbox.efd
         while True:
             job = jobs.get()
             if job is None:
@@ -202,7 +200,7 @@ class IoPool:
             if waiter is not None:
                 waiter.set()
             try:
-                inbox.signal()
+                os.eventfd_write(efd, 1)
             except OSError:  # closed under us at shutdown: nobody is waiting any more
                 return
 

@@ -181,6 +181,27 @@ def test_identity_is_the_images_across_opens(ceph_cluster: CephCluster, monkeypa
         other.close()
 
 
+def test_metadata_goes_the_blocking_way_with_a_sidecar_by_name(served: tuple[Loop, Guest], ceph_cluster: CephCluster,
+                                                               tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An rbd: namespace with metadata (Type 1 PI): I/O is not plain, so its Reads and Writes
+    take the blocking forms on the pool's workers (the metadata handlers compose blocking
+    calls), correctly; the sidecar is in the state directory, named by POOL/IMAGE whatever the
+    working directory."""
+    monkeypatch.setenv("NVME_EMU_STATE_DIR", str(tmp_path / "state"))
+    lp, guest = served
+    lp.area.state.namespaces[3] = ns = open_namespace(f"{ceph_cluster.spec},ms=8,pi=1,ext", 3)
+    path = ns.describe_storage()["meta_path"]
+    assert path is not None and path.startswith(str(tmp_path / "state" / "meta" / "rbd-img-")) and os.path.exists(path)
+    assert not ns.plain_rw
+    data = os.urandom(512) + bytes(8)  # one extended block; PRACT inserts its PI
+    guest.write(BUF, data)
+    pract = 1 << 29
+    assert lp.command(NvmOpcode.WRITE, nsid=3, prp1=BUF, cdw10=4000, cdw11=0, cdw12=pract) == (Status.SUCCESS, 0)
+    guest.write(BUF, bytes(520))
+    assert lp.command(NvmOpcode.READ, nsid=3, prp1=BUF, cdw10=4000, cdw11=0, cdw12=pract) == (Status.SUCCESS, 0)
+    assert guest.read(BUF, 512) == data[:512] == cluster_bytes(ceph_cluster, 4000 * 512, 512)
+
+
 # -- through the NVM command set on a loop ----------------------------------------------------------
 
 

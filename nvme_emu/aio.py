@@ -15,6 +15,12 @@ flight (QD1), misses and writes without FUA skip the hand-off too, on a time bud
 maintained PyPI binding (``liburing``) takes bytearrays only, not memoryviews of guest
 memory, so it needs a bounce copy, and measured 0.56-0.58x of NOWAIT-inline reads
 (bench/README.md, "async_io").
+
+A backend whose library completes calls by callback on its own threads (librbd's aio,
+:mod:`nvme_emu.backends.rbd`) needs no worker: :meth:`IoPool.start` starts such a call on the
+loop thread, and its completion comes back through the same :class:`Inbox` (deque + eventfd)
+as the workers' results, so one drain per loop turn serves both, and :meth:`IoPool.quiesce`
+and :meth:`IoPool.when_idle` cover both kinds of call.
 """
 
 from __future__ import annotations
@@ -39,15 +45,65 @@ Callback = Callable[[Any, BaseException | None], None]
 ViewsPredicate = Callable[[Sequence[memoryview]], bool]
 
 
+class Inbox:
+    """Results handed to the loop thread by other threads: a deque and one eventfd the loop
+    watches, so a burst of results costs one wake-up. ``reap`` (the owner's) runs on the loop
+    thread when the eventfd fires; it calls :meth:`acknowledge` and empties :attr:`items`.
+
+    Two ways in: append to :attr:`items` and write 1 to :attr:`efd` yourself, lock-free, for
+    threads that are joined before :meth:`close` (the pool's workers: the hot path of file
+    I/O, kept as it was, with no call added); :meth:`post`, under a lock, for threads nobody
+    can join (a storage library's callback threads), which may still complete a call after
+    :meth:`close`: the item is dropped then, and the closed eventfd's number, perhaps reused,
+    is never written."""
+
+    __slots__ = ("loop", "items", "efd", "_lock", "_closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reap: Callable[[], None]) -> None:
+        self.loop = loop
+        self.items: deque = deque()
+        #: the eventfd the loop watches (OSError to a writer once closed: the class docstring)
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+        loop.add_reader(self.efd, reap)
+
+    def post(self, item: Any) -> None:
+        """Append ``item`` and wake the loop, from any thread, also after :meth:`close`."""
+        with self._lock:
+            if self._closed:
+                return
+            self.items.append(item)  # deque.append is atomic under the GIL
+            os.eventfd_write(self.efd, 1)
+
+    def acknowledge(self) -> None:
+        """The loop woke (or drains anyway): reset the eventfd before emptying :attr:`items`."""
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.efd)
+            os.close(self.efd)
+            self.items.clear()
+
+
 class _Job:
     """One submitted call. ``finished`` and ``waiter`` are how a worker and a quiesce meet
     without a lock: the worker sets ``finished`` and then reads ``waiter``; quiesce sets
     ``waiter`` and then reads ``finished`` (each step is atomic under the GIL, so one of the
-    two sees the other's)."""
+    two sees the other's). ``fn`` None: a call started with :meth:`IoPool.start`, which no
+    worker runs; ``finished`` then means its completion is in the inbox."""
 
     __slots__ = ("fn", "callback", "views", "finished", "waiter")
 
-    def __init__(self, fn: Callable[[], Any], callback: Callback, views: Sequence[memoryview]) -> None:
+    def __init__(self, fn: Callable[[], Any] | None, callback: Callback, views: Sequence[memoryview]) -> None:
         self.fn = fn
         self.callback = callback
         self.views = views
@@ -68,7 +124,6 @@ class IoPool:
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = DEFAULT_WORKERS, *, name: str = "nvme-io") -> None:
         self.loop = loop
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: deque = deque()
         #: Jobs submitted and not yet delivered (loop thread only, in submission order).
         self._live: dict[_Job, None] = {}
         #: Jobs no worker took yet. A worker takes one and quiesce takes one back with the
@@ -76,12 +131,12 @@ class IoPool:
         #: a trivial call, 40,000 in batches of 64) this bookkeeping costs 2.3 -> 2.9 us of
         #: wall time; a Condition guarding a state per job cost 2.2 -> 5.3 us.
         self._unclaimed: dict[_Job, bool] = {}
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: Where finished calls wait for the loop thread (workers' and started calls' alike).
+        self._inbox = Inbox(loop, self._reap)
         self.pending = 0  #: submitted, callback not yet run (loop thread only)
         self._closed = False
         #: Run on the loop thread once ``pending`` is 0 (closing a deleted namespace's fd).
         self._idle_waiters: list[Callable[[], None]] = []
-        loop.add_reader(self._efd, self._reap)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
@@ -99,8 +154,35 @@ class IoPool:
         self._unclaimed[job] = True
         self._jobs.put(job)
 
+    def start(self, begin: Callable[[Callback], None], callback: Callback, views: Sequence[memoryview] = ()) -> None:
+        """Start a call that completes by callback, on this (the loop) thread: ``begin(complete)``
+        now; the library calls ``complete(result, error)`` once, from any thread; later, on the
+        loop thread, ``callback(result, error)`` (an exception ``begin`` raised is its error).
+
+        ``views``: the guest memory the call's completion will copy into or out of (what
+        :meth:`quiesce` looks at). Such a call is never waited for: quiesce cancels it (its
+        callback gets the quiesce's error at once) and drops its late completion, so a read
+        that lands in the library's buffer afterwards is never copied into guest memory.
+        """
+        if self._closed:
+            raise RuntimeError("IoPool is closed")
+        self.pending += 1
+        job = _Job(None, callback, views)
+        self._live[job] = None
+        post = self._inbox.post
+
+        def complete(result: Any, error: BaseException | None = None) -> None:
+            post((job, result, error))
+            job.finished = True  # after the post: a quiesce that sees it lets the reap deliver it
+
+        try:
+            begin(complete)
+        except BaseException as e:  # delivered to the callback, which decides the status
+            complete(None, e)
+
     def _work(self) -> None:
-        jobs, done, efd, claim = self._jobs, self._done, self._efd, self._unclaimed.pop
+        jobs, claim = self._jobs, self._unclaimed.pop
+        done, efd = self._inbox.items, self._inbox.efd
         while True:
             job = jobs.get()
             if job is None:
@@ -124,15 +206,16 @@ class IoPool:
 
     def _reap(self) -> None:
         """The eventfd fired: run every delivered callback (one batch per loop turn)."""
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
-        done, live = self._done, self._live
+        inbox = self._inbox
+        inbox.acknowledge()
+        done, live = inbox.items, self._live
         while done:
             job, result, error = done.popleft()
+            try:
+                del live[job]
+            except KeyError:  # a started call quiesce cancelled, completing after all: dropped
+                continue
             self.pending -= 1
-            del live[job]
             try:
                 job.callback(result, error)
             except Exception:  # one request's bug must not stop the others' completions
@@ -159,15 +242,19 @@ class IoPool:
         running with such views are waited for (a worker needs nothing of the loop to finish
         its call; one call moves at most one MDTS of data, but a stuck backend call keeps
         the loop waiting too). Then every finished job's callback runs here, so the views
-        are released before this returns and the memory can really be unmapped. Jobs that
-        use no such memory (fsync, Format's erase, other mappings) go on untouched. Returns
-        how many jobs were cancelled.
+        are released before this returns and the memory can really be unmapped. Calls started
+        with :meth:`start` whose completion has not arrived are cancelled the same way. Jobs
+        that use no such memory (fsync, Format's erase, other mappings) go on untouched.
+        Returns how many jobs were cancelled.
         """
         taken: list[_Job] = []
         busy: list[threading.Event] = []
         claim = self._unclaimed.pop
         for job in self._live:
             if job.finished or not touches(job.views):
+                continue
+            if job.fn is None:
+                taken.append(job)  # started, completing by callback: cancelled, never waited for
                 continue
             if claim(job, False):
                 taken.append(job)  # no worker will run it now
@@ -204,7 +291,9 @@ class IoPool:
         self._reap()
 
     def close(self) -> None:
-        """Stop the workers (each finishes its current call) and release the eventfd."""
+        """Stop the workers (each finishes its current call) and release the eventfd; calls
+        started with :meth:`start` and not yet delivered are dropped (their late completions
+        too: :class:`Inbox`)."""
         if self._closed:
             return
         self._closed = True
@@ -212,11 +301,27 @@ class IoPool:
             self._jobs.put(None)
         for t in self._threads:
             t.join()
-        if not self.loop.is_closed():
-            self.loop.remove_reader(self._efd)
-        os.close(self._efd)
-        self._done.clear()
+        self._inbox.close()
         self._live.clear()
         self._unclaimed.clear()
         self.pending = 0
         self._run_idle_waiters()  # the workers are joined: nothing uses anything any more
+
+
+def wait_for(begin: Callable[[Callback], None]) -> Any:
+    """The blocking form of a call that completes by callback (:meth:`IoPool.start`): start
+    it on this thread and wait for its completion; its result, or its error raised. For
+    callers with no loop (tests, tools, a namespace's set-up) and for worker threads."""
+    finished = threading.Event()
+    outcome: list[tuple[Any, BaseException | None]] = []
+
+    def complete(result: Any, error: BaseException | None = None) -> None:
+        outcome.append((result, error))
+        finished.set()
+
+    begin(complete)
+    finished.wait()
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result

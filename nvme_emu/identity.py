@@ -57,3 +57,13 @@ def controller_id(serial: str) -> int:
 def created_namespace_seed() -> str:
     """A seed for a namespace Namespace Management creates: new on every creation."""
     return f"created:{uuid.uuid4()}"
+
+
+def derive_ids(seed: str, nsid: int) -> tuple[bytes, bytes, uuid.UUID]:
+    """Stable (NGUID, EUI64, UUID) for a namespace: same inputs, same IDs across restarts."""
+    h = hashlib.sha256(f"nvme-emu:{seed}:{nsid}".encode()).digest()
+    nguid = h[:16]
+    # EUI-64: first 3 bytes are an OUI; set the locally-administered bit, clear multicast.
+    eui = bytes([(h[16] & 0xFC) | 0x02]) + h[17:24]
+    uid = uuid.uuid5(uuid.NAMESPACE_OID, f"nvme-emu:{seed}:{nsid}")
+    return nguid, eui, uid

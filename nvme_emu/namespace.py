@@ -17,7 +17,6 @@ needs one ``except``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import uuid as _uuid
@@ -27,11 +26,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import identity, structures
+from . import callback_work, identity, structures
 from .backends.base import Backend
+from .backends.callback import CallbackBackend
 from .backends.file import FileBackend
 from .backends.iov import ZERO_CHUNK, Buffers, byte_views, total_bytes
 from .backends.ram import RamBackend
+from .identity import derive_ids
 from .lba_ranges import LbaRanges
 from .metadata_store import SUFFIX as META_SUFFIX, FileMetadataStore, MetadataStore, StoredFormat
 from .ns_format import LBA_FORMATS, SUPPORTED_LBA_SIZES, SUPPORTED_METADATA_SIZES, LbaFormat, NsFormat, check_ns_format, elbaf_list, lba_format_index
@@ -64,17 +65,6 @@ class NamespaceStats:
     bytes_written: int = 0
     read_commands: int = 0
     write_commands: int = 0
-
-
-def derive_ids(seed: str, nsid: int) -> tuple[bytes, bytes, _uuid.UUID]:
-    """Stable (NGUID, EUI64, UUID) for a namespace: same inputs, same IDs across restarts
-    (the seed rules are in :mod:`nvme_emu.identity`)."""
-    h = hashlib.sha256(f"nvme-emu:{seed}:{nsid}".encode()).digest()
-    nguid = h[:16]
-    # EUI-64: first 3 bytes are an OUI; set the locally-administered bit, clear multicast.
-    eui = bytes([(h[16] & 0xFC) | 0x02]) + h[17:24]
-    uid = _uuid.uuid5(_uuid.NAMESPACE_OID, f"nvme-emu:{seed}:{nsid}")
-    return nguid, eui, uid
 
 
 class Namespace:
@@ -238,6 +228,8 @@ class Namespace:
         #: nothing else; a namespace kind that needs more (metadata and PI, issue 26; zoned,
         #: issue 25) answers False in :meth:`rw_is_plain` and takes the general path.
         self.plain_rw = self.rw_is_plain()
+        #: The backend if its calls complete by callback (rbd) and I/O is plain (:mod:`.callback_work`)
+        self._callbacks = self.backend if self.plain_rw and isinstance(self.backend, CallbackBackend) else None
 
     def _meta_template(self, fmt: NsFormat) -> np.ndarray:
         """What a deallocated block's metadata reads as under ``fmt`` (DLFEAT; with PI, the
@@ -376,6 +368,8 @@ class Namespace:
 
     def _read_work(self, off: int, length: int, views: Buffers) -> Work:
         """A Read for the pool (the page cache did not hold it): it owns ``views`` from now on."""
+        if self._callbacks is not None:  # lands in the backend's buffer; copied in on the loop thread
+            return callback_work.read(self._callbacks, off, length, views, self.count_read)
         return Work(partial(self.backend.read_into, off, views), views, lambda _r: self.count_read(length), self.backend.inline_budget)
 
     def write(self, slba: int, nlb: int, views: Buffers, *, fua: bool = False) -> Work | None:
@@ -385,6 +379,8 @@ class Namespace:
         off, length = slba << shift, nlb << shift
         self._check_views(views, length)
         if self.blocking:
+            if self._callbacks is not None:  # copied out of guest memory as it starts, on the loop thread
+                return callback_work.write(self._callbacks, off, views, fua, self.count_write)
             # FUA: pwritev then fdatasync in the same worker call, so the completion (posted
             # only after run() returned) means durable, as when it ran on the loop; a zoned
             # namespace's sidecar follows the data (its write pointer must not be lost either).
@@ -399,6 +395,8 @@ class Namespace:
 
     def write_zeroes(self, slba: int, nlb: int, *, deallocate: bool = False, fua: bool = False) -> Work | None:
         off, length = self._byte_range(slba, nlb)
+        if self._callbacks is not None:
+            return callback_work.write_zeroes(self._callbacks, off, length, deallocate, fua)
 
         def zero() -> None:
             self.backend.write_zeroes(off, length, deallocate=deallocate)
@@ -413,6 +411,8 @@ class Namespace:
         ranges = [(s, n) for s, n in ranges if n]
         extents = [self._byte_range(s, n) for s, n in ranges]
         meta = self._meta if self.ms else None  # a deallocated block's metadata reads as DLFEAT says, PI escaped
+        if self._callbacks is not None:
+            return callback_work.deallocate(self._callbacks, extents)
 
         def deallocate() -> None:
             for (slba, nlb), (off, length) in zip(ranges, extents, strict=True):

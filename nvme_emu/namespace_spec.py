@@ -197,8 +197,10 @@ def parse_namespace_spec(text: str) -> NamespaceSpec:
             zone_keys[key] = value
         elif key in _META_KEYS:
             meta_keys[key] = value
+        elif key in cls.spec_keys:  # the kind's own (rbd: conf, id), checked by its check_spec
+            ns.options[key] = value
         else:
-            raise ValueError(f"namespace spec {text!r}: unknown key {key!r} ({', '.join(_KEYS)})")
+            raise ValueError(f"namespace spec {text!r}: unknown key {key!r} ({', '.join((*_KEYS, *cls.spec_keys))})")
     try:
         cls.check_spec(ns)
     except ValueError as e:

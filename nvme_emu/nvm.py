@@ -19,7 +19,9 @@ blocking namespace (file, block device) the namespace hands back a
 :class:`~nvme_emu.outcome.Work`, the blocking part, which runs on the controller's
 :class:`~nvme_emu.aio.IoPool`; the request completes later on the loop thread
 (``hooks.finish_request``). Reads try the page cache without blocking first
-(``RWF_NOWAIT``) and are done at once on a hit.
+(``RWF_NOWAIT``) and are done at once on a hit. A Work with ``start`` (a backend whose calls
+complete by callback: rbd) is started on the loop thread instead, no worker
+(:meth:`NvmCommands._start_async`).
 
 A Read or Write whose data lies in PRP1's page, on a namespace whose format makes Read and
 Write plain (``Namespace.plain_rw``: no metadata, no protection information, no zone rules),
@@ -60,6 +62,7 @@ from .spec.commands import (
     RwCdw12,
     Status,
 )
+from .aio import Callback, IoPool
 from .outcome import DEFERRED, Deferred, Work
 from .spec.identify import Csi
 from .state import ControllerHooks, ControllerState
@@ -174,7 +177,10 @@ class NvmCommands:
         if pool is None:
             return self._run_here(work)
         budget = work.inline
-        if budget is not None and not pool.pending and sq.head == sq.tail and budget.admit():
+        if budget is None:
+            if work.start is not None:  # completes by callback: no worker (an inline Work never does)
+                return self._start_async(sq, e, work, pool)
+        elif not pool.pending and sq.head == sq.tail and budget.admit():
             # Nothing in flight and nothing behind it in its queue (QD1, or the last of a
             # burst after the pool drained): a hand-off would only add two thread wake-ups
             # (inline_budget.py has the figures); the budget backs off when calls get slow.
@@ -218,15 +224,59 @@ class NvmCommands:
         pool.submit(timed_run, finished, work.views)  # views: what a quiesce before an unmap or reset looks at
         return DEFERRED
 
+    def _start_async(self, sq: SubmissionQueue, e: tuple, work: Work, pool: IoPool) -> Deferred:
+        """Put in flight a command whose backend completes by callback (:attr:`Work.start`):
+        started here, finished on the loop thread through the pool's inbox, with the same
+        request bookkeeping as a worker's. ``done`` runs before the views are released, since
+        a read's copies the backend's buffer into them; a quiesce (DMA unmap, reset, BME
+        cleared) that cancelled the command delivers its error instead, and the late
+        completion is dropped, so nothing is copied into guest memory after it."""
+        hooks = self.hooks
+        hooks.begin_request(sq)
+        cid = e[CID]
+        faults = _FAULTS[0]
+        # the latency anatomy's stamps, as a worker's: submitted, started, the library's
+        # completion (on its thread), the loop's callback
+        stamps = LatencyRecorder.submitted()
+        start = work.start
+        assert start is not None
+
+        def begin(complete: Callback) -> None:
+            def completed(result: Any, error: BaseException | None) -> None:
+                stamps.append(clock_ns())
+                complete(result, error)
+
+            stamps.append(clock_ns())
+            start(completed)
+
+        def finished(result: Any, error: BaseException | None) -> None:
+            stamps.append(clock_ns())
+            try:
+                if error is None and work.done is not None:
+                    work.done(result)
+                if _FAULTS[0] != faults:  # the copy into or out of guest memory faulted
+                    raise self.state.transfer_faulted()
+            except Exception as err:
+                error = error or err
+            finally:
+                prp.release_views(work.views)
+            status = Status.SUCCESS if error is None else self._failed(sq, e, error)
+            hooks.finish_request(sq, cid, status, work.result if error is None else 0, stamps)
+
+        pool.start(begin, finished, work.views)  # views: what a quiesce cancels it by
+        return DEFERRED
+
     @staticmethod
     def _run_here(work: Work) -> tuple[int, int]:
-        """Run ``work`` on this thread and finish it (in-process use, and inline Work)."""
+        """Run ``work`` on this thread and finish it (in-process use, and inline Work); its
+        ``done`` before the views go (a read of a backend that completes by callback copies
+        its buffer into them there)."""
         try:
             result = work.run()
+            if work.done is not None:
+                work.done(result)
         finally:
             prp.release_views(work.views)
-        if work.done is not None:
-            work.done(result)
         return Status.SUCCESS, work.result
 
     # -- data pointers ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@ state, so that handlers, the dispatcher and the tests share it without importing
 
 :class:`Work` is the blocking part of an I/O command that the namespace (the one door to
 storage, :mod:`nvme_emu.namespace`) hands back instead of doing it: the NVM command set
-(:mod:`nvme_emu.nvm`) runs it on the I/O pool, or inline when its budget admits it.
+(:mod:`nvme_emu.nvm`) runs it on the I/O pool, or inline when its budget admits it. A Work
+with ``start`` is a call that completes by callback (an asynchronous backend: rbd): the NVM
+command set starts it on the loop thread and finishes it there, with no worker.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Final, Sequence
 
+from .aio import Callback
 from .inline_budget import InlineBudget
 
 
@@ -49,6 +52,12 @@ class Work:
     #: The completion's command result once the work succeeded: DW0, or a 64-bit value whose
     #: upper half goes into DW1 (Zone Append's LBA, known before the data moves).
     result: int = 0
+    #: Set: the call completes by callback (:meth:`IoPool.start <nvme_emu.aio.IoPool.start>`):
+    #: ``start(complete)`` on the loop thread, ``complete(result, error)`` from any thread, and
+    #: then, on the loop thread, ``done(result)`` *before* the views are released (a read's
+    #: ``done`` copies the backend's buffer into them). ``run`` is then its blocking form
+    #: (:func:`nvme_emu.aio.wait_for`), for callers with no loop (:func:`finish_here`).
+    start: Callable[[Callback], None] | None = None
 
 
 def finish_here(work: Work | None) -> None:

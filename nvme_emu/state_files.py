@@ -6,7 +6,7 @@ so they move and are deleted with it); a ``blk:`` device cannot have a file next
 state goes under the state directory, named by the device path as given (``/dev/disk/by-id/...``
 keeps a name across reboots, ``/dev/sdb`` does not) plus a hash of it; an ``nbd:`` export's
 too, named by its normalised URI (it is not a path: made absolute, it would follow the working
-directory); RAM keeps none.
+directory); an ``rbd:`` image's by its ``POOL/IMAGE``; RAM keeps none.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def state_file(kind: BackendKind | str, path: str | None, area: str, suffix: str
         return None
     if kind == BackendKind.FILE:
         return os.path.realpath(path) + suffix
-    given = normalise_uri(path) if kind == BackendKind.NBD else os.path.abspath(path)
+    # an nbd: URI and an rbd: POOL/IMAGE are names, not paths: made absolute, they would follow the cwd
+    given = normalise_uri(path) if kind == BackendKind.NBD else path if kind == BackendKind.RBD else os.path.abspath(path)
     digest = hashlib.sha256(f"nvme-emu:{area}:{kind}:{given}".encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(given))[:64]
     return str(state_dir() / area / f"{kind}-{name}-{digest}{suffix}")

@@ -7,7 +7,9 @@ speaks bytes and errnos (:mod:`.base`). Backend failures become NVMe statuses in
 - ``ram`` (:mod:`.ram`): process memory;
 - ``file`` (:mod:`.file`) and ``blk`` (:mod:`.block`): a regular file or a block device, by
   ``preadv``/``pwritev`` on a file descriptor (:mod:`.fd`);
-- ``nbd`` (:mod:`.nbd`): an export of an NBD server, through libnbd (imported on first use).
+- ``nbd`` (:mod:`.nbd`): an export of an NBD server, through libnbd (imported on first use);
+- ``rbd`` (:mod:`.rbd`): a Ceph RBD image, through librbd's aio API (imported on first use),
+  whose calls complete by callback (:mod:`.callback`).
 
 Each backend class declares its :class:`BackendKind`, how a namespace spec opens it and what
 its namespace's IDs derive from; :data:`BACKENDS` maps each kind to its class, so a new kind
@@ -21,15 +23,16 @@ from .block import BlockBackend
 from .file import FileBackend
 from .nbd import NbdBackend
 from .ram import RamBackend
+from .rbd import RbdBackend
 
 __all__ = ["BACKENDS", "BackendKind", "backend_class"]
 
 #: Every backend a namespace spec can name, by kind.
-BACKENDS: dict[BackendKind, type[Backend]] = {cls.kind: cls for cls in (RamBackend, FileBackend, BlockBackend, NbdBackend)}
+BACKENDS: dict[BackendKind, type[Backend]] = {cls.kind: cls for cls in (RamBackend, FileBackend, BlockBackend, NbdBackend, RbdBackend)}
 
 
 def backend_class(kind: str) -> type[Backend]:
-    """The backend class of ``kind`` (``ram``, ``file``, ``blk``, ``nbd``); ValueError for another."""
+    """The backend class of ``kind`` (``ram``, ``file``, ``blk``, ``nbd``, ``rbd``); ValueError for another."""
     try:
         return BACKENDS[BackendKind(kind)]
     except ValueError:

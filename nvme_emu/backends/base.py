@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from ..inline_budget import InlineBudget
@@ -19,6 +19,7 @@ class BackendKind(enum.StrEnum):
     FILE = "file"
     BLOCK = "blk"
     NBD = "nbd"
+    RBD = "rbd"
 
 
 @dataclass
@@ -30,6 +31,8 @@ class BackendSpec:
     path: str | None = None
     size: int | None = None
     readonly: bool = False
+    #: the kind's own keys (:attr:`Backend.spec_keys`: an ``rbd:`` image's ``conf=``, ``id=``), as given
+    options: dict[str, str] = field(default_factory=dict)
 
 
 class Backend(ABC):
@@ -41,6 +44,8 @@ class Backend(ABC):
     spec_path: ClassVar[bool] = False
     #: the size a spec without ``size=`` gets (None: the backend knows it, or must be told)
     default_size: ClassVar[int | None] = None
+    #: keys a spec of this kind may carry besides the common ones (into ``BackendSpec.options``)
+    spec_keys: ClassVar[tuple[str, ...]] = ()
 
     #: a deallocated range reads back as zeros (lets the namespace report DLFEAT = 001b)
     deallocate_zeroes: bool = True

@@ -19,6 +19,17 @@ class BackendError(NvmeError):
         self.errno = err
 
 
+class NotReadyError(BackendError):
+    """Network storage cannot be reached now (a connection refused or lost, a call past its
+    deadline): Namespace Not Ready with DNR clear, the spec's "re-issuing the command at a
+    later time may succeed", which a host retries; the backend connects again. CRD = 1: a
+    host that enabled Advanced Command Retry waits CRDT1 before each retry
+    (ControllerConfig.command_retry_delay_100ms), time for the server to return."""
+
+    def __init__(self, message: str, err: int = errno.ENOTCONN) -> None:
+        super().__init__(Status.NAMESPACE_NOT_READY, err, message, dnr=False, crd=1)
+
+
 class NoSpaceError(BackendError):
     """ENOSPC/EDQUOT while writing: the (sparse) backing store could not grow."""
 

@@ -62,9 +62,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Self, TypeVar
 
-from ..spec.commands import Status
 from .base import Backend, BackendKind, BackendSpec
-from .errors import BackendError, ReadOnlyError, translate_os_error
+from .errors import NotReadyError, ReadOnlyError, translate_os_error
 from .iov import ZERO_CHUNK, ZEROS, Buffers, byte_views, is_byte_view
 
 log = logging.getLogger(__name__)
@@ -157,16 +156,6 @@ class NbdFlags:
     def of(cls, h: Any) -> "NbdFlags":
         return cls(size=h.get_size(), read_only=bool(h.is_read_only()), flush=bool(h.can_flush()), fua=bool(h.can_fua()),
                    trim=bool(h.can_trim()), zero=bool(h.can_zero()), multi_conn=bool(h.can_multi_conn()))
-
-
-class NotReadyError(BackendError):
-    """The export cannot be reached now (connection refused or lost, a command past its
-    deadline): Namespace Not Ready with DNR clear, so the host retries; the next command
-    connects again. CRD = 1: a host that enabled Advanced Command Retry waits CRDT1 before
-    each retry (ControllerConfig.command_retry_delay_100ms), time for the server to return."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(Status.NAMESPACE_NOT_READY, errno.ENOTCONN, message, dnr=False, crd=1)
 
 
 class _Timeout(Exception):

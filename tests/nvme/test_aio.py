@@ -120,3 +120,58 @@ def test_quiesce_cancels_queued_calls_it_selects_and_waits_for_running_ones(loop
         loop.run_until_complete(asyncio.sleep(0.01))
     assert got["blocked"] == ("blocked", None) and got["queued-b"] == ("b", None)
     pool.close()
+
+
+def test_started_calls_complete_from_any_thread_on_the_loop_thread(loop):
+    """IoPool.start: a call completed by another thread (as librbd's callbacks are) comes back
+    on the loop thread; one whose start raises gets that error; when_idle waits for them; no
+    worker runs anything."""
+    pool = IoPool(loop, workers=1)
+    loop_thread = threading.get_ident()
+    seen: dict[str, tuple] = {}
+    done = loop.create_future()
+
+    def cb(tag):
+        def callback(result, error):
+            seen[tag] = (result, type(error).__name__ if error else None, threading.get_ident() == loop_thread)
+            if len(seen) == 2:
+                done.set_result(None)
+
+        return callback
+
+    def refused(complete):
+        raise OSError(22, "EINVAL")
+
+    pool.start(lambda complete: threading.Timer(0.05, complete, (7, None)).start(), cb("later"))
+    pool.start(refused, cb("refused"))
+    idle: list[str] = []
+    pool.when_idle(lambda: idle.append("idle"))
+    assert pool.pending == 2 and not idle
+    loop.run_until_complete(asyncio.wait_for(done, 10))
+    assert seen == {"later": (7, None, True), "refused": (None, "OSError", True)}
+    assert idle == ["idle"] and pool.pending == 0
+    pool.close()
+
+
+def test_quiesce_cancels_started_calls_and_drops_their_late_completion(loop):
+    """A started call on the quiesced memory completes at once with the quiesce's error and is
+    never waited for; its completion, arriving later, runs no callback; a started call on
+    other memory goes on; after close a late completion is dropped (no write to a closed fd)."""
+    pool = IoPool(loop, workers=1)
+    a, b = memoryview(bytearray(8)), memoryview(bytearray(8))
+    completes: dict[str, object] = {}
+    got: list[tuple] = []
+    pool.start(lambda c: completes.__setitem__("a", c), lambda r, e: got.append(("a", r, type(e).__name__ if e else None)), [a])
+    pool.start(lambda c: completes.__setitem__("b", c), lambda r, e: got.append(("b", r, type(e).__name__ if e else None)), [b])
+    assert pool.quiesce(lambda views: any(v is a for v in views), lambda: LookupError("gone")) == 1
+    assert got == [("a", None, "LookupError")] and pool.pending == 1
+    completes["a"]("late data", None)  # from "librbd", after the cancel
+    completes["b"]("b data", None)
+    deadline = loop.time() + 10
+    while pool.pending and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert got == [("a", None, "LookupError"), ("b", "b data", None)]
+    pool.start(lambda c: completes.__setitem__("c", c), lambda r, e: got.append(("c", r, e)), [a])
+    pool.close()
+    completes["c"]("after close", None)  # dropped, no error
+    assert len(got) == 2

@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from ..nbd.nbd_servers import nbdkit, need_libnbd
+from ..support.ceph import ceph_cluster  # noqa: F401 - the rbd: kind's cluster, started when asked
 
 from nvme_emu import structures
 from nvme_emu.backends import BACKENDS, BackendKind, backend_class
@@ -477,7 +478,7 @@ def test_the_registry_holds_every_kind_under_its_own_name():
     assert set(BACKENDS) == set(BackendKind)
     for kind, cls in BACKENDS.items():
         assert cls.kind is kind and backend_class(kind.value) is cls
-    assert [k.value for k in BackendKind] == ["ram", "file", "blk", "nbd"]
+    assert [k.value for k in BackendKind] == ["ram", "file", "blk", "nbd", "rbd"]
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
@@ -487,6 +488,7 @@ def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
         BackendKind.FILE: f"file:{tmp_path / 'k.img'},size=1M",
         BackendKind.BLOCK: "blk:{loop}",
         BackendKind.NBD: "nbd:{uri}",
+        BackendKind.RBD: "{spec}",
     }[kind]
     if kind is BackendKind.BLOCK:
         text = text.format(loop=request.getfixturevalue("loop_device"))
@@ -495,6 +497,8 @@ def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
         server = nbdkit(tmp_path, "memory", "1M").start()
         request.addfinalizer(server.kill)
         text = text.format(uri=server.uri)
+    if kind is BackendKind.RBD:  # a real cluster: tests/support/ceph.py's (tests/rbd has the rest)
+        text = text.format(spec=request.getfixturevalue("ceph_cluster").spec)
     assert parse_namespace_spec(text).kind is kind
     with open_namespace(text, 1, controller_seed=CONTROLLER_SEED) as ns:
         assert type(ns.backend) is BACKENDS[kind]
@@ -507,7 +511,7 @@ def test_every_kind_opens_from_a_spec_string(kind, tmp_path, request):
 
 def test_an_unknown_kind_is_refused_by_name():
     for call in (lambda: parse_namespace_spec("tape:/dev/st0"), lambda: open_namespace("tape:/dev/st0", 1)):
-        with pytest.raises(ValueError, match=r"namespace spec 'tape:/dev/st0': unknown kind 'tape' \(one of ram, file, blk, nbd\)"):
+        with pytest.raises(ValueError, match=r"namespace spec 'tape:/dev/st0': unknown kind 'tape' \(one of ram, file, blk, nbd, rbd\)"):
             call()
     with pytest.raises(ValueError, match="unknown kind 'nvme'"):
         backend_class("nvme")

@@ -151,6 +151,8 @@ class CephCluster:
     timings: dict[str, float] = field(default_factory=dict)
     #: More ``[global]`` options (name: value), after ours.
     extra_conf: dict[str, str] = field(default_factory=dict)
+    #: How each daemon was started, to start it again (:meth:`restart`).
+    argv: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def conf(self) -> Path:
@@ -240,7 +242,8 @@ class CephCluster:
             raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {r.stdout}{r.stderr}\n{self.logs()}")
 
     def _spawn(self, name: str, *argv: str) -> None:
-        out = open(self.base / "log" / f"{name}.out", "wb")
+        self.argv[name] = argv
+        out = open(self.base / "log" / f"{name}.out", "ab")
         try:
             self.procs[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_daemon_preexec
@@ -329,6 +332,52 @@ class CephCluster:
         finally:
             cluster.shutdown()
         self.timings["total"] = time.monotonic() - t0
+
+    # -- failures: a daemon paused, or killed and started again -----------------------------
+
+    def pause(self, name: str = "osd") -> None:
+        """SIGSTOP the daemon's group: it holds its connections and answers nothing (a hung or
+        partitioned OSD); its data stays (memstore too: the process keeps its RAM)."""
+        os.killpg(self.procs[name].pid, signal.SIGSTOP)
+
+    def resume(self, name: str = "osd") -> None:
+        os.killpg(self.procs[name].pid, signal.SIGCONT)
+
+    def kill(self, name: str = "osd") -> None:
+        """SIGKILL the daemon's group (if it still runs) and reap it."""
+        p = self.procs[name]
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+
+    def restart(self, name: str = "osd") -> float:
+        """SIGKILL the daemon's group (unless it is dead already) and start it again on the same data; for the OSD, wait
+        until the monitor has it up again. Seconds until then. Only a ``bluestore`` OSD keeps
+        its objects: memstore's are in the killed process's RAM (and a clean stop keeps only
+        its superblock: measured, the restarted OSD loaded 0 PGs), so the pool is gone."""
+        cluster = self.rados() if name == "osd" else None
+
+        def up_from() -> int | None:  # the epoch osd.0 came up in, None while it is down
+            assert cluster is not None
+            osd = next(o for o in self.mon_command(cluster, "osd dump")["osds"] if o["osd"] == 0)
+            return int(osd["up_from"]) if osd["up"] else None
+
+        # the monitor may never mark the killed OSD down (no peer reports it): its restart
+        # shows as a new up_from
+        before = up_from() if cluster is not None else None
+        self.kill(name)
+        t0 = time.monotonic()
+        self._spawn(name, *self.argv[name])
+        if cluster is not None:
+            try:
+                while (now := up_from()) is None or now == before:
+                    self._check_alive()
+                    if time.monotonic() - t0 > START_DEADLINE:
+                        raise RuntimeError(f"osd.0 not up again after {START_DEADLINE} s\n{self.logs()}")
+                    time.sleep(0.05)
+            finally:
+                cluster.shutdown()
+        return time.monotonic() - t0
 
     # -- state and stop ----------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def gather(views: Buffers) -> bytes:
     return b"".join(byte_views(views))
 
 
-def scatter(data: bytes, views: Buffers) -> None:
+def scatter(data: Any, views: Buffers) -> None:
     """Copy ``data`` into ``views`` in order (a read's buffer into the host's)."""
     if len(views) == 1 and is_byte_view(v := views[0]):
         v[:] = data
@@ -87,7 +87,8 @@ class CallbackBackend(Backend):
 
     @abstractmethod
     def start_read(self, offset: int, length: int, complete: Complete) -> None:
-        """Read ``length`` bytes at ``offset``: ``complete(data, None)`` with ``bytes``."""
+        """Read ``length`` bytes at ``offset``: ``complete(data, None)`` with the bytes (any
+        bytes-like object the backend owns: librbd's ``bytes``, the NBD link's buffer)."""
 
     @abstractmethod
     def start_write(self, offset: int, data: bytes, fua: bool, complete: Complete) -> None:

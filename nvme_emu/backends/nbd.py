@@ -51,6 +51,7 @@ errno is (:func:`~nvme_emu.backends.errors.translate_os_error`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -59,12 +60,17 @@ import socket
 import threading
 import time
 import urllib.parse
+import asyncio
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Self, TypeVar
 
-from .base import Backend, BackendKind, BackendSpec
+from .base import BackendKind, BackendSpec
+from .callback import CallbackBackend, Complete, all_of
 from .errors import NotReadyError, ReadOnlyError, translate_os_error
 from .iov import ZERO_CHUNK, ZEROS, Buffers, byte_views, is_byte_view
+from .libnbd_ffi import ffi
+from .nbd_link import CmdFlag, ExportFlags, NbdLink, Op, State as LinkState, buffer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,14 @@ COMMAND_TIMEOUT_S = 20.0
 MAX_REQUEST = 32 << 20
 #: Bytes per NBD_CMD_WRITE_ZEROES or TRIM: their length is 32 bits; whole 1 GiB pieces.
 MAX_ZERO_REQUEST = 1 << 30
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """This thread runs ``loop`` now."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _libnbd() -> Any:
@@ -139,23 +153,15 @@ def normalise_uri(uri: str) -> str:
 # -- one connection -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NbdFlags:
-    """What an export said of itself in the handshake (NBD transmission flags), read once per
-    connection: a restarted server may say something else."""
+#: What an export said of itself in the handshake; read once per connection (a restarted
+#: server may say something else).
+NbdFlags = ExportFlags
 
-    size: int
-    read_only: bool
-    flush: bool
-    fua: bool
-    trim: bool
-    zero: bool
-    multi_conn: bool
 
-    @classmethod
-    def of(cls, h: Any) -> "NbdFlags":
-        return cls(size=h.get_size(), read_only=bool(h.is_read_only()), flush=bool(h.can_flush()), fua=bool(h.can_fua()),
-                   trim=bool(h.can_trim()), zero=bool(h.can_zero()), multi_conn=bool(h.can_multi_conn()))
+def flags_of(h: Any) -> NbdFlags:
+    """The flags of a connected handle of the Python binding."""
+    return NbdFlags(size=h.get_size(), read_only=bool(h.is_read_only()), flush=bool(h.can_flush()), fua=bool(h.can_fua()),
+                    trim=bool(h.can_trim()), zero=bool(h.can_zero()), multi_conn=bool(h.can_multi_conn()))
 
 
 class _Timeout(Exception):
@@ -217,7 +223,7 @@ def connect(uri: str, deadline: float) -> _Conn:
             if remaining <= 0:
                 raise _Timeout(f"connect {uri}: no handshake after {COMMAND_TIMEOUT_S:g} s")
             h.poll(int(remaining * 1000) + 1)
-        conn.flags = NbdFlags.of(h)
+        conn.flags = flags_of(h)
         conn.sock = socket.socket(fileno=os.dup(h.aio_get_fd()))
     except BaseException:
         conn.close()
@@ -283,8 +289,9 @@ class _Watchdog:
         self._thread.join()
 
 
-class NbdBackend(Backend):
-    """An NBD export, through a few libnbd connections (the module docstring)."""
+class NbdBackend(CallbackBackend):
+    """An NBD export: plain I/O on a connection the event loop drives, everything else through
+    a few blocking libnbd connections (the module docstring)."""
 
     kind = BackendKind.NBD
     spec_path = True
@@ -317,6 +324,8 @@ class NbdBackend(Backend):
         self._idle.append(first)
         self._closed = False
         self._watchdog = _Watchdog(timeout, self._count_timeout)
+        #: the connection the loop drives (:meth:`_loop_link`), made on first use on a loop
+        self._link: NbdLink | None = None
 
     # -- the registry's view ----------------------------------------------------------------------
 
@@ -501,11 +510,23 @@ class NbdBackend(Backend):
                 conn.h.trim(min(MAX_ZERO_REQUEST, length - pos), offset + pos)
 
     def flush(self) -> None:
+        """Flush every connection that may hold acknowledged writes: a blocking one, and the
+        loop's (from a worker thread, handed to the loop and waited for; the NVM Flush command
+        comes here). With multi-conn either flush covers both; without it, each covers its own."""
         def flush(conn: _Conn) -> None:
             if conn.flags.flush:
                 conn.h.flush()
 
         self._call("flush", flush, writing=True)
+        link = self._link
+        if link is not None and link.state is LinkState.READY and not _on_loop(link.loop) and not link.loop.is_closed():
+            done = concurrent.futures.Future[None]()
+
+            def start() -> None:
+                self.start_flush(lambda _r, err: done.set_exception(err) if err else done.set_result(None))
+
+            link.loop.call_soon_threadsafe(start)
+            done.result(self.timeout + 5)
 
     def close(self) -> None:
         with self._lock:
@@ -514,9 +535,192 @@ class NbdBackend(Backend):
         for conn in idle:
             conn.close()
         self._watchdog.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+    # -- on the loop: plain I/O as callbacks (CallbackBackend) ---------------------------------------
+
+    def _loop_link(self) -> NbdLink | None:
+        """The connection the running loop drives; None off a loop (the caller then blocks)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        link = self._link
+        if link is None or link.loop is not loop:  # first use, or the controller moved to another loop
+            if link is not None:
+                link.close()
+            link = self._link = NbdLink(self.uri, loop, timeout=self.timeout, on_ready=self._link_ready, lost=NotReadyError)
+        return link
+
+    def _link_ready(self, flags: ExportFlags) -> str | None:
+        """A handshake on the loop's connection: refuse an export that changed size."""
+        if flags.size != self.size:
+            return f"the export is now {flags.size} bytes, was {self.size}"
+        self.stats.connects += 1
+        if self._link is not None and self._link.connects:
+            self.stats.reconnects += 1
+        return None
+
+    def _submit(self, op: Op, offset: int, length: int, buf: Any, complete: Complete, flags: int = 0,
+                result: Callable[[], Any] = lambda: None) -> bool:
+        """One command on the loop's connection; False off a loop (nothing done). Errors are
+        counted and made statuses here: a lost connection's are Namespace Not Ready already."""
+        link = self._loop_link()
+        if link is None:
+            return False
+        stats = self.stats
+        stats.in_flight += 1
+
+        def completed(err: BaseException | None) -> None:
+            stats.in_flight -= 1
+            if err is None:
+                complete(result(), None)
+                return
+            if isinstance(err, NotReadyError):
+                stats.transient_errors += 1
+                complete(None, err)
+                return
+            stats.errors += 1
+            complete(None, translate_os_error(err if isinstance(err, OSError) else OSError(errno.EIO, str(err)),
+                                              f"{op.value} {self.uri}", writing=op is not Op.READ))
+
+        link.submit(op, offset, length, buf, completed, flags)
+        return True
+
+    @staticmethod
+    def _blocking(call: Callable[[], Any], complete: Complete) -> None:
+        """Off a loop (a test, a tool, a namespace's set-up): the blocking form, completed here."""
+        try:
+            result = call()
+        except BaseException as e:
+            complete(None, e)
+            return
+        complete(result, None)
+
+    def _pieces(self, offset: int, length: int, limit: int, start: Callable[[int, int, Complete], None], complete: Complete) -> None:
+        """A range longer than one NBD request allows, in pieces at once (``all_of``)."""
+        if length <= limit:
+            start(offset, length, complete)
+            return
+        all_of([partial(start, offset + pos, min(limit, length - pos)) for pos in range(0, length, limit)], complete)
+
+    def start_read(self, offset: int, length: int, complete: Complete) -> None:
+        """Into a buffer of the link's own; the namespace copies it into the host's buffers on
+        the loop thread (callback_work.read), only for a command no quiesce cancelled."""
+        buf = buffer(length)
+        whole = ffi.buffer(buf, length)
+
+        def piece(off: int, n: int, done: Complete) -> None:
+            self._submit(Op.READ, off, n, buf + (off - offset), done)
+
+        if self._loop_link() is None:
+            self._blocking(lambda: self._read_bytes(offset, length), complete)
+            return
+        self._pieces(offset, length, MAX_REQUEST, piece, lambda _r, err: complete(None if err else whole, err))
+
+    def _read_bytes(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.read_into(offset, [memoryview(out)])
+        return bytes(out)
+
+    def start_write(self, offset: int, data: bytes, fua: bool, complete: Complete) -> None:
+        """``data`` as it is (libnbd reads the bytes object's own memory; the closure keeps it
+        alive until the command completes); FUA as the export allows, else the write then a
+        flush."""
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.uri} is read-only")
+        link = self._loop_link()
+        if link is None:
+            self._blocking(lambda: self.write_from(offset, [memoryview(data)], fua=fua), complete)
+            return
+        ptr = ffi.from_buffer(data)
+        flags = link.flags or self.flags
+        native_fua = fua and flags.fua
+
+        def piece(off: int, n: int, done: Complete) -> None:
+            self._submit(Op.WRITE, off, n, ptr + (off - offset), done, CmdFlag.FUA if native_fua else 0)
+
+        self._pieces(offset, len(data), MAX_REQUEST, piece, self._then_flush(fua and not native_fua, complete, keep=data))
+
+    def _then_flush(self, flush: bool, complete: Complete, keep: Any = None) -> Complete:
+        """``complete``, after a Flush when ``flush`` (FUA emulated). ``keep``: what libnbd
+        reads from until the write completes (held by this closure until then)."""
+
+        def finished(_r: Any, err: BaseException | None, _keep: Any = keep) -> None:
+            if err is not None or not flush:
+                complete(None, err)
+            else:
+                self.start_flush(complete)
+
+        return finished
+
+    def start_write_zeroes(self, offset: int, length: int, deallocate: bool, fua: bool, complete: Complete) -> None:
+        """NBD_CMD_WRITE_ZEROES (NO_HOLE unless DEAC) where the export offers it, else writes
+        of zeros; FUA as for a write."""
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.uri} is read-only")
+        link = self._loop_link()
+        if link is None:
+            self._blocking(lambda: self._zero_blocking(offset, length, deallocate, fua), complete)
+            return
+        flags = link.flags or self.flags
+        native_fua = fua and flags.fua
+        if flags.zero:
+            zflags = (0 if deallocate else CmdFlag.NO_HOLE) | (CmdFlag.FUA if native_fua else 0)
+
+            def piece(off: int, n: int, done: Complete) -> None:
+                self._submit(Op.ZERO, off, n, None, done, zflags)
+
+            self._pieces(offset, length, MAX_ZERO_REQUEST, piece, self._then_flush(fua and not native_fua, complete))
+            return
+        zeros = ffi.from_buffer(ZEROS)
+
+        def written(off: int, n: int, done: Complete) -> None:
+            self._submit(Op.WRITE, off, n, zeros, done, CmdFlag.FUA if native_fua else 0)
+
+        self._pieces(offset, length, ZERO_CHUNK, written, self._then_flush(fua and not native_fua, complete))
+
+    def _zero_blocking(self, offset: int, length: int, deallocate: bool, fua: bool) -> None:
+        self.write_zeroes(offset, length, deallocate=deallocate)
+        if fua:
+            self.flush()
+
+    def start_deallocate(self, offset: int, length: int, complete: Complete) -> None:
+        """Write Zeroes without NO_HOLE where the export zeroes (DLFEAT: reads zeros), else
+        NBD_CMD_TRIM where it trims, else nothing (the blocks keep their data, as DLFEAT says)."""
+        if self.readonly:
+            raise ReadOnlyError(errno.EROFS, f"{self.uri} is read-only")
+        link = self._loop_link()
+        if link is None:
+            self._blocking(lambda: self.deallocate(offset, length), complete)
+            return
+        flags = self.flags  # what DLFEAT promised when the namespace opened
+        if flags.zero:
+            self.start_write_zeroes(offset, length, True, False, complete)
+        elif flags.trim:
+            def trim(off: int, n: int, done: Complete) -> None:
+                self._submit(Op.TRIM, off, n, None, done)
+
+            self._pieces(offset, length, MAX_ZERO_REQUEST, trim, lambda _r, err: complete(None, err))
+        else:
+            complete(None, None)
+
+    def start_flush(self, complete: Complete) -> None:
+        link = self._loop_link()
+        if link is None:
+            self._blocking(self.flush, complete)
+        elif (link.flags or self.flags).flush:
+            self._submit(Op.FLUSH, 0, 0, None, complete)
+        else:
+            complete(None, None)  # the server has nothing volatile to flush
 
     # -- what the control plane reports -------------------------------------------------------------
 
     def storage_stats(self) -> dict[str, Any]:
-        """The export's URI and flags, the connections allowed, and the counters."""
-        return {"uri": self.uri, "flags": dict(self.flags.__dict__), "connections": self.connections, **self.stats.__dict__}
+        """The export's URI and flags, the connections allowed, the loop's connection's state,
+        and the counters (``in_flight``: blocking calls and the loop's commands)."""
+        link = self._link
+        return {"uri": self.uri, "flags": dict(self.flags.__dict__), "connections": self.connections,
+                "loop_connection": link.state.value if link is not None else None, **self.stats.__dict__}

@@ -15,9 +15,9 @@ import pytest
 
 from .nbd_servers import NbdServer, nbdkit, need_libnbd
 
-import dataclasses
 
-from ..nvme_areas.area_helpers import BUF, Guest, KeptPool, make_area, sqe
+from ..nvme_areas.loop_area import Loop
+from ..nvme_areas.area_helpers import BUF, Guest, make_area, sqe
 from nvme_emu.control import describe_namespace
 from nvme_emu.backends.errors import BackendError
 from nvme_emu.backends.nbd import COMMAND_TIMEOUT_S, NbdBackend, normalise_uri
@@ -251,6 +251,43 @@ def test_nvm_write_fua_through_the_dispatch(memory_server: NbdServer):
         guest.close()
 
 
+@pytest.mark.parametrize("filters", [(), ("--filter=nozero", "--filter=fua", "--filter=multi-conn")], ids=["all-flags", "no-zero-fua"])
+def test_every_command_on_the_loops_connection(tmp_path: Path, filters: tuple[str, ...]):
+    """Plain I/O through the dispatch on a real loop goes on the loop's connection (nbd_link),
+    and every command keeps its meaning there: Write with and without FUA (native, or a write
+    then a flush), Read of several pages and of a range longer than one PRP page, Write Zeroes
+    (native or written zeros), Deallocate, Flush; the export holds what the host wrote."""
+    need_libnbd()
+    extra = ("multi-conn-mode=disable",) if filters else ()
+    server = nbdkit(tmp_path, *filters, "memory", "16M", *extra).start()
+    guest = Guest()
+    area = make_area(guest)
+    lp = Loop(area)
+    try:
+        area.state.namespaces[2] = ns = open_namespace(f"nbd:{server.uri}", 2)
+        data = os.urandom(8192)
+        guest.write(BUF, data)
+        rw = dict(nsid=2, prp1=BUF, prp2=BUF + 4096, cdw11=0)
+        assert lp.command(NvmOpcode.WRITE, cdw10=64, cdw12=15, **rw) == (Status.SUCCESS, 0)
+        assert lp.command(NvmOpcode.WRITE, cdw10=128, cdw12=15 | RwCdw12.FUA, **rw) == (Status.SUCCESS, 0)
+        assert server_bytes(server.uri, 64 * 512, 8192) == data == server_bytes(server.uri, 128 * 512, 8192)
+        guest.write(BUF, bytes(8192))
+        assert lp.command(NvmOpcode.READ, cdw10=64, cdw12=15, **rw) == (Status.SUCCESS, 0)
+        assert guest.read(BUF, 8192) == data
+        assert lp.command(NvmOpcode.WRITE_ZEROES, nsid=2, cdw10=64, cdw11=0, cdw12=7) == (Status.SUCCESS, 0)
+        assert server_bytes(server.uri, 64 * 512, 8192) == bytes(4096) + data[4096:]
+        assert lp.command(NvmOpcode.FLUSH, nsid=2) == (Status.SUCCESS, 0)
+        storage = describe_namespace(ns, True)["storage"]
+        assert storage["loop_connection"] == "ready" and storage["in_flight"] == 0 and storage["errors"] == 0
+        assert (storage["flags"]["fua"], storage["flags"]["zero"]) == ((False, False) if filters else (True, True))
+    finally:
+        lp.close()
+        for ns in area.state.namespaces.values():
+            ns.close()
+        guest.close()
+        server.kill()
+
+
 # -- a server that goes away --------------------------------------------------------------------------
 
 
@@ -311,48 +348,39 @@ def test_server_killed_then_restarted(file_server: NbdServer):
         ns.close()
 
 
-class FailingPool(KeptPool):
-    """KeptPool whose jobs may fail: the error goes to the completion, as IoPool's workers do."""
-
-    def finish_one(self) -> None:
-        fn, done = self.jobs.pop(0)
-        try:
-            result = fn()
-        except Exception as e:
-            done(None, e)
-        else:
-            done(result, None)
-
-
 def test_killed_server_completes_in_flight_commands_retryably(file_server: NbdServer):
-    """Through the NVM dispatch and an I/O pool: Reads in flight when the server dies complete
-    with Namespace Not Ready, DNR clear in the CQE's status field, each with its Error
-    Information entry; the control plane shows the transient errors and the reconnect."""
+    """Through the NVM dispatch on a real loop and pool (plain I/O runs on the loop's
+    connection): Reads in flight when the server dies complete with Namespace Not Ready, DNR
+    clear in the CQE's status field, each with its Error Information entry; the namespace on
+    RAM is served meanwhile; after the restart a Read succeeds on a new connection, and the
+    control plane shows the transient errors and the reconnect."""
     guest = Guest()
     area = make_area(guest)
+    lp = Loop(area)
     try:
         area.state.namespaces[2] = ns = open_namespace(f"nbd:{file_server.uri}", 2)
-        pool = FailingPool()
-        nvm = NvmCommands(area.state, dataclasses.replace(area.hooks, io_pool=lambda: pool))
         rw = dict(nsid=2, prp1=BUF, prp2=BUF + 4096, cdw10=0, cdw11=0, cdw12=7)
-        for cid in (1, 2):
-            assert nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, cid=cid, **rw)) is DEFERRED
-        file_server.kill()
-        t0 = time.monotonic()
-        pool.finish_one()
-        pool.finish_one()
-        assert time.monotonic() - t0 < FAIL_WITHIN_S
-        finished = area.record.named("finish_request")
-        assert [(cid, status) for _sq, cid, status, _dw0, _stamps in finished] == [(1, Status.NAMESPACE_NOT_READY), (2, Status.NAMESPACE_NOT_READY)]
+        assert lp.command(NvmOpcode.READ, cid=1, **rw)[0] == Status.SUCCESS  # the loop's connection is up
+        file_server.stop()  # the reads wait in the server ...
+        for cid in (2, 3):
+            assert lp.execute(NvmOpcode.READ, cid=cid, **rw) is DEFERRED
+        lp.run_until(lambda: True)
+        file_server.kill()  # ... which dies with them
+        took = lp.run_until(lambda: len(lp.finished()) == 3, timeout=FAIL_WITHIN_S)
+        assert took < FAIL_WITHIN_S
+        finished = lp.finished()[1:]
+        assert sorted((cid, status & 0x7FF) for _sq, cid, status, _dw0, _stamps in finished) == \
+            [(2, Status.NAMESPACE_NOT_READY), (3, Status.NAMESPACE_NOT_READY)]
         assert not any(status & STATUS_DNR for _sq, _cid, status, _dw0, _stamps in finished)
-        assert [e["cid"] for e in area.state.error_log.entries][:2] in ([2, 1], [1, 2])
+        assert sorted(e["cid"] for e in list(area.state.error_log.entries)[:2]) == [2, 3]
+        assert lp.command(NvmOpcode.READ, cid=4, nsid=1, prp1=BUF, prp2=BUF + 4096, cdw10=0, cdw11=0, cdw12=7)[0] == Status.SUCCESS
         file_server.start()
-        assert nvm.execute(area.admin_sq, sqe(NvmOpcode.READ, cid=3, **rw)) is DEFERRED
-        pool.finish_one()
-        assert area.record.named("finish_request")[-1][1:3] == (3, Status.SUCCESS)
+        assert lp.command(NvmOpcode.READ, cid=5, **rw)[0] == Status.SUCCESS
         storage = describe_namespace(ns, True)["storage"]
-        assert (storage["transient_errors"], storage["reconnects"], storage["in_flight"], storage["connections"]) == (2, 1, 0, 4)
+        assert storage["transient_errors"] == 2 and storage["reconnects"] >= 1 and storage["in_flight"] == 0
+        assert storage["loop_connection"] == "ready"
     finally:
+        lp.close()
         for ns in area.state.namespaces.values():
             ns.close()
         guest.close()

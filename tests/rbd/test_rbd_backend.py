@@ -5,24 +5,21 @@ the OSD paused (a hung OSD) or killed and restarted mid-run."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
 import struct
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from ..nvme_areas.area_helpers import BUF, Area, Guest, make_area, sqe
+from ..nvme_areas.area_helpers import BUF, Guest, make_area
+from ..nvme_areas.loop_area import Loop
 from ..support.ceph import CephCluster, missing
-from nvme_emu.aio import IoPool
 from nvme_emu.backends import rbd as rbd_backend
 from nvme_emu.backends.errors import ReadOnlyError
 from nvme_emu.backends.rbd import RbdBackend
 from nvme_emu.namespace import Namespace
 from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec
-from nvme_emu.nvm import NvmCommands
 from nvme_emu.outcome import DEFERRED, finish_here
 from nvme_emu.spec.commands import STATUS_DNR, DsmAttr, NvmOpcode, NvmeError, RwCdw12, Status
 from nvme_emu.spec.identify import DLFEAT_READ_ZEROES
@@ -205,47 +202,6 @@ def test_metadata_goes_the_blocking_way_with_a_sidecar_by_name(served: tuple[Loo
 # -- through the NVM command set on a loop ----------------------------------------------------------
 
 
-class Loop:
-    """A real asyncio loop and I/O pool under the NVM command set, as the controller has them."""
-
-    def __init__(self, area: Area) -> None:
-        self.area = area
-        self.loop = asyncio.new_event_loop()
-        self.pool = IoPool(self.loop)
-        self.nvm = NvmCommands(area.state, dataclasses.replace(area.hooks, io_pool=lambda: self.pool))
-
-    def finished(self) -> list[tuple]:
-        return self.area.record.named("finish_request")
-
-    def run_until(self, done: Callable[[], bool], timeout: float = 30.0) -> float:
-        """Serve the loop until ``done()``; seconds it took."""
-        t0 = time.monotonic()
-
-        async def wait() -> None:
-            while not done():
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError("the loop waited too long")
-                await asyncio.sleep(0.001)
-
-        self.loop.run_until_complete(wait())
-        return time.monotonic() - t0
-
-    def command(self, opc: int, **fields: int) -> tuple[int, int]:
-        """Execute one command; when deferred, serve the loop until it finishes: (status, dw0)."""
-        before = len(self.finished())
-        result = self.nvm.execute(self.area.admin_sq, sqe(opc, **fields))
-        if result is not DEFERRED:
-            assert not isinstance(result, type(DEFERRED))
-            return result
-        self.run_until(lambda: len(self.finished()) > before)
-        _sq, _cid, status, dw0, *_ = self.finished()[-1]
-        return status, dw0
-
-    def close(self) -> None:
-        self.pool.close()
-        self.loop.close()
-
-
 @pytest.fixture
 def served(ceph_cluster: CephCluster) -> Iterator[tuple[Loop, Guest]]:
     """NSID 1 RAM, NSID 2 the image (timeouts of TIMEOUT_S), on a loop; closed after."""
@@ -319,13 +275,13 @@ def test_queue_depth_32_on_the_loop(served: tuple[Loop, Guest]) -> None:
         guest.write(BUF + i * 4096, page)
     before = len(lp.finished())
     for i in range(32):
-        assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.WRITE, cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7)) is DEFERRED
+        assert lp.execute(NvmOpcode.WRITE, cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7) is DEFERRED
     assert lp.pool.pending == 32
     lp.run_until(lambda: len(lp.finished()) == before + 32)
     assert all(f[2] == Status.SUCCESS for f in lp.finished()[before:])
     guest.write(BUF, bytes(32 * 4096))
     for i in range(32):
-        assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.READ, cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7)) is DEFERRED
+        assert lp.execute(NvmOpcode.READ, cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7) is DEFERRED
     lp.run_until(lambda: len(lp.finished()) == before + 64)
     assert all(f[2] == Status.SUCCESS for f in lp.finished()[before:])
     assert [guest.read(BUF + i * 4096, 4096) for i in range(32)] == pages
@@ -358,7 +314,7 @@ def test_quiesce_cancels_reads_in_flight(served: tuple[Loop, Guest], ceph_cluste
         before = len(lp.finished())
         for i in range(8):  # blocks never read by this client: not in librbd's cache
             fields = dict(nsid=2, prp1=BUF + i * 4096, cdw10=(100 << 20) // 512 + i * 8, cdw11=0, cdw12=7)
-            assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.READ, cid=i, **fields)) is DEFERRED
+            assert lp.execute(NvmOpcode.READ, cid=i, **fields) is DEFERRED
         lp.run_until(lambda: ns_stats(lp)["in_flight"] == 8)
         cancelled = lp.pool.quiesce(lambda views: True, lambda: NvmeError(Status.DATA_TRANSFER_ERROR, "quiesced"))
         assert cancelled == 8 and lp.pool.pending == 0
@@ -395,11 +351,11 @@ def test_paused_osd_fails_commands_then_io_resumes(served: tuple[Loop, Guest], c
     try:
         before = len(lp.finished())
         t0 = time.monotonic()
-        assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.READ, cid=1, **rw(2, fresh, 8))) is DEFERRED
-        assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.WRITE, cid=2, **rw(2, fresh + 64, 8, cdw12=RwCdw12.FUA))) is DEFERRED
-        assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.READ, cid=3, **rw(2, fresh + 128, 8))) is DEFERRED
+        assert lp.execute(NvmOpcode.READ, cid=1, **rw(2, fresh, 8)) is DEFERRED
+        assert lp.execute(NvmOpcode.WRITE, cid=2, **rw(2, fresh + 64, 8, cdw12=RwCdw12.FUA)) is DEFERRED
+        assert lp.execute(NvmOpcode.READ, cid=3, **rw(2, fresh + 128, 8)) is DEFERRED
         # the RAM namespace answers at once, on the same loop, while those wait
-        assert lp.nvm.execute(lp.area.admin_sq, sqe(NvmOpcode.READ, cid=4, **rw(1, 0, 8))) == (Status.SUCCESS, 0)
+        assert lp.execute(NvmOpcode.READ, cid=4, **rw(1, 0, 8)) == (Status.SUCCESS, 0)
         lp.run_until(lambda: len(lp.finished()) == before + 3, timeout=FAIL_WITHIN_S + 5)
         took = time.monotonic() - t0
         assert took < FAIL_WITHIN_S, took

@@ -38,6 +38,7 @@ the storage, the guest).
 
     ./dev bench netstore_fio                       # 3 rounds of 10 s jobs (~25 min under TCG)
     ./dev bench netstore_fio --rounds 1 --runtime 3 --ramp 1      # a quick check that it runs
+    ./dev bench netstore_fio --emu-tree ../wt-rbd                  # nvme-emu from another checkout
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ import common
 import fio_vs_qemu
 
 from nvme_emu import guest
-from nvme_emu.backends.base import BackendKind
 from nvme_emu.rpc_socket import RpcClient
 from tests.nbd.nbd_servers import NbdServer
 from tests.support import ceph
+from tests.support.server import child_env
 
 #: The four jobs the issue asks for: name, fio options.
 JOBS = [
@@ -178,6 +179,16 @@ def namespaces_now(ctl_socket: str) -> list[dict] | str:
         return f"ctl namespaces failed: {e!r}"
 
 
+def backend_kinds(tree: Path) -> set[str]:
+    """The backend kinds the nvme_emu of checkout ``tree`` serves (its BackendKind), asked of
+    that tree in a child interpreter: --emu-tree may be a branch with a backend this one lacks."""
+    r = subprocess.run([sys.executable, "-c", "from nvme_emu.backends.base import BackendKind; print(*(k.value for k in BackendKind))"],
+                       cwd=tree, env=child_env(tree), capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot import nvme_emu from {tree}: {r.stderr[-1000:]}")
+    return set(r.stdout.split())
+
+
 def probe_blockdev(qemu: str, blockdev: dict[str, Any]) -> str | None:
     """Open ``blockdev`` in a QEMU with no machine and quit: None when it opened, else why not
     (no such driver in this QEMU, the storage unreachable from its chroot, ...)."""
@@ -192,7 +203,8 @@ def probe_blockdev(qemu: str, blockdev: dict[str, Any]) -> str | None:
     return None
 
 
-def plan_devices(workdir: str, nbd: NbdServer, cluster: ceph.CephCluster | None, qemu: str) -> tuple[list[Device], list[str]]:
+def plan_devices(workdir: str, nbd: NbdServer, cluster: ceph.CephCluster | None, qemu: str,
+                 tree: Path) -> tuple[list[Device], list[str]]:
     """The devices this machine can run, and a line for each one left out, saying why."""
     notes: list[str] = []
     nsid = iter(range(1, 10))
@@ -211,11 +223,11 @@ def plan_devices(workdir: str, nbd: NbdServer, cluster: ceph.CephCluster | None,
         notes.append(f"left out qemu-nbd: QEMU cannot open the nbdkit export: {why}")
     if cluster is None:
         return devices, notes
-    if hasattr(BackendKind, "RBD"):
+    if "rbd" in backend_kinds(tree):
         devices.append(Device("emu-rbd", "nvme-emu rbd: (Ceph memstore)", f"/dev/bench-emu-{next(nsid)}", spec=cluster.spec,
                               peer="qemu-rbd"))
     else:
-        notes.append("left out emu-rbd: this nvme_emu has no rbd: backend yet (BackendKind has no RBD member)")
+        notes.append(f"left out emu-rbd: the nvme_emu of {tree} has no rbd: backend yet (BackendKind has no RBD member)")
     rbd_node = {"driver": "rbd", "node-name": "qrbd", "pool": cluster.pool, "image": cluster.image, "conf": str(cluster.conf),
                 "user": cluster.client_id, "cache": {"direct": True}}
     why = probe_blockdev(qemu, rbd_node)
@@ -375,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--region", type=lambda s: int(float(s) * (1 << 20)), default=DEFAULT_REGION, metavar="MIB",
                     help="MiB of each device the jobs run on (filled first)")
     ap.add_argument("--doorbell", default="auto")
+    ap.add_argument("--emu-tree", type=lambda p: Path(p).resolve(), default=common.REPO, metavar="CHECKOUT",
+                    help="serve nvme-emu from another checkout (e.g. a branch with the rbd: backend before it is merged)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=str(common.RESULTS))
@@ -387,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     mach = common.machine()
+    if args.emu_tree != common.REPO:
+        mach["emu_tree_commit"] = subprocess.run(["git", "-C", str(args.emu_tree), "rev-parse", "--short", "HEAD"],
+                                                 capture_output=True, text=True).stdout.strip()
+        print(f"nvme-emu from {args.emu_tree} (git {mach['emu_tree_commit']})", flush=True)
     mach["busy_before"] = common.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else common.machine_busy()
     print("machine:", common.describe_machine(mach), f"busy before: {mach['busy_before']:.0%}", flush=True)
     t_start = time.monotonic()
@@ -403,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if cluster is not None:
             print(f"Ceph cluster up in {cluster.timings['total']:.2f} s: {cluster.spec}", flush=True)
         qemu = guest.ensure_qemu()
-        devices, more = plan_devices(workdir, nbd, cluster, qemu)
+        devices, more = plan_devices(workdir, nbd, cluster, qemu, args.emu_tree)
         notes += more
         for n in notes:
             print(n, flush=True)
@@ -414,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in devices:
             if d.spec is not None:
                 serve_args += ["--namespace", d.spec]
-        srv = common.serve(sock, serve_args, Path(workdir) / "emu.log")
+        srv = common.serve(sock, serve_args, Path(workdir) / "emu.log", tree=args.emu_tree)
         per_job = args.runtime + args.ramp + 2
         timeout = 300 + len(devices) * (60 + args.rounds * len(JOBS) * per_job * 2)
         cpu0 = srv.cpu_seconds()
@@ -468,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(out / f"{name}.json", {
         "benchmark": "netstore_fio", "machine": mach, "method": __doc__, "fio_job": job,
         "config": {"rounds": args.rounds, "runtime": args.runtime, "ramp": args.ramp, "region": args.region,
-                   "device_size": DEVICE_SIZE, "doorbell": args.doorbell, "accel": r.accel,
+                   "device_size": DEVICE_SIZE, "doorbell": args.doorbell, "accel": r.accel, "emu_tree": str(args.emu_tree),
                    "devices": [d.__dict__ for d in devices], "left_out": notes},
         "headline": head, "results": rows, "rounds": per_round, "table": table, "anatomy_table": anatomy_table,
         "anatomy": anatomy.jobs, "anatomy_errors": anatomy.errors,

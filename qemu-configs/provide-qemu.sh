@@ -8,7 +8,8 @@
 #   * If the host's own qemu-system-x86_64 is >= 10.1 and lists vfio-user-pci,
 #     its path is printed and nothing is built.
 #   * Otherwise a Debian trixie chroot is built once (debootstrap, QEMU from
-#     trixie-backports, plus fio/nvme-cli/busybox/... used by build-guest.sh)
+#     trixie-backports with its rbd block driver (qemu-block-extra), plus
+#     fio/nvme-cli/busybox/... used by build-guest.sh)
 #     and cached under ${NVME_EMU_CACHE:-$HOME/.cache/nvme-emu}.  The printed
 #     wrapper ($CACHE/bin/qemu-system-x86_64) runs QEMU inside that chroot in a
 #     private mount namespace (unshare -m) in which /dev, /proc, /sys, /tmp,
@@ -40,7 +41,7 @@ for a in "$@"; do
     case "$a" in
         --chroot) want_chroot=1 ;;
         --no-system) use_system=0 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) die "unknown argument: $a" ;;
     esac
 done
@@ -72,6 +73,41 @@ cached_ok() {
 print_result() {
     if [ "$want_chroot" -eq 1 ]; then echo "$ROOT"; else echo "$BIN/qemu-system-x86_64"; fi
 }
+# QEMU's rbd block driver (block-rbd.so, Debian's qemu-block-extra: `-drive driver=rbd`, the
+# peer of the rbd: namespaces in bench/netstore_fio.py) came after the chroot did: a cached
+# chroot without it gets it added in place (same QEMU version, ~2 MB with librbd), not rebuilt.
+# The build below installs it with QEMU, so a fresh machine and an old cache end up alike.
+block_rbd_ok() { compgen -G "$ROOT/usr/lib/*/qemu/block-rbd.so" >/dev/null; }
+add_block_rbd() {
+    local ver logf="$CACHE/provide-qemu-block-extra.log"
+    ver="$(chroot "$ROOT" dpkg-query -W -f='${Version}' qemu-system-x86)" || return 1
+    in_root() {
+        unshare -m --propagation slave -- sh -ec '
+            r="$1"; shift
+            for d in dev proc sys; do mount --rbind "/$d" "$r/$d"; mount --make-rslave "$r/$d"; done
+            exec chroot "$r" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
+        ' sh "$ROOT" "$@"
+    }
+    : >"$logf"
+    in_root apt-get update >>"$logf" 2>&1 \
+        && in_root apt-get install -y --no-install-recommends "qemu-block-extra=$ver" >>"$logf" 2>&1 \
+        && in_root apt-get clean >>"$logf" 2>&1 \
+        && block_rbd_ok \
+        || { tail -n 20 "$logf" >&2; return 1; }
+}
+if cached_ok && ! block_rbd_ok; then
+    if [ "$(id -u)" -eq 0 ]; then
+        exec 9>"$CACHE/.provide-qemu.lock"
+        flock 9
+        if ! block_rbd_ok; then
+            log "adding QEMU's rbd block driver (qemu-block-extra) to the cached chroot"
+            add_block_rbd || log "warning: could not add qemu-block-extra (log: $CACHE/provide-qemu-block-extra.log); QEMU has no rbd driver"
+        fi
+        exec 9>&-
+    else
+        log "warning: the cached chroot has no QEMU rbd driver (qemu-block-extra); run once as root to add it"
+    fi
+fi
 if cached_ok; then
     print_result
     exit 0
@@ -162,7 +198,7 @@ in_tmp_chroot() {
 
 log "installing QEMU (trixie-backports) and guest-build tools"
 run_logged in_tmp_chroot apt-get update
-run_logged in_tmp_chroot apt-get install -y -t trixie-backports qemu-system-x86 qemu-utils
+run_logged in_tmp_chroot apt-get install -y -t trixie-backports qemu-system-x86 qemu-utils qemu-block-extra
 run_logged in_tmp_chroot apt-get install -y fio nvme-cli busybox-static cpio kmod xz-utils zstd file
 run_logged in_tmp_chroot apt-get clean
 

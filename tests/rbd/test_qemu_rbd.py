@@ -1,0 +1,78 @@
+"""QEMU's own rbd block driver (Debian's qemu-block-extra in the QEMU chroot, installed by
+qemu-configs/provide-qemu.sh) on the session's cluster: the peer bench/netstore_fio.py measures
+the ``rbd:`` namespaces against. The chroot's QEMU must load block-rbd.so, read the cluster's
+conf and keyring under /tmp and reach the monitor on 127.0.0.1; what it writes librbd reads
+back, and what librbd wrote it reads (its qemu-io, through the HMP of ``qemu-system-x86_64``
+itself, not a separate tool)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from ..support.ceph import CephCluster
+
+#: Bytes from here on belong to this test (test_cluster.py writes at 0, 4 MiB - 128 KiB and the
+#: image's last bytes).
+OFFSET = 64 << 20
+BLOCK = 4096
+
+
+@pytest.fixture(scope="module")
+def qemu() -> str:
+    from nvme_emu import guest
+
+    try:
+        return guest.ensure_qemu()
+    except guest.GuestError as e:
+        if "needs root" in str(e):
+            print("skipped: building the QEMU chroot needs root")
+            pytest.skip("building the QEMU chroot needs root")
+        raise
+
+
+def qemu_io(qemu: str, node: dict[str, Any], commands: list[str]) -> list[str]:
+    """Open ``node`` in a machine-less QEMU and run each qemu-io command on it; each one's output."""
+    qmp = [{"execute": "qmp_capabilities"}]
+    qmp += [{"execute": "human-monitor-command", "arguments": {"command-line": f'qemu-io {node["node-name"]} "{c}"'}} for c in commands]
+    qmp.append({"execute": "quit"})
+    r = subprocess.run([qemu, "-nodefaults", "-display", "none", "-machine", "none", "-blockdev", json.dumps(node), "-qmp", "stdio"],
+                       input="".join(json.dumps(m) + "\n" for m in qmp), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"QEMU exited {r.returncode}: {r.stderr}"
+    # qemu-io prints to QEMU's stdout before the command's (empty) QMP return
+    outputs, text = [], []
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            if '"return"' in line:
+                outputs.append("\n".join(text))
+            text = []
+        else:
+            text.append(line)
+    assert len(outputs) == len(qmp), r.stdout
+    return outputs[1:-1]
+
+
+def test_qemu_rbd_driver_reads_and_writes_the_image(ceph_cluster: CephCluster, qemu: str) -> None:
+    import rbd
+
+    c = ceph_cluster
+    node = {"driver": "rbd", "node-name": "img", "pool": c.pool, "image": c.image, "conf": str(c.conf), "user": c.client_id,
+            "cache": {"direct": True}}
+    cluster = c.rados()
+    try:
+        with cluster.open_ioctx(c.pool) as ioctx, rbd.Image(ioctx, c.image) as image:
+            image.write(b"\xa5" * BLOCK, OFFSET)
+            image.flush()
+        out = qemu_io(qemu, node, [f"read -P 0xa5 {OFFSET} {BLOCK}", f"read -P 0x11 {OFFSET} {BLOCK}",
+                                   f"write -P 0x5a {OFFSET + BLOCK} {BLOCK}", "flush"])
+        assert f"read {BLOCK}/{BLOCK} bytes at offset {OFFSET}" in out[0] and "verification failed" not in out[0], out[0]
+        # the check can fail: a pattern that is not there is reported
+        assert "Pattern verification failed" in out[1], out[1]
+        assert f"wrote {BLOCK}/{BLOCK} bytes at offset {OFFSET + BLOCK}" in out[2], out[2]
+        with cluster.open_ioctx(c.pool) as ioctx, rbd.Image(ioctx, c.image, read_only=True) as image:
+            assert image.read(OFFSET + BLOCK, BLOCK) == b"\x5a" * BLOCK
+    finally:
+        cluster.shutdown()

@@ -352,7 +352,11 @@ class NbdBackend(CallbackBackend):
 
     def _call(self, what: str, op: Callable[[_Conn], T], *, writing: bool) -> T:
         """Run ``op(conn)`` on a pooled connection (a new one when none is idle), under the
-        watchdog; failures become the command's status (the module docstring)."""
+        watchdog; failures become the command's status (the module docstring).
+
+        A connection that sat idle may have died unnoticed (the server restarted while the
+        loop's connection carried the I/O): if one fails on its first use, the call runs
+        again, once, on a new connection (every NBD command may be repeated)."""
         self._slots.acquire()  # held by at most :attr:`connections` calls, each bounded by its deadline
         try:
             deadline = time.monotonic() + self.timeout
@@ -362,29 +366,37 @@ class NbdBackend(CallbackBackend):
                 conn = self._idle.pop() if self._idle else None
                 self.stats.in_flight += 1
             try:
-                if conn is None:
-                    conn = self._reconnect(what, deadline)
-                watched = self._watchdog.running
-                conn.deadline = deadline
-                watched[conn] = None  # a dict store: atomic under the GIL
-                try:
-                    result = op(conn)
-                except self._error_type as e:
-                    if not conn.usable():
-                        self._lost(conn, what, f"no answer in {self.timeout:g} s" if conn.expired else str(e))
-                        raise NotReadyError(f"{what}: {self.uri}: {e}") from None
-                    self._give_back(conn)
-                    with self._lock:
-                        self.stats.errors += 1
-                    err: Any = e
-                    raise translate_os_error(OSError(err.errnum or errno.EIO, err.string), f"{what} {self.uri}", writing=writing) from None
-                finally:
-                    watched.pop(conn, None)
-                if conn.expired:  # answered, but the watchdog cut it meanwhile
-                    self._lost(conn, what, "cut at its deadline")
-                else:
-                    self._give_back(conn)
-                return result
+                while True:
+                    stale_ok = conn is not None  # an idle one: it may have died meanwhile
+                    if conn is None:
+                        conn = self._reconnect(what, deadline)
+                    watched = self._watchdog.running
+                    conn.deadline = deadline
+                    watched[conn] = None  # a dict store: atomic under the GIL
+                    try:
+                        result = op(conn)
+                    except self._error_type as e:
+                        if not conn.usable():
+                            if stale_ok and not conn.expired:
+                                log.info("nbd: %s: an idle connection to %s had died (%s); once more on a new one", what, self.uri, e)
+                                self._drop_idle(conn)
+                                conn = None
+                                continue
+                            self._lost(conn, what, f"no answer in {self.timeout:g} s" if conn.expired else str(e))
+                            raise NotReadyError(f"{what}: {self.uri}: {e}") from None
+                        self._give_back(conn)
+                        with self._lock:
+                            self.stats.errors += 1
+                        err: Any = e
+                        raise translate_os_error(OSError(err.errnum or errno.EIO, err.string), f"{what} {self.uri}", writing=writing) from None
+                    finally:
+                        if conn is not None:
+                            watched.pop(conn, None)
+                    if conn.expired:  # answered, but the watchdog cut it meanwhile
+                        self._lost(conn, what, "cut at its deadline")
+                    else:
+                        self._give_back(conn)
+                    return result
             finally:
                 with self._lock:
                     self.stats.in_flight -= 1
@@ -413,6 +425,16 @@ class NbdBackend(CallbackBackend):
         log.info("nbd: connected to %s again", self.uri)
         return conn
 
+    def _drop_idle(self, conn: _Conn) -> None:
+        """``conn`` and the other idle connections go: opened to the same server, which
+        most likely restarted since (each would fail one more call)."""
+        watched = self._watchdog.running
+        watched.pop(conn, None)
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in (conn, *idle):
+            c.close()
+
     def _lost(self, conn: _Conn, what: str, why: str) -> None:
         """One connection failed: it goes, and so do the idle ones. They were opened to the
         same server, which most likely went away with it (killed, restarted, the network
@@ -420,9 +442,7 @@ class NbdBackend(CallbackBackend):
         log.warning("nbd: %s: connection to %s lost (%s); the next command connects again", what, self.uri, why)
         with self._lock:
             self.stats.transient_errors += 1
-            idle, self._idle = self._idle, []
-        for c in (conn, *idle):
-            c.close()
+        self._drop_idle(conn)
 
     def _give_back(self, conn: _Conn) -> None:
         with self._lock:

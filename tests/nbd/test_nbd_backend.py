@@ -386,6 +386,25 @@ def test_killed_server_completes_in_flight_commands_retryably(file_server: NbdSe
         guest.close()
 
 
+def test_idle_connection_to_a_restarted_server_is_replaced(file_server: NbdServer):
+    """A blocking connection that sat idle while its server restarted (the loop's connection
+    carried the I/O meanwhile) fails on its next use; the call runs again on a new connection
+    instead of failing (it failed the shutdown Flush of a guest whose server had been killed)."""
+    b = NbdBackend(file_server.uri)
+    try:
+        b.write_from(0, [memoryview(b"\x77" * 4096)])
+        b.flush()
+        file_server.kill()
+        file_server.start()
+        b.flush()  # on the idle connection, dead since the kill: retried on a new one
+        out = memoryview(bytearray(4096))
+        b.read_into(0, [out])
+        assert bytes(out) == b"\x77" * 4096
+        assert b.stats.reconnects == 1 and b.stats.transient_errors == 0
+    finally:
+        b.close()
+
+
 def test_stopped_server_times_out(memory_server: NbdServer):
     """A server that stops answering (SIGSTOP) fails the command at its deadline, not never;
     the connection is dropped, and once the server goes on the next command connects again."""

@@ -406,10 +406,10 @@ def start_servers(paths: list[str], tmp: str, args, tree: str | None = None, tag
     servers = {}
     for p in paths:
         if tag:  # a comparison variant: same path, code from ``tree``
-            extra = ["--doorbell", SERVER_MODE[p], "--namespace", f"ram:size={NS_SIZE}", "--queues", "4"]
+            extra = ["--doorbell", SERVER_MODE[p], "--namespace", args.namespace, "--queues", "4"]
             servers[p] = common.serve(os.path.join(tmp, f"{p}@{tag}.sock"), extra, Path(tmp) / f"{p}@{tag}.log", tree=tree)
             continue
-        extra = ["--doorbell", SERVER_MODE[p], "--namespace", f"ram:size={NS_SIZE}", "--queues", "4"]
+        extra = ["--doorbell", SERVER_MODE[p], "--namespace", args.namespace, "--queues", "4"]
         if args.spin_us is not None:  # else each path's own default (adaptive on shadow)
             extra += ["--spin-us", str(args.spin_us)]
         if args.profile == "cprofile" and p == args.profile_path:
@@ -493,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--qd", default=",".join(map(str, QDS)))
     ap.add_argument("--rw", default=",".join(WORKLOADS))
+    ap.add_argument("--namespace", default=f"ram:size={NS_SIZE}", metavar="SPEC",
+                    help="the servers' namespace (default a 1 GiB RAM one; e.g. nbd:URI of a server you started, at least 1 GiB)")
     ap.add_argument("--ios-scale", type=float, default=1.0, help="multiply the I/O count of every point")
     ap.add_argument("--max-seconds", type=float, default=3.0, help="cap per point")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every point; the median round is reported")
@@ -602,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "pinned": pin,
             "spin_us": args.spin_us,
-            "namespace": f"ram:size={NS_SIZE}",
+            "namespace": args.namespace,
             "queue_size": QSIZE,
             "profiled": args.profile_path if args.profile else None,
         },

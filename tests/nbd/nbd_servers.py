@@ -74,8 +74,7 @@ class NbdServer:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped one too
-            self.proc.kill()
+            self.proc.kill()  # a stopped one too: SIGKILL needs no SIGCONT (which would let it answer what waits first)
             self.proc.wait(timeout=START_TIMEOUT_S)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()

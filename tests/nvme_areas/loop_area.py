@@ -49,6 +49,15 @@ class Loop:
 
         return self.loop.run_until_complete(execute())
 
+    def execute_all(self, commands: list[tuple[int, dict[str, int]]]) -> list[object]:
+        """Execute ``(opc, fields)`` one after another in ONE loop turn (nothing completes
+        between them): their results, or DEFERRED."""
+
+        async def execute() -> list[object]:
+            return [self.nvm.execute(self.area.admin_sq, sqe(opc, **fields)) for opc, fields in commands]
+
+        return self.loop.run_until_complete(execute())
+
     def command(self, opc: int, **fields: int) -> tuple[int, int]:
         """Execute one command; when deferred, serve the loop until it finishes: (status, dw0)."""
         before = len(self.finished())

@@ -274,14 +274,13 @@ def test_queue_depth_32_on_the_loop(served: tuple[Loop, Guest]) -> None:
     for i, page in enumerate(pages):
         guest.write(BUF + i * 4096, page)
     before = len(lp.finished())
-    for i in range(32):
-        assert lp.execute(NvmOpcode.WRITE, cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7) is DEFERRED
-    assert lp.pool.pending == 32
+    writes = [(NvmOpcode.WRITE, dict(cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7)) for i in range(32)]
+    assert lp.execute_all(writes) == [DEFERRED] * 32  # all in flight at once (some may have completed since)
     lp.run_until(lambda: len(lp.finished()) == before + 32)
     assert all(f[2] == Status.SUCCESS for f in lp.finished()[before:])
     guest.write(BUF, bytes(32 * 4096))
-    for i in range(32):
-        assert lp.execute(NvmOpcode.READ, cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7) is DEFERRED
+    reads = [(NvmOpcode.READ, dict(cid=i, nsid=2, prp1=BUF + i * 4096, cdw10=i * 8, cdw11=0, cdw12=7)) for i in range(32)]
+    assert lp.execute_all(reads) == [DEFERRED] * 32
     lp.run_until(lambda: len(lp.finished()) == before + 64)
     assert all(f[2] == Status.SUCCESS for f in lp.finished()[before:])
     assert [guest.read(BUF + i * 4096, 4096) for i in range(32)] == pages

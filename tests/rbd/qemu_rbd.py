@@ -30,7 +30,7 @@ def rbd_node(cluster: CephCluster, node_name: str, image: str | None = None) -> 
 def qemu_io(qemu: str, node: dict[str, Any], commands: list[str]) -> list[str]:
     """Open ``node`` in a machine-less QEMU and run each qemu-io command on it; each one's
     output. No commands: only whether QEMU opens the node (raises :class:`QemuBlockError` if not)."""
-    qmp = [{"execute": "qmp_capabilities"}]
+    qmp: list[dict[str, Any]] = [{"execute": "qmp_capabilities"}]
     qmp += [{"execute": "human-monitor-command", "arguments": {"command-line": f'qemu-io {node["node-name"]} "{c}"'}} for c in commands]
     qmp.append({"execute": "quit"})
     try:
@@ -41,7 +41,8 @@ def qemu_io(qemu: str, node: dict[str, Any], commands: list[str]) -> list[str]:
     if r.returncode != 0:
         raise QemuBlockError(f"QEMU exited {r.returncode}: {(r.stderr.strip() or r.stdout.strip())[-600:]}")
     # qemu-io prints to QEMU's stdout before the command's (empty) QMP return
-    outputs, text = [], []
+    outputs: list[str] = []
+    text: list[str] = []
     for line in r.stdout.splitlines():
         if line.startswith("{"):
             if '"return"' in line:

@@ -65,8 +65,11 @@ PEER_LABELS = (PEER_NBD, PEER_RBD)
 PEER_SERIALS = {PEER_NBD: "NETPEERNBD", PEER_RBD: "NETPEERRBD"}
 #: The rbd peer's image, beside the cluster's own (nvme-emu's).
 PEER_IMAGE = "peer"
-#: The module took 37-59 s here, its guest 36-57 s (2 vCPUs, TCG, 4 runs, as loaded as the
-#: shared machine was); a hang must not take the suite with it.
+#: The module took 37-59 s here with the nbd checks alone (7 runs), 50-75 s with the rbd ones
+#: (5 runs; interleaved with 2 of the former at the same load: 38 / 39 s before, 54 / 59 s
+#: after): each rbd fio step 5-11 s, the cluster, its second image and the probe of QEMU's rbd
+#: driver 1.0 s (2 vCPUs, TCG, as loaded as the shared machine was, load 1-3); a hang must not
+#: take the suite with it.
 TIMEOUT = 900
 #: fio's error must end its run within this after the kill: Linux's five retries 1 s apart,
 #: plus the guest's clock and fio's own exit (well below the run's 90 s and Linux's 30 s I/O

@@ -65,8 +65,8 @@ PEER_LABELS = (PEER_NBD, PEER_RBD)
 PEER_SERIALS = {PEER_NBD: "NETPEERNBD", PEER_RBD: "NETPEERRBD"}
 #: The rbd peer's image, beside the cluster's own (nvme-emu's).
 PEER_IMAGE = "peer"
-#: The module took 37-59 s here with the nbd checks alone (7 runs), 50-75 s with the rbd ones
-#: (5 runs; interleaved with 2 of the former at the same load: 38 / 39 s before, 54 / 59 s
+#: The module took 37-59 s here with the nbd checks alone (7 runs), 48-75 s with the rbd ones
+#: (6 runs; interleaved with 2 of the former at the same load: 38 / 39 s before, 54 / 59 s
 #: after): each rbd fio step 5-11 s, the cluster, its second image and the probe of QEMU's rbd
 #: driver 1.0 s (2 vCPUs, TCG, as loaded as the shared machine was, load 1-3); a hang must not
 #: take the suite with it.

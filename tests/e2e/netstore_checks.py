@@ -2,18 +2,21 @@
 (tests/e2e/test_netstore_guest.py): the guest's script, the host's side of its kill steps,
 and the readers of what it printed.
 
-The guest has three NVMe controllers: nvme-emu's (vfio-user, CRDT1 = 1 s), with one
-namespace per :class:`NetworkNamespace` (nbdkit's memory plugin, qemu-nbd serving a file; an
-``rbd:`` image is one more entry); a second nvme-emu started with ``--crdt1 0`` on a qemu-nbd
-of its own, the kill check's "before"; and QEMU's own ``-device nvme`` on an NBD export of
-its own, read and written by QEMU's NBD client (the peer). The script's steps print raw
-results between ``=====STEP name uptime=====`` lines (zoned_checks.parse_steps splits them):
+The guest has these NVMe controllers: nvme-emu's (vfio-user, CRDT1 = 1 s), with one
+namespace per :class:`NetworkNamespace` (nbdkit's memory plugin, qemu-nbd serving a file, an
+``rbd:`` image); a second nvme-emu started with ``--crdt1 0`` on a qemu-nbd of its own, the
+kill check's "before"; and one QEMU ``-device nvme`` per :class:`Peer`, each on storage of its
+own of one kind, read and written by QEMU's own client of it (its NBD client on an NBD export,
+its rbd driver on an RBD image): what passes there must pass on nvme-emu's namespaces of that
+kind (``NetworkNamespace.peer``). The script's steps print raw results between
+``=====STEP name uptime=====`` lines (zoned_checks.parse_steps splits them):
 
-* ``find``: which block device is which namespace (controller serial and NSID), each
-  controller's CRDT1 and the ACRE byte Linux set in Host Behavior Support;
+* ``find``: which block device is which namespace (controller serial and NSID; the volatile
+  write cache Linux sees, ``wc``), each controller's CRDT1 and the ACRE byte Linux set in Host
+  Behavior Support;
 * ``fio_LABEL``: fio writes with verify headers (4 KiB random writes at QD16, crc32c; a
   sequential job of 4-128 KiB writes, md5), then a separate pass verifies them
-  (``verify_only``: the same job, reads only), on every namespace and the peer;
+  (``verify_only``: the same job, reads only), on every namespace and every peer;
 * ``kill`` and ``kill_nocrdt`` (:class:`Kill`): a pattern written and flushed, fio writing,
   the server SIGKILLed on the guest's request (:class:`KillSwitch`), fio's end and error,
   the other namespaces read while the server is down, dmesg's controller resets, the failed
@@ -29,17 +32,16 @@ results between ``=====STEP name uptime=====`` lines (zoned_checks.parse_steps s
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from .zoned_checks import Step, key_values
 
-#: The serial of the peer (QEMU's own nvme on its own NBD export).
-PEER_SERIAL = "NETPEER"
-PEER = "peer"
-#: Every namespace of the boot is this big (nbdkit memory, qemu-nbd's file, the peer's).
+#: Every namespace of the boot is this big (nbdkit memory, qemu-nbd's file, the RBD images,
+#: the peers').
 NAMESPACE_BYTES = 64 << 20
 #: fio's regions (MiB): the random job, the sequential job, the flushed pattern of the kill
 #: steps (never written by fio), the kill steps' fio writes over the random job's region.
@@ -67,9 +69,9 @@ class Server(Protocol):
 @dataclass
 class NetworkNamespace:
     """One namespace of nvme-emu on network storage: its label (the steps' names and a shell
-    variable's: letters, digits, underscores), its
-    ``--namespace`` spec, and the server the kill steps kill (None: not killed). An ``rbd:``
-    namespace on the Ceph fixture is ``NetworkNamespace("rbd", cluster.spec..., 3, SERIAL)``."""
+    variable's: letters, digits, underscores), its ``--namespace`` spec, the server the kill
+    steps kill (None: not killed) and the label of the :class:`Peer` it is held to (None: none,
+    e.g. QEMU here cannot open that storage)."""
 
     label: str
     spec: str
@@ -77,6 +79,23 @@ class NetworkNamespace:
     #: the serial of the nvme-emu controller that serves it
     serial: str
     killable: Server | None = None
+    peer: str | None = None
+
+
+@dataclass
+class Peer:
+    """QEMU's own ``-device nvme`` on a block node of its own (``blockdev``, a ``-blockdev``
+    whose node-name is unique in the boot): the reference for nvme-emu's namespaces on storage
+    of the same kind. ``label`` as a :class:`NetworkNamespace`'s; the guest finds it by its
+    controller's ``serial``."""
+
+    label: str
+    serial: str
+    blockdev: dict[str, Any]
+
+    def qemu_args(self) -> list[str]:
+        return ["-blockdev", json.dumps(self.blockdev, separators=(",", ":")),
+                "-device", f"nvme,serial={self.serial},drive={self.blockdev['node-name']}"]
 
 
 # -- the guest's script ---------------------------------------------------------------------
@@ -167,12 +186,14 @@ class Kill:
     others: tuple[str, ...]
 
 
-def guest_script(checked: list[NetworkNamespace], kills: list[Kill], extra: list[NetworkNamespace] = ()) -> str:  # type: ignore[assignment]
-    """The boot's whole job: find the devices, fio on each of ``checked`` and the peer, then
-    each kill step (``extra``: namespaces only the kill steps use)."""
+def guest_script(checked: list[NetworkNamespace], kills: list[Kill], peers: list[Peer],
+                 extra: list[NetworkNamespace] = ()) -> str:  # type: ignore[assignment]
+    """The boot's whole job: find the devices, fio on each of ``checked`` and each of
+    ``peers``, then each kill step (``extra``: namespaces only the kill steps use)."""
     everyone = [*checked, *extra]
-    find = "\n".join(f"    [ \"$s\" = {ns.serial} ] && [ \"$n\" = {ns.nsid} ] && dev_{ns.label}=/dev/$b" for ns in everyone)
-    devs = "\n".join(f'echo "{label}=$dev_{label}"' for label in (*(ns.label for ns in everyone), PEER))
+    find = "\n".join([*(f"    [ \"$s\" = {p.serial} ] && dev_{p.label}=/dev/$b" for p in peers),
+                      *(f"    [ \"$s\" = {ns.serial} ] && [ \"$n\" = {ns.nsid} ] && dev_{ns.label}=/dev/$b" for ns in everyone)])
+    devs = "\n".join(f'echo "{label}=$dev_{label}"' for label in (*(ns.label for ns in everyone), *(p.label for p in peers)))
     crdt = "\n".join(
         f'c=$(basename $(readlink -f /sys/block/$(basename $dev_{ns.label})/device)); '
         f'echo "crdt1_{ns.label}=$(nvme id-ctrl /dev/$c | sed -n \'s/^crdt1 *: //p\')"; '
@@ -189,13 +210,12 @@ for p in /sys/block/nvme*; do
     b=$(basename $p)
     s=$(cat $p/device/serial | tr -d ' ')
     n=$(cat $p/nsid)
-    echo "block $b serial=$s nsid=$n"
-    [ "$s" = {PEER_SERIAL} ] && dev_{PEER}=/dev/$b
+    echo "block $b serial=$s nsid=$n wc=$(cat $p/queue/write_cache | tr ' ' _)"
 {find}
 done
 {devs}
 {crdt}
-{''.join(fio_step(label) for label in (*(ns.label for ns in checked), PEER))}
+{''.join(fio_step(label) for label in (*(ns.label for ns in checked), *(p.label for p in peers)))}
 {''.join(kill_step(k.step, k.label, list(k.others)) for k in kills)}
 step end
 """

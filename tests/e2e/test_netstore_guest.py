@@ -1,14 +1,23 @@
 """Issue 27 in a Linux guest: nvme-emu's namespaces on network storage, beside QEMU's own
-nvme on an NBD export, in ONE boot of the test guest (netstore_checks has the script).
+nvme on the same kinds of storage, in ONE boot of the test guest (netstore_checks has the
+script).
 
-The test starts every server itself, each on a Unix socket in its temp directory: nbdkit's
-memory plugin and qemu-nbd serving a file for nvme-emu (``nbd:`` namespaces 1 and 2), a
-second nvme-emu with ``--crdt1 0`` on another qemu-nbd (the retry delay's "before"), and
-another nbdkit for QEMU's ``-device nvme`` (``-drive file=nbd+unix://...``: QEMU's NBD
-client), the peer. Checks:
+The test starts every server itself, each NBD server on a Unix socket in its temp directory:
+nbdkit's memory plugin and qemu-nbd serving a file for nvme-emu (``nbd:`` namespaces 1 and 2),
+a second nvme-emu with ``--crdt1 0`` on another qemu-nbd (the retry delay's "before"), and
+another nbdkit for a QEMU ``-device nvme`` on ``-blockdev driver=nbd`` (QEMU's NBD client), the
+nbd peer. It also starts a Ceph cluster of its own (tests/support/ceph.py: one mon, one memstore
+OSD, ``rbd_cache = false`` for every client as bench/netstore_fio.py has it) with two images:
+one for nvme-emu's ``rbd:`` namespace 3, the other for a QEMU ``-device nvme`` on ``-blockdev
+driver=rbd`` (QEMU's rbd driver, ``cache.direct``), the rbd peer. Its own cluster, not the
+session's ``ceph_cluster``: that one keeps librbd's cache on and has one image, which the
+peer must not share (two writers of one region would fail each other's verify). Where the
+machine has no Ceph (``ceph.missing()``), or QEMU no rbd driver, the rbd checks are left out
+with the reason printed, and every nbd check still runs. Checks:
 
 * fio write + verify (4 KiB random, QD16, crc32c; 4-128 KiB sequential, md5; the verify a
-  separate pass) on each namespace and on the peer: whatever passes on the peer passes on ours;
+  separate pass) on each namespace and on each peer: whatever passes on a peer passes on our
+  namespaces of its kind;
 * qemu-nbd SIGKILLed under fio: fio ends with an I/O error in bounded time, no controller
   reset, the nbdkit namespace serves meanwhile, and after the restart I/O resumes without
   restarting nvme-emu and the pattern written and flushed before the kill reads back;
@@ -16,14 +25,14 @@ client), the peer. Checks:
   Namespace Not Ready command span about 5 s; on the controller with CRDT1 = 0 they take
   milliseconds.
 
-An ``rbd:`` namespace on the Ceph fixture (tests/support/ceph.py) is one more entry of
-``network_namespaces``: ``NetworkNamespace("rbd", <the cluster's rbd: spec>, 3, SERIAL)``
-(no killable server; an image of at least 32 MiB, fio's two regions) and ``"rbd"`` in
-``LABELS``; its fio step then runs in the same boot.
+Another kind of storage is one more function like :func:`rbd_storage`: its namespaces (with
+their peer's label), its peer, what it leaves out and why; its labels in ``LABELS`` and
+``PEER_LABELS``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +45,8 @@ from nvme_emu.ctl import ControlClient, default_control_socket
 from nvme_emu.spec.commands import STATUS_CRD_SHIFT, Status
 
 from ..nbd.nbd_servers import NbdServer, need_libnbd, nbdkit, qemu_nbd
+from ..rbd.qemu_rbd import driver_problem, rbd_node
+from ..support import ceph
 from ..support.server import ServerProcess
 from . import netstore_checks as nc
 from .zoned_checks import Step, parse_steps
@@ -46,10 +57,19 @@ SERIAL = "NVMEEMUNETSTORE"
 #: The second nvme-emu, CRDT1 = 0.
 SERIAL_NOCRDT = "NVMEEMUNOCRDT"
 VICTIM, VICTIM_NOCRDT = "qemu_nbd", "qemu_nbd_nocrdt"
-#: The labels of ``network_namespaces``, in order (the fio checks' parameters).
-LABELS = ("nbdkit", VICTIM)
-#: The module took 37-59 s here, its guest 36-57 s (2 vCPUs, TCG, 4 runs, as loaded as the
-#: shared machine was); a hang must not take the suite with it.
+RBD = "rbd"
+#: The labels of nvme-emu's network namespaces, in NSID order (the fio checks' parameters).
+LABELS = ("nbdkit", VICTIM, RBD)
+PEER_NBD, PEER_RBD = "peer_nbd", "peer_rbd"
+PEER_LABELS = (PEER_NBD, PEER_RBD)
+PEER_SERIALS = {PEER_NBD: "NETPEERNBD", PEER_RBD: "NETPEERRBD"}
+#: The rbd peer's image, beside the cluster's own (nvme-emu's).
+PEER_IMAGE = "peer"
+#: The module took 37-59 s here with the nbd checks alone (7 runs), 48-75 s with the rbd ones
+#: (6 runs; interleaved with 2 of the former at the same load: 38 / 39 s before, 54 / 59 s
+#: after): each rbd fio step 5-11 s, the cluster, its second image and the probe of QEMU's rbd
+#: driver 1.0 s (2 vCPUs, TCG, as loaded as the shared machine was, load 1-3); a hang must not
+#: take the suite with it.
 TIMEOUT = 900
 #: fio's error must end its run within this after the kill: Linux's five retries 1 s apart,
 #: plus the guest's clock and fio's own exit (well below the run's 90 s and Linux's 30 s I/O
@@ -66,6 +86,9 @@ class Boot:
     result: guest.GuestResult
     steps: dict[str, Step]
     ours: list[nc.NetworkNamespace]
+    peers: list[nc.Peer]
+    #: the labels this machine cannot run, and why
+    left_out: dict[str, str]
     kills: nc.KillSwitch
     seconds: float
     server_log: str = ""
@@ -74,8 +97,8 @@ class Boot:
         return nc.values(self.steps["find"])[label].removeprefix("/dev/")
 
 
-def network_namespaces(d: Path, servers: list[NbdServer]) -> list[nc.NetworkNamespace]:
-    """nvme-emu's namespaces on network storage, and their servers (started here)."""
+def nbd_storage(d: Path, servers: list[NbdServer]) -> tuple[list[nc.NetworkNamespace], nc.Peer]:
+    """nvme-emu's namespaces on NBD exports, their peer, and their servers (started here)."""
     image = d / "disk.img"
     with open(image, "wb") as f:
         f.truncate(nc.NAMESPACE_BYTES)
@@ -83,8 +106,38 @@ def network_namespaces(d: Path, servers: list[NbdServer]) -> list[nc.NetworkName
     servers.append(memory)
     file = qemu_nbd(d, image).start()
     servers.append(file)
-    return [nc.NetworkNamespace("nbdkit", f"nbd:{memory.uri},nsid=1", 1, SERIAL),
-            nc.NetworkNamespace(VICTIM, f"nbd:{file.uri},nsid=2", 2, SERIAL, killable=file)]
+    peer = nbdkit(d, "memory", str(nc.NAMESPACE_BYTES), name="peer").start()
+    servers.append(peer)
+    node = {"driver": "nbd", "node-name": PEER_NBD, "server": {"type": "unix", "path": str(peer.socket)}, "cache": {"direct": True}}
+    return ([nc.NetworkNamespace("nbdkit", f"nbd:{memory.uri},nsid=1", 1, SERIAL, peer=PEER_NBD),
+             nc.NetworkNamespace(VICTIM, f"nbd:{file.uri},nsid=2", 2, SERIAL, killable=file, peer=PEER_NBD)],
+            nc.Peer(PEER_NBD, PEER_SERIALS[PEER_NBD], node))
+
+
+def rbd_storage(qemu: str, clusters: list[ceph.CephCluster]) -> tuple[list[nc.NetworkNamespace], list[nc.Peer], dict[str, str]]:
+    """nvme-emu's ``rbd:`` namespace on one image of a cluster started here (appended to
+    ``clusters``, for the caller to stop), QEMU's rbd driver on another as its peer, and what
+    this machine cannot run of them (label -> why)."""
+    why = ceph.missing()
+    if why:
+        return [], [], {RBD: f"no Ceph cluster: {why}", PEER_RBD: f"no Ceph cluster: {why}"}
+    cluster = ceph.CephCluster(image_size=nc.NAMESPACE_BYTES, extra_conf={"rbd_cache": "false"})
+    clusters.append(cluster)
+    cluster.start()
+    cluster.create_image(PEER_IMAGE, nc.NAMESPACE_BYTES)
+    node = rbd_node(cluster, PEER_RBD, PEER_IMAGE)
+    problem = driver_problem(qemu, node)
+    ours = nc.NetworkNamespace(RBD, f"{cluster.spec},nsid=3", 3, SERIAL, peer=None if problem else PEER_RBD)
+    if problem:
+        return [ours], [], {PEER_RBD: f"QEMU's rbd driver cannot open an image of the cluster (qemu-block-extra missing?): {problem}"}
+    return [ours], [nc.Peer(PEER_RBD, PEER_SERIALS[PEER_RBD], node)], {}
+
+
+def skip_left_out(boot: Boot, label: str) -> None:
+    """Skip a check of ``label`` where this machine cannot run it, saying why."""
+    if label in boot.left_out:
+        print(f"\nskipped {label}: {boot.left_out[label]}")
+        pytest.skip(f"{label}: {boot.left_out[label]}")
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +146,23 @@ def boot(guest_infra, tmp_path_factory) -> Iterator[Boot]:
     t0 = time.monotonic()
     d = tmp_path_factory.mktemp("netstore")  # under /tmp: the chroot QEMU sees the sockets
     servers: list[NbdServer] = []
+    clusters: list[ceph.CephCluster] = []
     emus: list[ServerProcess] = []
     try:
-        ours = network_namespaces(d, servers)
+        ours, nbd_peer = nbd_storage(d, servers)
+        t_ceph = time.monotonic()
+        rbd_ours, rbd_peers, left_out = rbd_storage(guest_infra["qemu"], clusters)
+        t_ceph = time.monotonic() - t_ceph
+        ours += rbd_ours
+        peers = [nbd_peer, *rbd_peers]
+        for label, why in left_out.items():
+            print(f"\nnetstore: left out {label}: {why}")
         image = d / "nocrdt.img"
         with open(image, "wb") as f:
             f.truncate(nc.NAMESPACE_BYTES)
         nocrdt_server = qemu_nbd(d, image, name="qemu-nbd-nocrdt").start()
         servers.append(nocrdt_server)
         nocrdt = nc.NetworkNamespace(VICTIM_NOCRDT, f"nbd:{nocrdt_server.uri},nsid=1", 1, SERIAL_NOCRDT, killable=nocrdt_server)
-        peer = nbdkit(d, "memory", str(nc.NAMESPACE_BYTES), name="peer").start()
-        servers.append(peer)
         emus.append(ServerProcess.serve(str(d / "nvme.sock"), d / "server.log", [ns.spec for ns in ours],
                                         doorbell="auto", extra=["--serial", SERIAL]))
         emus.append(ServerProcess.serve(str(d / "nocrdt.sock"), d / "nocrdt.log", [nocrdt.spec],
@@ -120,18 +179,17 @@ def boot(guest_infra, tmp_path_factory) -> Iterator[Boot]:
         others = tuple(ns.label for ns in ours if ns is not victim)
         kills = [nc.Kill("kill", victim.label, others), nc.Kill("kill_nocrdt", nocrdt.label, others)]
         switch = nc.KillSwitch({"kill": victim.killable, "kill_nocrdt": nocrdt_server}, storage)  # type: ignore[dict-item]
-        peer_args = ["-drive", f"file=nbd+unix:///?socket={peer.socket},if=none,id=peer,format=raw,cache=none",
-                     "-device", f"nvme,serial={nc.PEER_SERIAL},drive=peer"]
         res = guest.run_guest(socket_path=emus[0].path, extra_sockets=[emus[1].path],
-                              command=nc.guest_script(ours, kills, [nocrdt]), timeout=TIMEOUT,
-                              extra_qemu_args=peer_args, on_console_line=switch)
+                              command=nc.guest_script(ours, kills, peers, [nocrdt]), timeout=TIMEOUT,
+                              extra_qemu_args=[a for p in peers for a in p.qemu_args()], on_console_line=switch)
         steps = parse_steps(res.output)
         (d / "guest-output.txt").write_text(res.output)  # kept with the temp dir, for a look at every step
-        run = Boot(res, steps, ours, switch, 0.0)
+        run = Boot(res, steps, ours, peers, left_out, switch, 0.0)
         run.server_log = "".join(emu.stop_clean() for emu in emus)  # no ERROR: a lost server is a WARNING
         emus.clear()
         run.seconds = time.monotonic() - t0
-        print(f"\nnetstore: module boot {run.seconds:.1f} s (guest {res.elapsed:.1f} s, accel {res.accel})")
+        print(f"\nnetstore: module boot {run.seconds:.1f} s (guest {res.elapsed:.1f} s, accel {res.accel}; "
+              f"Ceph cluster, its second image and QEMU's rbd probe {t_ceph:.1f} s)")
         for s in steps.values():
             print(f"  step {s.name:<14} {s.seconds:6.1f} s")
         assert res.returncode == 0 and "end" in steps, res.describe_failure()
@@ -141,6 +199,8 @@ def boot(guest_infra, tmp_path_factory) -> Iterator[Boot]:
             emu.stop()
         for srv in servers:
             srv.kill()
+        for cluster in clusters:
+            cluster.stop()
 
 
 def labels(boot: Boot) -> list[str]:
@@ -161,28 +221,36 @@ def fio_problems(step: Step) -> list[str]:
 
 
 def test_every_namespace_found(boot: Boot):
-    assert tuple(labels(boot)) == LABELS  # every network namespace has its fio check
+    # every network namespace and peer this machine can run has its fio check
+    assert tuple(labels(boot)) == tuple(label for label in LABELS if label not in boot.left_out)
+    assert tuple(p.label for p in boot.peers) == tuple(label for label in PEER_LABELS if label not in boot.left_out)
     v = nc.values(boot.steps["find"])
-    for label in (*labels(boot), nc.PEER):
+    for label in (*labels(boot), *(p.label for p in boot.peers)):
         assert v.get(label, "").startswith("/dev/nvme"), boot.steps["find"].output
     assert f"serial={SERIAL}" in boot.steps["find"].output
 
 
-@pytest.mark.parametrize("label", [*LABELS, nc.PEER])
+@pytest.mark.parametrize("label", [*LABELS, *PEER_LABELS])
 def test_fio_verify(boot: Boot, label: str):
+    skip_left_out(boot, label)
     problems = fio_problems(boot.steps[f"fio_{label}"])
     assert not problems, boot.steps[f"fio_{label}"].output
 
 
-def test_nvme_emu_passes_what_the_peer_passes(boot: Boot):
-    peer_ok = not fio_problems(boot.steps[f"fio_{nc.PEER}"])
-    print(f"\n{'namespace':<10} {'fio':>5} {'s':>6}")
-    for label in (*labels(boot), nc.PEER):
+@pytest.mark.parametrize("peer", PEER_LABELS)
+def test_nvme_emu_passes_what_the_peer_passes(boot: Boot, peer: str):
+    skip_left_out(boot, peer)
+    held = [ns.label for ns in boot.ours if ns.peer == peer]
+    assert held, f"no namespace of nvme-emu is held to {peer}"
+    wc = {f"/dev/{b}": w for b, w in re.findall(r"^block (\S+) .*wc=(\S+)", boot.steps["find"].output, re.M)}
+    found = nc.values(boot.steps["find"])
+    print(f"\n{'namespace':<10} {'fio':>5} {'s':>6}  write cache")
+    for label in (*held, peer):
         step = boot.steps[f"fio_{label}"]
-        print(f"{label:<10} {'pass' if not fio_problems(step) else 'FAIL':>5} {step.seconds:6.1f}")
-    if peer_ok:
-        failed = [label for label in labels(boot) if fio_problems(boot.steps[f"fio_{label}"])]
-        assert not failed, f"pass on QEMU's nvme over NBD, not on nvme-emu: {failed}"
+        print(f"{label:<10} {'pass' if not fio_problems(step) else 'FAIL':>5} {step.seconds:6.1f}  {wc.get(found.get(label, ''), '?')}")
+    if not fio_problems(boot.steps[f"fio_{peer}"]):
+        failed = [label for label in held if fio_problems(boot.steps[f"fio_{label}"])]
+        assert not failed, f"pass on QEMU's nvme ({peer}), not on nvme-emu: {failed}"
 
 
 @pytest.mark.parametrize("step", ["kill", "kill_nocrdt"])

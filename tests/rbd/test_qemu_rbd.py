@@ -2,18 +2,14 @@
 qemu-configs/provide-qemu.sh) on the session's cluster: the peer bench/netstore_fio.py measures
 the ``rbd:`` namespaces against. The chroot's QEMU must load block-rbd.so, read the cluster's
 conf and keyring under /tmp and reach the monitor on 127.0.0.1; what it writes librbd reads
-back, and what librbd wrote it reads (its qemu-io, through the HMP of ``qemu-system-x86_64``
-itself, not a separate tool)."""
+back, and what librbd wrote it reads (qemu_rbd.qemu_io)."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-from typing import Any
 
 import pytest
 
 from ..support.ceph import CephCluster
+from .qemu_rbd import qemu_io, rbd_node
 
 #: Bytes from here on belong to this test (test_cluster.py writes at 0, 4 MiB - 128 KiB and the
 #: image's last bytes).
@@ -34,33 +30,11 @@ def qemu() -> str:
         raise
 
 
-def qemu_io(qemu: str, node: dict[str, Any], commands: list[str]) -> list[str]:
-    """Open ``node`` in a machine-less QEMU and run each qemu-io command on it; each one's output."""
-    qmp = [{"execute": "qmp_capabilities"}]
-    qmp += [{"execute": "human-monitor-command", "arguments": {"command-line": f'qemu-io {node["node-name"]} "{c}"'}} for c in commands]
-    qmp.append({"execute": "quit"})
-    r = subprocess.run([qemu, "-nodefaults", "-display", "none", "-machine", "none", "-blockdev", json.dumps(node), "-qmp", "stdio"],
-                       input="".join(json.dumps(m) + "\n" for m in qmp), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"QEMU exited {r.returncode}: {r.stderr}"
-    # qemu-io prints to QEMU's stdout before the command's (empty) QMP return
-    outputs, text = [], []
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            if '"return"' in line:
-                outputs.append("\n".join(text))
-            text = []
-        else:
-            text.append(line)
-    assert len(outputs) == len(qmp), r.stdout
-    return outputs[1:-1]
-
-
 def test_qemu_rbd_driver_reads_and_writes_the_image(ceph_cluster: CephCluster, qemu: str) -> None:
     import rbd
 
     c = ceph_cluster
-    node = {"driver": "rbd", "node-name": "img", "pool": c.pool, "image": c.image, "conf": str(c.conf), "user": c.client_id,
-            "cache": {"direct": True}}
+    node = rbd_node(c, "img")
     cluster = c.rados()
     try:
         with cluster.open_ioctx(c.pool) as ioctx, rbd.Image(ioctx, c.image) as image:

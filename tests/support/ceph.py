@@ -333,6 +333,18 @@ class CephCluster:
             cluster.shutdown()
         self.timings["total"] = time.monotonic() - t0
 
+    def create_image(self, name: str, size: int) -> None:
+        """One more RBD image in the pool, beside :attr:`image` (a second client whose data
+        must not mix with the first's, as a peer's in tests/e2e/test_netstore_guest.py)."""
+        import rbd
+
+        cluster = self.rados()
+        try:
+            with cluster.open_ioctx(self.pool) as ioctx:
+                rbd.RBD().create(ioctx, name, size)
+        finally:
+            cluster.shutdown()
+
     # -- failures: a daemon paused, or killed and started again -----------------------------
 
     def pause(self, name: str = "osd") -> None:

@@ -25,7 +25,7 @@ import os
 import random
 import resource
 import time
-from typing import Callable, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from common import RESULTS, format_table, machine, percentile, write_json
 
@@ -214,6 +214,54 @@ async def run_uring(w: Workload, qd: int, lat: list[float]) -> None:
 
 
 VARIANTS = {"sync": run_sync, "pool": run_pool, "nowait+pool": run_nowait, "executor": run_executor, "io_uring": run_uring}
+
+
+async def run_backend_on_pool(backend: Any, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
+    """A backend's blocking ``read_into``/``write_from`` on an :class:`IoPool` of this loop
+    (what a blocking backend costs; the network backends' benches compare with it)."""
+    pool = IoPool(asyncio.get_running_loop())
+    try:
+        op = backend.read_into if rw == "read" else backend.write_from
+
+        def start(s: int, off: int, done: Callable[[], None]) -> bool:
+            pool.submit(lambda: op(off, [w.slots[s]]), lambda r, e: done(), [w.slots[s]])
+            return False
+
+        await run_closed_loop(w, qd, lat, start)
+    finally:
+        pool.close()
+
+
+def best_of_rounds(variants: Mapping[str, Callable[..., Awaitable[None]]], target: Any, *, size: int, ios: int, qds: Sequence[int], rounds: int) -> list[dict]:
+    """Every variant (``fn(target, slots, qd, "read" | "write", latencies)``) at every
+    (read/write, QD) point, ``rounds`` times interleaved (a noisy
+    moment hits every variant alike), each on a fresh loop and slots; the best round of each
+    point: IOPS, latency p50/p99 and this process's CPU per I/O (worker threads included)."""
+    rows: dict[tuple[str, str, int], dict] = {}
+    for _round in range(rounds):
+        for rw in ("read", "write"):
+            for qd in qds:
+                for name, fn in variants.items():
+                    w = Slots(size, ios, qd)
+                    lat: list[float] = []
+                    loop = new_event_loop()
+                    c0, t0 = cpu_seconds(), time.perf_counter()
+                    loop.run_until_complete(fn(target, w, qd, rw, lat))
+                    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+                    loop.close()
+                    w.close()
+                    p50, p99 = percentile(lat, 50) or 0.0, percentile(lat, 99) or 0.0
+                    row = {"rw": rw, "qd": qd, "variant": name, "iops": round(ios / wall), "p50_us": round(p50 * 1e6, 1),
+                           "p99_us": round(p99 * 1e6, 1), "cpu_us_per_io": round(cpu / ios * 1e6, 1)}
+                    best = rows.get((rw, name, qd))
+                    if best is None or row["iops"] > best["iops"]:
+                        rows[(rw, name, qd)] = row
+    return list(rows.values())
+
+
+#: The columns of :func:`best_of_rounds`'s rows, for ``format_table``.
+ROUND_COLUMNS = [("rw", "rw", "s"), ("qd", "QD", "d"), ("variant", "variant", "s"), ("iops", "IOPS", "d"),
+                 ("p50_us", "p50 us", ".1f"), ("p99_us", "p99 us", ".1f"), ("cpu_us_per_io", "CPU us/IO", ".1f")]
 
 
 def uring_available() -> str | None:

@@ -31,12 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from async_io import Slots, cpu_seconds, run_closed_loop as closed_loop
-from common import RESULTS, format_table, machine, percentile, write_json
+from async_io import ROUND_COLUMNS, Slots, best_of_rounds, run_backend_on_pool, run_closed_loop as closed_loop
+from common import RESULTS, format_table, machine, write_json
 
-from nvme_emu.aio import IoPool
 from nvme_emu.backends.nbd import NbdBackend
-from vfio_user.server import new_event_loop
 
 BLOCK = 4096
 SIZE = 256 << 20
@@ -53,17 +51,9 @@ async def run_inline(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -> 
 
 async def run_pool(uri: str, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
     b = NbdBackend(uri)
-    pool = IoPool(asyncio.get_running_loop())
     try:
-        op = b.read_into if rw == "read" else b.write_from
-
-        def start(s: int, off: int, done: Callable[[], None]) -> bool:
-            pool.submit(lambda: op(off, [w.slots[s]]), lambda r, e: done(), [w.slots[s]])
-            return False
-
-        await closed_loop(w, qd, lat, start)
+        await run_backend_on_pool(b, w, qd, rw, lat)
     finally:
-        pool.close()
         b.close()
 
 
@@ -169,29 +159,8 @@ def main() -> None:
         while not sock.exists():
             time.sleep(0.01)
         uri = f"nbd+unix:///?socket={sock}"
-        rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-        for _round in range(args.rounds):
-            for rw in ("read", "write"):
-                for qd in (1, 16):
-                    for name, fn in variants.items():
-                        w = Slots(SIZE, args.ios, qd)
-                        lat: list[float] = []
-                        loop = new_event_loop()
-                        c0, t0 = cpu_seconds(), time.perf_counter()
-                        loop.run_until_complete(fn(uri, w, qd, rw, lat))
-                        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-                        loop.close()
-                        w.close()
-                        p50, p99 = percentile(lat, 50) or 0.0, percentile(lat, 99) or 0.0
-                        row = {"rw": rw, "qd": qd, "variant": name, "iops": round(args.ios / wall),
-                               "p50_us": round(p50 * 1e6, 1), "p99_us": round(p99 * 1e6, 1),
-                               "cpu_us_per_io": round(cpu / args.ios * 1e6, 1)}
-                        best = rows.get((rw, name, qd))
-                        if best is None or row["iops"] > best["iops"]:
-                            rows[(rw, name, qd)] = row
-        table = list(rows.values())
-        print(format_table(table, [("rw", "rw", "s"), ("qd", "QD", "d"), ("variant", "variant", "s"), ("iops", "IOPS", "d"),
-                                   ("p50_us", "p50 us", ".1f"), ("p99_us", "p99 us", ".1f"), ("cpu_us_per_io", "CPU us/IO", ".1f")]))
+        table = best_of_rounds(variants, uri, size=SIZE, ios=args.ios, qds=(1, 16), rounds=args.rounds)
+        print(format_table(table, ROUND_COLUMNS))
         print("wrote", write_json(RESULTS / "nbd_io.json", {"machine": machine(), "ios": args.ios, "rows": table}))
     finally:
         proc.kill()

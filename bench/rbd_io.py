@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-from async_io import Slots, cpu_seconds, run_closed_loop as closed_loop
-from common import RESULTS, format_table, machine, percentile, write_json
+from async_io import ROUND_COLUMNS, Slots, best_of_rounds, run_backend_on_pool, run_closed_loop as closed_loop
+from common import RESULTS, format_table, machine, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' cluster
 
@@ -37,7 +36,6 @@ from nvme_emu.namespace import Namespace  # noqa: E402
 from nvme_emu.namespace_spec import open_namespace  # noqa: E402
 from nvme_emu.outcome import Work  # noqa: E402
 from tests.support.ceph import CephCluster, missing  # noqa: E402
-from vfio_user.server import new_event_loop  # noqa: E402
 
 BLOCK = 4096
 SIZE = 256 << 20
@@ -68,18 +66,7 @@ async def run_loop(ns: Namespace, w: Slots, qd: int, rw: str, lat: list[float]) 
 
 
 async def run_pool(ns: Namespace, w: Slots, qd: int, rw: str, lat: list[float]) -> None:
-    pool = IoPool(asyncio.get_running_loop())
-    backend = ns.backend
-    try:
-        op = backend.read_into if rw == "read" else backend.write_from
-
-        def start(s: int, off: int, done: Callable[[], None]) -> bool:
-            pool.submit(lambda: op(off, [w.slots[s]]), lambda r, e: done(), [w.slots[s]])
-            return False
-
-        await closed_loop(w, qd, lat, start)
-    finally:
-        pool.close()
+    await run_backend_on_pool(ns.backend, w, qd, rw, lat)
 
 
 VARIANTS = {"loop": run_loop, "pool": run_pool}
@@ -100,33 +87,13 @@ def main() -> None:
             fill = bytes(range(256)) * (4 << 20 >> 8)
             for off in range(0, SIZE, len(fill)):  # every object exists: reads go to the OSD
                 ns.backend.write_from(off, [memoryview(fill)])
-            rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-            for _round in range(args.rounds):
-                for rw in ("read", "write"):
-                    for qd in QDS:
-                        for name, fn in VARIANTS.items():
-                            w = Slots(SIZE, args.ios, qd)
-                            lat: list[float] = []
-                            loop = new_event_loop()
-                            c0, t0 = cpu_seconds(), time.perf_counter()
-                            loop.run_until_complete(fn(ns, w, qd, rw, lat))
-                            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-                            loop.close()
-                            w.close()
-                            p50, p99 = percentile(lat, 50) or 0.0, percentile(lat, 99) or 0.0
-                            row = {"rw": rw, "qd": qd, "variant": name, "iops": round(args.ios / wall),
-                                   "p50_us": round(p50 * 1e6, 1), "p99_us": round(p99 * 1e6, 1),
-                                   "cpu_us_per_io": round(cpu / args.ios * 1e6, 1)}
-                            best = rows.get((rw, name, qd))
-                            if best is None or row["iops"] > best["iops"]:
-                                rows[(rw, name, qd)] = row
+            rows = best_of_rounds(VARIANTS, ns, size=SIZE, ios=args.ios, qds=QDS, rounds=args.rounds)
         finally:
             ns.close()
     finally:
         cluster.stop()
-    table = sorted(rows.values(), key=lambda r: (r["rw"], r["qd"], r["variant"]))
-    print(format_table(table, [("rw", "rw", "s"), ("qd", "QD", "d"), ("variant", "variant", "s"), ("iops", "IOPS", "d"),
-                               ("p50_us", "p50 us", ".1f"), ("p99_us", "p99 us", ".1f"), ("cpu_us_per_io", "CPU us/IO", ".1f")]))
+    table = sorted(rows, key=lambda r: (r["rw"], r["qd"], r["variant"]))
+    print(format_table(table, ROUND_COLUMNS))
     print("wrote", write_json(RESULTS / "rbd_io.json", {"machine": machine(), "ios": args.ios, "rows": table}))
 
 

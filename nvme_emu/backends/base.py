@@ -35,6 +35,24 @@ class BackendSpec:
     options: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class StorageStats:
+    """The counters of a backend that reaches its storage over connections (``nbd:``,
+    ``rbd:``), as :meth:`Backend.storage_stats` shows them: a key means the same for every kind."""
+
+    #: calls and commands started and not yet completed
+    in_flight: int = 0
+    #: connections made, and of those the ones after a lost connection
+    connects: int = 0
+    reconnects: int = 0
+    #: commands completed with Namespace Not Ready (the storage unreachable, a call past its deadline)
+    transient_errors: int = 0
+    #: of those, calls ended at their deadline
+    timeouts: int = 0
+    #: commands the storage answered with an error
+    errors: int = 0
+
+
 class Backend(ABC):
     """Byte-addressed storage. Offsets and lengths are already range-checked by Namespace."""
 

@@ -61,11 +61,10 @@ import threading
 import time
 import urllib.parse
 import asyncio
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Self, TypeVar
 
-from .base import BackendKind, BackendSpec
+from .base import BackendKind, BackendSpec, StorageStats
 from .callback import CallbackBackend, Complete, all_of
 from .errors import NotReadyError, ReadOnlyError, translate_os_error
 from .iov import ZERO_CHUNK, ZEROS, Buffers, byte_views, is_byte_view
@@ -234,23 +233,6 @@ def connect(uri: str, deadline: float) -> _Conn:
 # -- the backend ----------------------------------------------------------------------------------
 
 
-@dataclass
-class NbdStats:
-    """The backend's counters (:meth:`NbdBackend.storage_stats`)."""
-
-    #: calls running now (on pool workers)
-    in_flight: int = 0
-    #: connections made, and of those the ones after a lost connection
-    connects: int = 0
-    reconnects: int = 0
-    #: commands failed with Namespace Not Ready (connection refused, lost, timed out)
-    transient_errors: int = 0
-    #: of those, calls the watchdog cut at their deadline
-    timeouts: int = 0
-    #: commands the server answered with an error
-    errors: int = 0
-
-
 class _Watchdog:
     """One thread per backend that ends calls past their deadline (:meth:`_Conn.cut`).
 
@@ -300,7 +282,7 @@ class NbdBackend(CallbackBackend):
     def __init__(self, uri: str, *, readonly: bool = False, timeout: float = COMMAND_TIMEOUT_S) -> None:
         self.path = self.uri = normalise_uri(uri)
         self.timeout = timeout
-        self.stats = NbdStats()
+        self.stats = StorageStats()
         nbd = _libnbd()
         self._error_type: type[BaseException] = nbd.Error
         self._lock = threading.Lock()

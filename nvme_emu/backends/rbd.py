@@ -89,10 +89,9 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Self
 
-from .base import BackendKind, BackendSpec
+from .base import BackendKind, BackendSpec, StorageStats
 from .callback import CallbackBackend, Complete
 from .errors import BackendError, NotReadyError, ReadOnlyError, translate_os_error
 
@@ -130,24 +129,6 @@ def parse_path(path: str) -> tuple[str, str]:
     if not sep or not pool or not image or "/" in image or "@" in image:
         raise ValueError(f"{path!r} is not POOL/IMAGE")
     return pool, image
-
-
-@dataclass
-class RbdStats:
-    """The backend's counters (:meth:`RbdBackend.storage_stats`): the keys nbd.py's have too
-    mean the same."""
-
-    #: aio calls started and not completed
-    in_flight: int = 0
-    #: rados connections made, and of those the ones after a lost connection
-    connects: int = 0
-    reconnects: int = 0
-    #: commands completed with Namespace Not Ready (cluster unreachable, an op timed out)
-    transient_errors: int = 0
-    #: of those, ops librados gave up on at its timeout (ETIMEDOUT)
-    timeouts: int = 0
-    #: commands the cluster answered with another error
-    errors: int = 0
 
 
 class _Conn:
@@ -257,7 +238,7 @@ class RbdBackend(CallbackBackend):
         self.path = f"{pool}/{image}"
         self.readonly = readonly
         self.timeout = timeout
-        self.stats = RbdStats()
+        self.stats = StorageStats()
         self._lock = threading.Lock()
         #: commands waiting for the connection being made: each gets it, or the error
         self._parked: list[Callable[[_Conn | None, BaseException | None], None]] = []

@@ -17,6 +17,7 @@ from .nbd_servers import NbdServer, nbdkit, need_libnbd
 
 
 from ..nvme_areas.loop_area import Loop
+from ..support.ns_io import read, write
 from ..nvme_areas.area_helpers import BUF, Guest, make_area, sqe
 from nvme_emu.control import describe_namespace
 from nvme_emu.backends.errors import BackendError
@@ -44,22 +45,6 @@ def server_bytes(uri: str, offset: int, length: int) -> bytes:
         return bytes(h.pread(length, offset))
     finally:
         h.shutdown()
-
-
-def read(ns: Namespace, slba: int, nlb: int, *, pages: int = 1) -> bytes:
-    """Read through the namespace's door, into ``pages`` views (a PRP list's worth)."""
-    length = nlb * ns.lba_size
-    buf = memoryview(bytearray(length))
-    step = length // pages
-    views = [buf[i * step : (i + 1) * step if i < pages - 1 else length] for i in range(pages)]
-    finish_here(ns.read(slba, nlb, views))
-    return bytes(buf)
-
-
-def write(ns: Namespace, slba: int, data: bytes, *, fua: bool = False, pages: int = 1) -> None:
-    step = len(data) // pages
-    views = [memoryview(data)[i * step : (i + 1) * step if i < pages - 1 else len(data)] for i in range(pages)]
-    finish_here(ns.write(slba, len(data) // ns.lba_size, views, fua=fua))
 
 
 @pytest.fixture(params=["memory_server", "file_server"])

@@ -14,11 +14,11 @@ import pytest
 
 from ..nvme_areas.area_helpers import BUF, Guest, make_area
 from ..nvme_areas.loop_area import Loop
+from ..support.ns_io import read, write
 from ..support.ceph import CephCluster, missing
 from nvme_emu.backends import rbd as rbd_backend
 from nvme_emu.backends.errors import ReadOnlyError
 from nvme_emu.backends.rbd import RbdBackend
-from nvme_emu.namespace import Namespace
 from nvme_emu.namespace_spec import open_namespace, parse_namespace_spec
 from nvme_emu.outcome import DEFERRED, finish_here
 from nvme_emu.spec.commands import STATUS_DNR, DsmAttr, NvmOpcode, NvmeError, RwCdw12, Status
@@ -55,22 +55,6 @@ def cluster_write(ceph: CephCluster, offset: int, data: bytes) -> None:
             image.flush()
     finally:
         cluster.shutdown()
-
-
-def read(ns: Namespace, slba: int, nlb: int, *, pages: int = 1) -> bytes:
-    """Read through the namespace's door, blocking (no loop), into ``pages`` views."""
-    length = nlb * ns.lba_size
-    buf = memoryview(bytearray(length))
-    step = length // pages
-    views = [buf[i * step : (i + 1) * step if i < pages - 1 else length] for i in range(pages)]
-    finish_here(ns.read(slba, nlb, views))
-    return bytes(buf)
-
-
-def write(ns: Namespace, slba: int, data: bytes, *, fua: bool = False, pages: int = 1) -> None:
-    step = len(data) // pages
-    views = [memoryview(data)[i * step : (i + 1) * step if i < pages - 1 else len(data)] for i in range(pages)]
-    finish_here(ns.write(slba, len(data) // ns.lba_size, views, fua=fua))
 
 
 # -- the spec ---------------------------------------------------------------------------------------

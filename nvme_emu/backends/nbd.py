@@ -538,8 +538,12 @@ class NbdBackend(CallbackBackend):
             conn.close()
         self._watchdog.close()
         link, self._link = self._link, None
-        if link is not None:
+        if link is None:
+            return
+        if _on_loop(link.loop) or link.loop.is_closed() or not link.loop.is_running():
             link.close()
+        else:  # the link is the loop's: closed there
+            link.loop.call_soon_threadsafe(link.close)
 
     # -- on the loop: plain I/O as callbacks (CallbackBackend) ---------------------------------------
 

@@ -331,6 +331,8 @@ class NbdLink:
     def _fail(self, commands: list[_Command], why: str) -> None:
         """Complete ``commands`` with the lost-connection error, each on a later loop turn
         (a failure found inside :meth:`submit` must not complete before it returns)."""
+        if self.loop.is_closed():  # closed with the loop: nobody is waiting for them any more
+            return
         for cmd in commands:
             self.loop.call_soon(cmd.complete, self._lost(f"{cmd.op.value} {cmd.offset}+{cmd.length}: {self.uri}: {why}"))
 

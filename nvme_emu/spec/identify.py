@@ -121,6 +121,42 @@ class Lpa(IntFlag):
     TELEMETRY_DA4 = 1 << 6
 
 
+class Cmic(IntFlag):
+    """Controller Multi-Path I/O and Namespace Sharing Capabilities (Identify Controller
+    byte 76). Linux builds one multipath head over several controllers only when the
+    subsystem reports more than one controller, and reads the ANA log only with ANARS."""
+
+    MULTI_PORT = 1 << 0  # MPORTS: the subsystem may have two or more ports
+    MULTI_CONTROLLER = 1 << 1  # MCTRS: two or more controllers
+    SRIOV = 1 << 2  # FT: this controller is an SR-IOV virtual function
+    ANA_REPORTING = 1 << 3  # ANARS: Asymmetric Namespace Access Reporting
+
+
+class Anacap(IntFlag):
+    """Asymmetric Namespace Access Capabilities (Identify Controller byte 343): which ANA
+    states may be reported, and how ANAGRPID behaves."""
+
+    OPTIMIZED = 1 << 0
+    NON_OPTIMIZED = 1 << 1
+    INACCESSIBLE = 1 << 2
+    PERSISTENT_LOSS = 1 << 3
+    CHANGE = 1 << 4
+    GRPID_STATIC = 1 << 6  # ANAGRPID does not change while the namespace is attached
+    GRPID_IN_NS_MANAGEMENT = 1 << 7  # a non-zero ANAGRPID is supported in Namespace Management
+
+
+class Nmic(IntFlag):
+    """Namespace Multi-path I/O and Namespace Sharing Capabilities (Identify Namespace byte
+    30, I/O Command Set Independent byte 1)."""
+
+    SHARED = 1 << 0  # may be attached to two or more controllers at once
+
+
+#: CNTLID FFF0h..FFFFh are reserved (FFFFh: the dynamic controller model over Fabrics), so a
+#: subsystem's controllers are numbered below.
+CNTLID_MAX = 0xFFEF
+
+
 class Oaes(IntFlag):
     """Optional Asynchronous Events Supported (Identify Controller bytes 95:92)."""
 

@@ -143,3 +143,24 @@ LBA_STATUS_DESCRIPTOR_SIZE = 16  #: DSLBA u64, NLB u32, reserved, Status u8, res
 LBA_STATUS_LOG_HEADER_SIZE = 16  #: LSLPLEN, NLSLNE, ESTULB u32, reserved, LSGC u16
 LBA_STATUS_LOG_ELEMENT_SIZE = 16  #: NEID, NLRD u32, RATYPE u8, reserved; then its ranges
 LBA_STATUS_LOG_RANGE_SIZE = 16  #: RSLBA u64, RNLB u32, reserved
+
+
+# ---------------------------------------------------------------------------------------------
+# Asymmetric Namespace Access (log 0Ch)
+# ---------------------------------------------------------------------------------------------
+
+
+class AnaState(IntEnum):
+    """ANA State (Base 2.0, Asymmetric Namespace Access log's ANA Group Descriptor byte 16,
+    bits 3:0): how a controller reaches the namespaces of one ANA group."""
+
+    OPTIMIZED = 0x1
+    NON_OPTIMIZED = 0x2
+    INACCESSIBLE = 0x3
+    PERSISTENT_LOSS = 0x4
+    CHANGE = 0xF
+
+
+ANA_LOG_HEADER_SIZE = 16  #: Change Count u64, Number of ANA Group Descriptors u16, reserved
+ANA_GROUP_DESCRIPTOR_SIZE = 32  #: ANAGRPID, NNSID u32, Change Count u64, ANA State u8, reserved; then NSIDs
+ANA_LSP_RGO = 1 << 0  #: Get Log Page LSP bit 0 for log 0Ch: Return Groups Only (no NSID lists)

@@ -8,6 +8,8 @@ controller. The caller passes the clock and gets back what to tell which control
 - :mod:`~nvme_emu.ana.log`: the ANA log page (0Ch) layout and builder;
 - :mod:`~nvme_emu.ana.subsystem`: controllers, shared namespaces, attachment, change
   counts and the ANA Change / Namespace Attribute Changed notices each controller is owed;
+- :mod:`~nvme_emu.ana.events`: a notice as the asynchronous event a controller posts, if
+  its host enabled it;
 - :mod:`~nvme_emu.ana.identify`: the Identify Controller / Namespace fields they report.
 
 Nothing is re-exported here: each name is imported from its module.

@@ -100,6 +100,17 @@ class Subsystem:
         """The state a command from ``cntlid`` to ``nsid`` meets (for the dispatch)."""
         return self.states.state(self._controller(cntlid), self._group_of[self._known(nsid)])
 
+    def unreachable_nsids(self, cntlid: int) -> dict[int, AnaState]:
+        """The namespaces attached to ``cntlid`` whose group it cannot serve now (neither
+        Optimized nor Non-Optimized), with their state. The controller keeps this small dict
+        and refreshes it after every notice, so the I/O path pays one empty-dict test while
+        every path is healthy (see :func:`nvme_emu.ana.commands.ana_refusal`)."""
+        return {
+            nsid: state
+            for nsid in self.active_nsids(cntlid)
+            if (state := self.states.state(cntlid, self._group_of[nsid])) not in (AnaState.OPTIMIZED, AnaState.NON_OPTIMIZED)
+        }
+
     # -- configuration and Namespace Management / Attachment ------------------------------
 
     def add_controller(self, cntlid: int) -> None:

@@ -28,3 +28,12 @@ def test_identify_namespace_fields() -> None:
     page = st.build_identify_namespace(**identify_namespace_fields(sub, 3))
     assert page[30] == 1  # shared
     assert struct.unpack_from("<I", page, 92)[0] == 4
+
+
+def test_identify_namespace_independent_fields() -> None:
+    """CNS 08h carries NMIC and ANAGRPID too, at bytes 1 and 4: the same keywords fit."""
+    sub = Subsystem("nqn.x", anagrpmax=5)
+    sub.add_namespace(3, 2)
+    page = st.build_identify_namespace_independent(**identify_namespace_fields(sub, 3))
+    assert page[1] == 1
+    assert struct.unpack_from("<I", page, 4)[0] == 2

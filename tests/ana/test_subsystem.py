@@ -161,3 +161,18 @@ def test_the_log_fits_what_nanagrpid_and_mnan_promise() -> None:
         sub.add_namespace(nsid, 1 + nsid % 4)
         sub.attach(nsid, [1])
     assert len(sub.ana_log(1)) == ana_log_size_limit(nanagrpid=4, mnan=8)
+
+
+def test_unreachable_nsids_follow_the_controllers_states() -> None:
+    sub = subsystem()
+    sub.attach(1, [1, 2])
+    sub.attach(3, [1])
+    assert sub.unreachable_nsids(1) == {} and sub.unreachable_nsids(2) == {}
+    sub.set_ana_state(1, 1, INA, now=0.0)
+    sub.set_ana_state(1, 2, NOP, now=0.0, change_ms=100)
+    assert sub.unreachable_nsids(1) == {1: INA, 3: CHG}
+    assert sub.unreachable_nsids(2) == {}  # the same namespace, the other path
+    sub.advance(0.1)
+    assert sub.unreachable_nsids(1) == {1: INA}
+    sub.set_ana_state(2, 1, AnaState.PERSISTENT_LOSS, now=0.0)
+    assert sub.unreachable_nsids(2) == {1: AnaState.PERSISTENT_LOSS}

@@ -365,7 +365,7 @@ def test_one_interrupt_per_vector_for_a_drain_of_cqs_sharing_it(rig: Rig):
         # on the loop thread: no result is reaped until this returns, so both come in one batch
         rig.backend.open_all()
         deadline = time.monotonic() + GATE_TIMEOUT
-        while len(pool._done) < 2:
+        while len(pool._inbox.items) < 2:  # delivered to the inbox, not yet reaped
             assert time.monotonic() < deadline, "the workers never finished"
             time.sleep(0.001)
 

@@ -16,8 +16,9 @@ maintained PyPI binding (``liburing``) takes bytearrays only, not memoryviews of
 memory, so it needs a bounce copy, and measured 0.56-0.58x of NOWAIT-inline reads
 (bench/README.md, "async_io").
 
-A backend whose library completes calls by callback on its own threads (librbd's aio,
-:mod:`nvme_emu.backends.rbd`) needs no worker: :meth:`IoPool.start` starts such a call on the
+A backend whose library completes calls by callback (librbd's aio on its own threads,
+:mod:`nvme_emu.backends.rbd`; libnbd's on the loop thread, :mod:`nvme_emu.backends.nbd_link`)
+needs no worker: :meth:`IoPool.start` starts such a call on the
 loop thread, and its completion comes back through the same :class:`Inbox` (deque + eventfd)
 as the workers' results, so one drain per loop turn serves both, and :meth:`IoPool.quiesce`
 and :meth:`IoPool.when_idle` cover both kinds of call.

@@ -1,5 +1,5 @@
 """The Works of a namespace whose backend completes by callback
-(:class:`~nvme_emu.backends.callback.CallbackBackend`: rbd).
+(:class:`~nvme_emu.backends.callback.CallbackBackend`: rbd, nbd).
 
 Each Work carries ``start`` (the NVM command set starts it on the loop thread and the I/O pool
 finishes it there, :meth:`nvme_emu.aio.IoPool.start`) and ``run``, the same operation waited

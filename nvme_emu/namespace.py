@@ -228,7 +228,7 @@ class Namespace:
         #: nothing else; a namespace kind that needs more (metadata and PI, issue 26; zoned,
         #: issue 25) answers False in :meth:`rw_is_plain` and takes the general path.
         self.plain_rw = self.rw_is_plain()
-        #: The backend if its calls complete by callback (rbd) and I/O is plain (:mod:`.callback_work`)
+        #: The backend if its calls complete by callback (rbd, nbd) and I/O is plain (:mod:`.callback_work`)
         self._callbacks = self.backend if self.plain_rw and isinstance(self.backend, CallbackBackend) else None
 
     def _meta_template(self, fmt: NsFormat) -> np.ndarray:

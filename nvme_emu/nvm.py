@@ -20,7 +20,7 @@ blocking namespace (file, block device) the namespace hands back a
 :class:`~nvme_emu.aio.IoPool`; the request completes later on the loop thread
 (``hooks.finish_request``). Reads try the page cache without blocking first
 (``RWF_NOWAIT``) and are done at once on a hit. A Work with ``start`` (a backend whose calls
-complete by callback: rbd) is started on the loop thread instead, no worker
+complete by callback: rbd, nbd) is started on the loop thread instead, no worker
 (:meth:`NvmCommands._start_async`).
 
 A Read or Write whose data lies in PRP1's page, on a namespace whose format makes Read and

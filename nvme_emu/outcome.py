@@ -9,7 +9,7 @@ state, so that handlers, the dispatcher and the tests share it without importing
 :class:`Work` is the blocking part of an I/O command that the namespace (the one door to
 storage, :mod:`nvme_emu.namespace`) hands back instead of doing it: the NVM command set
 (:mod:`nvme_emu.nvm`) runs it on the I/O pool, or inline when its budget admits it. A Work
-with ``start`` is a call that completes by callback (an asynchronous backend: rbd): the NVM
+with ``start`` is a call that completes by callback (an asynchronous backend: rbd, nbd): the NVM
 command set starts it on the loop thread and finishes it there, with no worker.
 """
 

@@ -1,5 +1,6 @@
-"""Backends whose library completes calls by callback on its own threads (librbd's aio:
-:mod:`.rbd`), rather than in a blocking call.
+"""Backends whose library completes calls by callback, rather than in a blocking call: on its
+own threads (librbd's aio, :mod:`.rbd`), or on the loop thread that drives it (libnbd's aio on
+the loop's fd, :mod:`.nbd` over :mod:`.nbd_link`).
 
 Such a backend starts each operation and returns: ``complete(result, error)`` comes later from
 one of the library's threads, exactly once (``error`` a :class:`~.errors.BackendError` that says

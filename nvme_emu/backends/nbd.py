@@ -1,32 +1,28 @@
 """The NBD backend: a namespace on an export of a Network Block Device server (issue 27).
 
-The client is libnbd's Python binding, Debian's ``python3-libnbd``: the reference client, and
-the only maintained one (PyPI has none). It is built for Debian's python3; ``./dev`` links its
-two files (``nbd.py``, ``libnbdmod.cpython-311-x86_64-linux-gnu.so``) into the venv, whose
-Python shares the ABI tag (README, "Namespaces on NBD"). It is imported when an ``nbd:``
-namespace is opened, so nvme-emu without it serves every other kind.
+Two ways to the server, both libnbd, neither opened by nvme_emu itself (a connection is the
+backend's way to its storage, not an NVMe transport):
 
-The connection is the backend's way to its storage, not an NVMe transport: libnbd opens the
-socket; nothing of nvme_emu does.
+- **Plain I/O on the loop** (Read, Write, Write Zeroes, Deallocate, and the FUA and Flush they
+  need): this is a :class:`~.callback.CallbackBackend`, and its ``start_*`` methods put each
+  command on one connection the event loop drives (:mod:`.nbd_link`: libnbd's C aio API through
+  cffi, requests pipelined, no thread per command). On a quiet machine against nbdkit's memory
+  plugin that does 2.2-2.4x the IOPS of the blocking design below at 0.4-0.45x of its CPU per
+  I/O (bench/README.md, "nbd_io"). The bytes travel in the link's own buffers (a read is copied
+  into guest memory on the loop thread, only for a command no quiesce cancelled).
+- **Blocking calls on the I/O pool** for everything else (Compare, Verify, Copy, namespaces
+  with metadata or zones, Format, and any caller off a loop): libnbd's Python binding, Debian's
+  ``python3-libnbd`` (``./dev`` links its two files into the venv, whose Python shares the ABI
+  tag: README, "Namespaces on NBD"; imported when an ``nbd:`` namespace opens, so nvme-emu
+  without it serves every other kind). Each call takes a connection from a small pool, one per
+  worker (:data:`CONNECTIONS`) when the server offers multi-conn, else one the workers take in
+  turn, under a watchdog thread that shuts down the socket of a call past
+  :data:`COMMAND_TIMEOUT_S`. Its synchronous ``pread``/``pwrite`` leak nothing; its aio does
+  (``aio_pread`` leaks every buffer in libnbd 1.14.2: +80 MiB per 20,000 reads), which is why
+  the loop's connection goes through the C API instead.
 
-Design: a **blocking** backend, like ``file:`` and ``blk:``. Each call runs on the
-controller's I/O pool (:mod:`nvme_emu.aio`), never on the loop (:attr:`inline_budget` is None:
-a server that stops answering would freeze every queue for the command timeout). Each call
-takes a connection from a small pool: one per worker thread (:data:`CONNECTIONS`) when the
-server offers multi-conn (its flush then covers writes acknowledged on every connection),
-else one connection the workers take in turn. Commands are libnbd's synchronous calls; a
-watchdog thread shuts down the socket of a call past :data:`COMMAND_TIMEOUT_S`, which ends it.
-
-Why synchronous, not libnbd's aio into guest memory: with Debian 12's binding (libnbd
-1.14.2) ``aio_pread`` leaks the buffer it reads into, ``nbd.Buffer(n)`` and
-``nbd.Buffer.from_buffer(view)`` alike: +80 MiB of RSS per 20,000 4 KiB reads. Without a
-completion callback it also never releases the buffer's export, so a guest memory mmap read
-into once can no longer be closed ("exported pointers exist"), which a DMA unmap needs; with
-one the export is released and the object still never freed. ``pread`` returns a new ``bytes`` (one copy into guest memory, ~0.3 us per 4 KiB) and
-leaks nothing; ``pwrite`` takes the views as they are. Measured against nbdkit's memory
-plugin over a Unix socket, one handle, QD1, this 2-CPU machine: a 4 KiB ``pread`` 12-27 us,
-``aio_pread`` + ``poll`` the same, ``pwrite`` 10 us; eight reads pipelined by aio on one handle
-10.4 us each. bench/nbd_io.py compares this design with a loop-driven aio prototype.
+An NVM Flush (run by a worker) flushes both: with multi-conn either flush covers every
+connection's acknowledged writes; without it each covers its own.
 
 Flags: the export's size and flags are read at connection time (:class:`NbdFlags`) and
 decide what each NVMe operation becomes:
@@ -44,8 +40,9 @@ decide what each NVMe operation becomes:
 Failures: a connection that fails (refused, reset, the server killed) or a command past its
 deadline fails the command with Namespace Not Ready and DNR clear (:class:`NotReadyError`):
 the spec's "re-issuing the command at a later time may succeed", which a host retries (Linux
-five times, then an I/O error), CRDT1 apart where it enabled Advanced Command Retry (CRD = 1). The broken connection is closed, and the next command
-connects again. An error the server answers a command with is the command's, as a file's
+five times, then an I/O error), CRDT1 apart where it enabled Advanced Command Retry (CRD =
+1). The broken connection is closed, and the next command connects again; a blocking
+connection that sat idle while its server restarted is replaced on its first use. An error the server answers a command with is the command's, as a file's
 errno is (:func:`~nvme_emu.backends.errors.translate_os_error`).
 """
 

@@ -75,3 +75,13 @@ def report(
 def notification_log(count: int, ntype: NotificationType, available: int, nsid: int) -> bytes:
     """One Reservation Notification log page: the oldest queued notice and how many remain."""
     return RESERVATION_NOTIFICATION_LOG.build({"count": count, "type": ntype, "available": available, "nsid": nsid})
+
+
+REGISTER_DATA = Struct("crkey" / Int64ul, "nrkey" / Int64ul)  #: Reservation Register data, 16 bytes
+ACQUIRE_DATA = Struct("crkey" / Int64ul, "prkey" / Int64ul)  #: Reservation Acquire data, 16 bytes
+RELEASE_DATA = Struct("crkey" / Int64ul)  #: Reservation Release data, 8 bytes
+
+#: Identify Namespace RESCAP (byte 31) for a namespace supporting every type, PTPL and the
+#: IEKEY semantics of NVMe 1.3+ (bit 7, Ignore Existing Key): what Linux reads before pr_ops.
+RESCAP_ALL = 0xFF
+RESCAP_OFFSET = 31

@@ -8,5 +8,6 @@ the specification's tables alone and lets one state serve every controller of th
 
 Modules: :mod:`.access` (the type x role x command table and the conflict decision),
 :mod:`.model` (Register/Acquire/Release and persistence), :mod:`.report` (Reservation Report
-and Reservation Notification layouts), :mod:`.host_id` (the Host Identifier feature).
+and Reservation Notification layouts), :mod:`.notify` (a controller's notification queue),
+:mod:`.host_id` (the Host Identifier feature).
 """

@@ -561,31 +561,34 @@ class NbdBackend(CallbackBackend):
         """A handshake on the loop's connection: refuse an export that changed size."""
         if flags.size != self.size:
             return f"the export is now {flags.size} bytes, was {self.size}"
-        self.stats.connects += 1
-        if self._link is not None and self._link.connects:
-            self.stats.reconnects += 1
+        with self._lock:
+            self.stats.connects += 1
+            if self._link is not None and self._link.connects:
+                self.stats.reconnects += 1
         return None
 
-    def _submit(self, op: Op, offset: int, length: int, buf: Any, complete: Complete, flags: int = 0,
-                result: Callable[[], Any] = lambda: None) -> bool:
+    def _submit(self, op: Op, offset: int, length: int, buf: Any, complete: Complete, flags: int = 0) -> bool:
         """One command on the loop's connection; False off a loop (nothing done). Errors are
-        counted and made statuses here: a lost connection's are Namespace Not Ready already."""
+        counted and made statuses here: a lost connection's are Namespace Not Ready already.
+        The counters are shared with the workers' blocking calls, hence the (uncontended) lock."""
         link = self._loop_link()
         if link is None:
             return False
-        stats = self.stats
-        stats.in_flight += 1
+        stats, lock = self.stats, self._lock
+        with lock:
+            stats.in_flight += 1
 
         def completed(err: BaseException | None) -> None:
-            stats.in_flight -= 1
-            if err is None:
-                complete(result(), None)
-                return
-            if isinstance(err, NotReadyError):
-                stats.transient_errors += 1
+            with lock:
+                stats.in_flight -= 1
+                if err is not None:
+                    if isinstance(err, NotReadyError):
+                        stats.transient_errors += 1
+                    else:
+                        stats.errors += 1
+            if err is None or isinstance(err, NotReadyError):
                 complete(None, err)
                 return
-            stats.errors += 1
             complete(None, translate_os_error(err if isinstance(err, OSError) else OSError(errno.EIO, str(err)),
                                               f"{op.value} {self.uri}", writing=op is not Op.READ))
 

@@ -62,6 +62,8 @@ import fio_vs_qemu
 from nvme_emu import guest
 from nvme_emu.rpc_socket import RpcClient
 from tests.nbd.nbd_servers import NbdServer
+from tests.rbd import qemu_rbd
+from tests.rbd.qemu_rbd import driver_problem
 from tests.support import ceph
 from tests.support.server import child_env
 
@@ -189,20 +191,6 @@ def backend_kinds(tree: Path) -> set[str]:
     return set(r.stdout.split())
 
 
-def probe_blockdev(qemu: str, blockdev: dict[str, Any]) -> str | None:
-    """Open ``blockdev`` in a QEMU with no machine and quit: None when it opened, else why not
-    (no such driver in this QEMU, the storage unreachable from its chroot, ...)."""
-    try:
-        r = subprocess.run([qemu, "-nodefaults", "-display", "none", "-machine", "none", "-blockdev", json.dumps(blockdev),
-                            "-qmp", "stdio"], input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
-                           capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return "QEMU did not open it within 60 s"
-    if r.returncode != 0:
-        return (r.stderr.strip() or r.stdout.strip())[-400:]
-    return None
-
-
 def plan_devices(workdir: str, nbd: NbdServer, cluster: ceph.CephCluster | None, qemu: str,
                  tree: Path) -> tuple[list[Device], list[str]]:
     """The devices this machine can run, and a line for each one left out, saying why."""
@@ -215,7 +203,7 @@ def plan_devices(workdir: str, nbd: NbdServer, cluster: ceph.CephCluster | None,
         Device("emu-nbd", "nvme-emu nbd: (nbdkit memory)", f"/dev/bench-emu-{next(nsid)}", spec=f"nbd:{nbd.uri}", peer="qemu-nbd"),
     ]
     nbd_node = {"driver": "nbd", "node-name": "qnbd", "server": {"type": "unix", "path": str(nbd.socket)}}
-    why = probe_blockdev(qemu, nbd_node)
+    why = driver_problem(qemu, nbd_node)
     if why is None:
         devices.append(Device("qemu-nbd", "QEMU hw/nvme, QEMU's NBD client", f"/dev/bench-{QEMU_SERIAL['qemu-nbd']}",
                               blockdev=nbd_node, peer="emu-nbd"))
@@ -228,9 +216,8 @@ def plan_devices(workdir: str, nbd: NbdServer, cluster: ceph.CephCluster | None,
                               peer="qemu-rbd"))
     else:
         notes.append(f"left out emu-rbd: the nvme_emu of {tree} has no rbd: backend yet (BackendKind has no RBD member)")
-    rbd_node = {"driver": "rbd", "node-name": "qrbd", "pool": cluster.pool, "image": cluster.image, "conf": str(cluster.conf),
-                "user": cluster.client_id, "cache": {"direct": True}}
-    why = probe_blockdev(qemu, rbd_node)
+    rbd_node = qemu_rbd.rbd_node(cluster, "qrbd")
+    why = driver_problem(qemu, rbd_node)
     if why is None:
         devices.append(Device("qemu-rbd", "QEMU hw/nvme, QEMU's rbd driver", f"/dev/bench-{QEMU_SERIAL['qemu-rbd']}",
                               blockdev=rbd_node, peer="emu-rbd"))

@@ -82,7 +82,6 @@ DEVICE_SIZE = 512 << 20
 DEFAULT_REGION = 256 << 20
 #: QEMU's hw/nvme serial numbers: how the guest tells its controllers from nvme-emu's.
 QEMU_SERIAL = {"qemu-nbd": "QEMUNBD", "qemu-rbd": "QEMURBD"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -135,14 +134,6 @@ def fio_job(devices: list[Device], rounds: int, runtime: float, ramp: float, reg
     return "\n".join(out) + "\n"
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 class CpuPerJob:
     """CPU seconds of nvme-emu's server and of the storage servers (nbdkit; Ceph's mon and OSD)
     during each measured job, from fio's START/END console markers (on the console thread): how
@@ -154,7 +145,7 @@ class CpuPerJob:
         self._start: dict[str, tuple[float, dict[str, float]]] = {}
 
     def _sample(self) -> dict[str, float]:
-        return {k: sum(_proc_cpu_seconds(p) for p in pids) for k, pids in self.pids.items()}
+        return {k: sum(ceph.process_cpu_seconds(p) for p in pids) for k, pids in self.pids.items()}
 
     def on_line(self, line: str) -> None:
         m = fio_vs_qemu.MARK_RE.search(line)

@@ -112,7 +112,9 @@ def _daemon_preexec() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _cpu_seconds(pid: int) -> float:
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` in seconds; 0.0 once it is gone (a daemon's, or a
+    benchmark's storage server's: bench/netstore_fio.py samples them too)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -397,7 +399,7 @@ class CephCluster:
         return {name: p.pid for name, p in self.procs.items() if p.poll() is None}
 
     def cpu_seconds(self) -> dict[str, float]:
-        return {name: _cpu_seconds(pid) for name, pid in self.pids().items()}
+        return {name: process_cpu_seconds(pid) for name, pid in self.pids().items()}
 
     def rss_bytes(self) -> dict[str, int]:
         return {name: _rss_bytes(pid) for name, pid in self.pids().items()}

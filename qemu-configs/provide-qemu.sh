@@ -65,6 +65,16 @@ if [ "$want_chroot" -eq 0 ] && [ "$use_system" -eq 1 ] && q="$(system_qemu_ok)";
     exit 0
 fi
 
+# Run a command inside the chroot at $1, with /dev /proc /sys in a private mount
+# namespace (nothing to clean up afterwards): the build's and the cached chroot's.
+in_chroot() {
+    unshare -m --propagation slave -- sh -ec '
+        r="$1"; shift
+        for d in dev proc sys; do mount --rbind "/$d" "$r/$d"; mount --make-rslave "$r/$d"; done
+        exec chroot "$r" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
+    ' sh "$@"
+}
+
 # --- 2. fast path: cached chroot --------------------------------------------
 cached_ok() {
     [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_KEY" ] \
@@ -81,17 +91,10 @@ block_rbd_ok() { compgen -G "$ROOT/usr/lib/*/qemu/block-rbd.so" >/dev/null; }
 add_block_rbd() {
     local ver logf="$CACHE/provide-qemu-block-extra.log"
     ver="$(chroot "$ROOT" dpkg-query -W -f='${Version}' qemu-system-x86)" || return 1
-    in_root() {
-        unshare -m --propagation slave -- sh -ec '
-            r="$1"; shift
-            for d in dev proc sys; do mount --rbind "/$d" "$r/$d"; mount --make-rslave "$r/$d"; done
-            exec chroot "$r" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
-        ' sh "$ROOT" "$@"
-    }
     : >"$logf"
-    in_root apt-get update >>"$logf" 2>&1 \
-        && in_root apt-get install -y --no-install-recommends "qemu-block-extra=$ver" >>"$logf" 2>&1 \
-        && in_root apt-get clean >>"$logf" 2>&1 \
+    in_chroot "$ROOT" apt-get update >>"$logf" 2>&1 \
+        && in_chroot "$ROOT" apt-get install -y --no-install-recommends "qemu-block-extra=$ver" >>"$logf" 2>&1 \
+        && in_chroot "$ROOT" apt-get clean >>"$logf" 2>&1 \
         && block_rbd_ok \
         || { tail -n 20 "$logf" >&2; return 1; }
 }
@@ -186,15 +189,8 @@ printf '#!/bin/sh\nexit 101\n' >"$TMP/usr/sbin/policy-rc.d"
 chmod +x "$TMP/usr/sbin/policy-rc.d"
 cp -L /etc/resolv.conf "$TMP/etc/resolv.conf" 2>/dev/null || true
 
-# Run a command inside the chroot being built, with /dev /proc /sys in a
-# private mount namespace (nothing to clean up afterwards).
-in_tmp_chroot() {
-    unshare -m --propagation slave -- sh -ec '
-        r="$1"; shift
-        for d in dev proc sys; do mount --rbind "/$d" "$r/$d"; mount --make-rslave "$r/$d"; done
-        exec chroot "$r" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
-    ' sh "$TMP" "$@"
-}
+# Run a command inside the chroot being built.
+in_tmp_chroot() { in_chroot "$TMP" "$@"; }
 
 log "installing QEMU (trixie-backports) and guest-build tools"
 run_logged in_tmp_chroot apt-get update
